@@ -1,0 +1,89 @@
+"""Symmetric int8 weight quantization: tensor-wise or row-wise (per output channel) scales.
+
+``W ≈ q * scale`` with ``q = clamp(round(W / scale), -127, 127)`` and ``scale = absmax / 127``.
+-128 is never used, so the grid is symmetric and negation is exact. A tensor or row that is all zeros
+gets scale 1 (not 0) so that dequantization never divides by zero and the zeros stay zeros.
+
+Work happens in float32 on the GPU when one is available, in row chunks so the float32 temporaries
+stay small whatever the size of the weight.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Scheme = Literal["tensorwise", "rowwise"]
+SCHEMES: tuple[Scheme, ...] = ("tensorwise", "rowwise")
+QMAX = 127
+CHUNK_ELEMENTS = 1 << 24  # float32 temporaries of at most 64 MB
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _row_chunks(rows: int, cols: int) -> range:
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    return range(0, rows, step)
+
+
+def absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """float32 scale for the given absolute maxima; zero (or non-finite) maxima give scale 1."""
+    absmax = absmax.float()
+    scale = absmax / QMAX
+    return torch.where((absmax > 0) & torch.isfinite(absmax), scale, torch.ones_like(scale))
+
+
+def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round ``w / scale`` to the int8 grid; ``scale`` broadcasts against ``w`` (shape [] or [rows, 1])."""
+    return torch.clamp(torch.round(w.float() / scale), -QMAX, QMAX).to(torch.int8)
+
+
+def quantize_weight(
+    w: torch.Tensor, scheme: Scheme = "tensorwise", device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D weight [out, in]. Returns ``(q, scale)`` on the CPU.
+
+    ``q`` is int8 [out, in]; ``scale`` is float32, shape ``[]`` (tensorwise) or ``[out, 1]`` (rowwise).
+    Non-finite weights are refused: a NaN in a checkpoint is corruption, not something to round.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    device = device or default_device()
+    rows, cols = w.shape
+    chunks = _row_chunks(rows, cols)
+
+    row_absmax = torch.empty(rows, dtype=torch.float32)
+    for start in chunks:
+        part = w[start : start + chunks.step].to(device).float()
+        if not torch.isfinite(part).all():
+            raise ValueError("weight contains NaN or Inf values")
+        row_absmax[start : start + chunks.step] = part.abs().amax(dim=1).cpu()
+
+    if scheme == "tensorwise":
+        scale = absmax_scale(row_absmax.amax() if rows else torch.tensor(0.0))
+    else:
+        scale = absmax_scale(row_absmax).unsqueeze(1)
+
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    for start in chunks:
+        part = w[start : start + chunks.step].to(device)
+        part_scale = scale if scheme == "tensorwise" else scale[start : start + chunks.step]
+        q[start : start + chunks.step] = quantize_with_scale(part, part_scale.to(device)).cpu()
+    return q, scale
+
+
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``q * scale`` in ``dtype``. Accepts every scale shape ComfyUI accepts: [], [1], [out], [out, 1]."""
+    scale = scale.float()
+    if scale.ndim == 1 and scale.numel() == q.shape[0] and q.shape[0] != 1:
+        scale = scale.unsqueeze(1)
+    elif scale.numel() == 1:
+        scale = scale.reshape(())
+    return (q.float() * scale).to(dtype)
