@@ -41,7 +41,9 @@ def architecture(arch: str | Architecture) -> Architecture:
     return arch if isinstance(arch, Architecture) else REGISTRY[arch]
 
 
-def random_tensors(arch: str | Architecture, variant: str = "tiny", dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def random_tensors(
+    arch: str | Architecture, variant: str = "tiny", dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Random single-file tensors (no prefix). Norm scales sit around 1, everything else around 0."""
     arch = architecture(arch)
     tensors = {}
@@ -52,7 +54,9 @@ def random_tensors(arch: str | Architecture, variant: str = "tiny", dtype: torch
     return tensors
 
 
-def to_diffusers(arch: str | Architecture, tensors: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+def to_diffusers(
+    arch: str | Architecture, tensors: dict[str, torch.Tensor], config: Config
+) -> dict[str, torch.Tensor]:
     """Split/rename single-file tensors into the diffusers layout (tensors without a counterpart go)."""
     arch = architecture(arch)
     shapes = arch.diffusers_shapes(config)
@@ -95,7 +99,11 @@ def quantize(arch: Architecture, tensors: dict[str, torch.Tensor], fmt: str) -> 
             q, scale = quantize_weight(w, fmt.removeprefix("int8_"))
             written |= {name: q, f"{layer}.weight_scale": scale}
             written[f"{layer}.comfy_quant"] = _json_bytes({"format": "int8_tensorwise"})
-            reference |= {name: q, f"{layer}.weight_scale": scale, f"{layer}.comfy_quant": written[f"{layer}.comfy_quant"]}
+            reference |= {
+                name: q,
+                f"{layer}.weight_scale": scale,
+                f"{layer}.comfy_quant": written[f"{layer}.comfy_quant"],
+            }
     return written, reference
 
 
@@ -144,7 +152,9 @@ def write_diffusers(
     reference = {n: t for n, t in single.items() if arch.diffusers_pieces(n, config)}
     transformer = Path(folder) / "transformer"
     transformer.mkdir(parents=True, exist_ok=True)
-    (transformer / "config.json").write_text(json.dumps({"_class_name": arch.diffusers_class, "_diffusers_version": "0.36.0"}))
+    (transformer / "config.json").write_text(
+        json.dumps({"_class_name": arch.diffusers_class, "_diffusers_version": "0.36.0"})
+    )
     names = list(tensors)
     weight_map = {}
     for k in range(shards):

@@ -5,7 +5,7 @@ All modulation vectors come from one small MLP, the ``distilled_guidance_layer``
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from engine.models.flux_blocks import FLUX_BLOCK_RULES, flux_block_config, flux_block_shapes
 from engine.models.spec import Architecture, Config, Rule, Shape, block_count, linear, register

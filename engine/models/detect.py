@@ -10,8 +10,9 @@ q/k/v, half swap, fp8 dequantization). Conversion needs nothing else.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -90,7 +91,9 @@ def detect(reader: Any) -> DetectedModel:
     return detect_tensors(reader.tensors, reader.config)
 
 
-def detect_tensors(tensors: Mapping[str, TensorHeader], config: Mapping[str, Any] | None = None) -> DetectedModel:
+def detect_tensors(
+    tensors: Mapping[str, TensorHeader], config: Mapping[str, Any] | None = None
+) -> DetectedModel:
     """Detect from reader keys → headers and the diffusers ``config.json`` (if any)."""
     prefix = next((p for p in PREFIXES if any(n.startswith(p) for n in tensors)), "")
     own = {n[len(prefix) :]: h for n, h in tensors.items() if n.startswith(prefix)}
@@ -99,14 +102,18 @@ def detect_tensors(tensors: Mapping[str, TensorHeader], config: Mapping[str, Any
     plan = _source_tensors(own, prefix, layers)
     if layout == "diffusers":
         if any(fmt.startswith("int8") for fmt, _ in layers.values()):
-            raise ModelLayoutError("int8 weights in the diffusers layout are not supported; use a single-file int8 model")
+            raise ModelLayoutError(
+                "int8 weights in the diffusers layout are not supported; use a single-file int8 model"
+            )
         plan = _from_diffusers(arch, plan)
     plan = [replace(t, quantize=_quantizable(arch, t)) for t in plan]
     shapes = {t.name: t.shape for t in plan}
     try:
         model_config = arch.config_from_shapes(shapes)
     except KeyError as missing:
-        raise ModelLayoutError(f"{arch.label} model without tensor {prefix}{missing.args[0]}: the file is incomplete") from None
+        raise ModelLayoutError(
+            f"{arch.label} model without tensor {prefix}{missing.args[0]}: the file is incomplete"
+        ) from None
     return DetectedModel(
         arch=arch,
         variant=arch.variant_of(model_config),
@@ -123,13 +130,17 @@ def detect_tensors(tensors: Mapping[str, TensorHeader], config: Mapping[str, Any
 # --- architecture and layout -------------------------------------------------------------------
 
 
-def _architecture(names: Mapping[str, object], config: Mapping[str, Any] | None, all_names: list[str]) -> tuple[Architecture, str]:
+def _architecture(
+    names: Mapping[str, object], config: Mapping[str, Any] | None, all_names: list[str]
+) -> tuple[Architecture, str]:
     class_name = (config or {}).get("_class_name")
     if class_name:
         for arch in REGISTRY.values():
             if arch.diffusers_class == class_name:
                 return arch, "diffusers"
-        raise UnknownModelError(f"not a supported diffusion model: diffusers class {class_name!r}; supported: {supported_text()}")
+        raise UnknownModelError(
+            f"not a supported diffusion model: diffusers class {class_name!r}; supported: {supported_text()}"
+        )
     for arch in REGISTRY.values():
         if all(n in names for n in arch.signature):
             return arch, "single-file"
@@ -153,7 +164,9 @@ def _looks_like(names: list[str]) -> str | None:
         return "a LoRA"
     if any(n.endswith(("shared.weight", "embed_tokens.weight", "token_embedding.weight")) for n in names):
         return "a text encoder"
-    if any(n.startswith(("encoder.", "decoder.", "first_stage_model.", "vae.")) and "conv" in n for n in names):
+    if any(
+        n.startswith(("encoder.", "decoder.", "first_stage_model.", "vae.")) and "conv" in n for n in names
+    ):
         return "a VAE"
     return None
 
@@ -180,7 +193,9 @@ def _quantized_layers(own: Mapping[str, TensorHeader]) -> dict[str, tuple[str, s
         kind = "fp8" if header.dtype in FP8_DTYPES else "int8"
         if scale is None:
             if kind == "int8":
-                raise ModelLayoutError(f"int8 weight {name!r} has no {layer}.weight_scale: the file is incomplete")
+                raise ModelLayoutError(
+                    f"int8 weight {name!r} has no {layer}.weight_scale: the file is incomplete"
+                )
             layers[layer] = ("fp8", None)
             continue
         scale_shape, rows = own[scale].shape, header.shape[0]
@@ -236,7 +251,9 @@ def _source_tensors(
             sources = (prefix + name,) + ((prefix + scale,) if scale else ())
             plan.append(OutputTensor(name, DEQUANTIZED_DTYPE, tuple(header.shape), sources, _dequantize_fp8))
         else:
-            plan.append(OutputTensor(name, TORCH_DTYPES[header.dtype], tuple(header.shape), (prefix + name,), _only))
+            plan.append(
+                OutputTensor(name, TORCH_DTYPES[header.dtype], tuple(header.shape), (prefix + name,), _only)
+            )
     return plan
 
 
@@ -265,18 +282,21 @@ def _combine(name: str, rule: Rule, parts: dict[int, OutputTensor]) -> OutputTen
     fields = rule.match_single(name) or {}
     missing = [t.format(**fields) for k, t in enumerate(rule.diffusers) if k not in parts]
     if missing:
-        raise ModelLayoutError(f"diffusers tensor {missing[0]!r} is missing (it is part of {name!r}): the model is incomplete")
+        raise ModelLayoutError(
+            f"diffusers tensor {missing[0]!r} is missing (it is part of {name!r}): the model is incomplete"
+        )
     ordered = [parts[k] for k in range(len(rule.diffusers))]
     if len({(p.dtype, p.shape[1:]) for p in ordered}) > 1:
         found = ", ".join(f"{p.name} {str(p.dtype).removeprefix('torch.')} {list(p.shape)}" for p in ordered)
         raise ModelLayoutError(f"the parts of {name!r} do not fit together: {found}")
     if len(ordered) == 1 and not rule.swap:
         return replace(ordered[0], name=name)
-    counts = [len(p.sources) for p in ordered]
+    bounds = [0]
+    for part in ordered:
+        bounds.append(bounds[-1] + len(part.sources))
 
     def build(tensors: list[torch.Tensor]) -> torch.Tensor:
-        starts = [sum(counts[:k]) for k in range(len(counts))]
-        return rule.assemble([p.build(tensors[s : s + n]) for p, s, n in zip(ordered, starts, counts)])
+        return rule.assemble([p.build(tensors[a:b]) for p, a, b in zip(ordered, bounds, bounds[1:])])
 
     return OutputTensor(
         name=name,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from engine.models.flux_blocks import FLUX_BLOCK_RULES, flux_block_config, flux_block_shapes
 from engine.models.spec import Architecture, Config, Rule, Shape, linear, register
-
 
 FLUX1_DEV: Config = {
     "hidden": 3072, "head_dim": 128, "in_channels": 64, "out_channels": 64, "text_dim": 4096,
@@ -37,8 +36,11 @@ class Flux1(Architecture):
         *FLUX_BLOCK_RULES,
         *(
             Rule(f"{src}.{layer}.{{p}}", f"time_text_embed.{dst}.linear_{n}.{{p}}")
-            for src, dst in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
-                             ("guidance_in", "guidance_embedder"))
+            for src, dst in (
+                ("time_in", "timestep_embedder"),
+                ("vector_in", "text_embedder"),
+                ("guidance_in", "guidance_embedder"),
+            )
             for n, layer in ((1, "in_layer"), (2, "out_layer"))
         ),  # fmt: skip
         Rule("double_blocks.{i}.img_mod.lin.{p}", "transformer_blocks.{i}.norm1.linear.{p}"),

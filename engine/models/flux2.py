@@ -6,7 +6,7 @@ block ``linear1`` that diffusers keeps fused too (``attn.to_qkv_mlp_proj``).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from engine.models.flux_blocks import flux_block_config, qk_norms, qkv_rows
 from engine.models.spec import Architecture, Config, Rule, Shape, linear, register
@@ -19,7 +19,11 @@ TINY_KLEIN: Config = {
     "hidden": 64, "head_dim": 16, "in_channels": 16, "out_channels": 16, "text_dim": 48,
     "mlp_hidden": 192, "double_blocks": 2, "single_blocks": 3, "guidance": False,
 }  # fmt: skip
-MODULATIONS = {"double_stream_modulation_img": 6, "double_stream_modulation_txt": 6, "single_stream_modulation": 3}
+MODULATIONS = {
+    "double_stream_modulation_img": 6,
+    "double_stream_modulation_txt": 6,
+    "single_stream_modulation": 3,
+}
 
 
 def _stream_rules(stream: str, attn: tuple[str, str, str], out: str, norm: str, ff: str) -> tuple[Rule, ...]:
@@ -48,9 +52,8 @@ class Flux2(Architecture):
     }  # fmt: skip
     depth_keys = ("double_blocks", "single_blocks")
     tiny = {"tiny": TINY_KLEIN, "tiny-guidance": {**TINY_KLEIN, "guidance": True}}
-    high_precision = (
-        "img_in.*", "txt_in.*", "time_in.*", "guidance_in.*", "final_layer.*", *(f"{m}.*" for m in MODULATIONS),
-    )  # fmt: skip
+    high_precision = ("img_in.*", "txt_in.*", "time_in.*", "guidance_in.*", "final_layer.*")
+    high_precision += tuple(f"{m}.*" for m in MODULATIONS)
     rules = (
         Rule("img_in.{p}", "x_embedder.{p}"),
         Rule("txt_in.{p}", "context_embedder.{p}"),
@@ -61,7 +64,9 @@ class Flux2(Architecture):
         ),
         *(Rule(f"{m}.lin.{{p}}", f"{m}.linear.{{p}}") for m in MODULATIONS),
         *_stream_rules("img", ("to_q", "to_k", "to_v"), "to_out.0", "", "ff"),
-        *_stream_rules("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "added_", "ff_context"),
+        *_stream_rules(
+            "txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "added_", "ff_context"
+        ),
         Rule("single_blocks.{i}.linear1.{p}", "single_transformer_blocks.{i}.attn.to_qkv_mlp_proj.{p}"),
         Rule("single_blocks.{i}.linear2.{p}", "single_transformer_blocks.{i}.attn.to_out.{p}"),
         Rule("single_blocks.{i}.norm.query_norm.scale", "single_transformer_blocks.{i}.attn.norm_q.weight"),

@@ -6,7 +6,7 @@ and, in single blocks, the fused q, k, v + MLP in-projection (``linear1``).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from engine.models.spec import Config, Rule, Shape, block_count, linear
 

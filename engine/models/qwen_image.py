@@ -5,7 +5,7 @@ Single files use the diffusers names, so both layouts are the same.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from engine.models.spec import Architecture, Config, Rule, Shape, block_count, linear, register
 
@@ -52,12 +52,23 @@ class QwenImage(Architecture):
             b = f"transformer_blocks.{i}"
             for stream in ("img", "txt"):
                 shapes |= linear(f"{b}.{stream}_mod.1", 6 * h, h)
-            for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+            for proj in (
+                "to_q",
+                "to_k",
+                "to_v",
+                "add_q_proj",
+                "add_k_proj",
+                "add_v_proj",
+                "to_out.0",
+                "to_add_out",
+            ):
                 shapes |= linear(f"{b}.attn.{proj}", h, h)
             for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
                 shapes[f"{b}.attn.{norm}.weight"] = (hd,)
             for stream in ("img", "txt"):
-                shapes |= linear(f"{b}.{stream}_mlp.net.0.proj", m, h) | linear(f"{b}.{stream}_mlp.net.2", h, m)
+                shapes |= linear(f"{b}.{stream}_mlp.net.0.proj", m, h) | linear(
+                    f"{b}.{stream}_mlp.net.2", h, m
+                )
         shapes |= linear("norm_out.linear", 2 * h, h) | linear("proj_out", int(c["out_channels"]), h)
         return shapes
 

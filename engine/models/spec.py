@@ -9,9 +9,9 @@ described by :class:`Rule` s, one per single-file tensor family, so the same tab
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable, Mapping
 
 import torch
 
@@ -231,5 +231,5 @@ def register(arch: Architecture) -> Architecture:
 
 
 def supported_text() -> str:
-    """"Flux.2 (Klein 4B, Klein 9B, dev), Chroma (Chroma1-HD), …" for error messages."""
+    """ "Flux.2 (Klein 4B, Klein 9B, dev), Chroma (Chroma1-HD), …" for error messages."""
     return ", ".join(f"{a.label} ({', '.join(a.variants)})" for a in REGISTRY.values())

@@ -8,7 +8,7 @@ both implementations and has no diffusers counterpart.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from engine.models.spec import Architecture, Config, Rule, Shape, block_count, linear, register
 
@@ -24,7 +24,9 @@ TINY: Config = {
 def _block_rules(block: str) -> tuple[Rule, ...]:
     b = f"{block}.{{i}}"
     same = [f"{b}.feed_forward.w{n}.{{p}}" for n in (1, 2, 3)]
-    same += [f"{b}.{norm}.weight" for norm in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")]
+    same += [
+        f"{b}.{norm}.weight" for norm in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")
+    ]
     if BLOCKS[block]:
         same.append(f"{b}.adaLN_modulation.0.{{p}}")
     return (
@@ -44,7 +46,12 @@ class ZImage(Architecture):
     name = "zimage"
     label = "Z-Image"
     diffusers_class = "ZImageTransformer2DModel"
-    signature = ("cap_embedder.1.weight", "x_pad_token", "layers.0.adaLN_modulation.0.weight", "x_embedder.weight")
+    signature = (
+        "cap_embedder.1.weight",
+        "x_pad_token",
+        "layers.0.adaLN_modulation.0.weight",
+        "x_embedder.weight",
+    )
     variants = {
         "Turbo/Base": {
             "dim": 3840, "head_dim": 128, "patch_in": 64, "cap_dim": 2560, "ffn_hidden": 10240,
@@ -61,7 +68,10 @@ class ZImage(Architecture):
         Rule("x_embedder.{p}", f"all_x_embedder.{PATCH}.{{p}}"),
         Rule("final_layer.{name}", f"all_final_layer.{PATCH}.{{name}}"),
         *(Rule(name, name) for name in ("x_pad_token", "cap_pad_token", "cap_embedder.0.weight")),
-        *(Rule(f"{m}.{{p}}", f"{m}.{{p}}") for m in ("t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1")),
+        *(
+            Rule(f"{m}.{{p}}", f"{m}.{{p}}")
+            for m in ("t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1")
+        ),
         *(rule for block in BLOCKS for rule in _block_rules(block)),
     )
 
@@ -82,8 +92,12 @@ class ZImage(Architecture):
         d, hd, f, ad = int(c["dim"]), int(c["head_dim"]), int(c["ffn_hidden"]), int(c["adaln_dim"])
         shapes = linear("x_embedder", d, int(c["patch_in"]))
         shapes |= {"x_pad_token": (1, d), "cap_pad_token": (1, d)}
-        shapes |= linear("t_embedder.mlp.0", int(c["t_mid"]), 256) | linear("t_embedder.mlp.2", ad, int(c["t_mid"]))
-        shapes |= {"cap_embedder.0.weight": (int(c["cap_dim"]),)} | linear("cap_embedder.1", d, int(c["cap_dim"]))
+        shapes |= linear("t_embedder.mlp.0", int(c["t_mid"]), 256) | linear(
+            "t_embedder.mlp.2", ad, int(c["t_mid"])
+        )
+        shapes |= {"cap_embedder.0.weight": (int(c["cap_dim"]),)} | linear(
+            "cap_embedder.1", d, int(c["cap_dim"])
+        )
         for block, modulated in BLOCKS.items():
             depth = int(c["layers"] if block == "layers" else c["refiner_layers"])
             for i in range(depth):
