@@ -86,7 +86,14 @@ class DetectedModel:
         return f"{self.arch.label} {self.variant}"
 
 
-def detect(reader: Any) -> DetectedModel:
+class Headers(Protocol):
+    """What detection reads of a checkpoint: :class:`engine.checkpoint.CheckpointReader` has it."""
+
+    tensors: Mapping[str, TensorHeader]
+    config: Mapping[str, Any] | None
+
+
+def detect(reader: Headers) -> DetectedModel:
     """Detect the model in a :class:`engine.checkpoint.CheckpointReader` (headers only)."""
     return detect_tensors(reader.tensors, reader.config)
 
@@ -111,8 +118,11 @@ def detect_tensors(
     try:
         model_config = arch.config_from_shapes(shapes)
     except KeyError as missing:
+        name = missing.args[0]
+        if layout == "diffusers":
+            name = " + ".join(arch.diffusers_names(name)) or name
         raise ModelLayoutError(
-            f"{arch.label} model without tensor {prefix}{missing.args[0]}: the file is incomplete"
+            f"{arch.label} model without tensor {prefix}{name}: the file is incomplete"
         ) from None
     return DetectedModel(
         arch=arch,
