@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine.models.flux_blocks import flux_block_config, qk_norms, qkv_rows
+from engine.models.flux_blocks import flux_block_config, qk_norm_rules, qk_norms, qkv_rows
 from engine.models.spec import Architecture, Config, Rule, Shape, linear, register
 
 KLEIN_4B: Config = {
@@ -19,6 +19,7 @@ TINY_KLEIN: Config = {
     "hidden": 64, "head_dim": 16, "in_channels": 16, "out_channels": 16, "text_dim": 48,
     "mlp_hidden": 192, "double_blocks": 2, "single_blocks": 3, "guidance": False,
 }  # fmt: skip
+# The modulation linears shared by all blocks: name → output rows in multiples of hidden.
 MODULATIONS = {
     "double_stream_modulation_img": 6,
     "double_stream_modulation_txt": 6,
@@ -27,12 +28,12 @@ MODULATIONS = {
 
 
 def _stream_rules(stream: str, attn: tuple[str, str, str], out: str, norm: str, ff: str) -> tuple[Rule, ...]:
+    """One stream (img or txt) of a double block; diffusers names the txt stream's layers "added"."""
     block, target = f"double_blocks.{{i}}.{stream}", "transformer_blocks.{i}"
     return (
         Rule(f"{block}_attn.qkv.{{p}}", tuple(f"{target}.attn.{a}.{{p}}" for a in attn), rows=qkv_rows),
         Rule(f"{block}_attn.proj.{{p}}", f"{target}.attn.{out}.{{p}}"),
-        Rule(f"{block}_attn.norm.query_norm.scale", f"{target}.attn.norm_{norm}q.weight"),
-        Rule(f"{block}_attn.norm.key_norm.scale", f"{target}.attn.norm_{norm}k.weight"),
+        *qk_norm_rules(f"{block}_attn", target, added=norm),
         Rule(f"{block}_mlp.0.{{p}}", f"{target}.{ff}.linear_in.{{p}}"),
         Rule(f"{block}_mlp.2.{{p}}", f"{target}.{ff}.linear_out.{{p}}"),
     )
@@ -69,8 +70,7 @@ class Flux2(Architecture):
         ),
         Rule("single_blocks.{i}.linear1.{p}", "single_transformer_blocks.{i}.attn.to_qkv_mlp_proj.{p}"),
         Rule("single_blocks.{i}.linear2.{p}", "single_transformer_blocks.{i}.attn.to_out.{p}"),
-        Rule("single_blocks.{i}.norm.query_norm.scale", "single_transformer_blocks.{i}.attn.norm_q.weight"),
-        Rule("single_blocks.{i}.norm.key_norm.scale", "single_transformer_blocks.{i}.attn.norm_k.weight"),
+        *qk_norm_rules("single_blocks.{i}", "single_transformer_blocks.{i}"),
         Rule("final_layer.linear.{p}", "proj_out.{p}"),
         Rule("final_layer.adaLN_modulation.1.{p}", "norm_out.linear.{p}", swap=True),
     )

@@ -19,7 +19,8 @@ def _linear1_rows(c: Config) -> tuple[int, ...]:
     return (int(c["hidden"]),) * 3 + (int(c["mlp_hidden"]),)
 
 
-def _norm_rules(single: str, diffusers: str, added: str = "") -> tuple[Rule, ...]:
+def qk_norm_rules(single: str, diffusers: str, added: str = "") -> tuple[Rule, ...]:
+    """``single.norm.{query,key}_norm.scale`` ↔ ``diffusers.attn.norm_[added_]{q,k}.weight``."""
     return (
         Rule(f"{single}.norm.query_norm.scale", f"{diffusers}.attn.norm_{added}q.weight"),
         Rule(f"{single}.norm.key_norm.scale", f"{diffusers}.attn.norm_{added}k.weight"),
@@ -40,8 +41,8 @@ FLUX_BLOCK_RULES: tuple[Rule, ...] = (
         tuple(f"transformer_blocks.{{i}}.attn.add_{x}_proj.{{p}}" for x in "qkv"),
         rows=qkv_rows,
     ),
-    *_norm_rules("double_blocks.{i}.img_attn", "transformer_blocks.{i}"),
-    *_norm_rules("double_blocks.{i}.txt_attn", "transformer_blocks.{i}", added="added_"),
+    *qk_norm_rules("double_blocks.{i}.img_attn", "transformer_blocks.{i}"),
+    *qk_norm_rules("double_blocks.{i}.txt_attn", "transformer_blocks.{i}", added="added_"),
     Rule("double_blocks.{i}.img_attn.proj.{p}", "transformer_blocks.{i}.attn.to_out.0.{p}"),
     Rule("double_blocks.{i}.txt_attn.proj.{p}", "transformer_blocks.{i}.attn.to_add_out.{p}"),
     Rule("double_blocks.{i}.img_mlp.0.{p}", "transformer_blocks.{i}.ff.net.0.proj.{p}"),
@@ -57,7 +58,7 @@ FLUX_BLOCK_RULES: tuple[Rule, ...] = (
         rows=_linear1_rows,
     ),
     Rule("single_blocks.{i}.linear2.{p}", "single_transformer_blocks.{i}.proj_out.{p}"),
-    *_norm_rules("single_blocks.{i}", "single_transformer_blocks.{i}"),
+    *qk_norm_rules("single_blocks.{i}", "single_transformer_blocks.{i}"),
     Rule("final_layer.linear.{p}", "proj_out.{p}"),
 )
 
