@@ -9,7 +9,7 @@ described by :class:`Rule` s, one per single-file tensor family, so the same tab
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -54,7 +54,8 @@ class Rule:
     - concatenation: ``Rule("…qkv.{p}", ("…to_q.{p}", "…to_k.{p}", "…to_v.{p}"), rows=…)`` where
       ``rows(config)`` gives each part's row count (needed only to split, never to fuse);
     - half swap: ``Rule("final_layer.adaLN_modulation.1.{p}", "norm_out.linear.{p}", swap=True)``:
-      single-file rows are (shift, scale), diffusers rows (scale, shift).
+      single-file rows are (shift, scale), diffusers rows (scale, shift); each half has
+      ``config["hidden"]`` rows.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Rule:
         return None
 
     def pieces(self, fields: dict[str, str], config: Config) -> tuple[Piece, ...]:
+        """The pieces of the single-file tensor whose placeholders are ``fields``."""
         names = [t.format(**fields) for t in self.diffusers]
         if self.swap:
             half = int(config["hidden"])
@@ -113,7 +115,7 @@ def linear(name: str, out: int, inp: int, bias: bool = True) -> dict[str, Shape]
     return {f"{name}.weight": (out, inp), **({f"{name}.bias": (out,)} if bias else {})}
 
 
-def block_count(names: object, prefix: str) -> int:
+def block_count(names: Iterable[str], prefix: str) -> int:
     """Number of blocks ``prefix.N.…`` (highest index + 1; 0 when there are none)."""
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     found = [int(m.group(1)) for n in names if (m := pattern.match(n))]
