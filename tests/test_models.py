@@ -84,12 +84,8 @@ def test_single_file_detected_and_planned(tmp_path, arch, variant, prefix):
     with CheckpointReader(ckpt.path) as reader:
         model = detect(reader)
         assert_same(built(model, reader), ckpt.reference)
-    assert (model.arch.name, model.variant, model.layout, model.prefix) == (
-        arch,
-        "custom",
-        "single-file",
-        prefix,
-    )
+    detected = (model.arch.name, model.variant, model.layout, model.prefix)
+    assert detected == (arch, "custom", "single-file", prefix)
     assert model.source_format == "bf16"
     assert model.config == ckpt.config
     assert all(s.startswith(prefix) for t in model.tensors for s in t.sources)
@@ -107,12 +103,8 @@ def test_diffusers_plan_equals_single_file(tmp_path, arch, variant):
         with CheckpointReader(path) as reader:
             model = detect(reader)
             output = built(model, reader)
-        assert (model.arch.name, model.variant, model.layout, model.prefix) == (
-            arch,
-            "custom",
-            "diffusers",
-            "",
-        )
+        detected = (model.arch.name, model.variant, model.layout, model.prefix)
+        assert detected == (arch, "custom", "diffusers", "")
         assert model.config == single.config
         # Z-Image's unused norm_final has no diffusers counterpart; everything else is identical.
         expected = {n: t for n, t in tensors.items() if n != "norm_final.weight" or arch != "zimage"}
