@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from PySide6.QtCore import QObject, Qt, QThreadPool, Signal
 
-from engine.jobs import CancelToken, Cancelled, JobError, Progress
+from engine.jobs import Cancelled, CancelToken, JobError, Progress
 
 PROGRESS_INTERVAL = 0.05  # seconds between progress signals (~20 Hz)
 
@@ -92,9 +92,9 @@ class Job(QObject):
     def _on_progress(self, report: Progress) -> None:
         now = time.monotonic()
         last_of_stage = report.total > 0 and report.done >= report.total
-        if report.stage == self._last_stage and not last_of_stage:
-            if now - self._last_emit < PROGRESS_INTERVAL:
-                return
+        recent = now - self._last_emit < PROGRESS_INTERVAL
+        if report.stage == self._last_stage and recent and not last_of_stage:
+            return
         self._last_emit, self._last_stage = now, report.stage
         self._reported.emit(report)
 
