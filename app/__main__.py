@@ -1,11 +1,46 @@
-"""`python -m app`: the INT8 Studio desktop app."""
+"""`int8-studio` with no arguments, `int8-studio app [FILE] [--demo]` or `python -m app`: the desktop app."""
 
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+from PySide6.QtWidgets import QApplication
+
+from engine import __version__
 
 
-def main() -> int:
-    print("The desktop app is not built yet; use the CLI: int8-studio --help", file=sys.stderr)
-    return 2
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="int8-studio app", description="Open the INT8 Studio window."
+    )
+    parser.add_argument("file", nargs="?", type=Path, help="a model or LoRA to open")
+    parser.add_argument(
+        "--demo", action="store_true", help="open on the built-in demo model (built on first use)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setOrganizationName("INT8 Studio")
+    app.setApplicationName("INT8 Studio")
+    app.setApplicationVersion(__version__)
+
+    from app.settings import Settings
+    from app.ui import theme
+    from app.ui.main_window import MainWindow
+
+    app.setWindowIcon(theme.icon("logo", "#000000"))
+    window = MainWindow(Settings())
+    window.show()
+    if args.file:
+        window.open_path(None, args.file)
+    elif args.demo:
+        window.pages["convert"].use_demo()
+    return app.exec()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ through queued connections, which is what makes the hand-over thread-safe.
 
 from __future__ import annotations
 
+import importlib
 import time
 import traceback
 from collections.abc import Callable
@@ -129,3 +130,11 @@ def format_duration(seconds: float) -> str:
         return f"{minutes} min {seconds:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def find_job(module: str, name: str) -> Callable[..., Any] | None:
+    """``module.name`` if this build of the engine has it, else None (pages then say so plainly)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None

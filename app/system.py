@@ -1,0 +1,63 @@
+"""The machine the app runs on, in words: GPUs (and whether INT8 pays on them) and system RAM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+CPU_ONLY = "CPU only: INT8 speed-up needs an NVIDIA GPU"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    vram_bytes: int
+    capability: tuple[int, int]
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.capability[0]}{self.capability[1]}"
+
+    @property
+    def int8_pays(self) -> bool:
+        """INT8 tensor cores arrived with Turing (sm75): Ampere, Ada, Hopper and Blackwell have them."""
+        return self.capability >= (7, 5)
+
+    @property
+    def verdict(self) -> str:
+        if self.int8_pays:
+            return "INT8 tensor cores: faster than bf16 expected"
+        return f"no INT8 tensor cores ({self.sm}): INT8 saves memory, speed-up unlikely"
+
+    def summary(self) -> str:
+        return f"{self.name} · {format_gb(self.vram_bytes)} VRAM · {self.sm} · {self.verdict}"
+
+
+def gpus() -> list[Gpu]:
+    """The CUDA GPUs torch can see (none on a CPU-only build or machine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    found = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        found.append(Gpu(index, props.name, props.total_memory, (props.major, props.minor)))
+    return found
+
+
+def gpu_summary(devices: list[Gpu], selected: int = 0) -> str:
+    if not devices:
+        return CPU_ONLY
+    return next((g for g in devices if g.index == selected), devices[0]).summary()
+
+
+def ram_summary() -> str:
+    memory = psutil.virtual_memory()
+    return f"RAM {format_gb(memory.available)} free of {format_gb(memory.total)}"
+
+
+def format_gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB"

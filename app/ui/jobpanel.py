@@ -1,0 +1,106 @@
+"""The row every long action gets: what it is doing, a progress bar, time left and a Cancel button."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from app.ui import dialogs, theme
+from app.workers import Job, format_duration
+from engine.jobs import JobError, Progress
+
+
+class JobPanel(QWidget):
+    """Shows one :class:`Job` at a time; its JobErrors and crashes become dialogs on the window.
+
+    After the job ends the panel keeps a one-line outcome ("Done in 12 s", "Cancelled: nothing was
+    written") until the next job starts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job: Job | None = None
+        self._started = 0.0
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(6)
+        top = QHBoxLayout()
+        self.stage = QLabel()
+        self.stage.setAccessibleName("Job status")
+        self.eta = QLabel()
+        self.eta.setProperty("muted", True)
+        self.eta.setAccessibleName("Time left")
+        top.addWidget(self.stage, 1)
+        top.addWidget(self.eta)
+        bottom = QHBoxLayout()
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1000)
+        self.bar.setAccessibleName("Progress")
+        self.cancel_button = QPushButton("Cancel")
+        theme.bind_icon(self.cancel_button, "stop")
+        self.cancel_button.setToolTip("Stop now. Whatever was being written is removed.")
+        self.cancel_button.clicked.connect(self.cancel)
+        bottom.addWidget(self.bar, 1)
+        bottom.addWidget(self.cancel_button)
+        layout.addLayout(top)
+        layout.addLayout(bottom)
+        self.hide()
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def run(self, job: Job) -> Job:
+        """Show and start ``job``; the caller connects to its result signals."""
+        self.job = job
+        self._started = time.monotonic()
+        job.progress.connect(self._on_progress)
+        job.failed.connect(self._on_failed)
+        job.crashed.connect(self._on_crashed)
+        job.cancelled.connect(lambda: self._end("Cancelled: nothing was written."))
+        job.succeeded.connect(
+            lambda _: self._end(f"Done in {format_duration(time.monotonic() - self._started)}.")
+        )
+        self.stage.setText(f"{job.title}: starting…")
+        self.eta.clear()
+        self.bar.setRange(0, 0)  # busy until the first report
+        self._show_running(True)
+        self.show()
+        return job.start()
+
+    def cancel(self) -> None:
+        if self.running:
+            self.job.cancel()
+            self.cancel_button.setEnabled(False)
+            self.stage.setText(f"{self.job.title}: cancelling…")
+
+    def _on_progress(self, report: Progress) -> None:
+        if self.job.cancelling:
+            return
+        self.bar.setRange(0, 1000)
+        self.bar.setValue(round(report.fraction * 1000))
+        detail = f" · {report.message}" if report.message else ""
+        self.stage.setText(f"{self.job.title}: {report.stage}{detail}")
+        self.stage.setToolTip(self.stage.text())
+        eta = report.eta_seconds
+        self.eta.setText(f"{format_duration(eta)} left" if eta is not None else "")
+
+    def _on_failed(self, error: JobError) -> None:
+        self._end(f"Failed: {error}")
+        dialogs.show_error(self.window(), f"{self.job.title} failed", str(error))
+
+    def _on_crashed(self, summary: str, details: str) -> None:
+        self._end(f"Stopped by an internal error: {summary}")
+        dialogs.show_bug(self.window(), f"{self.job.title} stopped", summary, details)
+
+    def _end(self, outcome: str) -> None:
+        self.stage.setText(outcome)
+        self.stage.setToolTip(outcome)
+        self.eta.clear()
+        self._show_running(False)
+
+    def _show_running(self, running: bool) -> None:
+        self.bar.setVisible(running)
+        self.cancel_button.setVisible(running)
+        self.cancel_button.setEnabled(running)

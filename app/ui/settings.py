@@ -1,0 +1,138 @@
+"""Settings page: appearance, ComfyUI folders, the cache folder and which GPU to use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QListWidget,
+    QPushButton,
+)
+
+from app import system
+from app.settings import Settings
+from app.ui import theme
+from app.ui.widgets import Card, Page, PathField, muted
+
+THEME_LABELS = {"system": "Follow the system", "light": "Light", "dark": "Dark"}
+
+
+class SettingsPage(Page):
+    key, title, icon_name = "settings", "Settings", "settings"
+    subtitle = "Where your ComfyUI lives, where downloads go, and which GPU does the work."
+    theme_changed = Signal()
+    comfyui_changed = Signal()
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+
+        appearance = Card("Appearance", icon_name="sparkle")
+        self.theme_combo = QComboBox()
+        self.theme_combo.setAccessibleName("Colour theme")
+        self.theme_combo.setToolTip(
+            "Light or dark; 'Follow the system' switches with your desktop."
+        )
+        for key, label in THEME_LABELS.items():
+            self.theme_combo.addItem(label, key)
+        self.theme_combo.setCurrentIndex(list(THEME_LABELS).index(settings.theme))
+        self.theme_combo.currentIndexChanged.connect(self._on_theme)
+        appearance.body.addWidget(self.theme_combo)
+
+        comfy = Card(
+            "ComfyUI folders",
+            "Your ComfyUI installs: the folder with main.py, the portable build's ComfyUI folder, or "
+            "ComfyUI Desktop's base path. Export and Library look inside their models folders "
+            "(and their extra_model_paths.yaml).",
+            "comfyui",
+        )
+        self.comfy_list = QListWidget()
+        self.comfy_list.setObjectName("plainList")
+        self.comfy_list.setAccessibleName("ComfyUI folders")
+        self.comfy_list.setMaximumHeight(130)
+        self.comfy_list.addItems(settings.comfyui_paths)
+        buttons = QHBoxLayout()
+        add, remove = QPushButton("Add folder…"), QPushButton("Remove")
+        theme.bind_icon(add, "add")
+        theme.bind_icon(remove, "remove")
+        add.setToolTip("Add a ComfyUI folder that was not found automatically.")
+        remove.setToolTip("Forget the selected folder (nothing on disk is touched).")
+        add.clicked.connect(self._add_comfyui)
+        remove.clicked.connect(self._remove_comfyui)
+        buttons.addWidget(add)
+        buttons.addWidget(remove)
+        buttons.addStretch(1)
+        comfy.body.addWidget(self.comfy_list)
+        comfy.body.addLayout(buttons)
+
+        cache = Card(
+            "Cache folder",
+            "Where Hugging Face downloads and the built-in demo model are kept.",
+            "folder",
+        )
+        self.cache_field = PathField("folder", str(settings.cache_dir()))
+        self.cache_field.setAccessibleName("Cache folder")
+        self.cache_field.set_path(settings.cache_folder or None, emit=False)
+        self.cache_field.changed.connect(self._on_cache)
+        cache.body.addWidget(self.cache_field)
+
+        device = Card(
+            "GPU",
+            "The GPU used for benchmarks and for quantizing during conversion.",
+            "gpu",
+        )
+        self.gpu_combo = QComboBox()
+        self.gpu_combo.setAccessibleName("GPU")
+        self.gpu_combo.currentIndexChanged.connect(self._on_gpu)
+        self.gpu_note = muted("")
+        device.body.addWidget(self.gpu_combo)
+        device.body.addWidget(self.gpu_note)
+
+        self.add(appearance, comfy, cache, device, stretch=True)
+
+    def set_gpus(self, gpus: list[system.Gpu]) -> None:
+        self.gpu_combo.blockSignals(True)
+        self.gpu_combo.clear()
+        for gpu in gpus:
+            self.gpu_combo.addItem(f"{gpu.index}: {gpu.name} ({gpu.sm})", gpu.index)
+        if not gpus:
+            self.gpu_combo.addItem("No CUDA GPU found", -1)
+        index = self.gpu_combo.findData(self.settings.gpu_index)
+        self.gpu_combo.setCurrentIndex(max(0, index))
+        self.gpu_combo.setEnabled(len(gpus) > 1)
+        self.gpu_combo.blockSignals(False)
+        self.gpu_note.setText(system.gpu_summary(gpus, self.settings.gpu_index))
+
+    def _on_theme(self) -> None:
+        self.settings.theme = self.theme_combo.currentData()
+        self.theme_changed.emit()
+
+    def _on_cache(self, path: Path | None) -> None:
+        self.settings.cache_folder = str(path) if path else ""
+
+    def _on_gpu(self) -> None:
+        if self.gpu_combo.currentData() is not None and self.gpu_combo.currentData() >= 0:
+            self.settings.gpu_index = self.gpu_combo.currentData()
+
+    def _add_comfyui(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a ComfyUI folder")
+        if folder:
+            self.add_comfyui(Path(folder))
+
+    def add_comfyui(self, folder: Path) -> None:
+        paths = self.settings.comfyui_paths
+        if str(folder) not in paths:
+            self.settings.comfyui_paths = [*paths, str(folder)]
+            self.comfy_list.addItem(str(folder))
+            self.comfyui_changed.emit()
+
+    def _remove_comfyui(self) -> None:
+        for item in self.comfy_list.selectedItems():
+            self.settings.comfyui_paths = [
+                p for p in self.settings.comfyui_paths if p != item.text()
+            ]
+            self.comfy_list.takeItem(self.comfy_list.row(item))
+        self.comfyui_changed.emit()

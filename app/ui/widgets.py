@@ -1,0 +1,320 @@
+"""Building blocks shared by the pages: page frame, cards, notices, facts, path fields with drag-and-drop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QFrame,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QTableWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.settings import Settings
+from app.ui import theme
+
+
+class Page(QWidget):
+    """A page of the main window: a title, a one-line subtitle, then cards in a scrolling column.
+
+    Subclasses set ``key`` (settings and shortcuts), ``title``, ``icon_name`` and ``subtitle``.
+    ``open_path`` is offered files from Ctrl+O, drag-and-drop on the window and other pages.
+    """
+
+    key = ""
+    title = ""
+    icon_name = ""
+    subtitle = ""
+    send = Signal(str, object)  # (page key, Path): "open this file on that page"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.setObjectName("page")
+        self.setAccessibleName(f"{self.title} page")
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setObjectName("pageScroll")
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        body = QWidget()
+        body.setObjectName("pageBody")
+        self.column = QVBoxLayout(body)
+        self.column.setContentsMargins(32, 26, 32, 26)
+        self.column.setSpacing(16)
+        heading = QLabel(self.title)
+        heading.setObjectName("pageTitle")
+        subtitle = QLabel(self.subtitle)
+        subtitle.setObjectName("pageSubtitle")
+        subtitle.setWordWrap(True)
+        self.column.addWidget(heading)
+        self.column.addWidget(subtitle)
+        self.column.addSpacing(4)
+        scroll.setWidget(body)
+        outer.addWidget(scroll)
+
+    def add(self, *widgets: QWidget, stretch: bool = False) -> None:
+        for widget in widgets:
+            self.column.addWidget(widget)
+        if stretch:
+            self.column.addStretch(1)
+
+    def open_path(self, path: Path) -> bool:
+        """Take ``path`` as this page's input; False if the page has no use for files."""
+        return False
+
+
+class Card(QFrame):
+    """A rounded panel with a title, an optional hint line, and a body layout to fill."""
+
+    def __init__(self, title: str, hint: str = "", icon_name: str = "") -> None:
+        super().__init__()
+        self.setObjectName("card")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(20, 16, 20, 18)
+        layout.setSpacing(10)
+        header = QHBoxLayout()
+        header.setSpacing(8)
+        if icon_name:
+            glyph = QLabel()
+            theme.bind_icon(glyph, icon_name, "accent", 18)
+            header.addWidget(glyph)
+        label = QLabel(title)
+        label.setObjectName("cardTitle")
+        header.addWidget(label)
+        header.addStretch(1)
+        self.header = header
+        layout.addLayout(header)
+        if hint:
+            hint_label = QLabel(hint)
+            hint_label.setObjectName("cardHint")
+            hint_label.setWordWrap(True)
+            layout.addWidget(hint_label)
+        self.body = QVBoxLayout()
+        self.body.setSpacing(10)
+        layout.addLayout(self.body)
+
+
+class Notice(QFrame):
+    """A tinted one-paragraph message inside a page: info, warning or success."""
+
+    ICONS = {
+        "info": ("info", "accent"),
+        "warning": ("warning", "warning"),
+        "success": ("check", "success"),
+    }
+
+    def __init__(self, text: str = "", tone: str = "info") -> None:
+        super().__init__()
+        self.setObjectName("notice")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(14, 10, 14, 10)
+        layout.setSpacing(10)
+        self.glyph = QLabel()
+        self.glyph.setAlignment(Qt.AlignmentFlag.AlignTop)
+        self.label = QLabel()
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.label.setOpenExternalLinks(True)
+        layout.addWidget(self.glyph)
+        layout.addWidget(self.label, 1)
+        self.actions = QHBoxLayout()
+        layout.addLayout(self.actions)
+        self.set(text, tone)
+
+    def set(self, text: str, tone: str = "info") -> None:
+        self.label.setText(text)
+        self.setProperty("tone", tone)
+        self.style().unpolish(self)
+        self.style().polish(self)
+        theme.bind_icon(self.glyph, *self.ICONS[tone], 18)
+        self.setAccessibleDescription(text)
+
+
+class Facts(QWidget):
+    """Name/value pairs in two aligned columns ("Architecture  Flux.2 Klein 9B")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grid = QGridLayout(self)
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        self.grid.setHorizontalSpacing(18)
+        self.grid.setVerticalSpacing(6)
+        self.grid.setColumnStretch(1, 1)
+
+    def show_facts(self, facts: Iterable[tuple[str, str]]) -> None:
+        while self.grid.count():
+            self.grid.takeAt(0).widget().deleteLater()
+        for row, (name, value) in enumerate(facts):
+            name_label, value_label = QLabel(name), QLabel(value)
+            name_label.setObjectName("factName")
+            value_label.setObjectName("fact")
+            value_label.setWordWrap(True)
+            value_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            self.grid.addWidget(name_label, row, 0, Qt.AlignmentFlag.AlignTop)
+            self.grid.addWidget(value_label, row, 1)
+
+    def text(self) -> str:
+        labels = [self.grid.itemAt(i).widget().text() for i in range(self.grid.count())]
+        return "\n".join(f"{n}: {v}" for n, v in zip(labels[::2], labels[1::2]))
+
+
+class PathField(QWidget):
+    """An editable path with a Browse button, a drop-down of recent choices, and drag-and-drop.
+
+    ``mode`` is "open" (a file, or a folder by drop or typing), "folder" or "save".
+    """
+
+    changed = Signal(object)  # Path | None
+
+    def __init__(
+        self, mode: str, placeholder: str, file_filter: str = "Safetensors (*.safetensors)"
+    ) -> None:
+        super().__init__()
+        self.mode, self.file_filter = mode, file_filter
+        self.start_dir = ""
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(8)
+        self.combo = QComboBox()
+        self.combo.setEditable(True)
+        self.combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.combo.lineEdit().setPlaceholderText(placeholder)
+        self.combo.lineEdit().setClearButtonEnabled(True)
+        self.combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.combo.setMinimumContentsLength(30)
+        self.combo.lineEdit().editingFinished.connect(self._emit)
+        self.combo.activated.connect(lambda _: self._emit())
+        self.browse = QPushButton("Browse…")
+        theme.bind_icon(self.browse, "folder")
+        self.browse.clicked.connect(self._browse)
+        layout.addWidget(self.combo, 1)
+        layout.addWidget(self.browse)
+        self.setAcceptDrops(True)
+        self._last: Path | None = None
+
+    def setAccessibleName(self, name: str) -> None:
+        super().setAccessibleName(name)
+        self.combo.setAccessibleName(name)
+        self.browse.setAccessibleName(f"Browse for {name.lower()}")
+
+    def setToolTip(self, text: str) -> None:
+        super().setToolTip(text)
+        self.combo.setToolTip(text)
+
+    def path(self) -> Path | None:
+        text = self.combo.currentText().strip()
+        return Path(text).expanduser() if text else None
+
+    def set_path(self, path: Path | str | None, emit: bool = True) -> None:
+        self.combo.setEditText(str(path) if path else "")
+        if emit:
+            self._emit()
+        else:
+            self._last = self.path()
+
+    def set_history(self, paths: Iterable[str]) -> None:
+        text = self.combo.currentText()
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        self.combo.addItems(list(paths))
+        self.combo.setEditText(text)
+        self.combo.blockSignals(False)
+
+    def _emit(self) -> None:
+        path = self.path()
+        if path != self._last:
+            self._last = path
+            self.changed.emit(path)
+
+    def _browse(self) -> None:
+        start = str(self.path() or self.start_dir)
+        if self.mode == "folder":
+            chosen = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
+        elif self.mode == "save":
+            chosen, _ = QFileDialog.getSaveFileName(self, "Save as", start, self.file_filter)
+        else:
+            chosen, _ = QFileDialog.getOpenFileName(self, "Open", start, self.file_filter)
+        if chosen:
+            self.set_path(chosen)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if dropped_paths(event):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        paths = dropped_paths(event)
+        if paths:
+            self.set_path(paths[0])
+            event.acceptProposedAction()
+
+
+def dropped_paths(event: QDragEnterEvent | QDropEvent) -> list[Path]:
+    """Local files and folders carried by a drag."""
+    mime = event.mimeData()
+    if not mime.hasUrls():
+        return []
+    return [Path(url.toLocalFile()) for url in mime.urls() if url.isLocalFile()]
+
+
+def primary_button(text: str, icon_name: str = "") -> QPushButton:
+    """The one button a card is for: accent-coloured, white text and icon."""
+    button = QPushButton(text)
+    button.setProperty("primary", True)
+    button.setCursor(Qt.CursorShape.PointingHandCursor)
+    if icon_name:
+        theme.bind_icon(button, icon_name, "accent_text")
+    return button
+
+
+def table(columns: list[str], name: str, stretch: int = 0) -> QTableWidget:
+    """A read-only table with whole-row selection, left-aligned headers and column ``stretch`` taking
+    the spare width."""
+    view = QTableWidget(0, len(columns))
+    view.setHorizontalHeaderLabels(columns)
+    view.setAccessibleName(name)
+    view.verticalHeader().hide()
+    view.setAlternatingRowColors(True)
+    view.setShowGrid(False)
+    view.setWordWrap(False)
+    view.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+    view.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+    header = view.horizontalHeader()
+    header.setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    header.setSectionResizeMode(stretch, QHeaderView.ResizeMode.Stretch)
+    header.setHighlightSections(False)
+    view.verticalHeader().setDefaultSectionSize(32)
+    return view
+
+
+def form() -> QFormLayout:
+    """Labels left of their fields, vertically centred on them."""
+    layout = QFormLayout()
+    layout.setHorizontalSpacing(18)
+    layout.setVerticalSpacing(10)
+    layout.setLabelAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+    layout.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return layout
+
+
+def muted(text: str) -> QLabel:
+    label = QLabel(text)
+    label.setProperty("muted", True)
+    label.setWordWrap(True)
+    return label
