@@ -1,0 +1,160 @@
+"""The LoRA merge job: a model plus LoRAs in, a model of the same format out, tensor by tensor.
+
+The output has the model's single-file layout (the same plan conversion uses, so any readable model
+works: int8, bf16, fp8 — dequantized to bf16 — or diffusers), every tensor in its original dtype
+and scale shape, and metadata listing the LoRAs merged with their strengths. Only the model's
+largest weight and its float32 temporaries are in memory at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import CheckpointReader, CheckpointWriter
+from engine.int8.quantize import default_device
+from engine.jobs import CancelToken, ProgressFn, Reporter
+from engine.lora.files import LoraError, LoraFile
+from engine.lora.mapping import LoraMatch, match_model
+from engine.lora.merge import MODES, Applied, MergeStats, Mode, merge_float, merge_int8
+from engine.models import DetectedModel, OutputTensor, detect
+
+LORAS_METADATA = "int8_studio.loras"  # JSON list of {"name", "strength"}, oldest merge first
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: Path
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoraMergeRequest:
+    model: Path
+    loras: tuple[LoraSpec, ...]
+    output: Path
+    mode: Mode = "requant"
+    seed: int = 0  # stochastic mode: the same seed gives the same file
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class LoraMergeResult:
+    output: Path
+    model: str  # "Flux.2 Klein 9B"
+    matches: tuple[LoraMatch, ...]  # one per LoRA, in request order
+    tensors_changed: int
+    stats: MergeStats  # int8 weights: error against the float merge, values clipped
+
+
+def run_lora_merge(
+    request: LoraMergeRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+) -> LoraMergeResult:
+    """Merge ``request.loras`` into ``request.model`` and write ``request.output``."""
+    _check(request)
+    cancel = cancel or CancelToken()
+    device = default_device()
+    with CheckpointReader(request.model) as reader, ExitStack() as opened:
+        model = detect(reader)
+        loras = [opened.enter_context(LoraFile(spec.path)) for spec in request.loras]
+        matches = tuple(match_model(lora, model) for lora in loras)
+        applied: dict[str, list[Applied]] = {}
+        for spec, m in zip(request.loras, matches):
+            for patch in m.patches:
+                applied.setdefault(patch.target, []).append((m.lora, patch, spec.strength))
+        scales = _int8_scales(model)
+        plan = _scales_after_weights(model.tensors, scales)
+        by_name = {t.name: t for t in plan}
+
+        def build(name: str) -> torch.Tensor:
+            return by_name[name].build([reader.get(s) for s in by_name[name].sources])
+
+        _refuse_rotated([name for name in applied if name in scales], build)
+        stats = MergeStats()
+        pending: dict[str, torch.Tensor] = {}  # new scales of int8 weights, written right after them
+        report = Reporter(progress, "merge", len(plan))
+        layout = {t.name: (t.dtype, t.shape) for t in plan}
+        metadata = _metadata(reader.metadata, request)
+        with CheckpointWriter(request.output, layout, metadata, overwrite=request.overwrite) as writer:
+            for done, t in enumerate(plan):
+                cancel.check()
+                tensor = pending.pop(t.name) if t.name in pending else build(t.name)
+                if t.name in applied and t.name in scales:
+                    tensor, pending[scales[t.name]] = merge_int8(
+                        t.name, tensor, build(scales[t.name]), applied[t.name], request.mode, request.seed,
+                        stats, device,
+                    )  # fmt: skip
+                elif t.name in applied:
+                    tensor = merge_float(tensor, applied[t.name], device)
+                writer.write(t.name, tensor)
+                report(done + 1, t.name)
+            output = writer.commit()
+    return LoraMergeResult(output, model.label, matches, len(applied), stats)
+
+
+def _check(request: LoraMergeRequest) -> None:
+    if not request.loras:
+        raise LoraError("no LoRA to merge: give at least one LoRA file")
+    if request.mode not in MODES:
+        raise LoraError(f"unknown merge mode {request.mode!r}; use {' or '.join(MODES)}")
+    for spec in request.loras:
+        if not math.isfinite(spec.strength):
+            raise LoraError(f"strength {spec.strength} of {spec.path.name} is not a number")
+    if Path(request.output).resolve() == Path(request.model).resolve():
+        raise LoraError(f"the output {request.output} is the model itself; write the merged model to a new file")
+
+
+def _int8_scales(model: DetectedModel) -> dict[str, str]:
+    """int8 weight name → its scale's name."""
+    return {
+        f"{layer}.weight": f"{layer}.weight_scale"
+        for layer, fmt in model.layer_formats.items()
+        if fmt.startswith("int8")
+    }
+
+
+def _scales_after_weights(plan: list[OutputTensor], scales: Mapping[str, str]) -> list[OutputTensor]:
+    """The plan with each int8 weight's scale right after it: requant makes both at once."""
+    by_name = {t.name: t for t in plan}
+    moved = set(scales.values())
+    ordered = []
+    for t in plan:
+        if t.name not in moved:
+            ordered.append(t)
+        if t.name in scales:
+            ordered.append(by_name[scales[t.name]])
+    return ordered
+
+
+def _refuse_rotated(weights: list[str], build) -> None:
+    for weight in weights:
+        layer = weight.removesuffix(".weight")
+        try:
+            marker = json.loads(bytes(build(f"{layer}.comfy_quant").tolist()))
+        except KeyError:
+            continue
+        except ValueError:
+            raise LoraError(f"the model's '{layer}.comfy_quant' is not valid JSON: the model is corrupt") from None
+        if isinstance(marker, dict) and marker.get("convrot"):
+            raise LoraError(
+                f"layer '{layer}' is stored Hadamard-rotated; merging LoRAs into rotated weights is not "
+                "supported yet: merge into the unrotated model, or use the LoRA unmerged"
+            )
+
+
+def _metadata(source: Mapping[str, str], request: LoraMergeRequest) -> dict[str, str]:
+    """The model's metadata with this merge's LoRAs appended to the list of merged LoRAs."""
+    try:
+        merged = json.loads(source.get(LORAS_METADATA, "[]"))
+    except ValueError:
+        merged = None
+    if not isinstance(merged, list):  # not ours: a list of what we merge is all the key may hold
+        merged = []
+    merged += [{"name": spec.path.name, "strength": spec.strength} for spec in request.loras]
+    return {**source, LORAS_METADATA: json.dumps(merged)}
