@@ -7,10 +7,19 @@ Exit status: 0 success, 2 bad input or user error (one line on stderr), 1 intern
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
+from pathlib import Path
+from typing import TextIO
 
 from engine import __version__
-from engine.jobs import Cancelled, JobError
+from engine.checkpoint import format_bytes
+from engine.convert import ConvertRequest, ConvertResult, run_convert
+from engine.demo import build_demo_model
+from engine.info import CheckpointInfo, inspect_checkpoint
+from engine.int8.quantize import SCHEMES
+from engine.jobs import Cancelled, JobError, Progress
 
 COMMANDS: dict[str, "callable"] = {}
 
@@ -32,6 +41,140 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, build) in COMMANDS.items():
         build(sub.add_parser(name, help=help_text, description=help_text))
     return parser
+
+
+class ProgressBar:
+    """A progress callback that redraws one line on a terminal, with the stage's ETA.
+
+    Silent when ``stream`` is not a TTY (pipes, logs, CI), so output stays clean there.
+    """
+
+    def __init__(self, stream: TextIO | None = None, interval: float = 0.1) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(self.stream) and self.stream.isatty()
+        self.interval = interval
+        self._stage: str | None = None
+        self._drawn = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if p.stage == self._stage and p.done < p.total and now - self._drawn < self.interval:
+            return
+        if self._stage not in (None, p.stage):
+            self.stream.write("\n")
+        self._stage, self._drawn = p.stage, now
+        width = shutil.get_terminal_size().columns
+        filled = round(p.fraction * 24)
+        eta = p.eta_seconds
+        line = f"{p.stage} [{'#' * filled}{'.' * (24 - filled)}] {p.fraction:4.0%}"
+        line += f"  ETA {format_duration(eta)}" if eta is not None and p.done < p.total else ""
+        line += f"  {p.message}" if p.message else ""
+        self.stream.write("\r" + line[: width - 1] + "\x1b[K")
+        self.stream.flush()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled and self._stage is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours}:{minutes:02d}:{seconds % 60:02d}" if hours else f"{minutes}:{seconds % 60:02d}"
+
+
+@command("convert", help="convert a checkpoint (single file or diffusers folder) to an INT8 file")
+def _convert_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=Path, help=".safetensors file, diffusers model folder or its index json")
+    p.add_argument("-o", "--output", type=Path, help="default: <source>-int8-<scheme>.safetensors beside it")
+    p.add_argument("--scheme", choices=SCHEMES, default="tensorwise", help="one scale per weight or per row")
+    p.add_argument(
+        "--keep", nargs="+", default=[], metavar="PATTERN", help="keep these in high precision too (glob)"
+    )
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    request = ConvertRequest(args.source, args.output, args.scheme, tuple(args.keep), overwrite=args.force)
+    with ProgressBar() as bar:
+        result = run_convert(request, progress=bar)
+    print(_converted(result))
+    return 0
+
+
+def _converted(r: ConvertResult) -> str:
+    left_out = f"; left out {r.left_out} tensors outside the diffusion model" if r.left_out else ""
+    return (
+        f"wrote {r.output}: {r.model}, {r.quantized} layers int8 {r.scheme}, "
+        f"{r.kept} tensors kept{left_out}; "
+        f"{format_bytes(r.bytes_in)} → {format_bytes(r.bytes_out)} in {r.seconds:.1f} s"
+    )
+
+
+@command("inspect", help="show what a checkpoint holds: model, layout, dtypes, quantization, metadata")
+def _inspect_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help=".safetensors file, diffusers model folder or its index json")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.file)
+    print(info.to_json() if args.json else describe(info))
+    return 0
+
+
+def describe(info: CheckpointInfo, value_width: int = 100) -> str:
+    """``inspect``'s readable report, one fact per line."""
+    files = f"{len(info.files)} files" if len(info.files) > 1 else "1 file"
+    lines = [f"file         {info.path} ({format_bytes(info.size)}, {files}, {info.tensors} tensors)"]
+    if info.model:
+        prefix = f", prefix '{info.prefix}'" if info.prefix else ""
+        lines.append(f"model        {info.model} ({info.architecture}), {info.layout} layout{prefix}")
+        quantized = ", ".join(f"{n} layers {fmt}" for fmt, n in info.quantized_layers.items())
+        lines.append(f"weights      {info.weight_format}" + (f" ({quantized})" if quantized else ""))
+        if info.other_tensors:
+            lines.append(f"             {info.other_tensors} tensors outside the diffusion model")
+    else:
+        lines.append(f"model        none recognised: {info.problem}")
+    dtypes = ", ".join(f"{d} {c.tensors} ({format_bytes(c.bytes)})" for d, c in info.dtypes.items())
+    lines.append(f"dtypes       {dtypes}")
+    if info.markers or info.metadata_layers is not None:
+        markers = ", ".join(f"{n} × {text}" for text, n in info.markers.items()) or "none"
+        lines.append(f"comfy_quant  {markers}")
+        if info.metadata_layers is not None:
+            bad = info.marker_mismatches
+            agree = f"disagrees on {len(bad)} layers, e.g. {bad[0]}" if bad else "agrees"
+            lines.append(f"{'':12} _quantization_metadata lists {info.metadata_layers} layers and {agree}")
+    for n, (key, value) in enumerate(sorted(info.metadata.items())):
+        if key == "_quantization_metadata":
+            value = f"({len(value)} characters)"
+        value = value if len(value) <= value_width else value[: value_width - 1] + "…"
+        lines.append(f"{'metadata' if n == 0 else '':<12} {key} = {value}")
+    return "\n".join(lines)
+
+
+@command("demo", help="build the built-in demo model, convert it to INT8 and inspect the result")
+def _demo_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folder", type=Path, help="where to put the demo files (default: user cache folder)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    with ProgressBar() as bar:
+        model = build_demo_model(args.folder, progress=bar)
+        print(f"demo model: {model} ({format_bytes(model.stat().st_size)})")
+        result = run_convert(ConvertRequest(model, overwrite=True), progress=bar)
+    print(_converted(result))
+    print(describe(inspect_checkpoint(result.output)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

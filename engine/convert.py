@@ -1,0 +1,281 @@
+"""Convert a diffusion-transformer checkpoint into an INT8 single file that ComfyUI loads as it is.
+
+The job streams: it reads the source's headers, detects the model, lays out the whole output (names,
+dtypes, shapes, metadata) up front, then builds, quantizes and writes one tensor at a time. Peak
+memory is the largest tensor's sources plus its int8 copy and a few bounded float32 chunks, whatever
+the size of the model. The output format is described in docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+
+from engine import __version__
+from engine.checkpoint import CheckpointReader, CheckpointWriter
+from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
+from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
+from engine.models import DetectedModel, OutputTensor, detect
+
+INT8_FORMAT = "int8_tensorwise"
+"""The comfy_quant format of both schemes: ComfyUI reads the granularity off the scale's shape."""
+METADATA_PREFIX = "int8_studio."
+HASH_CHUNK = 8 << 20
+
+
+class ConvertError(JobError):
+    """A conversion that cannot start: bad options, an INT8 source, an output in the way."""
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    source: Path
+    output: Path | None = None  # default: <stem>-int8-<scheme>.safetensors beside the source
+    scheme: Scheme = "tensorwise"
+    keep: tuple[str, ...] = ()  # fnmatch patterns of single-file names kept in high precision
+    cast_float32_to_bf16: bool = False  # high-precision float32 tensors are written as bf16
+    overwrite: bool = False
+    device: str | None = None  # where quantization runs; None: the GPU when there is one
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: Path
+    model: str  # "Flux.2 Klein 9B"
+    scheme: Scheme
+    quantized: int  # layers stored as int8
+    kept: int  # tensors copied in high precision
+    left_out: int  # source tensors outside the diffusion model (a full checkpoint's VAE, …)
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+
+def comfy_quant_entry() -> dict[str, str]:
+    return {"format": INT8_FORMAT}
+
+
+def json_bytes(entry: dict) -> torch.Tensor:
+    """The uint8 tensor of a ``comfy_quant`` marker: the bytes of ``json.dumps(entry)``."""
+    return torch.tensor(list(json.dumps(entry).encode("utf-8")), dtype=torch.uint8)
+
+
+def source_root(model: DetectedModel, reader: CheckpointReader) -> Path:
+    """The source as a user names it: the file, or the diffusers model folder (holding transformer/)."""
+    first = reader.files[0]
+    if model.layout == "single-file":
+        return first
+    return first.parent.parent if first.parent.name == "transformer" else first.parent
+
+
+def default_output(model: DetectedModel, reader: CheckpointReader, scheme: str) -> Path:
+    """``<stem>-int8-<scheme>.safetensors`` beside the source file, or beside a diffusers model folder."""
+    root = source_root(model, reader)
+    stem = root.name.removesuffix(".safetensors") if root.is_file() else root.name
+    return root.parent / f"{stem}-int8-{scheme}.safetensors"
+
+
+def run_convert(
+    request: ConvertRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+) -> ConvertResult:
+    """Convert ``request.source``; raises a :class:`JobError` for bad input, leaving no file behind."""
+    started = time.monotonic()
+    cancel = cancel or CancelToken()
+    if request.scheme not in SCHEMES:
+        raise ConvertError(f"unknown scheme '{request.scheme}'; choose {' or '.join(SCHEMES)}")
+    with CheckpointReader(request.source) as reader:
+        model = detect(reader)
+        _refuse_int8(model, reader)
+        quantized = _quantized_names(model, request.keep)
+        layout = _output_layout(model, quantized, request.scheme, request.cast_float32_to_bf16)
+        output = _check_output(request, model, reader)
+        hashes = _sha256(reader.files, progress, cancel)
+        metadata = _metadata(reader, model, request, hashes, quantized)
+        with CheckpointWriter(output, layout, metadata, overwrite=request.overwrite) as writer:
+            _write(reader, model, quantized, request, writer, progress, cancel)
+            writer.commit()
+        bytes_in = sum(f.stat().st_size for f in reader.files)
+    return ConvertResult(
+        output=output,
+        model=model.label,
+        scheme=request.scheme,
+        quantized=len(quantized),
+        kept=len(model.tensors) - len(quantized),
+        left_out=len(model.other_tensors),
+        bytes_in=bytes_in,
+        bytes_out=output.stat().st_size,
+        seconds=time.monotonic() - started,
+    )
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def _refuse_int8(model: DetectedModel, reader: CheckpointReader) -> None:
+    int8 = sorted({fmt for fmt in model.layer_formats.values() if fmt.startswith("int8")})
+    if int8:
+        raise ConvertError(
+            f"{source_root(model, reader).name} is already INT8 ({', '.join(int8)}); "
+            "convert the original bf16/fp8 checkpoint instead"
+        )
+
+
+def _quantized_names(model: DetectedModel, keep: tuple[str, ...]) -> set[str]:
+    """Output weights that become int8: what the architecture allows, less the user's patterns."""
+    names = [t.name for t in model.tensors]
+    for pattern in keep:
+        if not any(fnmatchcase(n, pattern) for n in names):
+            example = next((t.name for t in model.tensors if t.quantize), names[0])
+            raise ConvertError(
+                f"--keep pattern '{pattern}' matches no tensor of this {model.arch.label} model "
+                f"(names look like '{example}')"
+            )
+    return {t.name for t in model.tensors if t.quantize and not any(fnmatchcase(t.name, p) for p in keep)}
+
+
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def _output_layout(model: DetectedModel, quantized: set[str], scheme: Scheme, cast_float32: bool) -> Layout:
+    """Every output tensor's dtype and shape, in file order (the writer puts the header first)."""
+    marker = (len(json.dumps(comfy_quant_entry()).encode("utf-8")),)
+    layout: Layout = {}
+    for t in model.tensors:
+        if t.name in quantized:
+            layer = t.name.removesuffix(".weight")
+            layout[t.name] = (torch.int8, t.shape)
+            layout[f"{layer}.weight_scale"] = (
+                torch.float32,
+                () if scheme == "tensorwise" else (t.shape[0], 1),
+            )
+            layout[f"{layer}.comfy_quant"] = (torch.uint8, marker)
+        else:
+            layout[t.name] = (_kept_dtype(t, cast_float32), t.shape)
+    return layout
+
+
+def _kept_dtype(t: OutputTensor, cast_float32: bool) -> torch.dtype:
+    return torch.bfloat16 if cast_float32 and t.dtype == torch.float32 else t.dtype
+
+
+def _check_output(request: ConvertRequest, model: DetectedModel, reader: CheckpointReader) -> Path:
+    """The output path, refused before the long hashing pass if it cannot or must not be written.
+
+    The writer checks the target again (and the free space) when it opens.
+    """
+    output = Path(request.output) if request.output else default_output(model, reader, request.scheme)
+    if output.suffix != ".safetensors":
+        raise ConvertError(f"the output {output.name} must be a .safetensors file")
+    if any(output.resolve() == f.resolve() for f in reader.files):
+        raise ConvertError(f"the output {output} is the source itself; choose another output name")
+    if not output.parent.is_dir():
+        raise ConvertError(f"output folder {output.parent} does not exist; create it or choose another")
+    if output.exists() and not request.overwrite:
+        raise ConvertError(f"output exists: {output} (use --force to overwrite)")
+    return output
+
+
+def _sha256(files: list[Path], progress: ProgressFn | None, cancel: CancelToken) -> dict[str, str]:
+    """SHA-256 of each source file (file name → hex), read in chunks into one reused buffer."""
+    report = Reporter(progress, "hashing", sum(f.stat().st_size for f in files))
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    hashes, done = {}, 0
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                digest.update(view[:n])
+                done += n
+                report(done, file.name)
+                cancel.check()
+        hashes[file.name] = digest.hexdigest()
+    return hashes
+
+
+def _metadata(
+    reader: CheckpointReader,
+    model: DetectedModel,
+    request: ConvertRequest,
+    hashes: dict[str, str],
+    quantized: set[str],
+) -> dict[str, str]:
+    """The source's metadata that still holds, our own keys, and ComfyUI's ``_quantization_metadata``."""
+    layers = {
+        t.name.removesuffix(".weight"): comfy_quant_entry() for t in model.tensors if t.name in quantized
+    }
+    ours = {
+        "version": __version__,
+        "scheme": request.scheme,
+        "architecture": model.arch.name,
+        "variant": model.variant,
+        "source_name": source_root(model, reader).name,
+        "source_sha256": next(iter(hashes.values())) if len(hashes) == 1 else json.dumps(hashes),
+        "source_format": model.source_format,
+    }
+    if request.keep:
+        ours["keep"] = json.dumps(list(request.keep))
+    kept = {k: v for k, v in reader.metadata.items() if not _stale(k)}
+    return {
+        **kept,
+        "_quantization_metadata": json.dumps({"layers": layers}),
+        **{METADATA_PREFIX + k: v for k, v in ours.items()},
+    }
+
+
+def _stale(key: str) -> bool:
+    """Source metadata that no longer holds for the output: hashes of its bytes, its quantization."""
+    lowered = key.lower()
+    return (
+        key == "_quantization_metadata"
+        or key.startswith(METADATA_PREFIX)
+        or "hash" in lowered
+        or "sha256" in lowered
+    )
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def _write(
+    reader: CheckpointReader,
+    model: DetectedModel,
+    quantized: set[str],
+    request: ConvertRequest,
+    writer: CheckpointWriter,
+    progress: ProgressFn | None,
+    cancel: CancelToken,
+) -> None:
+    """Build, quantize and write every tensor of the plan in order; progress counts source bytes read."""
+    report = Reporter(
+        progress, "converting", sum(reader.tensors[s].nbytes for t in model.tensors for s in t.sources)
+    )
+    device = torch.device(request.device) if request.device else None
+    marker = json_bytes(comfy_quant_entry())
+    done = 0
+    for t in model.tensors:
+        cancel.check()
+        tensor = t.build([reader.get(s) for s in t.sources])
+        if t.name in quantized:
+            layer = t.name.removesuffix(".weight")
+            try:
+                q, scale = quantize_weight(tensor, request.scheme, device)
+            except ValueError as e:
+                raise ConvertError(
+                    f"{source_root(model, reader).name}: tensor '{model.prefix}{t.name}' has NaN or Inf "
+                    "values (the file is corrupt); download or export it again"
+                ) from e
+            writer.write(t.name, q)
+            writer.write(f"{layer}.weight_scale", scale)
+            writer.write(f"{layer}.comfy_quant", marker)
+        else:
+            writer.write(t.name, tensor.to(_kept_dtype(t, request.cast_float32_to_bf16)))
+        del tensor
+        done += sum(reader.tensors[s].nbytes for s in t.sources)
+        report(done, t.name)
