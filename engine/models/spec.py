@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
+from torch import nn
+
+from engine.jobs import JobError
 
 Shape = tuple[int, ...]
 Config = Mapping[str, int | bool]
@@ -42,6 +45,10 @@ class Piece:
 
     name: str
     rows: slice
+
+
+class NoModuleError(JobError):
+    """The model is recognised but the engine cannot run it (no nn.Module for its family yet)."""
 
 
 class Rule:
@@ -150,6 +157,16 @@ class Architecture:
     def tensor_shapes(self, config: Config) -> dict[str, Shape]:
         """Every single-file tensor of a model with ``config``, name → shape, in module order."""
         raise NotImplementedError
+
+    def build_module(self, config: Config) -> nn.Module:
+        """The runnable transformer of ``config`` (parameter names = :meth:`tensor_shapes` names),
+        built on the current default device: under ``torch.device("meta")`` it allocates nothing."""
+        runnable = ", ".join(a.label for a in REGISTRY.values() if a.runnable)
+        raise NoModuleError(f"{self.label} models cannot be run yet; models that can: {runnable}")
+
+    @property
+    def runnable(self) -> bool:
+        return type(self).build_module is not Architecture.build_module
 
     # --- detection -------------------------------------------------------------------------------
 

@@ -10,6 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.layers import (
+    Rope,
+    attention,
+    layer_norm,
+    position_ids,
+    rope,
+    split_heads,
+    timestep_embedding,
+)
 from engine.models.spec import Architecture, Config, Rule, Shape, block_count, linear, register
 
 BLOCKS = {"noise_refiner": True, "context_refiner": False, "layers": True}  # name → modulated
@@ -75,6 +88,9 @@ class ZImage(Architecture):
         *(rule for block in BLOCKS for rule in _block_rules(block)),
     )
 
+    def build_module(self, config: Config) -> nn.Module:
+        return ZImageModel(config)
+
     def config_from_shapes(self, shapes: Mapping[str, Shape]) -> dict[str, int | bool]:
         return {
             "dim": shapes["x_embedder.weight"][0],
@@ -118,3 +134,161 @@ class ZImage(Architecture):
 
 
 ZIMAGE = register(ZImage())
+
+
+# --- the runnable module -----------------------------------------------------------------------
+
+SEQ_MULTIPLE = 32  # image and caption sequences are padded to a multiple of this with pad tokens
+NORM_EPS = 1e-5
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
+        self.k_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
+
+    def forward(self, x: torch.Tensor, pe: Rope) -> torch.Tensor:
+        q, k, v = split_heads(self.qkv(x), self.head_dim)
+        return self.out(attention(self.q_norm(q), self.k_norm(k), v, pe))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre- and post-normed attention and SwiGLU; modulated blocks scale the pre-norm outputs and
+    tanh-gate the residual branches with vectors from ``adaLN_modulation``."""
+
+    def __init__(self, c: Config, modulated: bool) -> None:
+        super().__init__()
+        dim = int(c["dim"])
+        self.attention = Attention(dim, int(c["head_dim"]))
+        self.feed_forward = FeedForward(dim, int(c["ffn_hidden"]))
+        for norm in ("attention_norm1", "ffn_norm1", "attention_norm2", "ffn_norm2"):
+            self.add_module(norm, nn.RMSNorm(dim, eps=NORM_EPS))
+        self.adaLN_modulation = nn.Sequential(nn.Linear(int(c["adaln_dim"]), 4 * dim)) if modulated else None
+
+    def forward(self, x: torch.Tensor, pe: Rope, adaln: torch.Tensor | None = None) -> torch.Tensor:
+        if self.adaLN_modulation is None:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), pe))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
+        x = x + gate_attn.tanh() * self.attention_norm2(
+            self.attention(self.attention_norm1(x) * (1 + scale_attn), pe)
+        )
+        return x + gate_ffn.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int, adaln_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        return self.linear(layer_norm(x) * (1 + self.adaLN_modulation(adaln)[:, None]))
+
+
+class ZImageModel(nn.Module):
+    """The Z-Image transformer on VAE latents: ``x`` [batch, channels, height, width] → same shape.
+
+    Image patches (2×2) and caption tokens are each padded to a multiple of 32 with learned pad
+    tokens and refined separately (image tokens with modulation, caption tokens without), then run
+    through the main layers as one sequence, image first. Positions are (1 + i, 0, 0) for caption
+    token i, (caption length + 1, h, w) for image patches and (0, 0, 0) for image padding.
+    ``t`` is Z-Image's time in [0, 1] (1 = clean image), scaled by 1000 inside.
+    """
+
+    text_tokens = 256  # Z-Image runs the prompt's own length (no padding to a maximum); a long prompt
+    theta = 256.0
+    patch = 2
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        c = self.config = dict(config)
+        dim, hd, adaln = int(c["dim"]), int(c["head_dim"]), int(c["adaln_dim"])
+        self.axes_dims = (hd // 4, hd * 3 // 8, hd * 3 // 8)
+        self.x_embedder = nn.Linear(int(c["patch_in"]), dim)
+        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(
+            nn.Linear(256, int(c["t_mid"])), nn.SiLU(), nn.Linear(int(c["t_mid"]), adaln)
+        )
+        self.cap_embedder = nn.Sequential(
+            nn.RMSNorm(int(c["cap_dim"]), eps=NORM_EPS), nn.Linear(int(c["cap_dim"]), dim)
+        )
+        refiners = range(int(c["refiner_layers"]))
+        self.noise_refiner = nn.ModuleList(Block(c, modulated=True) for _ in refiners)
+        self.context_refiner = nn.ModuleList(Block(c, modulated=False) for _ in refiners)
+        self.layers = nn.ModuleList(Block(c, modulated=True) for _ in range(int(c["layers"])))
+        self.norm_final = nn.RMSNorm(dim, eps=NORM_EPS)  # in the checkpoints, unused by the model
+        self.final_layer = FinalLayer(dim, int(c["patch_in"]), adaln)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        p, rows, cols = self.patch, height // self.patch, width // self.patch
+        adaln = self.t_embedder.mlp(timestep_embedding(1000 * t).to(x.dtype))
+
+        cap_len = cap.shape[1] + _padding(cap.shape[1])
+        cap = _pad(self.cap_embedder(cap), self.cap_pad_token, cap_len)
+        cap_pe = rope(position_ids(range(1, cap_len + 1), 1, 1, device=x.device), self.axes_dims, self.theta)
+        for block in self.context_refiner:
+            cap = block(cap, cap_pe)
+
+        patches = x.view(batch, channels, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+        tokens = rows * cols
+        img = _pad(self.x_embedder(patches), self.x_pad_token, tokens + _padding(tokens))
+        img_ids = position_ids(range(cap_len + 1, cap_len + 2), rows, cols, device=x.device)
+        img_ids = F.pad(img_ids, (0, 0, 0, img.shape[1] - tokens))  # padding sits at (0, 0, 0)
+        img_pe = rope(img_ids, self.axes_dims, self.theta)
+        for block in self.noise_refiner:
+            img = block(img, img_pe, adaln)
+
+        h = torch.cat([img, cap], dim=1)
+        pe = (torch.cat([img_pe[0], cap_pe[0]]), torch.cat([img_pe[1], cap_pe[1]]))
+        for block in self.layers:
+            h = block(h, pe, adaln)
+        out = self.final_layer(h[:, :tokens], adaln)
+        return out.view(batch, rows, cols, p, p, channels).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
+
+    def random_inputs(
+        self,
+        batch: int,
+        resolution: int,
+        generator: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> dict[str, torch.Tensor]:
+        """Inputs of one denoising step at ``resolution``² pixels (VAE 8× down; 2×2 patches inside)."""
+        side, c = resolution // 8, self.config
+        channels = int(c["patch_in"]) // self.patch**2
+        return {
+            "x": torch.randn(batch, channels, side, side, generator=generator).to(device, dtype),
+            "t": torch.full((batch,), 0.4, device=device),
+            "cap": torch.randn(batch, self.text_tokens, int(c["cap_dim"]), generator=generator).to(
+                device, dtype
+            ),
+        }
+
+
+def _padding(tokens: int) -> int:
+    return -tokens % SEQ_MULTIPLE
+
+
+def _pad(x: torch.Tensor, pad_token: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` [batch, tokens, dim] followed by copies of ``pad_token`` up to ``length`` tokens."""
+    pad = pad_token.to(x.dtype).expand(x.shape[0], length - x.shape[1], -1)
+    return torch.cat([x, pad], dim=1)

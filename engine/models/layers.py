@@ -1,0 +1,208 @@
+"""Building blocks of the Flux-family and Z-Image transformers (the runnable modules).
+
+Attribute names follow the single-file (BFL/ComfyUI) layout, so a module's ``state_dict()`` keys are
+exactly :meth:`Architecture.tensor_shapes` and a checkpoint loads without renaming. Everything that
+runs once per token goes through ``nn.Linear`` (or what replaces it: ``Int8Linear``), attention
+through ``F.scaled_dot_product_attention``; norms and rotary embeddings compute in float32 and return
+the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), float32 [tokens, head_dim / 2]
+Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with BFL's parameter name (``scale``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.scale)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of queries and keys over the head dimension (``norm.{query,key}_norm.scale``)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_norm(q), self.key_norm(k)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters, as every Flux-family block uses before modulation."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (1 + scale) * layer_norm(x) + shift
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of ``t`` [batch] → float32 [batch, dim], cosines first (BFL's order)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def position_ids(*axes: int | range, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every combination of the axes' positions, last axis fastest: [tokens, len(axes)] int64."""
+    ranges = [
+        torch.arange(a.start, a.stop, device=device)
+        if isinstance(a, range)
+        else torch.arange(a, device=device)
+        for a in axes
+    ]
+    return torch.stack(torch.meshgrid(*ranges, indexing="ij"), dim=-1).flatten(0, -2)
+
+
+def rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> Rope:
+    """Rotary tables for position ``ids`` [tokens, axes]: each axis rotates ``axes_dims[i]`` channels.
+
+    Angles are computed in float64 (positions reach thousands), cos/sin kept in float32.
+    """
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        angles.append(ids[:, axis].double()[:, None] * freqs[None])
+    angle = torch.cat(angles, dim=-1)
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x: torch.Tensor, pe: Rope) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of ``x`` [batch, heads, tokens, head_dim] by the angles of ``pe``."""
+    cos, sin = pe
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: Rope) -> torch.Tensor:
+    """Rotary self-attention over [batch, heads, tokens, head_dim] → [batch, tokens, heads·head_dim]."""
+    out = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def split_heads(qkv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``[batch, tokens, 3·hidden]`` → q, k, v as [batch, heads, tokens, head_dim]."""
+    q, k, v = qkv.unflatten(-1, (3, -1, head_dim)).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+class MLPEmbedder(nn.Module):
+    """``out_layer(silu(in_layer(x)))``: Flux's time/guidance embedders and Chroma's approximator layers."""
+
+    def __init__(self, dim_in: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.in_layer = nn.Linear(dim_in, hidden, bias=bias)
+        self.out_layer = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class SwiGLU(nn.Module):
+    """``silu(a) * b`` of the two halves of a fused in-projection (Flux.2's MLPs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+def gelu_tanh() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+class FluxAttention(nn.Module):
+    """One stream's attention weights in a double block: ``qkv``, ``norm``, ``proj``."""
+
+    def __init__(self, hidden: int, head_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)
+        self.norm = QKNorm(head_dim)
+        self.proj = nn.Linear(hidden, hidden, bias=bias)
+
+
+class DoubleBlock(nn.Module):
+    """Flux double-stream block: image and text tokens keep their own weights and attend jointly.
+
+    Modulation comes from outside (Flux.2: shared modulation layers; Chroma: the approximator), as
+    (shift, scale, gate) for attention and again for the MLP, per stream.
+    """
+
+    def __init__(self, hidden: int, head_dim: int, mlp_in: int, mlp_hidden: int, act: nn.Module, bias: bool):
+        super().__init__()
+        self.head_dim = head_dim
+        for stream in ("img", "txt"):
+            self.add_module(f"{stream}_attn", FluxAttention(hidden, head_dim, bias))
+            mlp = nn.Sequential(
+                nn.Linear(hidden, mlp_in, bias=bias), act, nn.Linear(mlp_hidden, hidden, bias=bias)
+            )
+            self.add_module(f"{stream}_mlp", mlp)
+
+    def forward(
+        self, img: torch.Tensor, txt: torch.Tensor, img_mod: Modulation, txt_mod: Modulation, pe: Rope
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_q, img_k, img_v = self._qkv(self.img_attn, img, img_mod)
+        txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt, txt_mod)
+        out = attention(
+            torch.cat([txt_q, img_q], dim=2),
+            torch.cat([txt_k, img_k], dim=2),
+            torch.cat([txt_v, img_v], dim=2),
+            pe,
+        )
+        txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
+        img = self._rest(self.img_attn, self.img_mlp, img, img_out, img_mod)
+        txt = self._rest(self.txt_attn, self.txt_mlp, txt, txt_out, txt_mod)
+        return img, txt
+
+    def _qkv(self, attn: FluxAttention, x: torch.Tensor, mod: Modulation):
+        shift, scale = mod[0], mod[1]
+        q, k, v = split_heads(attn.qkv(modulate(x, shift, scale)), self.head_dim)
+        q, k = attn.norm(q, k)
+        return q, k, v
+
+    @staticmethod
+    def _rest(attn: FluxAttention, mlp: nn.Module, x: torch.Tensor, out: torch.Tensor, mod: Modulation):
+        _, _, gate, shift, scale, mlp_gate = mod
+        x = x + gate * attn.proj(out)
+        return x + mlp_gate * mlp(modulate(x, shift, scale))
+
+
+class SingleBlock(nn.Module):
+    """Flux single-stream ("parallel") block: one fused in-projection feeds attention and the MLP,
+    one fused out-projection (``linear2``) merges them. Modulation is (shift, scale, gate)."""
+
+    def __init__(self, hidden: int, head_dim: int, mlp_in: int, mlp_hidden: int, act: nn.Module, bias: bool):
+        super().__init__()
+        self.head_dim = head_dim
+        self.split = (3 * hidden, mlp_in)
+        self.linear1 = nn.Linear(hidden, 3 * hidden + mlp_in, bias=bias)
+        self.linear2 = nn.Linear(hidden + mlp_hidden, hidden, bias=bias)
+        self.norm = QKNorm(head_dim)
+        self.act = act
+
+    def forward(self, x: torch.Tensor, mod: Modulation, pe: Rope) -> torch.Tensor:
+        shift, scale, gate = mod
+        qkv, mlp = self.linear1(modulate(x, shift, scale)).split(self.split, dim=-1)
+        q, k, v = split_heads(qkv, self.head_dim)
+        q, k = self.norm(q, k)
+        out = torch.cat([attention(q, k, v, pe), self.act(mlp)], dim=-1)
+        return x + gate * self.linear2(out)
