@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from engine.demo import random_weights
 from engine.int8.quantize import quantize_weight
 from engine.models import REGISTRY, Architecture
 from engine.models.spec import Config
@@ -44,14 +45,9 @@ def architecture(arch: str | Architecture) -> Architecture:
 def random_tensors(
     arch: str | Architecture, variant: str = "tiny", dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.Tensor]:
-    """Random single-file tensors (no prefix). Norm scales sit around 1, everything else around 0."""
+    """Fresh random single-file tensors (no prefix) of a tiny config, as the demo model makes them."""
     arch = architecture(arch)
-    tensors = {}
-    for name, shape in arch.tensor_shapes(arch.tiny[variant]).items():
-        t = torch.randn(shape) * (0.1 if len(shape) == 1 else 0.05)
-        is_norm = len(shape) == 1 and not name.endswith(".bias")
-        tensors[name] = (t + 1 if is_norm else t).to(dtype)
-    return tensors
+    return dict(random_weights(arch, arch.tiny[variant], dtype))
 
 
 def to_diffusers(
