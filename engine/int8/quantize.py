@@ -17,6 +17,9 @@ import torch
 Scheme = Literal["tensorwise", "rowwise"]
 SCHEMES: tuple[Scheme, ...] = ("tensorwise", "rowwise")
 QMAX = 127
+MIN_ABSMAX = 2.0**-100
+"""Activation rows are quantized with ``absmax`` clamped to at least this: an all-zero row gets zeros
+and a finite scale instead of a division by zero."""
 CHUNK_ELEMENTS = 1 << 24  # float32 temporaries of at most 64 MB
 
 

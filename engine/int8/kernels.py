@@ -1,0 +1,384 @@
+"""Triton kernels for W8A8 linear layers.
+
+Two kernels:
+
+* ``quantize_rows``: per-token (per-row) symmetric int8 quantization of the activations. Each program
+  owns a few rows and loops over K twice (absmax, then quantize); the second read of a row hits L2, so
+  DRAM sees one read of ``x`` and one write of ``q``. Any K works: no row has to fit in registers.
+* ``scaled_mm``: ``out = (q @ w_int8ᵀ) · x_scale[row] · w_scale[col] + bias``, int32 accumulation, the
+  dequantization fused into the epilogue so the int32 product never reaches memory.
+
+Rounding is to nearest, ties to even (``torch.round``), done with the 1.5·2²³ trick rather than a
+``libdevice`` call so that the kernels compile on every backend and run in the interpreter. The
+quantization kernel is compiled without FMA contraction so it computes exactly what
+``ops.quantize_rows_reference`` computes in PyTorch: the Triton and PyTorch paths give the same int8 values.
+
+Tile configurations are chosen per GPU architecture and tuned per (power-of-two bucket of M, N, K) on
+first use; the winners are kept in a JSON file in the user's cache directory, so a second run starts
+without tuning (see :class:`GemmTuner`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.int8.quantize import MIN_ABSMAX
+
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the TMA configs are skipped
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+_MIN_ABSMAX = tl.constexpr(MIN_ABSMAX)
+
+
+@triton.jit
+def _round_half_even(v):
+    # Adding 1.5·2²³ pushes the fraction bits out of an fp32 mantissa with the hardware's
+    # round-to-nearest-even; subtracting it back gives rint(v) for |v| < 2²². Needs no FMA contraction.
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
+
+    absmax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    poison = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # x·0 is NaN exactly where x is NaN or ±Inf
+    for k in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
+        x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.abs(x))
+        poison += x * 0.0
+    finite = tl.sum(poison, axis=1) == 0.0
+    row_max = tl.maximum(tl.max(absmax, axis=1), _MIN_ABSMAX)
+    scale = tl.where(finite, tl.math.div_rn(row_max, 127.0), float("nan"))
+    inv_scale = tl.where(finite, tl.math.div_rn(127.0, row_max), 0.0)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+    for k in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
+        x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
+        q = _round_half_even(x * inv_scale[:, None])
+        q = tl.where(finite[:, None], tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0)
+        tl.store(q_rows + k, q.to(tl.int8), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization of a 2-D float tensor: ``(q int8 [M, K], scale float32 [M])``."""
+    M, K = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    block_m, block_k = (1, 2048) if K >= 2048 else (4, max(16, triton.next_power_of_2(K)))
+    _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
+        x, q, scale, M, K, x.stride(0), q.stride(0),
+        BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return q, scale
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped launch order: GROUP_M row blocks sweep the columns together, so B tiles stay in L2."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_per_group) % group_m
+    pid_n = (tile % tiles_per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _scaled_mm_kernel(
+    a, b, c, a_scale, b_scale, bias, M, N, K, stride_am, stride_bn, stride_cm, num_programs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias). A int8 [M, K], B int8 [N, K], both K-major.
+
+    With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
+    grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
+    descriptors when ``USE_TMA`` (out-of-range reads come back as zeros), pointers otherwise (rows are
+    wrapped modulo M and N so loads need no masks; only the store is masked).
+    """
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        if USE_TMA:
+            for kt in range(k_tiles):
+                a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
+                b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
+                acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+        else:
+            a_ptrs = a + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+            b_ptrs = b + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+            for kt in range(k_tiles):
+                if EVEN_K:
+                    a_tile = tl.load(a_ptrs)
+                    b_tile = tl.load(b_ptrs)
+                else:
+                    k_ok = offs_k[None, :] < K - kt * BLOCK_K
+                    a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
+                    b_tile = tl.load(b_ptrs, mask=k_ok, other=0)
+                acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        row_scale = tl.load(a_scale + offs_m, mask=m_ok, other=0.0)
+        if PER_CHANNEL:
+            col_scale = tl.load(b_scale + offs_n, mask=n_ok, other=0.0)
+            out = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
+        else:
+            out = acc.to(tl.float32) * (row_scale * tl.load(b_scale))[:, None]
+        if HAS_BIAS:
+            out += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of ``_scaled_mm_kernel``."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    persistent: bool = False
+    tma: bool = False
+
+    def smem_bytes(self) -> int:
+        return (self.block_m + self.block_n) * self.block_k * self.num_stages
+
+
+def _tiles(specs: list[tuple[int, ...]], **flags: bool) -> list[TileConfig]:
+    return [TileConfig(*spec, **flags) for spec in specs]
+
+
+# (block_m, block_n, block_k, num_warps, num_stages). Large tiles with K = 128 bytes per row keep
+# the tensor cores fed; small-M configs are GEMV-like: thin M, narrow N for enough programs, long K.
+_SMALL_M = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3)]
+_MEDIUM_M = [(64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (32, 128, 128, 4, 4)]
+_LARGE_M_HOPPER = [
+    (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
+    (128, 128, 128, 8, 4),
+]
+_LARGE_M_AMPERE = [
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+]
+
+ARCH_CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
+    # sm90: int8 tl.dot lowers to wgmma; TMA loads and a persistent grid are tried as well.
+    "sm90": {
+        "small": _tiles(_SMALL_M),
+        "medium": _tiles(_MEDIUM_M) + _tiles(_MEDIUM_M[:2], tma=True),
+        "large": _tiles(_LARGE_M_HOPPER[:2])
+        + _tiles(_LARGE_M_HOPPER, tma=True)
+        + _tiles(_LARGE_M_HOPPER[:2], tma=True, persistent=True),
+    },
+    # sm80/86/89 and sm120 (consumer Blackwell): mma.sync, ~100 KB of shared memory except on sm80.
+    "sm80": {"small": _tiles(_SMALL_M), "medium": _tiles(_MEDIUM_M), "large": _tiles(_LARGE_M_AMPERE)},
+    "sm89": {
+        "small": _tiles(_SMALL_M),
+        "medium": _tiles(_MEDIUM_M[:1] + _MEDIUM_M[3:]) + _tiles([(64, 128, 64, 4, 4)]),
+        "large": _tiles(_LARGE_M_AMPERE[:3]) + _tiles([(64, 256, 64, 4, 4)]),
+    },
+}
+ARCH_CONFIGS["sm120"] = ARCH_CONFIGS["sm89"]
+
+
+def arch_of(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    if major == 9:
+        return "sm90"
+    if major >= 12:
+        return "sm120"
+    if (major, minor) == (8, 0) or major >= 10:  # sm100 datacenter parts have sm80-class smem
+        return "sm80"
+    return "sm89"
+
+
+def m_bucket(m: int) -> int:
+    """Tuning bucket for M: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(m))
+
+
+def candidate_configs(arch: str, m: int) -> list[TileConfig]:
+    table = ARCH_CONFIGS[arch]
+    size = "small" if m <= 16 else "medium" if m <= 256 else "large"
+    return table[size]
+
+
+def launch_scaled_mm(
+    config: TileConfig,
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    num_sms: int = 1,
+) -> None:
+    """Run the GEMM with one config. ``w_scale`` is float32 with 1 or N elements, contiguous."""
+    M, K = q.shape
+    N = w.shape[0]
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    programs = min(tiles, num_sms) if config.persistent else tiles
+    if config.tma:
+        a = TensorDescriptor.from_tensor(q, [config.block_m, config.block_k])
+        b = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
+    else:
+        a, b = q, w
+    _scaled_mm_kernel[(programs,)](
+        a, b, out, x_scale, w_scale, bias if bias is not None else x_scale,
+        M, N, K, q.stride(0), w.stride(0), out.stride(0), programs,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, USE_TMA=config.tma,
+        FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned base addresses and row strides."""
+    return TensorDescriptor is not None and all(
+        t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in tensors
+    )
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("INT8_STUDIO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "int8-studio"
+    )
+    return Path(root) / "gemm-configs.json"
+
+
+class GemmTuner:
+    """Picks the fastest :class:`TileConfig` per (device, M bucket, N, K) and remembers it on disk.
+
+    The first call of a new shape benchmarks the architecture's candidates on the call's own data
+    (a few milliseconds each, plus Triton's one-time compilation), then writes the winner to a JSON
+    file keyed by GPU name and Triton version. Later processes read the file and never re-tune.
+    During CUDA graph capture nothing can be timed, so an untuned shape gets its first candidate.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_cache_path()
+        self._lock = threading.Lock()
+        self._table: dict[str, dict] | None = None
+        self._num_sms: dict[int, int] = {}
+
+    def _device_key(self, device: torch.device) -> str:
+        return f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}"
+
+    def _load(self) -> dict[str, dict]:
+        if self._table is None:
+            try:
+                self._table = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._table = {}
+        return self._table
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".gemm-configs-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._table, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache only costs tuning time next run
+
+    def num_sms(self, device: torch.device) -> int:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._num_sms:
+            self._num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return self._num_sms[index]
+
+    def config_for(self, q, x_scale, w, w_scale, bias, out) -> TileConfig:
+        M, K = q.shape
+        N = w.shape[0]
+        shape_key = f"{m_bucket(M)},{N},{K}"
+        with self._lock:
+            device_table = self._load().setdefault(self._device_key(q.device), {})
+            if shape_key in device_table:
+                return TileConfig(**device_table[shape_key])
+        candidates = candidate_configs(arch_of(q.device), M)
+        if not tma_ok(q, w):
+            candidates = [c for c in candidates if not c.tma] or [TileConfig(**{**asdict(candidates[0]), "tma": False})]
+        if torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out)
+        with self._lock:
+            device_table[shape_key] = asdict(best)
+            self._save()
+        return best
+
+    def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out) -> TileConfig:
+        num_sms = self.num_sms(q.device)
+        timings = {}
+        for config in candidates:
+            run = lambda: launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms)  # noqa: E731
+            try:
+                timings[config] = triton.testing.do_bench(run, warmup=5, rep=20)
+            except Exception:  # out of shared memory or a feature this GPU/Triton lacks
+                continue
+        if not timings:
+            raise RuntimeError(f"no int8 GEMM configuration compiles for M={q.shape[0]}, N={w.shape[0]}, K={q.shape[1]}")
+        return min(timings, key=timings.get)
+
+
+TUNER = GemmTuner()
+
+
+def scaled_mm(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
+
+    ``config`` overrides the tuned choice (tests, the interpreter, benchmarks).
+    """
+    out = torch.empty(q.shape[0], w.shape[0], dtype=out_dtype, device=q.device)
+    if not q.is_cuda:  # Triton's interpreter: nothing to tune
+        config = config or candidate_configs("sm80", q.shape[0])[0]
+        launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4)
+        return out
+    config = config or TUNER.config_for(q, x_scale, w, w_scale, bias, out)
+    launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device))
+    return out

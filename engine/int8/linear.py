@@ -1,0 +1,103 @@
+"""``Int8Linear``: an ``nn.Linear`` replacement holding an int8 weight and its float32 scale.
+
+Its state dict uses the file format's names (``weight`` int8 [out, in], ``weight_scale`` float32 ``[]``
+or ``[out, 1]``, ``bias``), so a layer loads straight from a converted checkpoint; the ``comfy_quant``
+marker beside them is accepted and ignored. Moving the module to another dtype converts the bias only:
+the weight stays int8 and the scale float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.int8.ops import int8_linear
+from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
+from engine.jobs import JobError
+
+
+class QuantizedLayerError(JobError):
+    """The tensors of an int8 layer do not fit together (wrong dtype, shape or scale values)."""
+
+
+def normalize_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """float32 scale of shape ``[]`` (tensor-wise) or ``[out, 1]`` (row-wise) from any accepted shape."""
+    if scale.numel() == 1 and scale.ndim <= 2:
+        return scale.reshape(()).float()
+    if scale.numel() == out_features and scale.ndim in (1, 2) and scale.shape[0] == out_features:
+        return scale.reshape(out_features, 1).float()
+    raise QuantizedLayerError(
+        f"weight_scale has shape {list(scale.shape)} but the weight has {out_features} rows: "
+        f"expected [], [1], [{out_features}] or [{out_features}, 1]; re-convert the checkpoint"
+    )
+
+
+class Int8Linear(nn.Module):
+    """``y = x · (weight · weight_scale)ᵀ + bias`` through :func:`engine.int8.ops.int8_linear`.
+
+    ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
+    activation quantization), to measure what W8A8 costs in accuracy. ``adapter``, when set, is a module
+    whose output on the same input is added to the result (the hook for dynamic LoRA).
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.ndim != 2:
+            raise QuantizedLayerError(
+                f"Int8Linear weight must be a 2-D int8 tensor, got {weight.dtype} {list(weight.shape)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        scale = normalize_scale(weight_scale, self.out_features)
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise QuantizedLayerError(
+                "weight_scale holds zero, negative or non-finite values: the checkpoint is damaged; re-convert it"
+            )
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise QuantizedLayerError(f"Int8Linear bias has shape {list(bias.shape)}; expected [{self.out_features}]")
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale.to(weight.device))
+        self.register_buffer("bias", bias)
+        self.use_float = False
+        self.adapter: nn.Module | None = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, scheme: Scheme = "rowwise") -> Int8Linear:
+        """Quantize a float ``nn.Linear`` (``tensorwise`` or ``rowwise`` weight scales)."""
+        q, scale = quantize_weight(linear.weight.detach(), scheme)
+        device = linear.weight.device
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls(q.to(device), scale.to(device), bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_float:
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            y = F.linear(x, self.dequantized_weight(x.dtype), bias)
+        else:
+            y = int8_linear(x, self.weight, self.weight_scale, self.bias)
+        if self.adapter is not None:
+            y = y + self.adapter(x)
+        return y
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        # follow device moves only: a bf16 scale would cost the layer 3 significant digits
+        self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "comfy_quant", None)
+        key = prefix + "weight_scale"
+        if key in state_dict:
+            # a file may hold the other scale kind (or shape) than this module was built with
+            state_dict[key] = normalize_scale(state_dict[key], self.out_features)
+            self.weight_scale = torch.empty_like(state_dict[key], device=self.weight_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        kind = "tensorwise" if self.weight_scale.ndim == 0 else "rowwise"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kind}"

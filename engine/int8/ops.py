@@ -1,0 +1,165 @@
+"""``int8_linear``: the one op every INT8 layer runs through.
+
+``y = int8_linear(x, w_int8, w_scale, bias)`` computes ``x · (w_int8 · w_scale)ᵀ + bias`` the W8A8 way:
+each row (token) of ``x`` is quantized to int8 with its own scale (symmetric, ``absmax / 127``, round to
+nearest with ties to even), multiplied with the int8 weight in int32, and the product is rescaled by the
+row's scale and the weight scale (one scalar, or one per output channel) before the bias is added.
+
+Backends, chosen per call (``force_backend`` overrides, for tests and comparisons):
+
+* ``"triton"``: CUDA tensors with Triton available — the kernels in ``kernels.py``. With
+  ``TRITON_INTERPRET=1`` it also runs on CPU tensors, which is how the kernels are tested without a GPU.
+* ``"int_mm"``: CUDA without Triton — ``torch._int_mm`` (cuBLAS int8) plus a separate dequantization.
+* ``"torch"``: any device — the same integer arithmetic through float32 matmuls over K chunks small
+  enough that every partial sum is exact.
+
+All backends compute the same int8 activations (bit for bit) and the same int32 products, so they
+differ only in float32 rounding of the epilogue.
+
+Edge cases, identical on every backend:
+
+* an all-zero row of ``x`` gives exactly ``bias`` (or zeros) in that output row;
+* a row containing NaN or ±Inf gives an all-NaN output row (other rows are unaffected) — never
+  finite garbage, so a broken upstream layer stays visible.
+
+The op is a ``torch.library`` custom op with a fake implementation, so ``torch.compile`` traces it
+without graph breaks and with symbolic token counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from engine.int8.quantize import MIN_ABSMAX, QMAX
+
+try:
+    from engine.int8 import kernels
+except ImportError:  # no Triton on this platform
+    kernels = None
+
+Backend = Literal["triton", "int_mm", "torch"]
+BACKENDS: tuple[Backend, ...] = ("triton", "int_mm", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EXACT_K_CHUNK = 1024
+"""127² · 1024 < 2²⁴: float32 sums of this many int8 products are exact integers."""
+
+force_backend: Backend | None = None
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend | None) -> Iterator[None]:
+    """Run ``int8_linear`` on one backend inside the block (``None``: choose per call)."""
+    global force_backend
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    previous, force_backend = force_backend, backend
+    try:
+        yield
+    finally:
+        force_backend = previous
+
+
+def backend_for(x: torch.Tensor) -> Backend:
+    if force_backend is not None:
+        return force_backend
+    if x.is_cuda:
+        return "triton" if kernels is not None else "int_mm"
+    return "torch"
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization in PyTorch ops; the Triton kernel computes exactly this.
+
+    Returns ``(q int8 [M, K], scale float32 [M])``; a row with NaN/Inf gets scale NaN and zeros.
+    """
+    x = x.float()
+    row_max = x.abs().amax(dim=1).clamp(min=MIN_ABSMAX)
+    finite = torch.isfinite((x * 0).sum(dim=1))
+    # Tensor-by-tensor divisions: PyTorch may turn a division by or of a Python number into a
+    # multiplication by a reciprocal, rounded twice, and then the values would differ from the kernel's.
+    qmax = torch.full_like(row_max, QMAX)
+    scale = torch.where(finite, row_max / qmax, torch.full_like(row_max, float("nan")))
+    inv_scale = torch.where(finite, qmax / row_max, torch.zeros_like(row_max))
+    q = torch.round(x * inv_scale[:, None]).clamp_(-QMAX, QMAX)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q))
+    return q.to(torch.int8), scale
+
+
+def _dequantize(acc: torch.Tensor, x_scale, w_scale, bias, out_dtype) -> torch.Tensor:
+    out = acc.float() * x_scale[:, None] * w_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def _int_mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int32 ``q @ wᵀ`` through cuBLAS, within ``torch._int_mm``'s limits (M > 16, N and K multiples of 8)."""
+    M, K = q.shape
+    if K % 8 or w.shape[0] % 8:
+        return _exact_int_matmul(q, w)
+    if M <= 16:
+        padded = torch.zeros(17, K, dtype=q.dtype, device=q.device)
+        padded[:M] = q
+        return torch._int_mm(padded, w.t())[:M]
+    return torch._int_mm(q, w.t())
+
+
+def _exact_int_matmul(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int32 ``q @ wᵀ`` on any device through float32 matmuls whose sums are all exact."""
+    acc = torch.zeros(q.shape[0], w.shape[0], dtype=torch.int32, device=q.device)
+    for k in range(0, q.shape[1], EXACT_K_CHUNK):
+        chunk = slice(k, k + EXACT_K_CHUNK)
+        acc += (q[:, chunk].float() @ w[:, chunk].float().t()).to(torch.int32)
+    return acc
+
+
+def _check(x, w_int8, w_scale, bias, out_dtype) -> None:
+    if w_int8.dtype != torch.int8 or w_int8.ndim != 2:
+        raise ValueError(f"w_int8 must be a 2-D int8 tensor, got {w_int8.dtype} {tuple(w_int8.shape)}")
+    N, K = w_int8.shape
+    if x.dtype not in FLOAT_DTYPES or x.shape[-1] != K:
+        raise ValueError(f"x must be float16/bfloat16/float32 [..., {K}], got {x.dtype} {tuple(x.shape)}")
+    if w_scale.numel() not in (1, N) or w_scale.ndim > 2 or not w_scale.is_floating_point():
+        raise ValueError(f"w_scale must be a float tensor of shape [], [1], [{N}] or [{N}, 1], got {tuple(w_scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+
+
+@torch.library.custom_op("int8_studio::int8_linear", mutates_args=())
+def int8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x · (w_int8 · w_scale)ᵀ + bias`` with per-token int8 activations. See the module docstring.
+
+    x: [..., K] float16/bfloat16/float32. w_int8: int8 [N, K]. w_scale: float, [] / [1] (tensor-wise) or
+    [N] / [N, 1] (per output channel). bias: [N] or None. Result: [..., N] in ``out_dtype`` (default x's).
+    """
+    _check(x, w_int8, w_scale, bias, out_dtype)
+    out_dtype = out_dtype or x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    w_scale = w_scale.reshape(-1).float().contiguous()
+    backend = backend_for(x)
+    if backend == "triton":
+        q, x_scale = kernels.quantize_rows(x2)
+        out = kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype)
+    else:
+        q, x_scale = quantize_rows_reference(x2)
+        acc = _int_mm(q, w_int8) if backend == "int_mm" else _exact_int_matmul(q, w_int8)
+        out = _dequantize(acc, x_scale, w_scale, bias, out_dtype)
+    return out.reshape(*x.shape[:-1], w_int8.shape[0])
+
+
+@int8_linear.register_fake
+def _(x, w_int8, w_scale, bias=None, out_dtype=None):
+    _check(x, w_int8, w_scale, bias, out_dtype)
+    return x.new_empty(*x.shape[:-1], w_int8.shape[0], dtype=out_dtype or x.dtype)

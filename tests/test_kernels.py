@@ -1,0 +1,120 @@
+"""Triton kernels against float64: in the interpreter on CPU tensors, and on the GPU (marker ``gpu``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine.int8 import kernels
+from engine.int8.ops import quantize_rows_reference
+from engine.int8.quantize import quantize_weight
+from tests.int8_reference import ULP, assert_within_int8_rounding, exact_scaled_mm
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+# Interpreter: one config per code path (pointer loads with and without EVEN_K, TMA, persistent grid).
+INTERPRETER_CONFIGS = [
+    kernels.TileConfig(16, 32, 64, 4, 2),
+    kernels.TileConfig(32, 16, 128, 4, 2, tma=True),
+    kernels.TileConfig(16, 16, 32, 4, 2, group_m=2, persistent=True),
+]
+
+
+def configs_for(device: str) -> list[kernels.TileConfig]:
+    if device == "cpu":
+        return INTERPRETER_CONFIGS
+    table = kernels.ARCH_CONFIGS[kernels.arch_of(torch.device("cuda"))]
+    return sorted({c for size in table.values() for c in size}, key=str)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 40), (17, 300), (3, 4096), (5, 4100)])
+def test_quantize_rows_matches_reference_bit_for_bit(device, dtype, shape):
+    x = (torch.randn(shape) * torch.rand(shape[0], 1) * 10).to(dtype).to(device)
+    q, scale = kernels.quantize_rows(x)
+    q_ref, scale_ref = quantize_rows_reference(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (shape[0],)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert q.abs().max() <= 127 and (q.abs().amax(dim=1) >= 126).all()
+    err = (x.double() - q.double() * scale.double()[:, None]).abs()
+    assert (err <= scale.double()[:, None] * (0.5 + 1e-5)).all()  # half a step, plus fp32 rounding
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_rows_zero_and_non_finite_rows(device):
+    x = torch.randn(6, 300, dtype=torch.bfloat16)
+    x[0] = 0
+    x[1, 7] = float("nan")
+    x[2, 299] = float("inf")
+    x[3, 0] = float("-inf")
+    q, scale = kernels.quantize_rows(x.to(device))
+    assert (q[:4] == 0).all()
+    assert torch.isfinite(scale[0]) and scale[0] > 0
+    assert torch.isnan(scale[1:4]).all() and torch.isfinite(scale[4:]).all()
+    q_ref, scale_ref = quantize_rows_reference(x.to(device))
+    assert torch.equal(q, q_ref) and torch.equal(scale.nan_to_num(), scale_ref.nan_to_num())
+    assert torch.equal(scale.isnan(), scale_ref.isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 17])
+@pytest.mark.parametrize("n, k", [(70, 300), (40, 272)])
+@pytest.mark.parametrize("scheme, with_bias", [("tensorwise", True), ("rowwise", False), ("rowwise", True)])
+def test_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias):
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    w_int8, w_scale = quantize_weight(torch.randn(n, k) * torch.rand(n, 1), scheme)
+    w_int8, w_scale = w_int8.to(device), w_scale.to(device)
+    bias = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    q, x_scale = kernels.quantize_rows(x)
+    exact = exact_scaled_mm(q, x_scale, w_int8, w_scale, bias)
+    flat_scale = w_scale.reshape(-1).contiguous()
+    for config in configs_for(device):
+        if config.tma and not kernels.tma_ok(q, w_int8):
+            config = replace(config, tma=False)
+        out = kernels.scaled_mm(q, x_scale, w_int8, flat_scale, bias, dtype, config=config)
+        assert out.shape == (m, n) and out.dtype == dtype
+        tolerance = exact.abs() * (ULP[dtype] + 2.0**-20) + 1e-6
+        assert ((out.double() - exact).abs() <= tolerance).all(), config
+        assert_within_int8_rounding(out, x, w_int8, w_scale, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scaled_mm_float32_output_and_tuned_config(device, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "TUNER", kernels.GemmTuner(tmp_path / "configs.json"))
+    x = torch.randn(33, 128, device=device)
+    w_int8, w_scale = quantize_weight(torch.randn(48, 128), "rowwise")
+    w_int8, w_scale = w_int8.to(device), w_scale.to(device)
+    q, x_scale = kernels.quantize_rows(x)
+    config = None if device == "cuda" else INTERPRETER_CONFIGS[0]
+    out = kernels.scaled_mm(q, x_scale, w_int8, w_scale.reshape(-1), None, torch.float32, config=config)
+    exact = exact_scaled_mm(q, x_scale, w_int8, w_scale)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_tile_configs_fit_each_architecture():
+    smem = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm89": 99 * 1024, "sm120": 99 * 1024}
+    for arch, table in kernels.ARCH_CONFIGS.items():
+        for size, configs in table.items():
+            assert configs, (arch, size)
+            for c in configs:
+                assert c.smem_bytes() <= smem[arch], (arch, c)
+                assert not c.tma or arch == "sm90"
+    assert [kernels.m_bucket(m) for m in (1, 16, 17, 4096, 4608)] == [16, 16, 32, 4096, 8192]
+
+
+def test_tuner_remembers_winners_on_disk(tmp_path):
+    path = tmp_path / "cache" / "configs.json"
+    tuner = kernels.GemmTuner(path)
+    assert tuner._load() == {}
+    tuner._table = {"GPU|triton x": {"16,8,8": {"block_m": 16}}}
+    tuner._save()
+    assert kernels.GemmTuner(path)._load() == tuner._table
+    assert [p.name for p in path.parent.iterdir()] == ["configs.json"]

@@ -1,0 +1,168 @@
+"""int8_linear: every backend against float64, edge cases, bad inputs, torch.compile."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from engine.int8 import ops
+from engine.int8.linear import Int8Linear
+from engine.int8.quantize import quantize_weight
+from tests.int8_reference import ULP, assert_within_int8_rounding
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+CPU_BACKENDS = [
+    "torch",
+    "int_mm",
+    pytest.param("triton", marks=pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")),
+]
+
+
+def make_layer(n, k, scale_shape, with_bias, dtype=torch.bfloat16, device="cpu"):
+    w_int8, w_scale = quantize_weight(torch.randn(n, k) * torch.rand(n, 1), "tensorwise" if scale_shape in ((), (1,)) else "rowwise")
+    bias = torch.randn(n, dtype=dtype) if with_bias else None
+    return w_int8.to(device), w_scale.reshape(scale_shape).to(device), bias.to(device) if with_bias else None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead, n, k", [((1,), 24, 40), ((16,), 33, 136), ((17,), 40, 64), ((2, 9), 70, 300)])
+@pytest.mark.parametrize("scale_shape, with_bias", [((), True), ((1,), False), ("n", False), ("n1", True)])
+def test_int8_linear_within_int8_rounding(backend, dtype, lead, n, k, scale_shape, with_bias):
+    scale_shape = {"n": (n,), "n1": (n, 1)}.get(scale_shape, scale_shape)
+    w_int8, w_scale, bias = make_layer(n, k, scale_shape, with_bias, dtype)
+    x = torch.randn(*lead, k, dtype=dtype) * 3
+    with ops.use_backend(backend):
+        out = ops.int8_linear(x, w_int8, w_scale, bias)
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    assert_within_int8_rounding(out.reshape(-1, n), x.reshape(-1, k), w_int8, w_scale, bias)
+
+
+@pytest.mark.parametrize("backend", ["int_mm", pytest.param("triton", marks=CPU_BACKENDS[2].marks)])
+def test_backends_agree_with_the_torch_path(backend):
+    w_int8, w_scale, bias = make_layer(48, 256, (48, 1), True)
+    x = torch.randn(5, 7, 256, dtype=torch.bfloat16)
+    with ops.use_backend("torch"):
+        expected = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32)
+    with ops.use_backend(backend):
+        out = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")  # numpy in the interpreter
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_rows_give_the_bias_and_non_finite_rows_give_nan(backend):
+    w_int8, w_scale, bias = make_layer(24, 64, (24, 1), True)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    x[1] = 0
+    x[3, 5] = float("nan")
+    x[4, 60] = float("-inf")
+    with ops.use_backend(backend):
+        out = ops.int8_linear(x, w_int8, w_scale, bias)
+        clean = ops.int8_linear(x[[0, 2, 5]], w_int8, w_scale, bias)
+    assert torch.equal(out[1], bias)
+    assert torch.isnan(out[3]).all() and torch.isnan(out[4]).all()
+    assert torch.equal(out[[0, 2, 5]], clean)
+
+
+def test_out_dtype_and_default_backends():
+    w_int8, w_scale, bias = make_layer(16, 32, (), True)
+    x = torch.randn(3, 32, dtype=torch.float16)
+    assert ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32).dtype == torch.float32
+    assert ops.backend_for(x) == "torch"
+    with ops.use_backend("int_mm"):
+        assert ops.backend_for(x) == "int_mm"
+    assert ops.backend_for(x) == "torch"
+    with pytest.raises(ValueError, match="unknown backend 'cublas'; expected one of triton, int_mm, torch"):
+        with ops.use_backend("cublas"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"w_int8": torch.zeros(8, 16)}, r"w_int8 must be a 2-D int8 tensor, got torch.float32 \(8, 16\)"),
+        ({"x": torch.zeros(2, 15)}, r"x must be float16/bfloat16/float32 \[..., 16\], got torch.float32 \(2, 15\)"),
+        ({"x": torch.zeros(2, 16, dtype=torch.int32)}, r"x must be float16/bfloat16/float32 \[..., 16\], got torch.int32"),
+        ({"w_scale": torch.ones(3)}, r"w_scale must be a float tensor of shape \[\], \[1\], \[8\] or \[8, 1\], got \(3,\)"),
+        ({"bias": torch.zeros(9)}, r"bias must have shape \[8\], got \(9,\)"),
+        ({"out_dtype": torch.int8}, r"out_dtype must be float16, bfloat16 or float32, got torch.int8"),
+    ],
+)
+def test_bad_inputs_are_refused(change, message):
+    args = {"x": torch.randn(2, 16), "w_int8": torch.ones(8, 16, dtype=torch.int8), "w_scale": torch.ones(8, 1)}
+    args |= change
+    with pytest.raises(ValueError, match=message):
+        ops.int8_linear(**args)
+
+
+def test_opcheck_real_and_fake_implementations_agree():
+    w_int8, w_scale, bias = make_layer(24, 40, (24, 1), True)
+    torch.library.opcheck(ops.int8_linear, (torch.randn(3, 5, 40), w_int8, w_scale, bias))
+    torch.library.opcheck(ops.int8_linear, (torch.randn(4, 40, dtype=torch.bfloat16), w_int8, w_scale[0, 0]))
+
+
+class Block(torch.nn.Module):
+    def __init__(self, dim, hidden, scheme):
+        super().__init__()
+        self.up = Int8Linear.from_float(torch.nn.Linear(dim, hidden), scheme)
+        self.down = Int8Linear.from_float(torch.nn.Linear(hidden, dim, bias=False), scheme)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_compiled_block_has_no_graph_breaks_and_no_recompiles():
+    torch._dynamo.reset()
+    block = Block(64, 96, "rowwise").to(torch.bfloat16)
+    explanation = torch._dynamo.explain(block)(torch.randn(2, 8, 64, dtype=torch.bfloat16))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    for tokens in (8, 13, 40, 77):
+        x = torch.randn(2, tokens, 64, dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 1)
+        torch.testing.assert_close(compiled(x), block(x), rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale_shape, with_bias", [((), True), ((40, 1), False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 17, 300])
+def test_cuda_backends_within_int8_rounding_and_agree(scale_shape, with_bias, dtype, m):
+    w_int8, w_scale, bias = make_layer(40, 272, scale_shape, with_bias, dtype, "cuda")
+    x = torch.randn(m, 272, dtype=dtype, device="cuda")
+    outs = {}
+    for backend in ops.BACKENDS:
+        with ops.use_backend(backend):
+            outs[backend] = ops.int8_linear(x, w_int8, w_scale, bias)
+        assert_within_int8_rounding(outs[backend], x, w_int8, w_scale, bias)
+    for backend in ("triton", "int_mm"):
+        diff = (outs[backend].double() - outs["torch"].double()).abs()
+        assert (diff <= outs["torch"].double().abs() * ULP[dtype] + 1e-5).all(), backend
+
+
+@pytest.mark.gpu
+def test_cuda_edge_rows_and_compile_with_inductor():
+    w_int8, w_scale, bias = make_layer(64, 128, (64, 1), True, device="cuda")
+    x = torch.randn(40, 128, dtype=torch.bfloat16, device="cuda")
+    x[3] = 0
+    x[7, 2] = float("nan")
+    out = ops.int8_linear(x, w_int8, w_scale, bias)
+    assert torch.equal(out[3], bias) and torch.isnan(out[7]).all() and torch.isfinite(out[8:]).all()
+
+    torch._dynamo.reset()
+    block = Block(128, 256, "tensorwise").to("cuda", torch.bfloat16)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    for tokens in (64, 200, 1000):
+        x = torch.randn(1, tokens, 128, dtype=torch.bfloat16, device="cuda")
+        torch._dynamo.mark_dynamic(x, 1)
+        torch.testing.assert_close(compiled(x), block(x), rtol=2**-7, atol=1e-2)
+    assert counter.frame_count == 1
