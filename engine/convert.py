@@ -22,6 +22,7 @@ from engine.checkpoint import CheckpointReader, CheckpointWriter
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.models import DetectedModel, OutputTensor, detect
+from engine.models.spec import natural_key
 
 INT8_FORMAT = "int8_tensorwise"
 """The comfy_quant format of both schemes: ComfyUI reads the granularity off the scale's shape."""
@@ -131,7 +132,7 @@ def _quantized_names(model: DetectedModel, keep: tuple[str, ...]) -> set[str]:
     names = [t.name for t in model.tensors]
     for pattern in keep:
         if not any(fnmatchcase(n, pattern) for n in names):
-            example = next((t.name for t in model.tensors if t.quantize), names[0])
+            example = min((t.name for t in model.tensors if t.quantize), key=natural_key, default=names[0])
             raise ConvertError(
                 f"--keep pattern '{pattern}' matches no tensor of this {model.arch.label} model "
                 f"(names look like '{example}')"

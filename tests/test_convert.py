@@ -1,0 +1,343 @@
+"""The conversion job on tiny checkpoints with the real key layouts: every architecture and layout,
+the numbers in the written file, the source left untouched, and every way it can refuse or fail."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import engine.checkpoint
+from engine.checkpoint import CheckpointError, CheckpointReader
+from engine.convert import ConvertError, ConvertRequest, default_output, run_convert
+from engine.info import inspect_checkpoint
+from engine.jobs import Cancelled, CancelToken, JobError, Progress
+from engine.models import UnknownModelError, detect
+from tests.tiny_checkpoints import (
+    TinyCheckpoint,
+    every_tiny_variant,
+    write_diffusers,
+    write_single_file,
+)
+
+MARKER = b'{"format": "int8_tensorwise"}'
+SCHEMES = ("tensorwise", "rowwise")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden partial files included) → its SHA-256."""
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def assert_faithful(ckpt: TinyCheckpoint, output: Path, scheme: str, keep: tuple[str, ...] = ()) -> set[str]:
+    """The written file against what the source holds; returns the quantized layers.
+
+    Quantized: int8 in [-127, 127], float32 scale of the scheme's shape, the ComfyUI marker, and
+    within half a step (plus float32 rounding) of the source. Everything else: byte-identical.
+    """
+    tensors, metadata = load(output)
+    quantized = set()
+    for name, ref in ckpt.reference.items():
+        layer = name.removesuffix(".weight")
+        if tensors[name].dtype != torch.int8:
+            assert tensors[name].dtype == ref.dtype and torch.equal(tensors[name], ref), name
+            continue
+        quantized.add(layer)
+        q, scale = tensors[name], tensors[f"{layer}.weight_scale"]
+        assert scale.dtype == torch.float32
+        assert scale.shape == (() if scheme == "tensorwise" else (ref.shape[0], 1))
+        assert q.abs().max() <= 127
+        assert bytes(tensors[f"{layer}.comfy_quant"].tolist()) == MARKER
+        err = (q.double() * scale.double() - ref.double()).abs()
+        assert (err <= scale.double() * (0.5 + 1e-5)).all(), name
+    expected = {
+        n.removesuffix(".weight")
+        for n, ref in ckpt.reference.items()
+        if not ckpt.arch.keeps_high_precision(n, tuple(ref.shape))
+        and not any(fnmatchcase(n, p) for p in keep)
+    }
+    assert quantized == expected
+    added = {f"{layer}.{suffix}" for layer in quantized for suffix in ("weight_scale", "comfy_quant")}
+    assert set(tensors) == set(ckpt.reference) | added
+    layers = json.loads(metadata["_quantization_metadata"])["layers"]
+    assert layers == {layer: {"format": "int8_tensorwise"} for layer in quantized}
+    assert metadata["int8_studio.scheme"] == scheme
+    assert metadata["int8_studio.architecture"] == ckpt.arch.name
+    return quantized
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(("arch", "variant"), every_tiny_variant())
+def test_single_file_converts_faithfully(tmp_path, arch, variant, scheme):
+    ckpt = write_single_file(tmp_path / "model.safetensors", arch, variant, prefix="model.diffusion_model.")
+    before = sha256(ckpt.path)
+    result = run_convert(ConvertRequest(ckpt.path, scheme=scheme))
+    assert result.output == tmp_path / f"model-int8-{scheme}.safetensors"
+    quantized = assert_faithful(ckpt, result.output, scheme)
+    assert sha256(ckpt.path) == before
+    assert result.quantized == len(quantized) > 0
+    assert result.kept == len(ckpt.reference) - len(quantized)
+    assert (result.bytes_in, result.bytes_out) == (ckpt.path.stat().st_size, result.output.stat().st_size)
+    _, metadata = load(result.output)
+    assert metadata["int8_studio.source_name"] == "model.safetensors"
+    assert metadata["int8_studio.source_sha256"] == before
+    assert metadata["int8_studio.source_format"] == "bf16"
+    info = inspect_checkpoint(result.output)
+    assert (info.architecture, info.prefix, info.marker_mismatches) == (arch, "", [])
+    assert info.quantized_layers == {f"int8_{scheme}": len(quantized)}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(("arch", "variant"), every_tiny_variant())
+def test_diffusers_folder_converts_to_the_single_file_layout(tmp_path, arch, variant, scheme):
+    ckpt = write_diffusers(tmp_path / "my-model", arch, variant, shards=2)
+    before = snapshot(ckpt.path)
+    result = run_convert(ConvertRequest(ckpt.path, scheme=scheme))
+    assert result.output == tmp_path / f"my-model-int8-{scheme}.safetensors"
+    assert_faithful(ckpt, result.output, scheme)
+    assert snapshot(ckpt.path) == before
+    _, metadata = load(result.output)
+    shards = {Path(f).name: h for f, h in before.items() if f.endswith(".safetensors")}
+    assert json.loads(metadata["int8_studio.source_sha256"]) == shards
+    assert metadata["int8_studio.source_name"] == "my-model"
+
+
+@pytest.mark.parametrize("fmt", ["fp8_scaled", "fp8_comfy_quant"])
+def test_fp8_sources_are_dequantized_and_requantized(tmp_path, fmt):
+    ckpt = write_single_file(tmp_path / "fp8.safetensors", "flux2", fmt=fmt)
+    assert any(t.dtype == torch.float8_e4m3fn for t in ckpt.tensors.values())
+    result = run_convert(ConvertRequest(ckpt.path, scheme="rowwise"))
+    assert_faithful(ckpt, result.output, "rowwise")  # reference: the fp8 weights dequantized to bf16
+    tensors, metadata = load(result.output)
+    assert not [n for n in tensors if n.endswith(("scale_weight", "input_scale")) or n == "scaled_fp8"]
+    assert metadata["int8_studio.source_format"] == "fp8_scaled"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_already_int8_is_refused(tmp_path, scheme):
+    ckpt = write_single_file(tmp_path / "q.safetensors", "zimage", fmt=f"int8_{scheme}")
+    with pytest.raises(ConvertError) as e:
+        run_convert(ConvertRequest(ckpt.path))
+    assert str(e.value) == (
+        f"q.safetensors is already INT8 (int8_{scheme}); convert the original bf16/fp8 checkpoint instead"
+    )
+    assert os.listdir(tmp_path) == ["q.safetensors"]
+
+
+def test_keep_patterns_stay_in_high_precision(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    keep = ("double_blocks.*", "single_blocks.0.linear1.weight")
+    result = run_convert(ConvertRequest(ckpt.path, keep=keep))
+    quantized = assert_faithful(ckpt, result.output, "tensorwise", keep)
+    assert quantized and all(layer.startswith("single_blocks.") for layer in quantized)
+    _, metadata = load(result.output)
+    assert json.loads(metadata["int8_studio.keep"]) == list(keep)
+
+
+def test_keep_pattern_that_matches_nothing_is_refused(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    with pytest.raises(ConvertError) as e:
+        run_convert(ConvertRequest(ckpt.path, keep=("double_block.*",)))
+    assert str(e.value) == (
+        "--keep pattern 'double_block.*' matches no tensor of this Flux.2 model "
+        "(names look like 'double_blocks.0.img_attn.proj.weight')"
+    )
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_float32_leftovers_can_be_cast_to_bf16(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "chroma", dtype=torch.float32)
+    plain = run_convert(ConvertRequest(ckpt.path, output=tmp_path / "plain.safetensors"))
+    cast = run_convert(
+        ConvertRequest(ckpt.path, output=tmp_path / "cast.safetensors", cast_float32_to_bf16=True)
+    )
+    plain_tensors, _ = load(plain.output)
+    cast_tensors, _ = load(cast.output)
+    assert plain_tensors.keys() == cast_tensors.keys()
+    kept = [
+        n for n, t in plain_tensors.items() if t.dtype == torch.float32 and not n.endswith("weight_scale")
+    ]
+    assert kept
+    for name in kept:
+        assert cast_tensors[name].dtype == torch.bfloat16
+        assert torch.equal(cast_tensors[name], plain_tensors[name].to(torch.bfloat16))
+    for name, t in plain_tensors.items():
+        if t.dtype == torch.int8:
+            assert torch.equal(cast_tensors[name], t)  # quantized from the same float32 weights
+
+
+def test_source_metadata_that_still_holds_is_kept(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "zimage")
+    source = {
+        "format": "pt",
+        "modelspec.title": "Z-Image test",
+        "modelspec.hash_sha256": "0x1234",
+        "_quantization_metadata": json.dumps({"layers": {}}),
+        "int8_studio.scheme": "rowwise",
+    }
+    save_file({n: t.contiguous() for n, t in ckpt.tensors.items()}, str(ckpt.path), metadata=source)
+    result = run_convert(ConvertRequest(ckpt.path))
+    _, metadata = load(result.output)
+    assert metadata["modelspec.title"] == "Z-Image test" and metadata["format"] == "pt"
+    assert "modelspec.hash_sha256" not in metadata
+    assert metadata["int8_studio.scheme"] == "tensorwise"
+    assert json.loads(metadata["_quantization_metadata"])["layers"]
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"precious")
+    with pytest.raises(ConvertError) as e:
+        run_convert(ConvertRequest(ckpt.path, output=target))
+    assert str(e.value) == f"output exists: {target} (use --force to overwrite)"
+    assert target.read_bytes() == b"precious"
+    run_convert(ConvertRequest(ckpt.path, output=target, overwrite=True))
+    assert_faithful(ckpt, target, "tensorwise")
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "out.safetensors"]
+
+
+def test_output_cannot_be_the_source(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    before = sha256(ckpt.path)
+    with pytest.raises(ConvertError) as e:
+        run_convert(ConvertRequest(ckpt.path, output=ckpt.path, overwrite=True))
+    assert str(e.value) == f"the output {ckpt.path} is the source itself; choose another output name"
+    assert sha256(ckpt.path) == before
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("out.bin", "the output out.bin must be a .safetensors file"),
+        (
+            "missing/out.safetensors",
+            "output folder {tmp}/missing does not exist; create it or choose another",
+        ),
+    ],
+)
+def test_bad_output_names_are_refused(tmp_path, output, message):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    with pytest.raises(ConvertError) as e:
+        run_convert(ConvertRequest(ckpt.path, output=tmp_path / output))
+    assert str(e.value) == message.format(tmp=tmp_path)
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_cancel_in_the_middle_leaves_no_file(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    token = CancelToken()
+    converted: list[Progress] = []
+
+    def progress(p: Progress) -> None:
+        if p.stage == "converting":
+            converted.append(p)
+            if len(converted) == 5:
+                token.cancel()
+
+    with pytest.raises(Cancelled):
+        run_convert(ConvertRequest(ckpt.path), progress=progress, cancel=token)
+    assert len(converted) == 5 and converted[-1].done < converted[-1].total
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_progress_reports_hashing_then_converting_to_the_end(tmp_path):
+    ckpt = write_diffusers(tmp_path / "model", "flux2")
+    reports: list[Progress] = []
+    run_convert(ConvertRequest(ckpt.path), progress=reports.append)
+    stages = [p.stage for p in reports]
+    assert stages == sorted(stages, key=["hashing", "converting"].index)
+    for stage in ("hashing", "converting"):
+        done = [p.done for p in reports if p.stage == stage]
+        assert done == sorted(done) and done[-1] == reports[stages.index(stage)].total
+
+
+class DiskFillsUp:
+    """``os`` as the checkpoint writer sees it, except that writes fail once ``room`` bytes are used."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def write(self, fd: int, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return os.write(fd, data)
+
+
+def test_disk_filling_up_during_the_write_leaves_no_file(tmp_path, monkeypatch):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    monkeypatch.setattr(engine.checkpoint, "os", DiskFillsUp(room=ckpt.path.stat().st_size // 3))
+    with pytest.raises(CheckpointError, match=r"^not enough free space on .*: need \d.* free$"):
+        run_convert(ConvertRequest(ckpt.path))
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_nan_weights_are_refused(tmp_path):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2", prefix="diffusion_model.")
+    tensors = dict(ckpt.tensors)
+    tensors["diffusion_model.single_blocks.1.linear2.weight"][3, 4] = float("nan")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(ckpt.path))
+    with pytest.raises(ConvertError) as e:
+        run_convert(ConvertRequest(ckpt.path))
+    assert str(e.value) == (
+        "m.safetensors: tensor 'diffusion_model.single_blocks.1.linear2.weight' has NaN or Inf values "
+        "(the file is corrupt); download or export it again"
+    )
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("bad", ["truncated", "pickle", "empty", "folder", "lora", "scheme"])
+def test_bad_inputs_leave_no_file(tmp_path, bad):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    source, scheme, error = ckpt.path, "tensorwise", CheckpointError
+    if bad == "truncated":
+        data = ckpt.path.read_bytes()
+        ckpt.path.write_bytes(data[: len(data) // 2])
+    elif bad == "pickle":
+        source = tmp_path / "m.ckpt"
+        torch.save({"w": torch.zeros(2)}, source)
+    elif bad == "empty":
+        source = tmp_path / "e.safetensors"
+        source.write_bytes(b"")
+    elif bad == "folder":
+        source = tmp_path / "folder"
+        source.mkdir()
+    elif bad == "lora":
+        source, error = tmp_path / "l.safetensors", UnknownModelError
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 16)}, str(source))
+    elif bad == "scheme":
+        scheme, error = "blockwise", ConvertError
+    before = snapshot(tmp_path)
+    with pytest.raises(error) as e:
+        run_convert(ConvertRequest(source, scheme=scheme))
+    assert isinstance(e.value, JobError) and "\n" not in str(e.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_default_output_of_a_transformer_folder_is_named_after_the_model(tmp_path):
+    ckpt = write_diffusers(tmp_path / "Klein-9B", "flux2")
+    expected = tmp_path / "Klein-9B-int8-rowwise.safetensors"
+    for source in (ckpt.path, ckpt.path / "transformer"):
+        with CheckpointReader(source) as reader:
+            assert default_output(detect(reader), reader, "rowwise") == expected
