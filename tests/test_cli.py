@@ -1,0 +1,173 @@
+"""`int8-studio convert / inspect / demo`: exit codes, messages, --force, and the progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.cli import ProgressBar, main
+from engine.demo import DEMO_FILE
+from engine.jobs import Progress
+from tests.tiny_checkpoints import write_single_file
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The single line a user error prints on stderr."""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    return err.removeprefix("int8-studio: error: ").rstrip("\n")
+
+
+def test_convert_writes_the_file_and_says_what_it_did(tmp_path, capsys):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "zimage")
+    code, out, err = run(capsys, "convert", ckpt.path, "--scheme", "rowwise", "--keep", "layers.0.*")
+    output = tmp_path / "m-int8-rowwise.safetensors"
+    assert (code, err) == (0, "")  # stderr is not a TTY here: no progress bar
+    assert out.startswith(f"wrote {output}: Z-Image ") and "int8 rowwise" in out
+    with safe_open(str(output), "pt") as f:
+        assert f.metadata()["int8_studio.keep"] == '["layers.0.*"]'
+        assert "layers.1.attention.qkv.weight_scale" in f.keys()  # noqa: SIM118
+        assert "layers.0.attention.qkv.weight_scale" not in f.keys()  # noqa: SIM118
+
+
+def test_convert_never_overwrites_without_force(tmp_path, capsys):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"keep me")
+    code, out, err = run(capsys, "convert", ckpt.path, "-o", target)
+    assert (code, out) == (2, "")
+    assert error_line(err) == f"output exists: {target} (use --force to overwrite)"
+    assert target.read_bytes() == b"keep me"
+    code, out, err = run(capsys, "convert", ckpt.path, "-o", target, "--force")
+    assert (code, err) == (0, "") and out.startswith(f"wrote {target}:")
+    with safe_open(str(target), "pt") as f:
+        assert f.metadata()["int8_studio.architecture"] == "flux2"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: write_single_file(d / "q.safetensors", "flux2", fmt="int8_tensorwise").path,
+         "q.safetensors is already INT8 (int8_tensorwise); convert the original bf16/fp8 checkpoint instead"),
+        (lambda d: d / "nothing.safetensors", "{d}/nothing.safetensors does not exist"),
+    ],
+)  # fmt: skip
+def test_convert_user_errors_exit_2_with_one_line(tmp_path, capsys, make, message):
+    source = make(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run(capsys, "convert", source)
+    assert (code, out) == (2, "")
+    assert error_line(err) == message.format(d=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "m.safetensors"), "--scheme", "blockwise"])
+    assert e.value.code == 2
+    assert "invalid choice: 'blockwise'" in capsys.readouterr().err
+
+
+def test_inspect_text_and_json(tmp_path, capsys):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "chroma", prefix="model.diffusion_model.")
+    run(capsys, "convert", ckpt.path)
+    output = tmp_path / "m-int8-tensorwise.safetensors"
+    code, out, err = run(capsys, "inspect", output)
+    assert (code, err) == (0, "")
+    assert "model        Chroma " in out and "single-file layout" in out
+    assert "_quantization_metadata lists" in out and "agrees" in out
+    assert "int8_studio.source_name = m.safetensors" in out
+    code, out, err = run(capsys, "inspect", output, "--json")
+    info = json.loads(out)
+    assert (info["architecture"], info["layout"], info["marker_mismatches"]) == ("chroma", "single-file", [])
+    n = info["metadata_layers"]
+    assert n > 0 and info["quantized_layers"] == {"int8_tensorwise": n}
+    assert info["markers"] == {'{"format": "int8_tensorwise"}': n}
+    assert info["dtypes"]["I8"]["tensors"] == n
+
+
+def test_inspect_describes_a_file_that_is_no_model(tmp_path, capsys):
+    path = tmp_path / "vae.safetensors"
+    save_file({"decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(path))
+    code, out, err = run(capsys, "inspect", path)
+    assert (code, err) == (0, "")
+    assert "model        none recognised: not a supported diffusion model: it looks like a VAE" in out
+    assert "dtypes       F32 1 (1.2 KB)" in out
+
+
+def test_inspect_of_a_broken_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    code, out, err = run(capsys, "inspect", path)
+    assert (code, out) == (2, "")
+    assert error_line(err).startswith(f"{path} ")
+
+
+def test_demo_builds_converts_and_inspects_once(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--folder", tmp_path)
+    assert (code, err) == (0, "")
+    model = tmp_path / DEMO_FILE
+    assert out.startswith(f"demo model: {model} (")
+    assert "int8 tensorwise" in out and "model        Flux.2 " in out
+    built = model.stat().st_mtime_ns
+    code, out2, _ = run(capsys, "demo", "--folder", tmp_path)
+    assert code == 0 and model.stat().st_mtime_ns == built  # reused, not rebuilt
+    assert out2.splitlines()[0] == out.splitlines()[0]
+
+
+def test_internal_errors_exit_1(tmp_path):
+    """A bug (not a JobError) is not dressed up as a user error: Python's traceback and status 1."""
+    script = (
+        "import sys, engine.convert as c\n"
+        "def boom(*a, **k): raise RuntimeError('bug')\n"
+        "c.detect = boom\n"
+        "from engine.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    done = subprocess.run(
+        [sys.executable, "-c", script, "convert", str(ckpt.path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1 and "RuntimeError: bug" in done.stderr
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    started = time.monotonic() - 10
+    reports = [Progress("converting", done, 100, f"t{done}", started) for done in (0, 50, 100)]
+    pipe = io.StringIO()
+    with ProgressBar(pipe) as bar:
+        for p in reports:
+            bar(p)
+    assert pipe.getvalue() == ""
+    terminal = Terminal()
+    with ProgressBar(terminal, interval=0) as bar:
+        for p in reports:
+            bar(p)
+        bar(Progress("verifying", 1, 1))
+    lines = terminal.getvalue().split("\n")
+    assert len(lines) == 3 and lines[-1] == ""  # one line per stage, each finished
+    draws = lines[0].split("\r")[1:]
+    assert "converting [" in draws[0] and "0%" in draws[0] and "ETA" not in draws[0]
+    assert re.search(r" 50%  ETA 0:1[0-2]  t50", draws[1])  # 10 s for half: about 10 s left
+    assert "100%" in draws[2] and "ETA" not in draws[2]
+    assert lines[1].startswith("\rverifying [") and "100%" in lines[1]
