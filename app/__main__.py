@@ -1,4 +1,4 @@
-"""`int8-studio` with no arguments, `int8-studio app [FILE] [--demo]` or `python -m app`: the desktop app."""
+"""The desktop app: `int8-studio` with no arguments, `int8-studio app [FILE] [--demo]`, `python -m app`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from PySide6.QtWidgets import QApplication
 
-from engine import __version__
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="int8-studio app", description="Open the INT8 Studio window."
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("file", nargs="?", type=Path, help="a model or LoRA to open")
     parser.add_argument(
         "--demo", action="store_true", help="open on the built-in demo model (built on first use)"
@@ -23,22 +16,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    app = QApplication.instance() or QApplication(sys.argv[:1])
-    app.setOrganizationName("INT8 Studio")
-    app.setApplicationName("INT8 Studio")
-    app.setApplicationVersion(__version__)
+    parser = argparse.ArgumentParser(
+        prog="int8-studio app", description="Open the INT8 Studio window."
+    )
+    return run(add_arguments(parser).parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    from PySide6.QtWidgets import QApplication
 
     from app.settings import Settings
     from app.ui import theme
     from app.ui.main_window import MainWindow
+    from engine import __version__
 
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setOrganizationName("INT8 Studio")
+    app.setApplicationName("INT8 Studio")
+    app.setApplicationVersion(__version__)
     app.setWindowIcon(theme.icon("logo", "#000000"))
     window = MainWindow(Settings())
     window.show()
     if args.file:
         window.open_path(None, args.file)
     elif args.demo:
+        window.show_page("convert")
         window.pages["convert"].use_demo()
     return app.exec()
 

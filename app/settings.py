@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QByteArray, QSettings, QStandardPaths
+from PySide6.QtCore import QByteArray, QSettings
+
+from engine import demo
 
 RECENT_LIMIT = 10
 
@@ -61,11 +63,8 @@ class Settings:
         self.last_folder = str(path.parent)
 
     def cache_dir(self) -> Path:
-        """Where downloads and the demo model go: the chosen folder, else the platform's cache."""
-        if self.cache_folder:
-            return Path(self.cache_folder)
-        location = QStandardPaths.StandardLocation.GenericCacheLocation
-        return Path(QStandardPaths.writableLocation(location)) / "int8-studio"
+        """Where downloads and the demo model go: the chosen folder, else the engine's cache folder."""
+        return Path(self.cache_folder) if self.cache_folder else demo.cache_dir()
 
     @property
     def geometry(self) -> QByteArray | None:

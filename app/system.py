@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from engine.checkpoint import format_bytes
+
 CPU_ONLY = "CPU only: INT8 speed-up needs an NVIDIA GPU"
 
 
@@ -32,7 +34,7 @@ class Gpu:
         return f"no INT8 tensor cores ({self.sm}): INT8 saves memory, speed-up unlikely"
 
     def summary(self) -> str:
-        return f"{self.name} · {format_gb(self.vram_bytes)} VRAM · {self.sm} · {self.verdict}"
+        return f"{self.name} · {format_bytes(self.vram_bytes)} VRAM · {self.sm} · {self.verdict}"
 
 
 def gpus() -> list[Gpu]:
@@ -48,6 +50,11 @@ def gpus() -> list[Gpu]:
     return found
 
 
+def device(gpu_index: int) -> str | None:
+    """The torch device for the chosen GPU, or None (the engine then picks: the GPU when there is one)."""
+    return f"cuda:{gpu_index}" if any(g.index == gpu_index for g in gpus()) else None
+
+
 def gpu_summary(devices: list[Gpu], selected: int = 0) -> str:
     if not devices:
         return CPU_ONLY
@@ -56,8 +63,4 @@ def gpu_summary(devices: list[Gpu], selected: int = 0) -> str:
 
 def ram_summary() -> str:
     memory = psutil.virtual_memory()
-    return f"RAM {format_gb(memory.available)} free of {format_gb(memory.total)}"
-
-
-def format_gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB"
+    return f"RAM {format_bytes(memory.available)} free of {format_bytes(memory.total)}"

@@ -177,6 +177,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("app", help="open the desktop app (what int8-studio does with no arguments)")
+def _app_command(p: argparse.ArgumentParser) -> None:
+    from app.__main__ import add_arguments, run  # the app package imports Qt only when it runs
+
+    add_arguments(p).set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:

@@ -1,15 +1,346 @@
-"""Convert page."""
+"""Convert page: a checkpoint in, an INT8 file ComfyUI loads out, with one button."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from PySide6.QtCore import QUrl
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QRadioButton,
+    QVBoxLayout,
+)
+
+from app import system
 from app.settings import Settings
-from app.ui.widgets import Notice, Page
+from app.ui import dialogs, theme
+from app.ui.jobpanel import JobPanel
+from app.ui.widgets import (
+    Card,
+    DropZone,
+    Facts,
+    Notice,
+    Page,
+    PathField,
+    form,
+    muted,
+    primary_button,
+)
+from app.workers import Job
+from engine.checkpoint import format_bytes
+from engine.convert import ConvertRequest, ConvertResult, run_convert
+from engine.demo import build_demo_model
+from engine.info import CheckpointInfo, inspect_checkpoint
+
+SCHEMES = {
+    "rowwise": (
+        "Row-wise (recommended)",
+        (
+            "One scale for each output row of a weight. Rows with large values no longer squeeze the "
+            "others, so the result stays closer to the original. Costs a few KB per layer."
+        ),
+    ),
+    "tensorwise": (
+        "Tensor-wise",
+        (
+            "One scale for a whole weight: the simplest INT8 format. A few large rows make the rounding "
+            "coarser for every other row, so quality can drop a little more."
+        ),
+    ),
+}
+SCHEME_NAMES = {"rowwise": "row-wise", "tensorwise": "tensor-wise"}
+FIRST_BLOCKS = {
+    "flux2": ("double_blocks.0.*", "single_blocks.0.*"),
+    "flux1": ("double_blocks.0.*", "single_blocks.0.*"),
+    "chroma": ("double_blocks.0.*", "single_blocks.0.*"),
+    "zimage": ("layers.0.*",),
+    "qwen_image": ("transformer_blocks.0.*",),
+}
+KEEP_HELP = (
+    "Layers kept in high precision stay in the source's bf16/fp16. The recommended set keeps the "
+    "embedders, the final layer and the modulation layers: they are small, sensitive to rounding, and "
+    "no faster in int8. Keeping more layers means a bigger file and a smaller speed-up."
+)
 
 
 class ConvertPage(Page):
     key, title, icon_name = "convert", "Convert", "convert"
-    subtitle = "From a bf16 or fp8 checkpoint to an INT8 file ComfyUI loads: one click."
+    subtitle = "From a bf16 or fp8 checkpoint to an INT8 file that ComfyUI loads as it is."
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.add(Notice("Coming next."), stretch=True)
+        self.info: CheckpointInfo | None = None
+        self._inspecting: Job | None = None
+
+        self.demo_offer = Notice(
+            "No model yet? Try the built-in demo: a small model with the real Flux.2 layout that "
+            "converts, benchmarks and merges in seconds on any computer."
+        )
+        self.demo_button = QPushButton("Use the demo model")
+        theme.bind_icon(self.demo_button, "sparkle", "accent")
+        self.demo_button.clicked.connect(self.use_demo)
+        self.demo_offer.actions.addWidget(self.demo_button)
+        self.demo_offer.setVisible(not settings.recent_files)
+        self.demo_panel = JobPanel()
+
+        source = Card("Source", icon_name="file")
+        self.drop_zone = DropZone(
+            "Drop a .safetensors file or a diffusers folder anywhere on this card"
+        )
+        self.drop_zone.dropped.connect(self.open_path)
+        self.source = PathField("open", "Drop a checkpoint here, or browse")
+        self.source.setAccessibleName("Source checkpoint")
+        self.source.setToolTip("bf16, fp16, fp32 or fp8 checkpoints; diffusers folders work too.")
+        self.source.set_history(settings.recent_files)
+        self.source.start_dir = settings.last_folder
+        self.source.changed.connect(self._inspect)
+        self.drop_zone.layout().addWidget(self.source)
+        self.facts = Facts()
+        self.source_problem = Notice("", "warning")
+        self.source_problem.hide()
+        source.body.addWidget(self.drop_zone)
+        source.body.addWidget(self.facts)
+        source.body.addWidget(self.source_problem)
+
+        options = Card("INT8 options", icon_name="settings")
+        fields = form()
+        schemes = QVBoxLayout()
+        schemes.setSpacing(2)
+        self.scheme_group = QButtonGroup(self)
+        for index, (scheme, (label, tip)) in enumerate(SCHEMES.items()):
+            button = QRadioButton(label)
+            button.setProperty("scheme", scheme)
+            button.setToolTip(tip)
+            button.setAccessibleDescription(tip)
+            button.setChecked(index == 0)
+            self.scheme_group.addButton(button)
+            schemes.addWidget(button)
+            hint = muted(tip)
+            hint.setContentsMargins(26, 0, 0, 6)
+            schemes.addWidget(hint)
+        self.scheme_group.buttonToggled.connect(lambda *_: self._suggest_output())
+        fields.addRow("Scales", schemes)
+
+        self.keep_preset = QComboBox()
+        self.keep_preset.setAccessibleName("Layers kept in high precision")
+        self.keep_preset.setToolTip(KEEP_HELP)
+        self.keep_preset.addItem("Recommended for this model", "recommended")
+        self.keep_preset.addItem("Safer: also keep the first block of each stack", "first-blocks")
+        self.keep_preset.addItem("Custom patterns", "custom")
+        self.keep_preset.currentIndexChanged.connect(self._on_preset)
+        self.keep_patterns = QLineEdit()
+        self.keep_patterns.setPlaceholderText("e.g. double_blocks.0.*  single_blocks.23.*")
+        self.keep_patterns.setAccessibleName("Custom patterns of layers to keep")
+        self.keep_patterns.setToolTip(
+            "Layer names to keep in high precision, separated by spaces; * matches anything. "
+            "Names are the ComfyUI ones, without the diffusion_model. prefix."
+        )
+        self.keep_patterns.hide()
+        fields.addRow("Keep high precision", self.keep_preset)
+        fields.addRow("", self.keep_patterns)
+        self.cast_float32 = QCheckBox("Store float32 leftovers as bf16")
+        self.cast_float32.setToolTip(
+            "Some checkpoints keep norms and biases in float32. bf16 halves their size; ComfyUI "
+            "computes in bf16 anyway, so nothing visible changes."
+        )
+        fields.addRow("", self.cast_float32)
+        options.body.addLayout(fields)
+
+        output = Card("Output", icon_name="export")
+        self.output = PathField("save", "")
+        self.output.setAccessibleName("Output file")
+        self.output.setToolTip(
+            "Leave empty to save next to the source. Written to a temporary file first, then "
+            "renamed: never half a file."
+        )
+        self._suggest_output()
+        self.overwrite = QCheckBox("Replace the output if it already exists")
+        self.overwrite.setToolTip(
+            "Off: an existing file is never touched and you are told instead."
+        )
+        actions = QHBoxLayout()
+        actions.addWidget(self.overwrite)
+        actions.addStretch(1)
+        self.convert_button = primary_button("Convert to INT8", "convert")
+        self.convert_button.setEnabled(False)
+        self.convert_button.setToolTip("Pick a source checkpoint first.")
+        self.convert_button.clicked.connect(self.convert)
+        actions.addWidget(self.convert_button)
+        self.panel = JobPanel()
+        output.body.addWidget(self.output)
+        output.body.addLayout(actions)
+        output.body.addWidget(self.panel)
+
+        self.result_card = Card("Result", icon_name="check")
+        self.result_notice = Notice("", "success")
+        self.result_facts = Facts()
+        buttons = QHBoxLayout()
+        self.show_folder = QPushButton("Show in folder")
+        theme.bind_icon(self.show_folder, "folder")
+        self.to_export = QPushButton("Export to ComfyUI")
+        theme.bind_icon(self.to_export, "export")
+        self.to_benchmark = QPushButton("Benchmark it")
+        theme.bind_icon(self.to_benchmark, "benchmark")
+        self.to_lora = QPushButton("Merge LoRAs into it")
+        theme.bind_icon(self.to_lora, "lora")
+        for button in (self.show_folder, self.to_export, self.to_benchmark, self.to_lora):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        self.show_folder.clicked.connect(self._show_folder)
+        self.to_export.clicked.connect(lambda: self.send.emit("export", self.result.output))
+        self.to_benchmark.clicked.connect(lambda: self.send.emit("benchmark", self.result.output))
+        self.to_lora.clicked.connect(lambda: self.send.emit("lora", self.result.output))
+        self.result_card.body.addWidget(self.result_notice)
+        self.result_card.body.addWidget(self.result_facts)
+        self.result_card.body.addLayout(buttons)
+        self.result_card.hide()
+        self.result: ConvertResult | None = None
+
+        self.add(
+            self.demo_offer,
+            self.demo_panel,
+            source,
+            options,
+            output,
+            self.result_card,
+            stretch=True,
+        )
+
+    # --- source ----------------------------------------------------------------------------------
+
+    def open_path(self, path: Path) -> bool:
+        self.source.set_path(path)
+        return True
+
+    def use_demo(self) -> None:
+        """Build the built-in demo model (once) and take it as the source."""
+        job = Job("Preparing the demo model", build_demo_model, self.settings.cache_dir() / "demo")
+        job.succeeded.connect(lambda path: self.open_path(Path(path)))
+        self.demo_panel.run(job)
+
+    def _inspect(self, path: Path | None) -> None:
+        self.info = None
+        self.facts.show_facts([])
+        self.source_problem.hide()
+        self._update_ready()
+        if path is None:
+            return
+        self.demo_offer.hide()
+        self._inspecting = job = Job.call("Reading the checkpoint", inspect_checkpoint, path)
+        job.succeeded.connect(lambda info: self._on_inspected(job, info))
+        job.failed.connect(lambda error: self._on_inspect_failed(job, str(error)))
+        job.crashed.connect(lambda summary, _: self._on_inspect_failed(job, summary))
+        dialogs.report_errors(job, self)
+        job.start()
+
+    def _on_inspected(self, job: Job, info: CheckpointInfo) -> None:
+        if job is not self._inspecting:
+            return  # the user picked another file meanwhile
+        self.info = info
+        facts = [
+            ("Model", info.model or "not recognised"),
+            ("Layout", info.layout or "—"),
+            ("Weights", info.weight_format or "—"),
+            (
+                "Size",
+                f"{format_bytes(info.size)} in {len(info.files)} file(s), {info.tensors} tensors",
+            ),
+        ]
+        self.facts.show_facts(facts)
+        if info.problem:
+            self._show_problem(info.problem)
+        elif info.weight_format and info.weight_format.startswith("int8"):
+            self._show_problem(
+                "This file is already INT8. Convert the original bf16 or fp8 checkpoint instead, or "
+                "send this one to Export or LoRA."
+            )
+        else:
+            self.settings.add_recent(info.path)
+            self.source.set_history(self.settings.recent_files)
+        self._update_ready()
+
+    def _on_inspect_failed(self, job: Job, message: str) -> None:
+        if job is self._inspecting:
+            self._show_problem(message)
+
+    def _show_problem(self, message: str) -> None:
+        self.source_problem.set(message, "warning")
+        self.source_problem.show()
+
+    # --- options ---------------------------------------------------------------------------------
+
+    def scheme(self) -> str:
+        return self.scheme_group.checkedButton().property("scheme")
+
+    def keep(self) -> tuple[str, ...]:
+        preset = self.keep_preset.currentData()
+        if preset == "first-blocks" and self.info and self.info.architecture:
+            return FIRST_BLOCKS.get(self.info.architecture, ())
+        if preset == "custom":
+            return tuple(self.keep_patterns.text().replace(",", " ").split())
+        return ()
+
+    def _on_preset(self) -> None:
+        self.keep_patterns.setVisible(self.keep_preset.currentData() == "custom")
+
+    def _suggest_output(self) -> None:
+        self.output.combo.lineEdit().setPlaceholderText(
+            f"Automatic: next to the source, as …-int8-{self.scheme()}.safetensors"
+        )
+
+    def _update_ready(self) -> None:
+        ready = bool(self.info and self.info.model and not self.source_problem.isVisible())
+        self.convert_button.setEnabled(ready and not self.panel.running)
+        self.convert_button.setToolTip(
+            "Convert with the options above."
+            if ready
+            else "Pick a supported source checkpoint first."
+        )
+
+    # --- convert ---------------------------------------------------------------------------------
+
+    def request(self) -> ConvertRequest:
+        return ConvertRequest(
+            source=self.source.path(),
+            output=self.output.path(),
+            scheme=self.scheme(),
+            keep=self.keep(),
+            cast_float32_to_bf16=self.cast_float32.isChecked(),
+            overwrite=self.overwrite.isChecked(),
+            device=system.device(self.settings.gpu_index),
+        )
+
+    def convert(self) -> Job:
+        self.result_card.hide()
+        job = Job("Converting", run_convert, self.request())
+        job.succeeded.connect(self._on_converted)
+        job.finished.connect(self._update_ready)
+        self.convert_button.setEnabled(False)
+        return self.panel.run(job)
+
+    def _on_converted(self, result: ConvertResult) -> None:
+        self.result = result
+        ratio = result.bytes_out / result.bytes_in if result.bytes_in else 0
+        scheme = SCHEME_NAMES[result.scheme]
+        self.result_notice.set(f"Saved {result.model} as INT8 with {scheme} scales.", "success")
+        sizes = f"{format_bytes(result.bytes_in)} → {format_bytes(result.bytes_out)} ({ratio:.0%})"
+        facts = [
+            ("File", str(result.output)),
+            ("Size", sizes),
+            ("Layers in INT8", str(result.quantized)),
+            ("Kept in high precision", f"{result.kept} tensors"),
+        ]
+        if result.left_out:
+            facts.append(("Left out", f"{result.left_out} tensors outside the diffusion model"))
+        self.result_facts.show_facts(facts)
+        self.result_card.show()
+        self.settings.output_folder = str(result.output.parent)
+
+    def _show_folder(self) -> None:
+        QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.result.output.parent)))

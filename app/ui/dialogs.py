@@ -12,6 +12,8 @@ from collections.abc import Callable
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox, QWidget
 
+from app.workers import Job
+
 
 def _box(parent: QWidget, name: str, icon: QMessageBox.Icon, title: str, text: str) -> QMessageBox:
     box = QMessageBox(icon, title, text, QMessageBox.StandardButton.NoButton, parent)
@@ -19,6 +21,14 @@ def _box(parent: QWidget, name: str, icon: QMessageBox.Icon, title: str, text: s
     box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
     box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     return box
+
+
+def report_errors(job: Job, parent: QWidget) -> None:
+    """Show ``job``'s JobError as a readable dialog and a crash as a bug report, over ``parent``."""
+    job.failed.connect(lambda error: show_error(parent.window(), f"{job.title} failed", str(error)))
+    job.crashed.connect(
+        lambda summary, details: show_bug(parent.window(), f"{job.title} stopped", summary, details)
+    )
 
 
 def show_error(parent: QWidget, title: str, message: str) -> QMessageBox:

@@ -8,7 +8,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QV
 
 from app.ui import dialogs, theme
 from app.workers import Job, format_duration
-from engine.jobs import JobError, Progress
+from engine.jobs import Progress
 
 
 class JobPanel(QWidget):
@@ -56,8 +56,11 @@ class JobPanel(QWidget):
         self.job = job
         self._started = time.monotonic()
         job.progress.connect(self._on_progress)
-        job.failed.connect(self._on_failed)
-        job.crashed.connect(self._on_crashed)
+        job.failed.connect(lambda error: self._end(f"Failed: {error}"))
+        job.crashed.connect(
+            lambda summary, _: self._end(f"Stopped by an internal error: {summary}")
+        )
+        dialogs.report_errors(job, self)
         job.cancelled.connect(lambda: self._end("Cancelled: nothing was written."))
         job.succeeded.connect(
             lambda _: self._end(f"Done in {format_duration(time.monotonic() - self._started)}.")
@@ -85,14 +88,6 @@ class JobPanel(QWidget):
         self.stage.setToolTip(self.stage.text())
         eta = report.eta_seconds
         self.eta.setText(f"{format_duration(eta)} left" if eta is not None else "")
-
-    def _on_failed(self, error: JobError) -> None:
-        self._end(f"Failed: {error}")
-        dialogs.show_error(self.window(), f"{self.job.title} failed", str(error))
-
-    def _on_crashed(self, summary: str, details: str) -> None:
-        self._end(f"Stopped by an internal error: {summary}")
-        dialogs.show_bug(self.window(), f"{self.job.title} stopped", summary, details)
 
     def _end(self, outcome: str) -> None:
         self.stage.setText(outcome)

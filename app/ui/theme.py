@@ -73,9 +73,13 @@ def apply_theme(app: QApplication, choice: str = "system") -> dict[str, str]:
     """Style the whole application for ``choice`` ("system", "light" or "dark"); returns the tokens."""
     global _current
     _current = tokens = tokens_for(choice)
-    app.setStyle("Fusion")
+    sheet = stylesheet(tokens)
+    if app.styleSheet() == sheet:
+        return tokens  # restyling repolishes every widget of every window: only when it changed
+    if app.style().name() != "fusion":
+        app.setStyle("Fusion")
     app.setPalette(_palette(tokens))
-    app.setStyleSheet(stylesheet(tokens))
+    app.setStyleSheet(sheet)
     alive = [entry for entry in _bound if _alive(entry[0]())]
     _bound[:] = alive
     for ref, name, token, size in alive:

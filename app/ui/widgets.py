@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDropEvent
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -85,6 +86,7 @@ class Card(QFrame):
     def __init__(self, title: str, hint: str = "", icon_name: str = "") -> None:
         super().__init__()
         self.setObjectName("card")
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(20, 16, 20, 18)
         layout.setSpacing(10)
@@ -113,7 +115,7 @@ class Card(QFrame):
 class Notice(QFrame):
     """A tinted one-paragraph message inside a page: info, warning or success."""
 
-    ICONS = {
+    ICONS: ClassVar[dict[str, tuple[str, str]]] = {
         "info": ("info", "accent"),
         "warning": ("warning", "warning"),
         "success": ("check", "success"),
@@ -261,6 +263,41 @@ class PathField(QWidget):
         paths = dropped_paths(event)
         if paths:
             self.set_path(paths[0])
+            event.acceptProposedAction()
+
+
+class DropZone(QFrame):
+    """A dashed frame that takes dropped files and folders and lights up while one is dragged over."""
+
+    dropped = Signal(object)  # Path
+
+    def __init__(self, hint: str) -> None:
+        super().__init__()
+        self.setObjectName("dropZone")
+        self.setAcceptDrops(True)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(16, 14, 16, 16)
+        layout.setSpacing(10)
+        layout.addWidget(muted(hint))
+
+    def _hover(self, on: bool) -> None:
+        self.setProperty("hover", on)
+        self.style().unpolish(self)
+        self.style().polish(self)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if dropped_paths(event):
+            self._hover(True)
+            event.acceptProposedAction()
+
+    def dragLeaveEvent(self, event: QDragLeaveEvent) -> None:
+        self._hover(False)
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        self._hover(False)
+        paths = dropped_paths(event)
+        if paths:
+            self.dropped.emit(paths[0])
             event.acceptProposedAction()
 
 

@@ -58,6 +58,11 @@ class Job(QObject):
         self._ended.connect(self._on_ended, Qt.ConnectionType.QueuedConnection)
 
     @classmethod
+    def call(cls, title: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
+        """A function that takes neither progress nor cancel (a header read, a folder scan)."""
+        return cls(title, lambda progress, cancel: fn(*args, **kwargs))
+
+    @classmethod
     def active(cls) -> list[Job]:
         """Jobs started and not yet finished (the window asks before closing over them)."""
         return list(cls._active)

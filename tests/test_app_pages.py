@@ -1,0 +1,231 @@
+"""The desktop app driven like a user would, on the offscreen platform, through real engine jobs on the
+built-in demo model (no mocked engine)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QMessageBox
+
+from app.settings import Settings
+from app.ui.main_window import MainWindow
+from app.workers import Job
+from engine.checkpoint import CheckpointReader
+from engine.convert import run_convert
+from engine.demo import DEMO_FILE, build_demo_model
+from engine.info import inspect_checkpoint
+from engine.jobs import JobError
+
+WAIT = 30_000  # ms; generous for 2-core CI machines
+
+
+@pytest.fixture(scope="session")
+def demo_master(tmp_path_factory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture
+def demo(demo_master, tmp_path) -> Path:
+    """The demo model alone in a fresh folder (a hard link: the engine never writes to its input)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    os.link(demo_master, folder / DEMO_FILE)
+    return folder / DEMO_FILE
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    settings = Settings(tmp_path / "settings.ini")
+    settings.cache_folder = str(tmp_path / "cache")
+    return settings
+
+
+@pytest.fixture
+def window(qtbot, settings):
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    yield window
+    for job in Job.active():
+        job.cancel()
+    qtbot.waitUntil(lambda: not Job.active(), timeout=WAIT)
+
+
+def message_box(qtbot, window, name: str) -> QMessageBox:
+    qtbot.waitUntil(lambda: window.findChild(QMessageBox, name) is not None, timeout=WAIT)
+    return window.findChild(QMessageBox, name)
+
+
+def pick_source(qtbot, page, path: Path) -> None:
+    page.open_path(path)
+    qtbot.waitUntil(lambda: page.info is not None or page.source_problem.isVisible(), timeout=WAIT)
+
+
+# --- Convert ---------------------------------------------------------------------------------------
+
+
+def test_convert_the_demo_model(qtbot, window, demo):
+    page = window.pages["convert"]
+    window.show_page("convert")
+    pick_source(qtbot, page, demo)
+    assert page.info.model.startswith("Flux.2")
+    assert "bf16" in page.facts.text()
+    scheme = random.choice(["rowwise", "tensorwise"])
+    next(b for b in page.scheme_group.buttons() if b.property("scheme") == scheme).click()
+    assert page.convert_button.isEnabled()
+
+    qtbot.mouseClick(page.convert_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
+
+    output = demo.with_name(f"{demo.stem}-int8-{scheme}.safetensors")
+    assert page.result.output == output
+    info = inspect_checkpoint(output)
+    assert info.weight_format == f"int8_{scheme}"
+    assert str(output) in page.result_facts.text()
+    assert page.panel.stage.text().startswith("Done in")
+    assert str(demo) in window.settings.recent_files
+
+
+def test_keep_presets_reach_the_engine(qtbot, window, demo):
+    page = window.pages["convert"]
+    pick_source(qtbot, page, demo)
+    page.keep_preset.setCurrentIndex(page.keep_preset.findData("first-blocks"))
+    assert page.request().keep == ("double_blocks.0.*", "single_blocks.0.*")
+    page.keep_preset.setCurrentIndex(page.keep_preset.findData("custom"))
+    assert page.keep_patterns.isVisible()
+    page.keep_patterns.setText("double_blocks.1.*, single_blocks.3.*")
+    assert page.request().keep == ("double_blocks.1.*", "single_blocks.3.*")
+
+    page.convert()
+    qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
+    with CheckpointReader(page.result.output) as reader:
+        dtypes = {name: t.dtype for name, t in reader.tensors.items() if name.endswith(".weight")}
+    kept = [n for n in dtypes if n.startswith(("double_blocks.1.", "single_blocks.3."))]
+    assert kept and all(dtypes[n] != "I8" for n in kept)
+    assert any(d == "I8" for n, d in dtypes.items() if n.startswith("double_blocks.0."))
+
+
+def test_cancel_mid_conversion_leaves_nothing_behind(qtbot, window, demo):
+    page = window.pages["convert"]
+    pick_source(qtbot, page, demo)
+    job = page.convert()
+    qtbot.waitUntil(
+        lambda: job.last_progress is not None and job.last_progress.stage == "converting",
+        timeout=WAIT,
+    )
+    with qtbot.waitSignal(job.cancelled, timeout=WAIT):
+        qtbot.mouseClick(page.panel.cancel_button, Qt.MouseButton.LeftButton)
+    assert sorted(p.name for p in demo.parent.iterdir()) == [DEMO_FILE]
+    assert page.panel.stage.text() == "Cancelled: nothing was written."
+    assert not page.result_card.isVisible()
+    assert page.convert_button.isEnabled()
+
+
+def test_unreadable_file_shows_the_engines_message(qtbot, window, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(random.randbytes(random.randint(1, 4000)))
+    with pytest.raises(JobError) as expected:
+        inspect_checkpoint(bad)
+    page = window.pages["convert"]
+    page.open_path(bad)
+    box = message_box(qtbot, window, "jobError")
+    assert box.text() == str(expected.value)
+    assert box.windowTitle() == "Reading the checkpoint failed"
+    assert page.source_problem.isVisible() and not page.convert_button.isEnabled()
+    box.button(QMessageBox.StandardButton.Ok).click()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "settings.ini"]
+
+
+def test_existing_output_is_refused_in_a_dialog(qtbot, window, demo):
+    output = demo.with_name("taken.safetensors")
+    original = random.randbytes(100)
+    output.write_bytes(original)
+    page = window.pages["convert"]
+    pick_source(qtbot, page, demo)
+    page.output.set_path(output)
+    with pytest.raises(JobError) as expected:
+        run_convert(page.request())
+    page.convert()
+    box = message_box(qtbot, window, "jobError")
+    assert box.text() == str(expected.value) and str(output) in box.text()
+    assert output.read_bytes() == original
+    assert sorted(p.name for p in demo.parent.iterdir()) == sorted([DEMO_FILE, output.name])
+
+
+def test_int8_source_is_refused_before_converting(qtbot, window, demo):
+    page = window.pages["convert"]
+    pick_source(qtbot, page, demo)
+    page.convert()
+    qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
+    pick_source(qtbot, page, page.result.output)
+    qtbot.waitUntil(lambda: page.source_problem.isVisible(), timeout=WAIT)
+    assert "already INT8" in page.source_problem.label.text()
+    assert not page.convert_button.isEnabled()
+
+
+def test_first_launch_offers_the_demo_model(qtbot, window, settings):
+    page = window.pages["convert"]
+    assert page.demo_offer.isVisible()
+    qtbot.mouseClick(page.demo_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page.info is not None, timeout=WAIT)
+    assert page.source.path() == Path(settings.cache_folder) / "demo" / DEMO_FILE
+    assert not page.demo_offer.isVisible()
+    assert page.convert_button.isEnabled()
+    again = MainWindow(settings)
+    qtbot.addWidget(again)
+    assert not again.pages["convert"].demo_offer.isVisibleTo(again)
+
+
+# --- Window ----------------------------------------------------------------------------------------
+
+
+def test_closing_during_a_job_asks_then_cancels(qtbot, window, demo):
+    page = window.pages["convert"]
+    pick_source(qtbot, page, demo)
+    job = page.convert()
+    window.close()
+    box = message_box(qtbot, window, "question")
+    assert window.isVisible() and job.running
+    with qtbot.waitSignal(job.finished, timeout=WAIT):
+        next(b for b in box.buttons() if b.text() == "Cancel and quit").click()
+    qtbot.waitUntil(lambda: not window.isVisible(), timeout=WAIT)
+    assert sorted(p.name for p in demo.parent.iterdir()) == [DEMO_FILE]
+
+
+def test_keep_working_leaves_the_job_running(qtbot, window, demo):
+    page = window.pages["convert"]
+    pick_source(qtbot, page, demo)
+    job = page.convert()
+    window.close()
+    box = message_box(qtbot, window, "question")
+    next(b for b in box.buttons() if b.text() == "Keep working").click()
+    qtbot.waitSignal(job.succeeded, timeout=WAIT).wait()
+    assert window.isVisible() and page.result_card.isVisible()
+
+
+def test_shortcuts_switch_pages_and_settings_persist(qtbot, window, settings):
+    for number, key in enumerate(window.pages, start=1):
+        qtbot.keyClick(window, Qt.Key(Qt.Key.Key_0 + number), Qt.KeyboardModifier.ControlModifier)
+        assert window.current_page().key == key
+        assert settings.page == key
+    height = random.randint(620, 760)  # the offscreen screen is 800 px square: stay inside it
+    window.resize(window.width(), height)
+    window.close()
+    reopened = MainWindow(Settings(Path(settings.store.fileName())))
+    qtbot.addWidget(reopened)
+    assert reopened.current_page().key == "settings"
+    assert reopened.height() == height
+
+
+def test_status_bar_shows_hardware(window):
+    window.refresh_hardware()
+    text = window.gpu_label.text()
+    if window.gpus:
+        assert window.gpus[0].name in text and "VRAM" in text
+    else:
+        assert text == "CPU only: INT8 speed-up needs an NVIDIA GPU"
+    assert window.ram_label.text().startswith("RAM ") and " free of " in window.ram_label.text()
