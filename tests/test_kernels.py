@@ -29,8 +29,11 @@ INTERPRETER_CONFIGS = [
 def configs_for(device: str) -> list[kernels.TileConfig]:
     if device == "cpu":
         return INTERPRETER_CONFIGS
+    # the GPU: the first config of each size class, and the first TMA and persistent ones
     table = kernels.ARCH_CONFIGS[kernels.arch_of(torch.device("cuda"))]
-    return sorted({c for size in table.values() for c in size}, key=str)
+    every = [c for size in table.values() for c in size]
+    firsts = [configs[0] for configs in table.values()]
+    return firsts + [c for c in every if c.tma][:1] + [c for c in every if c.persistent][:1]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -47,6 +50,7 @@ def test_quantize_rows_matches_reference_bit_for_bit(device, dtype, shape):
     assert (err <= scale.double()[:, None] * (0.5 + 1e-5)).all()  # half a step, plus fp32 rounding
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")  # numpy in the interpreter
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantize_rows_zero_and_non_finite_rows(device):
     x = torch.randn(6, 300, dtype=torch.bfloat16)
@@ -66,7 +70,7 @@ def test_quantize_rows_zero_and_non_finite_rows(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 17])
-@pytest.mark.parametrize("n, k", [(70, 300), (40, 272)])
+@pytest.mark.parametrize("n, k", [(70, 256), (40, 272)])
 @pytest.mark.parametrize("scheme, with_bias", [("tensorwise", True), ("rowwise", False), ("rowwise", True)])
 def test_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias):
     x = torch.randn(m, k, dtype=dtype, device=device)

@@ -325,14 +325,18 @@ class GemmTuner:
             self._num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
         return self._num_sms[index]
 
+    def cached(self, device: torch.device, m: int, n: int, k: int) -> TileConfig | None:
+        """The remembered config for this shape's bucket, if any."""
+        with self._lock:
+            found = self._load().get(self._device_key(device), {}).get(f"{m_bucket(m)},{n},{k}")
+        return TileConfig(**found) if found else None
+
     def config_for(self, q, x_scale, w, w_scale, bias, out) -> TileConfig:
         M, K = q.shape
         N = w.shape[0]
-        shape_key = f"{m_bucket(M)},{N},{K}"
-        with self._lock:
-            device_table = self._load().setdefault(self._device_key(q.device), {})
-            if shape_key in device_table:
-                return TileConfig(**device_table[shape_key])
+        found = self.cached(q.device, M, N, K)
+        if found:
+            return found
         candidates = candidate_configs(arch_of(q.device), M)
         if not tma_ok(q, w):
             candidates = [c for c in candidates if not c.tma] or [TileConfig(**{**asdict(candidates[0]), "tma": False})]
@@ -340,7 +344,7 @@ class GemmTuner:
             return candidates[0]
         best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out)
         with self._lock:
-            device_table[shape_key] = asdict(best)
+            self._load().setdefault(self._device_key(q.device), {})[f"{m_bucket(M)},{N},{K}"] = asdict(best)
             self._save()
         return best
 

@@ -1,0 +1,260 @@
+"""INT8 W8A8 GEMM benchmark on the linear shapes of Flux.2 Klein 9B/4B, Chroma1-HD and Z-Image.
+
+Compares, in one run and on the same random data (median of ``triton.testing.do_bench``, L2 flushed
+before every call):
+
+* ``bf16``: ``F.linear`` (cuBLAS), the baseline every ratio is against;
+* ``int_mm``: our activation quantization + ``torch._int_mm`` (cuBLAS int8) + a separate dequantization;
+* ``fp8``: ``torch._scaled_mm`` with row-wise scales on activations already in fp8 (GEMM only);
+* ``ours``: ``int8_linear`` — activation quantization + the Triton GEMM with the fused epilogue.
+
+M = image tokens + 512 text tokens at 512², 1024² and 2048². Run on a GPU machine:
+
+    PYTHONPATH=. python3 benchmarks/gemm.py [--quick] [--sweep] [--small-m] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from engine.int8 import kernels
+from engine.int8.ops import int8_linear
+from engine.int8.quantize import quantize_weight
+
+TEXT_TOKENS = 512
+IMAGE_TOKENS = {"512²": 1024, "1024²": 4096, "2048²": 16384}
+# (N, K) = (out, in) features of the linear layers inside the repeated blocks.
+MODELS = {
+    "Klein 9B": {"qkv": (12288, 4096), "proj": (4096, 4096), "mlp.0": (24576, 4096), "mlp.2": (4096, 12288),
+                 "linear1": (36864, 4096), "linear2": (4096, 16384)},
+    "Klein 4B": {"qkv": (9216, 3072), "proj": (3072, 3072), "mlp.0": (18432, 3072), "mlp.2": (3072, 9216),
+                 "linear1": (27648, 3072), "linear2": (3072, 12288)},
+    "Chroma1-HD": {"qkv": (9216, 3072), "proj": (3072, 3072), "mlp.0": (12288, 3072), "mlp.2": (3072, 12288),
+                   "linear1": (21504, 3072), "linear2": (3072, 15360)},
+    "Z-Image": {"qkv": (11520, 3840), "out": (3840, 3840), "w1/w3": (10240, 3840), "w2": (3840, 10240)},
+}
+INT8_PEAK_TOPS = 1979  # H100 SXM dense
+
+
+def bench(fn) -> float:
+    """Median time of ``fn`` in microseconds."""
+    return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+class Problem:
+    """Random x [M, K] bf16 and a row-wise quantized weight [N, K], with the baselines' own operands."""
+
+    def __init__(self, m: int, n: int, k: int):
+        self.m, self.n, self.k = m, n, k
+        self.x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda") * (0.5 + torch.rand(n, 1, device="cuda"))
+        self.w_bf16 = w.to(torch.bfloat16)
+        q, scale = quantize_weight(w, "rowwise")
+        self.w_int8, self.w_scale = q.cuda(), scale.cuda()
+        self.w_scale_flat = self.w_scale.reshape(-1).contiguous()
+        self.q, self.x_scale = kernels.quantize_rows(self.x)
+        fp8 = torch.float8_e4m3fn
+        fmax = torch.finfo(fp8).max
+        x_amax = self.x.float().abs().amax(1, keepdim=True).clamp(min=1e-12)
+        w_amax = w.abs().amax(1, keepdim=True).clamp(min=1e-12)
+        self.x_fp8, self.x_fp8_scale = (self.x.float() * fmax / x_amax).to(fp8), x_amax / fmax
+        self.w_fp8, self.w_fp8_scale = (w * fmax / w_amax).to(fp8), (w_amax / fmax).t().contiguous()
+
+    def bf16(self):
+        return F.linear(self.x, self.w_bf16)
+
+    def int_mm(self):
+        q, x_scale = kernels.quantize_rows(self.x)
+        acc = torch._int_mm(q, self.w_int8.t())
+        return (acc.float() * x_scale[:, None] * self.w_scale_flat).to(torch.bfloat16)
+
+    def fp8(self):
+        return torch._scaled_mm(self.x_fp8, self.w_fp8.t(), scale_a=self.x_fp8_scale, scale_b=self.w_fp8_scale,
+                                out_dtype=torch.bfloat16)
+
+    def ours(self):
+        return int8_linear(self.x, self.w_int8, self.w_scale)
+
+    def quant(self):
+        return kernels.quantize_rows(self.x)
+
+    def gemm(self):
+        return kernels.scaled_mm(self.q, self.x_scale, self.w_int8, self.w_scale_flat, None, torch.bfloat16)
+
+    def tops(self, us: float) -> float:
+        return 2 * self.m * self.n * self.k / us / 1e6
+
+
+def check(p: Problem) -> float:
+    """Relative error of ours against the float product of x and the dequantized weight."""
+    ref = p.x.float() @ (p.w_int8.float() * p.w_scale).t()
+    return ((p.ours().float() - ref).norm() / ref.norm()).item()
+
+
+def run_shapes(models: dict, resolutions: dict) -> list[dict]:
+    shapes = sorted({(IMAGE_TOKENS[r] + TEXT_TOKENS, n, k) for m in models.values() for r in resolutions
+                     for n, k in m.values()})
+    timings = {}
+    for m, n, k in shapes:
+        p = Problem(m, n, k)
+        start = time.perf_counter()
+        p.ours()  # first call tunes (or reads the cache)
+        first_call = time.perf_counter() - start
+        t = {name: bench(getattr(p, name)) for name in ("bf16", "int_mm", "fp8", "ours", "quant", "gemm")}
+        t |= {"first_call_s": first_call, "rel_err": check(p), "config": kernels.TUNER.cached(p.x.device, m, n, k)}
+        timings[m, n, k] = t
+        print(f"{m:6d} {n:6d} {k:6d}  bf16 {t['bf16']:8.1f}  ours {t['ours']:8.1f} ({t['bf16'] / t['ours']:.2f}×)"
+              f"  quant {t['quant']:6.1f}  gemm {t['gemm']:8.1f} ({p.tops(t['gemm']):.0f} TOPS)  err {t['rel_err']:.4f}"
+              f"  first {first_call:.1f}s", flush=True)
+        del p
+        torch.cuda.empty_cache()
+    rows = []
+    for model, layers in models.items():
+        for res in resolutions:
+            m = IMAGE_TOKENS[res] + TEXT_TOKENS
+            for layer, (n, k) in layers.items():
+                rows.append({"model": model, "resolution": res, "layer": layer, "m": m, "n": n, "k": k,
+                             **{key: v for key, v in timings[m, n, k].items() if key != "config"},
+                             "config": str(timings[m, n, k]["config"])})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | res | layer | M×N×K | bf16 µs | int_mm+dequant | fp8 (GEMM only) | ours | quant share | ours GEMM TOPS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = lambda name: f"{r[name]:.0f} µs ({r['bf16'] / r[name]:.2f}×)"  # noqa: E731
+        tops = 2 * r["m"] * r["n"] * r["k"] / r["gemm"] / 1e6
+        lines.append(f"| {r['model']} | {r['resolution']} | {r['layer']} | {r['m']}×{r['n']}×{r['k']} | {r['bf16']:.0f} "
+                     f"| {ratio('int_mm')} | {ratio('fp8')} | **{ratio('ours')}** | {r['quant'] / r['ours']:.0%} | {tops:.0f} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| resolution | M | ours/bf16: min | geomean | max | time-weighted | fp8/bf16 geomean | int_mm/bf16 geomean |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in IMAGE_TOKENS:
+        sel = [r for r in rows if r["resolution"] == res]
+        if not sel:
+            continue
+        ratios = [r["bf16"] / r["ours"] for r in sel]
+        geo = lambda name: math.exp(sum(math.log(r["bf16"] / r[name]) for r in sel) / len(sel))  # noqa: E731
+        weighted = sum(r["bf16"] for r in sel) / sum(r["ours"] for r in sel)
+        lines.append(f"| {res} | {sel[0]['m']} | {min(ratios):.2f}× | {geo('ours'):.2f}× | {max(ratios):.2f}× | "
+                     f"{weighted:.2f}× | {geo('fp8'):.2f}× | {geo('int_mm'):.2f}× |")
+    return "\n".join(lines)
+
+
+def small_m() -> str:
+    """Few tokens (modulation-like layers, tiny batches): bf16 vs ours, eager and in a CUDA graph."""
+    lines = ["| M×N×K | bf16 µs (graph) | ours µs (graph) | ratio (graph) | bf16 µs (eager) | ours µs (eager) |",
+             "|---|---|---|---|---|---|"]
+    for m, (n, k) in itertools.product((1, 16), ((3072, 3072), (4096, 4096), (12288, 4096), (4096, 12288))):
+        p = Problem(m, n, k)
+        p.ours()
+        g = {name: do_bench_cudagraph(getattr(p, name), rep=50, return_mode="median") * 1e3 for name in ("bf16", "ours")}
+        e = {name: bench(getattr(p, name)) for name in ("bf16", "ours")}
+        lines.append(f"| {m}×{n}×{k} | {g['bf16']:.1f} | {g['ours']:.1f} | {g['bf16'] / g['ours']:.2f}× | "
+                     f"{e['bf16']:.1f} | {e['ours']:.1f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+SWEEP_SHAPES = [(4608, 4096, 4096), (4608, 12288, 4096), (4608, 4096, 12288), (1536, 3072, 3072)]
+
+
+def sweep_configs() -> list[kernels.TileConfig]:
+    configs = []
+    for (bm, bn, bk, warps), stages, (tma, persistent) in itertools.product(
+        [(128, 256, 128, 8), (256, 128, 128, 8), (128, 128, 128, 8), (128, 128, 128, 4), (128, 256, 64, 8)],
+        (3, 4, 5), ((False, False), (True, False), (True, True)),
+    ):
+        config = kernels.TileConfig(bm, bn, bk, warps, stages, tma=tma, persistent=persistent)
+        if config.smem_bytes() <= 200 * 1024 and (tma or stages < 5):
+            configs.append(config)
+    return configs
+
+
+def sweep() -> str:
+    """Every tile config on a few shapes, to choose the per-architecture candidate lists."""
+    lines = []
+    configs = sweep_configs()
+    for m, n, k in SWEEP_SHAPES:
+        p = Problem(m, n, k)
+        bf16 = bench(p.bf16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        results = []
+        for c in configs:
+            try:
+                us = bench(lambda: kernels.launch_scaled_mm(c, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, out,
+                                                            kernels.TUNER.num_sms(out.device)))
+                results.append((us, c))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
+                print(f"  {c}: {type(e).__name__}: {str(e)[:100]}")
+        results.sort(key=lambda r: r[0])
+        lines.append(f"{m}×{n}×{k}: bf16 {bf16:.0f} µs ({p.tops(bf16):.0f} TFLOPS)")
+        for us, c in results[:8]:
+            lines.append(f"  {us:7.1f} µs {p.tops(us):5.0f} TOPS {bf16 / us:.2f}×  {c}")
+        print("\n".join(lines[-9:]), flush=True)
+    for m, k in ((4608, 4096), (4608, 12288), (16896, 4096)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(m, k, device="cuda", dtype=torch.int8)
+        s = torch.empty(m, device="cuda")
+        floor_us = m * k * 3 / 3.0e12 * 1e6
+        for bm, bk, warps in ((1, 1024, 4), (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 512, 8)):
+            us = bench(lambda: kernels._quantize_rows_kernel[(triton.cdiv(m, bm),)](
+                x, q, s, m, k, x.stride(0), q.stride(0), BLOCK_M=bm, BLOCK_K=bk, EVEN_K=k % bk == 0,
+                num_warps=warps, enable_fp_fusion=False))
+            lines.append(f"quant {m}×{k} BLOCK_M={bm} BLOCK_K={bk} warps={warps}: {us:.1f} µs (3 B/elem at 3 TB/s: {floor_us:.1f})")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def versions() -> str:
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        driver = "?"
+    return (f"{torch.cuda.get_device_name()} (driver {driver}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"Triton {triton.__version__}, Python {platform.python_version()}, {datetime.date.today()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1024² only, Klein 9B and Z-Image")
+    parser.add_argument("--sweep", action="store_true", help="time every tile config on a few shapes first")
+    parser.add_argument("--small-m", action="store_true", help="also time M = 1 and 16")
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for gemm.md and gemm.json")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = [versions()]
+    print(report[0], flush=True)
+    if args.sweep:
+        report.append(sweep())
+    models = {k: MODELS[k] for k in ("Klein 9B", "Z-Image")} if args.quick else MODELS
+    resolutions = {"1024²": IMAGE_TOKENS["1024²"]} if args.quick else IMAGE_TOKENS
+    rows = run_shapes(models, resolutions)
+    (args.out / "gemm.json").write_text(json.dumps(rows, indent=1))
+    if args.small_m:
+        report.append(small_m())
+    report += [table(rows), summary(rows)]
+    (args.out / "gemm.md").write_text("\n\n".join(report) + "\n")
+    print("\n\n".join(report[-1:]))
+
+
+if __name__ == "__main__":
+    main()
