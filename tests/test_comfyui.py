@@ -1,0 +1,597 @@
+"""ComfyUI installs, extra_model_paths.yaml and export, on fake but realistic install trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.checkpoint import CheckpointError
+from engine.comfyui import (
+    ComfyUIError,
+    ExportError,
+    ExportRequest,
+    Places,
+    find_installs,
+    load_install,
+    open_install,
+    read_extra_model_paths,
+    run_export,
+)
+from engine.jobs import Cancelled, CancelToken
+from engine.lora.files import LoraError
+from engine.models import UnknownModelError
+from tests.tiny_checkpoints import write_single_file
+
+# --- fake installs ------------------------------------------------------------------------------
+
+
+def make_checkout(folder: Path, models: tuple[str, ...] = ("unet", "diffusion_models", "loras")) -> Path:
+    """A ComfyUI folder as git leaves it, with a few model folders."""
+    (folder / "comfy").mkdir(parents=True)
+    (folder / "comfy" / "model_management.py").write_text("")
+    (folder / "main.py").write_text("import folder_paths\n")
+    (folder / "folder_paths.py").write_text("supported_pt_extensions = set()\n")
+    for name in models:
+        (folder / "models" / name).mkdir(parents=True)
+    return folder
+
+
+def make_portable(parent: Path) -> Path:
+    top = parent / "ComfyUI_windows_portable"
+    (top / "python_embeded").mkdir(parents=True)
+    (top / "run_nvidia_gpu.bat").write_text(".\\python_embeded\\python.exe -s ComfyUI\\main.py\n")
+    return make_checkout(top / "ComfyUI")
+
+
+def make_desktop(home: Path, places: Places) -> Path:
+    """ComfyUI Desktop: models under the base path, config.json and the YAML in the user-data folder."""
+    base = home / "Documents" / "ComfyUI"
+    for name in ("models/diffusion_models", "models/loras", "user", "input", "output", "custom_nodes"):
+        (base / name).mkdir(parents=True)
+    user_data = places.roaming / "ComfyUI"
+    user_data.mkdir(parents=True)
+    (user_data / "config.json").write_text(json.dumps({"installState": "installed", "basePath": str(base)}))
+    (user_data / "extra_models_config.yaml").write_text(
+        f"comfyui_desktop:\n  is_default: true\n  base_path: {base}\n"
+        "  diffusion_models: models/diffusion_models/\n  loras: models/loras/\n  custom_nodes: custom_nodes/\n"
+    )
+    return base
+
+
+def make_stability_matrix(home: Path, places: Places) -> tuple[Path, Path]:
+    library = home / "StabilityMatrix"
+    package = make_checkout(library / "Packages" / "ComfyUI")
+    for name in ("DiffusionModels", "Lora", "LyCORIS"):
+        (library / "Models" / name).mkdir(parents=True)
+    (package / "extra_model_paths.yaml").write_text(
+        f"stability_matrix:\n  base_path: {library / 'Models'}\n  diffusion_models: DiffusionModels\n"
+        "  loras: |\n    Lora\n    LyCORIS\n"
+    )
+    (places.roaming / "StabilityMatrix").mkdir(parents=True)
+    (places.roaming / "StabilityMatrix" / "library.json").write_text(json.dumps({"LibraryPath": str(library)}))
+    return package, library / "Models"
+
+
+def make_comfy_cli(home: Path, places: Places) -> Path:
+    workspace = make_checkout(home / "work" / "comfy-ws")
+    (places.local / "comfy-cli").mkdir(parents=True)
+    (places.local / "comfy-cli" / "config.ini").write_text(f"[DEFAULT]\ndefault_workspace = {workspace}\n")
+    return workspace
+
+
+def kinds(install, kind: str) -> list[Path]:
+    return [f.path for f in install.folders[kind]]
+
+
+# --- finding installs ---------------------------------------------------------------------------
+
+
+def test_finds_every_flavour_on_linux(tmp_path):
+    home = tmp_path / "home"
+    places = Places(home, "linux", {})
+    checkout = make_checkout(home / "ComfyUI")
+    desktop = make_desktop(home, places)
+    package, sm_models = make_stability_matrix(home, places)
+    workspace = make_comfy_cli(home, places)
+    make_checkout(home / "Downloads" / "not-comfy" / "x")  # somewhere we do not look
+
+    installs = find_installs(places=places)
+
+    assert {(i.flavour, i.root) for i in installs} == {
+        ("git checkout", checkout),
+        ("ComfyUI Desktop", desktop),
+        ("Stability Matrix", package),
+        ("comfy-cli", workspace),
+    }
+    by_flavour = {i.flavour: i for i in installs}
+    assert by_flavour["ComfyUI Desktop"].export_folder() == desktop / "models" / "diffusion_models"
+    assert by_flavour["ComfyUI Desktop"].config_files == (places.roaming / "ComfyUI" / "extra_models_config.yaml",)
+    sm = by_flavour["Stability Matrix"]
+    assert kinds(sm, "loras") == [
+        package / "models" / "loras", sm_models / "Lora", sm_models / "LyCORIS", package / "output" / "loras"
+    ]
+    assert sm.export_folder() == package / "models" / "diffusion_models"
+
+
+def test_finds_portable_and_desktop_on_windows(tmp_path):
+    home = tmp_path / "Users" / "ada"
+    places = Places(home, "win32", {"APPDATA": str(home / "AppData" / "Roaming")})
+    portable = make_portable(home / "Desktop")
+    desktop = make_desktop(home, places)
+
+    installs = find_installs(places=places)
+
+    assert [(i.flavour, i.root) for i in installs] == [("ComfyUI Desktop", desktop), ("Windows portable", portable)]
+    assert installs[1].export_folder("loras") == portable / "models" / "loras"
+
+
+def test_nothing_found_in_an_empty_home(tmp_path):
+    assert find_installs(places=Places(tmp_path, "darwin", {})) == []
+
+
+def test_broken_app_configs_are_skipped(tmp_path):
+    places = Places(tmp_path, "linux", {})
+    (places.roaming / "ComfyUI").mkdir(parents=True)
+    (places.roaming / "ComfyUI" / "config.json").write_text("{not json")
+    (places.roaming / "StabilityMatrix").mkdir(parents=True)
+    (places.roaming / "StabilityMatrix" / "library.json").write_text(json.dumps({"LibraryPath": 3}))
+    (places.local / "comfy-cli").mkdir(parents=True)
+    (places.local / "comfy-cli" / "config.ini").write_text("no section header\n")
+    assert find_installs(places=places) == []
+
+
+def test_given_paths(tmp_path):
+    places = Places(tmp_path / "home", "linux", {})
+    checkout = make_checkout(tmp_path / "src" / "ComfyUI")
+    portable = make_portable(tmp_path / "apps")
+    desktop = make_desktop(places.home, places)
+
+    assert open_install(checkout).flavour == "git checkout"
+    assert open_install(portable.parent).root == portable  # the top folder of the portable build
+    assert open_install(portable).flavour == "Windows portable"
+    # Desktop's base path has no main.py; known from Desktop's config, it comes with Desktop's YAML
+    given = find_installs([desktop], places)
+    assert (given[0].flavour, given[0].root) == ("ComfyUI Desktop", desktop)
+    assert given[0].export_folder() == desktop / "models" / "diffusion_models"
+    assert given[0].folders["diffusion_models"][0].is_default
+    # unknown to discovery, a folder with models/ is taken as it is
+    (tmp_path / "plain" / "models").mkdir(parents=True)
+    assert open_install(tmp_path / "plain").flavour == "ComfyUI folder"
+
+
+def test_given_path_that_is_not_comfyui(tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(ComfyUIError) as e:
+        find_installs([tmp_path / "photos"], Places(tmp_path, "linux", {}))
+    assert str(e.value) == (
+        f"{tmp_path / 'photos'} is not a ComfyUI folder: it has no main.py, folder_paths.py and comfy/, and no "
+        "models/ folder; give the folder that holds main.py (or ComfyUI Desktop's base path)"
+    )
+    with pytest.raises(ComfyUIError, match=r"missing is not a folder; give the ComfyUI folder \(the one with main.py\)"):
+        open_install(tmp_path / "missing")
+
+
+# --- extra_model_paths.yaml ---------------------------------------------------------------------
+
+
+def test_yaml_every_feature(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MODEL_DRIVE", str(tmp_path / "drive"))
+    yaml_dir = tmp_path / "ComfyUI"
+    yaml_dir.mkdir()
+    config = yaml_dir / "extra_model_paths.yaml"
+    config.write_text(
+        """
+a111:
+    base_path: ~/stable-diffusion-webui/
+    checkpoints: models/Stable-diffusion
+    loras: |
+         models/Lora
+         models/LyCORIS
+
+    unet: models/unet
+shared:
+    base_path: $MODEL_DRIVE/models
+    is_default: true
+    diffusion_models: diffusion_models
+    ipadapter: ipadapter/sdxl
+relative:
+    base_path: ../shared-models
+    clip: clip
+no_base:
+    loras: here/loras
+    vae: /abs/vae
+empty:
+"""
+    )
+    folders = read_extra_model_paths(config)
+    webui, drive = home / "stable-diffusion-webui", tmp_path / "drive" / "models"
+    assert [(f.kind, f.path, f.is_default, f.origin) for f in folders] == [
+        ("checkpoints", webui / "models/Stable-diffusion", False, "extra_model_paths.yaml [a111]"),
+        ("loras", webui / "models/Lora", False, "extra_model_paths.yaml [a111]"),
+        ("loras", webui / "models/LyCORIS", False, "extra_model_paths.yaml [a111]"),
+        ("diffusion_models", webui / "models/unet", False, "extra_model_paths.yaml [a111]"),
+        ("diffusion_models", drive / "diffusion_models", True, "extra_model_paths.yaml [shared]"),
+        ("ipadapter", drive / "ipadapter/sdxl", True, "extra_model_paths.yaml [shared]"),
+        ("text_encoders", tmp_path / "shared-models" / "clip", False, "extra_model_paths.yaml [relative]"),
+        ("loras", yaml_dir / "here" / "loras", False, "extra_model_paths.yaml [no_base]"),
+        ("vae", Path("/abs/vae"), False, "extra_model_paths.yaml [no_base]"),
+    ]
+
+
+def test_search_order_and_export_target(tmp_path):
+    root = make_checkout(tmp_path / "ComfyUI")
+    plain = load_install(root, "git checkout")
+    # models/unet is searched first, but new files go to models/diffusion_models
+    assert kinds(plain, "diffusion_models") == [
+        root / "models/unet", root / "models/diffusion_models", root / "output/diffusion_models"
+    ]
+    assert plain.export_folder() == root / "models" / "diffusion_models"
+    assert plain.export_folder("loras") == root / "models" / "loras"
+
+    (root / "extra_model_paths.yaml").write_text(
+        f"first:\n  diffusion_models: {tmp_path / 'a'}\n"
+        f"second:\n  is_default: true\n  diffusion_models: {root / 'models' / 'diffusion_models'}\n"
+        f"third:\n  is_default: true\n  unet: {tmp_path / 'b'}\n  loras: {tmp_path / 'l'}\n"
+    )
+    install = load_install(root, "git checkout", [root / "extra_model_paths.yaml"])
+    # each is_default path goes to the front (a known one moves there), the others to the back;
+    # ComfyUI adds output/ after the YAML files
+    assert kinds(install, "diffusion_models") == [
+        tmp_path / "b", root / "models/diffusion_models", root / "models/unet",
+        tmp_path / "a", root / "output/diffusion_models",
+    ]  # fmt: skip
+    assert install.export_folder() == tmp_path / "b"
+    assert install.export_folder("loras") == tmp_path / "l"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("comfyui:\n  base_path: /x\n   loras: y\n", "is not valid YAML (line 3: mapping values are not allowed here)"),
+        ("comfyui: [\n", "is not valid YAML (line 2: expected the node content, but found '<stream end>')"),
+        ("- a\n- b\n", "must map section names to folder settings, not be a list"),
+        ("comfyui: models\n", ": section 'comfyui' must map folder kinds to paths, not be 'models'"),
+        ("comfyui:\n  loras: [a, b]\n", ": 'loras' in section 'comfyui' must be a path, or several with '|' "
+         "one per line; found ['a', 'b']"),  # fmt: skip
+    ],
+)
+def test_malformed_yaml(tmp_path, text, problem):
+    root = make_checkout(tmp_path / "ComfyUI")
+    config = root / "extra_model_paths.yaml"
+    config.write_text(text)
+    with pytest.raises(ComfyUIError) as e:
+        read_extra_model_paths(config)
+    assert str(e.value).startswith(f"{config}{'' if problem.startswith(':') else ' '}{problem}")
+    # the install is still found, with the problem; choosing where to export is refused
+    install = open_install(root)
+    assert install.problems == (str(e.value),)
+    assert kinds(install, "loras")[0] == root / "models" / "loras"
+    with pytest.raises(ComfyUIError, match="extra_model_paths.yaml"):
+        install.export_folder()
+
+
+def test_yaml_not_utf8(tmp_path):
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_bytes("comfyui:\n  loras: Modèles\n".encode("latin-1"))
+    with pytest.raises(ComfyUIError, match=r"extra_model_paths.yaml is not UTF-8 text; save it as UTF-8$"):
+        read_extra_model_paths(config)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def comfy(tmp_path) -> Path:
+    return make_checkout(tmp_path / "ComfyUI")
+
+
+@pytest.fixture(scope="module")
+def int8_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    return write_single_file(folder / "klein-int8-rowwise.safetensors", "flux2", fmt="int8_rowwise").path
+
+
+@pytest.fixture
+def int8_model(tmp_path, int8_file) -> Path:
+    """A fresh copy of a tiny int8 Flux.2 file, in its own folder."""
+    (tmp_path / "work").mkdir()
+    return Path(shutil.copy(int8_file, tmp_path / "work"))
+
+
+def folder_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_export_links_on_the_same_filesystem(comfy, int8_model):
+    target = comfy / "models" / "diffusion_models"
+    reports = []
+    result = run_export(ExportRequest(int8_model, target), progress=reports.append)
+    assert result.path == target / int8_model.name
+    assert result.linked and not result.already_there
+    assert result.path.stat().st_ino == int8_model.stat().st_ino
+    assert result.size == int8_model.stat().st_size
+    assert result.description.startswith("Flux.2 ") and "int8_rowwise" in result.description
+    assert folder_files(target) == [int8_model.name]
+    assert reports[-1].done == reports[-1].total == result.size
+    # exporting it again finds it already there
+    again = run_export(ExportRequest(result.path, target))
+    assert again.already_there and again.path == result.path
+
+
+def test_export_copies_when_asked(comfy, int8_model):
+    target = comfy / "models" / "diffusion_models"
+    reports = []
+    result = run_export(ExportRequest(int8_model, target, name="mine.safetensors", link=False), reports.append)
+    assert not result.linked
+    assert result.path.read_bytes() == int8_model.read_bytes()
+    assert result.path.stat().st_ino != int8_model.stat().st_ino
+    assert folder_files(target) == ["mine.safetensors"]
+    assert reports[-1].done == result.size and reports[-1].stage == "export"
+
+
+def test_export_creates_a_missing_models_folder(tmp_path, int8_model):
+    root = make_checkout(tmp_path / "Old", models=("unet",))
+    result = run_export(ExportRequest(int8_model, open_install(root).export_folder()))
+    assert result.path == root / "models" / "diffusion_models" / int8_model.name
+
+
+def test_export_folder_without_parent(tmp_path, int8_model):
+    folder = tmp_path / "gone" / "models"
+    with pytest.raises(ExportError) as e:
+        run_export(ExportRequest(int8_model, folder))
+    assert str(e.value) == f"{folder} does not exist, nor does {folder.parent}; check the install or choose another folder"
+
+
+def test_export_never_overwrites_without_asking(comfy, int8_model):
+    target = comfy / "models" / "diffusion_models"
+    existing = target / int8_model.name
+    users = os.urandom(1000)
+    existing.write_bytes(users)
+    with pytest.raises(ExportError) as e:
+        run_export(ExportRequest(int8_model, target, link=False))
+    assert str(e.value) == f"{existing} already exists; choose another name, or replace it (--overwrite)"
+    assert existing.read_bytes() == users
+    assert folder_files(target) == [int8_model.name]
+
+    result = run_export(ExportRequest(int8_model, target, overwrite=True, link=False))
+    assert result.path.read_bytes() == int8_model.read_bytes()
+    assert folder_files(target) == [int8_model.name]
+
+
+def test_export_checks_free_space_first(comfy, int8_model, monkeypatch):
+    target = comfy / "models" / "diffusion_models"
+    size = int8_model.stat().st_size
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real(path)
+        return usage._replace(free=100_000_000 + size - 1)
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    with pytest.raises(ExportError) as e:
+        run_export(ExportRequest(int8_model, target, link=False))
+    assert str(e.value) == (
+        f"not enough space in {target}: the file needs {size / 1000:.1f} KB and "
+        f"{(100_000_000 + size - 1) / 1e6:.1f} MB is free (keeping 100.0 MB spare); "
+        "free up space or choose another folder"
+    )
+    assert folder_files(target) == []
+    # a hard link takes no space
+    assert run_export(ExportRequest(int8_model, target)).linked
+
+
+@contextmanager
+def file_size_limit(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG, as on a full disk (instead of SIGXFSZ killing us)."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_export_write_failure_leaves_nothing(comfy, int8_model):
+    target = comfy / "models" / "diffusion_models"
+    with file_size_limit(int8_model.stat().st_size // 2), pytest.raises(ExportError) as e:
+        run_export(ExportRequest(int8_model, target, link=False))
+    assert str(e.value) == f"cannot write {target / int8_model.name}: File too large"
+    assert folder_files(target) == []
+
+
+def test_export_cancel_leaves_nothing(comfy, int8_model):
+    target = comfy / "models" / "diffusion_models"
+    cancel = CancelToken()
+    cancel.cancel()
+    with pytest.raises(Cancelled):
+        run_export(ExportRequest(int8_model, target, link=False), cancel=cancel)
+    assert folder_files(target) == []
+
+
+@contextmanager
+def unprivileged():
+    """Root ignores file permissions: drop to user 'nobody' for the block when running as root."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+@pytest.mark.parametrize("link", [True, False])
+def test_export_into_a_read_only_folder(int8_model, link):
+    # outside tmp_path: pytest's temporary folders are closed to other users, and 'nobody' must get in
+    with tempfile.TemporaryDirectory() as top:
+        top = Path(top)
+        top.chmod(0o755)
+        source = top / int8_model.name
+        shutil.copy(int8_model, source)
+        source.chmod(0o644)
+        target = make_checkout(top / "ComfyUI") / "models" / "diffusion_models"
+        target.chmod(0o555)
+        with unprivileged(), pytest.raises(ExportError) as e:
+            run_export(ExportRequest(source, target, link=link))
+        assert str(e.value) == f"cannot write to {target}: permission denied; choose another folder or fix its permissions"
+        assert folder_files(target) == []
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def marker(entry: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(entry).encode()), dtype=torch.uint8)
+
+
+def broken(tensors: dict[str, torch.Tensor], problem: str):
+    """(tensors, metadata, expected message) of one broken int8 invariant in a tiny Flux.2 file."""
+    layer = next(n.removesuffix(".weight") for n, t in tensors.items() if t.dtype == torch.int8)
+    rows = tensors[f"{layer}.weight"].shape[0]
+    listed = {n.removesuffix(".comfy_quant"): {"format": "int8_tensorwise"} for n in tensors if "comfy_quant" in n}
+    if problem == "scale dtype":
+        tensors[f"{layer}.weight_scale"] = tensors[f"{layer}.weight_scale"].bfloat16()
+        shape = list(tensors[f"{layer}.weight_scale"].shape)
+        message = f"'{layer}.weight_scale' is BF16 {shape}; ComfyUI needs F32 of shape [], [1], [{rows}] or [{rows}, 1]"
+    elif problem == "scale shape":
+        tensors[f"{layer}.weight_scale"] = torch.rand(2, dtype=torch.float32)
+        message = f"'{layer}.weight_scale' is F32 [2]; ComfyUI needs F32 of shape [], [1], [{rows}] or [{rows}, 1]"
+    elif problem == "no marker":
+        del tensors[f"{layer}.comfy_quant"]
+        del listed[layer]
+        message = (
+            f"int8 layer '{layer}' has neither a comfy_quant marker nor a _quantization_metadata entry: "
+            "ComfyUI would not load it as int8"
+        )
+    elif problem == "disagree":
+        listed[layer] = {"format": "int8_tensorwise", "convrot": True}
+        message = (
+            f"int8 layer '{layer}': its comfy_quant marker {{'format': 'int8_tensorwise'}} disagrees with "
+            f"_quantization_metadata {{'format': 'int8_tensorwise', 'convrot': True}}"
+        )
+    elif problem == "not int8":
+        tensors[f"{layer}.comfy_quant"] = marker({"format": "float8_e4m3fn"})
+        del listed[layer]
+        message = f"int8 layer '{layer}' is marked with format 'float8_e4m3fn', not an int8 format"
+    elif problem == "bad marker":
+        tensors[f"{layer}.comfy_quant"] = torch.tensor(list(b"{format"), dtype=torch.uint8)
+        message = f"'{layer}.comfy_quant' is not the UTF-8 bytes of a JSON object"
+    elif problem == "extra listed":
+        listed["double_blocks.99.img_attn.qkv"] = {"format": "int8_tensorwise"}
+        message = "_quantization_metadata lists layer 'double_blocks.99.img_attn.qkv', which the file does not have"
+    elif problem == "bad metadata":
+        listed = ["not", "layers"]
+        message = 'the header\'s _quantization_metadata is not JSON of the form {"layers": {layer: {...}}}'
+    return tensors, {"_quantization_metadata": json.dumps({"layers": listed})}, message
+
+
+PROBLEMS = ["scale dtype", "scale shape", "no marker", "disagree", "not int8", "bad marker", "extra listed", "bad metadata"]
+
+
+@pytest.fixture(scope="module")
+def tensorwise(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The tensors of a tiny int8 tensor-wise Flux.2 file."""
+    return write_single_file(tmp_path_factory.mktemp("tw") / "m.safetensors", "flux2", fmt="int8_tensorwise").tensors
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("link", [True, False])
+def test_export_verification_failure_leaves_nothing(tmp_path, comfy, tensorwise, problem, link):
+    tensors, metadata, message = broken(dict(tensorwise), problem)
+    source = write_tensors(tmp_path / "bad.safetensors", tensors, metadata)
+    target = comfy / "models" / "diffusion_models"
+    with pytest.raises(ExportError) as e:
+        run_export(ExportRequest(source, target, link=link))
+    assert str(e.value) == message
+    assert folder_files(target) == []
+
+
+def test_a_consistent_file_with_both_markers_exports(tmp_path, comfy):
+    tiny = write_single_file(tmp_path / "ok.safetensors", "zimage", fmt="int8_tensorwise")
+    listed = {n.removesuffix(".comfy_quant"): {"format": "int8_tensorwise"} for n in tiny.tensors if "comfy_quant" in n}
+    source = write_tensors(tmp_path / "z.safetensors", tiny.tensors, {QUANT: json.dumps({"layers": listed})})
+    result = run_export(ExportRequest(source, comfy / "models" / "diffusion_models"))
+    assert result.description.endswith(f"int8_tensorwise ({len(listed)} int8 layers)")
+
+
+QUANT = "_quantization_metadata"
+
+
+def test_export_refuses_what_is_not_a_model(tmp_path, comfy):
+    target = comfy / "models" / "diffusion_models"
+    vae = write_tensors(tmp_path / "vae.safetensors", {"decoder.conv_in.weight": torch.randn(8, 4, 3, 3)})
+    with pytest.raises(UnknownModelError, match="it looks like a VAE"):
+        run_export(ExportRequest(vae, target))
+    incomplete = write_single_file(tmp_path / "i.safetensors", "flux2", fmt="int8_rowwise")
+    scale = next(n for n in incomplete.tensors if n.endswith(".weight_scale"))
+    del incomplete.tensors[scale]
+    write_tensors(incomplete.path, incomplete.tensors)
+    with pytest.raises(ExportError, match=f"int8 weight '{scale[:-6]}' has no '{scale}': the file is incomplete"):
+        run_export(ExportRequest(incomplete.path, target))
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"PK\x03\x04" + os.urandom(100))
+    with pytest.raises(CheckpointError, match="is a pickle"):
+        run_export(ExportRequest(pickle, target, name="model.safetensors"))
+    (tmp_path / "diffusers" / "transformer").mkdir(parents=True)
+    with pytest.raises(ExportError, match=r"diffusers is a folder; export a single .safetensors file"):
+        run_export(ExportRequest(tmp_path / "diffusers", target))
+    assert folder_files(target) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "vae"}, "cannot export as 'vae'; choose one of: diffusion_models, loras"),
+        ({"name": "model.ckpt"}, "'model.ckpt' is not a file name ending in .safetensors; choose another name"),
+        ({"name": "../up.safetensors"}, "'../up.safetensors' is not a file name ending in .safetensors; choose another name"),
+    ],
+)
+def test_export_bad_requests(comfy, int8_model, kwargs, message):
+    with pytest.raises(ExportError) as e:
+        run_export(ExportRequest(int8_model, comfy / "models" / "diffusion_models", **kwargs))
+    assert str(e.value) == message
+
+
+def tiny_lora(path: Path, rank: int = 4) -> Path:
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    return write_tensors(
+        path,
+        {
+            f"{stem}.lora_down.weight": torch.randn(rank, 64, dtype=torch.bfloat16),
+            f"{stem}.lora_up.weight": torch.randn(192, rank, dtype=torch.bfloat16),
+            f"{stem}.alpha": torch.tensor(float(rank)),
+        },
+    )
+
+
+def test_export_lora(tmp_path, comfy, int8_model):
+    lora = tiny_lora(tmp_path / "style.safetensors")
+    target = open_install(comfy).export_folder("loras")
+    result = run_export(ExportRequest(lora, target, kind="loras"))
+    assert result.path == comfy / "models" / "loras" / "style.safetensors"
+    assert result.description == "LoRA, 1 layers"
+    with pytest.raises(LoraError, match="holds no LoRA layers"):
+        run_export(ExportRequest(int8_model, target, kind="loras"))
+    assert folder_files(target) == ["style.safetensors"]
