@@ -40,8 +40,11 @@ def absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Round ``w / scale`` to the int8 grid; ``scale`` broadcasts against ``w`` (shape [] or [rows, 1])."""
-    return torch.clamp(torch.round(w.float() / scale), -QMAX, QMAX).to(torch.int8)
+    """Round ``w / scale`` to the int8 grid; ``scale`` broadcasts against ``w`` (shape [] or [rows, 1]).
+
+    One float32 copy of ``w``, then in place: a third of the memory traffic of out-of-place ops.
+    """
+    return w.to(torch.float32, copy=True).div_(scale).round_().clamp_(-QMAX, QMAX).to(torch.int8)
 
 
 def quantize_weight(
@@ -61,11 +64,11 @@ def quantize_weight(
     chunks = _row_chunks(rows, cols)
 
     row_absmax = torch.empty(rows, dtype=torch.float32)
-    for start in chunks:
-        part = w[start : start + chunks.step].to(device).float()
-        if not torch.isfinite(part).all():
-            raise ValueError("weight contains NaN or Inf values")
-        row_absmax[start : start + chunks.step] = part.abs().amax(dim=1).cpu()
+    for start in chunks:  # in w's own dtype: no float32 copy just to find the maxima
+        low, high = torch.aminmax(w[start : start + chunks.step].to(device), dim=1)
+        row_absmax[start : start + chunks.step] = torch.maximum(-low.float(), high.float()).cpu()
+    if not torch.isfinite(row_absmax).all():  # NaN propagates through aminmax
+        raise ValueError("weight contains NaN or Inf values")
 
     if scheme == "tensorwise":
         scale = absmax_scale(row_absmax.amax() if rows else torch.tensor(0.0))
