@@ -12,13 +12,16 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
 
 from app.settings import Settings
+from app.ui.lora import coverage
 from app.ui.main_window import MainWindow
 from app.workers import Job
 from engine.checkpoint import CheckpointReader
-from engine.convert import run_convert
-from engine.demo import DEMO_FILE, build_demo_model
+from engine.convert import ConvertRequest, run_convert
+from engine.demo import DEMO_CONFIG, DEMO_FILE, build_demo_model
 from engine.info import inspect_checkpoint
 from engine.jobs import JobError
+from engine.lora import LoraError, LoraSpec
+from tests.tiny_loras import write_lora
 
 WAIT = 30_000  # ms; generous for 2-core CI machines
 
@@ -26,6 +29,20 @@ WAIT = 30_000  # ms; generous for 2-core CI machines
 @pytest.fixture(scope="session")
 def demo_master(tmp_path_factory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_int8_master(demo_master, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("demo-int8") / "demo-int8.safetensors"
+    return run_convert(ConvertRequest(demo_master, output, scheme="rowwise")).output
+
+
+@pytest.fixture
+def demo_int8(demo_int8_master, tmp_path) -> Path:
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    os.link(demo_int8_master, folder / demo_int8_master.name)
+    return folder / demo_int8_master.name
 
 
 @pytest.fixture
@@ -178,6 +195,49 @@ def test_first_launch_offers_the_demo_model(qtbot, window, settings):
     again = MainWindow(settings)
     qtbot.addWidget(again)
     assert not again.pages["convert"].demo_offer.isVisibleTo(again)
+
+
+# --- LoRA ------------------------------------------------------------------------------------------
+
+
+def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_path):
+    page = window.pages["lora"]
+    formats = random.sample(["kohya", "comfyui", "diffusers", "loha"], 2)
+    loras = [
+        write_lora(tmp_path / f"{fmt}.safetensors", "flux2", fmt, config=DEMO_CONFIG).path
+        for fmt in formats
+    ]
+    page.open_path(demo_int8)
+    for lora in loras:
+        window.open_path("lora", lora)
+    qtbot.waitUntil(lambda: page.model_info is not None, timeout=WAIT)
+    qtbot.waitUntil(lambda: all("layers" in page.coverage_text(r) for r in range(2)), timeout=WAIT)
+    assert page.output.path() == demo_int8.with_name("demo-int8-lora.safetensors")
+    strengths = [round(random.uniform(-1.5, 1.5), 2) for _ in loras]
+    for row, strength in enumerate(strengths):
+        page.table.cellWidget(row, 1).setValue(strength)
+    mode = random.choice(["requant", "stochastic"])
+    next(b for b in page.modes.buttons() if b.property("mode") == mode).click()
+    assert page.request().loras == tuple(LoraSpec(p, s) for p, s in zip(loras, strengths))
+    assert page.merge_button.isEnabled()
+
+    qtbot.mouseClick(page.merge_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
+    assert page.result.output == page.output.path()
+    assert inspect_checkpoint(page.result.output).weight_format == "int8_rowwise"
+    assert page.result.tensors_changed > 0
+    assert f"Tensors changed: {page.result.tensors_changed}" in page.result_facts.text()
+
+
+def test_a_lora_for_another_model_is_flagged_in_its_row(qtbot, window, demo_int8, tmp_path):
+    page = window.pages["lora"]
+    lora = write_lora(tmp_path / "zimage.safetensors", "zimage", "kohya").path
+    with pytest.raises(LoraError) as expected:
+        coverage(demo_int8, lora)
+    page.open_path(demo_int8)
+    page.open_path(lora)
+    qtbot.waitUntil(lambda: page.coverage_text(0) == str(expected.value), timeout=WAIT)
+    assert "Z-Image" in page.coverage_text(0)
 
 
 # --- Window ----------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
@@ -16,28 +18,49 @@ from PySide6.QtWidgets import (
 )
 
 from app.settings import Settings
-from app.ui import theme
+from app.ui import dialogs, theme
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Notice, Page, PathField, muted, primary_button, table
-from app.workers import find_job
+from app.ui.widgets import Card, Facts, Notice, Page, PathField, muted, primary_button, table
+from app.workers import Job
+from engine.checkpoint import CheckpointReader
+from engine.info import CheckpointInfo, inspect_checkpoint
+from engine.lora import (
+    LoraFile,
+    LoraMergeRequest,
+    LoraMergeResult,
+    LoraSpec,
+    match_model,
+    run_lora_merge,
+)
+from engine.models import detect
 
 MERGE_MODES = {
     "requant": (
         "Re-quantize (recommended)",
-        (
-            "Adds the LoRAs to the weights in full precision, then rounds to int8 again with fresh "
-            "scales. The most accurate result; the scales change."
-        ),
+        "Adds the LoRAs to the weights in full precision, then rounds to int8 again with fresh "
+        "scales. The most accurate result; the scales change.",
     ),
     "stochastic": (
         "Keep scales (stochastic rounding)",
-        (
-            "Adds the LoRAs directly on the int8 grid at the existing scales, rounding each weight up or "
-            "down at random in proportion (seeded: the same inputs give the same file). Small LoRA "
-            "changes survive on average instead of being rounded away."
-        ),
+        "Adds the LoRAs directly on the int8 grid at the existing scales, rounding each weight up "
+        "or down at random in proportion (seeded: the same inputs give the same file). Small LoRA "
+        "changes survive on average instead of being rounded away.",
     ),
 }
+FILE, STRENGTH, COVERAGE = range(3)
+
+
+def coverage(model: Path, lora: Path) -> str:
+    """What ``lora`` changes in ``model``, in words, from their headers (no weights are read)."""
+    with CheckpointReader(model) as reader, LoraFile(lora) as file:
+        match = match_model(file, detect(reader))
+    ranks = "/".join(map(str, file.ranks)) or "—"
+    text = f"{match.format}, rank {ranks}: {match.layers} layers"
+    if match.text_encoder:
+        text += f"; {len(match.text_encoder)} text-encoder keys skipped"
+    if match.unmatched:
+        text += f"; {len(match.unmatched)} keys match no layer"
+    return text
 
 
 class LoraPage(Page):
@@ -46,32 +69,31 @@ class LoraPage(Page):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.missing = Notice(
-            "Merging LoRAs is not part of this build yet, so the Merge button stays off. You can "
-            "already build the stack; this page will merge it as soon as the LoRA engine lands.",
-            "warning",
-        )
-        self.merge_job = find_job("engine.lora", "run_lora_merge")
-        self.missing.setVisible(self.merge_job is None)
+        self.model_info: CheckpointInfo | None = None
 
-        model = Card("Model", "The INT8 model to merge into (or a bf16 model).", "file")
+        model = Card("Model", "The INT8 model to merge into (a bf16 model works too).", "file")
         self.model = PathField("open", "Drop a model here or browse")
         self.model.setAccessibleName("Model file")
+        self.model.set_history(settings.recent_files)
+        self.model.changed.connect(self._on_model)
+        self.model_facts = Facts()
         model.body.addWidget(self.model)
+        model.body.addWidget(self.model_facts)
 
         stack = Card(
             "LoRA stack",
-            "Each LoRA with its strength (1.0 = as trained, 0.5 = half, negative = opposite). "
-            "The whole stack is added up in full precision and rounded once.",
+            "Each LoRA with its strength (1.0 = as trained, 0.5 = half, negative = opposite). The "
+            "whole stack is added up in full precision and rounded once.",
             "lora",
         )
-        self.table = table(["LoRA file", "Strength"], "LoRA stack")
-        self.table.setMinimumHeight(120)
-        self.table.setMaximumHeight(200)
+        self.table = table(["LoRA file", "Strength", "Coverage"], "LoRA stack", stretch=COVERAGE)
+        self.table.setMinimumHeight(150)
         buttons = QHBoxLayout()
         add, remove = QPushButton("Add LoRA…"), QPushButton("Remove")
         theme.bind_icon(add, "add")
         theme.bind_icon(remove, "remove")
+        add.setToolTip("Add LoRA files to the stack; you can also drop them on this page.")
+        remove.setToolTip("Take the selected LoRAs out of the stack (the files stay on disk).")
         add.clicked.connect(self._choose_loras)
         remove.clicked.connect(self._remove_selected)
         buttons.addWidget(add)
@@ -89,30 +111,84 @@ class LoraPage(Page):
             button.setProperty("mode", key)
             button.setChecked(index == 0)
             self.modes.addButton(button)
+            hint = muted(tip)
+            hint.setContentsMargins(26, 0, 0, 6)
             options.body.addWidget(button)
-            options.body.addWidget(muted(tip))
+            options.body.addWidget(hint)
         self.output = PathField("save", "Where to save the merged model")
         self.output.setAccessibleName("Output file")
-        options.body.addWidget(self.output)
+        self.output.setToolTip(
+            "Written to a temporary file first, then renamed: never half a file."
+        )
+        self.output.changed.connect(lambda _: self._update_ready())
+        self.overwrite = QCheckBox("Replace the output if it already exists")
         actions = QHBoxLayout()
-        self.merge_button = primary_button("Merge and save", "lora")
-        self.merge_button.setEnabled(False)
+        actions.addWidget(self.overwrite)
         actions.addStretch(1)
+        self.merge_button = primary_button("Merge and save", "lora")
+        self.merge_button.clicked.connect(self.merge)
         actions.addWidget(self.merge_button)
-        options.body.addLayout(actions)
         self.panel = JobPanel()
+        options.body.addWidget(self.output)
+        options.body.addLayout(actions)
         options.body.addWidget(self.panel)
 
-        self.add(self.missing, model, stack, options, stretch=True)
+        self.result_card = Card("Result", icon_name="check")
+        self.result_notice = Notice("", "success")
+        self.result_facts = Facts()
+        self.to_export = QPushButton("Export to ComfyUI")
+        theme.bind_icon(self.to_export, "export")
+        self.to_export.clicked.connect(lambda: self.send.emit("export", self.result.output))
+        self.result_card.body.addWidget(self.result_notice)
+        self.result_card.body.addWidget(self.result_facts)
+        self.result_card.body.addWidget(self.to_export)
+        self.result_card.hide()
+        self.result: LoraMergeResult | None = None
+
+        self.add(model, stack, options, self.result_card, stretch=True)
+        self._update_ready()
 
     def open_path(self, path: Path) -> bool:
+        """The first file becomes the model, later ones join the stack as LoRAs."""
         if path.suffix != ".safetensors" and not path.is_dir():
             return False
-        if not self.model.path():
+        if self.model.path() is None:
             self.model.set_path(path)
         else:
             self.add_lora(path)
         return True
+
+    # --- model -----------------------------------------------------------------------------------
+
+    def _on_model(self, path: Path | None) -> None:
+        self.model_info = None
+        self.model_facts.show_facts([])
+        self._update_ready()
+        if path is None:
+            return
+        job = Job.call("Reading the model", inspect_checkpoint, path)
+        job.succeeded.connect(lambda info: self._on_model_read(path, info))
+        dialogs.report_errors(job, self)
+        job.start()
+
+    def _on_model_read(self, path: Path, info: CheckpointInfo) -> None:
+        if path != self.model.path():
+            return
+        self.model_info = info
+        self.model_facts.show_facts(
+            [
+                ("Model", info.model or f"not recognised: {info.problem}"),
+                ("Weights", info.weight_format or "—"),
+            ]
+        )
+        if self.output.path() is None and info.model:
+            stem = info.path.name.removesuffix(".safetensors")
+            self.output.set_path(info.path.parent / f"{stem}-lora.safetensors", emit=False)
+        for row in range(self.table.rowCount()):
+            self._check_coverage(row)
+        self._update_ready()
+
+    # --- stack -----------------------------------------------------------------------------------
 
     def add_lora(self, path: Path, strength: float = 1.0) -> None:
         row = self.table.rowCount()
@@ -120,26 +196,47 @@ class LoraPage(Page):
         item = QTableWidgetItem(path.name)
         item.setToolTip(str(path))
         item.setData(Qt.ItemDataRole.UserRole, str(path))
-        item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
         spin = QDoubleSpinBox()
         spin.setRange(-4.0, 4.0)
         spin.setSingleStep(0.05)
         spin.setValue(strength)
         spin.setAccessibleName(f"Strength of {path.name}")
-        self.table.setItem(row, 0, item)
-        self.table.setCellWidget(row, 1, spin)
+        spin.setToolTip("1.0 applies the LoRA as trained; 0 turns it off; negative reverses it.")
+        self.table.setItem(row, FILE, item)
+        self.table.setCellWidget(row, STRENGTH, spin)
+        self.table.setItem(row, COVERAGE, QTableWidgetItem("waiting for the model…"))
+        self._check_coverage(row)
+        self._update_ready()
 
     def stack(self) -> list[tuple[Path, float]]:
         return [
             (
-                Path(self.table.item(r, 0).data(Qt.ItemDataRole.UserRole)),
-                self.table.cellWidget(r, 1).value(),
+                Path(self.table.item(r, FILE).data(Qt.ItemDataRole.UserRole)),
+                self.table.cellWidget(r, STRENGTH).value(),
             )
             for r in range(self.table.rowCount())
         ]
 
-    def mode(self) -> str:
-        return self.modes.checkedButton().property("mode")
+    def coverage_text(self, row: int) -> str:
+        return self.table.item(row, COVERAGE).text()
+
+    def _check_coverage(self, row: int) -> None:
+        model = self.model.path()
+        if self.model_info is None or not self.model_info.model:
+            return
+        lora = Path(self.table.item(row, FILE).data(Qt.ItemDataRole.UserRole))
+        cell = self.table.item(row, COVERAGE)
+        cell.setText("checking…")
+        job = Job.call("Checking the LoRA", coverage, model, lora)
+        job.succeeded.connect(lambda text: self._show_coverage(cell, text, True))
+        job.failed.connect(lambda error: self._show_coverage(cell, str(error), False))
+        job.crashed.connect(lambda summary, _: self._show_coverage(cell, summary, False))
+        job.start()
+
+    def _show_coverage(self, cell: QTableWidgetItem, text: str, ok: bool) -> None:
+        cell.setText(text)
+        cell.setToolTip(text)
+        cell.setForeground(QBrush(QColor(theme.current()["text" if ok else "danger"])))
 
     def _choose_loras(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(
@@ -151,3 +248,60 @@ class LoraPage(Page):
     def _remove_selected(self) -> None:
         for row in sorted({i.row() for i in self.table.selectedIndexes()}, reverse=True):
             self.table.removeRow(row)
+        self._update_ready()
+
+    # --- merge -----------------------------------------------------------------------------------
+
+    def mode(self) -> str:
+        return self.modes.checkedButton().property("mode")
+
+    def request(self) -> LoraMergeRequest:
+        return LoraMergeRequest(
+            model=self.model.path(),
+            loras=tuple(LoraSpec(path, strength) for path, strength in self.stack()),
+            output=self.output.path(),
+            mode=self.mode(),
+            overwrite=self.overwrite.isChecked(),
+        )
+
+    def _update_ready(self) -> None:
+        missing = [
+            what
+            for what, ok in [
+                ("a model", self.model_info is not None and self.model_info.model),
+                ("at least one LoRA", self.table.rowCount() > 0),
+                ("an output file", self.output.path() is not None),
+            ]
+            if not ok
+        ]
+        self.merge_button.setEnabled(not missing and not self.panel.running)
+        self.merge_button.setToolTip(
+            f"Add {' and '.join(missing)} first."
+            if missing
+            else "Merge the stack and save the result."
+        )
+
+    def merge(self) -> Job:
+        self.result_card.hide()
+        job = Job("Merging LoRAs", run_lora_merge, self.request())
+        job.succeeded.connect(self._on_merged)
+        job.finished.connect(self._update_ready)
+        self.merge_button.setEnabled(False)
+        return self.panel.run(job)
+
+    def _on_merged(self, result: LoraMergeResult) -> None:
+        self.result = result
+        names = ", ".join(m.lora.name for m in result.matches)
+        self.result_notice.set(f"Merged {names} into {result.model}.", "success")
+        facts = [("File", str(result.output)), ("Tensors changed", str(result.tensors_changed))]
+        if result.stats.layers:
+            facts.append(
+                (
+                    "INT8 rounding",
+                    f"{result.stats.relative_error:.1%} of the LoRA change lost to rounding "
+                    f"over {result.stats.layers} int8 layers"
+                    + (f"; {result.stats.clipped} values clipped" if result.stats.clipped else ""),
+                )
+            )
+        self.result_facts.show_facts(facts)
+        self.result_card.show()
