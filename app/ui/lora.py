@@ -37,14 +37,18 @@ from engine.models import detect
 MERGE_MODES = {
     "requant": (
         "Re-quantize (recommended)",
-        "Adds the LoRAs to the weights in full precision, then rounds to int8 again with fresh "
-        "scales. The most accurate result; the scales change.",
+        (
+            "Adds the LoRAs to the weights in full precision, then rounds to int8 again with fresh "
+            "scales. The most accurate result; the scales change."
+        ),
     ),
     "stochastic": (
         "Keep scales (stochastic rounding)",
-        "Adds the LoRAs directly on the int8 grid at the existing scales, rounding each weight up "
-        "or down at random in proportion (seeded: the same inputs give the same file). Small LoRA "
-        "changes survive on average instead of being rounded away.",
+        (
+            "Adds the LoRAs directly on the int8 grid at the existing scales, rounding each weight "
+            "up or down at random in proportion (seeded: the same inputs give the same file). Small "
+            "LoRA changes survive on average instead of being rounded away."
+        ),
     ),
 }
 FILE, STRENGTH, COVERAGE = range(3)
