@@ -199,18 +199,18 @@ class ChromaModel(nn.Module):
         generator: torch.Generator,
         device: torch.device,
         dtype: torch.dtype,
+        text_tokens: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Inputs of one denoising step at ``resolution``² pixels (16× down: VAE 8×, then 2×2 packing)."""
+        text = text_tokens or self.text_tokens
         side = resolution // 16
         c = self.config
         return {
             "img": torch.randn(batch, side * side, int(c["in_channels"]), generator=generator).to(
                 device, dtype
             ),
-            "txt": torch.randn(batch, self.text_tokens, int(c["text_dim"]), generator=generator).to(
-                device, dtype
-            ),
+            "txt": torch.randn(batch, text, int(c["text_dim"]), generator=generator).to(device, dtype),
             "timestep": torch.full((batch,), 0.6, device=device),
             "img_ids": position_ids(1, side, side, device=device),
-            "txt_ids": torch.zeros(self.text_tokens, 3, dtype=torch.long, device=device),
+            "txt_ids": torch.zeros(text, 3, dtype=torch.long, device=device),
         }

@@ -209,20 +209,20 @@ class Flux2Model(nn.Module):
         generator: torch.Generator,
         device: torch.device,
         dtype: torch.dtype,
+        text_tokens: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Inputs of one denoising step at ``resolution``² pixels (16× down: VAE 8×, then 2×2 packing)."""
+        text = text_tokens or self.text_tokens
         side = resolution // 16
         c = self.config
         inputs = {
             "img": torch.randn(batch, side * side, int(c["in_channels"]), generator=generator).to(
                 device, dtype
             ),
-            "txt": torch.randn(batch, self.text_tokens, int(c["text_dim"]), generator=generator).to(
-                device, dtype
-            ),
+            "txt": torch.randn(batch, text, int(c["text_dim"]), generator=generator).to(device, dtype),
             "timestep": torch.full((batch,), 0.6, device=device),
             "img_ids": position_ids(1, side, side, 1, device=device),
-            "txt_ids": position_ids(1, 1, 1, self.text_tokens, device=device),
+            "txt_ids": position_ids(1, 1, 1, text, device=device),
         }
         if c["guidance"]:
             inputs["guidance"] = torch.full((batch,), 4.0, device=device)

@@ -211,7 +211,7 @@ class ZImageModel(nn.Module):
     ``t`` is Z-Image's time in [0, 1] (1 = clean image), scaled by 1000 inside.
     """
 
-    text_tokens = 256  # Z-Image runs the prompt's own length (no padding to a maximum); a long prompt
+    text_tokens = 256  # Z-Image runs prompts at their own length (no padding); 256 is a long one
     theta = 256.0
     patch = 2
 
@@ -271,16 +271,16 @@ class ZImageModel(nn.Module):
         generator: torch.Generator,
         device: torch.device,
         dtype: torch.dtype,
+        text_tokens: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Inputs of one denoising step at ``resolution``² pixels (VAE 8× down; 2×2 patches inside)."""
+        text = text_tokens or self.text_tokens
         side, c = resolution // 8, self.config
         channels = int(c["patch_in"]) // self.patch**2
         return {
             "x": torch.randn(batch, channels, side, side, generator=generator).to(device, dtype),
             "t": torch.full((batch,), 0.4, device=device),
-            "cap": torch.randn(batch, self.text_tokens, int(c["cap_dim"]), generator=generator).to(
-                device, dtype
-            ),
+            "cap": torch.randn(batch, text, int(c["cap_dim"]), generator=generator).to(device, dtype),
         }
 
 

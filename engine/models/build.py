@@ -1,0 +1,199 @@
+"""Runnable models: built on the meta device, then materialized straight on the target device.
+
+Weights come from random numbers drawn on the device (benchmarks without a download), or from a
+checkpoint through the detector's plan (any prefix, single-file or diffusers layout, fp8 dequantized,
+int8 layers loaded as :class:`Int8Linear` as they are). :func:`quantize_model` turns the eligible
+``nn.Linear`` layers of a float model into ``Int8Linear``, following the architecture's
+high-precision rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from engine.checkpoint import CheckpointReader
+from engine.int8.linear import Int8Linear
+from engine.int8.quantize import Scheme, dequantize_weight
+from engine.jobs import CancelToken, JobError
+from engine.models.detect import DetectedModel, ModelLayoutError, detect
+from engine.models.spec import REGISTRY, Architecture, Config
+
+KNOWN_MODELS: dict[str, tuple[str, str]] = {
+    "flux2-klein-4b": ("flux2", "Klein 4B"),
+    "flux2-klein-9b": ("flux2", "Klein 9B"),
+    "flux2-dev": ("flux2", "dev"),
+    "chroma1-hd": ("chroma", "Chroma1-HD"),
+    "zimage-turbo": ("zimage", "Turbo/Base"),
+    "zimage-base": ("zimage", "Turbo/Base"),
+}
+"""Names a user can give instead of a file: released configs, built with random weights."""
+
+
+class UnknownModelNameError(JobError):
+    """Neither a checkpoint file nor one of the known model names."""
+
+
+def model_names() -> dict[str, tuple[Architecture, str]]:
+    """Every name :func:`named_config` accepts: the released models, then each family's tiny configs
+    (``flux2-tiny``, …: real layouts at toy sizes, for CPU runs and tests)."""
+    names = {name: (REGISTRY[arch], variant) for name, (arch, variant) in KNOWN_MODELS.items()}
+    for arch in REGISTRY.values():
+        if arch.runnable:
+            names |= {f"{arch.name}-{variant}": (arch, variant) for variant in arch.tiny}
+    return names
+
+
+def named_config(name: str) -> tuple[Architecture, Config, str]:
+    """``(architecture, config, label)`` of a known model name such as ``flux2-klein-9b``."""
+    names = model_names()
+    if name not in names:
+        raise UnknownModelNameError(
+            f"{name!r} is neither a checkpoint file nor a known model; known models: {', '.join(names)}"
+        )
+    arch, variant = names[name]
+    config = arch.variants.get(variant) or arch.tiny[variant]
+    return arch, config, f"{arch.label} {variant}"
+
+
+def build_model(arch: Architecture, config: Config) -> nn.Module:
+    """The module of ``config`` on the meta device: no memory until its weights are assigned."""
+    with torch.device("meta"):
+        model = arch.build_module(config)
+    return model.eval().requires_grad_(False)
+
+
+def random_model(
+    arch: Architecture, config: Config, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> nn.Module:
+    """A model with random weights drawn on ``device``; the same seed gives the same weights."""
+    model = build_model(arch, config)
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        _assign(model, name, _random_tensor(name, param.shape, generator, device, dtype))
+    return model
+
+
+def _random_tensor(
+    name: str, shape: torch.Size, generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Weights that keep activations at unit scale (std 1/√in), norm scales near 1, small biases."""
+    t = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if len(shape) == 2 and name.endswith(".weight"):
+        return t.mul_(1 / math.sqrt(shape[1]))
+    if name.endswith(".bias"):
+        return t.mul_(0.02)
+    if len(shape) == 1:  # norm scales
+        return t.mul_(0.02).add_(1)
+    return t  # pad tokens
+
+
+def load_model(
+    reader: CheckpointReader,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    dequantize: bool = False,
+    cancel: CancelToken | None = None,
+) -> tuple[nn.Module, DetectedModel]:
+    """The checkpoint's model on ``device``: float tensors in ``dtype``; int8 layers as
+    ``Int8Linear`` (or, with ``dequantize``, as ``nn.Linear`` with the dequantized weight)."""
+    detected = detect(reader)
+    model = build_model(detected.arch, detected.config)
+    plan = {t.name: t for t in detected.tensors}
+    int8 = {layer for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")}
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def read(name: str) -> torch.Tensor:
+        t = plan.pop(name)
+        return t.build([reader.get(s) for s in t.sources]).to(device)
+
+    for layer in sorted(int8):
+        if cancel:
+            cancel.check()
+        weight, scale = read(f"{layer}.weight"), read(f"{layer}.weight_scale")
+        plan.pop(f"{layer}.comfy_quant", None)
+        bias = read(f"{layer}.bias").to(dtype) if f"{layer}.bias" in plan else None
+        _check_shape(detected, expected, f"{layer}.weight", weight)
+        if dequantize:
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            _set_module(model, layer, linear)
+            _assign(model, f"{layer}.weight", dequantize_weight(weight, scale, dtype))
+            if bias is not None:
+                _assign(model, f"{layer}.bias", bias)
+        else:
+            _set_module(model, layer, Int8Linear(weight, scale, bias))
+        for name in (f"{layer}.weight", f"{layer}.bias"):
+            expected.pop(name, None)
+    for name in list(plan):
+        if cancel:
+            cancel.check()
+        if name not in expected:
+            raise ModelLayoutError(
+                f"{detected.label}: tensor {detected.prefix}{name} has no place in the {detected.arch.label} "
+                "module: this variant cannot be run"
+            )
+        tensor = read(name)
+        _check_shape(detected, expected, name, tensor)
+        _assign(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        expected.pop(name)
+    _fill_missing(model, detected, expected, device, dtype)
+    return model, detected
+
+
+def _check_shape(detected: DetectedModel, expected: dict, name: str, tensor: torch.Tensor) -> None:
+    want = tuple(expected[name].shape)
+    if tuple(tensor.shape) != want:
+        raise ModelLayoutError(
+            f"{detected.label}: tensor {detected.prefix}{name} has shape {list(tensor.shape)}, "
+            f"the model expects {list(want)}: the file is inconsistent"
+        )
+
+
+def _fill_missing(
+    model: nn.Module,
+    detected: DetectedModel,
+    missing: Iterable[str],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Tensors the diffusers layout does not hold (Z-Image's unused ``norm_final``) get their
+    module's initial values; anything else missing is an incomplete file."""
+    for name in missing:
+        if detected.layout == "diffusers" and not detected.arch.diffusers_pieces(name, detected.config):
+            module_name, _, _ = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module.to_empty(device=device).to(dtype).reset_parameters()
+            continue
+        raise ModelLayoutError(
+            f"{detected.label} without tensor {detected.prefix}{name}: the file is incomplete"
+        )
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    model.get_submodule(module_name).register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def replace_linears(model: nn.Module, arch: Architecture, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace each ``nn.Linear`` whose weight the architecture allows to quantize by ``make(linear)``,
+    one at a time (the float weight is freed as its replacement is made). Returns how many."""
+    count = 0
+    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        if not arch.keeps_high_precision(f"{name}.weight", tuple(linear.weight.shape)):
+            _set_module(model, name, make(linear))
+            count += 1
+    return count
+
+
+def quantize_model(model: nn.Module, arch: Architecture, scheme: Scheme = "rowwise") -> int:
+    """Replace the eligible float linears by ``Int8Linear`` (``scheme`` weight scales, per-token int8
+    activations). Returns the number of layers quantized."""
+    return replace_linears(model, arch, lambda linear: Int8Linear.from_float(linear, scheme))
