@@ -1,0 +1,359 @@
+"""Downloads from the Hugging Face hub: choose the files, show their sizes first, then fetch them
+with progress, resume and cancel, into the hub cache or straight into a folder.
+
+Everything goes through ``huggingface_hub``: the token comes from where it keeps it (``HF_TOKEN`` or
+``hf auth login``), files land in its cache (``HF_HOME``) unless a folder is given, and interrupted
+downloads resume from their ``*.incomplete`` files. Offline (``offline=True`` or ``HF_HUB_OFFLINE=1``)
+only what is already downloaded is used.
+
+The transfer itself runs in a child process: the hub's Xet transfer path cannot be interrupted from
+a progress callback, and a user's Cancel must stop the download at once. Progress comes back through
+a queue. This module imports no torch, so that child starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import multiprocessing
+import os
+import queue
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import tqdm
+from huggingface_hub import (
+    HfApi,
+    RepoFile,
+    get_token,
+    hf_hub_download,
+    scan_cache_dir,
+    try_to_load_from_cache,
+)
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (
+    CacheNotFound,
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from engine.jobs import Cancelled, CancelToken, JobError, ProgressFn, Reporter
+
+HUB_URL = "https://huggingface.co"
+MODEL_SUFFIX = ".safetensors"
+POLL_SECONDS = 0.1
+
+
+class HubError(JobError):
+    """A download that cannot be done: unknown repo or file, no access, offline, no space."""
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    repo_id: str  # "black-forest-labs/FLUX.2-klein-9B"
+    files: tuple[str, ...] = ()  # names or shell patterns in the repo; () = the model (choose_files)
+    revision: str | None = None  # branch, tag or commit; None = main
+    folder: Path | None = None  # straight into this folder, repo paths kept; None = the hub cache
+    cache_dir: Path | None = None  # None = the hub's (HF_HUB_CACHE, under HF_HOME)
+    token: str | None = None  # None = HF_TOKEN or the token `hf auth login` saved
+    offline: bool = False  # only what is already downloaded (also when HF_HUB_OFFLINE=1)
+    endpoint: str | None = None  # a hub mirror; None = HF_ENDPOINT or huggingface.co
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str  # path in the repo, "transformer/config.json"
+    size: int  # bytes
+    present: bool  # already downloaded (in the cache, or in the folder)
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    paths: list[Path]  # local files, in plan order (inside the cache's snapshots/ or the folder)
+    downloaded: int  # bytes that had to be fetched (0 when everything was there)
+
+
+def is_offline(request: DownloadRequest) -> bool:
+    """``HF_HUB_OFFLINE`` is read by huggingface_hub once, at import; the environment may have changed."""
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return request.offline or env or hub_constants.HF_HUB_OFFLINE
+
+
+# --- which files --------------------------------------------------------------------------------
+
+
+def list_files(request: DownloadRequest) -> list[RemoteFile]:
+    """Every file of the repo at the revision, with its size: from the hub, or offline from what is
+    already downloaded (the hub cache, or the folder)."""
+    if is_offline(request):
+        return _local_files(request)
+    try:
+        api = HfApi(endpoint=request.endpoint, token=request.token)
+        entries = api.list_repo_tree(request.repo_id, revision=request.revision, recursive=True)
+        return [RemoteFile(e.path, e.size, _present(request, e.path, e.size)) for e in entries if isinstance(e, RepoFile)]
+    except Exception as e:
+        explained = _explain(e, request)
+        if explained is e:
+            raise
+        raise explained from None
+
+
+def _present(request: DownloadRequest, name: str, size: int) -> bool:
+    if request.folder is not None:
+        path = Path(request.folder) / name
+        return path.is_file() and path.stat().st_size == size
+    cached = try_to_load_from_cache(
+        request.repo_id, name, cache_dir=request.cache_dir, revision=request.revision
+    )
+    return isinstance(cached, str) and os.path.getsize(cached) == size
+
+
+def _local_files(request: DownloadRequest) -> list[RemoteFile]:
+    if request.folder is not None:
+        folder = Path(request.folder)
+        return [
+            RemoteFile(p.relative_to(folder).as_posix(), p.stat().st_size, True)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        ]
+    try:
+        repos = scan_cache_dir(request.cache_dir).repos
+    except CacheNotFound:
+        repos = frozenset()
+    revision = request.revision or "main"
+    snapshot = next(
+        (
+            r
+            for repo in repos
+            if repo.repo_id == request.repo_id and repo.repo_type == "model"
+            for r in repo.revisions
+            if revision in r.refs or r.commit_hash == revision
+        ),
+        None,
+    )
+    if snapshot is None:
+        raise HubError(
+            f"{request.repo_id} ({revision}) is not in the hub cache and downloads are off (offline mode); "
+            "connect and run again without offline mode (unset HF_HUB_OFFLINE)"
+        )
+    files = [(f.file_path.relative_to(snapshot.snapshot_path).as_posix(), f.size_on_disk) for f in snapshot.files]
+    return [RemoteFile(name, size, True) for name, size in sorted(files)]
+
+
+def choose_files(request: DownloadRequest, files: list[RemoteFile]) -> list[RemoteFile]:
+    """The files a request means. Named files and patterns select those; with none, "the model":
+    the repo's one ``.safetensors`` file at the top, else its diffusers ``transformer/`` folder."""
+    if request.files:
+        chosen = []
+        for pattern in request.files:
+            matches = [f for f in files if fnmatch.fnmatchcase(f.name, pattern) and f not in chosen]
+            if not matches and not any(fnmatch.fnmatchcase(f.name, pattern) for f in files):
+                raise HubError(f"{request.repo_id} has no file '{pattern}'; it has: {_names(files)}")
+            chosen += matches
+        return chosen
+    top = [f for f in files if "/" not in f.name and f.name.endswith(MODEL_SUFFIX)]
+    if len(top) == 1:
+        return top
+    transformer = [f for f in files if f.name.startswith("transformer/")]
+    if not top and any(f.name.endswith(MODEL_SUFFIX) for f in transformer):
+        return transformer
+    if top:
+        sizes = ", ".join(f"{f.name} ({_size(f.size)})" for f in top)
+        raise HubError(f"{request.repo_id} has {len(top)} models: {sizes}; name the one you want")
+    models = [f for f in files if f.name.endswith(MODEL_SUFFIX)]
+    raise HubError(
+        f"{request.repo_id} has no single model file or transformer/ folder"
+        + (f"; name the files you want, e.g. {_names(models)}" if models else ": it holds no .safetensors files")
+    )
+
+
+def plan_download(request: DownloadRequest) -> list[RemoteFile]:
+    """The files :func:`run_download` would fetch, with their sizes: what to show before starting."""
+    return choose_files(request, list_files(request))
+
+
+def _names(files: list[RemoteFile], count: int = 8) -> str:
+    names = [f.name for f in files[:count]]
+    return ", ".join(names) + (f" and {len(files) - count} more" if len(files) > count else "")
+
+
+def _size(n: int) -> str:
+    # not imported at the top: engine.checkpoint imports torch (see the module docstring)
+    from engine.checkpoint import format_bytes
+
+    return format_bytes(n)
+
+
+# --- download -----------------------------------------------------------------------------------
+
+
+def run_download(
+    request: DownloadRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+) -> DownloadResult:
+    cancel = cancel or CancelToken()
+    plan = plan_download(request)
+    missing = [f for f in plan if not f.present]
+    needed = sum(f.size for f in missing)
+    if missing:
+        _check_free_space(request, needed)
+    request = replace(request, offline=is_offline(request))
+    report = Reporter(progress, "download", needed)
+    report(0, f"{len(plan)} files, {_size(needed)} to fetch")
+    paths = _fetch_in_child(request, plan, report, cancel)
+    for path in paths:
+        if path.name.endswith(MODEL_SUFFIX):
+            _verify(path)
+    return DownloadResult(paths, needed)
+
+
+def _check_free_space(request: DownloadRequest, needed: int) -> None:
+    target = Path(request.folder or request.cache_dir or hub_constants.HF_HUB_CACHE)
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise HubError(
+            f"not enough space in {existing}: the download needs {_size(needed)} and {_size(free)} is free; "
+            "free up space or download into another folder"
+        )
+
+
+def _verify(path: Path) -> None:
+    from engine.checkpoint import read_header  # (see _size)
+
+    read_header(path)
+
+
+def _fetch_in_child(
+    request: DownloadRequest, plan: list[RemoteFile], report: Reporter, cancel: CancelToken
+) -> list[Path]:
+    """Run :func:`_download_files` in a child process, relaying its progress, until it is done,
+    fails, or the user cancels (then the child is stopped; partial files stay for a resume)."""
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    child = context.Process(target=_download_files, args=(messages, request, [f.name for f in plan]), daemon=True)
+    child.start()
+    sizes = [0 if f.present else f.size for f in plan]
+    finished, current, bars = 0, -1, {}
+    paths: list[Path] = []
+    try:
+        while True:
+            if cancel.cancelled:
+                raise Cancelled("download cancelled; the partial file is kept, download again to resume")
+            try:
+                message = messages.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if not child.is_alive() and messages.empty():
+                    raise HubError(f"the download stopped unexpectedly (exit code {child.exitcode}); run it again to resume") from None
+                continue
+            kind, *args = message
+            if kind == "progress":
+                index, bar, done = args
+                if index != current:
+                    current, bars = index, {}
+                bars[bar] = done  # Xet reports network and disk bytes on two bars: take the furthest
+                report(finished + min(max(bars.values()), sizes[index]), plan[index].name)
+            elif kind == "file":
+                index, path = args
+                finished += sizes[index]
+                paths.append(Path(path))
+                report(finished, plan[index].name)
+            elif kind == "error":
+                raise HubError(args[0])
+            elif kind == "crash":
+                raise RuntimeError(f"download process failed:\n{args[0]}")
+            else:
+                return paths
+    finally:
+        if child.is_alive():
+            child.terminate()
+        child.join()
+        messages.close()
+
+
+class _Forward(tqdm.tqdm):
+    """A silent progress bar that sends its position to the parent process (in the child only)."""
+
+    messages: multiprocessing.Queue
+    index = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.pop("name", None)  # huggingface_hub's own bars take a name, plain tqdm does not
+        super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+
+    def update(self, n: float | None = 1) -> bool | None:
+        displayed = super().update(n)
+        self.messages.put(("progress", self.index, id(self), self.n))
+        return displayed
+
+    def display(self, *args, **kwargs) -> None:
+        pass
+
+
+def _download_files(messages: multiprocessing.Queue, request: DownloadRequest, names: list[str]) -> None:
+    """The child process: download ``names`` one after the other, reporting through ``messages``."""
+    if sys.stdout is None or sys.stderr is None:  # a windowed app (pythonw): libraries print warnings
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    _Forward.messages = messages
+    try:
+        for index, name in enumerate(names):
+            _Forward.index = index
+            path = hf_hub_download(
+                request.repo_id,
+                name,
+                revision=request.revision,
+                cache_dir=request.cache_dir,
+                local_dir=request.folder,
+                token=request.token,
+                local_files_only=request.offline,
+                endpoint=request.endpoint,
+                tqdm_class=_Forward,
+            )
+            messages.put(("file", index, path))
+        messages.put(("done",))
+    except Exception as e:  # noqa: BLE001  (everything goes back to the parent)
+        explained = _explain(e, request, name)
+        if isinstance(explained, HubError):
+            messages.put(("error", str(explained)))
+        else:
+            import traceback
+
+            messages.put(("crash", traceback.format_exc()))
+
+
+def _explain(e: Exception, request: DownloadRequest, name: str | None = None) -> Exception:
+    """The hub's and the network's exceptions as one line a user can act on (others unchanged)."""
+    repo, url = request.repo_id, f"{request.endpoint or HUB_URL}/{request.repo_id}"
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    if isinstance(e, GatedRepoError):
+        if get_token() or request.token:
+            return HubError(f"{repo} is gated and your token has no access yet: accept its terms at {url}")
+        return HubError(f"{repo} is gated: accept its terms at {url}, then {login}")
+    if isinstance(e, RepositoryNotFoundError | HFValidationError):
+        return HubError(f"{repo} was not found on the Hugging Face hub (if it is private, {login})")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"{repo} has no branch, tag or commit '{request.revision}'")
+    if isinstance(e, LocalEntryNotFoundError | OfflineModeIsEnabled):
+        where = f"in {request.folder}" if request.folder else "in the hub cache"
+        return HubError(
+            f"{name or repo} of {repo} is not downloaded yet ({where}) and downloads are off (offline mode); "
+            "connect and run again without offline mode (unset HF_HUB_OFFLINE)"
+        )
+    if isinstance(e, EntryNotFoundError):
+        return HubError(f"{repo} has no file '{name}'")
+    if isinstance(e, HfHubHTTPError | ConnectionError | TimeoutError) or type(e).__module__.startswith("httpx"):
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return HubError(
+            f"cannot download from {request.endpoint or HUB_URL} ({first_line}); check your connection and run "
+            "again: finished files are kept and a partial one resumes"
+        )
+    if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+        return HubError(f"the disk is full while downloading {name}; free up space and run again to resume")
+    return e
