@@ -11,6 +11,7 @@ key-layout table (checked against diffusers itself in test_models).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def write_lora(
     config: Config | None = None,
     only: tuple[str, ...] = (),
 ) -> TinyLora:
-    """A LoRA in ``fmt`` on every linear layer of ``arch`` (``only``: layers whose name has one of these)."""
+    """A LoRA in ``fmt`` on every linear layer of ``arch`` (``only``: regexes, one must be found in the name)."""
     arch = architecture(arch)
     config = config or arch.tiny[variant]
     naming, prefix, kind = FORMATS[fmt]
@@ -95,7 +96,7 @@ def write_lora(
     shapes = arch.tensor_shapes(config)
     alpha = rank / 2
     for layer, shape in lora_targets(arch, config, naming).items():
-        if only and not any(o in layer for o in only):
+        if only and not any(re.search(o, layer) for o in only):
             continue
         stem = prefix + (layer.replace(".", "_") if prefix.endswith("_") else layer)
         written, delta = _factors(kind, shape, rank, alpha if fmt not in ("diffusers", "ai-toolkit") else None)
@@ -127,7 +128,8 @@ def write_lora(
     return lora
 
 
-def _bf16(*shape: int, std: float = 0.1) -> torch.Tensor:
+def _bf16(*shape: int, std: float = 0.03) -> torch.Tensor:
+    """Random factors; the default std makes deltas of a few int8 steps, as real LoRAs do."""
     return (torch.randn(shape) * std).to(torch.bfloat16)
 
 

@@ -11,11 +11,12 @@
 
 from engine.lora.files import LoraError, LoraFile, LoraLayer
 from engine.lora.job import LoraMergeRequest, LoraMergeResult, LoraSpec, run_lora_merge
-from engine.lora.mapping import LoraMatch, Patch, Segment, guess_target, match_model
+from engine.lora.mapping import Guess, LoraMatch, Patch, Segment, guess_target, match_model
 from engine.lora.merge import MODES, MergeStats, Mode
 
 __all__ = [
     "MODES",
+    "Guess",
     "LoraError",
     "LoraFile",
     "LoraLayer",

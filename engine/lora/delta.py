@@ -17,7 +17,7 @@ from engine.lora.files import LoraError, LoraFile, LoraLayer
 def _factor(lora: LoraFile, layer: LoraLayer, role: str, device: torch.device) -> torch.Tensor:
     t = lora.get(layer.keys[role]).to(device=device, dtype=torch.float32)
     if not torch.isfinite(t).all():
-        raise LoraError(f"{lora.name}: layer '{layer.stem}' has NaN or Inf values in its {role}: the file is corrupt")
+        raise LoraError(f"{lora.name}: '{layer.keys[role]}' has NaN or Inf values: the file is corrupt")
     return t.reshape(t.shape[0], -1) if t.ndim == 4 else t
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from engine.checkpoint import CheckpointReader
 from engine.jobs import JobError
+from engine.models import detect
+from engine.models.spec import natural_key
 
 Shape = tuple[int, ...]
 
@@ -47,6 +49,12 @@ SUFFIXES: dict[str, tuple[str | None, str]] = {
     "diff_b": (None, "bias"),
     **{s: ("tucker", s) for s in ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")},
 }
+SUFFIXES_BY_ROLE = {
+    ("lora", "up"): "lora_up.weight (lora_B.weight)",
+    ("lora", "down"): "lora_down.weight (lora_A.weight)",
+    **{("loha", role): f"hada_{role}" for role in ("w1_a", "w1_b", "w2_a", "w2_b")},
+    **{("lokr", w): f"lokr_{w} (or lokr_{w}_a and lokr_{w}_b)" for w in ("w1", "w2")},
+}  # for messages: the keys a layer lacks
 _SUFFIX_RE = re.compile(r"^(?P<stem>.+?)\.(?P<suffix>" + "|".join(map(re.escape, SUFFIXES)) + r")$")
 KIND_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "diff": "full diff"}
 REQUIRED = {"lora": ("up", "down"), "loha": ("w1_a", "w1_b", "w2_a", "w2_b"), "diff": ("diff",)}
@@ -101,7 +109,7 @@ class LoraFile:
             raise
         if not self.layers:
             self.reader.close()
-            raise LoraError(_not_a_lora(self.path.name, self.reader.keys()))
+            raise LoraError(_not_a_lora(self.path.name, self.reader))
 
     @property
     def name(self) -> str:
@@ -133,11 +141,15 @@ class LoraFile:
         return f"LoraFile({self.name!r}, {len(self.layers)} layers, {self.kinds})"
 
 
-def _not_a_lora(name: str, keys: list[str]) -> str:
+def _not_a_lora(name: str, reader: CheckpointReader) -> str:
+    keys = sorted(reader.keys(), key=natural_key)
     if not keys:
         return f"{name} holds no tensors: it is not a LoRA"
-    examples = ", ".join(repr(k) for k in keys[:3])
-    return f"{name} holds no LoRA layers ({len(keys)} tensors, e.g. {examples}): it is not a LoRA file"
+    try:
+        return f"{name} is a {detect(reader).label} model, not a LoRA"
+    except JobError:
+        examples = ", ".join(repr(k) for k in keys[:3])
+        return f"{name} holds no LoRA layers ({len(keys)} tensors, e.g. {examples}): it is not a LoRA file"
 
 
 def _layers(reader: CheckpointReader, file: str, peft: dict) -> tuple[dict[str, LoraLayer], tuple[str, ...]]:
@@ -170,7 +182,7 @@ def _layer(
             "no convolutions to apply them to"
         )
     if len(kinds) > 1:
-        raise fail(f"mixes {' and '.join(KIND_LABELS[k] for k in sorted(kinds))} factors")
+        raise fail(f"mixes {' and '.join(label for k, label in KIND_LABELS.items() if k in kinds)} factors")
     kind = kinds.pop() if kinds else None
     if kind is None and "bias" not in keys:
         raise fail(f"has only {', '.join(sorted(keys))} and no factors")
@@ -178,17 +190,18 @@ def _layer(
     if kind == "lokr":
         missing = [w for w in ("w1", "w2") if w not in keys and not {f"{w}_a", f"{w}_b"} <= keys.keys()]
     if missing:
-        raise fail(f"has no {', '.join(missing)}")
+        suffixes = {SUFFIXES_BY_ROLE.get((kind, role), role) for role in missing}
+        raise fail(f"has no {' and '.join(sorted(suffixes))}")
     shapes = {role: reader.tensors[key].shape for role, key in keys.items()}
     try:
         shape, rank = _shape_and_rank(kind, shapes)
     except ValueError as e:
         raise fail(str(e)) from None
+    _check_extras(shapes, shape, fail)
     alpha = _alpha(reader, file, stem, keys, peft) if kind in ("lora", "loha", "lokr") else None
     scale = 1.0
     if rank and alpha is not None:
         scale = alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
-    _check_extras(shapes, shape, fail)
     return LoraLayer(stem, kind, keys, shape, rank, scale, shapes.get("bias", ()))
 
 

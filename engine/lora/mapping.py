@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from engine.lora.files import LoraError, LoraFile, LoraLayer, Shape
 from engine.models import REGISTRY, Architecture, DetectedModel
-from engine.models.spec import Config
+from engine.models.spec import Config, natural_key
 
 # Prefix → naming family. Dotted prefixes keep the model's names; underscored ones replace dots.
 DOTTED = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
@@ -150,33 +150,47 @@ def match(lora: LoraFile, names: ModelNames) -> tuple[tuple[Patch, ...], Counter
 
 
 def match_model(lora: LoraFile, model: DetectedModel) -> LoraMatch:
-    """Map ``lora`` onto ``model``. Raises :class:`LoraError` when nothing matches or shapes differ."""
+    """Map ``lora`` onto ``model``.
+
+    Raises :class:`LoraError` when the LoRA is for another architecture (nothing matches, or what
+    matches does not fit and another architecture fits better, or most layers find nothing) or when
+    a matched layer has another shape (another variant or size).
+    """
     names = ModelNames.of(model)
     patches, naming, unmatched, text_encoder = match(lora, names)
-    if not patches:
-        raise LoraError(_nothing_matches(lora, names))
+    result = LoraMatch(lora, naming.most_common(1)[0][0] if naming else "", patches, tuple(unmatched), tuple(text_encoder))
     wrong = [p for p in patches if not fits(p, names.shapes)]
+    doubtful = not patches or wrong or len(unmatched) > result.matched_keys
+    guess = guess_target(lora) if doubtful else None
+    if not patches or (guess and guess.arch is not model.arch):
+        raise LoraError(_not_for_this_model(lora, names, guess))
     if wrong:
         p = wrong[0]
-        guess = guess_target(lora)
-        looks = f"; it looks like a {guess} LoRA" if guess else ""
         raise LoraError(
             f"{lora.name} does not fit this {model.label} model: its layer '{p.layer.stem}' changes a "
-            f"{list(patch_shape(p))} {p.part} but '{p.target}' needs {list(target_shape(p, names.shapes))}{looks}"
+            f"{list(patch_shape(p))} {p.part} but '{p.target}' needs {list(target_shape(p, names.shapes))}"
+            + (f"; it looks like a {guess} LoRA" if guess else "")
         )
-    return LoraMatch(lora, naming.most_common(1)[0][0], patches, tuple(unmatched), tuple(text_encoder))
+    return result
 
 
-def _nothing_matches(lora: LoraFile, names: ModelNames) -> str:
-    stems = list(lora.layers)
-    if all(s.startswith(TEXT_ENCODER) for s in stems):
-        return f"{lora.name} only adapts a text encoder ({len(stems)} layers), not a {names.arch.label} model"
-    guess = guess_target(lora)
-    looks = f"a {guess} LoRA" if guess else "a LoRA for none of the supported architectures"
-    return (
-        f"{lora.name} matches none of the layers of this {names.label} model: its names look like {looks} "
-        f"(e.g. '{stems[0]}')"
-    )
+def _not_for_this_model(lora: LoraFile, names: ModelNames, guess: Guess | None) -> str:
+    stems = [s for s in lora.layers if not s.startswith(TEXT_ENCODER)]
+    if not stems:
+        return f"{lora.name} only adapts a text encoder ({len(lora.layers)} layers), not a {names.arch.label} model"
+    looks = f"it looks like a {guess} LoRA" if guess else "its names match none of the supported architectures"
+    return f"{lora.name} is not for this {names.label} model: {looks} (e.g. '{min(stems, key=natural_key)}')"
+
+
+@dataclass(frozen=True)
+class Guess:
+    """The architecture a LoRA was trained for, and the variant when its shapes say which."""
+
+    arch: Architecture
+    variant: str | None
+
+    def __str__(self) -> str:
+        return f"{self.arch.label} {self.variant}" if self.variant else self.arch.label
 
 
 @functools.cache
@@ -186,18 +200,18 @@ def _variant_names(arch_name: str, variant: str) -> ModelNames:
     return ModelNames(arch, config, arch.tensor_shapes(config), f"{arch.label} {variant}")
 
 
-def guess_target(lora: LoraFile) -> str | None:
-    """The architecture (and released variant, when the shapes say which) the LoRA was trained for.
+def guess_target(lora: LoraFile) -> Guess | None:
+    """Which architecture (and variant) the LoRA was trained for; None when no name resolves anywhere.
 
-    Tries every registered architecture's released and tiny configs; the one where most layers
-    resolve and fit wins; when no shapes fit, the one where most names resolve (without variant).
+    Tries every registered architecture's released and tiny configs: the one where most layers
+    resolve and fit wins; when no shapes fit anywhere, the one where most names resolve.
     """
-    best: tuple[int, int, str] = (0, 0, "")
+    best, score = None, (0, 0)
     for arch in REGISTRY.values():
         for variant in (*arch.variants, *arch.tiny):
             names = _variant_names(arch.name, variant)
             patches = match(lora, names)[0]
             fitting = sum(fits(p, names.shapes) for p in patches)
-            label = names.label if fitting else arch.label
-            best = max(best, (fitting, len(patches), label), key=lambda b: b[:2])
-    return best[2] or None
+            if (fitting, len(patches)) > score:
+                best, score = Guess(arch, variant if fitting else None), (fitting, len(patches))
+    return best
