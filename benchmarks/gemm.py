@@ -50,8 +50,13 @@ INT8_PEAK_TOPS = 1979  # H100 SXM dense
 
 
 def bench(fn) -> float:
-    """Median time of ``fn`` in microseconds."""
+    """Median time of one call of ``fn`` in microseconds, L2 flushed before each call."""
     return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def bench_graph(fn) -> float:
+    """Median time of one call of ``fn`` replayed from a CUDA graph: GPU time, no launch gaps."""
+    return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
 
 
 class Problem:
@@ -114,9 +119,11 @@ def run_shapes(models: dict, resolutions: dict) -> list[dict]:
         p.ours()  # first call tunes (or reads the cache)
         first_call = time.perf_counter() - start
         t = {name: bench(getattr(p, name)) for name in ("bf16", "int_mm", "fp8", "ours", "quant", "gemm")}
+        t |= {f"{name}_graph": bench_graph(getattr(p, name)) for name in ("bf16", "ours")}
         t |= {"first_call_s": first_call, "rel_err": check(p), "config": kernels.TUNER.cached(p.x.device, m, n, k)}
         timings[m, n, k] = t
         print(f"{m:6d} {n:6d} {k:6d}  bf16 {t['bf16']:8.1f}  ours {t['ours']:8.1f} ({t['bf16'] / t['ours']:.2f}×)"
+              f"  graph {t['bf16_graph'] / t['ours_graph']:.2f}×"
               f"  quant {t['quant']:6.1f}  gemm {t['gemm']:8.1f} ({p.tops(t['gemm']):.0f} TOPS)  err {t['rel_err']:.4f}"
               f"  first {first_call:.1f}s", flush=True)
         del p
@@ -133,19 +140,20 @@ def run_shapes(models: dict, resolutions: dict) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | res | layer | M×N×K | bf16 µs | int_mm+dequant | fp8 (GEMM only) | ours | quant share | ours GEMM TOPS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | res | layer | M×N×K | bf16 µs | int_mm+dequant | fp8 (GEMM only) | ours | ours, CUDA graph | quant share | ours GEMM TOPS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = lambda name: f"{r[name]:.0f} µs ({r['bf16'] / r[name]:.2f}×)"  # noqa: E731
         tops = 2 * r["m"] * r["n"] * r["k"] / r["gemm"] / 1e6
         lines.append(f"| {r['model']} | {r['resolution']} | {r['layer']} | {r['m']}×{r['n']}×{r['k']} | {r['bf16']:.0f} "
-                     f"| {ratio('int_mm')} | {ratio('fp8')} | **{ratio('ours')}** | {r['quant'] / r['ours']:.0%} | {tops:.0f} |")
+                     f"| {ratio('int_mm')} | {ratio('fp8')} | **{ratio('ours')}** | {r['ours_graph']:.0f} µs "
+                     f"({r['bf16_graph'] / r['ours_graph']:.2f}×) | {r['quant'] / r['ours']:.0%} | {tops:.0f} |")
     return "\n".join(lines)
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| resolution | M | ours/bf16: min | geomean | max | time-weighted | fp8/bf16 geomean | int_mm/bf16 geomean |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| resolution | M | ours/bf16: min | geomean | max | time-weighted | same, CUDA graphs: min | geomean "
+             "| fp8/bf16 geomean | int_mm/bf16 geomean |", "|---|---|---|---|---|---|---|---|---|---|"]
     for res in IMAGE_TOKENS:
         sel = [r for r in rows if r["resolution"] == res]
         if not sel:
@@ -153,8 +161,10 @@ def summary(rows: list[dict]) -> str:
         ratios = [r["bf16"] / r["ours"] for r in sel]
         geo = lambda name: math.exp(sum(math.log(r["bf16"] / r[name]) for r in sel) / len(sel))  # noqa: E731
         weighted = sum(r["bf16"] for r in sel) / sum(r["ours"] for r in sel)
+        graph = [r["bf16_graph"] / r["ours_graph"] for r in sel]
         lines.append(f"| {res} | {sel[0]['m']} | {min(ratios):.2f}× | {geo('ours'):.2f}× | {max(ratios):.2f}× | "
-                     f"{weighted:.2f}× | {geo('fp8'):.2f}× | {geo('int_mm'):.2f}× |")
+                     f"{weighted:.2f}× | {min(graph):.2f}× | {math.exp(sum(map(math.log, graph)) / len(graph)):.2f}× "
+                     f"| {geo('fp8'):.2f}× | {geo('int_mm'):.2f}× |")
     return "\n".join(lines)
 
 
@@ -165,7 +175,7 @@ def small_m() -> str:
     for m, (n, k) in itertools.product((1, 16), ((3072, 3072), (4096, 4096), (12288, 4096), (4096, 12288))):
         p = Problem(m, n, k)
         p.ours()
-        g = {name: do_bench_cudagraph(getattr(p, name), rep=50, return_mode="median") * 1e3 for name in ("bf16", "ours")}
+        g = {name: bench_graph(getattr(p, name)) for name in ("bf16", "ours")}
         e = {name: bench(getattr(p, name)) for name in ("bf16", "ours")}
         lines.append(f"| {m}×{n}×{k} | {g['bf16']:.1f} | {g['ours']:.1f} | {g['bf16'] / g['ours']:.2f}× | "
                      f"{e['bf16']:.1f} | {e['ours']:.1f} |")
@@ -173,19 +183,21 @@ def small_m() -> str:
     return "\n".join(lines)
 
 
-SWEEP_SHAPES = [(4608, 4096, 4096), (4608, 12288, 4096), (4608, 4096, 12288), (1536, 3072, 3072)]
+SWEEP_SHAPES = [(4608, 4096, 4096), (4608, 12288, 4096), (4608, 4096, 12288), (1536, 3072, 3072), (1536, 12288, 4096)]
 
 
 def sweep_configs() -> list[kernels.TileConfig]:
-    configs = []
-    for (bm, bn, bk, warps), stages, (tma, persistent) in itertools.product(
-        [(128, 256, 128, 8), (256, 128, 128, 8), (128, 128, 128, 8), (128, 128, 128, 4), (128, 256, 64, 8)],
-        (3, 4, 5), ((False, False), (True, False), (True, True)),
-    ):
-        config = kernels.TileConfig(bm, bn, bk, warps, stages, tma=tma, persistent=persistent)
-        if config.smem_bytes() <= 200 * 1024 and (tma or stages < 5):
-            configs.append(config)
-    return configs
+    T = kernels.TileConfig  # noqa: N806
+    return [
+        T(128, 256, 128, 8, 4, tma=True, persistent=True), T(128, 256, 128, 8, 3, tma=True, persistent=True, tma_store=True),
+        T(256, 128, 128, 8, 4, tma=True), T(256, 128, 128, 8, 3, tma=True, tma_store=True),
+        T(256, 128, 128, 8, 3, tma=True, persistent=True), T(256, 128, 128, 8, 3, tma=True, persistent=True, tma_store=True),
+        T(128, 128, 128, 4, 3, tma=True), T(128, 128, 128, 4, 3, tma=True, tma_store=True),
+        T(128, 128, 128, 4, 4, tma=True, tma_store=True), T(128, 128, 128, 4, 3, tma=True, persistent=True, tma_store=True),
+        T(128, 128, 128, 4, 3), T(128, 128, 128, 8, 3, tma=True, tma_store=True), T(64, 256, 128, 4, 3, tma=True),
+        T(64, 256, 128, 4, 4, tma=True, tma_store=True), T(64, 128, 128, 4, 4, tma=True), T(128, 64, 128, 4, 4, tma=True),
+        T(128, 256, 128, 8, 3, tma=True, tma_store=True), T(128, 256, 128, 8, 4, tma=True, group_m=16),
+    ]
 
 
 def sweep() -> str:
@@ -209,17 +221,33 @@ def sweep() -> str:
         for us, c in results[:8]:
             lines.append(f"  {us:7.1f} µs {p.tops(us):5.0f} TOPS {bf16 / us:.2f}×  {c}")
         print("\n".join(lines[-9:]), flush=True)
-    for m, k in ((4608, 4096), (4608, 12288), (16896, 4096)):
+    for m, k in ((4608, 3072), (4608, 4096), (4608, 12288), (4608, 16384), (16896, 4096)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        q = torch.empty(m, k, device="cuda", dtype=torch.int8)
-        s = torch.empty(m, device="cuda")
+        us = bench(lambda: kernels.quantize_rows(x))
         floor_us = m * k * 3 / 3.0e12 * 1e6
-        for bm, bk, warps in ((1, 1024, 4), (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 512, 8)):
-            us = bench(lambda: kernels._quantize_rows_kernel[(triton.cdiv(m, bm),)](
-                x, q, s, m, k, x.stride(0), q.stride(0), BLOCK_M=bm, BLOCK_K=bk, EVEN_K=k % bk == 0,
-                num_warps=warps, enable_fp_fusion=False))
-            lines.append(f"quant {m}×{k} BLOCK_M={bm} BLOCK_K={bk} warps={warps}: {us:.1f} µs (3 B/elem at 3 TB/s: {floor_us:.1f})")
-            print(lines[-1], flush=True)
+        lines.append(f"quant {m}×{k}: {us:.1f} µs (one read of x, one write of q at 3 TB/s: {floor_us:.1f})")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def host_overhead() -> str:
+    """Host time per call on a tiny problem (the GPU waits on the host): launch and dispatch costs."""
+    p = Problem(16, 1024, 1024)
+    p.ours()
+    impl = int8_linear._init_fn  # the function the custom op wraps, without the dispatcher
+    calls = {"F.linear": p.bf16, "int8_linear (custom op)": p.ours,
+             "int8_linear body": lambda: impl(p.x, p.w_int8, p.w_scale), "quantize_rows": p.quant, "scaled_mm": p.gemm}
+    lines = []
+    for name, fn in calls.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        lines.append(f"host per call, {name}: {(time.perf_counter() - start) / 500 * 1e6:.1f} µs")
+        print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -249,6 +277,7 @@ def main() -> None:
     resolutions = {"1024²": IMAGE_TOKENS["1024²"]} if args.quick else IMAGE_TOKENS
     rows = run_shapes(models, resolutions)
     (args.out / "gemm.json").write_text(json.dumps(rows, indent=1))
+    report.append(host_overhead())
     if args.small_m:
         report.append(small_m())
     report += [table(rows), summary(rows)]

@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,35 +49,58 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _row_scales(absmax, poison):
+    """(scale, 1 / scale) per row from its |x| maxima; rows with NaN/Inf get (NaN, 0)."""
+    finite = tl.sum(poison, axis=1) == 0.0
+    row_max = tl.maximum(tl.max(absmax, axis=1), _MIN_ABSMAX)
+    scale = tl.where(finite, tl.math.div_rn(row_max, 127.0), float("nan"))
+    inv_scale = tl.where(finite, tl.math.div_rn(127.0, row_max), 0.0)
+    return scale, inv_scale
+
+
+@triton.jit
+def _to_int8(x, inv_scale):
+    q = _round_half_even(x * inv_scale[:, None])
+    q = tl.where(inv_scale[:, None] == 0.0, 0.0, q)  # rows with NaN/Inf are all zeros
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
+    """One program per BLOCK_M rows. SINGLE_PASS (BLOCK_K ≥ K): the rows stay in registers between
+    the absmax and the rounding; otherwise two loops over K, the second reading the rows from L2."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
 
-    absmax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    poison = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # x·0 is NaN exactly where x is NaN or ±Inf
-    for k in range(0, K, BLOCK_K):
-        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
-        x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
-        absmax = tl.maximum(absmax, tl.abs(x))
-        poison += x * 0.0
-    finite = tl.sum(poison, axis=1) == 0.0
-    row_max = tl.maximum(tl.max(absmax, axis=1), _MIN_ABSMAX)
-    scale = tl.where(finite, tl.math.div_rn(row_max, 127.0), float("nan"))
-    inv_scale = tl.where(finite, tl.math.div_rn(127.0, row_max), 0.0)
+    if SINGLE_PASS:
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K)
+        x = tl.load(x_rows, mask=mask, other=0.0).to(tl.float32)
+        scale, inv_scale = _row_scales(tl.abs(x), x * 0.0)  # x·0 is NaN exactly where x is NaN or ±Inf
+        tl.store(q_rows, _to_int8(x, inv_scale), mask=mask)
+    else:
+        absmax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        poison = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for k in range(0, K, BLOCK_K):
+            mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
+            x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
+            absmax = tl.maximum(absmax, tl.abs(x))
+            poison += x * 0.0
+        scale, inv_scale = _row_scales(absmax, poison)
+        for k in range(0, K, BLOCK_K):
+            mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
+            x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows + k, _to_int8(x, inv_scale), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
-    for k in range(0, K, BLOCK_K):
-        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
-        x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
-        q = _round_half_even(x * inv_scale[:, None])
-        q = tl.where(finite[:, None], tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0)
-        tl.store(q_rows + k, q.to(tl.int8), mask=mask)
+
+SINGLE_PASS_MAX_K = 16384
+"""Rows up to this long are quantized from registers (one read of x); longer ones loop over K."""
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +110,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.contiguous()
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    block_m, block_k = (1, 2048) if K >= 2048 else (4, max(16, triton.next_power_of_2(K)))
+    block_k = max(16, triton.next_power_of_2(min(K, SINGLE_PASS_MAX_K)))
+    block_m = max(1, 2048 // block_k)  # short rows: several per program
     _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
         x, q, scale, M, K, x.stride(0), q.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        num_warps=4, enable_fp_fusion=False,
+        BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SINGLE_PASS=K <= block_k,
+        num_warps=min(16, max(4, block_m * block_k // 512)), enable_fp_fusion=False,
     )
     return q, scale
 
@@ -111,7 +135,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _scaled_mm_kernel(
     a, b, c, a_scale, b_scale, bias, M, N, K, stride_am, stride_bn, stride_cm, num_programs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias). A int8 [M, K], B int8 [N, K], both K-major.
@@ -119,7 +143,8 @@ def _scaled_mm_kernel(
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
     descriptors when ``USE_TMA`` (out-of-range reads come back as zeros), pointers otherwise (rows are
-    wrapped modulo M and N so loads need no masks; only the store is masked).
+    wrapped modulo M and N so loads need no masks; only the store is masked). ``c`` is a tensor
+    descriptor when ``TMA_STORE`` (the copy engine clips the tile at the edges).
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -134,7 +159,7 @@ def _scaled_mm_kernel(
             for kt in range(k_tiles):
                 a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
                 b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
-                acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+                acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
         else:
             a_ptrs = a + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
             b_ptrs = b + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
@@ -146,7 +171,7 @@ def _scaled_mm_kernel(
                     k_ok = offs_k[None, :] < K - kt * BLOCK_K
                     a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
                     b_tile = tl.load(b_ptrs, mask=k_ok, other=0)
-                acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+                acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
 
@@ -160,8 +185,11 @@ def _scaled_mm_kernel(
             out = acc.to(tl.float32) * (row_scale * tl.load(b_scale))[:, None]
         if HAS_BIAS:
             out += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        c_ptrs = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, out.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if TMA_STORE:
+            c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c.dtype))
+        else:
+            c_ptrs = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, out.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @dataclass(frozen=True)
@@ -176,35 +204,35 @@ class TileConfig:
     group_m: int = 8
     persistent: bool = False
     tma: bool = False
+    tma_store: bool = False
 
     def smem_bytes(self) -> int:
-        return (self.block_m + self.block_n) * self.block_k * self.num_stages
+        staged_out = self.block_m * self.block_n * 2 if self.tma_store else 0
+        return (self.block_m + self.block_n) * self.block_k * self.num_stages + staged_out
 
 
 def _tiles(specs: list[tuple[int, ...]], **flags: bool) -> list[TileConfig]:
     return [TileConfig(*spec, **flags) for spec in specs]
 
 
-# (block_m, block_n, block_k, num_warps, num_stages). Large tiles with K = 128 bytes per row keep
-# the tensor cores fed; small-M configs are GEMV-like: thin M, narrow N for enough programs, long K.
+# (block_m, block_n, block_k, num_warps, num_stages). K tiles of 128 bytes keep the tensor cores fed;
+# small-M configs are GEMV-like: thin M, narrow N for enough programs, long K.
 _SMALL_M = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3)]
 _MEDIUM_M = [(64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (32, 128, 128, 4, 4)]
-_LARGE_M_HOPPER = [
-    (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
-    (128, 128, 128, 8, 4),
-]
-_LARGE_M_AMPERE = [
-    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
-]
+_LARGE_M_AMPERE = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3)]
 
 ARCH_CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
-    # sm90: int8 tl.dot lowers to wgmma; TMA loads and a persistent grid are tried as well.
+    # sm90: int8 tl.dot lowers to wgmma. The large-M winners of a sweep on an H100 (benchmarks/gemm.py
+    # --sweep): TMA loads everywhere, a persistent grid for wide N, 128×128 tiles where the tile count
+    # would leave the last wave mostly empty, 64-row tiles for M around 1–2k.
     "sm90": {
         "small": _tiles(_SMALL_M),
         "medium": _tiles(_MEDIUM_M) + _tiles(_MEDIUM_M[:2], tma=True),
-        "large": _tiles(_LARGE_M_HOPPER[:2])
-        + _tiles(_LARGE_M_HOPPER, tma=True)
-        + _tiles(_LARGE_M_HOPPER[:2], tma=True, persistent=True),
+        "large": _tiles([(128, 256, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3)], tma=True, persistent=True)
+        + _tiles([(256, 128, 128, 8, 4), (128, 128, 128, 4, 3), (64, 256, 128, 4, 3), (128, 64, 128, 4, 4)], tma=True)
+        + _tiles([(128, 128, 128, 4, 3)])
+        + _tiles([(128, 128, 128, 4, 3), (256, 128, 128, 8, 3)], tma=True, tma_store=True)
+        + _tiles([(128, 256, 128, 8, 3)], tma=True, persistent=True, tma_store=True),
     },
     # sm80/86/89 and sm120 (consumer Blackwell): mma.sync, ~100 KB of shared memory except on sm80.
     "sm80": {"small": _tiles(_SMALL_M), "medium": _tiles(_MEDIUM_M), "large": _tiles(_LARGE_M_AMPERE)},
@@ -259,12 +287,13 @@ def launch_scaled_mm(
         b = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
     else:
         a, b = q, w
+    c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
     _scaled_mm_kernel[(programs,)](
-        a, b, out, x_scale, w_scale, bias if bias is not None else x_scale,
+        a, b, c, x_scale, w_scale, bias if bias is not None else x_scale,
         M, N, K, q.stride(0), w.stride(0), out.stride(0), programs,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, USE_TMA=config.tma,
-        FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
+        TMA_STORE=config.tma_store, FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -272,8 +301,15 @@ def launch_scaled_mm(
 def tma_ok(*tensors: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned base addresses and row strides."""
     return TensorDescriptor is not None and all(
-        t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in tensors
+        t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1 for t in tensors
     )
+
+
+def usable(config: TileConfig, q: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> TileConfig:
+    """``config`` with the TMA paths these tensors cannot take switched off."""
+    tma = config.tma and tma_ok(q, w)
+    tma_store = config.tma_store and tma_ok(out)
+    return config if (tma, tma_store) == (config.tma, config.tma_store) else replace(config, tma=tma, tma_store=tma_store)
 
 
 def default_cache_path() -> Path:
@@ -296,10 +332,18 @@ class GemmTuner:
         self.path = path or default_cache_path()
         self._lock = threading.Lock()
         self._table: dict[str, dict] | None = None
-        self._num_sms: dict[int, int] = {}
+        self._devices: dict[int, tuple[str, int]] = {}  # index -> (cache key, multiprocessors)
+        self._chosen: dict[tuple[int, int, int, int], TileConfig] = {}  # the per-call fast path
 
-    def _device_key(self, device: torch.device) -> str:
-        return f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}"
+    def _device(self, device: torch.device) -> tuple[str, int]:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._devices:
+            props = torch.cuda.get_device_properties(index)
+            self._devices[index] = (f"{props.name}|triton {triton.__version__}", props.multi_processor_count)
+        return self._devices[index]
+
+    def num_sms(self, device: torch.device) -> int:
+        return self._device(device)[1]
 
     def _load(self) -> dict[str, dict]:
         if self._table is None:
@@ -319,32 +363,29 @@ class GemmTuner:
         except OSError:
             pass  # a read-only cache only costs tuning time next run
 
-    def num_sms(self, device: torch.device) -> int:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self._num_sms:
-            self._num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        return self._num_sms[index]
-
     def cached(self, device: torch.device, m: int, n: int, k: int) -> TileConfig | None:
         """The remembered config for this shape's bucket, if any."""
-        with self._lock:
-            found = self._load().get(self._device_key(device), {}).get(f"{m_bucket(m)},{n},{k}")
-        return TileConfig(**found) if found else None
+        key = (device.index or 0, m_bucket(m), n, k)
+        if key not in self._chosen:
+            with self._lock:
+                found = self._load().get(self._device(device)[0], {}).get(",".join(map(str, key[1:])))
+            if not found:
+                return None
+            self._chosen[key] = TileConfig(**found)
+        return self._chosen[key]
 
     def config_for(self, q, x_scale, w, w_scale, bias, out) -> TileConfig:
         M, K = q.shape
         N = w.shape[0]
         found = self.cached(q.device, M, N, K)
         if found:
-            return found
-        candidates = candidate_configs(arch_of(q.device), M)
-        if not tma_ok(q, w):
-            candidates = [c for c in candidates if not c.tma] or [TileConfig(**{**asdict(candidates[0]), "tma": False})]
+            return usable(found, q, w, out)
+        candidates = list(dict.fromkeys(usable(c, q, w, out) for c in candidate_configs(arch_of(q.device), M)))
         if torch.cuda.is_current_stream_capturing():
             return candidates[0]
         best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out)
         with self._lock:
-            self._load().setdefault(self._device_key(q.device), {})[f"{m_bucket(M)},{N},{K}"] = asdict(best)
+            self._load().setdefault(self._device(q.device)[0], {})[f"{m_bucket(M)},{N},{K}"] = asdict(best)
             self._save()
         return best
 
@@ -380,9 +421,9 @@ def scaled_mm(
     """
     out = torch.empty(q.shape[0], w.shape[0], dtype=out_dtype, device=q.device)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
-        config = config or candidate_configs("sm80", q.shape[0])[0]
+        config = usable(config or candidate_configs("sm80", q.shape[0])[0], q, w, out)
         launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4)
         return out
-    config = config or TUNER.config_for(q, x_scale, w, w_scale, bias, out)
+    config = usable(config, q, w, out) if config else TUNER.config_for(q, x_scale, w, w_scale, bias, out)
     launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device))
     return out
