@@ -471,6 +471,24 @@ class CheckpointWriter:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         self._write(memoryview(data.numpy()))
 
+    def set_metadata(self, key: str, value: str) -> None:
+        """Rewrite metadata ``key`` in the header already on disk, to a value of the same length.
+
+        For values known only once the data is written (a hash of the source computed meanwhile):
+        declare ``key`` up front with a placeholder of the final length.
+        """
+        if self._done:
+            raise ValueError(f"set_metadata('{key}') after the writer was committed or aborted")
+        header = _header(self._layout, {**self.metadata, key: value})
+        if key not in self.metadata or len(header) != len(_header(self._layout, self.metadata)):
+            raise ValueError(f"set_metadata('{key}'): declare it up front, with a value of the same length")
+        self.metadata[key] = value
+        fd = self._file.fileno()
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        os.lseek(fd, 0, os.SEEK_SET)
+        self._write(memoryview(header))
+        os.lseek(fd, end, os.SEEK_SET)
+
     def commit(self) -> Path:
         """Make the file durable, verify it and rename it to the target; returns the target."""
         if self._done:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine import __version__
-from engine.checkpoint import CheckpointReader, CheckpointWriter
+from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.models import DetectedModel, OutputTensor, detect
@@ -27,6 +28,7 @@ from engine.models.spec import natural_key
 INT8_FORMAT = "int8_tensorwise"
 """The comfy_quant format of both schemes: ComfyUI reads the granularity off the scale's shape."""
 METADATA_PREFIX = "int8_studio."
+SHA256_KEY = METADATA_PREFIX + "source_sha256"
 HASH_CHUNK = 8 << 20
 
 
@@ -96,11 +98,18 @@ def run_convert(
         quantized = _quantized_names(model, request.keep)
         layout = _output_layout(model, quantized, request.scheme, request.cast_float32_to_bf16)
         output = _check_output(request, model, reader)
-        hashes = _sha256(reader.files, progress, cancel)
-        metadata = _metadata(reader, model, request, hashes, quantized)
-        with CheckpointWriter(output, layout, metadata, overwrite=request.overwrite) as writer:
-            _write(reader, model, quantized, request, writer, progress, cancel)
-            writer.commit()
+        hasher = Hasher(reader.files)
+        metadata = _metadata(reader, model, request, quantized)
+        metadata[SHA256_KEY] = _sha256_value(hasher.placeholder())  # filled in once the hash is done
+        hasher.start()
+        try:
+            with CheckpointWriter(output, layout, metadata, overwrite=request.overwrite) as writer:
+                report = Reporter(progress, "converting", _source_bytes(model, reader) + hasher.total)
+                _write(reader, model, quantized, request, writer, report, hasher, cancel)
+                writer.set_metadata(SHA256_KEY, _sha256_value(hasher.result(report, cancel)))
+                writer.commit()
+        finally:
+            hasher.stop()
         bytes_in = sum(f.stat().st_size for f in reader.files)
     return ConvertResult(
         output=output,
@@ -182,30 +191,59 @@ def _check_output(request: ConvertRequest, model: DetectedModel, reader: Checkpo
     return output
 
 
-def _sha256(files: list[Path], progress: ProgressFn | None, cancel: CancelToken) -> dict[str, str]:
-    """SHA-256 of each source file (file name → hex), read in chunks into one reused buffer."""
-    report = Reporter(progress, "hashing", sum(f.stat().st_size for f in files))
-    buffer = bytearray(HASH_CHUNK)
-    view = memoryview(buffer)
-    hashes, done = {}, 0
-    for file in files:
-        digest = hashlib.sha256()
-        with open(file, "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                digest.update(view[:n])
-                done += n
-                report(done, file.name)
-                cancel.check()
-        hashes[file.name] = digest.hexdigest()
-    return hashes
+class Hasher(threading.Thread):
+    """SHA-256 of the source files on a thread of its own, so that hashing (a full read of the
+    source) overlaps the conversion instead of adding a pass before it. hashlib and file reads
+    release the GIL."""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__(name="sha256", daemon=True)
+        self.files = files
+        self.total = sum(f.stat().st_size for f in files)
+        self.done = 0  # bytes hashed so far (read by the job's thread for progress)
+        self.digests: dict[str, str] = {}
+        self.error: OSError | None = None
+        self._halt = threading.Event()
+
+    def placeholder(self) -> dict[str, str]:
+        return {f.name: "0" * 64 for f in self.files}
+
+    def run(self) -> None:
+        buffer = bytearray(HASH_CHUNK)
+        view = memoryview(buffer)
+        try:
+            for file in self.files:
+                digest = hashlib.sha256()
+                with open(file, "rb", buffering=0) as f:
+                    while not self._halt.is_set() and (n := f.readinto(buffer)):
+                        digest.update(view[:n])
+                        self.done += n
+                self.digests[file.name] = digest.hexdigest()
+        except OSError as e:
+            self.error = e
+
+    def result(self, report: Reporter, cancel: CancelToken) -> dict[str, str]:
+        """Wait for the digests (file name → hex), still reporting progress and honouring cancel."""
+        while self.is_alive():
+            self.join(0.1)
+            report(report.total - self.total + self.done, "hashing the source")
+            cancel.check()
+        if self.error is not None:
+            raise CheckpointError(f"cannot read {self.error.filename}: {self.error.strerror or self.error}")
+        return self.digests
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _sha256_value(digests: dict[str, str]) -> str:
+    """The hex digest of a single file; a JSON object file name → digest for a sharded source."""
+    return next(iter(digests.values())) if len(digests) == 1 else json.dumps(digests)
 
 
 def _metadata(
-    reader: CheckpointReader,
-    model: DetectedModel,
-    request: ConvertRequest,
-    hashes: dict[str, str],
-    quantized: set[str],
+    reader: CheckpointReader, model: DetectedModel, request: ConvertRequest, quantized: set[str]
 ) -> dict[str, str]:
     """The source's metadata that still holds, our own keys, and ComfyUI's ``_quantization_metadata``."""
     layers = {
@@ -217,7 +255,6 @@ def _metadata(
         "architecture": model.arch.name,
         "variant": model.variant,
         "source_name": source_root(model, reader).name,
-        "source_sha256": next(iter(hashes.values())) if len(hashes) == 1 else json.dumps(hashes),
         "source_format": model.source_format,
     }
     if request.keep:
@@ -244,19 +281,24 @@ def _stale(key: str) -> bool:
 # --- writing --------------------------------------------------------------------------------------
 
 
+def _source_bytes(model: DetectedModel, reader: CheckpointReader, tensor: OutputTensor | None = None) -> int:
+    """Bytes of the source read to build ``tensor`` (all of the plan by default)."""
+    tensors = [tensor] if tensor else model.tensors
+    return sum(reader.tensors[s].nbytes for t in tensors for s in t.sources)
+
+
 def _write(
     reader: CheckpointReader,
     model: DetectedModel,
     quantized: set[str],
     request: ConvertRequest,
     writer: CheckpointWriter,
-    progress: ProgressFn | None,
+    report: Reporter,
+    hasher: Hasher,
     cancel: CancelToken,
 ) -> None:
-    """Build, quantize and write every tensor of the plan in order; progress counts source bytes read."""
-    report = Reporter(
-        progress, "converting", sum(reader.tensors[s].nbytes for t in model.tensors for s in t.sources)
-    )
+    """Build, quantize and write every tensor of the plan in order; progress counts bytes read and
+    bytes hashed."""
     device = torch.device(request.device) if request.device else None
     marker = json_bytes(comfy_quant_entry())
     done = 0
@@ -278,5 +320,5 @@ def _write(
         else:
             writer.write(t.name, tensor.to(_kept_dtype(t, request.cast_float32_to_bf16)))
         del tensor
-        done += sum(reader.tensors[s].nbytes for s in t.sources)
-        report(done, t.name)
+        done += _source_bytes(model, reader, t)
+        report(done + hasher.done, t.name)

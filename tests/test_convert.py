@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import engine.checkpoint
-from engine.checkpoint import CheckpointError, CheckpointReader
+from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
 from engine.convert import ConvertError, ConvertRequest, default_output, run_convert
 from engine.info import inspect_checkpoint
 from engine.jobs import Cancelled, CancelToken, JobError, Progress
@@ -258,15 +258,31 @@ def test_cancel_in_the_middle_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
-def test_progress_reports_hashing_then_converting_to_the_end(tmp_path):
+def test_progress_counts_up_to_the_total(tmp_path):
     ckpt = write_diffusers(tmp_path / "model", "flux2")
     reports: list[Progress] = []
     run_convert(ConvertRequest(ckpt.path), progress=reports.append)
-    stages = [p.stage for p in reports]
-    assert stages == sorted(stages, key=["hashing", "converting"].index)
-    for stage in ("hashing", "converting"):
-        done = [p.done for p in reports if p.stage == stage]
-        assert done == sorted(done) and done[-1] == reports[stages.index(stage)].total
+    assert {p.stage for p in reports} == {"converting"}
+    done = [p.done for p in reports]
+    assert done == sorted(done) and done[-1] == reports[0].total
+    assert {p.message for p in reports} >= {
+        "double_blocks.0.img_attn.qkv.weight",
+        "single_blocks.1.linear2.weight",
+    }
+
+
+def test_writer_metadata_can_be_filled_in_after_the_data(tmp_path):
+    """What the converter does with the source's hash: a placeholder, then the value, same length."""
+    target = tmp_path / "t.safetensors"
+    data = torch.randn(3, 5)
+    with CheckpointWriter(target, {"x": (torch.float32, (3, 5))}, {"hash": "0" * 64}) as writer:
+        writer.write("x", data)
+        with pytest.raises(ValueError, match="same length"):
+            writer.set_metadata("hash", "abc")
+        writer.set_metadata("hash", "f" * 64)
+        writer.commit()
+    tensors, metadata = load(target)
+    assert metadata == {"hash": "f" * 64} and torch.equal(tensors["x"], data)
 
 
 class DiskFillsUp:
