@@ -16,10 +16,12 @@ from app.ui.lora import coverage
 from app.ui.main_window import MainWindow
 from app.workers import Job
 from engine.checkpoint import CheckpointReader
+from engine.comfyui import open_install, run_export
 from engine.convert import ConvertRequest, run_convert
 from engine.demo import DEMO_CONFIG, DEMO_FILE, build_demo_model
 from engine.info import inspect_checkpoint
 from engine.jobs import JobError
+from engine.library import describe_file
 from engine.lora import LoraError, LoraSpec
 from tests.tiny_loras import write_lora
 
@@ -238,6 +240,115 @@ def test_a_lora_for_another_model_is_flagged_in_its_row(qtbot, window, demo_int8
     page.open_path(lora)
     qtbot.waitUntil(lambda: page.coverage_text(0) == str(expected.value), timeout=WAIT)
     assert "Z-Image" in page.coverage_text(0)
+
+
+# --- Library and Export ----------------------------------------------------------------------------
+
+
+def fake_comfyui(root: Path) -> Path:
+    """A ComfyUI git checkout as ComfyUI's own code lays it out (main.py, folder_paths.py, comfy/)."""
+    for folder in ("comfy", "models/diffusion_models", "models/loras", "models/unet"):
+        (root / folder).mkdir(parents=True)
+    (root / "main.py").write_text("")
+    (root / "folder_paths.py").write_text("")
+    return root
+
+
+@pytest.fixture
+def comfy_window(qtbot, settings, tmp_path):
+    comfy = fake_comfyui(tmp_path / "ComfyUI")
+    settings.comfyui_paths = [str(comfy)]
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: bool(window.pages["export"].installs), timeout=WAIT)
+    yield window, comfy
+    for job in Job.active():
+        job.cancel()
+    qtbot.waitUntil(lambda: not Job.active(), timeout=WAIT)
+
+
+def test_library_lists_comfyui_and_own_folders(qtbot, comfy_window, demo, demo_int8, tmp_path):
+    window, comfy = comfy_window
+    page = window.pages["library"]
+    os.link(demo_int8, comfy / "models/diffusion_models" / demo_int8.name)
+    lora = write_lora(
+        comfy / "models/loras/style.safetensors", "flux2", "kohya", config=DEMO_CONFIG
+    )
+    page.open_path(demo.parent)  # a dropped folder joins the library
+    expected = {
+        p: describe_file(p)
+        for p in (demo, comfy / "models/diffusion_models" / demo_int8.name, lora.path)
+    }
+    qtbot.waitUntil(lambda: {e.path for e in page.entries} == set(expected), timeout=WAIT)
+    rows = {
+        page.table.item(r, 0).text(): [page.table.item(r, c).text() for c in range(1, 4)]
+        for r in range(page.table.rowCount())
+    }
+    for path, entry in expected.items():
+        assert rows[path.name] == [entry.kind, entry.model or "—", entry.format or "—"]
+    assert str(demo.parent) in window.settings.library_folders
+
+    page.search.setText("lora")
+    visible = [r for r in range(page.table.rowCount()) if not page.table.isRowHidden(r)]
+    assert [page.table.item(r, 0).text() for r in visible] == ["style.safetensors"]
+    page.search.clear()
+
+    row = next(r for r in range(page.table.rowCount()) if page.table.item(r, 0).text() == demo.name)
+    page.table.selectRow(row)
+    assert page.actions["convert"].isEnabled() and page.actions["benchmark"].isEnabled()
+    page.actions["convert"].click()
+    assert window.current_page().key == "convert"
+    assert window.pages["convert"].source.path() == demo
+
+
+def test_export_into_a_comfyui_folder(qtbot, comfy_window, demo_int8):
+    window, comfy = comfy_window
+    page = window.pages["export"]
+    window.open_path("export", demo_int8)
+    qtbot.waitUntil(lambda: page.entry is not None, timeout=WAIT)
+    assert page.folder.text() == str(comfy / "models/diffusion_models")
+    assert page.name.text() == demo_int8.name
+    name = f"exported-{random.randint(0, 9999)}.safetensors"
+    page.name.setText(name)
+    page.link.setChecked(False)  # a copy: a hard link to the source would make it "already there"
+    qtbot.mouseClick(page.export_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page.result_notice.isVisible(), timeout=WAIT)
+    target = comfy / "models/diffusion_models" / name
+    assert page.result.path == target and not page.result.linked
+    assert target.read_bytes() == demo_int8.read_bytes()
+    assert str(target) in page.result_notice.label.text()
+
+    with pytest.raises(JobError) as expected:
+        run_export(page.request())
+    page.export()
+    box = message_box(qtbot, window, "jobError")
+    assert box.text() == str(expected.value) and str(target) in box.text()
+    assert sorted(p.name for p in target.parent.iterdir()) == [name]
+
+
+def test_a_lora_is_exported_to_the_lora_folder(qtbot, comfy_window, tmp_path):
+    window, comfy = comfy_window
+    page = window.pages["export"]
+    lora = write_lora(tmp_path / "style.safetensors", "flux2", "comfyui", config=DEMO_CONFIG).path
+    window.open_path("export", lora)
+    qtbot.waitUntil(lambda: page.kind() == "loras", timeout=WAIT)
+    assert page.folder.text() == str(comfy / "models/loras")
+    page.export()
+    qtbot.waitUntil(lambda: page.result_notice.isVisible(), timeout=WAIT)
+    assert (comfy / "models/loras/style.safetensors").read_bytes() == lora.read_bytes()
+
+
+def test_a_folder_that_is_not_comfyui_is_refused(qtbot, window, tmp_path):
+    folder = tmp_path / "not-comfy"
+    folder.mkdir()
+    with pytest.raises(JobError) as expected:
+        open_install(folder)
+    window.pages["settings"].add_comfyui(folder)
+    box = message_box(qtbot, window, "jobError")
+    assert box.text() == str(expected.value)
+    assert window.settings.comfyui_paths == []
+    assert window.pages["settings"].comfy_list.count() == 0
 
 
 # --- Window ----------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
@@ -21,7 +23,6 @@ class JobPanel(QWidget):
     def __init__(self) -> None:
         super().__init__()
         self.job: Job | None = None
-        self._started = 0.0
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(6)
@@ -51,20 +52,32 @@ class JobPanel(QWidget):
     def running(self) -> bool:
         return self.job is not None and self.job.running
 
-    def run(self, job: Job) -> Job:
-        """Show and start ``job``; the caller connects to its result signals."""
+    def run(self, job: Job, summary: Callable[[Any], str] | None = None) -> Job:
+        """Show and start ``job``; the caller connects to its result signals.
+
+        ``summary(result)`` is the line shown after success (default: how long it took). A job
+        replaced by a newer one before it ends no longer changes the panel.
+        """
         self.job = job
-        self._started = time.monotonic()
-        job.progress.connect(self._on_progress)
-        job.failed.connect(lambda error: self._end(f"Failed: {error}"))
-        job.crashed.connect(
-            lambda summary, _: self._end(f"Stopped by an internal error: {summary}")
-        )
+        started = time.monotonic()
+
+        def done(result: Any) -> str:
+            return (
+                summary(result)
+                if summary
+                else f"Done in {format_duration(time.monotonic() - started)}."
+            )
+
+        def end(text: str) -> None:
+            if job is self.job:
+                self._end(text)
+
+        job.progress.connect(lambda report: self._on_progress(report) if job is self.job else None)
+        job.succeeded.connect(lambda result: end(done(result)))
+        job.cancelled.connect(lambda: end("Cancelled: nothing was written."))
+        job.failed.connect(lambda error: end(f"Failed: {error}"))
+        job.crashed.connect(lambda summary, _: end(f"Stopped by an internal error: {summary}"))
         dialogs.report_errors(job, self)
-        job.cancelled.connect(lambda: self._end("Cancelled: nothing was written."))
-        job.succeeded.connect(
-            lambda _: self._end(f"Done in {format_duration(time.monotonic() - self._started)}.")
-        )
         self.stage.setText(f"{job.title}: starting…")
         self.eta.clear()
         self.bar.setRange(0, 0)  # busy until the first report

@@ -1,15 +1,276 @@
-"""Library page."""
+"""Library page: every model and LoRA in the ComfyUI folders and the user's own, from headers only."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QHBoxLayout,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QTableWidgetItem,
+)
+
 from app.settings import Settings
-from app.ui.widgets import Notice, Page
+from app.ui import theme
+from app.ui.jobpanel import JobPanel
+from app.ui.widgets import Card, Notice, Page, muted, table
+from app.workers import Job
+from engine.checkpoint import format_bytes
+from engine.comfyui import ComfyInstall
+from engine.jobs import CancelToken, ProgressFn
+from engine.library import (
+    LibraryEntry,
+    LibraryRequest,
+    comfyui_folders,
+    describe_file,
+    run_library_scan,
+)
+
+COLUMNS = ["Name", "Kind", "Model", "Format", "Size", "Modified"]
+MODEL_KINDS = ("diffusion model", "checkpoint")
+
+
+def scan(
+    folders: list[Path],
+    files: list[Path],
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[list[LibraryEntry], list[Path]]:
+    """The library: everything in ``folders`` plus the single ``files`` (recent and dropped ones)
+    that live elsewhere. Returns the entries and the folders that do not exist."""
+    result = run_library_scan(LibraryRequest(tuple(folders)), progress, cancel)
+    listed = {entry.path for entry in result.entries}
+    extra = [describe_file(f) for f in files if f.is_file() and f not in listed]
+    return [*result.entries, *extra], result.missing
+
+
+class SortItem(QTableWidgetItem):
+    """A cell that sorts by a value of its own (bytes, seconds) rather than by its text."""
+
+    def __init__(self, text: str, key: object) -> None:
+        super().__init__(text)
+        self.key = key
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        return self.key < getattr(other, "key", other.text())
 
 
 class LibraryPage(Page):
     key, title, icon_name = "library", "Library", "library"
-    subtitle = "Every model and LoRA in your ComfyUI folders and your own, with what it is."
+    subtitle = "Every model and LoRA in your ComfyUI folders and your own, with what each one is."
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.add(Notice("Coming next."), stretch=True)
+        self.installs: list[ComfyInstall] = []
+        self.entries: list[LibraryEntry] = []
+
+        where = Card(
+            "Where to look",
+            "Your ComfyUI model folders are included automatically. Add your own folders here, or "
+            "drop files and folders anywhere on this page.",
+            "folder",
+        )
+        self.comfy_folders = muted("Looking for ComfyUI…")
+        self.folders = QListWidget()
+        self.folders.setObjectName("plainList")
+        self.folders.setAccessibleName("Your model folders")
+        self.folders.setMaximumHeight(84)
+        self.folders.addItems(settings.library_folders)
+        buttons = QHBoxLayout()
+        add, remove = QPushButton("Add folder…"), QPushButton("Remove")
+        theme.bind_icon(add, "add")
+        theme.bind_icon(remove, "remove")
+        remove.setToolTip("Stop listing the selected folder (nothing on disk is touched).")
+        add.clicked.connect(self._choose_folder)
+        remove.clicked.connect(self._remove_folder)
+        buttons.addWidget(add)
+        buttons.addWidget(remove)
+        buttons.addStretch(1)
+        where.body.addWidget(self.comfy_folders)
+        where.body.addWidget(self.folders)
+        where.body.addLayout(buttons)
+
+        models = Card("Models and LoRAs", icon_name="library")
+        self.search = QLineEdit()
+        self.search.setPlaceholderText("Filter by name, model or format")
+        self.search.setAccessibleName("Filter the library")
+        self.search.setClearButtonEnabled(True)
+        self.search.setMinimumWidth(280)
+        self.search.textChanged.connect(self._filter)
+        self.rescan = QPushButton("Rescan")
+        theme.bind_icon(self.rescan, "refresh")
+        self.rescan.setToolTip("Read the folders again (only new or changed files are opened).")
+        self.rescan.clicked.connect(self.refresh)
+        models.header.addWidget(self.search)
+        models.header.addWidget(self.rescan)
+        self.panel = JobPanel()
+        self.empty = Notice(
+            "Nothing here yet. Add a folder, drop a .safetensors file on this page, or try the demo "
+            "model on the Convert page."
+        )
+        self.table = table(COLUMNS, "Models and LoRAs", stretch=0)
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+        self.table.setMinimumHeight(260)
+        self.table.itemSelectionChanged.connect(self._update_actions)
+        self.table.itemDoubleClicked.connect(lambda _: self._open_default())
+        actions = QHBoxLayout()
+        self.actions = {
+            "convert": QPushButton("Convert"),
+            "export": QPushButton("Export to ComfyUI"),
+            "lora": QPushButton("Use on LoRA page"),
+            "benchmark": QPushButton("Benchmark"),
+        }
+        for page, button in self.actions.items():
+            theme.bind_icon(button, page if page != "lora" else "lora")
+            button.clicked.connect(lambda _=False, page=page: self._send(page))
+            actions.addWidget(button)
+        actions.addStretch(1)
+        models.body.addWidget(self.panel)
+        models.body.addWidget(self.empty)
+        models.body.addWidget(self.table)
+        models.body.addLayout(actions)
+
+        self.add(where, models, stretch=True)
+        self._show([])
+
+    # --- sources ---------------------------------------------------------------------------------
+
+    def set_installs(self, installs: list[ComfyInstall]) -> None:
+        self.installs = installs
+        folders = comfyui_folders(installs)
+        self.comfy_folders.setText(
+            f"ComfyUI: {len(folders)} model folders from {len(installs)} install(s)."
+            if installs
+            else "No ComfyUI install found: add its folder in Settings to list its models here."
+        )
+        self.comfy_folders.setToolTip("\n".join(map(str, folders)))
+        self.refresh()
+
+    def scan_folders(self) -> list[Path]:
+        return [*comfyui_folders(self.installs), *map(Path, self.settings.library_folders)]
+
+    def open_path(self, path: Path) -> bool:
+        """A dropped folder joins the library's folders; a dropped file is listed on its own."""
+        if path.is_dir():
+            self.add_folder(path)
+        else:
+            self.settings.add_recent(path)
+            self.refresh()
+        return True
+
+    def add_folder(self, folder: Path) -> None:
+        if str(folder) not in self.settings.library_folders:
+            self.settings.library_folders = [*self.settings.library_folders, str(folder)]
+            self.folders.addItem(str(folder))
+        self.refresh()
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(
+            self, "Add a folder of models", self.settings.last_folder
+        )
+        if folder:
+            self.add_folder(Path(folder))
+
+    def _remove_folder(self) -> None:
+        for item in self.folders.selectedItems():
+            self.settings.library_folders = [
+                f for f in self.settings.library_folders if f != item.text()
+            ]
+            self.folders.takeItem(self.folders.row(item))
+        self.refresh()
+
+    # --- scanning --------------------------------------------------------------------------------
+
+    def refresh(self) -> Job | None:
+        if self.panel.running:
+            self.panel.job.cancel()  # the folders changed: the running scan is out of date
+        files = [Path(p) for p in self.settings.recent_files]
+        folders = self.scan_folders()
+        job = Job("Scanning", scan, folders, files)
+        job.background = True
+        job.succeeded.connect(lambda result: self._show(result[0]))
+        return self.panel.run(job, lambda result: _found(result, len(folders)))
+
+    def _show(self, entries: list[LibraryEntry]) -> None:
+        self.entries = entries
+        self.table.setSortingEnabled(False)
+        self.table.setRowCount(len(entries))
+        for row, entry in enumerate(entries):
+            name = SortItem(entry.path.name, entry.path.name.lower())
+            name.setToolTip(str(entry.path))
+            name.setData(Qt.ItemDataRole.UserRole, row)
+            cells = [
+                name,
+                QTableWidgetItem(entry.kind),
+                QTableWidgetItem(entry.model or "—"),
+                QTableWidgetItem(entry.format or "—"),
+                SortItem(format_bytes(entry.size), entry.size),
+                SortItem(
+                    time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.modified)), entry.modified
+                ),
+            ]
+            if entry.note:
+                for cell in cells[1:]:
+                    cell.setToolTip(entry.note)
+            for column, cell in enumerate(cells):
+                self.table.setItem(row, column, cell)
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(
+            self.table.horizontalHeader().sortIndicatorSection(),
+            self.table.horizontalHeader().sortIndicatorOrder(),
+        )
+        self.empty.setVisible(not entries)
+        self.table.setVisible(bool(entries))
+        self._filter(self.search.text())
+        self._update_actions()
+
+    def _filter(self, text: str) -> None:
+        words = text.lower().split()
+        for row in range(self.table.rowCount()):
+            line = " ".join(self.table.item(row, c).text().lower() for c in range(len(COLUMNS)))
+            self.table.setRowHidden(row, not all(w in line for w in words))
+
+    # --- actions ---------------------------------------------------------------------------------
+
+    def selected(self) -> LibraryEntry | None:
+        rows = {index.row() for index in self.table.selectedIndexes()}
+        if len(rows) != 1:
+            return None
+        return self.entries[self.table.item(rows.pop(), 0).data(Qt.ItemDataRole.UserRole)]
+
+    def _update_actions(self) -> None:
+        entry = self.selected()
+        model = entry is not None and entry.kind in MODEL_KINDS
+        int8 = model and entry.format.startswith("int8")
+        lora = entry is not None and entry.kind == "LoRA"
+        self.actions["convert"].setEnabled(model and not int8)
+        self.actions["export"].setEnabled(model or lora)
+        self.actions["lora"].setEnabled(model or lora)
+        self.actions["benchmark"].setEnabled(model)
+
+    def _open_default(self) -> None:
+        """Double-click: convert a source model, export an INT8 one, stack a LoRA."""
+        entry = self.selected()
+        if entry is None or entry.kind not in (*MODEL_KINDS, "LoRA"):
+            return
+        if entry.kind == "LoRA":
+            self._send("lora")
+        else:
+            self._send("export" if entry.format.startswith("int8") else "convert")
+
+    def _send(self, page: str) -> None:
+        entry = self.selected()
+        if entry is not None:
+            self.send.emit(page, entry.path)
+
+
+def _found(result: tuple[list[LibraryEntry], list[Path]], folders: int) -> str:
+    entries, missing = result
+    text = f"{len(entries)} files in {folders} folders."
+    return text + (f" Not found: {', '.join(map(str, missing))}." if missing else "")

@@ -63,7 +63,12 @@ class MainWindow(QMainWindow):
         ):
             self.pages[page.key] = page
             page.send.connect(self.open_path)
-        self.pages["settings"].theme_changed.connect(self.apply_theme)
+        settings_page, export = self.pages["settings"], self.pages["export"]
+        settings_page.theme_changed.connect(self.apply_theme)
+        settings_page.comfyui_changed.connect(export.find)
+        export.add_install.clicked.connect(settings_page.choose_comfyui)
+        export.installs_found.connect(self.pages["library"].set_installs)
+        QTimer.singleShot(0, export.find)  # the library lists the installs' folders once found
 
         self.stack = QStackedWidget()
         for page in self.pages.values():
@@ -207,10 +212,10 @@ class MainWindow(QMainWindow):
         event.acceptProposedAction()
 
     def closeEvent(self, event: QCloseEvent) -> None:
-        running = Job.active()
-        if running and not self._closing:
+        writing = [job for job in Job.active() if not job.background]
+        if writing and not self._closing:
             event.ignore()
-            names = ", ".join(sorted({job.title for job in running}))
+            names = ", ".join(sorted({job.title for job in writing}))
             dialogs.ask(
                 self,
                 "A job is still running",
@@ -221,9 +226,11 @@ class MainWindow(QMainWindow):
                 self._cancel_and_close,
             )
             return
-        if running:  # already cancelling: close once the last job has stopped
+        if writing:  # already cancelling: close once the last job has stopped
             event.ignore()
             return
+        for job in Job.active():  # header reads and scans: nothing to lose
+            job.cancel()
         self.settings.geometry = self.saveGeometry()
         self.settings.sync()
         event.accept()
@@ -235,5 +242,5 @@ class MainWindow(QMainWindow):
             job.cancel()
 
     def _close_when_idle(self) -> None:
-        if not Job.active():
+        if not any(not job.background for job in Job.active()):
             self.close()

@@ -15,8 +15,10 @@ from PySide6.QtWidgets import (
 
 from app import system
 from app.settings import Settings
-from app.ui import theme
+from app.ui import dialogs, theme
 from app.ui.widgets import Card, Page, PathField, muted
+from app.workers import Job
+from engine.comfyui import open_install
 
 THEME_LABELS = {"system": "Follow the system", "light": "Light", "dark": "Dark"}
 
@@ -60,7 +62,7 @@ class SettingsPage(Page):
         theme.bind_icon(remove, "remove")
         add.setToolTip("Add a ComfyUI folder that was not found automatically.")
         remove.setToolTip("Forget the selected folder (nothing on disk is touched).")
-        add.clicked.connect(self._add_comfyui)
+        add.clicked.connect(self.choose_comfyui)
         remove.clicked.connect(self._remove_comfyui)
         buttons.addWidget(add)
         buttons.addWidget(remove)
@@ -117,17 +119,23 @@ class SettingsPage(Page):
         if self.gpu_combo.currentData() is not None and self.gpu_combo.currentData() >= 0:
             self.settings.gpu_index = self.gpu_combo.currentData()
 
-    def _add_comfyui(self) -> None:
+    def choose_comfyui(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a ComfyUI folder")
         if folder:
             self.add_comfyui(Path(folder))
 
-    def add_comfyui(self, folder: Path) -> None:
-        paths = self.settings.comfyui_paths
-        if str(folder) not in paths:
-            self.settings.comfyui_paths = [*paths, str(folder)]
-            self.comfy_list.addItem(str(folder))
-            self.comfyui_changed.emit()
+    def add_comfyui(self, folder: Path) -> Job:
+        """Remember ``folder`` once it proves to be a ComfyUI install (else say why, in a dialog)."""
+        job = Job.call("Adding the ComfyUI folder", open_install, folder)
+        job.succeeded.connect(lambda install: self._remember(install.root))
+        dialogs.report_errors(job, self)
+        return job.start()
+
+    def _remember(self, root: Path) -> None:
+        if str(root) not in self.settings.comfyui_paths:
+            self.settings.comfyui_paths = [*self.settings.comfyui_paths, str(root)]
+            self.comfy_list.addItem(str(root))
+        self.comfyui_changed.emit()
 
     def _remove_comfyui(self) -> None:
         for item in self.comfy_list.selectedItems():

@@ -54,13 +54,16 @@ class Job(QObject):
         self._last_stage: str | None = None
         self.last_progress: Progress | None = None
         self.running = False
+        self.background = False  # reads only (headers, folder scans): closing need not ask
         self._reported.connect(self._on_reported, Qt.ConnectionType.QueuedConnection)
         self._ended.connect(self._on_ended, Qt.ConnectionType.QueuedConnection)
 
     @classmethod
     def call(cls, title: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
-        """A function that takes neither progress nor cancel (a header read, a folder scan)."""
-        return cls(title, lambda progress, cancel: fn(*args, **kwargs))
+        """A background job for a function that takes neither progress nor cancel (a header read)."""
+        job = cls(title, lambda progress, cancel: fn(*args, **kwargs))
+        job.background = True
+        return job
 
     @classmethod
     def active(cls) -> list[Job]:
