@@ -14,7 +14,8 @@ import torch
 from engine.lora.files import LoraError, LoraFile, LoraLayer
 
 
-def _factor(lora: LoraFile, layer: LoraLayer, role: str, device: torch.device) -> torch.Tensor:
+def factor(lora: LoraFile, layer: LoraLayer, role: str, device: torch.device) -> torch.Tensor:
+    """One of the layer's tensors as float32 on ``device`` (1×1 convolution factors as matrices)."""
     t = lora.get(layer.keys[role]).to(device=device, dtype=torch.float32)
     if not torch.isfinite(t).all():
         raise LoraError(f"{lora.name}: '{layer.keys[role]}' has NaN or Inf values: the file is corrupt")
@@ -25,7 +26,7 @@ def product(lora: LoraFile, layer: LoraLayer, device: torch.device) -> torch.Ten
     """``scale × (the factors' product)``: the layer's weight delta at strength 1, float32 [out, in]."""
 
     def f(role: str) -> torch.Tensor:
-        return _factor(lora, layer, role, device)
+        return factor(lora, layer, role, device)
 
     if layer.kind == "lora":
         delta = f("up") @ f("down")
@@ -42,11 +43,11 @@ def product(lora: LoraFile, layer: LoraLayer, device: torch.device) -> torch.Ten
 def apply_(weight: torch.Tensor, lora: LoraFile, layer: LoraLayer, part: str, strength: float) -> torch.Tensor:
     """Apply the layer at ``strength`` to ``weight`` (float32: the rows it patches), in place."""
     if part == "bias":
-        return weight.add_(_factor(lora, layer, "bias", weight.device), alpha=strength)
+        return weight.add_(factor(lora, layer, "bias", weight.device), alpha=strength)
     delta = product(lora, layer, weight.device)
     if layer.dora is None:
         return weight.add_(delta, alpha=strength)
-    magnitude = _factor(lora, layer, "dora", weight.device)
+    magnitude = factor(lora, layer, "dora", weight.device)
     patched = delta.add_(weight)
     if magnitude.shape == (1, weight.shape[1]):
         norm = patched.norm(dim=0, keepdim=True)
