@@ -2,31 +2,37 @@
 with progress, resume and cancel, into the hub cache or straight into a folder.
 
 Everything goes through ``huggingface_hub``: the token comes from where it keeps it (``HF_TOKEN`` or
-``hf auth login``), files land in its cache (``HF_HOME``) unless a folder is given, and interrupted
-downloads resume from their ``*.incomplete`` files. Offline (``offline=True`` or ``HF_HUB_OFFLINE=1``)
-only what is already downloaded is used.
+``hf auth login``), files land in its cache (``HF_HOME``) unless a folder is given, a dropped
+connection resumes where it stopped (an HTTP range request), and files already downloaded are never
+fetched again, so running a download again carries on with the files it had not finished. Offline
+(``offline=True`` or ``HF_HUB_OFFLINE=1``) only what is already downloaded is used.
 
 The transfer itself runs in a child process: the hub's Xet transfer path cannot be interrupted from
 a progress callback, and a user's Cancel must stop the download at once. Progress comes back through
-a queue. This module imports no torch, so that child starts in a fraction of a second.
+a queue; a stopped child's partial file is removed. This module imports no torch, so that child
+starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import io
-import multiprocessing
+import json
 import os
 import queue
 import shutil
+import subprocess
 import sys
-from dataclasses import dataclass, replace
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TextIO
 
 import tqdm
 from huggingface_hub import (
     HfApi,
-    RepoFile,
     get_token,
     hf_hub_download,
     scan_cache_dir,
@@ -50,6 +56,8 @@ from engine.jobs import Cancelled, CancelToken, JobError, ProgressFn, Reporter
 HUB_URL = "https://huggingface.co"
 MODEL_SUFFIX = ".safetensors"
 POLL_SECONDS = 0.1
+MESSAGE_MARK = "\x1eint8-studio "  # starts each line the download child sends
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so the child imports this engine
 
 
 class HubError(JobError):
@@ -96,17 +104,19 @@ def list_files(request: DownloadRequest) -> list[RemoteFile]:
     if is_offline(request):
         return _local_files(request)
     try:
-        api = HfApi(endpoint=request.endpoint, token=request.token)
-        entries = api.list_repo_tree(request.repo_id, revision=request.revision, recursive=True)
-        return [RemoteFile(e.path, e.size, _present(request, e.path, e.size)) for e in entries if isinstance(e, RepoFile)]
+        # one request, without the retries that listing the tree makes (half a minute when offline)
+        info = HfApi(endpoint=request.endpoint, token=request.token).model_info(
+            request.repo_id, revision=request.revision, files_metadata=True
+        )
     except Exception as e:
         explained = _explain(e, request)
         if explained is e:
             raise
         raise explained from None
+    return [RemoteFile(f.rfilename, f.size or 0, _present(request, f.rfilename, f.size)) for f in info.siblings or []]
 
 
-def _present(request: DownloadRequest, name: str, size: int) -> bool:
+def _present(request: DownloadRequest, name: str, size: int | None) -> bool:
     if request.folder is not None:
         path = Path(request.folder) / name
         return path.is_file() and path.stat().st_size == size
@@ -234,54 +244,97 @@ def _verify(path: Path) -> None:
 def _fetch_in_child(
     request: DownloadRequest, plan: list[RemoteFile], report: Reporter, cancel: CancelToken
 ) -> list[Path]:
-    """Run :func:`_download_files` in a child process, relaying its progress, until it is done,
-    fails, or the user cancels (then the child is stopped; partial files stay for a resume)."""
-    context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
-    child = context.Process(target=_download_files, args=(messages, request, [f.name for f in plan]), daemon=True)
-    child.start()
+    """Run :func:`_child_main` in a child process, relaying its progress, until it is done, fails,
+    or the user cancels (then the child is stopped and its partial file removed)."""
+    before = _partial_files(request)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from engine.hub import _child_main; _child_main()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # no console window on Windows
+    )
+    job = {**asdict(request), "folder": _str(request.folder), "cache_dir": _str(request.cache_dir)}
+    child.stdin.write(json.dumps({"request": job, "names": [f.name for f in plan]}))
+    child.stdin.close()
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(child.stdout, lines), daemon=True).start()
+    log: deque[str] = deque(maxlen=30)  # what the child printed besides its messages
+
     sizes = [0 if f.present else f.size for f in plan]
     finished, current, bars = 0, -1, {}
     paths: list[Path] = []
+    completed = False
     try:
         while True:
             if cancel.cancelled:
-                raise Cancelled("download cancelled; the partial file is kept, download again to resume")
+                raise Cancelled("download cancelled; finished files are kept")
             try:
-                message = messages.get(timeout=POLL_SECONDS)
+                line = lines.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                if not child.is_alive() and messages.empty():
-                    raise HubError(f"the download stopped unexpectedly (exit code {child.exitcode}); run it again to resume") from None
                 continue
-            kind, *args = message
-            if kind == "progress":
-                index, bar, done = args
+            if line is None:  # the child ended without saying it was done
+                code = child.wait()
+                if code == 1:  # a traceback: a bug
+                    raise RuntimeError(f"the download process failed:\n{''.join(log)}")
+                raise HubError(f"the download stopped unexpectedly (exit code {code}); run it again")
+            if not line.startswith(MESSAGE_MARK):
+                log.append(line)
+                continue
+            message = json.loads(line[len(MESSAGE_MARK) :])
+            if "progress" in message:
+                index, bar, done = message["progress"]
                 if index != current:
                     current, bars = index, {}
                 bars[bar] = done  # Xet reports network and disk bytes on two bars: take the furthest
                 report(finished + min(max(bars.values()), sizes[index]), plan[index].name)
-            elif kind == "file":
-                index, path = args
+            elif "file" in message:
+                index, path = message["file"]
                 finished += sizes[index]
                 paths.append(Path(path))
                 report(finished, plan[index].name)
-            elif kind == "error":
-                raise HubError(args[0])
-            elif kind == "crash":
-                raise RuntimeError(f"download process failed:\n{args[0]}")
+            elif "error" in message:
+                raise HubError(message["error"])
             else:
+                completed = True
                 return paths
     finally:
-        if child.is_alive():
+        if child.poll() is None:
             child.terminate()
-        child.join()
-        messages.close()
+        child.wait()
+        if not completed:  # a stopped child cannot remove its partial file: we do
+            for partial in _partial_files(request) - before:
+                partial.unlink(missing_ok=True)
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _read_lines(stream: TextIO, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _partial_files(request: DownloadRequest) -> set[Path]:
+    """The partial downloads (``*.incomplete``) where huggingface_hub writes them for ``request``."""
+    if request.folder is not None:
+        where = Path(request.folder) / ".cache" / "huggingface"
+    else:
+        cache = Path(request.cache_dir or hub_constants.HF_HUB_CACHE)
+        where = cache / f"models--{request.repo_id.replace('/', '--')}"
+    return set(where.rglob("*.incomplete")) if where.is_dir() else set()
 
 
 class _Forward(tqdm.tqdm):
     """A silent progress bar that sends its position to the parent process (in the child only)."""
 
-    messages: multiprocessing.Queue
+    send: Callable[..., None]
     index = 0
 
     def __init__(self, *args, **kwargs) -> None:
@@ -290,20 +343,30 @@ class _Forward(tqdm.tqdm):
 
     def update(self, n: float | None = 1) -> bool | None:
         displayed = super().update(n)
-        self.messages.put(("progress", self.index, id(self), self.n))
+        _Forward.send(progress=[self.index, id(self), self.n])
         return displayed
 
     def display(self, *args, **kwargs) -> None:
         pass
 
 
-def _download_files(messages: multiprocessing.Queue, request: DownloadRequest, names: list[str]) -> None:
-    """The child process: download ``names`` one after the other, reporting through ``messages``."""
-    if sys.stdout is None or sys.stderr is None:  # a windowed app (pythonw): libraries print warnings
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
-    _Forward.messages = messages
+def _child_main() -> None:
+    """The download child process: the job comes as JSON on stdin, messages go out on stdout, one
+    JSON object a line behind :data:`MESSAGE_MARK` (anything else there is libraries' output)."""
+    out, lock = sys.stdout, threading.Lock()
+    sys.stdout = sys.stderr  # libraries print; keep it apart from our messages
+
+    def send(**message: object) -> None:
+        with lock:  # Xet reports progress from its own threads
+            out.write(MESSAGE_MARK + json.dumps(message) + "\n")
+            out.flush()
+
+    job = json.loads(sys.stdin.read())
+    request = DownloadRequest(**job["request"])
+    _Forward.send = send
+    name = None
     try:
-        for index, name in enumerate(names):
+        for index, name in enumerate(job["names"]):
             _Forward.index = index
             path = hf_hub_download(
                 request.repo_id,
@@ -316,16 +379,13 @@ def _download_files(messages: multiprocessing.Queue, request: DownloadRequest, n
                 endpoint=request.endpoint,
                 tqdm_class=_Forward,
             )
-            messages.put(("file", index, path))
-        messages.put(("done",))
-    except Exception as e:  # noqa: BLE001  (everything goes back to the parent)
+            send(file=[index, path])
+        send(done=True)
+    except Exception as e:
         explained = _explain(e, request, name)
-        if isinstance(explained, HubError):
-            messages.put(("error", str(explained)))
-        else:
-            import traceback
-
-            messages.put(("crash", traceback.format_exc()))
+        if explained is e:
+            raise  # a bug: the traceback goes to the parent
+        send(error=str(explained))
 
 
 def _explain(e: Exception, request: DownloadRequest, name: str | None = None) -> Exception:
@@ -352,7 +412,7 @@ def _explain(e: Exception, request: DownloadRequest, name: str | None = None) ->
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return HubError(
             f"cannot download from {request.endpoint or HUB_URL} ({first_line}); check your connection and run "
-            "again: finished files are kept and a partial one resumes"
+            "again (files already downloaded are kept)"
         )
     if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
         return HubError(f"the disk is full while downloading {name}; free up space and run again to resume")

@@ -7,15 +7,30 @@ either downloads are off (offline mode), or the files are already in the cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import secrets
+import shutil
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
 from safetensors.torch import save
 
-from engine.hub import DownloadRequest, HubError, RemoteFile, choose_files, plan_download, run_download
+from engine.hub import (
+    DownloadRequest,
+    HubError,
+    RemoteFile,
+    choose_files,
+    plan_download,
+    run_download,
+)
 from engine.jobs import Cancelled, CancelToken
 
 REPO = "acme/tiny-flux"
@@ -121,7 +136,7 @@ def test_cancel_stops_before_anything_is_fetched(cache):
     add_snapshot(cache, REPO, {"m.safetensors": safetensors_bytes()})
     cancel = CancelToken()
     cancel.cancel()
-    with pytest.raises(Cancelled, match="download cancelled; the partial file is kept, download again to resume"):
+    with pytest.raises(Cancelled, match="^download cancelled; finished files are kept$"):
         run_download(DownloadRequest(REPO, cache_dir=cache, offline=True), cancel=cancel)
 
 
@@ -189,3 +204,237 @@ def test_choose_errors():
     )
     with pytest.raises(HubError, match="it holds no .safetensors files$"):
         choose_files(DownloadRequest(REPO), remote(("README.md", 1)))
+
+
+# --- against a hub on loopback ------------------------------------------------------------------
+
+
+class FakeHub(ThreadingHTTPServer):
+    """Just enough of the Hugging Face hub's HTTP API for huggingface_hub to list and download:
+    ``GET /api/models/<repo>[/revision/<rev>]``, ``HEAD``/``GET /<repo>/resolve/<rev>/<file>`` (with
+    ranges), and its error codes. ``rate`` slows downloads (bytes per second) to test cancel/resume."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), HubHandler)
+        self.repos: dict[str, dict] = {}
+        self.gated: set[str] = set()
+        self.rate: float | None = None
+        self.drop_after: int | None = None  # close the first download's connection after so many bytes
+        self.ranges: list[str] = []  # Range headers of the file GETs
+        self.url = f"http://127.0.0.1:{self.server_port}"
+
+    def add(self, repo_id: str, files: dict[str, bytes]) -> str:
+        commit = secrets.token_hex(20)
+        self.repos[repo_id] = {"id": repo_id, "commit": commit, "files": files}
+        return commit
+
+
+class HubHandler(BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def fail(self, status: int, code: str) -> None:
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route(self) -> tuple[dict, str, str] | None:
+        path = unquote(urlsplit(self.path).path)
+        api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        repo_id, revision, name = (api[1], api[2] or "main", "") if api else resolve.groups() if resolve else (None,) * 3
+        repo = self.server.repos.get(repo_id)
+        if repo is None:
+            return self.fail(404 if self.headers.get("Authorization") else 401, "RepoNotFound")
+        if revision not in ("main", repo["commit"]):
+            return self.fail(404, "RevisionNotFound")
+        if resolve and repo_id in self.server.gated:
+            return self.fail(403 if self.headers.get("Authorization") else 401, "GatedRepo")
+        if resolve and name not in repo["files"]:
+            return self.fail(404, "EntryNotFound")
+        return repo, name, "api" if api else "resolve"
+
+    def do_HEAD(self) -> None:
+        self.answer(body=False)
+
+    def do_GET(self) -> None:
+        self.answer(body=True)
+
+    def answer(self, body: bool) -> None:
+        found = self.route()
+        if found is None:
+            return
+        repo, name, kind = found
+        if kind == "api":
+            siblings = [{"rfilename": n, "size": len(d), "blobId": hashlib.sha1(d).hexdigest()}
+                        for n, d in repo["files"].items()]  # fmt: skip
+            data = json.dumps({"id": repo["id"], "sha": repo["commit"], "siblings": siblings}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        data = repo["files"][name]
+        start = 0
+        if body and (wanted := self.headers.get("Range")):
+            self.server.ranges.append(wanted)
+            start = int(re.fullmatch(r"bytes=(\d+)-", wanted)[1])
+        elif body:
+            self.server.ranges.append("")
+        self.send_response(206 if start else 200)
+        self.send_header("X-Repo-Commit", repo["commit"])
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if body:
+            drop, self.server.drop_after = self.server.drop_after, None
+            self.send_slowly(data[start:drop])
+            if drop:
+                self.close_connection = True
+
+    def send_slowly(self, data: bytes, chunk: int = 65536) -> None:
+        for at in range(0, len(data), chunk):
+            if self.server.rate:
+                time.sleep(chunk / self.server.rate)
+            try:
+                self.wfile.write(data[at : at + chunk])
+            except (BrokenPipeError, ConnectionResetError):  # the client went away (cancelled)
+                return
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_online_sizes_first_then_download_with_progress(hub, cache):
+    files = {"tiny.safetensors": safetensors_bytes(64), "README.md": os.urandom(2000), "vae/v.safetensors": b"x"}
+    commit = hub.add(REPO, files)
+    request = DownloadRequest(REPO, cache_dir=cache, endpoint=hub.url)
+    size = len(files["tiny.safetensors"])
+    assert plan_download(request) == [RemoteFile("tiny.safetensors", size, False)]
+
+    reports = []
+    result = run_download(request, progress=reports.append)
+    snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / commit
+    assert result.paths == [snapshot / "tiny.safetensors"]
+    assert result.paths[0].read_bytes() == files["tiny.safetensors"]
+    assert result.downloaded == size
+    done = [r.done for r in reports]
+    assert done == sorted(done) and done[-1] == size and {r.total for r in reports} == {size}
+
+    # a second time it is all there: nothing fetched, and the same works offline
+    assert plan_download(request) == [RemoteFile("tiny.safetensors", size, True)]
+    assert run_download(request).downloaded == 0
+    assert run_download(DownloadRequest(REPO, cache_dir=cache, offline=True)).paths == result.paths
+
+
+def test_online_into_a_folder(hub, tmp_path):
+    files = {"transformer/config.json": b"{}", "transformer/diffusion_pytorch_model.safetensors": safetensors_bytes()}
+    hub.add(REPO, files)
+    folder = tmp_path / "models"
+    result = run_download(DownloadRequest(REPO, folder=folder, endpoint=hub.url))
+    assert result.paths == [folder / name for name in files]
+    assert [p.read_bytes() for p in result.paths] == list(files.values())
+    assert plan_download(DownloadRequest(REPO, folder=folder, endpoint=hub.url))[0].present
+
+
+def test_cancel_mid_download_leaves_nothing(hub, cache):
+    data = safetensors_bytes(1450)  # 12.6 MB
+    commit = hub.add(REPO, {"big.safetensors": data})
+    hub.rate = 2_000_000
+    request = DownloadRequest(REPO, cache_dir=cache, endpoint=hub.url)
+    cancel = CancelToken()
+
+    def cancel_once_it_flows():
+        while not hub.ranges:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        cancel.cancel()
+
+    threading.Thread(target=cancel_once_it_flows, daemon=True).start()
+    with pytest.raises(Cancelled, match="^download cancelled; finished files are kept$"):
+        run_download(request, cancel=cancel)
+    repo = cache / f"models--{REPO.replace('/', '--')}"
+    assert [p.name for p in (repo / "blobs").iterdir()] == []
+    assert not (repo / "snapshots" / commit / "big.safetensors").exists()
+
+    hub.rate = None
+    assert run_download(request).paths[0].read_bytes() == data
+
+
+def test_a_dropped_connection_resumes(hub, cache):
+    data = safetensors_bytes(1450)  # more than huggingface_hub's 10 MiB write chunk
+    hub.add(REPO, {"big.safetensors": data})
+    hub.drop_after = 11_000_000
+    reports = []
+    result = run_download(DownloadRequest(REPO, cache_dir=cache, endpoint=hub.url), progress=reports.append)
+    assert result.paths[0].read_bytes() == data
+    assert hub.ranges == ["", f"bytes={10 * 1024 * 1024}-"]
+    done = [r.done for r in reports]
+    assert done == sorted(done) and done[-1] == len(data)
+
+
+def test_gated_repo(hub, cache, monkeypatch):
+    hub.add(REPO, {"m.safetensors": safetensors_bytes()})
+    hub.gated.add(REPO)
+    request = DownloadRequest(REPO, cache_dir=cache, endpoint=hub.url)
+    with pytest.raises(HubError) as e:
+        run_download(request)
+    assert str(e.value) == (
+        f"{REPO} is gated: accept its terms at {hub.url}/{REPO}, then log in with `hf auth login` or set HF_TOKEN"
+    )
+    monkeypatch.setenv("HF_TOKEN", "hf_" + secrets.token_hex(8))
+    with pytest.raises(HubError) as e:
+        run_download(request)
+    assert str(e.value) == f"{REPO} is gated and your token has no access yet: accept its terms at {hub.url}/{REPO}"
+    assert list(cache.rglob("*.safetensors")) == []
+
+
+def test_hub_errors(hub, cache):
+    hub.add(REPO, {"m.safetensors": safetensors_bytes()})
+    with pytest.raises(HubError) as e:
+        plan_download(DownloadRequest("acme/nothing", cache_dir=cache, endpoint=hub.url))
+    assert str(e.value) == (
+        "acme/nothing was not found on the Hugging Face hub (if it is private, log in with `hf auth login` or set HF_TOKEN)"
+    )
+    with pytest.raises(HubError) as e:
+        plan_download(DownloadRequest(REPO, revision="v9", cache_dir=cache, endpoint=hub.url))
+    assert str(e.value) == f"{REPO} has no branch, tag or commit 'v9'"
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(HubError) as e:
+        plan_download(DownloadRequest(REPO, cache_dir=cache, endpoint=f"http://127.0.0.1:{port}"))
+    assert str(e.value).startswith(f"cannot download from http://127.0.0.1:{port} (")
+    assert str(e.value).endswith("); check your connection and run again (files already downloaded are kept)")
+
+
+def test_not_enough_space(hub, cache, monkeypatch):
+    data = safetensors_bytes(64)
+    hub.add(REPO, {"m.safetensors": data})
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=len(data) - 1))
+    with pytest.raises(HubError) as e:
+        run_download(DownloadRequest(REPO, cache_dir=cache, endpoint=hub.url))
+    assert str(e.value) == (
+        f"not enough space in {cache.parent}: the download needs {len(data) / 1000:.1f} KB and "
+        f"{(len(data) - 1) / 1000:.1f} KB is free; free up space or download into another folder"
+    )
+    assert not cache.exists()
