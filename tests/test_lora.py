@@ -44,6 +44,12 @@ def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def float32_slack(want: torch.Tensor) -> float:
+    """What float32 arithmetic may add to a rounding bound (the engine patches in float32; the
+    reference is float64): a value on a rounding boundary may go either way."""
+    return float(want.abs().max()) * 2**-20
+
+
 def files_in(folder) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
@@ -160,12 +166,12 @@ def test_int8_merge_is_within_the_modes_bound(tmp_path, scheme, mode):
         if mode == "requant":  # fresh absmax scales, rounded to nearest
             absmax = want.abs().amax() if scale.numel() == 1 else want.abs().amax(dim=1, keepdim=True)
             torch.testing.assert_close(step, absmax / 127, rtol=1e-6, atol=0)
-            assert (error.abs() <= step / 2 * (1 + 1e-5)).all(), name
+            assert (error.abs() <= step / 2 + float32_slack(want)).all(), name
         else:  # the existing scale, stochastic rounding: less than one step off, unless clipped at ±127
             old_scale = model.reference[name.removesuffix(".weight") + ".weight_scale"]
             assert torch.equal(merged[name.removesuffix(".weight") + ".weight_scale"], old_scale)
             beyond = (want.abs() / step - 127).clamp_min(0)
-            assert (error.abs() / step < 1 + beyond).all(), name
+            assert (error.abs() < step * (1 + beyond) + float32_slack(want)).all(), name
         errors += float(error.square().sum())
         changes += float((want - original[name]).square().sum())
     assert result.stats.relative_error == pytest.approx(math.sqrt(errors / changes), rel=1e-3)
@@ -221,7 +227,7 @@ def test_a_stack_is_summed_in_float_and_rounded_once(tmp_path):
     for name, want in expected.items():
         if merged[name].dtype == torch.int8:
             scale = merged[name.removesuffix(".weight") + ".weight_scale"].double()
-            assert ((actual[name] - want).abs() <= scale / 2 * (1 + 1e-5)).all(), name
+            assert ((actual[name] - want).abs() <= scale / 2 + float32_slack(want)).all(), name
 
 
 def test_merged_file_lists_its_loras(tmp_path):
