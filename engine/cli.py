@@ -7,6 +7,7 @@ Exit status: 0 success, 2 bad input or user error (one line on stderr), 1 intern
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from engine import __version__
+from engine.bench import FORMATS, BenchRequest, run_bench
 from engine.checkpoint import format_bytes
 from engine.convert import ConvertRequest, ConvertResult, run_convert
 from engine.demo import build_demo_model
@@ -174,6 +176,42 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = run_convert(ConvertRequest(model, overwrite=True), progress=bar)
     print(_converted(result))
     print(describe(inspect_checkpoint(result.output)))
+    return 0
+
+
+@command("bench", help="seconds per step of a model in bf16, fp8 and int8, with each format's quality cost")
+def _bench_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source", help="a checkpoint, or a model name with random weights: flux2-klein-9b, zimage-turbo, …"
+    )
+    p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per format, after warm-up (default 10)")
+    p.add_argument(
+        "--formats",
+        type=lambda text: tuple(text.split(",")),
+        default=FORMATS,
+        help=f"comma-separated, from {','.join(FORMATS)}",
+    )
+    p.add_argument(
+        "--scheme", choices=SCHEMES, default="rowwise", help="int8 weight scales: one per weight or per row"
+    )
+    p.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    p.add_argument(
+        "--text-tokens", type=int, help="prompt length in tokens (default: the model's typical one)"
+    )
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    request = BenchRequest(
+        args.source, args.res, args.steps, args.formats, args.scheme, args.batch,
+        text_tokens=args.text_tokens, device=args.device,
+    )  # fmt: skip
+    with ProgressBar() as bar:
+        result = run_bench(request, progress=bar)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
 
 

@@ -1,0 +1,401 @@
+"""The end-to-end benchmark job: seconds per denoising step of one model in each weight format, with
+the quality cost of each format next to its speed.
+
+Every format runs the same model on the same inputs (latents, timestep, random text embeddings of the
+model's text width and a typical prompt length). Each format gets its own freshly built model (one at
+a time on the device), a warm-up whose first call (compilation, kernel autotuning) is reported
+separately, then ``steps`` timed steps; the median is reported. Quality is the relative error and
+cosine similarity of the model's output against bf16 eager.
+
+Formats: ``bf16``; ``bf16+compile``; ``fp8`` (e4m3 weights with per-row scales and per-token activation
+scales through ``torch._scaled_mm``, sm89+ only); ``int8`` (W8A8 through :class:`Int8Linear`); and
+``int8+compile``. Quantized formats replace the layers the architecture allows (see
+``Architecture.keeps_high_precision``).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.checkpoint import CheckpointReader
+from engine.int8.quantize import SCHEMES, Scheme
+from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
+from engine.models.build import load_model, named_config, quantize_model, random_model, replace_linears
+from engine.models.detect import detect
+from engine.models.spec import Architecture, Config
+
+FORMATS = ("bf16", "bf16+compile", "fp8", "int8", "int8+compile")
+DTYPE = torch.bfloat16
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+SEED = 0
+CPU_MAX_PARAMS = 1e9  # a full-size model on the CPU would take hours per step
+
+
+class BenchError(JobError):
+    """A benchmark that cannot run as asked (bad settings, too little memory)."""
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    source: str  # a checkpoint (file or diffusers folder) or a known model name ("flux2-klein-9b")
+    resolution: int = 1024
+    steps: int = 10
+    formats: tuple[str, ...] = FORMATS
+    scheme: Scheme = "rowwise"
+    batch: int = 1
+    warmup: int = 2  # untimed calls per format; the first one compiles and autotunes
+    text_tokens: int | None = None  # default: the model's typical prompt length
+    device: str | None = None  # default: "cuda" when there is a GPU, else "cpu"
+
+
+@dataclass(frozen=True)
+class FormatResult:
+    format: str
+    seconds_per_step: float | None = None  # median of the timed steps; None: not run (see note)
+    speedup: float | None = None  # against bf16 with the same compile setting
+    compile_seconds: float | None = None  # first call minus a step: compilation and autotuning
+    peak_vram_gb: float | None = None  # weights + activations while stepping (GPU only)
+    relative_error: float | None = None  # ‖out − out_bf16‖ / ‖out_bf16‖
+    cosine: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str  # "Flux.2 Klein 9B (random weights)"
+    device: str
+    versions: dict[str, str]
+    resolution: int
+    batch: int
+    steps: int
+    image_tokens: int
+    text_tokens: int
+    scheme: str
+    quantized_layers: int  # linear layers in int8/fp8 (the rest stay bf16)
+    linear_layers: int
+    rows: tuple[FormatResult, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The result as text: a three-line header, one row per format, a footnote."""
+        shape = f"{self.resolution}×{self.resolution}, batch {self.batch}"
+        tokens = f"{self.image_tokens} image + {self.text_tokens} text tokens"
+        versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
+        layers = f"{self.quantized_layers} of {self.linear_layers} linear layers quantized"
+        head = [
+            f"{self.model}: {shape} ({tokens}), median of {self.steps} steps",
+            f"{self.device}; {versions}",
+            f"{layers} ({self.scheme} int8 weight scales, per-token activation scales)",
+            "",
+        ]
+        lines = [COLUMNS, *(_cells(r) for r in self.rows)]
+        # a row that did not run holds its note in the second column: it sets no width
+        widths = [max(len(line[i]) for line in lines if i == 0 or len(line) > 2) for i in range(len(COLUMNS))]
+        body = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+        foot = ["", "speed-up: against bf16 with the same compile setting; errors: against bf16 eager"]
+        return "\n".join(head + body + foot)
+
+
+COLUMNS = ("format", "s/step", "speed-up", "first call", "peak VRAM", "rel. error", "cosine")
+
+
+def _cells(r: FormatResult) -> tuple[str, ...]:
+    if r.seconds_per_step is None:
+        return (r.format, r.note)
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "—" if value is None else fmt.format(value)
+
+    return (
+        r.format,
+        f"{r.seconds_per_step:.3f}",
+        cell(r.speedup, "{:.2f}×"),
+        cell(r.compile_seconds, "{:.1f} s"),
+        cell(r.peak_vram_gb, "{:.1f} GB"),
+        cell(r.relative_error, "{:.2%}"),
+        cell(r.cosine, "{:.5f}"),
+    )
+
+
+# --- the comparison format: row-wise fp8 ---------------------------------------------------------
+
+
+class Fp8Linear(nn.Module):
+    """fp8 (e4m3) W8A8 through ``torch._scaled_mm``: per-row weight scales, per-token activation
+    scales computed on the fly. The fastest format cuBLAS offers on sm89+; here only to compare."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        self.register_buffer("weight", (w / scale).to(FP8))
+        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        q = (x2 / x_scale).to(FP8)
+        y = torch._scaled_mm(
+            q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
+        )
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def fp8_unsupported(device: torch.device) -> str | None:
+    """Why row-wise fp8 cannot run on ``device`` (None: it can)."""
+    if device.type != "cuda":
+        return "n/a (needs a CUDA GPU, sm89+)"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "n/a (needs sm89+)"
+    return None
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    arch: Architecture
+    config: Config
+    label: str
+    load: Callable[[torch.device, bool], nn.Module]  # (device, keep int8 layers) → bf16 model
+    int8_layers: int = 0  # layers the file holds in int8 (they are used as they are)
+
+
+def run_bench(
+    request: BenchRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+) -> BenchResult:
+    cancel = cancel or CancelToken()
+    formats = _check(request)
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    reader = CheckpointReader(request.source) if Path(request.source).exists() else None
+    try:
+        source = _source(request, reader)
+        return _bench(request, formats, source, device, progress, cancel)
+    except torch.OutOfMemoryError:
+        raise BenchError(
+            f"out of GPU memory at {request.resolution}×{request.resolution}, batch {request.batch}: "
+            "lower --res or --batch, or close other programs using the GPU"
+        ) from None
+    finally:
+        if reader is not None:
+            reader.close()
+        _free()
+
+
+def _check(request: BenchRequest) -> list[str]:
+    choices = ", ".join(FORMATS)
+    if not request.formats:
+        raise BenchError(f"no format to measure; choose from {choices}")
+    for fmt in request.formats:
+        if fmt not in FORMATS:
+            raise BenchError(f"unknown format {fmt!r}; choose from {choices}")
+    if request.resolution <= 0 or request.resolution % 16:
+        raise BenchError(f"resolution {request.resolution} is not a positive multiple of 16")
+    for name in ("steps", "batch", "warmup", "text_tokens"):
+        value = getattr(request, name)
+        if value is not None and value < 1:
+            raise BenchError(f"{name.replace('_', ' ')} must be at least 1, got {value}")
+    if request.device not in (None, "cpu", "cuda"):
+        raise BenchError(f"unknown device {request.device!r}; choose cpu or cuda")
+    if request.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError(
+            "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one"
+        )
+    if request.scheme not in SCHEMES:
+        raise BenchError(f"unknown scheme {request.scheme!r}; choose from {', '.join(SCHEMES)}")
+    return [f for f in FORMATS if f in request.formats]
+
+
+def _source(request: BenchRequest, reader: CheckpointReader | None) -> _Source:
+    if reader is None:
+        arch, config, label = named_config(request.source)
+        return _Source(
+            arch,
+            config,
+            f"{label} (random weights)",
+            lambda device, _: random_model(arch, config, device, DTYPE, SEED),
+        )
+    detected = detect(reader)
+    return _Source(
+        detected.arch,
+        detected.config,
+        f"{detected.label} ({Path(request.source).name}, {detected.source_format})",
+        lambda device, keep_int8: load_model(reader, device, DTYPE, dequantize=not keep_int8)[0],
+        int8_layers=sum(fmt.startswith("int8") for fmt in detected.layer_formats.values()),
+    )
+
+
+def _bench(
+    request: BenchRequest,
+    formats: list[str],
+    source: _Source,
+    device: torch.device,
+    progress: ProgressFn | None,
+    cancel: CancelToken,
+) -> BenchResult:
+    arch, shapes = source.arch, source.arch.tensor_shapes(source.config)
+    params = sum(math.prod(s) for s in shapes.values())
+    if device.type == "cpu" and params > CPU_MAX_PARAMS:
+        tiny = ", ".join(f"{arch.name}-{v}" for v in arch.tiny)
+        raise BenchError(
+            f"{source.label} has {params / 1e9:.1f}B parameters: benchmark it on a CUDA GPU; "
+            f"on the CPU use a small model such as {tiny}"
+        )
+    linears = [n for n, s in shapes.items() if len(s) == 2 and n.endswith(".weight")]
+    quantized = [n for n in linears if not arch.keeps_high_precision(n, shapes[n])]
+    report = Reporter(progress, "benchmark", len(formats) * (request.warmup + request.steps))
+    done = 0
+
+    def tick(message: str, calls: int = 1) -> None:
+        nonlocal done
+        done += calls
+        report(done, message)
+
+    def build(fmt: str) -> nn.Module:
+        base, _, compiled = fmt.partition("+")
+        model = source.load(device, base == "int8")
+        if base == "int8" and not source.int8_layers:
+            quantize_model(model, arch, request.scheme)
+        elif base == "fp8":
+            replace_linears(model, arch, Fp8Linear)
+        return torch.compile(model, fullgraph=True) if compiled else model
+
+    model = build("bf16")
+    inputs = model.random_inputs(
+        request.batch,
+        request.resolution,
+        torch.Generator().manual_seed(SEED),
+        device,
+        DTYPE,
+        request.text_tokens,
+    )
+    text_tokens = request.text_tokens or model.text_tokens
+    reference = None  # bf16 eager's output: its timed run when asked for, else one call here
+    if "bf16" not in formats:
+        with torch.no_grad():
+            reference = model(**inputs).float()
+    rows = []
+    for fmt in formats:
+        cancel.check()
+        note = fp8_unsupported(device) if fmt == "fp8" else None
+        if note:
+            tick(f"{fmt}: {note}", request.warmup + request.steps)
+            rows.append(FormatResult(fmt, note=note))
+            continue
+        if fmt != "bf16":  # one model at a time on the device
+            model = None
+            _free()
+            model = build(fmt)
+        step, first, out, peak = _measure(model, inputs, request, device, cancel, tick, fmt)
+        reference = out if reference is None else reference
+        error = ((out - reference).norm() / reference.norm()).item()
+        cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0).item()
+        rows.append(FormatResult(fmt, step, None, max(0.0, first - step), peak, error, cosine))
+    model = None
+    return BenchResult(
+        model=source.label,
+        device=_device_name(device),
+        versions=_versions(device),
+        resolution=request.resolution,
+        batch=request.batch,
+        steps=request.steps,
+        image_tokens=(request.resolution // 16) ** 2,  # every family: 16× fewer tokens per side than pixels
+        text_tokens=text_tokens,
+        scheme="as in the file" if source.int8_layers else request.scheme,
+        quantized_layers=source.int8_layers or len(quantized),
+        linear_layers=len(linears),
+        rows=tuple(_with_speedups(rows)),
+    )
+
+
+def _measure(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    request: BenchRequest,
+    device: torch.device,
+    cancel: CancelToken,
+    tick: Callable[[str], None],
+    fmt: str,
+) -> tuple[float, float, torch.Tensor, float | None]:
+    """``(median seconds per step, first call's seconds, output in float32, peak GB or None)``."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def call() -> tuple[float, torch.Tensor]:
+        cancel.check()
+        start = time.perf_counter()
+        out = model(**inputs)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, out
+
+    with torch.no_grad():
+        first, _ = call()
+        tick(f"{fmt}: warm-up")
+        for _ in range(request.warmup - 1):
+            call()
+            tick(f"{fmt}: warm-up")
+        times = []
+        for step in range(request.steps):
+            seconds, out = call()
+            times.append(seconds)
+            tick(f"{fmt}: step {step + 1}/{request.steps}")
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+    return statistics.median(times), first, out.float(), peak
+
+
+def _with_speedups(rows: list[FormatResult]) -> list[FormatResult]:
+    """Each row's speed-up against bf16 with the same compile setting (when both ran)."""
+    seconds = {r.format: r.seconds_per_step for r in rows}
+    out = []
+    for r in rows:
+        baseline = seconds.get("bf16+compile" if r.format.endswith("+compile") else "bf16")
+        if r.seconds_per_step and baseline:
+            r = replace(r, speedup=baseline / r.seconds_per_step)
+        out.append(r)
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm{major}{minor})"
+    if not torch.cuda.is_available():
+        return "CPU — no CUDA GPU found: int8 runs its reference CPU path, times are not representative"
+    return "CPU"
+
+
+def _versions(device: torch.device) -> dict[str, str]:
+    versions = {"torch": torch.__version__.split("+")[0]}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        versions["CUDA"] = str(torch.version.cuda)
+    return versions
+
+
+def _free() -> None:
+    """Release the last model: compiled graphs, Python references, cached device memory."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,168 @@
+"""The benchmark job and `int8-studio bench`, on the CPU with tiny models: structure and sanity of
+the results (int8 quality against bf16), never times."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from engine.bench import FORMATS, BenchError, BenchRequest, run_bench
+from engine.cli import main
+from engine.jobs import Cancelled, CancelToken, Progress
+from engine.models.build import UnknownModelNameError
+from tests.tiny_checkpoints import write_single_file
+
+# 16 image tokens, 24 text tokens (Z-Image pads both), on the CPU even where there is a GPU
+SMALL = {"resolution": 64, "steps": 2, "text_tokens": 24, "device": "cpu"}
+NO_GPU = not torch.cuda.is_available()
+
+
+def check_rows(result, formats):
+    rows = {r.format: r for r in result.rows}
+    assert list(rows) == [f for f in FORMATS if f in formats]
+    for r in rows.values():
+        if r.format == "fp8":  # no GPU here
+            assert r.note == "n/a (needs a CUDA GPU, sm89+)"
+            assert (r.seconds_per_step, r.relative_error, r.speedup) == (None, None, None)
+            continue
+        assert r.seconds_per_step > 0 and r.compile_seconds >= 0 and r.peak_vram_gb is None
+        baseline = rows["bf16+compile" if r.format.endswith("+compile") else "bf16"]
+        assert r.speedup == pytest.approx(baseline.seconds_per_step / r.seconds_per_step)
+    if "bf16" in rows:
+        assert (rows["bf16"].relative_error, rows["bf16"].speedup) == (0.0, 1.0)
+        assert rows["bf16"].cosine == pytest.approx(1.0)
+    for fmt in ("int8", "int8+compile"):
+        if fmt in rows:
+            assert 1e-4 < rows[fmt].relative_error < 0.03
+            assert 0.999 < rows[fmt].cosine < 1
+    return rows
+
+
+@pytest.mark.parametrize("name", ["flux2-tiny", "chroma-tiny", "zimage-tiny"])
+def test_bench_a_named_model(name):
+    reports: list[Progress] = []
+    result = run_bench(BenchRequest(name, formats=("int8", "fp8", "bf16"), **SMALL), progress=reports.append)
+    check_rows(result, ("bf16", "fp8", "int8"))
+    assert result.model.endswith("tiny (random weights)")
+    assert result.device.startswith("CPU — no CUDA GPU found") if NO_GPU else result.device == "CPU"
+    assert (result.image_tokens, result.text_tokens, result.scheme) == (16, 24, "rowwise")
+    assert 0 < result.quantized_layers < result.linear_layers
+    assert [p.done for p in reports] == [1, 2, 3, 4, 8, 9, 10, 11, 12]  # fp8 skips its 4 calls at once
+    assert reports[-1].total == 12 and reports[-1].message == "int8: step 2/2"
+    assert json.loads(json.dumps(result.to_dict()))["rows"][2]["format"] == "int8"
+    table = result.table()
+    assert "fp8     n/a (needs a CUDA GPU, sm89+)" in table
+
+
+def test_compiled_formats(monkeypatch):
+    # inductor's C++ code generation takes minutes on CI's CPU: the same graph capture (fullgraph, the
+    # int8 op included) runs through aot_eager here; the GPU run uses inductor
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    result = run_bench(BenchRequest("flux2-tiny", formats=FORMATS, scheme="tensorwise", **SMALL))
+    rows = check_rows(result, FORMATS)
+    assert rows["bf16+compile"].relative_error < 1e-2
+
+
+def test_bench_a_file(tmp_path):
+    ckpt = write_single_file(tmp_path / "klein.safetensors", "flux2", prefix="model.diffusion_model.")
+    result = run_bench(BenchRequest(str(ckpt.path), formats=("bf16", "int8"), **SMALL))
+    check_rows(result, ("bf16", "int8"))
+    assert result.model == "Flux.2 custom (klein.safetensors, bf16)"
+
+
+def test_bench_an_int8_file_uses_its_layers(tmp_path):
+    ckpt = write_single_file(tmp_path / "z.safetensors", "zimage", fmt="int8_rowwise")
+    result = run_bench(BenchRequest(str(ckpt.path), formats=("bf16", "int8"), **SMALL))
+    rows = check_rows(result, ("bf16", "int8"))
+    int8_tensors = sum(t.dtype == torch.int8 for t in ckpt.tensors.values())
+    assert (result.scheme, result.quantized_layers) == ("as in the file", int8_tensors)
+    assert rows["int8"].relative_error > 0  # bf16 runs the dequantized weights, int8 the file's
+
+
+def test_cancel():
+    cancel = CancelToken()
+
+    def progress(p: Progress) -> None:
+        if p.done == 3:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        run_bench(BenchRequest("chroma-tiny", formats=("bf16", "int8"), **SMALL), progress, cancel)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"formats": ("bf16", "int4")},
+            "unknown format 'int4'; choose from bf16, bf16+compile, fp8, int8, int8+compile",
+        ),
+        ({"formats": ()}, "no format to measure; choose from bf16, bf16+compile, fp8, int8, int8+compile"),
+        ({"resolution": 1000}, "resolution 1000 is not a positive multiple of 16"),
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"text_tokens": 0}, "text tokens must be at least 1, got 0"),
+        ({"scheme": "blockwise"}, "unknown scheme 'blockwise'; choose from tensorwise, rowwise"),
+        (
+            {"device": "cuda"},
+            "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one",
+        ),
+        (
+            {"source": "flux2-klein-9b"},
+            (
+                "Flux.2 Klein 9B (random weights) has 9.1B parameters: benchmark it on a CUDA GPU; "
+                "on the CPU use a small model such as flux2-tiny, flux2-tiny-guidance"
+            ),
+        ),
+    ],
+)
+def test_bad_requests(changes, message):
+    if changes.get("device") == "cuda" and not NO_GPU:
+        pytest.skip("there is a GPU")
+    request = BenchRequest(**{"source": "zimage-tiny", **SMALL, **changes})
+    with pytest.raises(BenchError) as err:
+        run_bench(request)
+    assert str(err.value) == message
+
+
+def test_unknown_source(tmp_path):
+    with pytest.raises(
+        UnknownModelNameError, match="^'nothing-here' is neither a checkpoint file nor a known model"
+    ):
+        run_bench(BenchRequest("nothing-here"))
+
+
+def test_cli_json_and_table(capsys):
+    args = [
+        "bench",
+        "zimage-tiny",
+        "--res",
+        "64",
+        "--steps",
+        "1",
+        "--text-tokens",
+        "8",
+        "--formats",
+        "bf16,int8",
+    ]
+    args += ["--device", "cpu"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["format"] for r in result["rows"]] == ["bf16", "int8"]
+    assert result["model"] == "Z-Image tiny (random weights)" and result["steps"] == 1
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "Z-Image tiny (random weights): 64×64, batch 1 (16 image + 8 text tokens), median of 1 steps"
+    )
+    assert "\nint8 " in out
+
+
+def test_cli_bad_input(capsys):
+    assert main(["bench", "zimage-tiny", "--formats", "bf16,int2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "int8-studio: error: unknown format 'int2'; choose from bf16, bf16+compile, fp8, int8, int8+compile\n"
+    )
