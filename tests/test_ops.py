@@ -71,7 +71,9 @@ def test_zero_rows_give_the_bias_and_non_finite_rows_give_nan(backend):
 def test_out_dtype_and_default_backends():
     w_int8, w_scale, bias = make_layer(16, 32, (), True)
     x = torch.randn(3, 32, dtype=torch.float16)
-    assert ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32).dtype == torch.float32
+    out = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, ops.int8_linear_eager(x, w_int8, w_scale, bias, out_dtype=torch.float32))
     assert ops.backend_for(x) == "torch"
     with ops.use_backend("int_mm"):
         assert ops.backend_for(x) == "int_mm"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import int8_linear
+from engine.int8.ops import int8_linear, int8_linear_eager
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
 from engine.jobs import JobError
 
@@ -77,7 +77,8 @@ class Int8Linear(nn.Module):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
         else:
-            y = int8_linear(x, self.weight, self.weight_scale, self.bias)
+            op = int8_linear if torch.compiler.is_compiling() else int8_linear_eager
+            y = op(x, self.weight, self.weight_scale, self.bias)
         if self.adapter is not None:
             y = y + self.adapter(x)
         return y
