@@ -7,9 +7,12 @@
 - :mod:`engine.lora.delta`: the float32 change a layer makes.
 - :mod:`engine.lora.merge`: stacking, requant and stochastic int8 merging.
 - :mod:`engine.lora.job`: ``run_lora_merge``, streaming the merged model to disk.
+- :mod:`engine.lora.dynamic`: LoRAs applied at run time, strengths changeable without recompiling.
+- :mod:`engine.lora.info`: ``inspect_lora``, what a file is and what it covers.
 """
 
 from engine.lora.files import LoraError, LoraFile, LoraLayer
+from engine.lora.info import LoraInfo, inspect_lora
 from engine.lora.job import LoraMergeRequest, LoraMergeResult, LoraSpec, run_lora_merge
 from engine.lora.mapping import Guess, LoraMatch, Patch, Segment, guess_target, match_model
 from engine.lora.merge import MODES, MergeStats, Mode
@@ -19,6 +22,7 @@ __all__ = [
     "Guess",
     "LoraError",
     "LoraFile",
+    "LoraInfo",
     "LoraLayer",
     "LoraMatch",
     "LoraMergeRequest",
@@ -29,6 +33,7 @@ __all__ = [
     "Patch",
     "Segment",
     "guess_target",
+    "inspect_lora",
     "match_model",
     "run_lora_merge",
 ]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CheckpointReader, CheckpointWriter
+from engine.convert import METADATA_PREFIX
 from engine.int8.quantize import default_device
 from engine.jobs import CancelToken, ProgressFn, Reporter
 from engine.lora.files import LoraError, LoraFile
@@ -25,7 +26,7 @@ from engine.lora.mapping import LoraMatch, match_model
 from engine.lora.merge import MODES, Applied, MergeStats, Mode, merge_float, merge_int8
 from engine.models import DetectedModel, OutputTensor, detect
 
-LORAS_METADATA = "int8_studio.loras"  # JSON list of {"name", "strength"}, oldest merge first
+LORAS_METADATA = METADATA_PREFIX + "loras"  # JSON list of {"name", "strength"}, oldest merge first
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,19 @@ def _refuse_rotated(weights: list[str], build) -> None:
 
 
 def _metadata(source: Mapping[str, str], request: LoraMergeRequest) -> dict[str, str]:
-    """The model's metadata with this merge's LoRAs appended to the list of merged LoRAs."""
+    """The model's metadata, less hashes of its bytes (they no longer hold), with this merge's LoRAs
+    appended to the list of merged LoRAs. Our own keys (the conversion's source hash included) stay:
+    they describe where the weights came from."""
     try:
         merged = json.loads(source.get(LORAS_METADATA, "[]"))
     except ValueError:
         merged = None
-    if not isinstance(merged, list):  # not ours: a list of what we merge is all the key may hold
+    if not isinstance(merged, list):  # not ours: a list of what we merged is all the key may hold
         merged = []
     merged += [{"name": spec.path.name, "strength": spec.strength} for spec in request.loras]
-    return {**source, LORAS_METADATA: json.dumps(merged)}
+    kept = {k: v for k, v in source.items() if k.startswith(METADATA_PREFIX) or not _is_hash(k)}
+    return {**kept, LORAS_METADATA: json.dumps(merged)}
+
+
+def _is_hash(key: str) -> bool:
+    return "hash" in key.lower() or "sha256" in key.lower()

@@ -131,8 +131,8 @@ def target_shape(patch: Patch, shapes: Mapping[str, Shape]) -> Shape:
     return (sum(s.length for s in patch.segments), *shapes[patch.target][1:])
 
 
-def match(lora: LoraFile, names: ModelNames) -> tuple[tuple[Patch, ...], Counter, list[str], list[str]]:
-    """Patches of every layer that resolves, the naming families seen, unmatched and text-encoder keys."""
+def match(lora: LoraFile, names: ModelNames) -> LoraMatch:
+    """The patches of every layer whose name resolves (shapes unchecked), and what found no layer."""
     patches, naming, unmatched, text_encoder = [], Counter(), list(lora.stray), []
     for stem, layer in lora.layers.items():
         if stem.startswith(TEXT_ENCODER):
@@ -146,7 +146,8 @@ def match(lora: LoraFile, names: ModelNames) -> tuple[tuple[Patch, ...], Counter
             continue
         naming[resolved[0]] += 1
         patches += [Patch(layer, t[0], p, t[1]) for p, t in zip(parts, targets)]
-    return tuple(patches), naming, unmatched, text_encoder
+    family = naming.most_common(1)[0][0] if naming else ""
+    return LoraMatch(lora, family, tuple(patches), tuple(unmatched), tuple(text_encoder))
 
 
 def match_model(lora: LoraFile, model: DetectedModel) -> LoraMatch:
@@ -157,10 +158,10 @@ def match_model(lora: LoraFile, model: DetectedModel) -> LoraMatch:
     a matched layer has another shape (another variant or size).
     """
     names = ModelNames.of(model)
-    patches, naming, unmatched, text_encoder = match(lora, names)
-    result = LoraMatch(lora, naming.most_common(1)[0][0] if naming else "", patches, tuple(unmatched), tuple(text_encoder))
+    result = match(lora, names)
+    patches = result.patches
     wrong = [p for p in patches if not fits(p, names.shapes)]
-    doubtful = not patches or wrong or len(unmatched) > result.matched_keys
+    doubtful = not patches or wrong or len(result.unmatched) > result.matched_keys
     guess = guess_target(lora) if doubtful else None
     if not patches or (guess and guess.arch is not model.arch):
         raise LoraError(_not_for_this_model(lora, names, guess))
@@ -200,6 +201,11 @@ def _variant_names(arch_name: str, variant: str) -> ModelNames:
     return ModelNames(arch, config, arch.tensor_shapes(config), f"{arch.label} {variant}")
 
 
+def variant_names(guess: Guess) -> ModelNames:
+    """The names of the guessed variant (the first released one when the shapes fit none)."""
+    return _variant_names(guess.arch.name, guess.variant or next(iter(guess.arch.variants)))
+
+
 def guess_target(lora: LoraFile) -> Guess | None:
     """Which architecture (and variant) the LoRA was trained for; None when no name resolves anywhere.
 
@@ -210,7 +216,7 @@ def guess_target(lora: LoraFile) -> Guess | None:
     for arch in REGISTRY.values():
         for variant in (*arch.variants, *arch.tiny):
             names = _variant_names(arch.name, variant)
-            patches = match(lora, names)[0]
+            patches = match(lora, names).patches
             fitting = sum(fits(p, names.shapes) for p in patches)
             if (fitting, len(patches)) > score:
                 best, score = Guess(arch, variant if fitting else None), (fitting, len(patches))
