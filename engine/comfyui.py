@@ -454,45 +454,44 @@ def run_export(
 ) -> ExportResult:
     if request.kind not in EXPORT_KINDS:
         raise ExportError(f"cannot export as '{request.kind}'; choose one of: {', '.join(EXPORT_KINDS)}")
-    source = Path(request.source)
-    if source.is_dir():
-        raise ExportError(f"{source} is a folder; export a single .safetensors file (convert a diffusers model first)")
-    name = request.name or source.name
+    if Path(request.source).is_dir():
+        raise ExportError(f"{request.source} is a folder; export a single .safetensors file (convert a diffusers model first)")
+    name = request.name or Path(request.source).name
     if Path(name).name != name or not name.lower().endswith(MODEL_EXTENSIONS):
         raise ExportError(f"'{name}' is not a file name ending in .safetensors; choose another name")
-    description = verify_export(source, request.kind)  # fail before writing anything
-    folder = Path(request.folder)
-    target = folder / name
-    size = source.stat().st_size
-    if target.exists() and source.exists() and os.path.samefile(source, target):
+    description = verify_export(Path(request.source), request.kind)  # fail before writing anything
+    source = Path(request.source).resolve()  # a hub cache entry is a link into its blobs/: export the file
+    target, size = Path(request.folder) / name, source.stat().st_size
+    if target.exists() and os.path.samefile(source, target):
         return ExportResult(target, description, size, linked=False, already_there=True)
-    if target.exists() and not request.overwrite:
-        raise ExportError(f"{target} already exists; choose another name, or replace it (--overwrite)")
-    _make_folder(folder)
-    linked = request.link and source.stat().st_dev == folder.stat().st_dev
-    if not linked:
-        _check_free_space(folder, size)
-    temp = folder / f".{name}.partial-{secrets.token_hex(4)}"
+    _refuse_to_overwrite(target, request.overwrite)
+    _make_folder(target.parent)
+    temp = target.with_name(f".{name}.partial-{secrets.token_hex(4)}")
     report = Reporter(progress, "export", size)
     try:
-        linked = linked and _try_link(source, temp)
+        linked = request.link and _try_link(source, temp)
         if linked:
             report(size, "hard link")
         else:
+            _check_free_space(target.parent, size)
             _copy(source, temp, report, cancel or CancelToken())
         if temp.stat().st_size != size:
-            raise ExportError(f"the copy in {folder} has {temp.stat().st_size} bytes, the source {size}: disk error?")
+            raise ExportError(f"the copy of {source} has {temp.stat().st_size} bytes, not {size}: a disk error?")
         description = verify_export(temp, request.kind)
-        if target.exists() and not request.overwrite:  # appeared while we were copying
-            raise ExportError(f"{target} already exists; choose another name, or replace it (--overwrite)")
+        _refuse_to_overwrite(target, request.overwrite)  # it may have appeared meanwhile
         os.replace(temp, target)
-    except PermissionError as e:
-        raise ExportError(_permission_message(folder, target, e)) from None
+    except PermissionError:
+        raise ExportError(_permission_message(target.parent, target)) from None
     except OSError as e:
         raise ExportError(f"cannot write {target}: {e.strerror or e}") from e
     finally:
         temp.unlink(missing_ok=True)
     return ExportResult(target, description, size, linked)
+
+
+def _refuse_to_overwrite(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} already exists; choose another name, or replace it (--overwrite)")
 
 
 def _make_folder(folder: Path) -> None:
@@ -503,8 +502,8 @@ def _make_folder(folder: Path) -> None:
         raise ExportError(f"{folder} does not exist, nor does {folder.parent}; check the install or choose another folder") from None
     except FileExistsError:
         raise ExportError(f"{folder} is a file, not a folder; choose another folder") from None
-    except PermissionError as e:
-        raise ExportError(_permission_message(folder, folder, e)) from None
+    except PermissionError:
+        raise ExportError(_permission_message(folder)) from None
 
 
 def _check_free_space(folder: Path, size: int) -> None:
@@ -517,11 +516,12 @@ def _check_free_space(folder: Path, size: int) -> None:
 
 
 def _try_link(source: Path, temp: Path) -> bool:
-    """Hard-link ``source`` as ``temp``; False where the filesystem cannot (then we copy)."""
+    """Hard-link ``source`` as ``temp``; False where that cannot be (another filesystem, or one
+    without hard links: then we copy)."""
     try:
         os.link(source, temp)
     except OSError as e:
-        if e.errno == errno.EACCES:  # the folder is not writable; EPERM is a filesystem without links
+        if e.errno == errno.EACCES:  # the folder is not writable (EPERM: a filesystem without links)
             raise
         return False
     return True
@@ -540,7 +540,7 @@ def _copy(source: Path, temp: Path, report: Reporter, cancel: CancelToken) -> No
         os.fsync(fout.fileno())
 
 
-def _permission_message(folder: Path, target: Path, e: PermissionError) -> str:
-    if target.exists() and sys.platform == "win32":
+def _permission_message(folder: Path, target: Path | None = None) -> str:
+    if target is not None and target.is_file() and sys.platform == "win32":
         return f"cannot replace {target}: it is in use (close ComfyUI or choose another name)"
     return f"cannot write to {folder}: permission denied; choose another folder or fix its permissions"

@@ -116,13 +116,15 @@ def list_files(request: DownloadRequest) -> list[RemoteFile]:
     return [RemoteFile(f.rfilename, f.size or 0, _present(request, f.rfilename, f.size)) for f in info.siblings or []]
 
 
+def _cache_dir(request: DownloadRequest) -> Path:
+    return Path(request.cache_dir or hub_constants.HF_HUB_CACHE)
+
+
 def _present(request: DownloadRequest, name: str, size: int | None) -> bool:
     if request.folder is not None:
         path = Path(request.folder) / name
         return path.is_file() and path.stat().st_size == size
-    cached = try_to_load_from_cache(
-        request.repo_id, name, cache_dir=request.cache_dir, revision=request.revision
-    )
+    cached = try_to_load_from_cache(request.repo_id, name, cache_dir=_cache_dir(request), revision=request.revision)
     return isinstance(cached, str) and os.path.getsize(cached) == size
 
 
@@ -135,7 +137,7 @@ def _local_files(request: DownloadRequest) -> list[RemoteFile]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         ]
     try:
-        repos = scan_cache_dir(request.cache_dir).repos
+        repos = scan_cache_dir(_cache_dir(request)).repos
     except CacheNotFound:
         repos = frozenset()
     revision = request.revision or "main"
@@ -166,6 +168,8 @@ def choose_files(request: DownloadRequest, files: list[RemoteFile]) -> list[Remo
         for pattern in request.files:
             matches = [f for f in files if fnmatch.fnmatchcase(f.name, pattern) and f not in chosen]
             if not matches and not any(fnmatch.fnmatchcase(f.name, pattern) for f in files):
+                if is_offline(request):
+                    raise HubError(_offline_message(request, pattern))
                 raise HubError(f"{request.repo_id} has no file '{pattern}'; it has: {_names(files)}")
             chosen += matches
         return chosen
@@ -191,6 +195,8 @@ def plan_download(request: DownloadRequest) -> list[RemoteFile]:
 
 
 def _names(files: list[RemoteFile], count: int = 8) -> str:
+    if not files:
+        return "no files"
     names = [f.name for f in files[:count]]
     return ", ".join(names) + (f" and {len(files) - count} more" if len(files) > count else "")
 
@@ -225,7 +231,7 @@ def run_download(
 
 
 def _check_free_space(request: DownloadRequest, needed: int) -> None:
-    target = Path(request.folder or request.cache_dir or hub_constants.HF_HUB_CACHE)
+    target = Path(request.folder or _cache_dir(request))
     existing = next(p for p in (target, *target.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < needed:
@@ -326,8 +332,7 @@ def _partial_files(request: DownloadRequest) -> set[Path]:
     if request.folder is not None:
         where = Path(request.folder) / ".cache" / "huggingface"
     else:
-        cache = Path(request.cache_dir or hub_constants.HF_HUB_CACHE)
-        where = cache / f"models--{request.repo_id.replace('/', '--')}"
+        where = _cache_dir(request) / f"models--{request.repo_id.replace('/', '--')}"
     return set(where.rglob("*.incomplete")) if where.is_dir() else set()
 
 
@@ -388,6 +393,14 @@ def _child_main() -> None:
         send(error=str(explained))
 
 
+def _offline_message(request: DownloadRequest, name: str) -> str:
+    where = f"in {request.folder}" if request.folder else "in the hub cache"
+    return (
+        f"{name} of {request.repo_id} is not downloaded yet ({where}) and downloads are off (offline mode); "
+        "connect and run again without offline mode (unset HF_HUB_OFFLINE)"
+    )
+
+
 def _explain(e: Exception, request: DownloadRequest, name: str | None = None) -> Exception:
     """The hub's and the network's exceptions as one line a user can act on (others unchanged)."""
     repo, url = request.repo_id, f"{request.endpoint or HUB_URL}/{request.repo_id}"
@@ -401,11 +414,7 @@ def _explain(e: Exception, request: DownloadRequest, name: str | None = None) ->
     if isinstance(e, RevisionNotFoundError):
         return HubError(f"{repo} has no branch, tag or commit '{request.revision}'")
     if isinstance(e, LocalEntryNotFoundError | OfflineModeIsEnabled):
-        where = f"in {request.folder}" if request.folder else "in the hub cache"
-        return HubError(
-            f"{name or repo} of {repo} is not downloaded yet ({where}) and downloads are off (offline mode); "
-            "connect and run again without offline mode (unset HF_HUB_OFFLINE)"
-        )
+        return HubError(_offline_message(request, name or repo))
     if isinstance(e, EntryNotFoundError):
         return HubError(f"{repo} has no file '{name}'")
     if isinstance(e, HfHubHTTPError | ConnectionError | TimeoutError) or type(e).__module__.startswith("httpx"):

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.checkpoint import CheckpointError
+from engine.cli import main
 from engine.comfyui import (
     ComfyUIError,
     ExportError,
@@ -264,8 +265,10 @@ def test_search_order_and_export_target(tmp_path):
         ("comfyui: [\n", "is not valid YAML (line 2: expected the node content, but found '<stream end>')"),
         ("- a\n- b\n", "must map section names to folder settings, not be a list"),
         ("comfyui: models\n", ": section 'comfyui' must map folder kinds to paths, not be 'models'"),
-        ("comfyui:\n  loras: [a, b]\n", ": 'loras' in section 'comfyui' must be a path, or several with '|' "
-         "one per line; found ['a', 'b']"),  # fmt: skip
+        (
+            "comfyui:\n  loras: [a, b]\n",
+            ": 'loras' in section 'comfyui' must be a path, or several with '|' one per line; found ['a', 'b']",
+        ),
     ],
 )
 def test_malformed_yaml(tmp_path, text, problem):
@@ -592,6 +595,82 @@ def test_export_lora(tmp_path, comfy, int8_model):
     result = run_export(ExportRequest(lora, target, kind="loras"))
     assert result.path == comfy / "models" / "loras" / "style.safetensors"
     assert result.description == "LoRA, 1 layers"
-    with pytest.raises(LoraError, match="holds no LoRA layers"):
+    with pytest.raises(LoraError, match="is a Flux.2 custom model, not a LoRA$"):
         run_export(ExportRequest(int8_model, target, kind="loras"))
     assert folder_files(target) == ["style.safetensors"]
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fake home folder: what discovery looks at when the CLI runs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    return home
+
+
+def test_cli_comfyui_find(home, capsys):
+    places = Places.here()
+    checkout = make_checkout(home / "ComfyUI")
+    (checkout / "extra_model_paths.yaml").write_text("broken: [\n")
+    desktop = make_desktop(home, places)
+    assert main(["comfyui", "find"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"ComfyUI Desktop at {desktop}\n"
+        f"  export diffusion_models  {desktop / 'models/diffusion_models'}\n"
+        f"  export loras             {desktop / 'models/loras'}\n"
+        f"  diffusion_models         {desktop / 'models/diffusion_models'}  "
+        "(default, extra_models_config.yaml [comfyui_desktop])\n"
+        f"                           {desktop / 'models/unet'}  (missing)\n"
+    )
+    assert f"\n\ngit checkout at {checkout}\n  diffusion_models         {checkout / 'models/unet'}\n" in out
+    assert f"  problem                  {checkout / 'extra_model_paths.yaml'} is not valid YAML (line 2: " in out
+
+    assert main(["comfyui", "find", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [(i["flavour"], i["export_folders"]) for i in found] == [
+        ("ComfyUI Desktop", {"diffusion_models": str(desktop / "models/diffusion_models"),
+                             "loras": str(desktop / "models/loras")}),
+        ("git checkout", {}),
+    ]  # fmt: skip
+
+
+def test_cli_comfyui_find_nothing(home, capsys):
+    assert main(["comfyui", "find"]) == 2
+    assert capsys.readouterr().err == (
+        "int8-studio: error: no ComfyUI install found in the usual places; give its folder: comfyui find PATH\n"
+    )
+
+
+def test_cli_export(home, int8_model, capsys):
+    root = make_checkout(home / "ComfyUI")
+    assert main(["export", str(int8_model)]) == 0
+    target = root / "models" / "diffusion_models" / int8_model.name
+    size = int8_model.stat().st_size
+    out = capsys.readouterr().out
+    assert out.startswith(f"exported {target} (hard link, {size / 1000:.1f} KB): Flux.2 custom, int8_rowwise (")
+    assert main(["export", str(int8_model)]) == 0  # the same file: nothing to do
+    assert capsys.readouterr().out.startswith(f"exported {target} (already there, ")
+    twin = Path(shutil.copy(int8_model, home / int8_model.name))
+    assert main(["export", str(twin)]) == 2
+    assert capsys.readouterr().err == (
+        f"int8-studio: error: {target} already exists; choose another name, or replace it (--overwrite)\n"
+    )
+    assert main(["export", str(twin), "--copy", "--overwrite"]) == 0
+    assert capsys.readouterr().out.startswith(f"exported {target} (copy, ")
+    assert target.stat().st_ino not in (int8_model.stat().st_ino, twin.stat().st_ino)
+
+    other = make_portable(home / "Desktop")
+    assert main(["export", str(int8_model)]) == 2
+    assert capsys.readouterr().err == (
+        f"int8-studio: error: found 2 ComfyUI installs (git checkout at {root}; Windows portable at {other}); "
+        "choose one with --comfyui PATH\n"
+    )
+    assert main(["export", str(int8_model), "--comfyui", str(other.parent), "--kind", "loras"]) == 2
+    assert capsys.readouterr().err.endswith(f"{int8_model.name} is a Flux.2 custom model, not a LoRA\n")
+    assert folder_files(other / "models" / "loras") == []

@@ -21,8 +21,10 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
+from huggingface_hub import constants as hub_constants
 from safetensors.torch import save
 
+from engine.cli import main
 from engine.hub import (
     DownloadRequest,
     HubError,
@@ -32,6 +34,8 @@ from engine.hub import (
     run_download,
 )
 from engine.jobs import Cancelled, CancelToken
+from tests.test_comfyui import make_checkout
+from tests.tiny_checkpoints import write_single_file
 
 REPO = "acme/tiny-flux"
 
@@ -129,7 +133,10 @@ def test_straight_into_a_folder_offline(tmp_path):
 
     with pytest.raises(HubError) as e:
         run_download(DownloadRequest(REPO, ("sub/*",), folder=tmp_path / "empty", offline=True))
-    assert str(e.value) == f"{REPO} has no file 'sub/*'; it has: "
+    assert str(e.value) == (
+        f"sub/* of {REPO} is not downloaded yet (in {tmp_path / 'empty'}) and downloads are off (offline mode); "
+        "connect and run again without offline mode (unset HF_HUB_OFFLINE)"
+    )
 
 
 def test_cancel_stops_before_anything_is_fetched(cache):
@@ -438,3 +445,30 @@ def test_not_enough_space(hub, cache, monkeypatch):
         f"{(len(data) - 1) / 1000:.1f} KB is free; free up space or download into another folder"
     )
     assert not cache.exists()
+
+
+def test_cli_download_then_export(tmp_path, cache, monkeypatch, capsys):
+    """``download --offline --comfyui``: from the cache into ComfyUI's folder, as a verified hard link."""
+    model = write_single_file(tmp_path / "m.safetensors", "zimage", fmt="int8_rowwise").path.read_bytes()
+    commit = add_snapshot(cache, REPO, {"zimage-int8.safetensors": model, "README.md": b"# tiny"})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))  # where the CLI's default cache is
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # and the download child's
+    root = make_checkout(tmp_path / "ComfyUI")
+
+    assert main(["download", REPO, "--offline", "--comfyui", str(root)]) == 0
+    snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / commit / "zimage-int8.safetensors"
+    exported = root / "models" / "diffusion_models" / "zimage-int8.safetensors"
+    size = f"{len(model) / 1000:.1f} KB"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [
+        f"{REPO}: 1 files, {size}; 0 bytes to download",
+        f"  zimage-int8.safetensors ({size}, already here)",
+        str(snapshot),
+        f"exported {exported} (hard link, {size}): Z-Image custom, int8_rowwise ({lines[3].split('(')[-1]}",
+    ]
+    assert exported.stat().st_ino == snapshot.resolve().stat().st_ino
+
+    assert main(["download", REPO, "README.md", "--offline", "--to", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"int8-studio: error: README.md of acme/tiny-flux is not downloaded yet (in {tmp_path / 'x'})"
+    )

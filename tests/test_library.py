@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.cli import main
 from engine.comfyui import load_install
 from engine.jobs import Cancelled, CancelToken
 from engine.library import LibraryRequest, comfyui_folders, run_library_scan
@@ -169,3 +171,30 @@ def test_scan_cancel(tree):
 def test_scan_of_nothing(tmp_path):
     result = run_library_scan(LibraryRequest((tmp_path,)))
     assert result.entries == [] and result.missing == []
+
+
+def test_cli_library(tree, tmp_path, monkeypatch, capsys):
+    top, folders, expect = tree
+    assert main(["library", str(folders[1])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["kind", "model", "format", "size", "date", "file"]
+    style = top / "loras" / "style.safetensors"
+    date = time.strftime("%Y-%m-%d", time.localtime(style.stat().st_mtime))
+    row = next(line for line in lines if line.endswith(str(style)))
+    assert row.split()[:6] == ["LoRA", "flux1", "LoRA", "rank", "8,", "bf16"]
+    assert f"{style.stat().st_size / 1000:.1f} KB  {date}" in row
+    other = next(line for line in lines if line.endswith("vae.safetensors"))
+    assert other.startswith("other           not a supported diffusion ")
+    assert len(lines) == 1 + sum(name.startswith("loras/") for name in expect)
+
+    assert main(["library", str(folders[0]), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["path"] for r in rows} == {str(top / n) for n in expect if n.startswith("diffusion_models/")}
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["library"]) == 2
+    assert capsys.readouterr().err == (
+        "int8-studio: error: no ComfyUI install found in the usual places; give the folders to scan\n"
+    )
+    assert main(["library", str(tmp_path / "nowhere")]) == 0
+    assert capsys.readouterr().out == f"(missing folder: {tmp_path / 'nowhere'})\nno .safetensors files found\n"
