@@ -11,17 +11,35 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
 from engine import __version__
 from engine.bench import FORMATS, BenchRequest, run_bench
 from engine.checkpoint import format_bytes
+from engine.comfyui import (
+    EXPORT_KINDS,
+    ComfyInstall,
+    ComfyUIError,
+    ExportRequest,
+    ExportResult,
+    find_installs,
+    run_export,
+)
 from engine.convert import ConvertRequest, ConvertResult, run_convert
 from engine.demo import build_demo_model
+from engine.hub import DownloadRequest, plan_download, run_download
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.int8.quantize import SCHEMES
 from engine.jobs import Cancelled, JobError, Progress
+from engine.library import (
+    LIBRARY_KINDS,
+    LibraryRequest,
+    LibraryResult,
+    comfyui_folders,
+    run_library_scan,
+)
 from engine.lora import MODES, LoraInfo, LoraMergeRequest, LoraSpec, inspect_lora, run_lora_merge
 
 COMMANDS: dict[str, "callable"] = {}
@@ -307,6 +325,156 @@ def _app_command(p: argparse.ArgumentParser) -> None:
     from app.__main__ import add_arguments, run  # the app package imports Qt only when it runs
 
     add_arguments(p).set_defaults(func=run)
+
+
+@command("comfyui", help="ComfyUI installs: 'comfyui find' lists them and their model folders")
+def _comfyui_command(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    find = actions.add_parser("find", help="list the ComfyUI installs found, with their model folders")
+    find.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="ComfyUI folders to add")
+    find.add_argument("--json", action="store_true", help="print JSON instead of text")
+    find.set_defaults(func=_run_comfyui_find)
+
+
+def _run_comfyui_find(args: argparse.Namespace) -> int:
+    installs = find_installs(args.paths)
+    if not installs:
+        raise ComfyUIError("no ComfyUI install found in the usual places; give its folder: comfyui find PATH")
+    if args.json:
+        described = [asdict(i) | {"export_folders": _export_folders(i)} for i in installs]
+        print(json.dumps(described, default=str, indent=2))
+    else:
+        print("\n\n".join(_describe_install(i) for i in installs))
+    return 0
+
+
+def _export_folders(install: ComfyInstall) -> dict[str, str]:
+    return {} if install.problems else {kind: str(install.export_folder(kind)) for kind in EXPORT_KINDS}
+
+
+def _describe_install(install: ComfyInstall) -> str:
+    lines = [install.label]
+    for kind, folder in _export_folders(install).items():
+        lines.append(f"  {'export ' + kind:<24} {folder}")
+    for kind in LIBRARY_KINDS:
+        for n, f in enumerate(install.folders.get(kind, [])):
+            notes = [note for note, on in (("default", f.is_default), ("missing", not f.path.is_dir())) if on]
+            origin = "" if f.origin in ("models", "output") else f.origin
+            extra = ", ".join(filter(None, [*notes, origin]))
+            lines.append(f"  {kind if n == 0 else '':<24} {f.path}" + (f"  ({extra})" if extra else ""))
+    lines += [f"  {'config':<24} {file}" for file in install.config_files]
+    lines += [f"  {'problem':<24} {problem}" for problem in install.problems]
+    return "\n".join(lines)
+
+
+def _choose_install(path: Path | None) -> ComfyInstall:
+    """The install a command means: the one given, else the only one found."""
+    if path is not None:
+        return find_installs([path])[0]
+    installs = find_installs()
+    if len(installs) == 1:
+        return installs[0]
+    if not installs:
+        raise ComfyUIError("no ComfyUI install found in the usual places; give its folder with --comfyui PATH")
+    found = "; ".join(i.label for i in installs)
+    raise ComfyUIError(f"found {len(installs)} ComfyUI installs ({found}); choose one with --comfyui PATH")
+
+
+@command("export", help="put a converted or merged file into a ComfyUI models folder, verified")
+def _export_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help="the .safetensors file to export")
+    p.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI folder (default: the one found)")
+    p.add_argument("--kind", choices=EXPORT_KINDS, default="diffusion_models", help="which models folder")
+    p.add_argument("--name", help="file name in the folder (default: the file's own)")
+    p.add_argument("--overwrite", action="store_true", help="replace a file of that name")
+    p.add_argument("--copy", action="store_true", help="copy even where a hard link would do")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    folder = _choose_install(args.comfyui).export_folder(args.kind)
+    request = ExportRequest(args.file, folder, args.kind, args.name, args.overwrite, link=not args.copy)
+    with ProgressBar() as bar:
+        result = run_export(request, progress=bar)
+    print(_exported(result))
+    return 0
+
+
+def _exported(r: ExportResult) -> str:
+    how = "already there" if r.already_there else "hard link" if r.linked else "copy"
+    return f"exported {r.path} ({how}, {format_bytes(r.size)}): {r.description}"
+
+
+@command("library", help="list the diffusion models and LoRAs in ComfyUI's model folders or in folders given")
+def _library_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="folders to scan (default: ComfyUI's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_library)
+
+
+def _run_library(args: argparse.Namespace) -> int:
+    folders = args.paths or comfyui_folders(find_installs())
+    if not folders:
+        raise ComfyUIError("no ComfyUI install found in the usual places; give the folders to scan")
+    with ProgressBar() as bar:
+        result = run_library_scan(LibraryRequest(tuple(folders)), progress=bar)
+    if args.json:
+        print(json.dumps([asdict(e) for e in result.entries], default=str, indent=2))
+    else:
+        print(_library_table(result))
+    return 0
+
+
+def _library_table(result: LibraryResult) -> str:
+    lines = [f"{'kind':<16}{'model':<26}{'format':<28}{'size':>9}  {'date':<11}file"]
+    for e in result.entries:
+        what = e.model if e.kind in ("diffusion model", "checkpoint", "LoRA") else e.note
+        date = time.strftime("%Y-%m-%d", time.localtime(e.modified))
+        lines.append(f"{e.kind:<16}{what[:25]:<26}{e.format:<28}{format_bytes(e.size):>9}  {date:<11}{e.path}")
+    lines += [f"(missing folder: {folder})" for folder in result.missing]
+    return "\n".join(lines if result.entries else lines[1:] + ["no .safetensors files found"])
+
+
+@command("download", help="download a model from the Hugging Face hub (sizes first, resumable, cancellable)")
+def _download_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("repo", help="the repo, e.g. black-forest-labs/FLUX.2-klein-9B")
+    p.add_argument("files", nargs="*", metavar="FILE", help="files or patterns (default: the repo's model)")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--to", type=Path, metavar="FOLDER", help="into this folder (default: the hub cache)")
+    where.add_argument(
+        "--comfyui", nargs="?", const="", metavar="PATH",
+        help="then export the models into this ComfyUI (default: the one found)",
+    )  # fmt: skip
+    p.add_argument("--kind", choices=EXPORT_KINDS, default="diffusion_models", help="with --comfyui: where")
+    p.add_argument("--offline", action="store_true", help="use only what is already downloaded")
+    p.set_defaults(func=_run_download)
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    request = DownloadRequest(args.repo, tuple(args.files), args.revision, folder=args.to, offline=args.offline)
+    plan = plan_download(request)
+    if args.comfyui is not None and any(f.name.endswith(".safetensors.index.json") for f in plan):
+        raise ComfyUIError(
+            f"{args.repo} holds a sharded diffusers model, which ComfyUI does not load: download it without "
+            "--comfyui, then convert it (int8-studio convert FOLDER) and export the result"
+        )
+    fetch = sum(f.size for f in plan if not f.present)
+    total = format_bytes(sum(f.size for f in plan))
+    print(f"{args.repo}: {len(plan)} files, {total}; {format_bytes(fetch)} to download")
+    for f in plan:
+        print(f"  {f.name} ({format_bytes(f.size)}{', already here' if f.present else ''})")
+    with ProgressBar() as bar:
+        result = run_download(request, progress=bar)
+        if args.comfyui is not None:
+            folder = _choose_install(Path(args.comfyui) if args.comfyui else None).export_folder(args.kind)
+            models = [p for p in result.paths if p.name.endswith(".safetensors")]
+            exported = [run_export(ExportRequest(p, folder, args.kind), progress=bar) for p in models]
+    for path in result.paths:
+        print(path)
+    for r in exported if args.comfyui is not None else []:
+        print(_exported(r))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
