@@ -120,18 +120,23 @@ def read_extra_model_paths(path: Path) -> list[ModelFolder]:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ComfyUIError(f"{path} is not valid YAML ({where}{problem}); ComfyUI cannot read it either — fix it") from None
+        raise ComfyUIError(
+            f"{path} is not valid YAML ({where}{problem}); ComfyUI cannot read it either — fix it"
+        ) from None
     if config is None:
         return []
     if not isinstance(config, dict):
-        raise ComfyUIError(f"{path} must map section names to folder settings, not be a {type(config).__name__}")
+        kind = type(config).__name__
+        raise ComfyUIError(f"{path} must map section names to folder settings, not be a {kind}")
     here = path.parent.absolute()
     folders = []
     for section, settings in config.items():
         if settings is None:
             continue
         if not isinstance(settings, dict):
-            raise ComfyUIError(f"{path}: section '{section}' must map folder kinds to paths, not be {settings!r}")
+            raise ComfyUIError(
+                f"{path}: section '{section}' must map folder kinds to paths, not be {settings!r}"
+            )
         settings = dict(settings)
         base = settings.pop("base_path", None)
         if base is not None:
@@ -140,8 +145,8 @@ def read_extra_model_paths(path: Path) -> list[ModelFolder]:
         for kind, value in settings.items():
             if not isinstance(value, str):
                 raise ComfyUIError(
-                    f"{path}: '{kind}' in section '{section}' must be a path, or several with '|' one per line; "
-                    f"found {value!r}"
+                    f"{path}: '{kind}' in section '{section}' must be a path, or several with '|' one per "
+                    f"line; found {value!r}"
                 )
             for line in value.splitlines():
                 if line.strip():
@@ -191,7 +196,8 @@ def load_install(root: Path, flavour: str, config_files: Iterable[Path] = ()) ->
 
 def is_comfyui_code(folder: Path) -> bool:
     """A folder ComfyUI runs from: ``main.py``, ``folder_paths.py`` and ``comfy/``."""
-    return (folder / "main.py").is_file() and (folder / "folder_paths.py").is_file() and (folder / "comfy").is_dir()
+    files = (folder / "main.py").is_file() and (folder / "folder_paths.py").is_file()
+    return files and (folder / "comfy").is_dir()
 
 
 def _code_install(folder: Path, flavour: str | None = None) -> ComfyInstall:
@@ -272,9 +278,8 @@ def _comfy_cli(places: Places) -> Iterable[ComfyInstall]:
     except (configparser.Error, UnicodeDecodeError):
         pass
     named = [config.defaults().get(key) for key in ("default_workspace", "recent_workspace")]
-    linux_default = places.home / "comfy" / "ComfyUI"
-    defaults = [linux_default] if places.platform.startswith("linux") else [places.documents / "comfy" / "ComfyUI"]
-    for workspace in [Path(p) for p in named if p] + defaults:
+    default = (places.home if places.platform.startswith("linux") else places.documents) / "comfy" / "ComfyUI"
+    for workspace in [Path(os.path.expanduser(p)) for p in named if p] + [default]:
         for folder in (workspace, workspace / "ComfyUI"):
             if is_comfyui_code(folder):
                 yield _code_install(folder, "comfy-cli")
@@ -372,7 +377,8 @@ def check_int8_layers(reader: CheckpointReader) -> int:
             )
         if marker is not None and entry is not None and marker != entry:
             raise ExportError(
-                f"int8 layer '{layer}': its comfy_quant marker {marker} disagrees with {QUANT_METADATA} {entry}"
+                f"int8 layer '{layer}': its comfy_quant marker {marker} disagrees with "
+                f"{QUANT_METADATA} {entry}"
             )
         fmt = str((marker or entry).get("format", ""))
         if not fmt.startswith(INT8_FORMAT_PREFIX):
@@ -392,7 +398,8 @@ def _listed_layers(reader: CheckpointReader) -> dict[str, dict]:
     except (json.JSONDecodeError, KeyError, TypeError):
         layers = None
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
-        raise ExportError(f"the header's {QUANT_METADATA} is not JSON of the form {{\"layers\": {{layer: {{...}}}}}}")
+        form = '{"layers": {layer: {...}}}'
+        raise ExportError(f"the header's {QUANT_METADATA} is not JSON of the form {form}")
     return layers
 
 
@@ -455,7 +462,10 @@ def run_export(
     if request.kind not in EXPORT_KINDS:
         raise ExportError(f"cannot export as '{request.kind}'; choose one of: {', '.join(EXPORT_KINDS)}")
     if Path(request.source).is_dir():
-        raise ExportError(f"{request.source} is a folder; export a single .safetensors file (convert a diffusers model first)")
+        raise ExportError(
+            f"{request.source} is a folder; export a single .safetensors file (convert a diffusers model "
+            "first)"
+        )
     name = request.name or Path(request.source).name
     if Path(name).name != name or not name.lower().endswith(MODEL_EXTENSIONS):
         raise ExportError(f"'{name}' is not a file name ending in .safetensors; choose another name")
@@ -476,7 +486,8 @@ def run_export(
             _check_free_space(target.parent, size)
             _copy(source, temp, report, cancel or CancelToken())
         if temp.stat().st_size != size:
-            raise ExportError(f"the copy of {source} has {temp.stat().st_size} bytes, not {size}: a disk error?")
+            copied = temp.stat().st_size
+            raise ExportError(f"the copy of {source} has {copied} bytes, not {size}: a disk error?")
         description = verify_export(temp, request.kind)
         _refuse_to_overwrite(target, request.overwrite)  # it may have appeared meanwhile
         os.replace(temp, target)
@@ -499,7 +510,9 @@ def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir(exist_ok=True)
     except FileNotFoundError:
-        raise ExportError(f"{folder} does not exist, nor does {folder.parent}; check the install or choose another folder") from None
+        raise ExportError(
+            f"{folder} does not exist, nor does {folder.parent}; check the install or choose another folder"
+        ) from None
     except FileExistsError:
         raise ExportError(f"{folder} is a file, not a folder; choose another folder") from None
     except PermissionError:
@@ -510,8 +523,8 @@ def _check_free_space(folder: Path, size: int) -> None:
     free = shutil.disk_usage(folder).free
     if free - FREE_SPACE_RESERVE < size:
         raise ExportError(
-            f"not enough space in {folder}: the file needs {format_bytes(size)} and {format_bytes(free)} is free "
-            f"(keeping {format_bytes(FREE_SPACE_RESERVE)} spare); free up space or choose another folder"
+            f"not enough space in {folder}: the file needs {format_bytes(size)} and {format_bytes(free)} is "
+            f"free (keeping {format_bytes(FREE_SPACE_RESERVE)} spare); free up space or choose another folder"
         )
 
 

@@ -113,7 +113,8 @@ def list_files(request: DownloadRequest) -> list[RemoteFile]:
         if explained is e:
             raise
         raise explained from None
-    return [RemoteFile(f.rfilename, f.size or 0, _present(request, f.rfilename, f.size)) for f in info.siblings or []]
+    siblings = info.siblings or []
+    return [RemoteFile(f.rfilename, f.size or 0, _present(request, f.rfilename, f.size)) for f in siblings]
 
 
 def _cache_dir(request: DownloadRequest) -> Path:
@@ -124,7 +125,9 @@ def _present(request: DownloadRequest, name: str, size: int | None) -> bool:
     if request.folder is not None:
         path = Path(request.folder) / name
         return path.is_file() and path.stat().st_size == size
-    cached = try_to_load_from_cache(request.repo_id, name, cache_dir=_cache_dir(request), revision=request.revision)
+    cached = try_to_load_from_cache(
+        request.repo_id, name, cache_dir=_cache_dir(request), revision=request.revision
+    )
     return isinstance(cached, str) and os.path.getsize(cached) == size
 
 
@@ -156,8 +159,8 @@ def _local_files(request: DownloadRequest) -> list[RemoteFile]:
             f"{request.repo_id} ({revision}) is not in the hub cache and downloads are off (offline mode); "
             "connect and run again without offline mode (unset HF_HUB_OFFLINE)"
         )
-    files = [(f.file_path.relative_to(snapshot.snapshot_path).as_posix(), f.size_on_disk) for f in snapshot.files]
-    return [RemoteFile(name, size, True) for name, size in sorted(files)]
+    names = sorted((f.file_path.relative_to(snapshot.snapshot_path).as_posix(), f) for f in snapshot.files)
+    return [RemoteFile(name, f.size_on_disk, True) for name, f in names]
 
 
 def choose_files(request: DownloadRequest, files: list[RemoteFile]) -> list[RemoteFile]:
@@ -183,10 +186,8 @@ def choose_files(request: DownloadRequest, files: list[RemoteFile]) -> list[Remo
         sizes = ", ".join(f"{f.name} ({_size(f.size)})" for f in top)
         raise HubError(f"{request.repo_id} has {len(top)} models: {sizes}; name the one you want")
     models = [f for f in files if f.name.endswith(MODEL_SUFFIX)]
-    raise HubError(
-        f"{request.repo_id} has no single model file or transformer/ folder"
-        + (f"; name the files you want, e.g. {_names(models)}" if models else ": it holds no .safetensors files")
-    )
+    hint = f"; name the files you want, e.g. {_names(models)}" if models else ": it has no .safetensors files"
+    raise HubError(f"{request.repo_id} has no single model file or transformer/ folder{hint}")
 
 
 def plan_download(request: DownloadRequest) -> list[RemoteFile]:
@@ -417,11 +418,12 @@ def _explain(e: Exception, request: DownloadRequest, name: str | None = None) ->
         return HubError(_offline_message(request, name or repo))
     if isinstance(e, EntryNotFoundError):
         return HubError(f"{repo} has no file '{name}'")
-    if isinstance(e, HfHubHTTPError | ConnectionError | TimeoutError) or type(e).__module__.startswith("httpx"):
+    network = isinstance(e, HfHubHTTPError | ConnectionError | TimeoutError)
+    if network or type(e).__module__.startswith("httpx"):
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return HubError(
-            f"cannot download from {request.endpoint or HUB_URL} ({first_line}); check your connection and run "
-            "again (files already downloaded are kept)"
+            f"cannot download from {request.endpoint or HUB_URL} ({first_line}); check your connection and "
+            "run again (files already downloaded are kept)"
         )
     if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
         return HubError(f"the disk is full while downloading {name}; free up space and run again to resume")

@@ -43,7 +43,7 @@ class LibraryEntry:
     modified: float  # POSIX time of the last change
     model: str = ""  # "Flux.2 Klein 9B"; for a LoRA the base model its trainer recorded, if any
     architecture: str = ""  # "flux2"
-    format: str = ""  # "bf16", "fp8 scaled", "int8 row-wise", "int8 tensor-wise rotated", "LoRA rank 16, bf16"
+    format: str = ""  # "bf16", "fp8 scaled", "int8 row-wise", "int8 tensor-wise rotated", "LoRA rank 8, bf16"
     note: str = ""  # why a file is "other" or "unreadable"
 
 
@@ -60,10 +60,12 @@ class LibraryResult:
 
 def comfyui_folders(installs: Iterable[ComfyInstall]) -> list[Path]:
     """The existing folders ComfyUI lists diffusion models, checkpoints and LoRAs from."""
-    folders = []
+    folders: list[Path] = []
     for install in installs:
         for kind in LIBRARY_KINDS:
-            folders += [f.path for f in install.folders.get(kind, []) if f.path.is_dir() and f.path not in folders]
+            for folder in install.folders.get(kind, []):
+                if folder.path.is_dir() and folder.path not in folders:
+                    folders.append(folder.path)
     return folders
 
 

@@ -209,7 +209,7 @@ def test_choose_errors():
         f"{REPO} has no single model file or transformer/ folder; name the files you want, "
         "e.g. split_files/diffusion_models/a.safetensors"
     )
-    with pytest.raises(HubError, match="it holds no .safetensors files$"):
+    with pytest.raises(HubError, match="it has no .safetensors files$"):
         choose_files(DownloadRequest(REPO), remote(("README.md", 1)))
 
 
