@@ -12,17 +12,18 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
 
 from app.settings import Settings
-from app.ui.lora import coverage
 from app.ui.main_window import MainWindow
 from app.workers import Job
+from engine.bench import run_bench
 from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install, run_export
 from engine.convert import ConvertRequest, run_convert
 from engine.demo import DEMO_CONFIG, DEMO_FILE, build_demo_model
+from engine.hub import plan_download
 from engine.info import inspect_checkpoint
 from engine.jobs import JobError
 from engine.library import describe_file
-from engine.lora import LoraError, LoraSpec
+from engine.lora import LoraError, LoraSpec, inspect_lora
 from tests.tiny_loras import write_lora
 
 WAIT = 30_000  # ms; generous for 2-core CI machines
@@ -235,11 +236,48 @@ def test_a_lora_for_another_model_is_flagged_in_its_row(qtbot, window, demo_int8
     page = window.pages["lora"]
     lora = write_lora(tmp_path / "zimage.safetensors", "zimage", "kohya").path
     with pytest.raises(LoraError) as expected:
-        coverage(demo_int8, lora)
+        inspect_lora(lora, demo_int8)
     page.open_path(demo_int8)
     page.open_path(lora)
     qtbot.waitUntil(lambda: page.coverage_text(0) == str(expected.value), timeout=WAIT)
     assert "Z-Image" in page.coverage_text(0)
+
+
+# --- Benchmark -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_keeps_its_results(qtbot, window, settings):
+    page = window.pages["benchmark"]
+    window.show_page("benchmark")
+    page.set_preset(has_gpu=False)
+    page.steps.setValue(1)
+    assert page.request().source == "flux2-tiny"
+    assert page.request().formats == ("bf16", "int8")
+    job = page.run()
+    qtbot.waitSignal(job.succeeded, timeout=300_000).wait()
+    result = settings.benchmark_results[-1]["result"]
+    assert [row["format"] for row in result["rows"]] == ["bf16", "int8"]
+    assert page.table.rowCount() == 2 and page.chart.isVisible()
+    assert page.table.item(1, 1).text() == f"{result['rows'][1]['seconds_per_step']:.3f}"
+    assert [name for name, _ in page.chart.bars] == ["bf16", "int8"]
+
+    again = MainWindow(Settings(Path(settings.store.fileName())))
+    qtbot.addWidget(again)
+    kept = again.pages["benchmark"]
+    assert kept.run_picker.count() == 1 and kept.table.rowCount() == 2
+    kept.clear_button.click()
+    assert settings.benchmark_results == [] and kept.empty.isVisibleTo(kept)
+
+
+def test_benchmark_settings_errors_come_from_the_engine(qtbot, window):
+    page = window.pages["benchmark"]
+    for box in page.format_boxes.values():
+        box.setChecked(False)
+    with pytest.raises(JobError) as expected:
+        run_bench(page.request())
+    page.run()
+    assert message_box(qtbot, window, "jobError").text() == str(expected.value)
 
 
 # --- Library and Export ----------------------------------------------------------------------------
@@ -300,6 +338,36 @@ def test_library_lists_comfyui_and_own_folders(qtbot, comfy_window, demo, demo_i
     page.actions["convert"].click()
     assert window.current_page().key == "convert"
     assert window.pages["convert"].source.path() == demo
+
+
+def test_download_offline_from_a_folder(qtbot, window, demo):
+    page = window.pages["library"]
+    window.show_page("library")
+    page.repo.setText("someone/flux2-klein-demo")
+    page.into.set_path(demo.parent)
+    page.offline.setChecked(True)
+    page.check_download()
+    qtbot.waitUntil(lambda: bool(page.plan_label.text()), timeout=WAIT)
+    assert page.plan_label.text().startswith(f"1 files: {demo.name} (")
+    assert "(1 already here)" in page.plan_label.text()
+    job = page.download()
+    qtbot.waitSignal(job.finished, timeout=WAIT).wait()
+    assert page.downloaded.isVisible() and page.download_model == demo
+    page.to_convert.click()
+    assert window.current_page().key == "convert" and window.pages["convert"].source.path() == demo
+    qtbot.waitUntil(lambda: demo in {e.path for e in page.entries}, timeout=WAIT)
+
+
+def test_download_errors_come_from_the_engine(qtbot, window, tmp_path):
+    page = window.pages["library"]
+    page.repo.setText("someone/nothing-here")
+    page.into.set_path(tmp_path / "empty")
+    page.offline.setChecked(True)
+    with pytest.raises(JobError) as expected:
+        plan_download(page.download_request())
+    page.check_download()
+    assert message_box(qtbot, window, "jobError").text() == str(expected.value)
+    assert not page.plan_label.text()
 
 
 def test_export_into_a_comfyui_folder(qtbot, comfy_window, demo_int8):

@@ -3,6 +3,7 @@ between runs so they can be compared."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from PySide6.QtWidgets import (
@@ -18,18 +19,22 @@ from app.settings import Settings
 from app.ui import theme
 from app.ui.chart import BarChart
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Notice, Page, PathField, form, primary_button, table
-from app.workers import find_job
-from engine.models import REGISTRY
+from app.ui.widgets import Card, Notice, Page, PathField, form, muted, primary_button, table
+from app.workers import Job
+from engine.bench import FORMATS, BenchRequest, BenchResult, run_bench
+from engine.models.build import model_names
 
-FORMATS = {
+FORMAT_HELP = {
     "bf16": "The original precision: the baseline every speed-up is measured against.",
     "bf16+compile": "bf16 through torch.compile: what a tuned ComfyUI setup runs.",
     "fp8": "fp8 weights with row-wise scales (torch._scaled_mm); needs an Ada, Hopper or newer GPU.",
     "int8": "INT8 W8A8: int8 weights and per-token int8 activations on the INT8 tensor cores.",
     "int8+compile": "INT8 W8A8 through torch.compile: usually the fastest.",
 }
-COLUMNS = ["Format", "s/it", "Speed-up", "Rel. error", "Cosine", "Peak VRAM", "Compile"]
+COLUMNS = ["Format", "s/it", "Speed-up", "First call", "Peak VRAM", "Rel. error", "Cosine"]
+KEPT_RUNS = 20
+CPU_PRESET = ("flux2-tiny", 256, 3, ("bf16", "int8"))  # compiling on a CPU takes minutes
+GPU_PRESET = ("flux2-klein-9b", 1024, 10, FORMATS)
 
 
 class BenchmarkPage(Page):
@@ -40,68 +45,58 @@ class BenchmarkPage(Page):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.missing = Notice(
-            "The benchmark engine is not part of this build yet, so nothing can be measured here. "
-            "This page will run it as soon as it lands; every number it shows will be measured on "
-            "this machine, never estimated.",
-            "warning",
-        )
-        self.bench_job = find_job("engine.bench", "run_bench")
-        self.missing.setVisible(self.bench_job is None)
-
         setup = Card("What to measure", icon_name="benchmark")
         fields = form()
-        self.variant = QComboBox()
-        self.variant.setAccessibleName("Model to benchmark")
-        self.variant.setToolTip(
-            "A released model size with random weights (no download needed: speed does not depend on "
-            "the weights), or one of your files for the quality numbers too."
+        self.model = QComboBox()
+        self.model.setAccessibleName("Model to benchmark")
+        self.model.setToolTip(
+            "A released model size with random weights (nothing to download: speed does not depend "
+            "on the weights), or one of your files. Tiny models are quick checks that everything runs."
         )
-        for arch in REGISTRY.values():
-            for variant in arch.variants:
-                self.variant.addItem(
-                    f"{arch.label} {variant} (random weights)", (arch.name, variant)
-                )
-        self.variant.addItem("A file…", None)
-        self.variant.currentIndexChanged.connect(self._on_variant)
+        for name, (arch, variant) in model_names().items():
+            kind = "quick check" if variant.startswith("tiny") else "random weights"
+            self.model.addItem(f"{arch.label} {variant} ({kind})", name)
+        self.model.addItem("A file…", None)
+        self.model.currentIndexChanged.connect(self._on_model)
         self.file = PathField("open", "A .safetensors model")
         self.file.setAccessibleName("Model file to benchmark")
         self.file.hide()
         self.resolution = QComboBox()
         self.resolution.setAccessibleName("Resolution")
-        for side in (512, 768, 1024, 1536, 2048):
+        self.resolution.setToolTip("Image size: more pixels, more tokens per step.")
+        for side in (256, 512, 768, 1024, 1536, 2048):
             self.resolution.addItem(f"{side} × {side}", side)
-        self.resolution.setCurrentIndex(2)
-        self.resolution.setToolTip("Image size: more pixels means more tokens per step.")
         self.steps = QSpinBox()
         self.steps.setRange(1, 100)
-        self.steps.setValue(10)
         self.steps.setAccessibleName("Steps")
-        self.steps.setToolTip(
-            "Timed steps per format, after warm-up. More steps, steadier numbers."
-        )
+        self.steps.setToolTip("Timed steps per format, after warm-up; the median is shown.")
+        self.steps.setMaximumWidth(120)
         formats = QHBoxLayout()
         formats.setSpacing(18)
         self.format_boxes: dict[str, QCheckBox] = {}
-        for name, tip in FORMATS.items():
+        for name in FORMATS:
             box = QCheckBox(name)
-            box.setChecked(True)
-            box.setToolTip(tip)
+            box.setToolTip(FORMAT_HELP[name])
             box.setAccessibleName(f"Measure {name}")
             self.format_boxes[name] = box
             formats.addWidget(box)
         formats.addStretch(1)
-        fields.addRow("Model", self.variant)
+        fields.addRow("Model", self.model)
         fields.addRow("", self.file)
         fields.addRow("Resolution", self.resolution)
         fields.addRow("Steps", self.steps)
         fields.addRow("Formats", formats)
         setup.body.addLayout(fields)
+        self.cpu_note = muted(
+            "No CUDA GPU here: the benchmark runs on the CPU, where int8 uses a reference path and "
+            "times say nothing about GPU speed. It still shows the quality of each format."
+        )
+        setup.body.addWidget(self.cpu_note)
         actions = QHBoxLayout()
-        self.run_button = primary_button("Run benchmark", "play")
-        self.run_button.setEnabled(self.bench_job is not None)
-        self.run_button.setToolTip("Measure every ticked format, one after the other.")
         actions.addStretch(1)
+        self.run_button = primary_button("Run benchmark", "play")
+        self.run_button.setToolTip("Measure every ticked format, one after the other.")
+        self.run_button.clicked.connect(self.run)
         actions.addWidget(self.run_button)
         setup.body.addLayout(actions)
         self.panel = JobPanel()
@@ -110,6 +105,7 @@ class BenchmarkPage(Page):
         results = Card("Results", "Shorter bars are faster. Results stay here between runs.")
         self.run_picker = QComboBox()
         self.run_picker.setAccessibleName("Benchmark run")
+        self.run_picker.setMinimumWidth(320)
         self.run_picker.currentIndexChanged.connect(self._show_run)
         self.clear_button = QPushButton("Clear")
         theme.bind_icon(self.clear_button, "remove")
@@ -117,50 +113,99 @@ class BenchmarkPage(Page):
         self.clear_button.clicked.connect(self._clear)
         results.header.addWidget(self.run_picker)
         results.header.addWidget(self.clear_button)
+        self.run_facts = muted("")
         self.chart = BarChart()
-        self.table = table(COLUMNS, "Benchmark results")
+        self.table = table(COLUMNS, "Benchmark results", stretch=len(COLUMNS) - 1)
         self.empty = Notice("No results yet.")
         results.body.addWidget(self.empty)
+        results.body.addWidget(self.run_facts)
         results.body.addWidget(self.chart)
         results.body.addWidget(self.table)
 
-        self.add(self.missing, setup, results, stretch=True)
+        self.add(setup, results, stretch=True)
+        self.set_preset(has_gpu=False)
         self._load_runs()
 
+    def set_preset(self, has_gpu: bool) -> None:
+        """Defaults that finish in reasonable time on this machine."""
+        name, resolution, steps, formats = GPU_PRESET if has_gpu else CPU_PRESET
+        self.model.setCurrentIndex(max(0, self.model.findData(name)))
+        self.resolution.setCurrentIndex(self.resolution.findData(resolution))
+        self.steps.setValue(steps)
+        for fmt, box in self.format_boxes.items():
+            box.setChecked(fmt in formats)
+        self.cpu_note.setVisible(not has_gpu)
+
     def open_path(self, path: Path) -> bool:
-        if path.is_dir() or path.suffix != ".safetensors":
+        if path.suffix != ".safetensors" and not path.is_dir():
             return False
-        self.variant.setCurrentIndex(self.variant.count() - 1)
+        self.model.setCurrentIndex(self.model.count() - 1)
         self.file.set_path(path)
         return True
 
-    def _on_variant(self) -> None:
-        self.file.setVisible(self.variant.currentData() is None)
+    def _on_model(self) -> None:
+        self.file.setVisible(self.model.currentData() is None)
+
+    def request(self) -> BenchRequest:
+        source = self.model.currentData() or str(self.file.path() or "")
+        return BenchRequest(
+            source=source,
+            resolution=self.resolution.currentData(),
+            steps=self.steps.value(),
+            formats=tuple(f for f, box in self.format_boxes.items() if box.isChecked()),
+        )
+
+    def run(self) -> Job:
+        job = Job("Benchmarking", run_bench, self.request())
+        job.succeeded.connect(self._on_result)
+        job.finished.connect(lambda: self.run_button.setEnabled(True))
+        self.run_button.setEnabled(False)
+        return self.panel.run(job)
+
+    # --- results ---------------------------------------------------------------------------------
+
+    def _on_result(self, result: BenchResult) -> None:
+        title = f"{time.strftime('%Y-%m-%d %H:%M')} · {result.model} · {result.resolution}²"
+        runs = [*self.settings.benchmark_results, {"title": title, "result": result.to_dict()}]
+        self.settings.benchmark_results = runs[-KEPT_RUNS:]
+        self._load_runs()
 
     def _load_runs(self) -> None:
         runs = self.settings.benchmark_results
         self.run_picker.blockSignals(True)
         self.run_picker.clear()
         for run in reversed(runs):
-            self.run_picker.addItem(run["title"], run)
+            self.run_picker.addItem(run["title"], run["result"])
         self.run_picker.blockSignals(False)
         self.run_picker.setVisible(bool(runs))
         self.clear_button.setVisible(bool(runs))
         self._show_run()
 
     def _show_run(self) -> None:
-        run = self.run_picker.currentData()
-        rows = run["rows"] if run else []
+        result = self.run_picker.currentData()
+        rows = result["rows"] if result else []
+        for widget in (self.run_facts, self.chart, self.table):
+            widget.setVisible(bool(rows))
         self.empty.setVisible(not rows)
-        self.chart.setVisible(bool(rows))
-        self.table.setVisible(bool(rows))
-        self.chart.set_bars([(row["format"], row["seconds_per_step"]) for row in rows])
+        if not rows:
+            return
+        self.run_facts.setText(
+            f"{result['model']} at {result['resolution']}×{result['resolution']} "
+            f"({result['image_tokens']} image + {result['text_tokens']} text tokens), median of "
+            f"{result['steps']} steps, {result['quantized_layers']} of {result['linear_layers']} "
+            f"linear layers quantized ({result['scheme']}). {result['device']}."
+        )
+        measured = [r for r in rows if r["seconds_per_step"] is not None]
+        self.chart.set_bars([(r["format"], r["seconds_per_step"]) for r in measured])
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             for c, text in enumerate(_cells(row)):
-                self.table.setItem(r, c, QTableWidgetItem(text))
+                item = QTableWidgetItem(text)
+                item.setToolTip(row["note"] or text)
+                self.table.setItem(r, c, item)
+        header = self.table.horizontalHeader().sizeHint().height()
         self.table.setFixedHeight(
-            self.table.horizontalHeader().sizeHint().height() + 32 * len(rows) + 4
+            header + self.table.verticalHeader().defaultSectionSize() * len(rows) + 4
         )
 
     def _clear(self) -> None:
@@ -169,16 +214,18 @@ class BenchmarkPage(Page):
 
 
 def _cells(row: dict) -> list[str]:
-    def number(key: str, fmt: str, suffix: str = "") -> str:
-        value = row.get(key)
-        return "—" if value is None else f"{value:{fmt}}{suffix}"
+    if row["seconds_per_step"] is None:
+        return [row["format"], row["note"] or "not run", *[""] * (len(COLUMNS) - 2)]
+
+    def number(key: str, fmt: str) -> str:
+        return "—" if row.get(key) is None else fmt.format(row[key])
 
     return [
         row["format"],
-        number("seconds_per_step", ".3f"),
-        number("speedup", ".2f", "×"),
-        number("relative_error", ".2%"),
-        number("cosine", ".5f"),
-        number("peak_vram_gb", ".1f", " GB"),
-        number("compile_seconds", ".0f", " s"),
+        f"{row['seconds_per_step']:.3f}",
+        number("speedup", "{:.2f}×"),
+        number("compile_seconds", "{:.1f} s"),
+        number("peak_vram_gb", "{:.1f} GB"),
+        number("relative_error", "{:.2%}"),
+        number("cosine", "{:.5f}"),
     ]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QCheckBox,
     QFileDialog,
     QHBoxLayout,
     QLineEdit,
@@ -16,12 +17,13 @@ from PySide6.QtWidgets import (
 )
 
 from app.settings import Settings
-from app.ui import theme
+from app.ui import dialogs, theme
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Notice, Page, muted, table
+from app.ui.widgets import Card, Notice, Page, PathField, form, muted, primary_button, table
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.comfyui import ComfyInstall
+from engine.hub import DownloadRequest, DownloadResult, RemoteFile, plan_download, run_download
 from engine.jobs import CancelToken, ProgressFn
 from engine.library import (
     LibraryEntry,
@@ -136,8 +138,65 @@ class LibraryPage(Page):
         models.body.addWidget(self.table)
         models.body.addLayout(actions)
 
-        self.add(where, models, stretch=True)
+        self.add(where, models, self._download_card(), stretch=True)
         self._show([])
+
+    def _download_card(self) -> Card:
+        card = Card(
+            "Download from Hugging Face",
+            "A source model to convert, or a ready INT8 one. Sizes are shown before anything is "
+            "fetched; an interrupted download resumes. Gated repos use the token that "
+            "'hf auth login' saved.",
+            "download",
+        )
+        fields = form()
+        self.repo = QLineEdit()
+        self.repo.setPlaceholderText("black-forest-labs/FLUX.2-klein-9B")
+        self.repo.setAccessibleName("Hugging Face repository")
+        self.repo.textChanged.connect(lambda: self.plan_label.clear())
+        self.files = QLineEdit()
+        self.files.setPlaceholderText(
+            "Empty: the model. Or file names and patterns, e.g. *.safetensors"
+        )
+        self.files.setAccessibleName("Files to download")
+        self.files.setToolTip(
+            "Leave empty to get the model itself: the repo's one .safetensors file, or its "
+            "diffusers transformer/ folder. Separate several names or patterns with spaces."
+        )
+        self.into = PathField("folder", "The Hugging Face cache (shared with other apps)")
+        self.into.setAccessibleName("Download folder")
+        self.into.setToolTip(
+            "Empty: the Hugging Face cache, where other tools find it too. A folder: the files go "
+            "straight there, for example your ComfyUI models/diffusion_models."
+        )
+        self.offline = QCheckBox("Offline: only use files already downloaded")
+        fields.addRow("Repository", self.repo)
+        fields.addRow("Files", self.files)
+        fields.addRow("Into", self.into)
+        fields.addRow("", self.offline)
+        card.body.addLayout(fields)
+        self.plan_label = muted("")
+        actions = QHBoxLayout()
+        actions.addWidget(self.plan_label, 1)
+        self.check_button = QPushButton("Check sizes")
+        self.check_button.setToolTip("List the files and their sizes; nothing is downloaded.")
+        self.check_button.clicked.connect(self.check_download)
+        self.download_button = primary_button("Download", "download")
+        self.download_button.clicked.connect(self.download)
+        actions.addWidget(self.check_button)
+        actions.addWidget(self.download_button)
+        card.body.addLayout(actions)
+        self.download_panel = JobPanel()
+        card.body.addWidget(self.download_panel)
+        self.downloaded = Notice("", "success")
+        self.to_convert = QPushButton("Convert it")
+        theme.bind_icon(self.to_convert, "convert", "accent")
+        self.downloaded.actions.addWidget(self.to_convert)
+        self.downloaded.hide()
+        self.download_model: Path | None = None
+        self.to_convert.clicked.connect(lambda: self.send.emit("convert", self.download_model))
+        card.body.addWidget(self.downloaded)
+        return card
 
     # --- sources ---------------------------------------------------------------------------------
 
@@ -235,6 +294,53 @@ class LibraryPage(Page):
         for row in range(self.table.rowCount()):
             line = " ".join(self.table.item(row, c).text().lower() for c in range(len(COLUMNS)))
             self.table.setRowHidden(row, not all(w in line for w in words))
+
+    # --- downloads -------------------------------------------------------------------------------
+
+    def download_request(self) -> DownloadRequest:
+        return DownloadRequest(
+            repo_id=self.repo.text().strip(),
+            files=tuple(self.files.text().split()),
+            folder=self.into.path(),
+            offline=self.offline.isChecked(),
+        )
+
+    def check_download(self) -> Job:
+        job = Job.call("Checking the download", plan_download, self.download_request())
+        job.succeeded.connect(self._show_plan)
+        dialogs.report_errors(job, self)
+        return job.start()
+
+    def _show_plan(self, plan: list[RemoteFile]) -> None:
+        missing = [f for f in plan if not f.present]
+        names = ", ".join(f"{f.name} ({format_bytes(f.size)})" for f in plan[:4])
+        more = f" and {len(plan) - 4} more" if len(plan) > 4 else ""
+        self.plan_label.setText(
+            f"{len(plan)} files: {names}{more}. "
+            f"To fetch: {format_bytes(sum(f.size for f in missing))}"
+            + (f" ({len(plan) - len(missing)} already here)." if len(missing) < len(plan) else ".")
+        )
+
+    def download(self) -> Job:
+        self.downloaded.hide()
+        job = Job("Downloading", run_download, self.download_request())
+        job.succeeded.connect(self._on_downloaded)
+        return self.download_panel.run(job)
+
+    def _on_downloaded(self, result: DownloadResult) -> None:
+        models = [p for p in result.paths if p.suffix == ".safetensors"]
+        transformer = next((p.parent for p in models if p.parent.name == "transformer"), None)
+        self.download_model = transformer.parent if transformer else models[0] if models else None
+        fetched = format_bytes(result.downloaded) if result.downloaded else "nothing new"
+        where = self.download_model or result.paths[0].parent
+        self.downloaded.set(
+            f"Downloaded {len(result.paths)} files ({fetched}) to {where}.", "success"
+        )
+        self.to_convert.setVisible(self.download_model is not None)
+        self.downloaded.show()
+        if self.download_model is not None and transformer is None:
+            self.settings.add_recent(self.download_model)
+        self.refresh()
 
     # --- actions ---------------------------------------------------------------------------------
 

@@ -22,17 +22,15 @@ from app.ui import dialogs, theme
 from app.ui.jobpanel import JobPanel
 from app.ui.widgets import Card, Facts, Notice, Page, PathField, muted, primary_button, table
 from app.workers import Job
-from engine.checkpoint import CheckpointReader
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.lora import (
-    LoraFile,
+    LoraInfo,
     LoraMergeRequest,
     LoraMergeResult,
     LoraSpec,
-    match_model,
+    inspect_lora,
     run_lora_merge,
 )
-from engine.models import detect
 
 MERGE_MODES = {
     "requant": (
@@ -54,16 +52,14 @@ MERGE_MODES = {
 FILE, STRENGTH, COVERAGE = range(3)
 
 
-def coverage(model: Path, lora: Path) -> str:
-    """What ``lora`` changes in ``model``, in words, from their headers (no weights are read)."""
-    with CheckpointReader(model) as reader, LoraFile(lora) as file:
-        match = match_model(file, detect(reader))
-    ranks = "/".join(map(str, file.ranks)) or "—"
-    text = f"{match.format}, rank {ranks}: {match.layers} layers"
-    if match.text_encoder:
-        text += f"; {len(match.text_encoder)} text-encoder keys skipped"
-    if match.unmatched:
-        text += f"; {len(match.unmatched)} keys match no layer"
+def coverage(info: LoraInfo) -> str:
+    """What a LoRA changes in the model it was matched against, in words."""
+    ranks = "/".join(map(str, info.ranks)) or "—"
+    text = f"{info.format}, rank {ranks}: {info.target_layers} of {info.target_linears} layers"
+    if info.text_encoder:
+        text += f"; {info.text_encoder} text-encoder keys skipped"
+    if info.unmatched:
+        text += f"; {len(info.unmatched)} keys match no layer"
     return text
 
 
@@ -231,8 +227,8 @@ class LoraPage(Page):
         lora = Path(self.table.item(row, FILE).data(Qt.ItemDataRole.UserRole))
         cell = self.table.item(row, COVERAGE)
         cell.setText("checking…")
-        job = Job.call("Checking the LoRA", coverage, model, lora)
-        job.succeeded.connect(lambda text: self._show_coverage(cell, text, True))
+        job = Job.call("Checking the LoRA", inspect_lora, lora, model)
+        job.succeeded.connect(lambda info: self._show_coverage(cell, coverage(info), True))
         job.failed.connect(lambda error: self._show_coverage(cell, str(error), False))
         job.crashed.connect(lambda summary, _: self._show_coverage(cell, summary, False))
         job.start()
