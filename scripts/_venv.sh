@@ -17,4 +17,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q -e ".[test]"
     echo "$want" > "$stamp"
 fi
+# Qt needs a few system libraries that minimal Debian/Ubuntu images lack (EGL, GL, xkbcommon,
+# fontconfig, D-Bus, GLib) and a font; install them when we may and they are missing.
+if ! .venv/bin/python -c "import PySide6.QtGui" 2>/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing the system libraries Qt needs (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends libegl1 libgl1 libxkbcommon0 libfontconfig1 \
+        libdbus-1-3 libglib2.0-0 fonts-dejavu-core >/dev/null
+fi
 export PATH="$root/.venv/bin:$PATH"
