@@ -461,7 +461,7 @@ def _run_download(args: argparse.Namespace) -> int:
         )
     fetch = sum(f.size for f in plan if not f.present)
     total = format_bytes(sum(f.size for f in plan))
-    print(f"{args.repo}: {len(plan)} files, {total}; {format_bytes(fetch)} to download")
+    print(f"{args.repo}: {len(plan)} file{'s' * (len(plan) != 1)}, {total}; {format_bytes(fetch)} to download")
     for f in plan:
         print(f"  {f.name} ({format_bytes(f.size)}{', already here' if f.present else ''})")
     with ProgressBar() as bar:

@@ -195,6 +195,10 @@ def plan_download(request: DownloadRequest) -> list[RemoteFile]:
     return choose_files(request, list_files(request))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _names(files: list[RemoteFile], count: int = 8) -> str:
     if not files:
         return "no files"
@@ -223,7 +227,7 @@ def run_download(
         _check_free_space(request, needed)
     request = replace(request, offline=is_offline(request))
     report = Reporter(progress, "download", needed)
-    report(0, f"{len(plan)} files, {_size(needed)} to fetch")
+    report(0, f"{_count(len(plan), 'file')}, {_size(needed)} to fetch")
     paths = _fetch_in_child(request, plan, report, cancel)
     for path in paths:
         if path.name.endswith(MODEL_SUFFIX):
@@ -254,7 +258,8 @@ def _fetch_in_child(
     """Run :func:`_child_main` in a child process, relaying its progress, until it is done, fails,
     or the user cancels (then the child is stopped and its partial file removed)."""
     before = _partial_files(request)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])}
+    python_path = [PACKAGE_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}
     child = subprocess.Popen(
         [sys.executable, "-c", "from engine.hub import _child_main; _child_main()"],
         stdin=subprocess.PIPE,

@@ -79,7 +79,7 @@ def test_offline_plan_and_download_from_the_cache(cache):
     assert result.paths == [snapshot / "tiny-flux.safetensors"]
     assert result.paths[0].read_bytes() == model
     assert result.downloaded == 0
-    assert reports[0].message == "1 files, 0 bytes to fetch"
+    assert reports[0].message == "1 file, 0 bytes to fetch"
     assert {r.stage for r in reports} == {"download"}
 
     both = DownloadRequest(REPO, ("*",), cache_dir=cache, offline=True)
@@ -461,7 +461,7 @@ def test_cli_download_then_export(tmp_path, cache, monkeypatch, capsys):
     size = f"{len(model) / 1000:.1f} KB"
     lines = capsys.readouterr().out.splitlines()
     assert lines[:4] == [
-        f"{REPO}: 1 files, {size}; 0 bytes to download",
+        f"{REPO}: 1 file, {size}; 0 bytes to download",
         f"  zimage-int8.safetensors ({size}, already here)",
         str(snapshot),
         f"exported {exported} (hard link, {size}): Z-Image custom, int8_rowwise ({lines[3].split('(')[-1]}",
