@@ -173,15 +173,15 @@ def summary(rows: list[dict]) -> str:
 
 def small_m() -> str:
     """Few tokens (modulation-like layers, tiny batches): bf16 vs ours, eager and in a CUDA graph."""
-    lines = ["| M×N×K | bf16 µs (graph) | ours µs (graph) | ratio (graph) | bf16 µs (eager) | ours µs (eager) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| M×N×K | bf16 µs (graph) | ours µs (graph) | ratio (graph) | of which quant / GEMM (graph) "
+             "| bf16 µs (eager) | ours µs (eager) |", "|---|---|---|---|---|---|---|"]
     for m, (n, k) in itertools.product((1, 16), ((3072, 3072), (4096, 4096), (12288, 4096), (4096, 12288))):
         p = Problem(m, n, k)
         p.ours()
-        g = {name: bench_graph(getattr(p, name)) for name in ("bf16", "ours")}
+        g = {name: bench_graph(getattr(p, name)) for name in ("bf16", "ours", "quant", "gemm")}
         e = {name: bench(getattr(p, name)) for name in ("bf16", "ours")}
         lines.append(f"| {m}×{n}×{k} | {g['bf16']:.1f} | {g['ours']:.1f} | {g['bf16'] / g['ours']:.2f}× | "
-                     f"{e['bf16']:.1f} | {e['ours']:.1f} |")
+                     f"{g['quant']:.1f} / {g['gemm']:.1f} | {e['bf16']:.1f} | {e['ours']:.1f} |")
         print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -266,6 +266,7 @@ def versions() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1024² only, Klein 9B and Z-Image")
+    parser.add_argument("--only-small-m", action="store_true", help="M = 1 and 16 only")
     parser.add_argument("--sweep", action="store_true", help="time every tile config on a few shapes first")
     parser.add_argument("--small-m", action="store_true", help="also time M = 1 and 16")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for gemm.md and gemm.json")
@@ -273,6 +274,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report = [versions()]
     print(report[0], flush=True)
+    if args.only_small_m:
+        print(small_m())
+        return
     if args.sweep:
         report.append(sweep())
     models = {k: MODELS[k] for k in ("Klein 9B", "Z-Image")} if args.quick else MODELS

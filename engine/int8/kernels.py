@@ -135,7 +135,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _scaled_mm_kernel(
     a, b, c, a_scale, b_scale, bias, M, N, K, stride_am, stride_bn, stride_cm, num_programs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
+    EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias). A int8 [M, K], B int8 [N, K], both K-major.
@@ -143,7 +143,9 @@ def _scaled_mm_kernel(
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
     descriptors when ``USE_TMA`` (out-of-range reads come back as zeros), pointers otherwise (rows are
-    wrapped modulo M and N so loads need no masks; only the store is masked). ``c`` is a tensor
+    wrapped modulo M and N so loads need no masks; only the store is masked). ``MASK_M`` (M < BLOCK_M)
+    masks A's rows instead: wrapping would make the tile's rows all read the same few addresses, which
+    made M = 1 half as fast as M = 16 on an H100. ``c`` is a tensor
     descriptor when ``TMA_STORE`` (the copy engine clips the tile at the edges).
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -161,15 +163,18 @@ def _scaled_mm_kernel(
                 b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
                 acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
         else:
-            a_ptrs = a + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+            rows_a = offs_m if MASK_M else offs_m % M
+            a_ptrs = a + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
             b_ptrs = b + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+            a_rows_ok = offs_m[:, None] < M
             for kt in range(k_tiles):
                 if EVEN_K:
-                    a_tile = tl.load(a_ptrs)
+                    a_tile = tl.load(a_ptrs, mask=a_rows_ok, other=0) if MASK_M else tl.load(a_ptrs)
                     b_tile = tl.load(b_ptrs)
                 else:
                     k_ok = offs_k[None, :] < K - kt * BLOCK_K
-                    a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
+                    a_mask = a_rows_ok & k_ok if MASK_M else k_ok
+                    a_tile = tl.load(a_ptrs, mask=a_mask, other=0)
                     b_tile = tl.load(b_ptrs, mask=k_ok, other=0)
                 acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
                 a_ptrs += BLOCK_K
@@ -291,7 +296,7 @@ def launch_scaled_mm(
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale,
         M, N, K, q.stride(0), w.stride(0), out.stride(0), programs,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, USE_TMA=config.tma,
+        GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
