@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.bench import DTYPE, SEED, BenchRequest, compile_blocks, run_bench
+from engine.bench import DTYPE, SEED, BenchRequest, compile_blocks, run_bench, to_device
 from engine.models.build import named_config, quantize_model, random_model
 
 # GPU kernels by name: the first category whose pattern a kernel's name holds takes its time.
@@ -41,7 +41,7 @@ def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
         quantize_model(model, arch)
     if compiled:
         compile_blocks(model)
-    inputs = model.random_inputs(1, resolution, torch.Generator().manual_seed(SEED), device, DTYPE)
+    inputs = to_device(model.random_inputs(1, resolution, seed=SEED), device)
     with torch.no_grad():
         for _ in range(3):  # compile, autotune, warm up
             model(**inputs)

@@ -31,6 +31,7 @@ from engine.int8.quantize import SCHEMES, Scheme
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.models.build import load_model, named_config, quantize_model, random_model, replace_linears
 from engine.models.detect import detect
+from engine.models.layers import Inputs
 from engine.models.spec import Architecture, Config
 
 FORMATS = ("bf16", "bf16+compile", "fp8", "int8", "int8+compile")
@@ -152,6 +153,11 @@ class Fp8Linear(nn.Module):
             q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
         )
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """Inputs on ``device``, floating-point ones in bf16 (the dtype every format computes in)."""
+    return {k: v.to(device, DTYPE) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
 def compile_blocks(model: nn.Module) -> nn.Module:
@@ -286,13 +292,8 @@ def _bench(
         return compile_blocks(model) if compiled else model
 
     model = build("bf16")
-    inputs = model.random_inputs(
-        request.batch,
-        request.resolution,
-        torch.Generator().manual_seed(SEED),
-        device,
-        DTYPE,
-        request.text_tokens,
+    inputs = to_device(
+        model.random_inputs(request.batch, request.resolution, request.text_tokens, SEED), device
     )
     text_tokens = request.text_tokens or model.text_tokens
     reference = None  # bf16 eager's output: its timed run when asked for, else one call here

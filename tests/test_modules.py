@@ -44,11 +44,10 @@ def seed() -> int:
 def inputs(model: nn.Module, batch: int = 2, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """One step's inputs at 80² pixels (25 image tokens) and 40 text tokens, so Z-Image pads both,
     with a different time per sample."""
-    generator = torch.Generator().manual_seed(seed())
-    x = model.random_inputs(batch, 80, generator, CPU, dtype, text_tokens=40)
+    x = model.random_inputs(batch, 80, text=40, seed=seed())
     time = "t" if "t" in x else "timestep"
-    x[time] = torch.rand(batch, generator=generator)
-    return x
+    x[time] = torch.rand(batch)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
 
 
 def run(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 from engine.models.flux_blocks import FLUX_BLOCK_RULES, flux_block_config, flux_block_shapes
 from engine.models.layers import (
     DoubleBlock,
+    Inputs,
     MLPEmbedder,
     RMSNorm,
     SingleBlock,
@@ -192,25 +193,16 @@ class ChromaModel(nn.Module):
         shift, scale = vectors[-2:]
         return self.final_layer(x[:, txt.shape[1] :], shift, scale)
 
-    def random_inputs(
-        self,
-        batch: int,
-        resolution: int,
-        generator: torch.Generator,
-        device: torch.device,
-        dtype: torch.dtype,
-        text_tokens: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Inputs of one denoising step at ``resolution``² pixels (16× down: VAE 8×, then 2×2 packing)."""
-        text = text_tokens or self.text_tokens
+    def random_inputs(self, batch: int, resolution: int, text: int | None = None, seed: int = 0) -> Inputs:
+        """One step's inputs at ``resolution``² pixels (16× down: VAE 8×, then 2×2 packing) and ``text``
+        prompt tokens (default: typical), float32 on the CPU."""
+        tokens, generator = text or self.text_tokens, torch.Generator().manual_seed(seed)
         side = resolution // 16
         c = self.config
         return {
-            "img": torch.randn(batch, side * side, int(c["in_channels"]), generator=generator).to(
-                device, dtype
-            ),
-            "txt": torch.randn(batch, text, int(c["text_dim"]), generator=generator).to(device, dtype),
-            "timestep": torch.full((batch,), 0.6, device=device),
-            "img_ids": position_ids(1, side, side, device=device),
-            "txt_ids": torch.zeros(text, 3, dtype=torch.long, device=device),
+            "img": torch.randn(batch, side * side, int(c["in_channels"]), generator=generator),
+            "txt": torch.randn(batch, tokens, int(c["text_dim"]), generator=generator),
+            "timestep": torch.full((batch,), 0.6),
+            "img_ids": position_ids(1, side, side),
+            "txt_ids": torch.zeros(tokens, 3, dtype=torch.long),
         }

@@ -15,6 +15,7 @@ from torch import nn
 from engine.models.flux_blocks import flux_block_config, qk_norm_rules, qk_norms, qkv_rows
 from engine.models.layers import (
     DoubleBlock,
+    Inputs,
     MLPEmbedder,
     Modulation,
     SingleBlock,
@@ -202,28 +203,19 @@ class Flux2Model(nn.Module):
             x = block(x, single_mod, pe)
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
-    def random_inputs(
-        self,
-        batch: int,
-        resolution: int,
-        generator: torch.Generator,
-        device: torch.device,
-        dtype: torch.dtype,
-        text_tokens: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Inputs of one denoising step at ``resolution``² pixels (16× down: VAE 8×, then 2×2 packing)."""
-        text = text_tokens or self.text_tokens
+    def random_inputs(self, batch: int, resolution: int, text: int | None = None, seed: int = 0) -> Inputs:
+        """One step's inputs at ``resolution``² pixels (16× down: VAE 8×, then 2×2 packing) and ``text``
+        prompt tokens (default: typical), float32 on the CPU."""
+        tokens, generator = text or self.text_tokens, torch.Generator().manual_seed(seed)
         side = resolution // 16
         c = self.config
         inputs = {
-            "img": torch.randn(batch, side * side, int(c["in_channels"]), generator=generator).to(
-                device, dtype
-            ),
-            "txt": torch.randn(batch, text, int(c["text_dim"]), generator=generator).to(device, dtype),
-            "timestep": torch.full((batch,), 0.6, device=device),
-            "img_ids": position_ids(1, side, side, 1, device=device),
-            "txt_ids": position_ids(1, 1, 1, text, device=device),
+            "img": torch.randn(batch, side * side, int(c["in_channels"]), generator=generator),
+            "txt": torch.randn(batch, tokens, int(c["text_dim"]), generator=generator),
+            "timestep": torch.full((batch,), 0.6),
+            "img_ids": position_ids(1, side, side, 1),
+            "txt_ids": position_ids(1, 1, 1, tokens),
         }
         if c["guidance"]:
-            inputs["guidance"] = torch.full((batch,), 4.0, device=device)
+            inputs["guidance"] = torch.full((batch,), 4.0)
         return inputs

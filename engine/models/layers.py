@@ -17,6 +17,7 @@ from torch import nn
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), float32 [tokens, head_dim / 2]
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
+Inputs = dict[str, torch.Tensor]  # a model's forward arguments by name
 
 
 class RMSNorm(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.layers import (
+    Inputs,
     Rope,
     attention,
     layer_norm,
@@ -264,23 +265,16 @@ class ZImageModel(nn.Module):
         out = self.final_layer(h[:, :tokens], adaln)
         return out.view(batch, rows, cols, p, p, channels).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
 
-    def random_inputs(
-        self,
-        batch: int,
-        resolution: int,
-        generator: torch.Generator,
-        device: torch.device,
-        dtype: torch.dtype,
-        text_tokens: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Inputs of one denoising step at ``resolution``² pixels (VAE 8× down; 2×2 patches inside)."""
-        text = text_tokens or self.text_tokens
+    def random_inputs(self, batch: int, resolution: int, text: int | None = None, seed: int = 0) -> Inputs:
+        """One step's inputs at ``resolution``² pixels (VAE 8× down; 2×2 patches inside) and ``text``
+        prompt tokens (default: typical), float32 on the CPU."""
+        tokens, generator = text or self.text_tokens, torch.Generator().manual_seed(seed)
         side, c = resolution // 8, self.config
         channels = int(c["patch_in"]) // self.patch**2
         return {
-            "x": torch.randn(batch, channels, side, side, generator=generator).to(device, dtype),
-            "t": torch.full((batch,), 0.4, device=device),
-            "cap": torch.randn(batch, text, int(c["cap_dim"]), generator=generator).to(device, dtype),
+            "x": torch.randn(batch, channels, side, side, generator=generator),
+            "t": torch.full((batch,), 0.4),
+            "cap": torch.randn(batch, tokens, int(c["cap_dim"]), generator=generator),
         }
 
 
