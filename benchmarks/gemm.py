@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -145,36 +146,41 @@ def run_shapes(models: dict, resolutions: dict) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = ["| model | res | layer | M×N×K | bf16 µs | int_mm+dequant | fp8 (GEMM only) | ours | ours, CUDA graph | quant share | ours GEMM TOPS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def ratio(r: dict, name: str) -> str:
+        return f"{r[name]:.0f} µs ({r['bf16'] / r[name]:.2f}×)"
+
     for r in rows:
-        ratio = lambda name: f"{r[name]:.0f} µs ({r['bf16'] / r[name]:.2f}×)"  # noqa: E731
         tops = 2 * r["m"] * r["n"] * r["k"] / r["gemm"] / 1e6
         lines.append(f"| {r['model']} | {r['resolution']} | {r['layer']} | {r['m']}×{r['n']}×{r['k']} | {r['bf16']:.0f} "
-                     f"| {ratio('int_mm')} | {ratio('fp8')} | **{ratio('ours')}** | {r['ours_graph']:.0f} µs "
+                     f"| {ratio(r, 'int_mm')} | {ratio(r, 'fp8')} | **{ratio(r, 'ours')}** | {r['ours_graph']:.0f} µs "
                      f"({r['bf16_graph'] / r['ours_graph']:.2f}×) | {r['quant'] / r['ours']:.0%} | {tops:.0f} |")
     return "\n".join(lines)
 
 
+def geomean(rows: list[dict], name: str, baseline: str = "bf16") -> float:
+    return math.exp(sum(math.log(r[baseline] / r[name]) for r in rows) / len(rows))
+
+
 def summary(rows: list[dict]) -> str:
-    lines = ["| resolution | M | ours/bf16: min | geomean | max | time-weighted | same, CUDA graphs: min | geomean "
-             "| fp8/bf16 geomean | int_mm/bf16 geomean |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| resolution | M | ours/bf16: min | geomean | max | time-weighted | same, CUDA graphs: min | geomean "
+              "| fp8/bf16 geomean | int_mm/bf16 geomean |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for res in IMAGE_TOKENS:
         sel = [r for r in rows if r["resolution"] == res]
         if not sel:
             continue
         ratios = [r["bf16"] / r["ours"] for r in sel]
-        geo = lambda name: math.exp(sum(math.log(r["bf16"] / r[name]) for r in sel) / len(sel))  # noqa: E731
         weighted = sum(r["bf16"] for r in sel) / sum(r["ours"] for r in sel)
         graph = [r["bf16_graph"] / r["ours_graph"] for r in sel]
-        lines.append(f"| {res} | {sel[0]['m']} | {min(ratios):.2f}× | {geo('ours'):.2f}× | {max(ratios):.2f}× | "
-                     f"{weighted:.2f}× | {min(graph):.2f}× | {math.exp(sum(map(math.log, graph)) / len(graph)):.2f}× "
-                     f"| {geo('fp8'):.2f}× | {geo('int_mm'):.2f}× |")
+        lines.append(f"| {res} | {sel[0]['m']} | {min(ratios):.2f}× | {geomean(sel, 'ours'):.2f}× | {max(ratios):.2f}× | "
+                     f"{weighted:.2f}× | {min(graph):.2f}× | {geomean(sel, 'ours_graph', 'bf16_graph'):.2f}× "
+                     f"| {geomean(sel, 'fp8'):.2f}× | {geomean(sel, 'int_mm'):.2f}× |")
     return "\n".join(lines)
 
 
 def small_m() -> str:
     """Few tokens (modulation-like layers, tiny batches): bf16 vs ours, eager and in a CUDA graph."""
-    lines = ["| M×N×K | bf16 µs (graph) | ours µs (graph) | ratio (graph) | of which quant / GEMM (graph) "
-             "| bf16 µs (eager) | ours µs (eager) |", "|---|---|---|---|---|---|---|"]
+    lines = [("| M×N×K | bf16 µs (graph) | ours µs (graph) | ratio (graph) | of which quant / GEMM (graph) "
+              "| bf16 µs (eager) | ours µs (eager) |"), "|---|---|---|---|---|---|---|"]
     for m, (n, k) in itertools.product((1, 16), ((3072, 3072), (4096, 4096), (12288, 4096), (4096, 12288))):
         p = Problem(m, n, k)
         p.ours()
@@ -190,7 +196,7 @@ SWEEP_SHAPES = [(4608, 4096, 4096), (4608, 12288, 4096), (4608, 4096, 12288), (1
 
 
 def sweep_configs() -> list[kernels.TileConfig]:
-    T = kernels.TileConfig  # noqa: N806
+    T = kernels.TileConfig
     return [
         T(128, 256, 128, 8, 4, tma=True, persistent=True), T(128, 256, 128, 8, 3, tma=True, persistent=True, tma_store=True),
         T(256, 128, 128, 8, 4, tma=True), T(256, 128, 128, 8, 3, tma=True, tma_store=True),
@@ -213,9 +219,10 @@ def sweep() -> str:
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         results = []
         for c in configs:
+            run = functools.partial(kernels.launch_scaled_mm, c, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, out,
+                                    kernels.TUNER.num_sms(out.device))
             try:
-                us = bench(lambda: kernels.launch_scaled_mm(c, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, out,
-                                                            kernels.TUNER.num_sms(out.device)))
+                us = bench(run)
                 results.append((us, c))
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
                 print(f"  {c}: {type(e).__name__}: {str(e)[:100]}")
@@ -226,7 +233,7 @@ def sweep() -> str:
         print("\n".join(lines[-9:]), flush=True)
     for m, k in ((4608, 3072), (4608, 4096), (4608, 12288), (4608, 16384), (16896, 4096)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        us = bench(lambda: kernels.quantize_rows(x))
+        us = bench(functools.partial(kernels.quantize_rows, x))
         floor_us = m * k * 3 / 3.0e12 * 1e6
         lines.append(f"quant {m}×{k}: {us:.1f} µs (one read of x, one write of q at 3 TB/s: {floor_us:.1f})")
         print(lines[-1], flush=True)
@@ -256,7 +263,7 @@ def host_overhead() -> str:
 def versions() -> str:
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True).stdout.strip()
+                                capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         driver = "?"
     return (f"{torch.cuda.get_device_name()} (driver {driver}), torch {torch.__version__}, CUDA {torch.version.cuda}, "

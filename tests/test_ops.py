@@ -78,9 +78,8 @@ def test_out_dtype_and_default_backends():
     with ops.use_backend("int_mm"):
         assert ops.backend_for(x) == "int_mm"
     assert ops.backend_for(x) == "torch"
-    with pytest.raises(ValueError, match="unknown backend 'cublas'; expected one of triton, int_mm, torch"):
-        with ops.use_backend("cublas"):
-            pass
+    with pytest.raises(ValueError, match="unknown backend 'cublas'; expected one of triton, int_mm, torch"), ops.use_backend("cublas"):
+        pass
 
 
 @pytest.mark.parametrize(

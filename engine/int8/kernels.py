@@ -20,6 +20,7 @@ without tuning (see :class:`GemmTuner`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -317,10 +318,9 @@ def usable(config: TileConfig, q: torch.Tensor, w: torch.Tensor, out: torch.Tens
 
 
 def default_cache_path() -> Path:
-    root = os.environ.get("INT8_STUDIO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "int8-studio"
-    )
-    return Path(root) / "gemm-configs.json"
+    from engine.demo import cache_dir
+
+    return cache_dir() / "gemm-configs.json"
 
 
 class GemmTuner:
@@ -397,10 +397,10 @@ class GemmTuner:
         num_sms = self.num_sms(q.device)
         timings = {}
         for config in candidates:
-            run = lambda: launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms)  # noqa: E731
+            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms)
             try:
                 timings[config] = triton.testing.do_bench(run, warmup=5, rep=20)
-            except Exception:  # out of shared memory or a feature this GPU/Triton lacks
+            except Exception:  # noqa: BLE001, S112 - out of shared memory, or a feature this GPU/Triton lacks
                 continue
         if not timings:
             raise RuntimeError(f"no int8 GEMM configuration compiles for M={q.shape[0]}, N={w.shape[0]}, K={q.shape[1]}")
