@@ -1,0 +1,259 @@
+"""LoRA benchmarks: what an unmerged LoRA costs per step, and how far each merge mode is from a float merge.
+
+``speed`` — one denoising step of an int8 model, *merged* vs *dynamic* LoRA. Merged is the int8 model
+alone: a merged LoRA changes weights, not the work, so it costs nothing at run time. Dynamic is the
+same model with ``--loras`` random rank-``--rank`` LoRAs on every quantized linear layer through
+:class:`engine.lora.dynamic.DynamicLoras`. Both run compiled (``torch.compile(fullgraph=True)``); the
+dynamic run changes every strength before each timed step and counts recompiles (must stay 0).
+Target (issue 5): dynamic ≤ 1.08 × merged for Flux.2 Klein 9B at 1024², rank 32, on an H100.
+Random weights (``engine.models.build.random_model``), bf16 activations, row-wise int8 weights::
+
+    PYTHONPATH=. python3 benchmarks/lora.py speed [--model flux2-klein-9b] [--res 1024] [--rank 32]
+        [--loras 1] [--steps 10] [--mode max-autotune-no-cudagraphs] [--json results.json]
+
+(a CPU smoke run of the script: ``speed --model flux2-tiny --device cpu --res 128 --steps 2``.)
+
+``merge`` — the merge job end to end on a Flux.2 model with Klein 4B's layer widths (one double and
+one single block, heavy-tailed random weights), converted to int8 by ``engine.convert``, and a rank-32
+kohya LoRA whose change is 2% of the weights' norm at strength 1 (typical of trained LoRAs). For each
+scheme, strength and mode it reports, against the float merge (dequantized int8 + the LoRA's delta in
+float64): the rms weight error as a fraction of the LoRA's rms change, the output error on random
+activations as a fraction of the LoRA's effect on the output, and how much of the change survives
+(projection onto the delta: 1 = all of it, on average). ``nearest`` — adding the change at the
+existing scale with round-to-nearest — is the naive mode, shown for comparison. Runs on the CPU::
+
+    PYTHONPATH=. python3 benchmarks/lora.py merge [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch._dynamo.utils import counters
+
+from engine.convert import ConvertRequest, run_convert
+from engine.int8.linear import Int8Linear
+from engine.int8.quantize import SCHEMES, dequantize_weight
+from engine.lora import MODES, LoraMergeRequest, LoraSpec, run_lora_merge
+from engine.lora.dynamic import DynamicLoras, Factors
+from engine.models import REGISTRY
+from engine.models.build import named_config, quantize_model, random_model
+
+DTYPE = torch.bfloat16
+TARGET = 1.08
+
+
+def step_seconds(model, inputs, steps: int, warmup: int, before_step=lambda: None) -> tuple[float, torch.Tensor]:
+    """Median wall time of one step (the device synchronized), and the last output."""
+    sync = torch.cuda.synchronize if next(iter(inputs.values())).is_cuda else lambda: None
+    times = []
+    with torch.no_grad():
+        for n in range(warmup + steps):
+            before_step()
+            sync()
+            start = time.perf_counter()
+            out = model(**inputs)
+            sync()
+            if n >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def random_loras(model: torch.nn.Module, dynamic: DynamicLoras, count: int, rank: int, generator) -> list[str]:
+    """``count`` LoRAs of rank ``rank`` on every Int8Linear, with factors of a trained LoRA's scale."""
+    names = []
+    device = next(model.parameters()).device
+    for n in range(count):
+        factors = {}
+        for name, module in model.named_modules():
+            if isinstance(module, Int8Linear):
+                out, inp = module.weight.shape
+                down = torch.randn(rank, inp, generator=generator, device=device) / inp**0.5
+                up = torch.randn(out, rank, generator=generator, device=device) * 1e-2
+                factors[name] = Factors(down, up, torch.ones(rank))
+        names.append(dynamic.add_factors(f"lora {n}", factors))
+    return names
+
+
+def speed(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    arch, config, label = named_config(args.model)
+    generator = torch.Generator(device).manual_seed(0)
+    model = random_model(arch, config, device, DTYPE)
+    layers = quantize_model(model, arch, "rowwise")
+    # activations in bf16 on the device; timesteps stay float32, position ids integers
+    inputs = {
+        k: v.to(device, DTYPE) if v.is_floating_point() and v.ndim > 1 else v.to(device)
+        for k, v in model.random_inputs(1, args.res).items()
+    }
+    options = {"mode": args.mode} if args.mode else {}
+
+    def compiled():
+        torch._dynamo.reset()
+        return torch.compile(model, fullgraph=True, backend=args.backend, **options)
+
+    merged, merged_out = step_seconds(compiled(), inputs, args.steps, warmup=3)
+
+    dynamic = DynamicLoras(model, DTYPE)
+    names = random_loras(model, dynamic, args.loras, args.rank, generator)
+    strengths = torch.Generator().manual_seed(1)
+
+    def new_strengths() -> None:
+        for name in names:
+            dynamic.set_strength(name, float(torch.rand((), generator=strengths)) * 2 - 0.5)
+
+    unmerged_model = compiled()
+    step_seconds(unmerged_model, inputs, 1, warmup=2)  # compile, and settle
+    graphs = counters["stats"]["unique_graphs"]
+    unmerged, _ = step_seconds(unmerged_model, inputs, args.steps, warmup=1, before_step=new_strengths)
+    recompiles = counters["stats"]["unique_graphs"] - graphs
+    for name in names:
+        dynamic.set_strength(name, 0.0)
+    with torch.no_grad():
+        zero = unmerged_model(**inputs)
+    drift = ((zero.float() - merged_out.float()).norm() / merged_out.float().norm()).item()
+
+    results = {
+        "model": label,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "resolution": args.res,
+        "rank": args.rank,
+        "loras": args.loras,
+        "int8_layers": layers,
+        "compile": f"{args.backend}" + (f" {args.mode}" if args.mode else ""),
+        "merged_ms": merged * 1e3,
+        "dynamic_ms": unmerged * 1e3,
+        "ratio": unmerged / merged,
+        "target": TARGET,
+        "recompiles_on_strength_change": recompiles,
+        "strength_0_vs_merged_rel_error": drift,
+    }
+    print(f"{label} at {args.res}², {layers} int8 layers, rank {args.rank} × {args.loras} LoRA, {results['device']}")
+    print(f"  merged   {merged * 1e3:9.2f} ms/step")
+    print(f"  dynamic  {unmerged * 1e3:9.2f} ms/step  ×{unmerged / merged:.3f} (target ≤ ×{TARGET})")
+    print(f"  recompiles when strengths change: {recompiles}; strength 0 vs merged: {drift:.1e} relative")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+# --- merge error -------------------------------------------------------------------------------------
+
+RANK = 32
+CHANGE = 0.02  # ‖ΔW‖ / ‖W‖ at strength 1
+TOKENS = 256  # random activations per layer for the output error
+
+
+def heavy_tailed(shape: tuple[int, int]) -> torch.Tensor:
+    """Weights with std 1/√in and Student-t(5) tails, so that absmax sits far above the std as in
+    trained weights (it sets the int8 step)."""
+    t = torch.distributions.StudentT(5.0).sample(shape)
+    return (t * (3 / 5) ** 0.5 / shape[1] ** 0.5).to(torch.bfloat16)
+
+
+def merge(args: argparse.Namespace) -> None:
+    arch = REGISTRY["flux2"]
+    config = {**arch.variants["Klein 4B"], "double_blocks": 1, "single_blocks": 1}
+    folder = Path(args.out or tempfile.mkdtemp(prefix="lora-merge-"))
+    torch.manual_seed(0)
+    shapes = arch.tensor_shapes(config)
+    weights = {
+        n: heavy_tailed(s) if len(s) == 2 else (1 + 0.02 * torch.randn(s)).to(torch.bfloat16)
+        for n, s in shapes.items()
+    }
+    source = folder / "model-bf16.safetensors"
+    save_file(weights, str(source))
+    targets = [n for n, s in shapes.items() if not arch.keeps_high_precision(n, s)]
+    lora, deltas = {}, {}
+    for name in targets:
+        out, inp = shapes[name]
+        down = torch.randn(RANK, inp) / inp**0.5
+        up = torch.randn(out, RANK)
+        delta = up @ down
+        up *= CHANGE * weights[name].float().norm() / delta.norm()
+        deltas[name] = up @ down
+        stem = "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
+        lora |= {f"{stem}.lora_down.weight": down.contiguous(), f"{stem}.lora_up.weight": up.contiguous()}
+    lora_path = folder / "lora.safetensors"
+    save_file(lora, str(lora_path))
+    print(f"Flux.2, Klein 4B widths, {len(targets)} int8 layers ({sum(math.prod(shapes[n]) for n in targets) / 1e6:.0f}M weights), "
+          f"rank {RANK} LoRA, ‖ΔW‖/‖W‖ = {CHANGE:.0%} at strength 1\n")
+    print("| scheme | strength | mode | weight error | output error | change kept | merge time |")
+    print("|---|---|---|---|---|---|---|")
+    for scheme in SCHEMES:
+        int8 = run_convert(ConvertRequest(source, folder / f"model-{scheme}.safetensors", scheme, overwrite=True)).output
+        base = load_file(str(int8))
+        for strength in (1.0, 0.25):
+            rows = {}
+            for mode in MODES:
+                request = LoraMergeRequest(int8, (LoraSpec(lora_path, strength),), folder / f"{scheme}-{mode}.safetensors", mode, overwrite=True)
+                started = time.perf_counter()
+                result = run_lora_merge(request)
+                seconds = time.perf_counter() - started
+                rows[mode] = (errors(load_file(str(result.output)), base, deltas, strength), f"{seconds:.1f} s")
+            rows["nearest"] = (errors(nearest(base, deltas, strength), base, deltas, strength), "")
+            for mode, ((weight, output, kept), seconds) in rows.items():
+                print(f"| {scheme} | {strength:g} | {mode} | {weight:.1%} | {output:.1%} | {kept:.3f} | {seconds} |")
+
+
+def dequantized(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return dequantize_weight(tensors[name], tensors[name.removesuffix(".weight") + ".weight_scale"])
+
+
+def nearest(base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
+    """The naive merge: the change added in the int8 grid at the existing scale, rounded to nearest."""
+    out = dict(base)
+    for name, delta in deltas.items():
+        scale = base[name.removesuffix(".weight") + ".weight_scale"].float()
+        step = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+        out[name] = (base[name].float() + (strength * delta / step).round()).clamp(-127, 127).to(torch.int8)
+    return out
+
+
+def errors(merged, base, deltas, strength) -> tuple[float, float, float]:
+    """(rms weight error / rms change, rms output error / rms output change, change kept) over all layers."""
+    err2 = change2 = out_err2 = out_change2 = kept = 0.0
+    for name, delta in deltas.items():
+        original = dequantized(base, name).double()
+        change = strength * delta.double()
+        error = dequantized(merged, name).double() - (original + change)
+        x = torch.randn(TOKENS, delta.shape[1], dtype=torch.float64)
+        err2 += float(error.square().sum())
+        change2 += float(change.square().sum())
+        out_err2 += float((x @ error.T).square().sum())
+        out_change2 += float((x @ change.T).square().sum())
+        kept += float(((error + change) * change).sum())
+    return (err2 / change2) ** 0.5, (out_err2 / out_change2) ** 0.5, kept / change2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("speed", help="step time: merged vs dynamic LoRA (GPU)")
+    p.add_argument("--model", default="flux2-klein-9b", help="a known model name (random weights)")
+    p.add_argument("--res", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--loras", type=int, default=1, help="LoRAs applied at once")
+    p.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warm-up steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--mode", default=None, help="torch.compile mode (inductor), e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--json", help="also write the results to this file")
+    p.set_defaults(func=speed)
+    p = sub.add_parser("merge", help="each merge mode's error against a float merge (CPU)")
+    p.add_argument("--out", help="folder for the files (default: a new temporary folder)")
+    p.set_defaults(func=merge)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
