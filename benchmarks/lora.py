@@ -51,7 +51,9 @@ DTYPE = torch.bfloat16
 TARGET = 1.08
 
 
-def step_seconds(model, inputs, steps: int, warmup: int, before_step=lambda: None) -> tuple[float, torch.Tensor]:
+def step_seconds(
+    model, inputs, steps: int, warmup: int, before_step=lambda: None
+) -> tuple[float, torch.Tensor]:
     """Median wall time of one step (the device synchronized), and the last output."""
     sync = torch.cuda.synchronize if next(iter(inputs.values())).is_cuda else lambda: None
     times = []
@@ -67,7 +69,9 @@ def step_seconds(model, inputs, steps: int, warmup: int, before_step=lambda: Non
     return statistics.median(times), out
 
 
-def random_loras(model: torch.nn.Module, dynamic: DynamicLoras, count: int, rank: int, generator) -> list[str]:
+def random_loras(
+    model: torch.nn.Module, dynamic: DynamicLoras, count: int, rank: int, generator
+) -> list[str]:
     """``count`` LoRAs of rank ``rank`` on every Int8Linear, with factors of a trained LoRA's scale."""
     names = []
     device = next(model.parameters()).device
@@ -137,7 +141,10 @@ def speed(args: argparse.Namespace) -> None:
         "recompiles_on_strength_change": recompiles,
         "strength_0_vs_merged_rel_error": drift,
     }
-    print(f"{label} at {args.res}², {layers} int8 layers, rank {args.rank} × {args.loras} LoRA, {results['device']}")
+    print(
+        f"{label} at {args.res}², {layers} int8 layers, rank {args.rank} × {args.loras} LoRA, "
+        f"{results['device']}"
+    )
     print(f"  merged   {merged * 1e3:9.2f} ms/step")
     print(f"  dynamic  {unmerged * 1e3:9.2f} ms/step  ×{unmerged / merged:.3f} (target ≤ ×{TARGET})")
     print(f"  recompiles when strengths change: {recompiles}; strength 0 vs merged: {drift:.1e} relative")
@@ -184,31 +191,50 @@ def merge(args: argparse.Namespace) -> None:
         lora |= {f"{stem}.lora_down.weight": down.contiguous(), f"{stem}.lora_up.weight": up.contiguous()}
     lora_path = folder / "lora.safetensors"
     save_file(lora, str(lora_path))
-    print(f"Flux.2, Klein 4B widths, {len(targets)} int8 layers ({sum(math.prod(shapes[n]) for n in targets) / 1e6:.0f}M weights), "
-          f"rank {RANK} LoRA, ‖ΔW‖/‖W‖ = {CHANGE:.0%} at strength 1\n")
+    print(
+        f"Flux.2, Klein 4B widths, {len(targets)} int8 layers "
+        f"({sum(math.prod(shapes[n]) for n in targets) / 1e6:.0f}M weights), "
+        f"rank {RANK} LoRA, ‖ΔW‖/‖W‖ = {CHANGE:.0%} at strength 1\n"
+    )
     print("| scheme | strength | mode | weight error | output error | change kept | merge time |")
     print("|---|---|---|---|---|---|---|")
     for scheme in SCHEMES:
-        int8 = run_convert(ConvertRequest(source, folder / f"model-{scheme}.safetensors", scheme, overwrite=True)).output
+        int8 = run_convert(
+            ConvertRequest(source, folder / f"model-{scheme}.safetensors", scheme, overwrite=True)
+        ).output
         base = load_file(str(int8))
         for strength in (1.0, 0.25):
             rows = {}
             for mode in MODES:
-                request = LoraMergeRequest(int8, (LoraSpec(lora_path, strength),), folder / f"{scheme}-{mode}.safetensors", mode, overwrite=True)
+                request = LoraMergeRequest(
+                    int8,
+                    (LoraSpec(lora_path, strength),),
+                    folder / f"{scheme}-{mode}.safetensors",
+                    mode,
+                    overwrite=True,
+                )
                 started = time.perf_counter()
                 result = run_lora_merge(request)
                 seconds = time.perf_counter() - started
-                rows[mode] = (errors(load_file(str(result.output)), base, deltas, strength), f"{seconds:.1f} s")
+                rows[mode] = (
+                    errors(load_file(str(result.output)), base, deltas, strength),
+                    f"{seconds:.1f} s",
+                )
             rows["nearest"] = (errors(nearest(base, deltas, strength), base, deltas, strength), "")
             for mode, ((weight, output, kept), seconds) in rows.items():
-                print(f"| {scheme} | {strength:g} | {mode} | {weight:.1%} | {output:.1%} | {kept:.3f} | {seconds} |")
+                print(
+                    f"| {scheme} | {strength:g} | {mode} | {weight:.1%} | {output:.1%} | {kept:.3f} "
+                    f"| {seconds} |"
+                )
 
 
 def dequantized(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return dequantize_weight(tensors[name], tensors[name.removesuffix(".weight") + ".weight_scale"])
 
 
-def nearest(base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
+def nearest(
+    base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], strength: float
+) -> dict[str, torch.Tensor]:
     """The naive merge: the change added in the int8 grid at the existing scale, rounded to nearest."""
     out = dict(base)
     for name, delta in deltas.items():
@@ -245,7 +271,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warm-up steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
-    p.add_argument("--mode", default=None, help="torch.compile mode (inductor), e.g. max-autotune-no-cudagraphs")
+    p.add_argument(
+        "--mode", default=None, help="torch.compile mode (inductor), e.g. max-autotune-no-cudagraphs"
+    )
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=speed)
     p = sub.add_parser("merge", help="each merge mode's error against a float merge (CPU)")

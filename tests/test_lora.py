@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import CheckpointError, CheckpointReader
-from engine.jobs import CancelToken, Cancelled
+from engine.jobs import Cancelled, CancelToken
 from engine.lora import LoraError, LoraFile, LoraMergeRequest, LoraSpec, guess_target, run_lora_merge
 from engine.lora.job import LORAS_METADATA
 from engine.models import REGISTRY
@@ -26,7 +26,9 @@ def tiny_model(tmp_path, arch: str = "flux2", fmt: str = "float", dtype=torch.fl
     return write_single_file(tmp_path / f"{arch}-{fmt}.safetensors", arch, dtype=dtype, fmt=fmt)
 
 
-def merge(tmp_path, model: TinyCheckpoint, *loras: tuple[TinyLora, float], out: str = "out.safetensors", **kw):
+def merge(
+    tmp_path, model: TinyCheckpoint, *loras: tuple[TinyLora, float], out: str = "out.safetensors", **kw
+):
     request = LoraMergeRequest(model.path, tuple(LoraSpec(l.path, s) for l, s in loras), tmp_path / out, **kw)
     result = run_lora_merge(request)
     return result, load_file(str(result.output))
@@ -63,7 +65,8 @@ def strength() -> float:
 
 @pytest.mark.parametrize(
     "arch,fmt",
-    [("flux2", fmt) for fmt in FORMATS] + [(a, f) for a in ARCHS if a != "flux2" for f in ("kohya", "diffusers")],
+    [("flux2", fmt) for fmt in FORMATS]
+    + [(a, f) for a in ARCHS if a != "flux2" for f in ("kohya", "diffusers")],
 )
 def test_every_format_merges_like_the_float_reference(tmp_path, arch, fmt):
     model = tiny_model(tmp_path, arch)
@@ -96,8 +99,19 @@ def test_a_peft_lora_merges_like_peft(tmp_path, arch, dora):
     config = a.tiny["tiny"]
     transformer = getattr(diffusers, a.diffusers_class)(**diffusers_kwargs(arch, config))
     transformer.load_state_dict(to_diffusers(a, model.reference, config))
-    targets = ["to_q", "to_k", "to_v", "to_qkv_mlp_proj", "proj_mlp", "norm_out.linear", "linear_in", "to_out.0"]
-    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora)
+    targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_qkv_mlp_proj",
+        "proj_mlp",
+        "norm_out.linear",
+        "linear_in",
+        "to_out.0",
+    ]
+    lora_config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora
+    )
     transformer.add_adapter(lora_config)
     diffusers.Flux2KleinPipeline.save_lora_weights(
         tmp_path, get_peft_model_state_dict(transformer), weight_name="peft.safetensors",
@@ -124,7 +138,9 @@ def test_a_peft_lora_merges_like_peft(tmp_path, arch, dora):
 def test_split_parts_patch_only_their_rows(tmp_path):
     """A diffusers LoRA on to_q alone changes rows [0:h] of the fused qkv and nothing else."""
     model = tiny_model(tmp_path, "flux2", "int8_rowwise")
-    lora = write_lora(tmp_path / "q.safetensors", "flux2", "diffusers", only=(r"^transformer_blocks\.\d+\.attn\.to_q$",))
+    lora = write_lora(
+        tmp_path / "q.safetensors", "flux2", "diffusers", only=(r"^transformer_blocks\.\d+\.attn\.to_q$",)
+    )
     result, merged = merge(tmp_path, model, (lora, 1.0), mode="stochastic")
     h = REGISTRY["flux2"].tiny["tiny"]["hidden"]
     qkv = [n for n in merged if n.endswith("img_attn.qkv.weight")]
@@ -232,7 +248,12 @@ def test_a_stack_is_summed_in_float_and_rounded_once(tmp_path):
 
 def test_merged_file_lists_its_loras(tmp_path):
     model = tiny_model(tmp_path, "zimage", "int8_tensorwise", dtype=torch.bfloat16)
-    source = {"format": "pt", "int8_studio.source_sha256": "ab12", "modelspec.hash_sha256": "0x99", "note": "kept"}
+    source = {
+        "format": "pt",
+        "int8_studio.source_sha256": "ab12",
+        "modelspec.hash_sha256": "0x99",
+        "note": "kept",
+    }
     save_file(load_file(str(model.path)), str(model.path), metadata=source)
     a, b = (write_lora(tmp_path / f"{n}.safetensors", "zimage", "kohya", only=("layers.0.",)) for n in "ab")
     once, _ = merge(tmp_path, model, (a, 0.5), out="once.safetensors")
@@ -242,7 +263,8 @@ def test_merged_file_lists_its_loras(tmp_path):
         loras = [{"name": "a.safetensors", "strength": 0.5}, {"name": "b.safetensors", "strength": -1.25}]
         # a hash of the model's own bytes no longer holds; where it came from still does
         assert reader.metadata == {
-            "format": "pt", "int8_studio.source_sha256": "ab12", "note": "kept", LORAS_METADATA: json.dumps(loras)
+            "format": "pt", "int8_studio.source_sha256": "ab12", "note": "kept",
+            LORAS_METADATA: json.dumps(loras),
         }  # fmt: skip
 
 
@@ -262,7 +284,9 @@ def test_match_report_lists_what_found_no_layer(tmp_path):
     save_file(lora.tensors | extra, str(lora.path))
     result, _ = merge(tmp_path, model, (lora, 1.0))
     (report,) = result.matches
-    assert sorted(report.unmatched) == sorted(k for k in extra if "double_blocks.99" in k or k == "training_step")
+    assert sorted(report.unmatched) == sorted(
+        k for k in extra if "double_blocks.99" in k or k == "training_step"
+    )
     assert sorted(report.text_encoder) == sorted(k for k in extra if k.startswith("lora_te1"))
     assert report.matched_keys == len(lora.tensors)
 
@@ -281,7 +305,8 @@ def test_a_lora_for_another_architecture(tmp_path):
     first = min(lora.tensors, key=natural_key).split(".")[0]
     run_expecting(
         tmp_path, LoraError,
-        f"zimage.safetensors is not for this Flux.2 custom model: it looks like a Z-Image tiny LoRA (e.g. '{first}')",
+        "zimage.safetensors is not for this Flux.2 custom model: it looks like a Z-Image tiny LoRA "
+        f"(e.g. '{first}')",
         model, (lora, 1.0),
     )  # fmt: skip
 
@@ -289,11 +314,14 @@ def test_a_lora_for_another_architecture(tmp_path):
 def test_a_lora_for_another_size(tmp_path):
     model = tiny_model(tmp_path, "flux2")
     small = {**REGISTRY["flux2"].tiny["tiny"], "hidden": 32, "head_dim": 8}
-    lora = write_lora(tmp_path / "small.safetensors", "flux2", "kohya", config=small, only=("double_blocks.0.img_attn.qkv",))
+    lora = write_lora(
+        tmp_path / "small.safetensors", "flux2", "kohya", config=small, only=("double_blocks.0.img_attn.qkv",)
+    )
     run_expecting(
         tmp_path, LoraError,
-        "small.safetensors does not fit this Flux.2 custom model: its layer 'lora_unet_double_blocks_0_img_attn_qkv' "
-        "changes a [96, 32] weight but 'double_blocks.0.img_attn.qkv.weight' needs [192, 64]; it looks like a "
+        "small.safetensors does not fit this Flux.2 custom model: its layer "
+        "'lora_unet_double_blocks_0_img_attn_qkv' changes a [96, 32] weight but "
+        "'double_blocks.0.img_attn.qkv.weight' needs [192, 64]; it looks like a "
         "Flux.2 LoRA",
         model, (lora, 1.0),
     )  # fmt: skip
@@ -302,8 +330,11 @@ def test_a_lora_for_another_size(tmp_path):
 def test_a_text_encoder_lora(tmp_path):
     model = tiny_model(tmp_path)
     path = tmp_path / "te.safetensors"
-    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}, str(path))  # fmt: skip
+    stem = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    save_file(
+        {f"{stem}.lora_down.weight": torch.zeros(4, 8), f"{stem}.lora_up.weight": torch.zeros(8, 4)},
+        str(path),
+    )
     message = "te.safetensors only adapts a text encoder (1 layers), not a Flux.2 model"
     run_expecting(tmp_path, LoraError, message, model, (TinyLora(path, "kohya", {}), 1.0))
 
@@ -314,7 +345,8 @@ def test_a_model_or_other_file_given_as_lora(tmp_path):
     message = "other.safetensors is a Z-Image custom model, not a LoRA"
     run_expecting(tmp_path, LoraError, message, model, (TinyLora(other.path, "", {}), 1.0))
     save_file({"b.weight": torch.zeros(2), "a.10": torch.zeros(1), "a.9": torch.zeros(1)}, str(other.path))
-    message = "other.safetensors holds no LoRA layers (3 tensors, e.g. 'a.9', 'a.10', 'b.weight'): it is not a LoRA file"
+    message = "other.safetensors holds no LoRA layers (3 tensors, e.g. 'a.9', 'a.10', 'b.weight'): "
+    message += "it is not a LoRA file"
     run_expecting(tmp_path, LoraError, message, model, (TinyLora(other.path, "", {}), 1.0))
 
 
@@ -398,12 +430,14 @@ def test_rotated_weights_are_refused(tmp_path):
     model = tiny_model(tmp_path, "flux2", "int8_rowwise", dtype=torch.bfloat16)
     tensors = load_file(str(model.path))
     marker = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
-    tensors["single_blocks.0.linear1.comfy_quant"] = torch.tensor(list(json.dumps(marker).encode()), dtype=torch.uint8)
+    tensors["single_blocks.0.linear1.comfy_quant"] = torch.tensor(
+        list(json.dumps(marker).encode()), dtype=torch.uint8
+    )
     save_file(tensors, str(model.path))
     lora = write_lora(tmp_path / "lora.safetensors", "flux2", "kohya", only=("single_blocks.0.linear1",))
     message = (
-        "layer 'single_blocks.0.linear1' is stored Hadamard-rotated; merging LoRAs into rotated weights is not "
-        "supported yet: merge into the unrotated model, or use the LoRA unmerged"
+        "layer 'single_blocks.0.linear1' is stored Hadamard-rotated; merging LoRAs into rotated weights is "
+        "not supported yet: merge into the unrotated model, or use the LoRA unmerged"
     )
     run_expecting(tmp_path, LoraError, message, model, (lora, 1.0))
 

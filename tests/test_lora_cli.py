@@ -26,18 +26,48 @@ def test_merge_with_strengths_and_modes(tmp_path, capsys):
     a = write_lora(tmp_path / "a.safetensors", "flux2", "kohya")
     b = write_lora(tmp_path / "b.safetensors", "flux2", "diffusers", only=("^single_transformer_blocks",))
     out = tmp_path / "merged.safetensors"
-    code, stdout, err = run(capsys, "lora", "merge", model.path, f"{a.path}:0.75", b.path, "-o", out, "--mode", "stochastic", "--seed", 7)
+    code, stdout, err = run(
+        capsys,
+        "lora",
+        "merge",
+        model.path,
+        f"{a.path}:0.75",
+        b.path,
+        "-o",
+        out,
+        "--mode",
+        "stochastic",
+        "--seed",
+        7,
+    )
     assert (code, err) == (0, "")
     lines = stdout.splitlines()
     assert lines[0] == f"wrote {out}: Flux.2 custom + 2 LoRAs, {len(a.changes)} tensors changed"
-    assert re.fullmatch(r"  stochastic: \d+ int8 weights, rms error vs the float merge \d+\.\d\d% of the LoRAs' change, \d+ values clipped at ±127", lines[1])
+    assert re.fullmatch(
+        r"  stochastic: \d+ int8 weights, rms error vs the float merge \d+\.\d\d% of the LoRAs' change, "
+        r"\d+ values clipped at ±127",
+        lines[1],
+    )
     assert lines[2] == f"  a.safetensors × 0.75: kohya LoRA, rank 4, {len(a.changes)} layers"
     assert lines[3] == f"  b.safetensors × 1: diffusers/PEFT LoRA, rank 4, {len(b.changes)} layers"
     with safe_open(str(out), "pt") as f:
         loras = json.loads(f.metadata()["int8_studio.loras"])
     assert loras == [{"name": "a.safetensors", "strength": 0.75}, {"name": "b.safetensors", "strength": 1.0}]
     again = tmp_path / "again.safetensors"  # the same seed gives the same file
-    code, _, _ = run(capsys, "lora", "merge", model.path, f"{a.path}:0.75", b.path, "-o", again, "--mode", "stochastic", "--seed", 7)
+    code, _, _ = run(
+        capsys,
+        "lora",
+        "merge",
+        model.path,
+        f"{a.path}:0.75",
+        b.path,
+        "-o",
+        again,
+        "--mode",
+        "stochastic",
+        "--seed",
+        7,
+    )
     assert code == 0 and again.read_bytes() == out.read_bytes()
 
 
@@ -47,8 +77,8 @@ def test_merge_errors_are_one_line(tmp_path, capsys):
     code, out, err = run(capsys, "lora", "merge", model.path, lora.path, "-o", tmp_path / "out.safetensors")
     assert (code, out) == (2, "")
     assert re.fullmatch(
-        r"int8-studio: error: z\.safetensors is not for this Flux\.2 custom model: it looks like a Z-Image tiny "
-        r"LoRA \(e\.g\. 'diffusion_model\.[\w.]+'\)\n",
+        r"int8-studio: error: z\.safetensors is not for this Flux\.2 custom model: "
+        r"it looks like a Z-Image tiny LoRA \(e\.g\. 'diffusion_model\.[\w.]+'\)\n",
         err,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "z.safetensors"]
@@ -58,21 +88,28 @@ def test_inspect_without_and_with_a_model(tmp_path, capsys):
     lora = write_lora(tmp_path / "l.safetensors", "zimage", "kohya", rank=8)
     code, out, err = run(capsys, "lora", "inspect", lora.path)
     assert (code, err) == (0, "")
-    linears = 46
+    linears, keys = len(lora.changes), len(lora.tensors)  # the LoRA adapts every linear layer
     assert out.splitlines()[1:] == [
         f"format    kohya LoRA, {linears} layers",
         "rank      8 (alpha/rank 0.5)",
         "target    Z-Image tiny",
-        f"coverage  {len(lora.tensors)} of {len(lora.tensors)} keys matched; adapts {linears} of the model's {linears} linear layers",
+        f"coverage  {keys} of {keys} keys matched; adapts {linears} of the model's {linears} linear layers",
     ]
     model = write_single_file(tmp_path / "m.safetensors", "zimage")
     code, out, err = run(capsys, "lora", "inspect", lora.path, "--model", model.path, "--json")
     info = json.loads(out)
     assert (code, err) == (0, "")
-    assert (info["target"], info["fits"], info["target_layers"], info["unmatched"]) == ("Z-Image custom", True, linears, [])
+    assert (info["target"], info["fits"], info["target_layers"], info["unmatched"]) == (
+        "Z-Image custom",
+        True,
+        linears,
+        [],
+    )
     other = write_single_file(tmp_path / "f.safetensors", "flux2")
     code, out, err = run(capsys, "lora", "inspect", lora.path, "--model", other.path)
-    assert (code, out) == (2, "") and err.startswith("int8-studio: error: l.safetensors is not for this Flux.2 custom model")
+    assert (code, out) == (2, "") and err.startswith(
+        "int8-studio: error: l.safetensors is not for this Flux.2 custom model"
+    )
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,12 @@ def test_several_loras_and_strength_changes(tmp_path):
 def test_compiled_layers_take_new_strengths_without_recompiling(tmp_path):
     model, detected = loaded(tmp_path)
     # a LoRA on a high-precision nn.Linear (forward hook) and a split q/k/v one on an Int8Linear (adapter)
-    lora = write_lora(tmp_path / "lora.safetensors", "flux2", "diffusers", only=("^x_embedder$", r"^transformer_blocks\.0\.attn\.to_"))
+    lora = write_lora(
+        tmp_path / "lora.safetensors",
+        "flux2",
+        "diffusers",
+        only=("^x_embedder$", r"^transformer_blocks\.0\.attn\.to_"),
+    )
     dynamic = DynamicLoras(model, torch.float32)
     name = add(dynamic, detected, lora, 1.0)
     layers = torch.nn.Sequential(model.img_in, model.double_blocks[0].img_attn.qkv)
@@ -113,7 +118,9 @@ def test_compiled_layers_take_new_strengths_without_recompiling(tmp_path):
             outputs[strength] = compiled(x)
             torch.testing.assert_close(outputs[strength], layers(x), rtol=1e-6, atol=1e-6)
         fresh = loaded(tmp_path)[0]
-        assert torch.equal(outputs[0.0], fresh.double_blocks[0].img_attn.qkv(fresh.img_in(x)))  # exactly no LoRA
+        assert torch.equal(
+            outputs[0.0], fresh.double_blocks[0].img_attn.qkv(fresh.img_in(x))
+        )  # exactly no LoRA
     assert counter.frame_count == 1
     assert not torch.equal(outputs[1.0], outputs[0.0])
 
@@ -129,5 +136,6 @@ def test_only_plain_lora_runs_unmerged(tmp_path, fmt, label, stem):
     with pytest.raises(LoraError) as caught:
         add(DynamicLoras(model, torch.float32), detected, lora, 1.0)
     assert str(caught.value) == (
-        f"x.safetensors has {label} layers ('{stem}'), which only work merged: merge it into the model instead"
+        f"x.safetensors has {label} layers ('{stem}'), which only work merged: "
+        "merge it into the model instead"
     )

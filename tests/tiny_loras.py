@@ -36,7 +36,8 @@ FORMATS: dict[str, tuple[str, str, str]] = {
 }
 FORMAT_LABELS = {
     "kohya": "kohya LoRA", "comfyui": "ComfyUI LoRA", "comfyui_ab": "ComfyUI LoRA",
-    "diffusers": "diffusers/PEFT LoRA", "ai-toolkit": "ai-toolkit LoRA", "onetrainer": "kohya (OneTrainer) LoRA",
+    "diffusers": "diffusers/PEFT LoRA", "ai-toolkit": "ai-toolkit LoRA",
+    "onetrainer": "kohya (OneTrainer) LoRA",
     "loha": "kohya LoHa", "lokr": "kohya LoKr", "diff": "ComfyUI full diff", "dora": "kohya LoRA with DoRA",
 }  # fmt: skip
 
@@ -85,7 +86,7 @@ def write_lora(
     config: Config | None = None,
     only: tuple[str, ...] = (),
 ) -> TinyLora:
-    """A LoRA in ``fmt`` on every linear layer of ``arch`` (``only``: regexes, one must be found in the name)."""
+    """A LoRA in ``fmt`` on every linear layer of ``arch`` (``only``: regexes, one must match the name)."""
     arch = architecture(arch)
     config = config or arch.tiny[variant]
     naming, prefix, kind = FORMATS[fmt]
@@ -99,7 +100,9 @@ def write_lora(
         if only and not any(re.search(o, layer) for o in only):
             continue
         stem = prefix + (layer.replace(".", "_") if prefix.endswith("_") else layer)
-        written, delta = _factors(kind, shape, rank, alpha if fmt not in ("diffusers", "ai-toolkit") else None)
+        written, delta = _factors(
+            kind, shape, rank, alpha if fmt not in ("diffusers", "ai-toolkit") else None
+        )
         tensors |= {f"{stem}.{suffix}": t for suffix, t in written.items()}
         deltas[layer] = delta
         if kind == "dora":
@@ -109,7 +112,9 @@ def write_lora(
             bias_deltas[f"{layer}.bias"] = bias.double()
     metadata = {"format": "pt"}
     if fmt == "diffusers":  # diffusers keeps PEFT's LoraConfig in the metadata: alpha there, not in tensors
-        metadata["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": 2 * rank})
+        metadata["lora_adapter_metadata"] = json.dumps(
+            {"transformer.r": rank, "transformer.lora_alpha": 2 * rank}
+        )
         deltas = {n: d * 2 for n, d in deltas.items()}
     path = Path(path)
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata=metadata)
@@ -119,11 +124,18 @@ def write_lora(
         if naming == "single" and layer in deltas:
             lora.changes[single] = Change(deltas[layer], magnitudes.get(layer))
         elif naming == "diffusers" and len(shape) == 2 and single.endswith(".weight"):
-            parts = [(p, deltas.get(p.name.removesuffix(".weight"))) for p in arch.diffusers_pieces(single, config)]
+            parts = [
+                (p, deltas.get(p.name.removesuffix(".weight"))) for p in arch.diffusers_pieces(single, config)
+            ]
             if any(d is not None for _, d in parts):
                 rows = [range(shape[0])[p.rows] for p, _ in parts]
                 lora.changes[single] = Change(
-                    torch.cat([torch.zeros(len(r), shape[1], dtype=torch.float64) if d is None else d[p.rows] for (p, d), r in zip(parts, rows)])
+                    torch.cat(
+                        [
+                            torch.zeros(len(r), shape[1], dtype=torch.float64) if d is None else d[p.rows]
+                            for (p, d), r in zip(parts, rows)
+                        ]
+                    )
                 )
     return lora
 
@@ -140,7 +152,11 @@ def _factors(kind: str, shape: tuple[int, int], rank: int, alpha: float | None) 
     alpha_tensor = {} if alpha is None else {"alpha": torch.tensor(alpha)}
     if kind in ("lora", "lora_ab", "dora"):
         up, down = _bf16(out, rank), _bf16(rank, inp)
-        names = ("lora_B.weight", "lora_A.weight") if kind == "lora_ab" else ("lora_up.weight", "lora_down.weight")
+        names = (
+            ("lora_B.weight", "lora_A.weight")
+            if kind == "lora_ab"
+            else ("lora_up.weight", "lora_down.weight")
+        )
         written = {names[0]: up, names[1]: down, **alpha_tensor}
         if kind == "dora":
             written["dora_scale"] = (torch.rand(1, inp) + 0.5).to(torch.bfloat16)
@@ -151,7 +167,11 @@ def _factors(kind: str, shape: tuple[int, int], rank: int, alpha: float | None) 
         d = {n: t.double() for n, t in w.items()}
         return w | alpha_tensor, (d["hada_w1_a"] @ d["hada_w1_b"]) * (d["hada_w2_a"] @ d["hada_w2_b"]) * scale
     if kind == "lokr":  # w1 full [2, 4], w2 decomposed [out/2, rank] @ [rank, in/4]
-        w = {"lokr_w1": _bf16(2, 4, std=1.0), "lokr_w2_a": _bf16(out // 2, rank), "lokr_w2_b": _bf16(rank, inp // 4)}
+        w = {
+            "lokr_w1": _bf16(2, 4, std=1.0),
+            "lokr_w2_a": _bf16(out // 2, rank),
+            "lokr_w2_b": _bf16(rank, inp // 4),
+        }
         d = {n: t.double() for n, t in w.items()}
         return w | alpha_tensor, torch.kron(d["lokr_w1"], d["lokr_w2_a"] @ d["lokr_w2_b"]) * scale
     diff = _bf16(out, inp, std=0.01)

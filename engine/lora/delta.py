@@ -40,7 +40,9 @@ def product(lora: LoraFile, layer: LoraLayer, device: torch.device) -> torch.Ten
     return delta.mul_(layer.scale)
 
 
-def apply_(weight: torch.Tensor, lora: LoraFile, layer: LoraLayer, part: str, strength: float) -> torch.Tensor:
+def apply_(
+    weight: torch.Tensor, lora: LoraFile, layer: LoraLayer, part: str, strength: float
+) -> torch.Tensor:
     """Apply the layer at ``strength`` to ``weight`` (float32: the rows it patches), in place."""
     if part == "bias":
         return weight.add_(factor(lora, layer, "bias", weight.device), alpha=strength)

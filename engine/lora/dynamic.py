@@ -41,10 +41,14 @@ class LoraAdapter(nn.Module):
     def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         # not persistent: the model's state dict stays the checkpoint's
-        self.register_buffer("down", torch.empty(0, in_features, device=device, dtype=dtype), persistent=False)
+        self.register_buffer(
+            "down", torch.empty(0, in_features, device=device, dtype=dtype), persistent=False
+        )
         self.register_buffer("up", torch.empty(out_features, 0, device=device, dtype=dtype), persistent=False)
         self.register_buffer("scale", torch.empty(0, device=device), persistent=False)
-        self.blocks: dict[str, tuple[slice, torch.Tensor]] = {}  # LoRA name → (columns, alpha/rank per column)
+        self.blocks: dict[
+            str, tuple[slice, torch.Tensor]
+        ] = {}  # LoRA name → (columns, alpha/rank per column)
 
     def append(self, name: str, factors: Factors, strength: float) -> None:
         start = self.down.shape[0]
@@ -87,8 +91,9 @@ class DynamicLoras:
         by_layer: dict[str, list] = {}
         for patch in match.patches:
             if patch.part != "weight" or patch.layer.kind != "lora" or patch.layer.dora:
+                layer = patch.layer
                 raise LoraError(
-                    f"{match.lora.name} has {patch.layer.label} layers ('{patch.layer.stem}'), which only work merged: "
+                    f"{match.lora.name} has {layer.label} layers ('{layer.stem}'), which only work merged: "
                     "merge it into the model instead"
                 )
             by_layer.setdefault(patch.target.removesuffix(".weight"), []).append(patch)
@@ -99,7 +104,9 @@ class DynamicLoras:
             for patch in patches:
                 down = factor(match.lora, patch.layer, "down", weight.device)
                 up_rows = factor(match.lora, patch.layer, "up", weight.device)
-                up = up_rows.new_zeros(weight.shape[0], down.shape[0])  # zero rows: the parts it does not adapt
+                up = up_rows.new_zeros(
+                    weight.shape[0], down.shape[0]
+                )  # zero rows: the parts it does not adapt
                 for s in patch.segments:
                     up[s.dst : s.dst + s.length] = up_rows[s.src : s.src + s.length]
                 downs.append(down)
@@ -122,7 +129,9 @@ class DynamicLoras:
     def set_strength(self, name: str, strength: float) -> None:
         """Change a LoRA's strength in place: no reload, no recompile."""
         if name not in self.strengths:
-            raise LoraError(f"no LoRA named {name!r} is applied; applied: {', '.join(self.strengths) or 'none'}")
+            raise LoraError(
+                f"no LoRA named {name!r} is applied; applied: {', '.join(self.strengths) or 'none'}"
+            )
         for adapter in self.adapters.values():
             if name in adapter.blocks:
                 adapter.set_strength(name, strength)
@@ -131,7 +140,9 @@ class DynamicLoras:
     def _layer(self, name: str) -> nn.Module:
         module = self.model.get_submodule(name)
         if not isinstance(module, (Int8Linear, nn.Linear)):
-            raise LoraError(f"'{name}' is a {type(module).__name__}, not a linear layer: the LoRA cannot run unmerged")
+            raise LoraError(
+                f"'{name}' is a {type(module).__name__}, not a linear layer: the LoRA cannot run unmerged"
+            )
         return module
 
     def _adapter(self, name: str) -> LoraAdapter:

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from engine.checkpoint import CheckpointReader
 from engine.jobs import JobError
 from engine.models import detect
@@ -103,26 +105,29 @@ class LoraFile:
         self.path = Path(path)
         self.reader = CheckpointReader(self.path)
         try:
-            self.layers, self.stray = _layers(self.reader, self.path.name, _peft_config(self.reader, self.path))
+            self.layers, self.stray = _layers(
+                self.reader, self.path.name, _peft_config(self.reader, self.path)
+            )
         except BaseException:
             self.reader.close()
             raise
         if not self.layers:
+            message = _not_a_lora(self.path.name, self.reader)
             self.reader.close()
-            raise LoraError(_not_a_lora(self.path.name, self.reader))
+            raise LoraError(message)
 
     @property
     def name(self) -> str:
         return self.path.name
 
-    def get(self, key: str):
+    def get(self, key: str) -> torch.Tensor:
         return self.reader.get(key)
 
     @property
     def kinds(self) -> str:
-        """"LoRA", "LoKr with DoRA", "LoRA, full diff", … over all layers, most common first."""
+        """ "LoRA", "LoKr with DoRA", "LoRA, full diff", … over all layers, most common first."""
         labels = [layer.label for layer in self.layers.values()]
-        return ", ".join(sorted(set(labels), key=lambda label: -labels.count(label)))
+        return ", ".join(sorted(set(labels), key=lambda label: (-labels.count(label), label)))
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -156,7 +161,7 @@ def _layers(reader: CheckpointReader, file: str, peft: dict) -> tuple[dict[str, 
     grouped: dict[str, dict[str, str]] = {}
     kinds: dict[str, set[str]] = {}
     stray = []
-    for key in reader.keys():
+    for key in reader:
         m = _SUFFIX_RE.match(key)
         if m is None:
             stray.append(key)
@@ -165,7 +170,9 @@ def _layers(reader: CheckpointReader, file: str, peft: dict) -> tuple[dict[str, 
         grouped.setdefault(m["stem"], {})[role] = key
         if kind:
             kinds.setdefault(m["stem"], set()).add(kind)
-    layers = {stem: _layer(reader, file, stem, keys, kinds.get(stem, set()), peft) for stem, keys in grouped.items()}
+    layers = {
+        stem: _layer(reader, file, stem, keys, kinds.get(stem, set()), peft) for stem, keys in grouped.items()
+    }
     return layers, tuple(stray)
 
 
@@ -226,7 +233,9 @@ def _shape_and_rank(kind: str | None, s: dict[str, Shape]) -> tuple[Shape, int |
             raise ValueError(f"has rank {rank} in its down factor but {r_up} in its up factor")
         return (out, inp), rank
     if kind == "loha":
-        (out, r1), (rank, inp), (out2, r2), (r2b, inp2) = (matrix(r) for r in ("w1_a", "w1_b", "w2_a", "w2_b"))
+        (out, r1), (rank, inp), (out2, r2), (r2b, inp2) = (
+            matrix(r) for r in ("w1_a", "w1_b", "w2_a", "w2_b")
+        )
         if (r1, out2, r2, inp2) != (rank, out, r2b, inp):
             raise ValueError("has Hadamard factors whose shapes do not fit together")
         return (out, inp), rank
@@ -263,10 +272,15 @@ def _alpha(reader: CheckpointReader, file: str, stem: str, keys: dict[str, str],
         if not math.isfinite(alpha):
             raise LoraError(f"{file}: layer '{stem}' has alpha {alpha}: the file is corrupt")
         return alpha
-    for pattern, alpha in peft.get("alpha_pattern", {}).items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", stem):
-            return float(alpha)
-    return float(peft["lora_alpha"]) if "lora_alpha" in peft else None
+    patterns = peft.get("alpha_pattern") or {}
+    alpha = next(
+        (a for p, a in patterns.items() if re.fullmatch(rf"(?:.*\.)?(?:{p})", stem)), peft.get("lora_alpha")
+    )
+    if alpha is None:
+        return None
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LoraError(f"{file}: its PEFT config gives layer '{stem}' alpha {alpha!r}, not a number")
+    return float(alpha)
 
 
 def _peft_config(reader: CheckpointReader, path: Path) -> dict:
@@ -278,9 +292,10 @@ def _peft_config(reader: CheckpointReader, path: Path) -> dict:
         return {}
     try:
         config = json.loads(text)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-        # diffusers prefixes each component's settings ("transformer.lora_alpha"); peft does not.
-        return {k.removeprefix("transformer."): v for k, v in config.items() if "." not in k.removeprefix("transformer.")}
     except ValueError as e:
         raise LoraError(f"{source} is not a valid PEFT LoRA config ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{source} is not a valid PEFT LoRA config (not a JSON object)")
+    # diffusers prefixes each component's settings ("transformer.lora_alpha"); peft does not.
+    settings = {k.removeprefix("transformer."): v for k, v in config.items()}
+    return {k: v for k, v in settings.items() if "." not in k}

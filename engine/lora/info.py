@@ -52,7 +52,9 @@ def inspect_lora(path: str | Path, model: str | Path | None = None) -> LoraInfo:
             names = variant_names(guess) if guess else None
             found = match(lora, names) if names else None
             target = str(guess) if guess else None
-        linears = [n for n, s in names.shapes.items() if len(s) == 2 and n.endswith(".weight")] if names else []
+        linears = (
+            [n for n, s in names.shapes.items() if len(s) == 2 and n.endswith(".weight")] if names else []
+        )
         layers = lora.layers.values()
         return LoraInfo(
             path=path,

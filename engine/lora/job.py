@@ -108,7 +108,9 @@ def _check(request: LoraMergeRequest) -> None:
         if not math.isfinite(spec.strength):
             raise LoraError(f"strength {spec.strength} of {spec.path.name} is not a number")
     if Path(request.output).resolve() == Path(request.model).resolve():
-        raise LoraError(f"the output {request.output} is the model itself; write the merged model to a new file")
+        raise LoraError(
+            f"the output {request.output} is the model itself; write the merged model to a new file"
+        )
 
 
 def _int8_scales(model: DetectedModel) -> dict[str, str]:
@@ -141,7 +143,9 @@ def _refuse_rotated(weights: list[str], build) -> None:
         except KeyError:
             continue
         except ValueError:
-            raise LoraError(f"the model's '{layer}.comfy_quant' is not valid JSON: the model is corrupt") from None
+            raise LoraError(
+                f"the model's '{layer}.comfy_quant' is not valid JSON: the model is corrupt"
+            ) from None
         if isinstance(marker, dict) and marker.get("convrot"):
             raise LoraError(
                 f"layer '{layer}' is stored Hadamard-rotated; merging LoRAs into rotated weights is not "

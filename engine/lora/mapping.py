@@ -22,7 +22,15 @@ from engine.models.spec import Config, natural_key
 # Prefix → naming family. Dotted prefixes keep the model's names; underscored ones replace dots.
 DOTTED = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 UNDERSCORED = {"lora_unet_": "kohya", "lora_transformer_": "kohya (OneTrainer)", "lycoris_": "LyCORIS"}
-TEXT_ENCODER = ("lora_te", "text_encoder", "text_encoders.", "te1.", "te2.", "conditioner.", "cond_stage_model.")
+TEXT_ENCODER = (
+    "lora_te",
+    "text_encoder",
+    "text_encoders.",
+    "te1.",
+    "te2.",
+    "conditioner.",
+    "cond_stage_model.",
+)
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,9 @@ def match(lora: LoraFile, names: ModelNames) -> LoraMatch:
             text_encoder += layer.keys.values()
             continue
         resolved = names.resolve(stem)
-        parts = [p for p in ("weight", "bias") if (p == "weight" and layer.kind) or (p == "bias" and layer.bias)]
+        parts = [
+            p for p in ("weight", "bias") if (p == "weight" and layer.kind) or (p == "bias" and layer.bias)
+        ]
         targets = [names.target(resolved[1], p) if resolved else None for p in parts]
         if not all(targets):
             unmatched += layer.keys.values()
@@ -178,8 +188,11 @@ def match_model(lora: LoraFile, model: DetectedModel) -> LoraMatch:
 def _not_for_this_model(lora: LoraFile, names: ModelNames, guess: Guess | None) -> str:
     stems = [s for s in lora.layers if not s.startswith(TEXT_ENCODER)]
     if not stems:
-        return f"{lora.name} only adapts a text encoder ({len(lora.layers)} layers), not a {names.arch.label} model"
-    looks = f"it looks like a {guess} LoRA" if guess else "its names match none of the supported architectures"
+        layers = len(lora.layers)
+        return f"{lora.name} only adapts a text encoder ({layers} layers), not a {names.arch.label} model"
+    looks = (
+        f"it looks like a {guess} LoRA" if guess else "its names match none of the supported architectures"
+    )
     return f"{lora.name} is not for this {names.label} model: {looks} (e.g. '{min(stems, key=natural_key)}')"
 
 

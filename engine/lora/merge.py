@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from engine.int8.quantize import QMAX, default_device, dequantize_weight, quantize_weight
+from engine.int8.quantize import QMAX, dequantize_weight, quantize_weight
 from engine.lora.delta import apply_
 from engine.lora.files import LoraFile
 from engine.lora.mapping import Patch
@@ -80,7 +80,7 @@ def merge_int8(
     stats: MergeStats,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(int8 weight, scale)`` with the patches applied; ``scale`` keeps its shape ([], [1], [out], [out, 1])."""
+    """``(int8 weight, scale)`` with the patches applied; the scale keeps its shape ([], [out, 1], …)."""
     q, scale = q.to(device), scale.to(device)
     original = dequantize_weight(q, scale)
     merged = patch_(original.clone(), applied)
