@@ -1,12 +1,15 @@
 """End-to-end step benchmark of full-size models with random weights, and where a step's GPU time goes.
 
 For each ``NAME:RESOLUTION`` it runs :func:`engine.bench.run_bench` (the job behind ``int8-studio
-bench``) and prints its table; then, for the first one, profiles one step of bf16 and int8, eager and
-compiled, and splits GPU kernel time into linears, attention, activation quantization and the rest
-(norms, RoPE, modulation, copies), next to the step's wall time (the difference is time the GPU
-waited for the host). Tables go to stdout, JSON to ``--out``. Run on a GPU machine:
+bench``) and prints its table. Then, for each run to profile (default: the first), it measures the
+output error of bf16, int8 and fp8 variants against float32 with the same weights (where the error
+comes from), and profiles one step of bf16 and int8, eager and compiled, splitting GPU kernel time
+into linears, attention, activation quantization and the rest (norms, RoPE, modulation, copies), next
+to the step's wall time (the difference is time the GPU waited for the host). Tables go to stdout,
+JSON to ``--out``. Run on a GPU machine:
 
-    PYTHONPATH=. python3 benchmarks/model.py flux2-klein-9b:1024 zimage-turbo:1024 [--steps N] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/model.py flux2-klein-9b:1024 zimage-turbo:1024 \
+        [--steps N] [--profile flux2-klein-9b:1024 ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.bench import DTYPE, SEED, BenchRequest, compile_blocks, run_bench, to_device
-from engine.models.build import named_config, quantize_model, random_model
+from engine.bench import DTYPE, SEED, BenchRequest, Fp8Linear, compile_blocks, run_bench, to_device
+from engine.int8.linear import Int8Linear
+from engine.models.build import named_config, quantize_model, random_model, replace_linears
 
 # GPU kernels by name: the first category whose pattern a kernel's name holds takes its time.
 CATEGORIES = {
@@ -66,12 +71,58 @@ def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
     return {**shares, "GPU total": sum(shares.values()), "wall": wall * 1e3}
 
 
+# Down-projections: the layers whose inputs (SwiGLU/GELU outputs) have the heaviest tails.
+DOWN_PROJECTIONS = ("*_mlp.2", "*.linear2", "*.feed_forward.w2")
+
+
+def error_budget(name: str, resolution: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Relative error of the output against float32 with the same (bf16) weights, and against bf16,
+    for bf16 and for variants of int8 and fp8: where the quantization error comes from."""
+    arch, config, _ = named_config(name)
+    variants = {
+        "bf16": lambda m: m,
+        "int8 rowwise": lambda m: quantize_model(m, arch, "rowwise"),
+        "int8 tensorwise": lambda m: quantize_model(m, arch, "tensorwise"),
+        "int8 rowwise, down-projections bf16": lambda m: replace_linears(m, arch, keep_down_projections(m)),
+        "fp8 rowwise": lambda m: replace_linears(m, arch, Fp8Linear),
+    }
+    model = random_model(arch, config, device, DTYPE, SEED)
+    inputs = model.random_inputs(1, resolution, seed=SEED)
+    with torch.no_grad():
+        exact = model.float()(**{k: v.to(device) for k, v in inputs.items()}).float()
+    del model
+    outputs = {}
+    for variant, transform in variants.items():
+        model = random_model(arch, config, device, DTYPE, SEED)
+        transform(model)
+        with torch.no_grad():
+            outputs[variant] = model(**to_device(inputs, device)).float()
+        del model
+        torch.cuda.empty_cache()
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    return {
+        v: {"vs float32": error(out, exact), "vs bf16": error(out, outputs["bf16"])}
+        for v, out in outputs.items()
+    }
+
+
+def keep_down_projections(model: torch.nn.Module):
+    """``replace_linears`` maker that quantizes every eligible layer except the down-projections."""
+    kept = {id(m) for n, m in model.named_modules() if any(fnmatchcase(n, p) for p in DOWN_PROJECTIONS)}
+    return lambda linear: linear if id(linear) in kept else Int8Linear.from_float(linear, "rowwise")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="NAME:RESOLUTION, e.g. flux2-klein-9b:1024")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--formats", default="bf16,bf16+compile,fp8,int8,int8+compile")
-    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--profile", nargs="*", default=None, help="NAME:RESOLUTION to profile (default: the first run)"
+    )
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,19 +134,23 @@ def main() -> None:
         print(result.table(), "\n", flush=True)
         results.append(result.to_dict())
         (args.out / "model-bench.json").write_text(json.dumps(results, indent=2))
-    if args.no_profile:
-        return
-    name, _, resolution = args.runs[0].partition(":")
-    profiles = {
-        fmt: profile_step(name, int(resolution), fmt)
-        for fmt in ("bf16", "int8", "bf16+compile", "int8+compile")
-    }
-    (args.out / "model-profile.json").write_text(json.dumps({args.runs[0]: profiles}, indent=2))
-    columns = list(next(iter(profiles.values())))
-    print(f"GPU time of one step of {args.runs[0]}, ms")
-    print("format        " + "".join(f"{c:>14}" for c in columns))
-    for fmt, shares in profiles.items():
-        print(f"{fmt:<14}" + "".join(f"{shares[c]:>14.1f}" for c in columns), flush=True)
+    profiled = args.runs[:1] if args.profile is None else args.profile
+    for run in profiled:
+        name, _, resolution = run.partition(":")
+        budget = error_budget(name, int(resolution), torch.device("cuda"))
+        formats = ("bf16", "int8", "bf16+compile", "int8+compile")
+        profiles = {fmt: profile_step(name, int(resolution), fmt) for fmt in formats}
+        (args.out / f"model-profile-{name}-{resolution}.json").write_text(
+            json.dumps({"errors": budget, "profile": profiles}, indent=2)
+        )
+        print(f"Relative error of the output of {run}")
+        for variant, errors in budget.items():
+            print(f"{variant:<38}" + "".join(f"{k} {v:7.2%}   " for k, v in errors.items()))
+        columns = list(profiles["bf16"])
+        print(f"GPU time of one step of {run}, ms")
+        print("format        " + "".join(f"{c:>14}" for c in columns))
+        for fmt, shares in profiles.items():
+            print(f"{fmt:<14}" + "".join(f"{shares[c]:>14.1f}" for c in columns), flush=True)
 
 
 if __name__ == "__main__":

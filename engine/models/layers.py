@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), float32 [tokens, head_dim / 2]
+Rope = torch.Tensor  # rotation matrices [[cos, -sin], [sin, cos]], float32 [tokens, head_dim / 2, 2, 2]
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
 Inputs = dict[str, torch.Tensor]  # a model's forward arguments by name
 
@@ -53,7 +53,8 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (1 + scale) * layer_norm(x) + shift
+    """``(1 + scale) · layer_norm(x) + shift``, the multiply-add in one kernel."""
+    return torch.addcmul(shift, layer_norm(x), 1 + scale)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -76,23 +77,24 @@ def position_ids(*axes: int | range, device: torch.device | str | None = None) -
 
 
 def rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> Rope:
-    """Rotary tables for position ``ids`` [tokens, axes]: each axis rotates ``axes_dims[i]`` channels.
+    """Rotary embedding of position ``ids`` [tokens, axes]: each axis rotates ``axes_dims[i]`` channels.
 
-    Angles are computed in float64 (positions reach thousands), cos/sin kept in float32.
+    Angles are computed in float64 (positions reach thousands), the rotations kept in float32.
     """
     angles = []
     for axis, dim in enumerate(axes_dims):
         freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
         angles.append(ids[:, axis].double()[:, None] * freqs[None])
     angle = torch.cat(angles, dim=-1)
-    return angle.cos().float(), angle.sin().float()
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
 
 
 def apply_rope(x: torch.Tensor, pe: Rope) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of ``x`` [batch, heads, tokens, head_dim] by the angles of ``pe``."""
-    cos, sin = pe
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+    """Rotate channel pairs (2i, 2i+1) of ``x`` [batch, heads, tokens, head_dim] by ``pe`` (BFL's
+    formulation: two broadcast multiply-adds, few kernels when not compiled)."""
+    pairs = x.float().unflatten(-1, (-1, 1, 2))
+    return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).flatten(-2).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: Rope) -> torch.Tensor:
@@ -183,8 +185,8 @@ class DoubleBlock(nn.Module):
     @staticmethod
     def _rest(attn: FluxAttention, mlp: nn.Module, x: torch.Tensor, out: torch.Tensor, mod: Modulation):
         _, _, gate, shift, scale, mlp_gate = mod
-        x = x + gate * attn.proj(out)
-        return x + mlp_gate * mlp(modulate(x, shift, scale))
+        x = torch.addcmul(x, gate, attn.proj(out))
+        return torch.addcmul(x, mlp_gate, mlp(modulate(x, shift, scale)))
 
 
 class SingleBlock(nn.Module):
@@ -206,4 +208,4 @@ class SingleBlock(nn.Module):
         q, k, v = split_heads(qkv, self.head_dim)
         q, k = self.norm(q, k)
         out = torch.cat([attention(q, k, v, pe), self.act(mlp)], dim=-1)
-        return x + gate * self.linear2(out)
+        return torch.addcmul(x, gate, self.linear2(out))

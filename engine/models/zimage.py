@@ -186,10 +186,10 @@ class Block(nn.Module):
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), pe))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
-        x = x + gate_attn.tanh() * self.attention_norm2(
-            self.attention(self.attention_norm1(x) * (1 + scale_attn), pe)
-        )
-        return x + gate_ffn.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn)))
+        attn = self.attention(self.attention_norm1(x) * (1 + scale_attn), pe)
+        x = torch.addcmul(x, gate_attn.tanh(), self.attention_norm2(attn))
+        ffn = self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn))
+        return torch.addcmul(x, gate_ffn.tanh(), self.ffn_norm2(ffn))
 
 
 class FinalLayer(nn.Module):
@@ -259,7 +259,7 @@ class ZImageModel(nn.Module):
             img = block(img, img_pe, adaln)
 
         h = torch.cat([img, cap], dim=1)
-        pe = (torch.cat([img_pe[0], cap_pe[0]]), torch.cat([img_pe[1], cap_pe[1]]))
+        pe = torch.cat([img_pe, cap_pe])
         for block in self.layers:
             h = block(h, pe, adaln)
         out = self.final_layer(h[:, :tokens], adaln)
