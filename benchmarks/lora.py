@@ -170,6 +170,7 @@ def merge(args: argparse.Namespace) -> None:
     arch = REGISTRY["flux2"]
     config = {**arch.variants["Klein 4B"], "double_blocks": 1, "single_blocks": 1}
     folder = Path(args.out or tempfile.mkdtemp(prefix="lora-merge-"))
+    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     shapes = arch.tensor_shapes(config)
     weights = {

@@ -90,11 +90,9 @@ def merge_int8(
         new_scale = new_scale.reshape(scale.shape)
     else:
         generator = torch.Generator(device).manual_seed(_layer_seed(seed, name))
-        noise = torch.rand(q.shape, generator=generator, device=device)
-        steps = (merged - original).div_(_per_row(scale))
-        steps = steps.add_(noise).floor_().add_(q)
-        stats.clipped += int((steps.abs() > QMAX).sum())
-        new_q, new_scale = steps.clamp_(-QMAX, QMAX).to(torch.int8), scale
+        new_q, clipped = _stochastic_round(q, scale, merged - original, generator)
+        new_scale = scale
+        stats.clipped += clipped
     error = dequantize_weight(new_q, new_scale).sub_(merged)
     error_sq, change_sq = float(error.square().sum()), float(merged.sub_(original).square().sum())
     stats.layers += 1
@@ -102,6 +100,17 @@ def merge_int8(
     stats.change_sq += change_sq
     stats.per_layer[name] = math.sqrt(error_sq / change_sq) if change_sq else 0.0
     return new_q.cpu(), new_scale.cpu()
+
+
+def _stochastic_round(
+    q: torch.Tensor, scale: torch.Tensor, change: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """``q + floor(change / scale + u)`` clamped to ±127 (u uniform in [0, 1): unbiased rounding, and a
+    zero change leaves ``q`` exactly), and how many values were clamped. ``change`` is consumed."""
+    steps = change.div_(_per_row(scale))
+    steps.add_(torch.rand(steps.shape, generator=generator, device=steps.device)).floor_().add_(q)
+    clipped = int((steps.abs() > QMAX).sum())
+    return steps.clamp_(-QMAX, QMAX).to(torch.int8), clipped
 
 
 def _per_row(scale: torch.Tensor) -> torch.Tensor:
