@@ -202,7 +202,7 @@ class Hasher(threading.Thread):
         self.total = sum(f.stat().st_size for f in files)
         self.done = 0  # bytes hashed so far (read by the job's thread for progress)
         self.digests: dict[str, str] = {}
-        self.error: OSError | None = None
+        self.error: str | None = None  # why a file could not be read
         self._halt = threading.Event()
 
     def placeholder(self) -> dict[str, str]:
@@ -220,7 +220,7 @@ class Hasher(threading.Thread):
                         self.done += n
                 self.digests[file.name] = digest.hexdigest()
         except OSError as e:
-            self.error = e
+            self.error = f"cannot read {file}: {e.strerror or e}"
 
     def result(self, report: Reporter, cancel: CancelToken) -> dict[str, str]:
         """Wait for the digests (file name → hex), still reporting progress and honouring cancel."""
@@ -229,7 +229,7 @@ class Hasher(threading.Thread):
             report(report.total - self.total + self.done, "hashing the source")
             cancel.check()
         if self.error is not None:
-            raise CheckpointError(f"cannot read {self.error.filename}: {self.error.strerror or self.error}")
+            raise CheckpointError(self.error)
         return self.digests
 
     def stop(self) -> None:
