@@ -16,11 +16,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import engine.checkpoint
-from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
+from engine.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    CheckpointWriter,
+    format_bytes,
+)
 from engine.convert import ConvertError, ConvertRequest, default_output, run_convert
 from engine.info import inspect_checkpoint
-from engine.jobs import Cancelled, CancelToken, JobError, Progress
-from engine.models import UnknownModelError, detect
+from engine.jobs import Cancelled, CancelToken, Progress
+from engine.models import UnknownModelError, detect, supported_text
 from tests.tiny_checkpoints import (
     TinyCheckpoint,
     every_tiny_variant,
@@ -324,30 +329,48 @@ def test_nan_weights_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["truncated", "pickle", "empty", "folder", "lora", "scheme"])
-def test_bad_inputs_leave_no_file(tmp_path, bad):
+def test_bad_inputs_are_refused_with_their_message_and_leave_no_file(tmp_path, bad):
     ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
     source, scheme, error = ckpt.path, "tensorwise", CheckpointError
     if bad == "truncated":
         data = ckpt.path.read_bytes()
         ckpt.path.write_bytes(data[: len(data) // 2])
+        message = (
+            f"{source} is truncated: the header says the data ends at {format_bytes(len(data))}, "
+            f"the file has {format_bytes(len(data) // 2)}; download or export it again"
+        )
     elif bad == "pickle":
         source = tmp_path / "m.ckpt"
         torch.save({"w": torch.zeros(2)}, source)
+        message = (
+            f"{source} is a pickle (PyTorch .pt/.ckpt) file; INT8 Studio reads only .safetensors — "
+            "convert it to safetensors first"
+        )
     elif bad == "empty":
         source = tmp_path / "e.safetensors"
         source.write_bytes(b"")
+        message = f"{source} is empty (0 bytes); download or export it again"
     elif bad == "folder":
         source = tmp_path / "folder"
         source.mkdir()
+        message = (
+            f"{source} is a folder with no safetensors model in it "
+            "(expected a .safetensors file, a *.safetensors.index.json or a transformer/ folder)"
+        )
     elif bad == "lora":
         source, error = tmp_path / "l.safetensors", UnknownModelError
         save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 16)}, str(source))
-    elif bad == "scheme":
+        message = (
+            "not a supported diffusion model: it looks like a LoRA "
+            f"(1 tensors, e.g. 'lora_unet_x.lora_down.weight'); supported: {supported_text()}"
+        )
+    else:
         scheme, error = "blockwise", ConvertError
+        message = "unknown scheme 'blockwise'; choose tensorwise or rowwise"
     before = snapshot(tmp_path)
     with pytest.raises(error) as e:
         run_convert(ConvertRequest(source, scheme=scheme))
-    assert isinstance(e.value, JobError) and "\n" not in str(e.value)
+    assert str(e.value) == message
     assert snapshot(tmp_path) == before
 
 
