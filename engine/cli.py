@@ -189,9 +189,10 @@ def _demo_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    with ProgressBar() as bar:
+    with ProgressBar() as bar:  # each bar ends its line before anything is printed
         model = build_demo_model(args.folder, progress=bar)
-        print(f"demo model: {model} ({format_bytes(model.stat().st_size)})")
+    print(f"demo model: {model} ({format_bytes(model.stat().st_size)})")
+    with ProgressBar() as bar:
         result = run_convert(ConvertRequest(model, overwrite=True), progress=bar)
     print(_converted(result))
     print(describe(inspect_checkpoint(result.output)))
