@@ -95,7 +95,7 @@ def test_convert_the_demo_model(qtbot, window, demo):
     assert page.info.model.startswith("Flux.2")
     assert "bf16" in page.facts.text()
     scheme = random.choice(["rowwise", "tensorwise"])
-    next(b for b in page.scheme_group.buttons() if b.property("scheme") == scheme).click()
+    page.schemes.set_value(scheme)
     assert page.convert_button.isEnabled()
 
     qtbot.mouseClick(page.convert_button, Qt.MouseButton.LeftButton)
@@ -220,7 +220,7 @@ def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_pat
     for row, strength in enumerate(strengths):
         page.table.cellWidget(row, 1).setValue(strength)
     mode = random.choice(["requant", "stochastic"])
-    next(b for b in page.modes.buttons() if b.property("mode") == mode).click()
+    page.modes.set_value(mode)
     assert page.request().loras == tuple(LoraSpec(p, s) for p, s in zip(loras, strengths))
     assert page.merge_button.isEnabled()
 

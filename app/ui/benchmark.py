@@ -19,7 +19,17 @@ from app.settings import Settings
 from app.ui import theme
 from app.ui.chart import BarChart
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Notice, Page, PathField, form, muted, primary_button, table
+from app.ui.widgets import (
+    Card,
+    Notice,
+    Page,
+    PathField,
+    fit_rows,
+    form,
+    muted,
+    primary_button,
+    table,
+)
 from app.workers import Job
 from engine.bench import FORMATS, BenchRequest, BenchResult, run_bench
 from engine.models.build import model_names
@@ -203,10 +213,7 @@ class BenchmarkPage(Page):
                 item = QTableWidgetItem(text)
                 item.setToolTip(row["note"] or text)
                 self.table.setItem(r, c, item)
-        header = self.table.horizontalHeader().sizeHint().height()
-        self.table.setFixedHeight(
-            header + self.table.verticalHeader().defaultSectionSize() * len(rows) + 4
-        )
+        fit_rows(self.table)
 
     def _clear(self) -> None:
         self.settings.benchmark_results = []

@@ -7,14 +7,11 @@ from pathlib import Path
 from PySide6.QtCore import QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
-    QButtonGroup,
     QCheckBox,
     QComboBox,
     QHBoxLayout,
     QLineEdit,
     QPushButton,
-    QRadioButton,
-    QVBoxLayout,
 )
 
 from app import system
@@ -23,13 +20,13 @@ from app.ui import dialogs, theme
 from app.ui.jobpanel import JobPanel
 from app.ui.widgets import (
     Card,
+    Choices,
     DropZone,
     Facts,
     Notice,
     Page,
     PathField,
     form,
-    muted,
     primary_button,
 )
 from app.workers import Job
@@ -101,7 +98,7 @@ class ConvertPage(Page):
         self.source.start_dir = settings.last_folder
         self.source.changed.connect(self._inspect)
         self.drop_zone.layout().addWidget(self.source)
-        self.facts = Facts()
+        self.facts = Facts(columns=2)
         self.source_problem = Notice("", "warning")
         self.source_problem.hide()
         source.body.addWidget(self.drop_zone)
@@ -110,22 +107,9 @@ class ConvertPage(Page):
 
         options = Card("INT8 options", icon_name="settings")
         fields = form()
-        schemes = QVBoxLayout()
-        schemes.setSpacing(2)
-        self.scheme_group = QButtonGroup(self)
-        for index, (scheme, (label, tip)) in enumerate(SCHEMES.items()):
-            button = QRadioButton(label)
-            button.setProperty("scheme", scheme)
-            button.setToolTip(tip)
-            button.setAccessibleDescription(tip)
-            button.setChecked(index == 0)
-            self.scheme_group.addButton(button)
-            schemes.addWidget(button)
-            hint = muted(tip)
-            hint.setContentsMargins(26, 0, 0, 6)
-            schemes.addWidget(hint)
-        self.scheme_group.buttonToggled.connect(lambda *_: self._suggest_output())
-        fields.addRow("Scales", schemes)
+        self.schemes = Choices(SCHEMES, "Weight scales")
+        self.schemes.changed.connect(lambda _: self._suggest_output())
+        fields.addRow("Scales", self.schemes)
 
         self.keep_preset = QComboBox()
         self.keep_preset.setAccessibleName("Layers kept in high precision")
@@ -276,7 +260,7 @@ class ConvertPage(Page):
     # --- options ---------------------------------------------------------------------------------
 
     def scheme(self) -> str:
-        return self.scheme_group.checkedButton().property("scheme")
+        return self.schemes.value()
 
     def keep(self) -> tuple[str, ...]:
         preset = self.keep_preset.currentData()
@@ -340,6 +324,7 @@ class ConvertPage(Page):
             facts.append(("Left out", f"{result.left_out} tensors outside the diffusion model"))
         self.result_facts.show_facts(facts)
         self.result_card.show()
+        self.reveal(self.result_card)
         self.settings.output_folder = str(result.output.parent)
 
     def _show_folder(self) -> None:

@@ -33,7 +33,7 @@ from engine.library import (
     run_library_scan,
 )
 
-COLUMNS = ["Name", "Kind", "Model", "Format", "Size", "Modified"]
+COLUMNS = ["Name", "Kind", "Model", "Format", "Size", "Modified", "Folder"]
 MODEL_KINDS = ("diffusion model", "checkpoint")
 
 
@@ -81,7 +81,7 @@ class LibraryPage(Page):
         self.folders = QListWidget()
         self.folders.setObjectName("plainList")
         self.folders.setAccessibleName("Your model folders")
-        self.folders.setMaximumHeight(84)
+        self.folders.setMaximumHeight(72)
         self.folders.addItems(settings.library_folders)
         buttons = QHBoxLayout()
         add, remove = QPushButton("Add folder…"), QPushButton("Remove")
@@ -115,7 +115,8 @@ class LibraryPage(Page):
             "Nothing here yet. Add a folder, drop a .safetensors file on this page, or try the demo "
             "model on the Convert page."
         )
-        self.table = table(COLUMNS, "Models and LoRAs", stretch=0)
+        self.table = table(COLUMNS, "Models and LoRAs", stretch=len(COLUMNS) - 1)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
         self.table.setMinimumHeight(260)
@@ -138,7 +139,7 @@ class LibraryPage(Page):
         models.body.addWidget(self.table)
         models.body.addLayout(actions)
 
-        self.add(where, models, self._download_card(), stretch=True)
+        self.add(models, where, self._download_card(), stretch=True)
         self._show([])
 
     def _download_card(self) -> Card:
@@ -273,6 +274,7 @@ class LibraryPage(Page):
                 SortItem(
                     time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.modified)), entry.modified
                 ),
+                QTableWidgetItem(str(entry.path.parent)),
             ]
             if entry.note:
                 for cell in cells[1:]:

@@ -7,20 +7,28 @@ from pathlib import Path
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
-    QButtonGroup,
     QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
     QPushButton,
-    QRadioButton,
     QTableWidgetItem,
 )
 
 from app.settings import Settings
 from app.ui import dialogs, theme
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Facts, Notice, Page, PathField, muted, primary_button, table
+from app.ui.widgets import (
+    Card,
+    Choices,
+    Facts,
+    Notice,
+    Page,
+    PathField,
+    fit_rows,
+    primary_button,
+    table,
+)
 from app.workers import Job
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.lora import (
@@ -87,7 +95,7 @@ class LoraPage(Page):
             "lora",
         )
         self.table = table(["LoRA file", "Strength", "Coverage"], "LoRA stack", stretch=COVERAGE)
-        self.table.setMinimumHeight(150)
+        fit_rows(self.table, least=2, most=8)
         buttons = QHBoxLayout()
         add, remove = QPushButton("Add LoRA…"), QPushButton("Remove")
         theme.bind_icon(add, "add")
@@ -103,18 +111,8 @@ class LoraPage(Page):
         stack.body.addLayout(buttons)
 
         options = Card("Merge", icon_name="convert")
-        self.modes = QButtonGroup(self)
-        for index, (key, (label, tip)) in enumerate(MERGE_MODES.items()):
-            button = QRadioButton(label)
-            button.setToolTip(tip)
-            button.setAccessibleDescription(tip)
-            button.setProperty("mode", key)
-            button.setChecked(index == 0)
-            self.modes.addButton(button)
-            hint = muted(tip)
-            hint.setContentsMargins(26, 0, 0, 6)
-            options.body.addWidget(button)
-            options.body.addWidget(hint)
+        self.modes = Choices(MERGE_MODES, "Merge mode")
+        options.body.addWidget(self.modes)
         self.output = PathField("save", "Where to save the merged model")
         self.output.setAccessibleName("Output file")
         self.output.setToolTip(
@@ -205,6 +203,7 @@ class LoraPage(Page):
         self.table.setItem(row, FILE, item)
         self.table.setCellWidget(row, STRENGTH, spin)
         self.table.setItem(row, COVERAGE, QTableWidgetItem("waiting for the model…"))
+        fit_rows(self.table, least=2, most=8)
         self._check_coverage(row)
         self._update_ready()
 
@@ -248,12 +247,13 @@ class LoraPage(Page):
     def _remove_selected(self) -> None:
         for row in sorted({i.row() for i in self.table.selectedIndexes()}, reverse=True):
             self.table.removeRow(row)
+        fit_rows(self.table, least=2, most=8)
         self._update_ready()
 
     # --- merge -----------------------------------------------------------------------------------
 
     def mode(self) -> str:
-        return self.modes.checkedButton().property("mode")
+        return self.modes.value()
 
     def request(self) -> LoraMergeRequest:
         return LoraMergeRequest(
@@ -305,3 +305,4 @@ class LoraPage(Page):
             )
         self.result_facts.show_facts(facts)
         self.result_card.show()
+        self.reveal(self.result_card)

@@ -68,6 +68,7 @@ class MainWindow(QMainWindow):
         settings_page.comfyui_changed.connect(export.find)
         export.add_install.clicked.connect(settings_page.choose_comfyui)
         export.installs_found.connect(self.pages["library"].set_installs)
+        export.installs_found.connect(settings_page.set_installs)
         QTimer.singleShot(0, export.find)  # the library lists the installs' folders once found
 
         self.stack = QStackedWidget()

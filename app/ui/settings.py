@@ -18,7 +18,7 @@ from app.settings import Settings
 from app.ui import dialogs, theme
 from app.ui.widgets import Card, Page, PathField, muted
 from app.workers import Job
-from engine.comfyui import open_install
+from engine.comfyui import ComfyInstall, open_install
 
 THEME_LABELS = {"system": "Follow the system", "light": "Light", "dark": "Dark"}
 
@@ -42,6 +42,7 @@ class SettingsPage(Page):
             self.theme_combo.addItem(label, key)
         self.theme_combo.setCurrentIndex(list(THEME_LABELS).index(settings.theme))
         self.theme_combo.currentIndexChanged.connect(self._on_theme)
+        self.theme_combo.setMaximumWidth(360)
         appearance.body.addWidget(self.theme_combo)
 
         comfy = Card(
@@ -54,7 +55,7 @@ class SettingsPage(Page):
         self.comfy_list = QListWidget()
         self.comfy_list.setObjectName("plainList")
         self.comfy_list.setAccessibleName("ComfyUI folders")
-        self.comfy_list.setMaximumHeight(130)
+        self.comfy_list.setMaximumHeight(96)
         self.comfy_list.addItems(settings.comfyui_paths)
         buttons = QHBoxLayout()
         add, remove = QPushButton("Add folder…"), QPushButton("Remove")
@@ -67,6 +68,8 @@ class SettingsPage(Page):
         buttons.addWidget(add)
         buttons.addWidget(remove)
         buttons.addStretch(1)
+        self.found = muted("Looking for ComfyUI installs…")
+        comfy.body.addWidget(self.found)
         comfy.body.addWidget(self.comfy_list)
         comfy.body.addLayout(buttons)
 
@@ -83,17 +86,23 @@ class SettingsPage(Page):
 
         device = Card(
             "GPU",
-            "The GPU used for benchmarks and for quantizing during conversion.",
+            "The GPU that conversion quantizes on, and the one the status bar describes.",
             "gpu",
         )
         self.gpu_combo = QComboBox()
         self.gpu_combo.setAccessibleName("GPU")
         self.gpu_combo.currentIndexChanged.connect(self._on_gpu)
+        self.gpu_combo.setMaximumWidth(360)
         self.gpu_note = muted("")
         device.body.addWidget(self.gpu_combo)
         device.body.addWidget(self.gpu_note)
 
         self.add(appearance, comfy, cache, device, stretch=True)
+
+    def set_installs(self, installs: list[ComfyInstall]) -> None:
+        """Show every install found, those added here and those found on their own."""
+        labels = "".join(f"<br>• {install.label}" for install in installs)
+        self.found.setText(f"Found:{labels}" if installs else "No ComfyUI install found yet.")
 
     def set_gpus(self, gpus: list[system.Gpu]) -> None:
         self.gpu_combo.blockSignals(True)

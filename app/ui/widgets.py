@@ -6,9 +6,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDropEvent
 from PySide6.QtWidgets import (
+    QButtonGroup,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -18,6 +19,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QRadioButton,
     QScrollArea,
     QSizePolicy,
     QTableWidget,
@@ -49,7 +51,7 @@ class Page(QWidget):
         self.setAccessibleName(f"{self.title} page")
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        scroll = QScrollArea()
+        self.scroll = scroll = QScrollArea()
         scroll.setObjectName("pageScroll")
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
@@ -78,6 +80,10 @@ class Page(QWidget):
     def open_path(self, path: Path) -> bool:
         """Take ``path`` as this page's input; False if the page has no use for files."""
         return False
+
+    def reveal(self, widget: QWidget) -> None:
+        """Scroll ``widget`` (a result that just appeared) into view once the layout has settled."""
+        QTimer.singleShot(50, lambda: self.scroll.ensureWidgetVisible(widget, 0, 24))
 
 
 class Card(QFrame):
@@ -148,30 +154,85 @@ class Notice(QFrame):
         self.setAccessibleDescription(text)
 
 
-class Facts(QWidget):
-    """Name/value pairs in two aligned columns ("Architecture  Flux.2 Klein 9B")."""
+class Choices(QWidget):
+    """Mutually exclusive options as tiles side by side: a radio button and a sentence that says
+    what choosing it means. The whole tile is clickable."""
 
-    def __init__(self) -> None:
+    changed = Signal(str)
+
+    def __init__(self, options: dict[str, tuple[str, str]], name: str) -> None:
         super().__init__()
+        self.setAccessibleName(name)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(12)
+        self.group = QButtonGroup(self)
+        self.tiles: dict[str, QFrame] = {}
+        for key, (label, description) in options.items():
+            tile = QFrame()
+            tile.setObjectName("choice")
+            tile.mousePressEvent = lambda _, key=key: self.set_value(key)
+            column = QVBoxLayout(tile)
+            column.setContentsMargins(12, 10, 12, 12)
+            column.setSpacing(4)
+            button = QRadioButton(label)
+            button.setProperty("key", key)
+            button.setToolTip(description)
+            button.setAccessibleDescription(description)
+            self.group.addButton(button)
+            column.addWidget(button)
+            hint = muted(description)
+            hint.setContentsMargins(26, 0, 0, 0)
+            column.addWidget(hint)
+            column.addStretch(1)
+            layout.addWidget(tile, 1)
+            self.tiles[key] = tile
+        self.group.buttonToggled.connect(self._on_toggled)
+        self.set_value(next(iter(options)))
+
+    def value(self) -> str:
+        return self.group.checkedButton().property("key")
+
+    def set_value(self, key: str) -> None:
+        next(b for b in self.group.buttons() if b.property("key") == key).setChecked(True)
+
+    def _on_toggled(self, button: QRadioButton, checked: bool) -> None:
+        tile = self.tiles[button.property("key")]
+        tile.setProperty("selected", checked)
+        tile.style().unpolish(tile)
+        tile.style().polish(tile)
+        if checked:
+            self.changed.emit(button.property("key"))
+
+
+class Facts(QWidget):
+    """Name/value pairs in aligned columns ("Architecture  Flux.2 Klein 9B"), ``columns`` pairs a row."""
+
+    def __init__(self, columns: int = 1) -> None:
+        super().__init__()
+        self.columns = columns
         self.grid = QGridLayout(self)
         self.grid.setContentsMargins(0, 0, 0, 0)
         self.grid.setHorizontalSpacing(18)
         self.grid.setVerticalSpacing(6)
-        self.grid.setColumnStretch(1, 1)
+        for column in range(columns):
+            self.grid.setColumnStretch(2 * column + 1, 1)
 
     def show_facts(self, facts: Iterable[tuple[str, str]]) -> None:
         while self.grid.count():
             self.grid.takeAt(0).widget().deleteLater()
-        for row, (name, value) in enumerate(facts):
+        for index, (name, value) in enumerate(facts):
+            row, column = divmod(index, self.columns)
             name_label, value_label = QLabel(name), QLabel(value)
             name_label.setObjectName("factName")
             value_label.setObjectName("fact")
             value_label.setWordWrap(True)
             value_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-            self.grid.addWidget(name_label, row, 0, Qt.AlignmentFlag.AlignTop)
-            self.grid.addWidget(value_label, row, 1)
+            self.grid.addWidget(name_label, row, 2 * column, Qt.AlignmentFlag.AlignTop)
+            self.grid.addWidget(value_label, row, 2 * column + 1)
 
     def text(self) -> str:
+        """The facts as "name: value" lines, in the order they were given."""
         labels = [self.grid.itemAt(i).widget().text() for i in range(self.grid.count())]
         return "\n".join(f"{n}: {v}" for n, v in zip(labels[::2], labels[1::2]))
 
@@ -338,6 +399,15 @@ def table(columns: list[str], name: str, stretch: int = 0) -> QTableWidget:
     header.setHighlightSections(False)
     view.verticalHeader().setDefaultSectionSize(32)
     return view
+
+
+def fit_rows(view: QTableWidget, least: int = 1, most: int = 12) -> None:
+    """Make ``view`` exactly as tall as its rows (at least ``least``, at most ``most`` rows)."""
+    rows = min(max(view.rowCount(), least), most)
+    header = view.horizontalHeader().sizeHint().height()
+    view.setFixedHeight(
+        header + rows * view.verticalHeader().defaultSectionSize() + 2 * view.frameWidth()
+    )
 
 
 def form() -> QFormLayout:
