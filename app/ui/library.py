@@ -19,7 +19,17 @@ from PySide6.QtWidgets import (
 from app.settings import Settings
 from app.ui import dialogs, theme
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Notice, Page, PathField, form, muted, primary_button, table
+from app.ui.widgets import (
+    Card,
+    Notice,
+    Page,
+    PathField,
+    fit_rows,
+    form,
+    muted,
+    primary_button,
+    table,
+)
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.comfyui import ComfyInstall
@@ -115,11 +125,10 @@ class LibraryPage(Page):
             "Nothing here yet. Add a folder, drop a .safetensors file on this page, or try the demo "
             "model on the Convert page."
         )
-        self.table = table(COLUMNS, "Models and LoRAs", stretch=len(COLUMNS) - 1)
+        self.table = table(COLUMNS, "Models and LoRAs", stretch=0)
         self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
-        self.table.setMinimumHeight(260)
         self.table.itemSelectionChanged.connect(self._update_actions)
         self.table.itemDoubleClicked.connect(lambda _: self._open_default())
         actions = QHBoxLayout()
@@ -274,7 +283,7 @@ class LibraryPage(Page):
                 SortItem(
                     time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.modified)), entry.modified
                 ),
-                QTableWidgetItem(str(entry.path.parent)),
+                QTableWidgetItem("/".join(entry.path.parent.parts[-2:])),
             ]
             if entry.note:
                 for cell in cells[1:]:
@@ -286,6 +295,7 @@ class LibraryPage(Page):
             self.table.horizontalHeader().sortIndicatorSection(),
             self.table.horizontalHeader().sortIndicatorOrder(),
         )
+        fit_rows(self.table, least=4, most=12)
         self.empty.setVisible(not entries)
         self.table.setVisible(bool(entries))
         self._filter(self.search.text())
