@@ -36,8 +36,8 @@ def check_rows(result, formats):
         assert rows["bf16"].cosine == pytest.approx(1.0)
     for fmt in ("int8", "int8+compile"):
         if fmt in rows:
-            assert 1e-4 < rows[fmt].relative_error < 0.03
-            assert 0.999 < rows[fmt].cosine < 1
+            assert 1e-4 < rows[fmt].relative_error < 0.06  # 1–3% typical on tiny random models
+            assert 0.998 < rows[fmt].cosine < 1
     return rows
 
 

@@ -172,10 +172,10 @@ def test_int8_file_loads_into_int8_layers(tmp_path, arch, scheme):
         assert (layer.weight_scale.ndim == 0) == (scheme == "tensorwise")
     x = inputs(model)
     reference = run(from_tensors(arch, tensors), x)
-    assert rel_error(run(model, x), reference) < 0.03
+    assert rel_error(run(model, x), reference) < 0.06
     dequantized = load(ckpt.path, dequantize=True)
     assert not any(isinstance(m, Int8Linear) for m in dequantized.modules())
-    assert rel_error(run(dequantized, x), reference) < 0.03
+    assert rel_error(run(dequantized, x), reference) < 0.06
 
 
 def test_missing_tensor_is_named(tmp_path):
@@ -261,8 +261,9 @@ def test_quantize_model_follows_the_high_precision_rules(arch, scheme):
             assert isinstance(module, Int8Linear) == (f"{name}.weight" in eligible), name
     assert set(model.state_dict()) >= set(a.tensor_shapes(tiny(arch)))
     out = run(model, x)
-    assert rel_error(out, reference) < 0.03
-    assert torch.cosine_similarity(out.flatten(), reference.flatten(), dim=0) > 0.999
+    # tiny random models: 1–3% typical, up to ~4.5% seen over many seeds; a broken layer gives ~100%
+    assert rel_error(out, reference) < 0.06
+    assert torch.cosine_similarity(out.flatten(), reference.flatten(), dim=0) > 0.998
 
 
 @pytest.mark.parametrize("arch", RUNNABLE)
