@@ -8,11 +8,13 @@ import random
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QMessageBox
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDropEvent, QPalette
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from app.settings import Settings
 from app.ui.main_window import MainWindow
+from app.ui.theme import DARK, LIGHT
 from app.workers import Job
 from engine.bench import run_bench
 from engine.checkpoint import CheckpointReader
@@ -91,6 +93,8 @@ def pick_source(qtbot, page, path: Path) -> None:
 def test_convert_the_demo_model(qtbot, window, demo):
     page = window.pages["convert"]
     window.show_page("convert")
+    assert not page.convert_button.isEnabled()
+    assert page.convert_button.toolTip() == "First choose a supported source checkpoint."
     pick_source(qtbot, page, demo)
     assert page.info.model.startswith("Flux.2")
     assert "bf16" in page.facts.text()
@@ -105,7 +109,7 @@ def test_convert_the_demo_model(qtbot, window, demo):
     assert page.result.output == output
     info = inspect_checkpoint(output)
     assert info.weight_format == f"int8_{scheme}"
-    assert str(output) in page.result_facts.text()
+    assert str(output) in page.result_card.facts.text()
     assert page.panel.stage.text().startswith("Done in")
     assert str(demo) in window.settings.recent_files
 
@@ -229,7 +233,7 @@ def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_pat
     assert page.result.output == page.output.path()
     assert inspect_checkpoint(page.result.output).weight_format == "int8_rowwise"
     assert page.result.tensors_changed > 0
-    assert f"Tensors changed: {page.result.tensors_changed}" in page.result_facts.text()
+    assert f"Tensors changed: {page.result.tensors_changed}" in page.result_card.facts.text()
 
 
 def test_a_lora_for_another_model_is_flagged_in_its_row(qtbot, window, demo_int8, tmp_path):
@@ -458,6 +462,45 @@ def test_shortcuts_switch_pages_and_settings_persist(qtbot, window, settings):
     qtbot.addWidget(reopened)
     assert reopened.current_page().key == "settings"
     assert reopened.height() == height
+
+
+def test_a_dropped_file_opens_on_the_page_that_takes_it(qtbot, window, demo):
+    window.show_page("settings")  # Settings takes no files: Convert does
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(demo))])
+    point = QPointF(window.rect().center())
+    buttons, modifiers = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    enter = QDragEnterEvent(point.toPoint(), Qt.DropAction.CopyAction, mime, buttons, modifiers)
+    window.dragEnterEvent(enter)
+    assert enter.isAccepted()
+    window.dropEvent(QDropEvent(point, Qt.DropAction.CopyAction, mime, buttons, modifiers))
+    assert window.current_page().key == "convert"
+    assert window.pages["convert"].source.path() == demo
+
+
+def test_a_crash_is_reported_as_a_bug_with_details(qtbot, window):
+    def broken(progress=None, cancel=None):
+        return {}["missing key"]
+
+    panel = window.pages["convert"].panel
+    panel.run(Job("Converting", broken))
+    box = message_box(qtbot, window, "bugReport")
+    assert box.text().startswith("KeyError: 'missing key'")
+    assert "This is a bug in INT8 Studio" in box.text()
+    assert "Traceback" in box.detailedText() and "broken" in box.detailedText()
+    assert panel.stage.text() == "Stopped by an internal error: KeyError: 'missing key'"
+
+
+def test_theme_follows_the_setting(qtbot, window, settings):
+    page = window.pages["settings"]
+    for choice, tokens in (("dark", DARK), ("light", LIGHT)):
+        page.theme_combo.setCurrentIndex(page.theme_combo.findData(choice))
+        assert settings.theme == choice
+        assert f"background: {tokens['bg']};" in QApplication.instance().styleSheet()
+        assert (
+            QApplication.instance().palette().color(QPalette.ColorRole.Window).name()
+            == tokens["bg"]
+        )
 
 
 def test_status_bar_shows_hardware(window):

@@ -166,11 +166,15 @@ class BenchmarkPage(Page):
         )
 
     def run(self) -> Job:
-        job = Job("Benchmarking", run_bench, self.request())
-        job.succeeded.connect(self._on_result)
-        job.finished.connect(lambda: self.run_button.setEnabled(True))
-        self.run_button.setEnabled(False)
-        return self.panel.run(job)
+        return self.start(
+            Job("Benchmarking", run_bench, self.request()),
+            self.panel,
+            self.run_button,
+            self._on_result,
+        )
+
+    def update_ready(self) -> None:
+        self.run_button.setEnabled(not self.panel.running)
 
     # --- results ---------------------------------------------------------------------------------
 

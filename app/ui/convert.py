@@ -9,7 +9,6 @@ from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QHBoxLayout,
     QLineEdit,
     QPushButton,
 )
@@ -26,8 +25,11 @@ from app.ui.widgets import (
     Notice,
     Page,
     PathField,
+    ResultCard,
+    action_row,
     form,
     primary_button,
+    require,
 )
 from app.workers import Job
 from engine.checkpoint import format_bytes
@@ -148,42 +150,29 @@ class ConvertPage(Page):
         self.overwrite.setToolTip(
             "Off: an existing file is never touched and you are told instead."
         )
-        actions = QHBoxLayout()
-        actions.addWidget(self.overwrite)
-        actions.addStretch(1)
         self.convert_button = primary_button("Convert to INT8", "convert")
-        self.convert_button.setEnabled(False)
-        self.convert_button.setToolTip("Pick a source checkpoint first.")
         self.convert_button.clicked.connect(self.convert)
-        actions.addWidget(self.convert_button)
         self.panel = JobPanel()
         output.body.addWidget(self.output)
-        output.body.addLayout(actions)
+        output.body.addLayout(action_row(self.overwrite, self.convert_button))
         output.body.addWidget(self.panel)
 
-        self.result_card = Card("Result", icon_name="check")
-        self.result_notice = Notice("", "success")
-        self.result_facts = Facts()
-        buttons = QHBoxLayout()
-        self.show_folder = QPushButton("Show in folder")
-        theme.bind_icon(self.show_folder, "folder")
-        self.to_export = QPushButton("Export to ComfyUI")
-        theme.bind_icon(self.to_export, "export")
-        self.to_benchmark = QPushButton("Benchmark it")
-        theme.bind_icon(self.to_benchmark, "benchmark")
-        self.to_lora = QPushButton("Merge LoRAs into it")
-        theme.bind_icon(self.to_lora, "lora")
-        for button in (self.show_folder, self.to_export, self.to_benchmark, self.to_lora):
-            buttons.addWidget(button)
-        buttons.addStretch(1)
-        self.show_folder.clicked.connect(self._show_folder)
-        self.to_export.clicked.connect(lambda: self.send.emit("export", self.result.output))
-        self.to_benchmark.clicked.connect(lambda: self.send.emit("benchmark", self.result.output))
-        self.to_lora.clicked.connect(lambda: self.send.emit("lora", self.result.output))
-        self.result_card.body.addWidget(self.result_notice)
-        self.result_card.body.addWidget(self.result_facts)
-        self.result_card.body.addLayout(buttons)
-        self.result_card.hide()
+        self.result_card = ResultCard(
+            [
+                ("Show in folder", "folder", self._show_folder),
+                (
+                    "Export to ComfyUI",
+                    "export",
+                    lambda: self.send.emit("export", self.result.output),
+                ),
+                (
+                    "Benchmark it",
+                    "benchmark",
+                    lambda: self.send.emit("benchmark", self.result.output),
+                ),
+                ("Merge LoRAs into it", "lora", lambda: self.send.emit("lora", self.result.output)),
+            ]
+        )
         self.result: ConvertResult | None = None
 
         self.add(
@@ -195,6 +184,7 @@ class ConvertPage(Page):
             self.result_card,
             stretch=True,
         )
+        self.update_ready()
 
     # --- source ----------------------------------------------------------------------------------
 
@@ -212,7 +202,7 @@ class ConvertPage(Page):
         self.info = None
         self.facts.show_facts([])
         self.source_problem.hide()
-        self._update_ready()
+        self.update_ready()
         if path is None:
             return
         self.demo_offer.hide()
@@ -247,7 +237,7 @@ class ConvertPage(Page):
         else:
             self.settings.add_recent(info.path)
             self.source.set_history(self.settings.recent_files)
-        self._update_ready()
+        self.update_ready()
 
     def _on_inspect_failed(self, job: Job, message: str) -> None:
         if job is self._inspecting:
@@ -278,13 +268,13 @@ class ConvertPage(Page):
             f"Automatic: next to the source, as …-int8-{self.scheme()}.safetensors"
         )
 
-    def _update_ready(self) -> None:
-        ready = bool(self.info and self.info.model and not self.source_problem.isVisible())
-        self.convert_button.setEnabled(ready and not self.panel.running)
-        self.convert_button.setToolTip(
-            "Convert with the options above."
-            if ready
-            else "Pick a supported source checkpoint first."
+    def update_ready(self) -> None:
+        source = bool(self.info and self.info.model and not self.source_problem.isVisible())
+        require(
+            self.convert_button,
+            [("a supported source checkpoint", source)],
+            "Convert with the options above.",
+            self.panel.running,
         )
 
     # --- convert ---------------------------------------------------------------------------------
@@ -303,16 +293,13 @@ class ConvertPage(Page):
     def convert(self) -> Job:
         self.result_card.hide()
         job = Job("Converting", run_convert, self.request())
-        job.succeeded.connect(self._on_converted)
-        job.finished.connect(self._update_ready)
-        self.convert_button.setEnabled(False)
-        return self.panel.run(job)
+        return self.start(job, self.panel, self.convert_button, self._on_converted)
 
     def _on_converted(self, result: ConvertResult) -> None:
         self.result = result
         ratio = result.bytes_out / result.bytes_in if result.bytes_in else 0
         scheme = SCHEME_NAMES[result.scheme]
-        self.result_notice.set(f"Saved {result.model} as INT8 with {scheme} scales.", "success")
+        text = f"Saved {result.model} as INT8 with {scheme} scales."
         sizes = f"{format_bytes(result.bytes_in)} → {format_bytes(result.bytes_out)} ({ratio:.0%})"
         facts = [
             ("File", str(result.output)),
@@ -322,8 +309,7 @@ class ConvertPage(Page):
         ]
         if result.left_out:
             facts.append(("Left out", f"{result.left_out} tensors outside the diffusion model"))
-        self.result_facts.show_facts(facts)
-        self.result_card.show()
+        self.result_card.show_result(text, facts)
         self.reveal(self.result_card)
         self.settings.output_folder = str(result.output.parent)
 

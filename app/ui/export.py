@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (
 from app.settings import Settings
 from app.ui import dialogs, theme
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Facts, Notice, Page, PathField, form, primary_button
+from app.ui.widgets import Card, Facts, Notice, Page, PathField, form, primary_button, require
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.comfyui import (
@@ -137,7 +137,7 @@ class ExportPage(Page):
         self.result: ExportResult | None = None
 
         self.add(source, target, self.result_notice, stretch=True)
-        self._update_ready()
+        self.update_ready()
 
     def open_path(self, path: Path) -> bool:
         if path.is_dir():
@@ -187,14 +187,14 @@ class ExportPage(Page):
             except ComfyUIError as error:  # its extra_model_paths.yaml could not be read
                 self.folder.setPlaceholderText(str(error))
                 self.folder.setToolTip(str(error))
-        self._update_ready()
+        self.update_ready()
 
     # --- file ------------------------------------------------------------------------------------
 
     def _on_source(self, path: Path | None) -> None:
         self.entry = None
         self.source_facts.show_facts([])
-        self._update_ready()
+        self.update_ready()
         if path is None:
             return
         self.name.setText(path.name)
@@ -217,7 +217,7 @@ class ExportPage(Page):
         self.source_facts.show_facts(facts)
         kind = "loras" if entry.kind == "LoRA" else "diffusion_models"
         next(b for b in self.kind_group.buttons() if b.property("kind") == kind).setChecked(True)
-        self._update_ready()
+        self.update_ready()
 
     # --- export ----------------------------------------------------------------------------------
 
@@ -231,29 +231,18 @@ class ExportPage(Page):
             link=self.link.isChecked(),
         )
 
-    def _update_ready(self) -> None:
-        missing = [
-            what
-            for what, ok in [
-                ("a file", self.entry is not None),
-                ("a ComfyUI install", bool(self.folder.text())),
-            ]
-            if not ok
-        ]
-        self.export_button.setEnabled(not missing and not self.panel.running)
-        self.export_button.setToolTip(
-            f"Choose {' and '.join(missing)} first."
-            if missing
-            else "Verify and put the file in ComfyUI."
+    def update_ready(self) -> None:
+        require(
+            self.export_button,
+            [("a file", self.entry is not None), ("a ComfyUI install", bool(self.folder.text()))],
+            "Verify and put the file in ComfyUI.",
+            self.panel.running,
         )
 
     def export(self) -> Job:
         self.result_notice.hide()
         job = Job("Exporting", run_export, self.request())
-        job.succeeded.connect(self._on_exported)
-        job.finished.connect(self._update_ready)
-        self.export_button.setEnabled(False)
-        return self.panel.run(job)
+        return self.start(job, self.panel, self.export_button, self._on_exported)
 
     def _on_exported(self, result: ExportResult) -> None:
         self.result = result

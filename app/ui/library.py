@@ -11,7 +11,6 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
     QLineEdit,
-    QListWidget,
     QPushButton,
     QTableWidgetItem,
 )
@@ -24,9 +23,11 @@ from app.ui.widgets import (
     Notice,
     Page,
     PathField,
+    add_remove_row,
     fit_rows,
     form,
     muted,
+    path_list,
     primary_button,
     table,
 )
@@ -88,21 +89,14 @@ class LibraryPage(Page):
             "folder",
         )
         self.comfy_folders = muted("Looking for ComfyUI…")
-        self.folders = QListWidget()
-        self.folders.setObjectName("plainList")
-        self.folders.setAccessibleName("Your model folders")
-        self.folders.setMaximumHeight(72)
-        self.folders.addItems(settings.library_folders)
-        buttons = QHBoxLayout()
-        add, remove = QPushButton("Add folder…"), QPushButton("Remove")
-        theme.bind_icon(add, "add")
-        theme.bind_icon(remove, "remove")
-        remove.setToolTip("Stop listing the selected folder (nothing on disk is touched).")
-        add.clicked.connect(self._choose_folder)
-        remove.clicked.connect(self._remove_folder)
-        buttons.addWidget(add)
-        buttons.addWidget(remove)
-        buttons.addStretch(1)
+        self.folders = path_list("Your model folders", settings.library_folders, 72)
+        buttons = add_remove_row(
+            "Add folder…",
+            "Add a folder of models; its subfolders are listed too.",
+            "Stop listing the selected folder (nothing on disk is touched).",
+            self._choose_folder,
+            self._remove_folder,
+        )
         where.body.addWidget(self.comfy_folders)
         where.body.addWidget(self.folders)
         where.body.addLayout(buttons)

@@ -10,8 +10,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
-    QHBoxLayout,
-    QPushButton,
     QTableWidgetItem,
 )
 
@@ -22,11 +20,14 @@ from app.ui.widgets import (
     Card,
     Choices,
     Facts,
-    Notice,
     Page,
     PathField,
+    ResultCard,
+    action_row,
+    add_remove_row,
     fit_rows,
     primary_button,
+    require,
     table,
 )
 from app.workers import Job
@@ -96,17 +97,13 @@ class LoraPage(Page):
         )
         self.table = table(["LoRA file", "Strength", "Coverage"], "LoRA stack", stretch=COVERAGE)
         fit_rows(self.table, least=2, most=8)
-        buttons = QHBoxLayout()
-        add, remove = QPushButton("Add LoRA…"), QPushButton("Remove")
-        theme.bind_icon(add, "add")
-        theme.bind_icon(remove, "remove")
-        add.setToolTip("Add LoRA files to the stack; you can also drop them on this page.")
-        remove.setToolTip("Take the selected LoRAs out of the stack (the files stay on disk).")
-        add.clicked.connect(self._choose_loras)
-        remove.clicked.connect(self._remove_selected)
-        buttons.addWidget(add)
-        buttons.addWidget(remove)
-        buttons.addStretch(1)
+        buttons = add_remove_row(
+            "Add LoRA…",
+            "Add LoRA files to the stack; you can also drop them on this page.",
+            "Take the selected LoRAs out of the stack (the files stay on disk).",
+            self._choose_loras,
+            self._remove_selected,
+        )
         stack.body.addWidget(self.table)
         stack.body.addLayout(buttons)
 
@@ -118,33 +115,22 @@ class LoraPage(Page):
         self.output.setToolTip(
             "Written to a temporary file first, then renamed: never half a file."
         )
-        self.output.changed.connect(lambda _: self._update_ready())
+        self.output.changed.connect(lambda _: self.update_ready())
         self.overwrite = QCheckBox("Replace the output if it already exists")
-        actions = QHBoxLayout()
-        actions.addWidget(self.overwrite)
-        actions.addStretch(1)
         self.merge_button = primary_button("Merge and save", "lora")
         self.merge_button.clicked.connect(self.merge)
-        actions.addWidget(self.merge_button)
         self.panel = JobPanel()
         options.body.addWidget(self.output)
-        options.body.addLayout(actions)
+        options.body.addLayout(action_row(self.overwrite, self.merge_button))
         options.body.addWidget(self.panel)
 
-        self.result_card = Card("Result", icon_name="check")
-        self.result_notice = Notice("", "success")
-        self.result_facts = Facts()
-        self.to_export = QPushButton("Export to ComfyUI")
-        theme.bind_icon(self.to_export, "export")
-        self.to_export.clicked.connect(lambda: self.send.emit("export", self.result.output))
-        self.result_card.body.addWidget(self.result_notice)
-        self.result_card.body.addWidget(self.result_facts)
-        self.result_card.body.addWidget(self.to_export)
-        self.result_card.hide()
+        self.result_card = ResultCard(
+            [("Export to ComfyUI", "export", lambda: self.send.emit("export", self.result.output))]
+        )
         self.result: LoraMergeResult | None = None
 
         self.add(model, stack, options, self.result_card, stretch=True)
-        self._update_ready()
+        self.update_ready()
 
     def open_path(self, path: Path) -> bool:
         """The first file becomes the model, later ones join the stack as LoRAs."""
@@ -161,7 +147,7 @@ class LoraPage(Page):
     def _on_model(self, path: Path | None) -> None:
         self.model_info = None
         self.model_facts.show_facts([])
-        self._update_ready()
+        self.update_ready()
         if path is None:
             return
         job = Job.call("Reading the model", inspect_checkpoint, path)
@@ -184,7 +170,7 @@ class LoraPage(Page):
             self.output.set_path(info.path.parent / f"{stem}-lora.safetensors", emit=False)
         for row in range(self.table.rowCount()):
             self._check_coverage(row)
-        self._update_ready()
+        self.update_ready()
 
     # --- stack -----------------------------------------------------------------------------------
 
@@ -205,7 +191,7 @@ class LoraPage(Page):
         self.table.setItem(row, COVERAGE, QTableWidgetItem("waiting for the model…"))
         fit_rows(self.table, least=2, most=8)
         self._check_coverage(row)
-        self._update_ready()
+        self.update_ready()
 
     def stack(self) -> list[tuple[Path, float]]:
         return [
@@ -248,7 +234,7 @@ class LoraPage(Page):
         for row in sorted({i.row() for i in self.table.selectedIndexes()}, reverse=True):
             self.table.removeRow(row)
         fit_rows(self.table, least=2, most=8)
-        self._update_ready()
+        self.update_ready()
 
     # --- merge -----------------------------------------------------------------------------------
 
@@ -264,35 +250,27 @@ class LoraPage(Page):
             overwrite=self.overwrite.isChecked(),
         )
 
-    def _update_ready(self) -> None:
-        missing = [
-            what
-            for what, ok in [
-                ("a model", self.model_info is not None and self.model_info.model),
+    def update_ready(self) -> None:
+        require(
+            self.merge_button,
+            [
+                ("a model", bool(self.model_info and self.model_info.model)),
                 ("at least one LoRA", self.table.rowCount() > 0),
                 ("an output file", self.output.path() is not None),
-            ]
-            if not ok
-        ]
-        self.merge_button.setEnabled(not missing and not self.panel.running)
-        self.merge_button.setToolTip(
-            f"Add {' and '.join(missing)} first."
-            if missing
-            else "Merge the stack and save the result."
+            ],
+            "Merge the stack and save the result.",
+            self.panel.running,
         )
 
     def merge(self) -> Job:
         self.result_card.hide()
         job = Job("Merging LoRAs", run_lora_merge, self.request())
-        job.succeeded.connect(self._on_merged)
-        job.finished.connect(self._update_ready)
-        self.merge_button.setEnabled(False)
-        return self.panel.run(job)
+        return self.start(job, self.panel, self.merge_button, self._on_merged)
 
     def _on_merged(self, result: LoraMergeResult) -> None:
         self.result = result
         names = ", ".join(m.lora.name for m in result.matches)
-        self.result_notice.set(f"Merged {names} into {result.model}.", "success")
+        text = f"Merged {names} into {result.model}."
         facts = [("File", str(result.output)), ("Tensors changed", str(result.tensors_changed))]
         if result.stats.layers:
             facts.append(
@@ -303,6 +281,5 @@ class LoraPage(Page):
                     + (f"; {result.stats.clipped} values clipped" if result.stats.clipped else ""),
                 )
             )
-        self.result_facts.show_facts(facts)
-        self.result_card.show()
+        self.result_card.show_result(text, facts)
         self.reveal(self.result_card)

@@ -8,15 +8,12 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
-    QHBoxLayout,
-    QListWidget,
-    QPushButton,
 )
 
 from app import system
 from app.settings import Settings
-from app.ui import dialogs, theme
-from app.ui.widgets import Card, Page, PathField, muted
+from app.ui import dialogs
+from app.ui.widgets import Card, Page, PathField, add_remove_row, muted, path_list
 from app.workers import Job
 from engine.comfyui import ComfyInstall, open_install
 
@@ -52,22 +49,14 @@ class SettingsPage(Page):
             "(and their extra_model_paths.yaml).",
             "comfyui",
         )
-        self.comfy_list = QListWidget()
-        self.comfy_list.setObjectName("plainList")
-        self.comfy_list.setAccessibleName("ComfyUI folders")
-        self.comfy_list.setMaximumHeight(96)
-        self.comfy_list.addItems(settings.comfyui_paths)
-        buttons = QHBoxLayout()
-        add, remove = QPushButton("Add folder…"), QPushButton("Remove")
-        theme.bind_icon(add, "add")
-        theme.bind_icon(remove, "remove")
-        add.setToolTip("Add a ComfyUI folder that was not found automatically.")
-        remove.setToolTip("Forget the selected folder (nothing on disk is touched).")
-        add.clicked.connect(self.choose_comfyui)
-        remove.clicked.connect(self._remove_comfyui)
-        buttons.addWidget(add)
-        buttons.addWidget(remove)
-        buttons.addStretch(1)
+        self.comfy_list = path_list("ComfyUI folders", settings.comfyui_paths, 96)
+        buttons = add_remove_row(
+            "Add folder…",
+            "Add a ComfyUI folder that was not found automatically.",
+            "Forget the selected folder (nothing on disk is touched).",
+            self.choose_comfyui,
+            self._remove_comfyui,
+        )
         self.found = muted("Looking for ComfyUI installs…")
         comfy.body.addWidget(self.found)
         comfy.body.addWidget(self.comfy_list)

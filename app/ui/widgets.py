@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QDragEnterEvent, QDragLeaveEvent, QDropEvent
@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QListWidget,
     QPushButton,
     QRadioButton,
     QScrollArea,
@@ -29,6 +30,8 @@ from PySide6.QtWidgets import (
 
 from app.settings import Settings
 from app.ui import theme
+from app.ui.jobpanel import JobPanel
+from app.workers import Job
 
 
 class Page(QWidget):
@@ -81,6 +84,18 @@ class Page(QWidget):
         """Take ``path`` as this page's input; False if the page has no use for files."""
         return False
 
+    def update_ready(self) -> None:
+        """Turn the page's main button on once it has what its job needs (pages with one override)."""
+
+    def start(
+        self, job: Job, panel: JobPanel, button: QPushButton, done: Callable[[Any], None]
+    ) -> Job:
+        """Run ``job`` in ``panel`` with ``button`` off until it ends; ``done(result)`` on success."""
+        job.succeeded.connect(done)
+        job.finished.connect(self.update_ready)
+        button.setEnabled(False)
+        return panel.run(job)
+
     def reveal(self, widget: QWidget) -> None:
         """Scroll ``widget`` (a result that just appeared) into view once the layout has settled."""
         QTimer.singleShot(50, lambda: self.scroll.ensureWidgetVisible(widget, 0, 24))
@@ -116,6 +131,34 @@ class Card(QFrame):
         self.body = QVBoxLayout()
         self.body.setSpacing(10)
         layout.addLayout(self.body)
+
+
+class ResultCard(Card):
+    """What a finished job made: a success line, its facts, and buttons for what to do next.
+
+    ``actions`` are ``(text, icon name, slot)``; the card stays hidden until :meth:`show_result`.
+    """
+
+    def __init__(self, actions: list[tuple[str, str, Callable[[], None]]]) -> None:
+        super().__init__("Result", icon_name="check")
+        self.notice = Notice("", "success")
+        self.facts = Facts()
+        row = QHBoxLayout()
+        for text, icon_name, slot in actions:
+            button = QPushButton(text)
+            theme.bind_icon(button, icon_name)
+            button.clicked.connect(slot)
+            row.addWidget(button)
+        row.addStretch(1)
+        self.body.addWidget(self.notice)
+        self.body.addWidget(self.facts)
+        self.body.addLayout(row)
+        self.hide()
+
+    def show_result(self, text: str, facts: list[tuple[str, str]]) -> None:
+        self.notice.set(text, "success")
+        self.facts.show_facts(facts)
+        self.show()
 
 
 class Notice(QFrame):
@@ -368,6 +411,54 @@ def dropped_paths(event: QDragEnterEvent | QDropEvent) -> list[Path]:
     if not mime.hasUrls():
         return []
     return [Path(url.toLocalFile()) for url in mime.urls() if url.isLocalFile()]
+
+
+def action_row(option: QWidget, button: QPushButton) -> QHBoxLayout:
+    """An option on the left, the card's primary button on the right."""
+    row = QHBoxLayout()
+    row.addWidget(option)
+    row.addStretch(1)
+    row.addWidget(button)
+    return row
+
+
+def require(button: QPushButton, needs: list[tuple[str, bool]], ready: str, busy: bool) -> None:
+    """Enable ``button`` when every ``(what, met)`` need is met and no job runs; otherwise its
+    tooltip says what is missing. ``ready`` is its tooltip when it is on."""
+    missing = [what for what, met in needs if not met]
+    button.setEnabled(not missing and not busy)
+    button.setToolTip(f"First choose {' and '.join(missing)}." if missing else ready)
+
+
+def path_list(name: str, paths: Iterable[str], height: int) -> QListWidget:
+    view = QListWidget()
+    view.setObjectName("plainList")
+    view.setAccessibleName(name)
+    view.setMaximumHeight(height)
+    view.addItems(list(paths))
+    return view
+
+
+def add_remove_row(
+    add_text: str,
+    add_tip: str,
+    remove_tip: str,
+    on_add: Callable[[], None],
+    on_remove: Callable[[], None],
+) -> QHBoxLayout:
+    """An "Add…" and a "Remove" button under a list, left-aligned."""
+    row = QHBoxLayout()
+    for text, icon_name, tip, slot in (
+        (add_text, "add", add_tip, on_add),
+        ("Remove", "remove", remove_tip, on_remove),
+    ):
+        button = QPushButton(text)
+        theme.bind_icon(button, icon_name)
+        button.setToolTip(tip)
+        button.clicked.connect(slot)
+        row.addWidget(button)
+    row.addStretch(1)
+    return row
 
 
 def primary_button(text: str, icon_name: str = "") -> QPushButton:
