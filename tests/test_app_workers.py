@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 
 import pytest
+import shiboken6
 from PySide6.QtCore import QThread
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QLabel
 
 from app.workers import Job, format_duration
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
@@ -133,3 +134,19 @@ def test_signals_keep_python_references_intact(qtbot, tmp_path):
     # Other code moves these counts a little; the bug moved them by one per emit.
     assert abs(sys.getrefcount(True) - before[0]) < 100
     assert abs(sys.getrefcount(None) - (before[1] + 2000)) < 100
+
+
+def test_a_job_goes_quiet_once_its_owner_is_deleted(qtbot, tmp_path):
+    gate = threading.Event()
+    owner = QLabel()
+    job = Job("numbers", write_numbers, tmp_path / "out.txt", 100, gate=gate)
+    heard = []
+    job.finished.connect(lambda: heard.append("finished"))
+    with qtbot.waitSignal(job.progress, timeout=10_000):
+        job.start(owner)
+    shiboken6.delete(owner)  # the window closed while the job ran
+    gate.set()
+    qtbot.waitUntil(lambda: job not in Job.active(), timeout=10_000)
+    qtbot.wait(50)
+    assert heard == [] and not job.running
+    assert (tmp_path / "out.txt").read_text().count("\n") == 100  # the job itself still finished

@@ -211,7 +211,7 @@ class ConvertPage(Page):
         job.failed.connect(lambda error: self._on_inspect_failed(job, str(error)))
         job.crashed.connect(lambda summary, _: self._on_inspect_failed(job, summary))
         dialogs.report_errors(job, self)
-        job.start()
+        job.start(self)
 
     def _on_inspected(self, job: Job, info: CheckpointInfo) -> None:
         if job is not self._inspecting:

@@ -154,7 +154,7 @@ class ExportPage(Page):
         dialogs.report_errors(job, self)
         self.refresh.setEnabled(False)
         job.finished.connect(lambda: self.refresh.setEnabled(True))
-        return job.start()
+        return job.start(self)
 
     def _on_found(self, installs: list[ComfyInstall]) -> None:
         self.installs = installs
@@ -201,7 +201,7 @@ class ExportPage(Page):
         job = Job.call("Reading the file", describe_file, path)
         job.succeeded.connect(lambda entry: self._on_described(path, entry))
         dialogs.report_errors(job, self)
-        job.start()
+        job.start(self)
 
     def _on_described(self, path: Path, entry: LibraryEntry) -> None:
         if path != self.source.path():

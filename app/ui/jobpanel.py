@@ -83,7 +83,7 @@ class JobPanel(QWidget):
         self.bar.setRange(0, 0)  # busy until the first report
         self._show_running(True)
         self.show()
-        return job.start()
+        return job.start(self)
 
     def cancel(self) -> None:
         if self.running:

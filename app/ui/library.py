@@ -315,7 +315,7 @@ class LibraryPage(Page):
         job = Job.call("Checking the download", plan_download, self.download_request())
         job.succeeded.connect(self._show_plan)
         dialogs.report_errors(job, self)
-        return job.start()
+        return job.start(self)
 
     def _show_plan(self, plan: list[RemoteFile]) -> None:
         missing = [f for f in plan if not f.present]

@@ -153,7 +153,7 @@ class LoraPage(Page):
         job = Job.call("Reading the model", inspect_checkpoint, path)
         job.succeeded.connect(lambda info: self._on_model_read(path, info))
         dialogs.report_errors(job, self)
-        job.start()
+        job.start(self)
 
     def _on_model_read(self, path: Path, info: CheckpointInfo) -> None:
         if path != self.model.path():
@@ -216,7 +216,7 @@ class LoraPage(Page):
         job.succeeded.connect(lambda info: self._show_coverage(cell, coverage(info), True))
         job.failed.connect(lambda error: self._show_coverage(cell, str(error), False))
         job.crashed.connect(lambda summary, _: self._show_coverage(cell, summary, False))
-        job.start()
+        job.start(self)
 
     def _show_coverage(self, cell: QTableWidgetItem, text: str, ok: bool) -> None:
         cell.setText(text)

@@ -127,7 +127,7 @@ class SettingsPage(Page):
         job = Job.call("Adding the ComfyUI folder", open_install, folder)
         job.succeeded.connect(lambda install: self._remember(install.root))
         dialogs.report_errors(job, self)
-        return job.start()
+        return job.start(self)
 
     def _remember(self, root: Path) -> None:
         if str(root) not in self.settings.comfyui_paths:

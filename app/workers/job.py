@@ -11,7 +11,9 @@ delivers on the GUI thread:
 
 ``cancel()`` sets the job's :class:`CancelToken`; the job stops at its next check and removes what it
 was writing. Signals emitted on the worker thread reach the Job (which lives on the GUI thread)
-through queued connections, which is what makes the hand-over thread-safe.
+through queued connections, which is what makes the hand-over thread-safe. A job started for an
+``owner`` widget goes quiet once that widget is deleted (its window closed while the job ran), so no
+handler ever touches a deleted widget.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import shiboken6
 from PySide6.QtCore import QObject, Qt, QThreadPool, Signal
 
 from engine.jobs import Cancelled, CancelToken, JobError, Progress
@@ -54,6 +57,7 @@ class Job(QObject):
         self._last_stage: str | None = None
         self.last_progress: Progress | None = None
         self.running = False
+        self._owner: QObject | None = None
         self.background = False  # reads only (headers, folder scans): closing need not ask
         self._reported.connect(self._on_reported, Qt.ConnectionType.QueuedConnection)
         self._ended.connect(self._on_ended, Qt.ConnectionType.QueuedConnection)
@@ -70,7 +74,8 @@ class Job(QObject):
         """Jobs started and not yet finished (the window asks before closing over them)."""
         return list(cls._active)
 
-    def start(self) -> Job:
+    def start(self, owner: QObject | None = None) -> Job:
+        self._owner = owner
         self.running = True
         Job._active.add(self)
         _POOL.start(self._run)
@@ -109,14 +114,19 @@ class Job(QObject):
 
     # --- GUI thread ------------------------------------------------------------------------------
 
+    def _heard(self) -> bool:
+        return self._owner is None or shiboken6.isValid(self._owner)
+
     def _on_reported(self, report: Progress) -> None:
-        if self.running:
+        if self.running and self._heard():
             self.last_progress = report
             self.progress.emit(report)
 
     def _on_ended(self, outcome: str, payload: Any) -> None:
         self.running = False
         Job._active.discard(self)
+        if not self._heard():
+            return
         if outcome == "succeeded":
             self.succeeded.emit(payload)
         elif outcome == "cancelled":
