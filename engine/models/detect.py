@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from engine.checkpoint import DTYPES
 from engine.jobs import JobError
 from engine.models.spec import REGISTRY, Architecture, Rule, Shape, natural_key, supported_text
 
@@ -27,13 +28,6 @@ FP8_SCALES = ("weight_scale", "scale_weight")  # new (comfy_quant) and old (scal
 FP8_AUXILIARY = (*FP8_SCALES, "input_scale", "scale_input", "comfy_quant")
 SCALED_FP8_MARKER = "scaled_fp8"
 DEQUANTIZED_DTYPE = torch.bfloat16  # what ComfyUI computes with when it runs an fp8 file
-
-TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 
 
 class UnknownModelError(JobError):
@@ -262,7 +256,7 @@ def _source_tensors(
             plan.append(OutputTensor(name, DEQUANTIZED_DTYPE, tuple(header.shape), sources, _dequantize_fp8))
         else:
             plan.append(
-                OutputTensor(name, TORCH_DTYPES[header.dtype], tuple(header.shape), (prefix + name,), _only)
+                OutputTensor(name, DTYPES[header.dtype], tuple(header.shape), (prefix + name,), _only)
             )
     return plan
 
