@@ -35,7 +35,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from engine.int8 import kernels
-from engine.int8.ops import int8_linear, int8_linear_eager
+from engine.int8.ops import LoraFactors, int8_linear
 from engine.int8.quantize import quantize_weight
 
 TEXT_TOKENS = 512
@@ -95,7 +95,7 @@ class Problem:
                                 out_dtype=torch.bfloat16)
 
     def ours(self):
-        return int8_linear_eager(self.x, self.w_int8, self.w_scale)  # what Int8Linear runs in eager mode
+        return int8_linear(self.x, self.w_int8, self.w_scale)  # what Int8Linear runs in eager mode
 
     def quant(self):
         return kernels.quantize_rows(self.x)
@@ -240,12 +240,17 @@ def sweep() -> str:
     return "\n".join(lines)
 
 
-def host_overhead() -> str:
-    """Host time per call on a tiny problem (the GPU waits on the host): launch and dispatch costs."""
+def host_overhead(profile: bool = False) -> str:
+    """Host time per call on a tiny problem (the GPU waits on the host): launch and dispatch costs.
+    ``profile``: also the top functions of ``int8_linear`` by own time (cProfile)."""
     p = Problem(16, 1024, 1024)
-    p.ours()
-    calls = {"F.linear": p.bf16, "int8_linear (custom op)": lambda: int8_linear(p.x, p.w_int8, p.w_scale),
-             "int8_linear_eager": p.ours, "quantize_rows": p.quant, "scaled_mm": p.gemm}
+    rank = 32
+    lora = LoraFactors(torch.randn(rank, p.k, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(p.n, rank, device="cuda", dtype=torch.bfloat16), torch.rand(rank, device="cuda"))
+    calls = {"F.linear": p.bf16, "int8_linear": p.ours, "quantize_rows": p.quant, "kernels.scaled_mm": p.gemm,
+             "torch.ops.int8_studio.scaled_mm": lambda: torch.ops.int8_studio.scaled_mm(
+                 p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16, None, None, None),
+             "int8_linear + LoRA r32": lambda: int8_linear(p.x, p.w_int8, p.w_scale, lora=lora)}
     lines = []
     for name, fn in calls.items():
         for _ in range(50):
@@ -256,6 +261,17 @@ def host_overhead() -> str:
             fn()
         torch.cuda.synchronize()
         lines.append(f"host per call, {name}: {(time.perf_counter() - start) / 500 * 1e6:.1f} µs")
+        print(lines[-1], flush=True)
+    if profile:
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [p.ours() for _ in range(2000)])
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        lines.append(text.getvalue())
         print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -276,6 +292,7 @@ def main() -> None:
     parser.add_argument("--only-small-m", action="store_true", help="M = 1 and 16 only")
     parser.add_argument("--sweep", action="store_true", help="time every tile config on a few shapes first")
     parser.add_argument("--small-m", action="store_true", help="also time M = 1 and 16")
+    parser.add_argument("--host", action="store_true", help="host time per call only, with a cProfile breakdown")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for gemm.md and gemm.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -283,6 +300,9 @@ def main() -> None:
     print(report[0], flush=True)
     if args.only_small_m:
         print(small_m())
+        return
+    if args.host:
+        host_overhead(profile=True)
         return
     if args.sweep:
         report.append(sweep())

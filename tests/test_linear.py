@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.lora.dynamic import Factors, LoraAdapter
 from engine.int8.linear import Int8Linear, QuantizedLayerError
 from engine.int8.quantize import dequantize_weight, quantize_weight
 from tests.int8_reference import assert_within_int8_rounding
@@ -84,12 +85,17 @@ def test_use_float_runs_the_dequantized_float_layer():
     assert not torch.equal(quantized, expected)
 
 
-def test_adapter_output_is_added():
+@pytest.mark.parametrize("use_float", [False, True])
+def test_lora_term_is_added(use_float):
     layer = Int8Linear.from_float(torch.nn.Linear(16, 8))
+    layer.use_float = use_float
     x = torch.randn(3, 16)
     base = layer(x)
-    layer.adapter = torch.nn.Linear(16, 8)
-    torch.testing.assert_close(layer(x), base + layer.adapter(x))
+    layer.lora = LoraAdapter(16, 8, torch.device("cpu"), torch.float32)
+    layer.lora.append("a", Factors(torch.randn(4, 16), torch.randn(8, 4), torch.full((4,), 0.25)), strength=2.0)
+    torch.testing.assert_close(layer(x), base + layer.lora(x))
+    layer.lora.set_strength("a", 0.0)
+    assert torch.equal(layer(x), base)
 
 
 @pytest.mark.parametrize(

@@ -36,11 +36,11 @@ def add(dynamic: DynamicLoras, detected, lora: TinyLora, strength: float) -> str
 
 def without_lora(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, Int8Linear):
-        adapter, module.adapter = module.adapter, None
+        adapter, module.lora = module.lora, None
         try:
             return module(x)
         finally:
-            module.adapter = adapter
+            module.lora = adapter
     return F.linear(x, module.weight, module.bias)
 
 

@@ -73,7 +73,6 @@ def test_out_dtype_and_default_backends():
     x = torch.randn(3, 32, dtype=torch.float16)
     out = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32)
     assert out.dtype == torch.float32
-    assert torch.equal(out, ops.int8_linear_eager(x, w_int8, w_scale, bias, out_dtype=torch.float32))
     assert ops.backend_for(x) == "torch"
     with ops.use_backend("int_mm"):
         assert ops.backend_for(x) == "int_mm"
@@ -102,8 +101,43 @@ def test_bad_inputs_are_refused(change, message):
 
 def test_opcheck_real_and_fake_implementations_agree():
     w_int8, w_scale, bias = make_layer(24, 40, (24, 1), True)
-    torch.library.opcheck(ops.int8_linear, (torch.randn(3, 5, 40), w_int8, w_scale, bias))
-    torch.library.opcheck(ops.int8_linear, (torch.randn(4, 40, dtype=torch.bfloat16), w_int8, w_scale[0, 0]))
+    q, x_scale = ops.quantize_rows_torch(torch.randn(5, 40))
+    lora = (torch.randn(5, 3), torch.randn(24, 3), torch.rand(3))
+    torch.library.opcheck(ops.scaled_mm, (q, x_scale, w_int8, w_scale, bias, torch.float32, None, None, None))
+    torch.library.opcheck(ops.scaled_mm, (q, x_scale, w_int8, w_scale[0], None, torch.bfloat16, *lora))
+
+
+@pytest.mark.parametrize(
+    "backend, device",
+    [("torch", "cpu"), ("int_mm", "cpu"), pytest.param("triton", "cpu", marks=CPU_BACKENDS[2].marks),
+     pytest.param("triton", "cuda", marks=pytest.mark.gpu)],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m, rank", [(19, 1), (19, 8), (300, 45)])  # 45: two blocks of the kernel's rank loop, the second partial
+def test_lora_term_is_added_in_the_epilogue(backend, device, dtype, m, rank):
+    n, k = 40, 72
+    w_int8, w_scale, bias = make_layer(n, k, (n, 1), True, dtype, device)
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    lora = ops.LoraFactors(
+        torch.randn(rank, k, dtype=dtype, device=device) / k**0.5,
+        torch.randn(n, rank, dtype=dtype, device=device),
+        torch.rand(rank, device=device) * 4 - 2,
+    )
+    with ops.use_backend(backend):
+        base = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32)
+        out = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32, lora=lora)
+    x, down, up, scale = x.double(), lora.down.double(), lora.up.double(), lora.scale.double()
+    term = (x @ down.T * scale) @ up.T
+    # x·downᵀ is rounded to x's dtype (and, in the kernel, again after the scale): ~1 ulp per rank column
+    bound = 4 * ULP[dtype] * ((x.abs() @ down.abs().T * scale.abs()) @ up.abs().T) + 2**-20 * out.double().abs() + 1e-6
+    assert ((out.double() - base.double() - term).abs() <= bound).all()
+
+
+def test_lora_factors_of_the_wrong_shape_are_refused():
+    w_int8, w_scale, _ = make_layer(8, 16, (8, 1), False)
+    lora = ops.LoraFactors(torch.randn(4, 16), torch.randn(8, 3), torch.rand(4))
+    with pytest.raises(ValueError, match=r"LoRA factors must be down \[r, 16\], up \[8, r\], scale \[r\], got \(4, 16\), \(8, 3\), \(4,\)"):
+        ops.int8_linear(torch.randn(2, 16), w_int8, w_scale, lora=lora)
 
 
 class Block(torch.nn.Module):

@@ -6,12 +6,14 @@ Two kernels:
   owns a few rows and loops over K twice (absmax, then quantize); the second read of a row hits L2, so
   DRAM sees one read of ``x`` and one write of ``q``. Any K works: no row has to fit in registers.
 * ``scaled_mm``: ``out = (q @ w_int8ᵀ) · x_scale[row] · w_scale[col] + bias``, int32 accumulation, the
-  dequantization fused into the epilogue so the int32 product never reaches memory.
+  dequantization fused into the epilogue so the int32 product never reaches memory. The epilogue can
+  also add a low-rank term ``(xa · scale) @ upᵀ`` (dynamic LoRA): a bf16 MMA of depth r per tile,
+  instead of a second [M, N] product written, read back and added.
 
 Rounding is to nearest, ties to even (``torch.round``), done with the 1.5·2²³ trick rather than a
 ``libdevice`` call so that the kernels compile on every backend and run in the interpreter. The
 quantization kernel is compiled without FMA contraction so it computes exactly what
-``ops.quantize_rows_reference`` computes in PyTorch: the Triton and PyTorch paths give the same int8 values.
+``ops.quantize_rows_torch`` computes in PyTorch: the Triton and PyTorch paths give the same int8 values.
 
 Tile configurations are chosen per GPU architecture and tuned per (power-of-two bucket of M, N, K) on
 first use; the winners are kept in a JSON file in the user's cache directory, so a second run starts
@@ -27,6 +29,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -132,14 +135,32 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _add_low_rank(out, lx, lu, ls, offs_m, offs_n, m_ok, n_ok, R, stride_lx, stride_lu, BLOCK_R: tl.constexpr):
+    """``out + (lx[rows] · ls) @ lu[cols]ᵀ`` over the rank in blocks of BLOCK_R, float32 accumulation."""
+    offs_r = tl.arange(0, BLOCK_R)
+    lx_rows = lx + offs_m.to(tl.int64)[:, None] * stride_lx + offs_r[None, :]
+    lu_rows = lu + offs_n.to(tl.int64)[:, None] * stride_lu + offs_r[None, :]
+    for r in range(0, R, BLOCK_R):
+        r_ok = offs_r < R - r
+        a = tl.load(lx_rows + r, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = (a.to(tl.float32) * tl.load(ls + r + offs_r, mask=r_ok, other=0.0)[None, :]).to(lu.dtype.element_ty)
+        b = tl.load(lu_rows + r, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        out = tl.dot(a, tl.trans(b), out, input_precision="ieee")  # "ieee" matters for float32 factors only
+    return out
+
+
 @triton.jit(do_not_specialize=["M"])
 def _scaled_mm_kernel(
     a, b, c, a_scale, b_scale, bias, M, N, K, stride_am, stride_bn, stride_cm, num_programs,
+    lora_x, lora_up, lora_scale, R, stride_lx, stride_lu,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias). A int8 [M, K], B int8 [N, K], both K-major.
+    """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
+    both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
+    [M, R], lora_up [N, R] in the output's float dtype, lora_scale float32 [R]).
 
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
@@ -191,6 +212,8 @@ def _scaled_mm_kernel(
             out = acc.to(tl.float32) * (row_scale * tl.load(b_scale))[:, None]
         if HAS_BIAS:
             out += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:
+            out = _add_low_rank(out, lora_x, lora_up, lora_scale, offs_m, offs_n, m_ok, n_ok, R, stride_lx, stride_lu, BLOCK_R)
         if TMA_STORE:
             c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c.dtype))
         else:
@@ -272,6 +295,19 @@ def candidate_configs(arch: str, m: int) -> list[TileConfig]:
     return table[size]
 
 
+class LowRank(NamedTuple):
+    """A low-rank term ``(x · scale) @ upᵀ`` for the GEMM epilogue: x [M, r] and up [N, r] in the
+    output's float dtype (unit stride along r), scale float32 [r]."""
+
+    x: torch.Tensor
+    up: torch.Tensor
+    scale: torch.Tensor
+
+
+LORA_BLOCK_R = 32
+"""Rank columns per MMA in the epilogue: any rank works, in steps of this."""
+
+
 def launch_scaled_mm(
     config: TileConfig,
     q: torch.Tensor,
@@ -281,10 +317,12 @@ def launch_scaled_mm(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     num_sms: int = 1,
+    lora: LowRank | None = None,
 ) -> None:
     """Run the GEMM with one config. ``w_scale`` is float32 with 1 or N elements, contiguous."""
     M, K = q.shape
     N = w.shape[0]
+    lora_args = (lora.x, lora.up, lora.scale, lora.x.shape[1], lora.x.stride(0), lora.up.stride(0)) if lora else (x_scale,) * 3 + (0, 0, 0)
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = min(tiles, num_sms) if config.persistent else tiles
     if config.tma:
@@ -295,11 +333,11 @@ def launch_scaled_mm(
     c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
     _scaled_mm_kernel[(programs,)](
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale,
-        M, N, K, q.stride(0), w.stride(0), out.stride(0), programs,
+        M, N, K, q.stride(0), w.stride(0), out.stride(0), programs, *lora_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -418,16 +456,18 @@ def scaled_mm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: TileConfig | None = None,
+    lora: LowRank | None = None,
 ) -> torch.Tensor:
-    """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
+    """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias (+ lora)`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
 
-    ``config`` overrides the tuned choice (tests, the interpreter, benchmarks).
+    ``config`` overrides the tuned choice (tests, the interpreter, benchmarks). Tuning runs without the
+    low-rank term: it adds the same small cost to every configuration.
     """
     out = torch.empty(q.shape[0], w.shape[0], dtype=out_dtype, device=q.device)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         config = usable(config or candidate_configs("sm80", q.shape[0])[0], q, w, out)
-        launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4)
+        launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora)
         return out
     config = usable(config, q, w, out) if config else TUNER.config_for(q, x_scale, w, w_scale, bias, out)
-    launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device))
+    launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device), lora)
     return out

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import int8_linear, int8_linear_eager
+from engine.int8.ops import LoraFactors, int8_linear
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
 from engine.jobs import JobError
 
@@ -37,8 +37,9 @@ class Int8Linear(nn.Module):
     """``y = x · (weight · weight_scale)ᵀ + bias`` through :func:`engine.int8.ops.int8_linear`.
 
     ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
-    activation quantization), to measure what W8A8 costs in accuracy. ``adapter``, when set, is a module
-    whose output on the same input is added to the result (the hook for dynamic LoRA).
+    activation quantization), to measure what W8A8 costs in accuracy. ``lora``, when set, is a module
+    with ``down``, ``up`` and ``scale`` tensors (:class:`engine.lora.dynamic.LoraAdapter`) whose term
+    ``(x · downᵀ · scale) · upᵀ`` is added in the GEMM's epilogue (dynamic LoRA).
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None):
@@ -59,7 +60,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.to(weight.device))
         self.register_buffer("bias", bias)
         self.use_float = False
-        self.adapter: nn.Module | None = None
+        self.lora: nn.Module | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, scheme: Scheme = "rowwise") -> Int8Linear:
@@ -73,15 +74,13 @@ class Int8Linear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = self.lora
         if self.use_float:
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
-        else:
-            op = int8_linear if torch.compiler.is_compiling() else int8_linear_eager
-            y = op(x, self.weight, self.weight_scale, self.bias)
-        if self.adapter is not None:
-            y = y + self.adapter(x)
-        return y
+            return y + lora(x) if lora is not None else y
+        factors = LoraFactors(lora.down, lora.up, lora.scale) if lora is not None and lora.down.shape[0] else None
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=factors)
 
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale

@@ -1,11 +1,20 @@
-"""``int8_linear``: the one op every INT8 layer runs through.
+"""``int8_linear``: the function every INT8 layer runs through, and ``int8_studio::scaled_mm``, its op.
 
 ``y = int8_linear(x, w_int8, w_scale, bias)`` computes ``x · (w_int8 · w_scale)ᵀ + bias`` the W8A8 way:
 each row (token) of ``x`` is quantized to int8 with its own scale (symmetric, ``absmax / 127``, round to
 nearest with ties to even), multiplied with the int8 weight in int32, and the product is rescaled by the
 row's scale and the weight scale (one scalar, or one per output channel) before the bias is added.
+An optional LoRA term ``(x · downᵀ · scale) · upᵀ`` is added in the same epilogue (dynamic LoRA).
 
-Backends, chosen per call (``force_backend`` overrides, for tests and comparisons):
+The GEMM with its fused epilogue is a ``torch.library`` custom op with a fake implementation
+(``torch.ops.int8_studio.scaled_mm``). The activation quantization is not inside it on purpose: eager,
+it runs as one Triton kernel; under ``torch.compile`` it is written in plain tensor ops, which inductor
+fuses into the kernel that produces ``x`` (the norm and modulation before a projection, the activation
+before a down-projection), so ``x`` is not read again just to be quantized. Compiled graphs have no
+graph breaks and symbolic token counts. (Inductor's fused code may round a row's scale 1 ulp
+differently from the Triton kernel: int8 values can then differ by one step, within int8 rounding.)
+
+Backends, chosen per call (``use_backend`` overrides, for tests and comparisons):
 
 * ``"triton"``: CUDA tensors with Triton available — the kernels in ``kernels.py``. With
   ``TRITON_INTERPRET=1`` it also runs on CPU tensors, which is how the kernels are tested without a GPU.
@@ -21,16 +30,13 @@ Edge cases, identical on every backend:
 * an all-zero row of ``x`` gives exactly ``bias`` (or zeros) in that output row;
 * a row containing NaN or ±Inf gives an all-NaN output row (other rows are unaffected) — never
   finite garbage, so a broken upstream layer stays visible.
-
-The op is a ``torch.library`` custom op with a fake implementation, so ``torch.compile`` traces it
-without graph breaks and with symbolic token counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -71,8 +77,9 @@ def backend_for(x: torch.Tensor) -> Backend:
     return "torch"
 
 
-def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int8 quantization in PyTorch ops; the Triton kernel computes exactly this.
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization in PyTorch ops: the non-Triton backends and compiled graphs run this;
+    the Triton kernel computes exactly the same values.
 
     Returns ``(q int8 [M, K], scale float32 [M])``; a row with NaN/Inf gets scale NaN and zeros.
     """
@@ -89,10 +96,21 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.to(torch.int8), scale
 
 
-def _dequantize(acc: torch.Tensor, x_scale, w_scale, bias, out_dtype) -> torch.Tensor:
-    out = acc.float() * x_scale[:, None] * w_scale
+class LoraFactors(NamedTuple):
+    """Low-rank factors added to a layer at run time: ``down`` [r, K] and ``up`` [N, r] in the
+    activations' float dtype, ``scale`` float32 [r] (strength × alpha / rank per rank column)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: torch.Tensor
+
+
+def _dequantize(acc, x_scale, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale) -> torch.Tensor:
+    out = acc.float() * x_scale[:, None] * w_scale.reshape(-1)
     if bias is not None:
         out = out + bias.float()
+    if lora_x is not None:
+        out = out + (lora_x.float() * lora_scale) @ lora_up.float().T
     return out.to(out_dtype)
 
 
@@ -117,7 +135,7 @@ def _exact_int_matmul(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _check(x, w_int8, w_scale, bias, out_dtype) -> None:
+def _check(x, w_int8, w_scale, bias, out_dtype, lora) -> None:
     if w_int8.dtype != torch.int8 or w_int8.ndim != 2:
         raise ValueError(f"w_int8 must be a 2-D int8 tensor, got {w_int8.dtype} {tuple(w_int8.shape)}")
     N, K = w_int8.shape
@@ -129,41 +147,70 @@ def _check(x, w_int8, w_scale, bias, out_dtype) -> None:
         raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    if lora is not None:
+        r = lora.down.shape[0]
+        if lora.down.shape != (r, K) or lora.up.shape != (N, r) or lora.scale.shape != (r,):
+            raise ValueError(
+                f"LoRA factors must be down [r, {K}], up [{N}, r], scale [r], got "
+                f"{tuple(lora.down.shape)}, {tuple(lora.up.shape)}, {tuple(lora.scale.shape)}"
+            )
 
 
-def int8_linear_eager(
+def _scaled_mm(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    lora_x: torch.Tensor | None,
+    lora_up: torch.Tensor | None,
+    lora_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    backend = backend_for(q)
+    if backend == "triton":
+        lora = kernels.LowRank(lora_x, lora_up, lora_scale) if lora_x is not None else None
+        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, lora=lora)
+    acc = _int_mm(q, w_int8) if backend == "int_mm" else _exact_int_matmul(q, w_int8)
+    return _dequantize(acc, x_scale, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale)
+
+
+scaled_mm = torch.library.custom_op("int8_studio::scaled_mm", _scaled_mm, mutates_args=())
+"""``(q @ w_int8ᵀ) · x_scale[:, None] · w_scale + bias (+ (lora_x · lora_scale) @ lora_upᵀ)`` in
+``out_dtype``: q int8 [M, K] with float32 row scales [M], w_int8 [N, K] with a float32 scale of 1 or N
+elements (contiguous). The op compiled graphs call; eager callers go through :func:`int8_linear`."""
+
+
+@scaled_mm.register_fake
+def _(q, x_scale, w_int8, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale):
+    return q.new_empty(q.shape[0], w_int8.shape[0], dtype=out_dtype)
+
+
+def int8_linear(
     x: torch.Tensor,
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    lora: LoraFactors | None = None,
 ) -> torch.Tensor:
-    """``x · (w_int8 · w_scale)ᵀ + bias`` with per-token int8 activations. See the module docstring.
+    """``x · (w_int8 · w_scale)ᵀ + bias (+ LoRA term)`` with per-token int8 activations (module docstring).
 
     x: [..., K] float16/bfloat16/float32. w_int8: int8 [N, K]. w_scale: float, [] / [1] (tensor-wise) or
     [N] / [N, 1] (per output channel). bias: [N] or None. Result: [..., N] in ``out_dtype`` (default x's).
     """
-    _check(x, w_int8, w_scale, bias, out_dtype)
+    _check(x, w_int8, w_scale, bias, out_dtype, lora)
     out_dtype = out_dtype or x.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    w_scale = w_scale.reshape(-1).float().contiguous()
-    backend = backend_for(x)
-    if backend == "triton":
-        q, x_scale = kernels.quantize_rows(x2)
-        out = kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype)
+    if w_scale.dtype != torch.float32 or not w_scale.is_contiguous():
+        w_scale = w_scale.float().contiguous()
+    lora_args = (None, None, None)
+    if lora is not None:
+        lora_args = (x2 @ lora.down.to(x.dtype).T, lora.up.to(out_dtype), lora.scale.float())
+    if torch.compiler.is_compiling():
+        q, x_scale = quantize_rows_torch(x2)  # fused into x's producer by inductor
+        out = scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
     else:
-        q, x_scale = quantize_rows_reference(x2)
-        acc = _int_mm(q, w_int8) if backend == "int_mm" else _exact_int_matmul(q, w_int8)
-        out = _dequantize(acc, x_scale, w_scale, bias, out_dtype)
+        q, x_scale = kernels.quantize_rows(x2) if backend_for(x2) == "triton" else quantize_rows_torch(x2)
+        out = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
     return out.reshape(*x.shape[:-1], w_int8.shape[0])
-
-
-int8_linear = torch.library.custom_op("int8_studio::int8_linear", int8_linear_eager, mutates_args=())
-"""The custom op: what torch.compile traces. Eager callers may call :func:`int8_linear_eager`, the same
-function without the dispatcher (about 50 µs less host time a call on the H100 machine's CPU)."""
-
-
-@int8_linear.register_fake
-def _(x, w_int8, w_scale, bias=None, out_dtype=None):
-    _check(x, w_int8, w_scale, bias, out_dtype)
-    return x.new_empty(*x.shape[:-1], w_int8.shape[0], dtype=out_dtype or x.dtype)

@@ -6,8 +6,9 @@ holds strength × alpha/rank per column: :meth:`DynamicLoras.set_strength` write
 strength change needs no reload and no recompile (a compiled graph reads the buffer, it does not
 bake its value in). Adding or removing a LoRA changes shapes: the next compiled call retraces.
 
-``Int8Linear`` layers take the adapter through their ``adapter`` hook; float ``nn.Linear`` layers
-(those kept in high precision) through a forward hook. Split q/k/v LoRAs land on the fused weight's
+``Int8Linear`` layers take the adapter as their ``lora`` and add its term inside the int8 GEMM's
+epilogue (one extra thin matmul ``x·downᵀ`` per layer, no [M, N] temporary); float ``nn.Linear``
+layers (those kept in high precision) through a forward hook. Split q/k/v LoRAs land on the fused weight's
 rows by zero rows in ``up``. Only plain low-rank layers can run unmerged: LoHa, LoKr, full diffs,
 DoRA and bias diffs change the weight in ways two thin matmuls cannot express, and are refused.
 """
@@ -151,7 +152,7 @@ class DynamicLoras:
             out, inp = module.weight.shape
             adapter = LoraAdapter(inp, out, module.weight.device, self.dtype)
             if isinstance(module, Int8Linear):
-                module.adapter = adapter
+                module.lora = adapter
             else:
                 module.lora_adapter = adapter
                 module.register_forward_hook(_add_adapter)
