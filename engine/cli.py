@@ -116,14 +116,27 @@ def _convert_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, help="default: <source>-int8-<scheme>.safetensors beside it")
     p.add_argument("--scheme", choices=SCHEMES, default="tensorwise", help="one scale per weight or per row")
     p.add_argument(
-        "--keep", nargs="+", default=[], metavar="PATTERN", help="keep these in high precision too (glob)"
-    )
+        "--keep", action="extend", type=comma_separated, default=[], metavar="PATTERN[,PATTERN...]",
+        help="keep these in high precision too (glob; repeat the option or separate with commas)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cast-float32", action="store_true",
+        help="write the float32 tensors that stay in high precision as bf16 (default: keep them float32)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     p.set_defaults(func=_run_convert)
 
 
+def comma_separated(text: str) -> list[str]:
+    """``"a,b"`` → ``["a", "b"]``; blanks around and between the commas are dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _run_convert(args: argparse.Namespace) -> int:
-    request = ConvertRequest(args.source, args.output, args.scheme, tuple(args.keep), overwrite=args.force)
+    request = ConvertRequest(
+        args.source, args.output, args.scheme, tuple(args.keep),
+        cast_float32_to_bf16=args.cast_float32, overwrite=args.force,
+    )  # fmt: skip
     with ProgressBar() as bar:
         result = run_convert(request, progress=bar)
     print(_converted(result))

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 
 import pytest
 import torch
@@ -43,6 +44,30 @@ def test_convert_writes_the_file_and_says_what_it_did(tmp_path, capsys):
         assert f.metadata()["int8_studio.keep"] == '["layers.0.*"]'
         assert "layers.1.attention.qkv.weight_scale" in f.keys()  # noqa: SIM118
         assert "layers.0.attention.qkv.weight_scale" not in f.keys()  # noqa: SIM118
+
+
+def test_keep_repeats_splits_on_commas_and_never_takes_the_source(tmp_path, capsys):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "zimage")
+    code, _, err = run(capsys, "convert", "--keep", "layers.0.*", "--keep", "layers.2.*, noise_refiner.*", ckpt.path)
+    assert (code, err) == (0, "")
+    patterns = ["layers.0.*", "layers.2.*", "noise_refiner.*"]
+    with safe_open(str(tmp_path / "m-int8-tensorwise.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["int8_studio.keep"]) == patterns
+        int8 = [n for n in f.keys() if f.get_slice(n).get_dtype() == "I8"]  # noqa: SIM118
+    assert any(n.startswith("layers.1.") for n in int8)
+    assert not [n for n in int8 if any(fnmatch(n, p) for p in patterns)]
+
+
+def test_cast_float32_writes_the_kept_float32_tensors_as_bf16(tmp_path, capsys):
+    ckpt = write_single_file(tmp_path / "m.safetensors", "chroma", dtype=torch.float32)
+    kept_dtypes = {}
+    for name, flag in (("plain", ()), ("cast", ("--cast-float32",))):
+        output = tmp_path / f"{name}.safetensors"
+        assert run(capsys, "convert", ckpt.path, "-o", output, *flag)[0] == 0
+        with safe_open(str(output), "pt") as f:
+            tensors = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+        kept_dtypes[name] = {t.dtype for n, t in tensors.items() if t.is_floating_point() and "_scale" not in n}
+    assert kept_dtypes == {"plain": {torch.float32}, "cast": {torch.bfloat16}}
 
 
 def test_convert_never_overwrites_without_force(tmp_path, capsys):
