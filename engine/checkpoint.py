@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from engine.jobs import JobError
+from engine.jobs import JobError, OutputExistsError
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -549,7 +549,7 @@ class CheckpointWriter:
         if self.target.is_dir():
             raise CheckpointError(f"output {self.target} is a folder; give a file name")
         if self.target.exists() and not self.overwrite:
-            raise CheckpointError(f"output exists: {self.target} (use --force to overwrite)")
+            raise OutputExistsError(self.target)
 
     def _verify(self) -> None:
         """The file reads back as declared: names in order, dtypes, shapes, metadata and size."""

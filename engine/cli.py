@@ -32,7 +32,7 @@ from engine.demo import build_demo_model
 from engine.hub import DownloadRequest, plan_download, run_download
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.int8.quantize import SCHEMES
-from engine.jobs import Cancelled, JobError, Progress
+from engine.jobs import Cancelled, JobError, OutputExistsError, Progress
 from engine.library import (
     LIBRARY_KINDS,
     LibraryRequest,
@@ -124,7 +124,7 @@ def _convert_command(p: argparse.ArgumentParser) -> None:
         help="write the float32 tensors that stay in high precision as bf16 (default: keep them float32)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
-    p.set_defaults(func=_run_convert)
+    p.set_defaults(func=_run_convert, replace_flag="--force")
 
 
 def comma_separated(text: str) -> list[str]:
@@ -264,7 +264,7 @@ def _lora_command(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     merge.add_argument("--seed", type=int, default=0, help="stochastic mode: the same seed gives the same file")
     merge.add_argument("--force", action="store_true", help="replace the output file if it exists")
-    merge.set_defaults(func=_run_lora_merge)
+    merge.set_defaults(func=_run_lora_merge, replace_flag="--force")
     inspect = sub.add_parser("inspect", help="format, rank, target architecture and key coverage of a LoRA")
     inspect.add_argument("lora", type=Path, help="the LoRA .safetensors file")
     inspect.add_argument("--model", type=Path, help="measure coverage on this model (default: the best guess)")
@@ -402,7 +402,7 @@ def _export_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="file name in the folder (default: the file's own)")
     p.add_argument("--overwrite", action="store_true", help="replace a file of that name")
     p.add_argument("--copy", action="store_true", help="copy even where a hard link would do")
-    p.set_defaults(func=_run_export)
+    p.set_defaults(func=_run_export, replace_flag="--overwrite")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -507,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         print("int8-studio: cancelled", file=sys.stderr)
         return 130
     except JobError as exc:
-        print(f"int8-studio: error: {exc}", file=sys.stderr)
+        flag = getattr(args, "replace_flag", None)  # the engine's "… or replace it" names no switch
+        how = f" with {flag}" if flag and isinstance(exc, OutputExistsError) else ""
+        print(f"int8-studio: error: {exc}{how}", file=sys.stderr)
         return 2
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from engine.checkpoint import CheckpointReader, format_bytes
-from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
+from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
 from engine.lora.files import LoraFile
 from engine.models import detect
 
@@ -502,7 +502,7 @@ def run_export(
 
 def _refuse_to_overwrite(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
-        raise ExportError(f"{target} already exists; choose another name, or replace it (--overwrite)")
+        raise OutputExistsError(target)
 
 
 def _make_folder(folder: Path) -> None:

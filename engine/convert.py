@@ -21,7 +21,7 @@ import torch
 from engine import __version__
 from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
-from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
+from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
 from engine.models import DetectedModel, OutputTensor, detect
 from engine.models.spec import natural_key
 
@@ -143,7 +143,7 @@ def _quantized_names(model: DetectedModel, keep: tuple[str, ...]) -> set[str]:
         if not any(fnmatchcase(n, pattern) for n in names):
             example = min((t.name for t in model.tensors if t.quantize), key=natural_key, default=names[0])
             raise ConvertError(
-                f"--keep pattern '{pattern}' matches no tensor of this {model.arch.label} model "
+                f"keep pattern '{pattern}' matches no tensor of this {model.arch.label} model "
                 f"(names look like '{example}')"
             )
     return {t.name for t in model.tensors if t.quantize and not any(fnmatchcase(t.name, p) for p in keep)}
@@ -187,7 +187,7 @@ def _check_output(request: ConvertRequest, model: DetectedModel, reader: Checkpo
     if not output.parent.is_dir():
         raise ConvertError(f"output folder {output.parent} does not exist; create it or choose another")
     if output.exists() and not request.overwrite:
-        raise ConvertError(f"output exists: {output} (use --force to overwrite)")
+        raise OutputExistsError(output)
     return output
 
 

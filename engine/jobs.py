@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 
@@ -20,6 +21,17 @@ class JobError(Exception):
     The CLI prints the message and exits with status 2; the app shows it in a dialog. Anything that
     is not a JobError is a bug in INT8 Studio (exit status 1).
     """
+
+
+class OutputExistsError(JobError):
+    """The output file exists and the request does not allow replacing it.
+
+    The message names no switch: the CLI adds its own flag, the app shows its replace checkbox.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} already exists; choose another name or replace it")
+        self.path = path
 
 
 class Cancelled(JobError):

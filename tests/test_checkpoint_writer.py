@@ -20,6 +20,7 @@ from engine.checkpoint import (
     CheckpointWriter,
     format_bytes,
 )
+from engine.jobs import OutputExistsError
 from tests.test_checkpoint import DTYPES, SHAPES, random_tensor, same, sha256
 
 
@@ -98,9 +99,9 @@ def test_overwrite(folder):
     target = folder / "out.safetensors"
     write_all(target, {"old": torch.randn(3)})
     digest = sha256(target)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(OutputExistsError) as e:
         CheckpointWriter(target, {"new": (torch.float32, (2,))})
-    assert str(e.value) == f"output exists: {target} (use --force to overwrite)"
+    assert str(e.value) == f"{target} already exists; choose another name or replace it"
     assert sha256(target) == digest and listing(folder) == ["keep.txt", "out.safetensors"]
 
     new = {"new": torch.randn(2, 2).bfloat16()}
@@ -115,9 +116,9 @@ def test_target_that_appears_while_writing_is_not_overwritten(folder):
     with CheckpointWriter(target, {"x": (torch.int8, (4,))}) as writer:
         writer.write("x", torch.zeros(4, dtype=torch.int8))
         target.write_text("someone else's")
-        with pytest.raises(CheckpointError) as e:
+        with pytest.raises(OutputExistsError) as e:
             writer.commit()
-    assert str(e.value) == f"output exists: {target} (use --force to overwrite)"
+    assert str(e.value) == f"{target} already exists; choose another name or replace it"
     assert target.read_text() == "someone else's" and listing(folder) == ["keep.txt", "out.safetensors"]
 
 

@@ -76,7 +76,7 @@ def test_convert_never_overwrites_without_force(tmp_path, capsys):
     target.write_bytes(b"keep me")
     code, out, err = run(capsys, "convert", ckpt.path, "-o", target)
     assert (code, out) == (2, "")
-    assert error_line(err) == f"output exists: {target} (use --force to overwrite)"
+    assert error_line(err) == f"{target} already exists; choose another name or replace it with --force"
     assert target.read_bytes() == b"keep me"
     code, out, err = run(capsys, "convert", ckpt.path, "-o", target, "--force")
     assert (code, err) == (0, "") and out.startswith(f"wrote {target}:")

@@ -29,7 +29,7 @@ from engine.comfyui import (
     read_extra_model_paths,
     run_export,
 )
-from engine.jobs import Cancelled, CancelToken
+from engine.jobs import Cancelled, CancelToken, OutputExistsError
 from engine.lora.files import LoraError
 from engine.models import UnknownModelError
 from tests.tiny_checkpoints import write_single_file
@@ -363,9 +363,9 @@ def test_export_never_overwrites_without_asking(comfy, int8_model):
     existing = target / int8_model.name
     users = os.urandom(1000)
     existing.write_bytes(users)
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(OutputExistsError) as e:
         run_export(ExportRequest(int8_model, target, link=False))
-    assert str(e.value) == f"{existing} already exists; choose another name, or replace it (--overwrite)"
+    assert str(e.value) == f"{existing} already exists; choose another name or replace it"
     assert existing.read_bytes() == users
     assert folder_files(target) == [int8_model.name]
 
@@ -659,7 +659,7 @@ def test_cli_export(home, int8_model, capsys):
     twin = Path(shutil.copy(int8_model, home / int8_model.name))
     assert main(["export", str(twin)]) == 2
     assert capsys.readouterr().err == (
-        f"int8-studio: error: {target} already exists; choose another name, or replace it (--overwrite)\n"
+        f"int8-studio: error: {target} already exists; choose another name or replace it with --overwrite\n"
     )
     assert main(["export", str(twin), "--copy", "--overwrite"]) == 0
     assert capsys.readouterr().out.startswith(f"exported {target} (copy, ")

@@ -24,7 +24,7 @@ from engine.checkpoint import (
 )
 from engine.convert import ConvertError, ConvertRequest, default_output, run_convert
 from engine.info import inspect_checkpoint
-from engine.jobs import Cancelled, CancelToken, Progress
+from engine.jobs import Cancelled, CancelToken, OutputExistsError, Progress
 from engine.models import UnknownModelError, detect, supported_text
 from tests.tiny_checkpoints import (
     TinyCheckpoint,
@@ -161,7 +161,7 @@ def test_keep_pattern_that_matches_nothing_is_refused(tmp_path):
     with pytest.raises(ConvertError) as e:
         run_convert(ConvertRequest(ckpt.path, keep=("double_block.*",)))
     assert str(e.value) == (
-        "--keep pattern 'double_block.*' matches no tensor of this Flux.2 model "
+        "keep pattern 'double_block.*' matches no tensor of this Flux.2 model "
         "(names look like 'double_blocks.0.img_attn.proj.weight')"
     )
     assert os.listdir(tmp_path) == ["m.safetensors"]
@@ -210,9 +210,9 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"precious")
-    with pytest.raises(ConvertError) as e:
+    with pytest.raises(OutputExistsError) as e:
         run_convert(ConvertRequest(ckpt.path, output=target))
-    assert str(e.value) == f"output exists: {target} (use --force to overwrite)"
+    assert str(e.value) == f"{target} already exists; choose another name or replace it"
     assert target.read_bytes() == b"precious"
     run_convert(ConvertRequest(ckpt.path, output=target, overwrite=True))
     assert_faithful(ckpt, target, "tensorwise")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import CheckpointError, CheckpointReader
-from engine.jobs import Cancelled, CancelToken
+from engine.jobs import Cancelled, CancelToken, OutputExistsError
 from engine.lora import LoraError, LoraFile, LoraMergeRequest, LoraSpec, guess_target, run_lora_merge
 from engine.lora.job import LORAS_METADATA
 from engine.models import REGISTRY
@@ -420,8 +420,8 @@ def test_bad_requests(tmp_path):
     )  # fmt: skip
     (tmp_path / "taken.safetensors").write_bytes(b"x")
     run_expecting(
-        tmp_path, CheckpointError,
-        f"output exists: {tmp_path / 'taken.safetensors'} (use --force to overwrite)",
+        tmp_path, OutputExistsError,
+        f"{tmp_path / 'taken.safetensors'} already exists; choose another name or replace it",
         model, (lora, 1.0), out="taken.safetensors",
     )  # fmt: skip
 
