@@ -12,7 +12,7 @@ from typing import Any
 
 from PySide6.QtCore import QByteArray, QSettings
 
-from engine import demo
+from engine.paths import cache_dir
 
 RECENT_LIMIT = 10
 
@@ -64,7 +64,7 @@ class Settings:
 
     def cache_dir(self) -> Path:
         """Where downloads and the demo model go: the chosen folder, else the engine's cache folder."""
-        return Path(self.cache_folder) if self.cache_folder else demo.cache_dir()
+        return Path(self.cache_folder) if self.cache_folder else cache_dir()
 
     @property
     def geometry(self) -> QByteArray | None:

@@ -8,8 +8,6 @@ the user's cache folder and rebuilt only when the recipe changes.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
 from engine.jobs import CancelToken, ProgressFn, Reporter
 from engine.models import REGISTRY, Architecture
+from engine.paths import cache_dir
 
 DEMO_ARCH = "flux2"
 DEMO_CONFIG = {
@@ -28,19 +27,6 @@ DEMO_CONFIG = {
 DEMO_SEED = 0
 DEMO_FILE = "flux2-klein-demo.safetensors"
 RECIPE_KEY = "int8_studio.demo_recipe"
-
-
-def cache_dir() -> Path:
-    """INT8 Studio's cache folder: ``$INT8_STUDIO_CACHE``, else the platform's user cache folder."""
-    if os.environ.get("INT8_STUDIO_CACHE"):
-        return Path(os.environ["INT8_STUDIO_CACHE"])
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "int8-studio"
 
 
 def random_weights(
