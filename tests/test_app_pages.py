@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QPalette
 from PySide6.QtWidgets import QApplication, QMessageBox
@@ -26,6 +27,8 @@ from engine.info import inspect_checkpoint
 from engine.jobs import JobError
 from engine.library import describe_file
 from engine.lora import LoraError, LoraSpec, inspect_lora
+from engine.models.build import model_names, named_config
+from engine.models.spec import Architecture, NoModuleError
 from tests.tiny_loras import write_lora
 
 WAIT = 30_000  # ms; generous for 2-core CI machines
@@ -272,6 +275,21 @@ def test_benchmark_runs_and_keeps_its_results(qtbot, window, settings):
     assert kept.run_picker.count() == 1 and kept.table.rowCount() == 2
     kept.clear_button.click()
     assert settings.benchmark_results == [] and kept.empty.isVisibleTo(kept)
+
+
+def test_benchmark_offers_only_models_that_can_run(window):
+    def runs(arch: Architecture, config: dict) -> bool:
+        try:
+            with torch.device("meta"):
+                arch.build_module(config)
+        except NoModuleError:
+            return False
+        return True
+
+    choices = window.pages["benchmark"].model
+    offered = [choices.itemData(i) for i in range(choices.count())]
+    assert offered[-1] is None  # "A file…"
+    assert offered[:-1] == [name for name in model_names() if runs(*named_config(name)[:2])]
 
 
 def test_benchmark_settings_errors_come_from_the_engine(qtbot, window):
