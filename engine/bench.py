@@ -11,10 +11,16 @@ Formats: ``bf16``; ``bf16+compile`` (regional: see :func:`compile_blocks`); ``fp
 scales through ``torch._scaled_mm``, sm89+ only); ``int8`` (W8A8 through :class:`Int8Linear`); and
 ``int8+compile``. Quantized formats replace the layers the architecture allows (see
 ``Architecture.keeps_high_precision``).
+
+``cuda_graphs``: every format's step is captured once into a CUDA graph after its warm-up and the
+timed steps replay it. That removes the host's launch costs (Python, dispatch, one launch per kernel)
+from every format alike, so the ratios show GPU work — what a machine whose CPU keeps ahead of its
+GPU sees anyway (a fast desktop CPU with a consumer GPU), and what ``mode="reduce-overhead"`` aims at.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import statistics
@@ -57,6 +63,7 @@ class BenchRequest:
     warmup: int = 2  # untimed calls per format; the first one compiles and autotunes
     text_tokens: int | None = None  # default: the model's typical prompt length
     device: str | None = None  # default: "cuda" when there is a GPU, else "cpu"
+    cuda_graphs: bool = False  # time replays of a captured step (GPU only; module docstring)
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class BenchResult:
     scheme: str
     quantized_layers: int  # linear layers in int8/fp8 (the rest stay bf16)
     linear_layers: int
+    cuda_graphs: bool = False
     rows: tuple[FormatResult, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
@@ -95,8 +103,9 @@ class BenchResult:
         tokens = f"{self.image_tokens} image + {self.text_tokens} text tokens"
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         layers = f"{self.quantized_layers} of {self.linear_layers} linear layers quantized"
+        steps = f"median of {self.steps} steps" + (", replayed from a CUDA graph" if self.cuda_graphs else "")
         head = [
-            f"{self.model}: {shape} ({tokens}), median of {self.steps} steps",
+            f"{self.model}: {shape} ({tokens}), {steps}",
             f"{self.device}; {versions}",
             f"{layers} ({self.scheme} int8 weight scales, per-token activation scales)",
             "",
@@ -234,6 +243,8 @@ def _check(request: BenchRequest) -> list[str]:
         )
     if request.scheme not in SCHEMES:
         raise BenchError(f"unknown scheme {request.scheme!r}; choose from {', '.join(SCHEMES)}")
+    if request.cuda_graphs and (request.device == "cpu" or not torch.cuda.is_available()):
+        raise BenchError("CUDA graphs need a CUDA GPU: benchmark without them on the CPU")
     return [f for f in FORMATS if f in request.formats]
 
 
@@ -330,6 +341,7 @@ def _bench(
         scheme="as in the file" if source.int8_layers else request.scheme,
         quantized_layers=source.int8_layers or len(quantized),
         linear_layers=len(linears),
+        cuda_graphs=request.cuda_graphs,
         rows=tuple(_with_speedups(rows)),
     )
 
@@ -348,10 +360,12 @@ def _measure(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
+    run = functools.partial(model, **inputs)
+
     def call() -> tuple[float, torch.Tensor]:
         cancel.check()
         start = time.perf_counter()
-        out = model(**inputs)
+        out = run()
         if cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start, out
@@ -362,6 +376,8 @@ def _measure(
         for _ in range(request.warmup - 1):
             call()
             tick(f"{fmt}: warm-up")
+        if request.cuda_graphs:
+            run = captured(run, device)
         times = []
         for step in range(request.steps):
             seconds, out = call()
@@ -369,6 +385,25 @@ def _measure(
             tick(f"{fmt}: step {step + 1}/{request.steps}")
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
     return statistics.median(times), first, out.float(), peak
+
+
+def captured(step: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """``step`` captured into a CUDA graph: a function that replays it and returns its (static) output.
+    The step must have run before (compiled, tuned), and must not synchronize with the host."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # allocations of a first run on the capturing stream
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def _with_speedups(rows: list[FormatResult]) -> list[FormatResult]:

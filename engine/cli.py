@@ -28,7 +28,7 @@ from engine.comfyui import (
     run_export,
 )
 from engine.convert import ConvertRequest, ConvertResult, run_convert
-from engine.demo import build_demo_model
+from engine.demo import build_demo_lora, build_demo_model
 from engine.hub import DownloadRequest, plan_download, run_download
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.int8.quantize import SCHEMES
@@ -195,7 +195,7 @@ def describe(info: CheckpointInfo, value_width: int = 100) -> str:
     return "\n".join(lines)
 
 
-@command("demo", help="build the built-in demo model, convert it to INT8 and inspect the result")
+@command("demo", help="build the built-in demo model and its LoRA, convert the model to INT8 and inspect it")
 def _demo_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folder", type=Path, help="where to put the demo files (default: user cache folder)")
     p.set_defaults(func=_run_demo)
@@ -206,9 +206,14 @@ def _run_demo(args: argparse.Namespace) -> int:
         model = build_demo_model(args.folder, progress=bar)
     print(f"demo model: {model} ({format_bytes(model.stat().st_size)})")
     with ProgressBar() as bar:
+        lora = build_demo_lora(args.folder, progress=bar)
+    print(f"demo LoRA: {lora} ({format_bytes(lora.stat().st_size)})")
+    with ProgressBar() as bar:
         result = run_convert(ConvertRequest(model, overwrite=True), progress=bar)
     print(_converted(result))
     print(describe(inspect_checkpoint(result.output)))
+    merged = result.output.with_name(result.output.stem + "-lora.safetensors")
+    print(f"next, merge the demo LoRA: int8-studio lora merge {result.output} {lora} -o {merged}")
     return 0
 
 
@@ -233,6 +238,9 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
         "--text-tokens", type=int, help="prompt length in tokens (default: the model's typical one)"
     )
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="time replays of a CUDA graph of each step: GPU time, no launch costs"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run_bench)
 
@@ -240,7 +248,7 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     request = BenchRequest(
         args.source, args.res, args.steps, args.formats, args.scheme, args.batch,
-        text_tokens=args.text_tokens, device=args.device,
+        text_tokens=args.text_tokens, device=args.device, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
     with ProgressBar() as bar:
         result = run_bench(request, progress=bar)

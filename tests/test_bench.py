@@ -109,6 +109,7 @@ def test_cancel():
             {"device": "cuda"},
             "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one",
         ),
+        ({"device": "cpu", "cuda_graphs": True}, "CUDA graphs need a CUDA GPU: benchmark without them on the CPU"),
         (
             {"source": "flux2-klein-9b"},
             (
@@ -166,3 +167,14 @@ def test_cli_bad_input(capsys):
     assert err == (
         "int8-studio: error: unknown format 'int2'; choose from bf16, bf16+compile, fp8, int8, int8+compile\n"
     )
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_give_the_eager_outputs():
+    request = BenchRequest("flux2-tiny", resolution=128, steps=2, formats=FORMATS, device="cuda")
+    eager = {r.format: r for r in run_bench(request).rows}
+    graphs = run_bench(BenchRequest(**{**request.__dict__, "cuda_graphs": True}))
+    assert graphs.cuda_graphs and "replayed from a CUDA graph" in graphs.table()
+    for r in graphs.rows:
+        assert r.seconds_per_step > 0
+        assert r.relative_error == pytest.approx(eager[r.format].relative_error, rel=1e-3, abs=1e-6)

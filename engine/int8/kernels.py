@@ -405,37 +405,43 @@ class GemmTuner:
         except OSError:
             pass  # a read-only cache only costs tuning time next run
 
-    def cached(self, device: torch.device, m: int, n: int, k: int) -> TileConfig | None:
-        """The remembered config for this shape's bucket, if any."""
-        key = (device.index or 0, m_bucket(m), n, k)
+    @staticmethod
+    def _key(m: int, n: int, k: int, lora: LowRank | None) -> str:
+        return f"{m_bucket(m)},{n},{k}" + (",lora" if lora is not None else "")
+
+    def cached(self, device: torch.device, m: int, n: int, k: int, lora: LowRank | None = None) -> TileConfig | None:
+        """The remembered config for this shape's bucket (with or without a low-rank term), if any."""
+        key = (device.index or 0, m_bucket(m), n, k, lora is not None)
         if key not in self._chosen:
             with self._lock:
-                found = self._load().get(self._device(device)[0], {}).get(",".join(map(str, key[1:])))
+                found = self._load().get(self._device(device)[0], {}).get(self._key(m, n, k, lora))
             if not found:
                 return None
             self._chosen[key] = TileConfig(**found)
         return self._chosen[key]
 
-    def config_for(self, q, x_scale, w, w_scale, bias, out) -> TileConfig:
+    def config_for(self, q, x_scale, w, w_scale, bias, out, lora: LowRank | None = None) -> TileConfig:
+        """Tuned with the low-rank term when there is one: its operands need shared memory too, which
+        rules out the configs that fill it with pipeline stages."""
         M, K = q.shape
         N = w.shape[0]
-        found = self.cached(q.device, M, N, K)
+        found = self.cached(q.device, M, N, K, lora)
         if found:
             return usable(found, q, w, out)
         candidates = list(dict.fromkeys(usable(c, q, w, out) for c in candidate_configs(arch_of(q.device), M)))
         if torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out)
+        best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out, lora)
         with self._lock:
-            self._load().setdefault(self._device(q.device)[0], {})[f"{m_bucket(M)},{N},{K}"] = asdict(best)
+            self._load().setdefault(self._device(q.device)[0], {})[self._key(M, N, K, lora)] = asdict(best)
             self._save()
         return best
 
-    def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out) -> TileConfig:
+    def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out, lora) -> TileConfig:
         num_sms = self.num_sms(q.device)
         timings = {}
         for config in candidates:
-            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms)
+            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms, lora)
             try:
                 timings[config] = triton.testing.do_bench(run, warmup=5, rep=20)
             except Exception:  # noqa: BLE001, S112 - out of shared memory, or a feature this GPU/Triton lacks
@@ -460,14 +466,13 @@ def scaled_mm(
 ) -> torch.Tensor:
     """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias (+ lora)`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
 
-    ``config`` overrides the tuned choice (tests, the interpreter, benchmarks). Tuning runs without the
-    low-rank term: it adds the same small cost to every configuration.
+    ``config`` overrides the tuned choice (tests, the interpreter, benchmarks).
     """
     out = torch.empty(q.shape[0], w.shape[0], dtype=out_dtype, device=q.device)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         config = usable(config or candidate_configs("sm80", q.shape[0])[0], q, w, out)
         launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora)
         return out
-    config = usable(config, q, w, out) if config else TUNER.config_for(q, x_scale, w, w_scale, bias, out)
+    config = usable(config, q, w, out) if config else TUNER.config_for(q, x_scale, w, w_scale, bias, out, lora)
     launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device), lora)
     return out
