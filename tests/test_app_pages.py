@@ -21,7 +21,7 @@ from engine.bench import run_bench
 from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install, run_export
 from engine.convert import ConvertRequest, run_convert
-from engine.demo import DEMO_CONFIG, DEMO_FILE, build_demo_model
+from engine.demo import DEMO_CONFIG, DEMO_FILE, DEMO_LORA_FILE, build_demo_model
 from engine.hub import plan_download
 from engine.info import inspect_checkpoint
 from engine.jobs import JobError
@@ -29,6 +29,7 @@ from engine.library import describe_file
 from engine.lora import LoraError, LoraSpec, inspect_lora
 from engine.models.build import model_names, named_config
 from engine.models.spec import Architecture, NoModuleError
+from tests.tiny_checkpoints import write_single_file
 from tests.tiny_loras import write_lora
 
 WAIT = 30_000  # ms; generous for 2-core CI machines
@@ -237,6 +238,24 @@ def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_pat
     assert inspect_checkpoint(page.result.output).weight_format == "int8_rowwise"
     assert page.result.tensors_changed > 0
     assert f"Tensors changed: {page.result.tensors_changed}" in page.result_card.facts.text()
+
+
+def test_the_demo_model_comes_with_the_demo_lora(qtbot, window, settings, demo_int8):
+    page = window.pages["lora"]
+    page.open_path(demo_int8)
+    qtbot.waitUntil(lambda: page.table.rowCount() == 1 and "layers" in page.coverage_text(0), timeout=WAIT)
+    lora = Path(settings.cache_folder) / "demo" / DEMO_LORA_FILE
+    info = inspect_lora(lora, demo_int8)
+    assert page.stack() == [(lora, 1.0)] and info.target_layers == info.target_linears
+    assert page.coverage_text(0).endswith(f": {info.target_linears} of {info.target_linears} layers")
+    assert page.merge_button.isEnabled()
+
+
+def test_other_models_get_no_demo_lora(qtbot, window, tmp_path):
+    page = window.pages["lora"]
+    page.open_path(write_single_file(tmp_path / "m.safetensors", "flux2").path)
+    qtbot.waitUntil(lambda: page.model_info is not None and not Job.active(), timeout=WAIT)  # no demo LoRA job
+    assert page.table.rowCount() == 0 and not (tmp_path / "cache" / "demo").exists()
 
 
 def test_a_lora_for_another_model_is_flagged_in_its_row(qtbot, window, demo_int8, tmp_path):

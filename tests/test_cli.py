@@ -17,8 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.cli import ProgressBar, main
-from engine.demo import DEMO_FILE
+from engine.demo import DEMO_FILE, DEMO_LORA_FILE
 from engine.jobs import Progress
+from engine.lora import inspect_lora
 from tests.tiny_checkpoints import write_single_file
 
 
@@ -146,13 +147,18 @@ def test_inspect_of_a_broken_file_exits_2(tmp_path, capsys):
 def test_demo_builds_converts_and_inspects_once(tmp_path, capsys):
     code, out, err = run(capsys, "demo", "--folder", tmp_path)
     assert (code, err) == (0, "")
-    model = tmp_path / DEMO_FILE
+    model, lora = tmp_path / DEMO_FILE, tmp_path / DEMO_LORA_FILE
     assert out.startswith(f"demo model: {model} (")
+    assert out.splitlines()[1].startswith(f"demo LoRA: {lora} (") and lora.is_file()
     assert "int8 tensorwise" in out and "model        Flux.2 " in out
     built = model.stat().st_mtime_ns
+    lora_built = lora.stat().st_mtime_ns
     code, out2, _ = run(capsys, "demo", "--folder", tmp_path)
-    assert code == 0 and model.stat().st_mtime_ns == built  # reused, not rebuilt
-    assert out2.splitlines()[0] == out.splitlines()[0]
+    assert code == 0 and (model.stat().st_mtime_ns, lora.stat().st_mtime_ns) == (built, lora_built)  # reused
+    assert out2.splitlines()[:2] == out.splitlines()[:2]
+    suggested = out.splitlines()[-1].removeprefix("next, merge the demo LoRA: int8-studio ")
+    code, out, err = run(capsys, *suggested.split(" "))
+    assert (code, err) == (0, "") and f"1 LoRA, {inspect_lora(lora).layers} tensors changed" in out
 
 
 def test_internal_errors_exit_1(tmp_path):

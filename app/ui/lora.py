@@ -31,6 +31,7 @@ from app.ui.widgets import (
     table,
 )
 from app.workers import Job
+from engine.demo import build_demo_lora, made_from_demo
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.lora import (
     LoraInfo,
@@ -170,7 +171,20 @@ class LoraPage(Page):
             self.output.set_path(info.path.parent / f"{stem}-lora.safetensors", emit=False)
         for row in range(self.table.rowCount()):
             self._check_coverage(row)
+        if made_from_demo(info.metadata) and self.table.rowCount() == 0:
+            self._add_demo_lora()
         self.update_ready()
+
+    def _add_demo_lora(self) -> None:
+        """The demo model comes with a demo LoRA: build it (once) and put it in the empty stack."""
+        job = Job("Preparing the demo LoRA", build_demo_lora, self.settings.cache_dir() / "demo")
+        job.succeeded.connect(self._on_demo_lora)
+        dialogs.report_errors(job, self)
+        job.start(self)
+
+    def _on_demo_lora(self, path: Path) -> None:
+        if self.table.rowCount() == 0 and self.model_info and made_from_demo(self.model_info.metadata):
+            self.add_lora(Path(path))
 
     # --- stack -----------------------------------------------------------------------------------
 
