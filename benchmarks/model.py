@@ -36,6 +36,9 @@ CATEGORIES = {
 }
 
 
+TOP_KERNELS = 15
+
+
 def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
     """Milliseconds of GPU time per category for one step of ``fmt``, and the step's wall time."""
     arch, config, _ = named_config(name)
@@ -57,6 +60,11 @@ def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
     shares = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    print(f"top kernels of one {fmt} step (ms, calls):")
+    for e in kernels[:TOP_KERNELS]:
+        print(f"  {e.self_device_time_total / 1e3:7.2f} {e.count:5d}  {e.key[:110]}")
     for event in prof.key_averages():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -123,6 +131,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", nargs="*", default=None, help="NAME:RESOLUTION to profile (default: the first run)"
     )
+    parser.add_argument("--no-errors", action="store_true", help="profile without the error budget")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +146,7 @@ def main() -> None:
     profiled = args.runs[:1] if args.profile is None else args.profile
     for run in profiled:
         name, _, resolution = run.partition(":")
-        budget = error_budget(name, int(resolution), torch.device("cuda"))
+        budget = {} if args.no_errors else error_budget(name, int(resolution), torch.device("cuda"))
         formats = ("bf16", "int8", "bf16+compile", "int8+compile")
         profiles = {fmt: profile_step(name, int(resolution), fmt) for fmt in formats}
         (args.out / f"model-profile-{name}-{resolution}.json").write_text(
