@@ -105,6 +105,7 @@ def test_opcheck_real_and_fake_implementations_agree():
     lora = (torch.randn(5, 3), torch.randn(24, 3), torch.rand(3))
     torch.library.opcheck(ops.scaled_mm, (q, x_scale, w_int8, w_scale, bias, torch.float32, None, None, None))
     torch.library.opcheck(ops.scaled_mm, (q, x_scale, w_int8, w_scale[0], None, torch.bfloat16, *lora))
+    torch.library.opcheck(ops.quantize_rows, (torch.randn(7, 33, dtype=torch.bfloat16),))
 
 
 @pytest.mark.parametrize(
@@ -150,11 +151,14 @@ class Block(torch.nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.up(x)))
 
 
-def test_compiled_block_has_no_graph_breaks_and_no_recompiles():
+@pytest.mark.parametrize("fused_max_k", [ops.FUSED_QUANT_MAX_K, 64])  # 64: the down layer (K = 96) takes the quantize_rows op
+def test_compiled_block_has_no_graph_breaks_and_no_recompiles(fused_max_k, monkeypatch):
+    monkeypatch.setattr(ops, "FUSED_QUANT_MAX_K", fused_max_k)
     torch._dynamo.reset()
     block = Block(64, 96, "rowwise").to(torch.bfloat16)
     explanation = torch._dynamo.explain(block)(torch.randn(2, 8, 64, dtype=torch.bfloat16))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert ("int8_studio.quantize_rows" in explanation.graphs[0].code) == (fused_max_k == 64)
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from engine.int8.quantize import MIN_ABSMAX
+from engine.paths import cache_dir
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the TMA configs are skipped
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -356,8 +357,6 @@ def usable(config: TileConfig, q: torch.Tensor, w: torch.Tensor, out: torch.Tens
 
 
 def default_cache_path() -> Path:
-    from engine.demo import cache_dir
-
     return cache_dir() / "gemm-configs.json"
 
 
@@ -406,26 +405,27 @@ class GemmTuner:
             pass  # a read-only cache only costs tuning time next run
 
     @staticmethod
-    def _key(m: int, n: int, k: int, lora: LowRank | None) -> str:
-        return f"{m_bucket(m)},{n},{k}" + (",lora" if lora is not None else "")
+    def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int) -> str:
+        """``"M bucket,N,K"``, plus the output's element size unless 2 and the low-rank factors' if any:
+        both change how much shared memory a config needs (a staged fp32 tile, the factors' tiles)."""
+        return f"{m_bucket(m)},{n},{k}" + (f",out{out_bytes}" if out_bytes != 2 else "") + (f",lora{lora_bytes}" if lora_bytes else "")
 
-    def cached(self, device: torch.device, m: int, n: int, k: int, lora: LowRank | None = None) -> TileConfig | None:
-        """The remembered config for this shape's bucket (with or without a low-rank term), if any."""
-        key = (device.index or 0, m_bucket(m), n, k, lora is not None)
+    def cached(self, device: torch.device, m: int, n: int, k: int, out_bytes: int = 2, lora_bytes: int = 0) -> TileConfig | None:
+        """The remembered config for this shape's bucket, output size and low-rank term, if any."""
+        key = (device.index or 0, m_bucket(m), n, k, out_bytes, lora_bytes)
         if key not in self._chosen:
             with self._lock:
-                found = self._load().get(self._device(device)[0], {}).get(self._key(m, n, k, lora))
+                found = self._load().get(self._device(device)[0], {}).get(self._key(*key[1:]))
             if not found:
                 return None
             self._chosen[key] = TileConfig(**found)
         return self._chosen[key]
 
     def config_for(self, q, x_scale, w, w_scale, bias, out, lora: LowRank | None = None) -> TileConfig:
-        """Tuned with the low-rank term when there is one: its operands need shared memory too, which
-        rules out the configs that fill it with pipeline stages."""
         M, K = q.shape
         N = w.shape[0]
-        found = self.cached(q.device, M, N, K, lora)
+        sizes = (out.element_size(), lora.up.element_size() if lora is not None else 0)
+        found = self.cached(q.device, M, N, K, *sizes)
         if found:
             return usable(found, q, w, out)
         candidates = list(dict.fromkeys(usable(c, q, w, out) for c in candidate_configs(arch_of(q.device), M)))
@@ -433,7 +433,7 @@ class GemmTuner:
             return candidates[0]
         best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out, lora)
         with self._lock:
-            self._load().setdefault(self._device(q.device)[0], {})[self._key(M, N, K, lora)] = asdict(best)
+            self._load().setdefault(self._device(q.device)[0], {})[self._key(M, N, K, *sizes)] = asdict(best)
             self._save()
         return best
 
