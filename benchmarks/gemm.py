@@ -206,9 +206,6 @@ def sweep_configs() -> list[kernels.TileConfig]:
         T(128, 128, 128, 4, 3), T(128, 128, 128, 8, 3, tma=True, tma_store=True), T(64, 256, 128, 4, 3, tma=True),
         T(64, 256, 128, 4, 4, tma=True, tma_store=True), T(64, 128, 128, 4, 4, tma=True), T(128, 64, 128, 4, 4, tma=True),
         T(128, 256, 128, 8, 3, tma=True, tma_store=True), T(128, 256, 128, 8, 4, tma=True, group_m=16),
-        T(128, 256, 128, 8, 4, tma=True, warp_specialize=True), T(128, 256, 128, 8, 3, tma=True, warp_specialize=True),
-        T(128, 256, 128, 8, 4, tma=True, persistent=True, warp_specialize=True),
-        T(128, 128, 128, 4, 4, tma=True, warp_specialize=True), T(256, 128, 128, 8, 3, tma=True, warp_specialize=True),
     ]
 
 
@@ -295,7 +292,6 @@ def main() -> None:
     parser.add_argument("--only-small-m", action="store_true", help="M = 1 and 16 only")
     parser.add_argument("--sweep", action="store_true", help="time every tile config on a few shapes first")
     parser.add_argument("--small-m", action="store_true", help="also time M = 1 and 16")
-    parser.add_argument("--only-sweep", action="store_true", help="the tile sweep only")
     parser.add_argument("--host", action="store_true", help="host time per call only, with a cProfile breakdown")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for gemm.md and gemm.json")
     args = parser.parse_args()
@@ -307,9 +303,6 @@ def main() -> None:
         return
     if args.host:
         host_overhead(profile=True)
-        return
-    if args.only_sweep:
-        sweep()
         return
     if args.sweep:
         report.append(sweep())

@@ -158,7 +158,6 @@ def _scaled_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
@@ -182,7 +181,7 @@ def _scaled_mm_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         if USE_TMA:
-            for kt in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
+            for kt in range(k_tiles):
                 a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
                 b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
                 acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
@@ -236,7 +235,6 @@ class TileConfig:
     persistent: bool = False
     tma: bool = False
     tma_store: bool = False
-    warp_specialize: bool = False  # TMA loads only: Triton splits producer and consumer warps
 
     def smem_bytes(self) -> int:
         staged_out = self.block_m * self.block_n * 2 if self.tma_store else 0
@@ -340,7 +338,7 @@ def launch_scaled_mm(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
-        HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, WARP_SPECIALIZE=config.warp_specialize, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
