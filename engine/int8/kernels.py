@@ -161,7 +161,7 @@ def _scaled_mm_kernel(
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
-    [M, R], lora_up [N, R] in the output's float dtype, lora_scale float32 [R]).
+    [M, R] and lora_up [N, R] in one float dtype, lora_scale float32 [R]).
 
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
@@ -297,8 +297,8 @@ def candidate_configs(arch: str, m: int) -> list[TileConfig]:
 
 
 class LowRank(NamedTuple):
-    """A low-rank term ``(x · scale) @ upᵀ`` for the GEMM epilogue: x [M, r] and up [N, r] in the
-    output's float dtype (unit stride along r), scale float32 [r]."""
+    """A low-rank term ``(x · scale) @ upᵀ`` for the GEMM epilogue: x [M, r] and up [N, r] in one float
+    dtype (unit stride along r), scale float32 [r]."""
 
     x: torch.Tensor
     up: torch.Tensor

@@ -225,7 +225,7 @@ def int8_linear(
         w_scale = w_scale.float().contiguous()
     lora_args = (None, None, None)
     if lora is not None:
-        lora_args = (x2 @ lora.down.to(x.dtype).T, lora.up.to(out_dtype), lora.scale.float())
+        lora_args = (x2 @ lora.down.to(x.dtype).T, lora.up.to(x.dtype), lora.scale.float())
     if torch.compiler.is_compiling():
         fused = x2.shape[1] <= FUSED_QUANT_MAX_K
         q, x_scale = quantize_rows_torch(x2) if fused else quantize_rows(x2)
