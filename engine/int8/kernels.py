@@ -470,6 +470,8 @@ def scaled_mm(
     """
     out = torch.empty(q.shape[0], w.shape[0], dtype=out_dtype, device=q.device)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
+        if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16
+            lora = LowRank(lora.x.float(), lora.up.float(), lora.scale)
         config = usable(config or candidate_configs("sm80", q.shape[0])[0], q, w, out)
         launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora)
         return out
