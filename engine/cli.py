@@ -239,7 +239,9 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
     p.add_argument(
-        "--cuda-graphs", action="store_true", help="time replays of a CUDA graph of each step: GPU time, no launch costs"
+        "--cuda-graphs",
+        action="store_true",
+        help="time replays of a CUDA graph of each step: GPU time, no launch costs",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run_bench)

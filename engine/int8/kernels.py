@@ -214,7 +214,9 @@ def _scaled_mm_kernel(
         if HAS_BIAS:
             out += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_LORA:
-            out = _add_low_rank(out, lora_x, lora_up, lora_scale, offs_m, offs_n, m_ok, n_ok, R, stride_lx, stride_lu, BLOCK_R)
+            out = _add_low_rank(
+                out, lora_x, lora_up, lora_scale, offs_m, offs_n, m_ok, n_ok, R, stride_lx, stride_lu, BLOCK_R
+            )
         if TMA_STORE:
             c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c.dtype))
         else:
@@ -323,7 +325,10 @@ def launch_scaled_mm(
     """Run the GEMM with one config. ``w_scale`` is float32 with 1 or N elements, contiguous."""
     M, K = q.shape
     N = w.shape[0]
-    lora_args = (lora.x, lora.up, lora.scale, lora.x.shape[1], lora.x.stride(0), lora.up.stride(0)) if lora else (x_scale,) * 3 + (0, 0, 0)
+    if lora is not None:
+        lora_args = (lora.x, lora.up, lora.scale, lora.x.shape[1], lora.x.stride(0), lora.up.stride(0))
+    else:  # unused pointers: any tensor will do
+        lora_args = (x_scale, x_scale, x_scale, 0, 0, 0)
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = min(tiles, num_sms) if config.persistent else tiles
     if config.tma:
@@ -408,9 +413,12 @@ class GemmTuner:
     def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int) -> str:
         """``"M bucket,N,K"``, plus the output's element size unless 2 and the low-rank factors' if any:
         both change how much shared memory a config needs (a staged fp32 tile, the factors' tiles)."""
-        return f"{m_bucket(m)},{n},{k}" + (f",out{out_bytes}" if out_bytes != 2 else "") + (f",lora{lora_bytes}" if lora_bytes else "")
+        out = f",out{out_bytes}" if out_bytes != 2 else ""
+        return f"{m_bucket(m)},{n},{k}{out}" + (f",lora{lora_bytes}" if lora_bytes else "")
 
-    def cached(self, device: torch.device, m: int, n: int, k: int, out_bytes: int = 2, lora_bytes: int = 0) -> TileConfig | None:
+    def cached(
+        self, device: torch.device, m: int, n: int, k: int, out_bytes: int = 2, lora_bytes: int = 0
+    ) -> TileConfig | None:
         """The remembered config for this shape's bucket, output size and low-rank term, if any."""
         key = (device.index or 0, m_bucket(m), n, k, out_bytes, lora_bytes)
         if key not in self._chosen:
