@@ -29,7 +29,7 @@ from engine.models.build import named_config, quantize_model, random_model, repl
 
 # GPU kernels by name: the first category whose pattern a kernel's name holds takes its time.
 CATEGORIES = {
-    "quantization": ("_quantize_rows_kernel",),
+    "quantization": ("_quantize_rows_kernel", "_quantize_rotated_rows_kernel"),
     "int8 GEMM": ("_scaled_mm_kernel",),
     "attention": ("flash", "fmha", "attention", "sdpa"),
     "bf16 GEMM": ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere_"),
@@ -79,10 +79,6 @@ def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
     return {**shares, "GPU total": sum(shares.values()), "wall": wall * 1e3}
 
 
-# Down-projections: the layers whose inputs (SwiGLU/GELU outputs) have the heaviest tails.
-DOWN_PROJECTIONS = ("*_mlp.2", "*.linear2", "*.feed_forward.w2")
-
-
 def error_budget(name: str, resolution: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Relative error of the output against float32 with the same (bf16) weights, and against bf16,
     for bf16 and for variants of int8 and fp8: where the quantization error comes from."""
@@ -91,8 +87,10 @@ def error_budget(name: str, resolution: int, device: torch.device) -> dict[str, 
         "bf16": lambda m: m,
         "int8 rowwise": lambda m: quantize_model(m, arch, "rowwise"),
         "int8 tensorwise": lambda m: quantize_model(m, arch, "tensorwise"),
-        "int8 rowwise, down-projections bf16": lambda m: replace_linears(m, arch, keep_down_projections(m)),
-        "fp8 rowwise": lambda m: replace_linears(m, arch, Fp8Linear),
+        "int8 rowwise, down-projections bf16": lambda m: replace_linears(m, arch, keep_down_projections(arch)),
+        "int8 rowwise, down-projections rotated": lambda m: quantize_model(m, arch, "rowwise", "down"),
+        "int8 rowwise, all rotated": lambda m: quantize_model(m, arch, "rowwise", "all"),
+        "fp8 rowwise": lambda m: replace_linears(m, arch, lambda _, linear: Fp8Linear(linear)),
     }
     model = random_model(arch, config, device, DTYPE, SEED)
     inputs = model.random_inputs(1, resolution, seed=SEED)
@@ -117,10 +115,16 @@ def error_budget(name: str, resolution: int, device: torch.device) -> dict[str, 
     }
 
 
-def keep_down_projections(model: torch.nn.Module):
-    """``replace_linears`` maker that quantizes every eligible layer except the down-projections."""
-    kept = {id(m) for n, m in model.named_modules() if any(fnmatchcase(n, p) for p in DOWN_PROJECTIONS)}
-    return lambda linear: linear if id(linear) in kept else Int8Linear.from_float(linear, "rowwise")
+def keep_down_projections(arch):
+    """``replace_linears`` maker that quantizes every eligible layer except the down-projections
+    (the layers whose inputs, SwiGLU/GELU outputs, have the heaviest tails)."""
+
+    def make(name: str, linear: torch.nn.Linear) -> torch.nn.Module:
+        if any(fnmatchcase(name, p) for p in arch.down_projections):
+            return linear
+        return Int8Linear.from_float(linear, "rowwise")
+
+    return make
 
 
 def main() -> None:
@@ -154,7 +158,7 @@ def main() -> None:
         )
         print(f"Relative error of the output of {run}")
         for variant, errors in budget.items():
-            print(f"{variant:<38}" + "".join(f"{k} {v:7.2%}   " for k, v in errors.items()))
+            print(f"{variant:<40}" + "".join(f"{k} {v:7.2%}   " for k, v in errors.items()))
         columns = list(profiles["bf16"])
         print(f"GPU time of one step of {run}, ms")
         print("format        " + "".join(f"{c:>14}" for c in columns))

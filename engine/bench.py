@@ -299,7 +299,7 @@ def _bench(
         if base == "int8" and not source.int8_layers:
             quantize_model(model, arch, request.scheme)
         elif base == "fp8":
-            replace_linears(model, arch, Fp8Linear)
+            replace_linears(model, arch, lambda _, linear: Fp8Linear(linear))
         return compile_blocks(model) if compiled else model
 
     model = build("bf16")

@@ -125,6 +125,67 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+ROTATION_GROUP = 256
+"""The Hadamard group size the fused kernel handles (ComfyUI's): H₂₅₆ = H₁₆ ⊗ H₁₆."""
+
+
+@triton.jit
+def _rotate_group(x, h, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """``x`` [BLOCK_M, 256] times H₂₅₆ = H₁₆ ⊗ H₁₆ (``h``, H₁₆ [16, 16]) as two small matmuls: with a
+    group seen as a 16×16 matrix X, the product is H₁₆ᵀ·X·H₁₆. Float32 result."""
+    z = tl.dot(tl.reshape(x, (BLOCK_M * 16, 16)).to(h.dtype), h, input_precision=PRECISION)  # X·H
+    z = tl.reshape(tl.permute(tl.reshape(z, (BLOCK_M, 16, 16)), (0, 2, 1)), (BLOCK_M * 16, 16))
+    y = tl.dot(z, h.to(tl.float32), input_precision="tf32x3")  # (X·H)ᵀ·H = (Hᵀ·X·H)ᵀ, near float32
+    return tl.reshape(tl.permute(tl.reshape(y, (BLOCK_M, 16, 16)), (0, 2, 1)), (BLOCK_M, 256))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _quantize_rotated_rows_kernel(
+    x_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per-row int8 quantization of ``x`` rotated group by group (K a multiple of 256): one loop over
+    the groups for the absmax, a second that rotates again and rounds (its reads hit L2)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.arange(0, 256)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
+    h = tl.load(h_ptr + tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])
+    absmax = tl.zeros([BLOCK_M, 256], tl.float32)
+    poison = tl.zeros([BLOCK_M, 256], tl.float32)
+    for k in range(0, K, 256):
+        y = _rotate_group(tl.load(x_rows + k, mask=row_ok[:, None], other=0.0), h, BLOCK_M, PRECISION)
+        absmax = tl.maximum(absmax, tl.abs(y))
+        poison += y * 0.0
+    scale, inv_scale = _row_scales(absmax, poison)
+    for k in range(0, K, 256):
+        y = _rotate_group(tl.load(x_rows + k, mask=row_ok[:, None], other=0.0), h, BLOCK_M, PRECISION)
+        tl.store(q_rows + k, _to_int8(y, inv_scale), mask=row_ok[:, None])
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+
+def quantize_rotated_rows(x: torch.Tensor, h16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``x`` rotated by H₂₅₆ per group of 256 channels, in one kernel: ``x``
+    is read (twice, the second time from L2) but the rotated copy never reaches memory. ``h16`` is
+    the normalized H₁₆ in x's dtype for half-precision ``x`` (its entries ±1/4 are exact there, so
+    the first product is exact), float32 otherwise."""
+    M, K = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if not x.is_cuda:  # the interpreter multiplies bfloat16 tiles as if they were int16
+        h16 = h16.float()
+    block_m = 8
+    _quantize_rotated_rows_kernel[(triton.cdiv(M, block_m),)](
+        x, h16, q, scale, M, K, x.stride(0), q.stride(0),
+        BLOCK_M=block_m, PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee",
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return q, scale
+
+
 @triton.jit
 def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Grouped launch order: GROUP_M row blocks sweep the columns together, so B tiles stay in L2."""

@@ -1,8 +1,9 @@
 """``Int8Linear``: an ``nn.Linear`` replacement holding an int8 weight and its float32 scale.
 
 Its state dict uses the file format's names (``weight`` int8 [out, in], ``weight_scale`` float32 ``[]``
-or ``[out, 1]``, ``bias``), so a layer loads straight from a converted checkpoint; the ``comfy_quant``
-marker beside them is accepted and ignored. Moving the module to another dtype converts the bias only:
+or ``[out, 1]``, ``bias``), so a layer loads straight from a converted checkpoint. A Hadamard-rotated
+layer (:mod:`engine.int8.rotation`) knows its group size as ``rotation``; the loaders read it from the
+file's ``comfy_quant`` marker. Moving the module to another dtype converts the bias only:
 the weight stays int8 and the scale float32.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from engine.int8.ops import LoraFactors, int8_linear
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
+from engine.int8.rotation import RotationError, check_group, marker_group, parse_marker, rotate
 from engine.jobs import JobError
 
 
@@ -33,16 +35,32 @@ def normalize_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     )
 
 
+def _checked_rotation(group: int, in_features: int) -> int:
+    try:
+        if group:
+            check_group(group, in_features)
+    except RotationError as e:
+        raise QuantizedLayerError(f"the layer cannot be rotated as marked: {e}") from None
+    return group
+
+
 class Int8Linear(nn.Module):
     """``y = x · (weight · weight_scale)ᵀ + bias`` through :func:`engine.int8.ops.int8_linear`.
 
     ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
     activation quantization), to measure what W8A8 costs in accuracy. ``lora``, when set, is a module
     with ``down``, ``up`` and ``scale`` tensors (:class:`engine.lora.dynamic.LoraAdapter`) whose term
-    ``(x · downᵀ · scale) · upᵀ`` is added in the GEMM's epilogue (dynamic LoRA).
+    ``(x · downᵀ · scale) · upᵀ`` is added in the GEMM's epilogue (dynamic LoRA). ``rotation`` is the
+    Hadamard group size the weight is stored rotated with (0: not rotated).
     """
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        rotation: int = 0,
+    ):
         super().__init__()
         if weight.dtype != torch.int8 or weight.ndim != 2:
             raise QuantizedLayerError(
@@ -56,6 +74,7 @@ class Int8Linear(nn.Module):
             )
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise QuantizedLayerError(f"Int8Linear bias has shape {list(bias.shape)}; expected [{self.out_features}]")
+        self.rotation = _checked_rotation(rotation, self.in_features)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale.to(weight.device))
         self.register_buffer("bias", bias)
@@ -63,15 +82,18 @@ class Int8Linear(nn.Module):
         self.lora: nn.Module | None = None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, scheme: Scheme = "rowwise") -> Int8Linear:
-        """Quantize a float ``nn.Linear`` (``tensorwise`` or ``rowwise`` weight scales)."""
-        q, scale = quantize_weight(linear.weight.detach(), scheme)
+    def from_float(cls, linear: nn.Linear, scheme: Scheme = "rowwise", rotation: int = 0) -> Int8Linear:
+        """Quantize a float ``nn.Linear`` (``tensorwise`` or ``rowwise`` weight scales, rotated by
+        groups of ``rotation`` input channels first when it is not 0)."""
+        q, scale = quantize_weight(linear.weight.detach(), scheme, rotation=rotation)
         device = linear.weight.device
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(q.to(device), scale.to(device), bias)
+        return cls(q.to(device), scale.to(device), bias, rotation)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale, dtype)
+        """The float weight the layer stands for (rotated back when it is stored rotated)."""
+        w = dequantize_weight(self.weight, self.weight_scale)
+        return (rotate(w, self.rotation) if self.rotation else w).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = self.lora
@@ -80,7 +102,7 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
             return y + lora(x) if lora is not None else y
         factors = LoraFactors(lora.down, lora.up, lora.scale) if lora is not None and lora.down.shape[0] else None
-        return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=factors)
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=factors, rotation=self.rotation)
 
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale
@@ -90,7 +112,13 @@ class Int8Linear(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "comfy_quant", None)
+        marker = state_dict.pop(prefix + "comfy_quant", None)
+        if marker is not None:  # the file says whether the weight is rotated
+            try:
+                entry = parse_marker(marker, prefix + "comfy_quant")
+            except RotationError as e:
+                raise QuantizedLayerError(str(e)) from None
+            self.rotation = _checked_rotation(marker_group(entry), self.in_features)
         key = prefix + "weight_scale"
         if key in state_dict:
             # a file may hold the other scale kind (or shape) than this module was built with
@@ -100,4 +128,6 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "tensorwise" if self.weight_scale.ndim == 0 else "rowwise"
+        if self.rotation:
+            kind += f", rotated by {self.rotation}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kind}"

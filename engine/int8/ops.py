@@ -45,6 +45,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from engine.int8.quantize import MIN_ABSMAX, QMAX
+from engine.int8.rotation import check_group, hadamard, rotate
 
 try:
     from engine.int8 import kernels
@@ -102,16 +103,23 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.quantize_rows(x) if backend_for(x) == "triton" else quantize_rows_torch(x)
+def _quantize_rows(x: torch.Tensor, rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    triton = backend_for(x) == "triton"
+    if not rotation:
+        return kernels.quantize_rows(x) if triton else quantize_rows_torch(x)
+    if triton and rotation == kernels.ROTATION_GROUP:
+        return kernels.quantize_rotated_rows(x, hadamard(16, x.device, x.dtype))
+    rotated = rotate(x, rotation)
+    return kernels.quantize_rows(rotated) if triton else quantize_rows_torch(rotated)
 
 
 quantize_rows = torch.library.custom_op("int8_studio::quantize_rows", _quantize_rows, mutates_args=())
-"""Per-row int8 quantization of a 2-D float tensor: ``(q int8 [M, K], scale float32 [M])``."""
+"""Per-row int8 quantization of a 2-D float tensor, rotated first by groups of ``rotation`` channels
+when it is not 0 (:mod:`engine.int8.rotation`): ``(q int8 [M, K], scale float32 [M])``."""
 
 
 @quantize_rows.register_fake
-def _(x):
+def _(x, rotation=0):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
@@ -212,13 +220,18 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     lora: LoraFactors | None = None,
+    rotation: int = 0,
 ) -> torch.Tensor:
     """``x · (w_int8 · w_scale)ᵀ + bias (+ LoRA term)`` with per-token int8 activations (module docstring).
 
     x: [..., K] float16/bfloat16/float32. w_int8: int8 [N, K]. w_scale: float, [] / [1] (tensor-wise) or
     [N] / [N, 1] (per output channel). bias: [N] or None. Result: [..., N] in ``out_dtype`` (default x's).
+    ``rotation``: the Hadamard group size ``w_int8`` was rotated with (0: not rotated); ``x`` is rotated
+    the same way before it is quantized. The LoRA factors act on the unrotated ``x``.
     """
     _check(x, w_int8, w_scale, bias, out_dtype, lora)
+    if rotation:
+        check_group(rotation, x.shape[-1])
     out_dtype = out_dtype or x.dtype
     x2 = x.reshape(-1, x.shape[-1])
     if w_scale.dtype != torch.float32 or not w_scale.is_contiguous():
@@ -227,10 +240,10 @@ def int8_linear(
     if lora is not None:
         lora_args = (x2 @ lora.down.to(x.dtype).T, lora.up.to(x.dtype), lora.scale.float())
     if torch.compiler.is_compiling():
-        fused = x2.shape[1] <= FUSED_QUANT_MAX_K
-        q, x_scale = quantize_rows_torch(x2) if fused else quantize_rows(x2)
+        fused = x2.shape[1] <= FUSED_QUANT_MAX_K and not rotation
+        q, x_scale = quantize_rows_torch(x2) if fused else quantize_rows(x2, rotation)
         out = scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
     else:
-        q, x_scale = _quantize_rows(x2)
+        q, x_scale = _quantize_rows(x2, rotation)
         out = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
     return out.reshape(*x.shape[:-1], w_int8.shape[0])

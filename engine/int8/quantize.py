@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from engine.int8.rotation import check_group, rotate
+
 Scheme = Literal["tensorwise", "rowwise"]
 SCHEMES: tuple[Scheme, ...] = ("tensorwise", "rowwise")
 QMAX = 127
@@ -55,12 +57,14 @@ def quantize_with_scale(
 
 
 def quantize_weight(
-    w: torch.Tensor, scheme: Scheme = "tensorwise", device: torch.device | None = None
+    w: torch.Tensor, scheme: Scheme = "tensorwise", device: torch.device | None = None, rotation: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D weight [out, in]. Returns ``(q, scale)`` on the CPU.
 
     ``q`` is int8 [out, in]; ``scale`` is float32, shape ``[]`` (tensorwise) or ``[out, 1]`` (rowwise).
-    Non-finite weights are refused: a NaN in a checkpoint is corruption, not something to round.
+    With ``rotation`` (a Hadamard group size, :mod:`engine.int8.rotation`) the rows are rotated first:
+    ``q · scale ≈ W·Hᵀ``. Non-finite weights are refused: a NaN in a checkpoint is corruption, not
+    something to round.
     """
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
@@ -69,10 +73,16 @@ def quantize_weight(
     device = device or default_device()
     rows, cols = w.shape
     chunks = _row_chunks(rows, cols)
+    if rotation:
+        check_group(rotation, cols)
+
+    def part_of(start: int) -> torch.Tensor:
+        part = w[start : start + chunks.step].to(device)
+        return rotate(part, rotation) if rotation else part
 
     row_absmax = torch.empty(rows, dtype=torch.float32)
     for start in chunks:  # in w's own dtype (no float32 copy); amax + amin beat aminmax along rows
-        part = w[start : start + chunks.step].to(device)
+        part = part_of(start)
         absmax = torch.maximum(-part.amin(dim=1).float(), part.amax(dim=1).float())
         row_absmax[start : start + chunks.step] = absmax.cpu()
     if not torch.isfinite(row_absmax).all():  # NaN propagates through amax and amin
@@ -86,7 +96,7 @@ def quantize_weight(
     q = torch.empty(rows, cols, dtype=torch.int8)
     scratch = torch.empty(min(rows, chunks.step) * cols, dtype=torch.float32, device=device)
     for start in chunks:
-        part = w[start : start + chunks.step].to(device)
+        part = part_of(start)
         part_scale = scale if scheme == "tensorwise" else scale[start : start + chunks.step]
         q[start : start + chunks.step] = quantize_with_scale(part, part_scale.to(device), scratch).cpu()
     return q, scale

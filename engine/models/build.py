@@ -9,6 +9,7 @@ high-precision rules.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable
 
@@ -17,7 +18,9 @@ from torch import nn
 
 from engine.checkpoint import CheckpointReader
 from engine.int8.linear import Int8Linear
-from engine.int8.quantize import Scheme, dequantize_weight
+from engine.info import QUANT_METADATA
+from engine.int8.quantize import Scheme
+from engine.int8.rotation import RotationPolicy, marker_group, parse_marker
 from engine.jobs import CancelToken, JobError
 from engine.models.detect import DetectedModel, ModelLayoutError, detect
 from engine.models.spec import REGISTRY, Architecture, Config
@@ -104,6 +107,7 @@ def load_model(
     model = build_model(detected.arch, detected.config)
     plan = {t.name: t for t in detected.tensors}
     int8 = {layer for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")}
+    rotations = layer_rotations(reader, detected)
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
     def read(name: str) -> torch.Tensor:
@@ -117,14 +121,15 @@ def load_model(
         plan.pop(f"{layer}.comfy_quant", None)
         bias = read(f"{layer}.bias").to(dtype) if f"{layer}.bias" in plan else None
         _check_shape(detected, expected, f"{layer}.weight", weight)
+        quantized = Int8Linear(weight, scale, bias, rotations.get(layer, 0))
         if dequantize:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             _set_module(model, layer, linear)
-            _assign(model, f"{layer}.weight", dequantize_weight(weight, scale, dtype))
+            _assign(model, f"{layer}.weight", quantized.dequantized_weight(dtype))
             if bias is not None:
                 _assign(model, f"{layer}.bias", bias)
         else:
-            _set_module(model, layer, Int8Linear(weight, scale, bias))
+            _set_module(model, layer, quantized)
         for name in (f"{layer}.weight", f"{layer}.bias"):
             expected.pop(name, None)
     for name in list(plan):
@@ -141,6 +146,35 @@ def load_model(
         expected.pop(name)
     _fill_missing(model, detected, expected, device, dtype)
     return model, detected
+
+
+def layer_rotations(reader: CheckpointReader, detected: DetectedModel) -> dict[str, int]:
+    """The Hadamard group size of each rotated int8 layer (:mod:`engine.int8.rotation`), from its
+    ``comfy_quant`` marker or, for a layer without one, its entry in the header's
+    ``_quantization_metadata``. Layers missing here are not rotated."""
+    markers = {t.name: t for t in detected.tensors if t.name.endswith(".comfy_quant")}
+    listed = _listed_layers(reader.metadata)
+    groups = {}
+    for layer, fmt in detected.layer_formats.items():
+        if not fmt.startswith("int8"):
+            continue
+        marker = markers.get(f"{layer}.comfy_quant")
+        if marker is not None:
+            entry = parse_marker(marker.build([reader.get(s) for s in marker.sources]), marker.sources[0])
+        else:
+            entry = listed.get(detected.prefix + layer)
+        if group := marker_group(entry):
+            groups[layer] = group
+    return groups
+
+
+def _listed_layers(metadata: dict[str, str]) -> dict[str, dict]:
+    """The per-layer entries of ComfyUI's ``_quantization_metadata`` header key ({} if absent)."""
+    try:
+        layers = json.loads(metadata[QUANT_METADATA])["layers"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return layers if isinstance(layers, dict) else {}
 
 
 def _check_shape(detected: DetectedModel, expected: dict, name: str, tensor: torch.Tensor) -> None:
@@ -182,18 +216,28 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
-def replace_linears(model: nn.Module, arch: Architecture, make: Callable[[nn.Linear], nn.Module]) -> int:
-    """Replace each ``nn.Linear`` whose weight the architecture allows to quantize by ``make(linear)``,
-    one at a time (the float weight is freed as its replacement is made). Returns how many."""
+def replace_linears(
+    model: nn.Module, arch: Architecture, make: Callable[[str, nn.Linear], nn.Module]
+) -> int:
+    """Replace each ``nn.Linear`` whose weight the architecture allows to quantize by
+    ``make(weight name, linear)``, one at a time (the float weight is freed as its replacement is
+    made). Returns how many."""
     count = 0
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         if not arch.keeps_high_precision(f"{name}.weight", tuple(linear.weight.shape)):
-            _set_module(model, name, make(linear))
+            _set_module(model, name, make(f"{name}.weight", linear))
             count += 1
     return count
 
 
-def quantize_model(model: nn.Module, arch: Architecture, scheme: Scheme = "rowwise") -> int:
+def quantize_model(
+    model: nn.Module, arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none"
+) -> int:
     """Replace the eligible float linears by ``Int8Linear`` (``scheme`` weight scales, per-token int8
-    activations). Returns the number of layers quantized."""
-    return replace_linears(model, arch, lambda linear: Int8Linear.from_float(linear, scheme))
+    activations, Hadamard-rotated as ``rotate`` says). Returns the number of layers quantized."""
+
+    def make(name: str, linear: nn.Linear) -> Int8Linear:
+        rotation = arch.rotation_for(name, tuple(linear.weight.shape), rotate)
+        return Int8Linear.from_float(linear, scheme, rotation)
+
+    return replace_linears(model, arch, make)

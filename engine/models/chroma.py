@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from engine.models.flux_blocks import FLUX_BLOCK_RULES, flux_block_config, flux_block_shapes
+from engine.models.flux_blocks import FLUX_BLOCK_RULES, FLUX_DOWN_PROJECTIONS, flux_block_config, flux_block_shapes
 from engine.models.layers import (
     DoubleBlock,
     Inputs,
@@ -49,6 +49,7 @@ class Chroma(Architecture):
         },
     }  # fmt: skip
     high_precision = (f"{APPROXIMATOR}.*", "img_in.*", "txt_in.*", "final_layer.*", "nerf_*")
+    down_projections = FLUX_DOWN_PROJECTIONS
     rules = (
         *FLUX_BLOCK_RULES,
         Rule(f"{APPROXIMATOR}.in_proj.{{p}}", f"{APPROXIMATOR}.in_proj.{{p}}"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine.models.flux_blocks import FLUX_BLOCK_RULES, flux_block_config, flux_block_shapes
+from engine.models.flux_blocks import FLUX_BLOCK_RULES, FLUX_DOWN_PROJECTIONS, flux_block_config, flux_block_shapes
 from engine.models.spec import Architecture, Config, Rule, Shape, linear, register
 
 FLUX1_DEV: Config = {
@@ -32,6 +32,7 @@ class Flux1(Architecture):
     depth_keys = ("double_blocks", "single_blocks")
     tiny = {"tiny": TINY_DEV, "tiny-schnell": {**TINY_DEV, "guidance": False}}
     high_precision = ("img_in.*", "txt_in.*", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*")
+    down_projections = FLUX_DOWN_PROJECTIONS
     rules = (
         *FLUX_BLOCK_RULES,
         *(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.flux_blocks import flux_block_config, qk_norm_rules, qk_norms, qkv_rows
+from engine.models.flux_blocks import FLUX_DOWN_PROJECTIONS, flux_block_config, qk_norm_rules, qk_norms, qkv_rows
 from engine.models.layers import (
     DoubleBlock,
     Inputs,
@@ -71,6 +71,7 @@ class Flux2(Architecture):
     tiny = {"tiny": TINY_KLEIN, "tiny-guidance": {**TINY_KLEIN, "guidance": True}}
     high_precision = ("img_in.*", "txt_in.*", "time_in.*", "guidance_in.*", "final_layer.*")
     high_precision += tuple(f"{m}.*" for m in MODULATIONS)
+    down_projections = FLUX_DOWN_PROJECTIONS
     rules = (
         Rule("img_in.{p}", "x_embedder.{p}"),
         Rule("txt_in.{p}", "context_embedder.{p}"),

@@ -28,6 +28,10 @@ def qk_norm_rules(single: str, diffusers: str, added: str = "") -> tuple[Rule, .
 
 
 # Double and single blocks with biases and GELU MLPs (Flux.1, Chroma).
+FLUX_DOWN_PROJECTIONS = ("double_blocks.*_mlp.2.weight", "single_blocks.*.linear2.weight")
+"""Linears fed by the GELU/SiLU MLP activation (linear2's input is the attention output concatenated
+with it): the layers a ``down`` rotation policy rotates."""
+
 FLUX_BLOCK_RULES: tuple[Rule, ...] = (
     Rule("img_in.{p}", "x_embedder.{p}"),
     Rule("txt_in.{p}", "context_embedder.{p}"),

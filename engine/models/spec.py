@@ -16,6 +16,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from engine.int8.rotation import GROUP_SIZE, RotationPolicy, can_rotate
 from engine.jobs import JobError
 
 Shape = tuple[int, ...]
@@ -138,6 +139,8 @@ class Architecture:
       blocks (a file with the right widths but other block counts is reported as such).
     - ``tiny``: small configs with the real layout, for the demo model and tests.
     - ``high_precision``: glob patterns (``fnmatch``) of names never quantized.
+    - ``down_projections``: glob patterns of the linear weights whose input is a GELU/SiLU(-gated)
+      activation: the most heavy-tailed inputs, where a Hadamard rotation cuts the int8 error most.
     """
 
     name: str
@@ -148,6 +151,7 @@ class Architecture:
     depth_keys: tuple[str, ...]
     tiny: dict[str, Config]
     high_precision: tuple[str, ...]
+    down_projections: tuple[str, ...] = ()
     rules: tuple[Rule, ...]
 
     def config_from_shapes(self, shapes: Mapping[str, Shape]) -> dict[str, int | bool]:
@@ -189,6 +193,16 @@ class Architecture:
         if not name.endswith(".weight") or len(shape) != 2 or min(shape) < MIN_QUANT_DIM:
             return True
         return any(fnmatchcase(name, pattern) for pattern in self.high_precision)
+
+    def rotation_for(self, name: str, shape: Shape, policy: RotationPolicy) -> int:
+        """The Hadamard group size a quantized weight is rotated with under ``policy`` (0: none):
+        ``down`` rotates the down-projections, ``all`` every layer; a layer whose input width is not
+        a multiple of the group stays unrotated."""
+        if policy == "none" or not can_rotate(shape[1]):
+            return 0
+        if policy == "down" and not any(fnmatchcase(name, p) for p in self.down_projections):
+            return 0
+        return GROUP_SIZE
 
     # --- key layouts -----------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ class ZImage(Architecture):
         "x_embedder.*", "t_embedder.*", "cap_embedder.*", "final_layer.*", "x_pad_token", "cap_pad_token",
         "*.adaLN_modulation.*", "noise_refiner.*", "context_refiner.*",
     )  # fmt: skip
+    down_projections = ("layers.*.feed_forward.w2.weight",)
     rules = (
         Rule("x_embedder.{p}", f"all_x_embedder.{PATCH}.{{p}}"),
         Rule("final_layer.{name}", f"all_final_layer.{PATCH}.{{name}}"),
