@@ -34,6 +34,7 @@ from torch import nn
 
 from engine.checkpoint import CheckpointReader
 from engine.int8.quantize import SCHEMES, Scheme
+from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.models.build import load_model, named_config, quantize_model, random_model, replace_linears
 from engine.models.detect import detect
@@ -59,6 +60,7 @@ class BenchRequest:
     steps: int = 10
     formats: tuple[str, ...] = FORMATS
     scheme: Scheme = "rowwise"
+    rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
     batch: int = 1
     warmup: int = 2  # untimed calls per format; the first one compiles and autotunes
     text_tokens: int | None = None  # default: the model's typical prompt length
@@ -243,6 +245,8 @@ def _check(request: BenchRequest) -> list[str]:
         )
     if request.scheme not in SCHEMES:
         raise BenchError(f"unknown scheme {request.scheme!r}; choose from {', '.join(SCHEMES)}")
+    if request.rotate not in ROTATION_POLICIES:
+        raise BenchError(f"unknown rotation {request.rotate!r}; choose from {', '.join(ROTATION_POLICIES)}")
     if request.cuda_graphs and (request.device == "cpu" or not torch.cuda.is_available()):
         raise BenchError("CUDA graphs need a CUDA GPU: benchmark without them on the CPU")
     return [f for f in FORMATS if f in request.formats]
@@ -297,7 +301,7 @@ def _bench(
         base, _, compiled = fmt.partition("+")
         model = source.load(device, base == "int8")
         if base == "int8" and not source.int8_layers:
-            quantize_model(model, arch, request.scheme)
+            quantize_model(model, arch, request.scheme, request.rotate)
         elif base == "fp8":
             replace_linears(model, arch, lambda _, linear: Fp8Linear(linear))
         return compile_blocks(model) if compiled else model
@@ -338,7 +342,7 @@ def _bench(
         steps=request.steps,
         image_tokens=(request.resolution // 16) ** 2,  # every family: 16× fewer tokens per side than pixels
         text_tokens=text_tokens,
-        scheme="as in the file" if source.int8_layers else request.scheme,
+        scheme="as in the file" if source.int8_layers else _scheme_label(request),
         quantized_layers=source.int8_layers or len(quantized),
         linear_layers=len(linears),
         cuda_graphs=request.cuda_graphs,
@@ -404,6 +408,11 @@ def captured(step: Callable[[], torch.Tensor], device: torch.device) -> Callable
         return out
 
     return replay
+
+
+def _scheme_label(request: BenchRequest) -> str:
+    rotated = {"none": "", "down": ", down-projections rotated", "all": ", rotated"}[request.rotate]
+    return request.scheme + rotated
 
 
 def _with_speedups(rows: list[FormatResult]) -> list[FormatResult]:

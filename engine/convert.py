@@ -21,6 +21,7 @@ import torch
 from engine import __version__
 from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
+from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy, marker_fields
 from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
 from engine.models import DetectedModel, OutputTensor, detect
 from engine.models.spec import natural_key
@@ -41,6 +42,7 @@ class ConvertRequest:
     source: Path
     output: Path | None = None  # default: <stem>-int8-<scheme>.safetensors beside the source
     scheme: Scheme = "tensorwise"
+    rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
     keep: tuple[str, ...] = ()  # fnmatch patterns of single-file names kept in high precision
     cast_float32_to_bf16: bool = False  # high-precision float32 tensors are written as bf16
     overwrite: bool = False
@@ -53,6 +55,7 @@ class ConvertResult:
     model: str  # "Flux.2 Klein 9B"
     scheme: Scheme
     quantized: int  # layers stored as int8
+    rotated: int  # of those, Hadamard-rotated
     kept: int  # tensors copied in high precision
     left_out: int  # source tensors outside the diffusion model (a full checkpoint's VAE, …)
     bytes_in: int
@@ -60,8 +63,9 @@ class ConvertResult:
     seconds: float
 
 
-def comfy_quant_entry() -> dict[str, str]:
-    return {"format": INT8_FORMAT}
+def comfy_quant_entry(rotation: int = 0) -> dict[str, object]:
+    """A layer's format marker; a rotated layer's also names its Hadamard group size."""
+    return {"format": INT8_FORMAT, **marker_fields(rotation)}
 
 
 def json_bytes(entry: dict) -> torch.Tensor:
@@ -77,11 +81,13 @@ def source_root(model: DetectedModel, reader: CheckpointReader) -> Path:
     return first.parent.parent if first.parent.name == "transformer" else first.parent
 
 
-def default_output(model: DetectedModel, reader: CheckpointReader, scheme: str) -> Path:
-    """``<stem>-int8-<scheme>.safetensors`` beside the source file, or beside a diffusers model folder."""
+def default_output(model: DetectedModel, reader: CheckpointReader, scheme: str, rotate: str = "none") -> Path:
+    """``<stem>-int8-<scheme>[-rotated|-rotdown].safetensors`` beside the source file, or beside a
+    diffusers model folder."""
     root = source_root(model, reader)
     stem = root.name.removesuffix(".safetensors") if root.is_file() else root.name
-    return root.parent / f"{stem}-int8-{scheme}.safetensors"
+    rotated = {"none": "", "down": "-rotdown", "all": "-rotated"}[rotate]
+    return root.parent / f"{stem}-int8-{scheme}{rotated}.safetensors"
 
 
 def run_convert(
@@ -92,10 +98,12 @@ def run_convert(
     cancel = cancel or CancelToken()
     if request.scheme not in SCHEMES:
         raise ConvertError(f"unknown scheme '{request.scheme}'; choose {' or '.join(SCHEMES)}")
+    if request.rotate not in ROTATION_POLICIES:
+        raise ConvertError(f"unknown rotation '{request.rotate}'; choose {', '.join(ROTATION_POLICIES)}")
     with CheckpointReader(request.source) as reader:
         model = detect(reader)
         _refuse_int8(model, reader)
-        quantized = _quantized_names(model, request.keep)
+        quantized = _quantized_layers(model, request)
         layout = _output_layout(model, quantized, request.scheme, request.cast_float32_to_bf16)
         output = _check_output(request, model, reader)
         hasher = Hasher(reader.files)
@@ -116,6 +124,7 @@ def run_convert(
         model=model.label,
         scheme=request.scheme,
         quantized=len(quantized),
+        rotated=sum(1 for group in quantized.values() if group),
         kept=len(model.tensors) - len(quantized),
         left_out=len(model.other_tensors),
         bytes_in=bytes_in,
@@ -136,8 +145,16 @@ def _refuse_int8(model: DetectedModel, reader: CheckpointReader) -> None:
         )
 
 
+def _quantized_layers(model: DetectedModel, request: ConvertRequest) -> dict[str, int]:
+    """Output weights that become int8 (what the architecture allows, less the user's keep
+    patterns), each with the Hadamard group size it is rotated with (0: not rotated)."""
+    names = _quantized_names(model, request.keep)
+    return {
+        t.name: model.arch.rotation_for(t.name, t.shape, request.rotate) for t in model.tensors if t.name in names
+    }
+
+
 def _quantized_names(model: DetectedModel, keep: tuple[str, ...]) -> set[str]:
-    """Output weights that become int8: what the architecture allows, less the user's patterns."""
     names = [t.name for t in model.tensors]
     for pattern in keep:
         if not any(fnmatchcase(n, pattern) for n in names):
@@ -152,9 +169,10 @@ def _quantized_names(model: DetectedModel, keep: tuple[str, ...]) -> set[str]:
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
-def _output_layout(model: DetectedModel, quantized: set[str], scheme: Scheme, cast_float32: bool) -> Layout:
+def _output_layout(
+    model: DetectedModel, quantized: dict[str, int], scheme: Scheme, cast_float32: bool
+) -> Layout:
     """Every output tensor's dtype and shape, in file order (the writer puts the header first)."""
-    marker = (len(json.dumps(comfy_quant_entry()).encode("utf-8")),)
     layout: Layout = {}
     for t in model.tensors:
         if t.name in quantized:
@@ -164,7 +182,8 @@ def _output_layout(model: DetectedModel, quantized: set[str], scheme: Scheme, ca
                 torch.float32,
                 () if scheme == "tensorwise" else (t.shape[0], 1),
             )
-            layout[f"{layer}.comfy_quant"] = (torch.uint8, marker)
+            marker = json_bytes(comfy_quant_entry(quantized[t.name]))
+            layout[f"{layer}.comfy_quant"] = (torch.uint8, tuple(marker.shape))
         else:
             layout[t.name] = (_kept_dtype(t, cast_float32), t.shape)
     return layout
@@ -179,7 +198,8 @@ def _check_output(request: ConvertRequest, model: DetectedModel, reader: Checkpo
 
     The writer checks the target again (and the free space) when it opens.
     """
-    output = Path(request.output) if request.output else default_output(model, reader, request.scheme)
+    output = request.output or default_output(model, reader, request.scheme, request.rotate)
+    output = Path(output)
     if output.suffix != ".safetensors":
         raise ConvertError(f"the output {output.name} must be a .safetensors file")
     if any(output.resolve() == f.resolve() for f in reader.files):
@@ -243,11 +263,13 @@ def _sha256_value(digests: dict[str, str]) -> str:
 
 
 def _metadata(
-    reader: CheckpointReader, model: DetectedModel, request: ConvertRequest, quantized: set[str]
+    reader: CheckpointReader, model: DetectedModel, request: ConvertRequest, quantized: dict[str, int]
 ) -> dict[str, str]:
     """The source's metadata that still holds, our own keys, and ComfyUI's ``_quantization_metadata``."""
     layers = {
-        t.name.removesuffix(".weight"): comfy_quant_entry() for t in model.tensors if t.name in quantized
+        t.name.removesuffix(".weight"): comfy_quant_entry(quantized[t.name])
+        for t in model.tensors
+        if t.name in quantized
     }
     ours = {
         "version": __version__,
@@ -259,6 +281,8 @@ def _metadata(
     }
     if request.keep:
         ours["keep"] = json.dumps(list(request.keep))
+    if request.rotate != "none":
+        ours["rotate"] = request.rotate
     kept = {k: v for k, v in reader.metadata.items() if not _stale(k)}
     return {
         **kept,
@@ -290,7 +314,7 @@ def _source_bytes(model: DetectedModel, reader: CheckpointReader, tensor: Output
 def _write(
     reader: CheckpointReader,
     model: DetectedModel,
-    quantized: set[str],
+    quantized: dict[str, int],
     request: ConvertRequest,
     writer: CheckpointWriter,
     report: Reporter,
@@ -300,7 +324,6 @@ def _write(
     """Build, quantize and write every tensor of the plan in order; progress counts bytes read and
     bytes hashed."""
     device = torch.device(request.device) if request.device else None
-    marker = json_bytes(comfy_quant_entry())
     done = 0
     for t in model.tensors:
         cancel.check()
@@ -308,7 +331,7 @@ def _write(
         if t.name in quantized:
             layer = t.name.removesuffix(".weight")
             try:
-                q, scale = quantize_weight(tensor, request.scheme, device)
+                q, scale = quantize_weight(tensor, request.scheme, device, quantized[t.name])
             except ValueError as e:
                 raise ConvertError(
                     f"{source_root(model, reader).name}: tensor '{model.prefix}{t.name}' has NaN or Inf "
@@ -316,7 +339,7 @@ def _write(
                 ) from e
             writer.write(t.name, q)
             writer.write(f"{layer}.weight_scale", scale)
-            writer.write(f"{layer}.comfy_quant", marker)
+            writer.write(f"{layer}.comfy_quant", json_bytes(comfy_quant_entry(quantized[t.name])))
         else:
             writer.write(t.name, tensor.to(_kept_dtype(t, request.cast_float32_to_bf16)))
         del tensor

@@ -23,9 +23,11 @@ from engine.checkpoint import (
     format_bytes,
 )
 from engine.convert import ConvertError, ConvertRequest, default_output, run_convert
+from engine.int8.rotation import hadamard
 from engine.info import inspect_checkpoint
 from engine.jobs import Cancelled, CancelToken, OutputExistsError, Progress
 from engine.models import UnknownModelError, detect, supported_text
+from engine.models.build import load_model
 from tests.tiny_checkpoints import (
     TinyCheckpoint,
     every_tiny_variant,
@@ -380,3 +382,67 @@ def test_default_output_of_a_transformer_folder_is_named_after_the_model(tmp_pat
     for source in (ckpt.path, ckpt.path / "transformer"):
         with CheckpointReader(source) as reader:
             assert default_output(detect(reader), reader, "rowwise") == expected
+
+
+@pytest.mark.parametrize("rotate", ["down", "all"])
+def test_rotated_conversion_marks_rotates_and_loads_back(tmp_path, rotate):
+    """Chroma's tiny config has 256-wide MLP outputs (rotatable with ComfyUI's group of 256) and
+    320-wide linear2 inputs (not): both cases in one file."""
+    ckpt = write_single_file(tmp_path / "model.safetensors", "chroma")
+    result = run_convert(ConvertRequest(ckpt.path, scheme="rowwise", rotate=rotate))
+    assert result.output == tmp_path / f"model-int8-rowwise-{'rotdown' if rotate == 'down' else 'rotated'}.safetensors"
+    tensors, metadata = load(result.output)
+    listed = json.loads(metadata["_quantization_metadata"])["layers"]
+    rotated = set()
+    for name, ref in ckpt.reference.items():
+        layer = name.removesuffix(".weight")
+        if tensors[name].dtype != torch.int8:
+            continue
+        entry = json.loads(bytes(tensors[f"{layer}.comfy_quant"].tolist()))
+        assert listed[layer] == entry
+        q, scale = tensors[name].double(), tensors[f"{layer}.weight_scale"].double()
+        if entry.get("convrot"):
+            assert entry == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+            rotated.add(layer)
+            err = (rotate_back(q * scale) - ref.double()).abs()
+            assert (err <= 16 * scale * (0.5 + 1e-5)).all(), name  # 256 errors ≤ step/2, each × 1/16
+        else:
+            assert entry == {"format": "int8_tensorwise"}
+    wide = {n.removesuffix(".weight") for n, t in ckpt.reference.items() if t.ndim == 2 and t.shape[1] % 256 == 0}
+    mlp_out = {n for n in wide if n.endswith("_mlp.2")}
+    assert rotated and rotated == (mlp_out if rotate == "down" else {n for n in wide if n in listed})
+    assert result.rotated == len(rotated)
+    assert metadata["int8_studio.rotate"] == rotate
+
+    with CheckpointReader(result.output) as reader:
+        model = load_model(reader, torch.device("cpu"), torch.float32)[0]
+    assert {n for n, m in model.named_modules() if getattr(m, "rotation", 0)} == rotated
+    with CheckpointReader(ckpt.path) as reader:
+        reference = load_model(reader, torch.device("cpu"), torch.float32)[0]
+    inputs = reference.random_inputs(1, 64, seed=0)
+    expected, out = reference(**inputs), model(**inputs)
+    assert ((out - expected).norm() / expected.norm()) < 0.05
+
+
+def test_rotation_named_only_in_the_header_is_applied(tmp_path):
+    """A file whose layers carry no comfy_quant tensor: _quantization_metadata alone says 'rotated'."""
+    ckpt = write_single_file(tmp_path / "model.safetensors", "chroma")
+    converted = run_convert(ConvertRequest(ckpt.path, scheme="rowwise", rotate="down")).output
+    tensors, metadata = load(converted)
+    stripped = tmp_path / "stripped.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".comfy_quant")}, str(stripped), metadata)
+    for path in (converted, stripped):
+        with CheckpointReader(path) as reader:
+            model = load_model(reader, torch.device("cpu"), torch.float32)[0]
+        assert model.double_blocks[0].img_mlp[2].rotation == 256
+
+
+def test_unknown_rotation_is_refused(tmp_path):
+    ckpt = write_single_file(tmp_path / "model.safetensors", "chroma")
+    with pytest.raises(ConvertError, match="unknown rotation 'some'; choose none, down, all"):
+        run_convert(ConvertRequest(ckpt.path, rotate="some"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def rotate_back(w: torch.Tensor) -> torch.Tensor:
+    return (w.reshape(w.shape[0], -1, 256) @ hadamard(256, dtype=torch.float64)).reshape(w.shape)

@@ -191,7 +191,7 @@ def test_cuda_rotated_layer_within_int8_rounding(dtype, m):
     out = ops.int8_linear(x.cuda(), w_int8.cuda(), w_scale.cuda(), rotation=256).cpu()
     x_rotated = (x.double().reshape(m, -1, 256) @ hadamard(256, dtype=torch.float64)).reshape(m, k)
     assert_within_int8_rounding(out, x_rotated, w_int8, w_scale)
-    q, scale = kernels.quantize_rotated_rows(x.cuda(), hadamard(16, "cuda", dtype))
-    expected_q, expected_scale = ops.quantize_rows_torch(rotate(x, 256))
+    q, _ = kernels.quantize_rotated_rows(x.cuda(), hadamard(16, "cuda", dtype))
+    expected_q, _ = ops.quantize_rows_torch(rotate(x, 256))
     differ = (q.cpu().int() - expected_q.int()).abs()
     assert differ.max() <= 1 and differ.float().mean() < 1e-3

@@ -53,6 +53,21 @@ SCHEMES = {
         ),
     ),
 }
+ROTATIONS = {
+    "none": ("Off (recommended)", "Plain INT8: the fastest, and every ComfyUI INT8 loader reads it."),
+    "down": (
+        "Down-projections",
+        (
+            "Hadamard-rotates the layers after each MLP activation, where the outliers are: Klein 9B "
+            "error 3.1% → 2.2%, 7% slower compiled. Needs a ComfyUI that reads 'convrot'."
+        ),
+    ),
+    "all": (
+        "All layers",
+        "Rotates every layer it can: error 2.2%, 9% slower compiled. Needs a ComfyUI that reads 'convrot'.",
+    ),
+}
+ROTATION_SUFFIX = {"none": "", "down": "-rotdown", "all": "-rotated"}
 SCHEME_NAMES = {"rowwise": "row-wise", "tensorwise": "tensor-wise"}
 FIRST_BLOCKS = {
     "flux2": ("double_blocks.0.*", "single_blocks.0.*"),
@@ -112,6 +127,9 @@ class ConvertPage(Page):
         self.schemes = Choices(SCHEMES, "Weight scales")
         self.schemes.changed.connect(lambda _: self._suggest_output())
         fields.addRow("Scales", self.schemes)
+        self.rotations = Choices(ROTATIONS, "Hadamard rotation")
+        self.rotations.changed.connect(lambda _: self._suggest_output())
+        fields.addRow("Rotation", self.rotations)
 
         self.keep_preset = QComboBox()
         self.keep_preset.setAccessibleName("Layers kept in high precision")
@@ -265,7 +283,8 @@ class ConvertPage(Page):
 
     def _suggest_output(self) -> None:
         self.output.combo.lineEdit().setPlaceholderText(
-            f"Automatic: next to the source, as …-int8-{self.scheme()}.safetensors"
+            f"Automatic: next to the source, as …-int8-{self.scheme()}"
+            f"{ROTATION_SUFFIX[self.rotations.value()]}.safetensors"
         )
 
     def update_ready(self) -> None:
@@ -284,6 +303,7 @@ class ConvertPage(Page):
             source=self.source.path(),
             output=self.output.path(),
             scheme=self.scheme(),
+            rotate=self.rotations.value(),
             keep=self.keep(),
             cast_float32_to_bf16=self.cast_float32.isChecked(),
             overwrite=self.overwrite.isChecked(),
@@ -304,7 +324,7 @@ class ConvertPage(Page):
         facts = [
             ("File", str(result.output)),
             ("Size", sizes),
-            ("Layers in INT8", str(result.quantized)),
+            ("Layers in INT8", f"{result.quantized}" + (f", {result.rotated} rotated" if result.rotated else "")),
             ("Kept in high precision", f"{result.kept} tensors"),
         ]
         if result.left_out:
