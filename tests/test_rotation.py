@@ -195,3 +195,15 @@ def test_cuda_rotated_layer_within_int8_rounding(dtype, m):
     expected_q, _ = ops.quantize_rows_torch(rotate(x, 256))
     differ = (q.cpu().int() - expected_q.int()).abs()
     assert differ.max() <= 1 and differ.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_term_of_a_rotated_layer_acts_on_the_unrotated_input(backend):
+    w_int8, w_scale = quantize_weight(torch.randn(40, 512), "rowwise", rotation=256)
+    x = torch.randn(9, 512)
+    lora = ops.LoraFactors(torch.randn(4, 512), torch.randn(40, 4), torch.rand(4))
+    with ops.use_backend(backend):
+        plain = ops.int8_linear(x, w_int8, w_scale, rotation=256)
+        out = ops.int8_linear(x, w_int8, w_scale, lora=lora, rotation=256)
+    term = (x.double() @ lora.down.double().T * lora.scale.double()) @ lora.up.double().T
+    torch.testing.assert_close(out.double(), plain.double() + term, rtol=1e-5, atol=1e-4)

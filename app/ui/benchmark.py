@@ -91,11 +91,31 @@ class BenchmarkPage(Page):
             self.format_boxes[name] = box
             formats.addWidget(box)
         formats.addStretch(1)
+        self.rotation = QComboBox()
+        self.rotation.setAccessibleName("Hadamard rotation of the int8 layers")
+        self.rotation.setToolTip(
+            "How the int8 formats quantize a float model (an INT8 file runs as it is stored): plain, "
+            "or with the down-projections or every layer Hadamard-rotated, as Convert's option does. "
+            "Rotation lowers the error column at some speed."
+        )
+        for label, policy in (("Plain", "none"), ("Down-projections rotated", "down"), ("All rotated", "all")):
+            self.rotation.addItem(label, policy)
+        self.cuda_graphs = QCheckBox("Replay each step from a CUDA graph")
+        self.cuda_graphs.setToolTip(
+            "Captures one step and replays it, so the times show GPU work without the host's launch "
+            "overhead (what a fully optimized pipeline would see). GPU only."
+        )
+        int8_options = QHBoxLayout()
+        int8_options.setSpacing(18)
+        int8_options.addWidget(self.rotation)
+        int8_options.addWidget(self.cuda_graphs)
+        int8_options.addStretch(1)
         fields.addRow("Model", self.model)
         fields.addRow("", self.file)
         fields.addRow("Resolution", self.resolution)
         fields.addRow("Steps", self.steps)
         fields.addRow("Formats", formats)
+        fields.addRow("INT8 options", int8_options)
         setup.body.addLayout(fields)
         self.cpu_note = muted(
             "No CUDA GPU here: the benchmark runs on the CPU, where int8 uses a reference path and "
@@ -145,6 +165,8 @@ class BenchmarkPage(Page):
         for fmt, box in self.format_boxes.items():
             box.setChecked(fmt in formats)
         self.cpu_note.setVisible(not has_gpu)
+        self.cuda_graphs.setEnabled(has_gpu)
+        self.cuda_graphs.setChecked(False)
 
     def open_path(self, path: Path) -> bool:
         if path.suffix != ".safetensors" and not path.is_dir():
@@ -163,6 +185,8 @@ class BenchmarkPage(Page):
             resolution=self.resolution.currentData(),
             steps=self.steps.value(),
             formats=tuple(f for f, box in self.format_boxes.items() if box.isChecked()),
+            rotate=self.rotation.currentData(),
+            cuda_graphs=self.cuda_graphs.isChecked(),
         )
 
     def run(self) -> Job:
@@ -206,7 +230,8 @@ class BenchmarkPage(Page):
         self.run_facts.setText(
             f"{result['model']} at {result['resolution']}×{result['resolution']} "
             f"({result['image_tokens']} image + {result['text_tokens']} text tokens), median of "
-            f"{result['steps']} steps, {result['quantized_layers']} of {result['linear_layers']} "
+            f"{result['steps']} steps{' replayed from a CUDA graph' if result.get('cuda_graphs') else ''}, "
+            f"{result['quantized_layers']} of {result['linear_layers']} "
             f"linear layers quantized ({result['scheme']}). {result['device']}."
         )
         measured = [r for r in rows if r["seconds_per_step"] is not None]
