@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import CheckpointError, CheckpointReader
 from engine.jobs import Cancelled, CancelToken, OutputExistsError
-from engine.lora import LoraError, LoraFile, LoraMergeRequest, LoraSpec, guess_target, run_lora_merge
+from engine.lora import MODES, LoraError, LoraFile, LoraMergeRequest, LoraSpec, guess_target, run_lora_merge
 from engine.lora.job import LORAS_METADATA
 from engine.models import REGISTRY
 from engine.models.spec import natural_key
@@ -162,7 +162,7 @@ def test_architecture_guess(tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["tensorwise", "rowwise"])
-@pytest.mark.parametrize("mode", ["requant", "stochastic"])
+@pytest.mark.parametrize("mode", MODES)
 def test_int8_merge_is_within_the_modes_bound(tmp_path, scheme, mode):
     model = tiny_model(tmp_path, "flux2", f"int8_{scheme}", dtype=torch.bfloat16)
     original = dequantized(model.reference)
@@ -171,7 +171,7 @@ def test_int8_merge_is_within_the_modes_bound(tmp_path, scheme, mode):
     expected = lora.merged(original, s)
     actual = dequantized(merged)
 
-    errors, changes = 0.0, 0.0
+    errors, changes, kept = 0.0, 0.0, 0.0
     for name, want in expected.items():
         if merged[name].dtype != torch.int8:  # high-precision layers: the float merge, rounded to bf16
             torch.testing.assert_close(actual[name], want, rtol=2**-8, atol=1e-7, msg=name)
@@ -179,7 +179,9 @@ def test_int8_merge_is_within_the_modes_bound(tmp_path, scheme, mode):
         scale = merged[name.removesuffix(".weight") + ".weight_scale"].double()
         step = scale.reshape(()) if scale.numel() == 1 else scale
         error = actual[name] - want
-        if mode == "requant":  # fresh absmax scales, rounded to nearest
+        used = result.stats.per_layer[name].mode
+        assert used == mode or mode == "auto", name
+        if used == "requant":  # fresh absmax scales, rounded to nearest
             absmax = want.abs().amax() if scale.numel() == 1 else want.abs().amax(dim=1, keepdim=True)
             torch.testing.assert_close(step, absmax / 127, rtol=1e-6, atol=0)
             assert (error.abs() <= step / 2 + float32_slack(want)).all(), name
@@ -188,9 +190,13 @@ def test_int8_merge_is_within_the_modes_bound(tmp_path, scheme, mode):
             assert torch.equal(merged[name.removesuffix(".weight") + ".weight_scale"], old_scale)
             beyond = (want.abs() / step - 127).clamp_min(0)
             assert (error.abs() < step * (1 + beyond) + float32_slack(want)).all(), name
+        change = want - original[name]
         errors += float(error.square().sum())
-        changes += float((want - original[name]).square().sum())
+        changes += float(change.square().sum())
+        kept += float(((actual[name] - original[name]) * change).sum())
     assert result.stats.relative_error == pytest.approx(math.sqrt(errors / changes), rel=1e-3)
+    assert result.stats.kept == pytest.approx(kept / changes, rel=1e-3, abs=1e-3)
+    assert sum(result.stats.modes.values()) == result.stats.layers == len(result.stats.per_layer)
 
 
 def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_loses_the_change(tmp_path):
@@ -206,6 +212,69 @@ def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_loses_the_cha
         moved = merged[name].double() - model.reference[name].double()
         # Each value moves by floor(steps + u) - 0: mean steps, variance at most 1/4 per value.
         assert abs(float(moved.sum() - steps.sum())) < 5 * math.sqrt(steps.numel() / 4), name
+
+
+def small_change(tmp_path, model) -> tuple[TinyLora, float]:
+    """A LoRA and a strength whose change is under half an int8 step everywhere on ``model``."""
+    lora, s = write_lora(tmp_path / "small.safetensors", "flux2", "kohya"), 0.05
+    for name, change in lora.changes.items():
+        scale = model.reference.get(name.removesuffix(".weight") + ".weight_scale")
+        if scale is not None:
+            assert (change.delta * s / float(scale)).abs().max() < 0.5, name
+    return lora, s
+
+
+def test_requant_drops_a_small_change_and_says_so_where_auto_keeps_it(tmp_path):
+    model = tiny_model(tmp_path, "flux2", "int8_tensorwise", dtype=torch.bfloat16)
+    lora, s = small_change(tmp_path, model)
+    requant, _ = merge(tmp_path, model, (lora, s), out="requant.safetensors", mode="requant")
+    auto, _ = merge(tmp_path, model, (lora, s), out="auto.safetensors", seed=random.randrange(2**31))
+    assert requant.stats.kept < 0.1
+    assert requant.warnings == [
+        (
+            f"requant rounded away {1 - max(requant.stats.kept, 0):.0%} of the LoRAs' change (it is "
+            "smaller than half an int8 step in most layers); use auto or stochastic to keep it"
+        )
+    ]
+    assert auto.stats.kept >= 0.8 and auto.warnings == []
+    assert auto.stats.modes == {"stochastic": auto.stats.layers} and auto.stats.layers > 0
+
+
+@pytest.mark.parametrize("scheme", ["tensorwise", "rowwise"])
+def test_auto_requantizes_a_large_change_like_requant(tmp_path, scheme):
+    model = tiny_model(tmp_path, "flux2", f"int8_{scheme}", dtype=torch.bfloat16)
+    lora, s = write_lora(tmp_path / "lora.safetensors", "flux2", "kohya"), 8.0
+    auto, a = merge(tmp_path, model, (lora, s), out="auto.safetensors", seed=random.randrange(2**31))
+    requant, r = merge(tmp_path, model, (lora, s), out="requant.safetensors", mode="requant")
+    assert auto.stats.modes == {"requant": auto.stats.layers} and auto.stats.layers > 0
+    assert a.keys() == r.keys() and all(torch.equal(a[n], r[n]) for n in a)
+    assert auto.stats.kept > 0.99 and auto.warnings == requant.warnings == []
+
+
+def test_auto_is_reproducible_where_it_rounds_stochastically(tmp_path):
+    model = tiny_model(tmp_path, "flux2", "int8_tensorwise", dtype=torch.bfloat16)
+    lora, s = small_change(tmp_path, model)
+    seed = random.randrange(2**31)
+    first, a = merge(tmp_path, model, (lora, s), out="a.safetensors", seed=seed)
+    _, b = merge(tmp_path, model, (lora, s), out="b.safetensors", seed=seed)
+    _, c = merge(tmp_path, model, (lora, s), out="c.safetensors", seed=seed + 1)
+    assert first.stats.modes["stochastic"] > 0
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_values_clipped_by_stochastic_rounding_are_a_warning(tmp_path):
+    model = tiny_model(tmp_path, "flux2", "int8_rowwise", dtype=torch.bfloat16)
+    lora = write_lora(tmp_path / "lora.safetensors", "flux2", "kohya", only=("double_blocks.0.",))
+    result, _ = merge(tmp_path, model, (lora, 1000.0), mode="stochastic")
+    assert result.stats.kept < 0.5
+    assert result.warnings == [
+        (
+            f"the int8 rounding lost {1 - max(result.stats.kept, 0):.0%} of the LoRAs' change: "
+            f"{result.stats.clipped} values were clipped at ±127, the existing scales are too small for "
+            "the change; use auto or requant, which choose fresh scales"
+        )
+    ]
 
 
 def test_stochastic_merge_is_reproducible_and_clips_at_127(tmp_path):
@@ -235,7 +304,7 @@ def test_a_stack_is_summed_in_float_and_rounded_once(tmp_path):
     first = write_lora(tmp_path / "a.safetensors", "chroma", "kohya")
     second = write_lora(tmp_path / "b.safetensors", "chroma", "diffusers")
     s1, s2 = strength(), -strength()
-    result, merged = merge(tmp_path, model, (first, s1), (second, s2))
+    result, merged = merge(tmp_path, model, (first, s1), (second, s2), mode="requant")
     original = dequantized(model.reference)
     expected = second.merged(original | first.merged(original, s1), s2)
     actual = dequantized(merged)
@@ -407,7 +476,7 @@ def test_bad_requests(tmp_path):
     lora = write_lora(tmp_path / "lora.safetensors", "flux2", "kohya", only=("img_in",))
     run_expecting(tmp_path, LoraError, "no LoRA to merge: give at least one LoRA file", model)
     run_expecting(
-        tmp_path, LoraError, "unknown merge mode 'nearest'; use requant or stochastic", model, (lora, 1.0),
+        tmp_path, LoraError, "unknown merge mode 'nearest'; use auto, requant, stochastic", model, (lora, 1.0),
         mode="nearest",
     )  # fmt: skip
     run_expecting(

@@ -15,11 +15,12 @@ from engine.lora.files import LoraError, LoraFile, LoraLayer
 from engine.lora.info import LoraInfo, inspect_lora
 from engine.lora.job import LoraMergeRequest, LoraMergeResult, LoraSpec, run_lora_merge
 from engine.lora.mapping import Guess, LoraMatch, Patch, Segment, guess_target, match_model
-from engine.lora.merge import MODES, MergeStats, Mode
+from engine.lora.merge import MODES, LayerStats, MergeStats, Mode
 
 __all__ = [
     "MODES",
     "Guess",
+    "LayerStats",
     "LoraError",
     "LoraFile",
     "LoraInfo",

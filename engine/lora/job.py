@@ -27,6 +27,7 @@ from engine.lora.merge import MODES, Applied, MergeStats, Mode, merge_float, mer
 from engine.models import DetectedModel, OutputTensor, detect
 
 LORAS_METADATA = METADATA_PREFIX + "loras"  # JSON list of {"name", "strength"}, oldest merge first
+WARN_KEPT = 0.5  # below this fraction of the LoRAs' change kept, the result carries a warning
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class LoraMergeRequest:
     model: Path
     loras: tuple[LoraSpec, ...]
     output: Path
-    mode: Mode = "requant"
-    seed: int = 0  # stochastic mode: the same seed gives the same file
+    mode: Mode = "auto"
+    seed: int = 0  # stochastic rounding: the same seed gives the same file
     overwrite: bool = False
 
 
@@ -51,7 +52,24 @@ class LoraMergeResult:
     model: str  # "Flux.2 Klein 9B"
     matches: tuple[LoraMatch, ...]  # one per LoRA, in request order
     tensors_changed: int
-    stats: MergeStats  # int8 weights: error against the float merge, values clipped
+    stats: MergeStats  # int8 weights: error against the float merge, change kept, values clipped
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user must know about the result: that the int8 rounding lost most of the LoRAs'
+        change (the merge then looks done but the model behaves as before)."""
+        s = self.stats
+        if not s.layers or s.kept >= WARN_KEPT:
+            return []
+        lost = f"{1 - max(s.kept, 0.0):.0%} of the LoRAs' change"
+        if not s.modes["stochastic"]:
+            why = "it is smaller than half an int8 step in most layers"
+            return [f"requant rounded away {lost} ({why}); use auto or stochastic to keep it"]
+        clipped = (
+            f": {s.clipped} values were clipped at ±127, the existing scales are too small for the "
+            "change; use auto or requant, which choose fresh scales"
+        )
+        return [f"the int8 rounding lost {lost}{clipped if s.clipped else ''}"]
 
 
 def run_lora_merge(
@@ -103,7 +121,7 @@ def _check(request: LoraMergeRequest) -> None:
     if not request.loras:
         raise LoraError("no LoRA to merge: give at least one LoRA file")
     if request.mode not in MODES:
-        raise LoraError(f"unknown merge mode {request.mode!r}; use {' or '.join(MODES)}")
+        raise LoraError(f"unknown merge mode {request.mode!r}; use {', '.join(MODES)}")
     for spec in request.loras:
         if not math.isfinite(spec.strength):
             raise LoraError(f"strength {spec.strength} of {spec.path.name} is not a number")
