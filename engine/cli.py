@@ -40,7 +40,15 @@ from engine.library import (
     comfyui_folders,
     run_library_scan,
 )
-from engine.lora import MODES, LoraInfo, LoraMergeRequest, LoraSpec, inspect_lora, run_lora_merge
+from engine.lora import (
+    MODES,
+    LoraInfo,
+    LoraMergeRequest,
+    LoraSpec,
+    MergeStats,
+    inspect_lora,
+    run_lora_merge,
+)
 
 COMMANDS: dict[str, "callable"] = {}
 
@@ -268,11 +276,16 @@ def _lora_command(p: argparse.ArgumentParser) -> None:
     )
     merge.add_argument("-o", "--output", type=Path, required=True, help="the merged model's file")
     merge.add_argument(
-        "--mode", choices=MODES, default="requant",
-        help="int8 weights: requant = fresh scales (most accurate); stochastic = existing scales, "
-        "stochastic rounding (untouched values stay bit-identical)",
+        "--mode", choices=MODES, default="auto",
+        help="int8 weights: auto (default, recommended) = requant where that keeps the LoRAs' change, "
+        "stochastic where the change is smaller than the int8 step; requant = fresh scales, round to "
+        "nearest: lowest error for large changes but drops changes under half an int8 step (most "
+        "LoRAs on tensor-wise models); stochastic = existing scales, unbiased rounding keeps small "
+        "changes on average at the cost of noise, untouched values stay bit-identical",
     )  # fmt: skip
-    merge.add_argument("--seed", type=int, default=0, help="stochastic mode: the same seed gives the same file")
+    merge.add_argument(
+        "--seed", type=int, default=0, help="stochastic rounding: the same seed gives the same file"
+    )
     merge.add_argument("--force", action="store_true", help="replace the output file if it exists")
     merge.set_defaults(func=_run_lora_merge, replace_flag="--force")
     inspect = sub.add_parser("inspect", help="format, rank, target architecture and key coverage of a LoRA")
@@ -300,17 +313,26 @@ def _run_lora_merge(args: argparse.Namespace) -> int:
     loras = f"{len(r.matches)} LoRA{'s' if len(r.matches) > 1 else ''}"
     print(f"wrote {r.output}: {r.model} + {loras}, {r.tensors_changed} tensors changed")
     if r.stats.layers:
-        clipped = f", {r.stats.clipped} values clipped at ±127" if args.mode == "stochastic" else ""
-        print(
-            f"  {args.mode}: {r.stats.layers} int8 weights, rms error vs the float merge "
-            f"{r.stats.relative_error:.2%} of the LoRAs' change{clipped}"
-        )
+        print(f"  {describe_int8_merge(args.mode, r.stats)}")
     for spec, m in zip(request.loras, r.matches):
         skipped = f"; {len(m.text_encoder)} text-encoder keys skipped" if m.text_encoder else ""
         unmatched = f"; {len(m.unmatched)} keys match no layer, e.g. {m.unmatched[0]}" if m.unmatched else ""
         ranks = "/".join(map(str, m.lora.ranks)) or "-"
         print(f"  {m.lora.name} × {spec.strength:g}: {m.format}, rank {ranks}, {m.layers} layers{unmatched}{skipped}")
+    for warning in r.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def describe_int8_merge(mode: str, stats: MergeStats) -> str:
+    """``auto: 10 int8 weights (7 requant, 3 stochastic), change kept 99%, rms error …``."""
+    used = ", ".join(f"{n} {m}" for m, n in sorted(stats.modes.items()))
+    clipped = f", {stats.clipped} values clipped at ±127" if "stochastic" in stats.modes else ""
+    return (
+        f"{mode}: {stats.layers} int8 weights{f' ({used})' if mode == 'auto' else ''}, "
+        f"change kept {stats.kept:.0%}, rms error vs the float merge {stats.relative_error:.2%} "
+        f"of the LoRAs' change{clipped}"
+    )
 
 
 def _run_lora_inspect(args: argparse.Namespace) -> int:

@@ -44,8 +44,8 @@ def test_merge_with_strengths_and_modes(tmp_path, capsys):
     lines = stdout.splitlines()
     assert lines[0] == f"wrote {out}: Flux.2 custom + 2 LoRAs, {len(a.changes)} tensors changed"
     assert re.fullmatch(
-        r"  stochastic: \d+ int8 weights, rms error vs the float merge \d+\.\d\d% of the LoRAs' change, "
-        r"\d+ values clipped at ±127",
+        r"  stochastic: \d+ int8 weights, change kept \d+%, rms error vs the float merge \d+\.\d\d% of the "
+        r"LoRAs' change, \d+ values clipped at ±127",
         lines[1],
     )
     assert lines[2] == f"  a.safetensors × 0.75: kohya LoRA, rank 4, {len(a.changes)} layers"
@@ -69,6 +69,30 @@ def test_merge_with_strengths_and_modes(tmp_path, capsys):
         7,
     )
     assert code == 0 and again.read_bytes() == out.read_bytes()
+
+
+def test_merge_is_auto_by_default_and_warns_when_requant_drops_the_change(tmp_path, capsys):
+    model = write_single_file(tmp_path / "m.safetensors", "flux2", fmt="int8_tensorwise")
+    lora = write_lora(tmp_path / "a.safetensors", "flux2", "kohya")
+    small = f"{lora.path}:0.05"
+    code, out, err = run(capsys, "lora", "merge", model.path, small, "-o", tmp_path / "auto.safetensors")
+    assert (code, err) == (0, "")
+    assert re.fullmatch(
+        r"  auto: (\d+) int8 weights \(\1 stochastic\), change kept \d+%, rms error vs the float merge "
+        r"\d+\.\d\d% of the LoRAs' change, \d+ values clipped at ±127",
+        out.splitlines()[1],
+    )
+    code, out, err = run(
+        capsys, "lora", "merge", model.path, small, "-o", tmp_path / "requant.safetensors",
+        "--mode", "requant",
+    )  # fmt: skip
+    assert code == 0
+    assert re.fullmatch(r"  requant: \d+ int8 weights, change kept -?\d+%, .*", out.splitlines()[1])
+    assert re.fullmatch(
+        r"warning: requant rounded away \d+% of the LoRAs' change \(it is smaller than half an int8 step in "
+        r"most layers\); use auto or stochastic to keep it\n",
+        err,
+    )
 
 
 def test_merge_errors_are_one_line(tmp_path, capsys):
