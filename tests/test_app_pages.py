@@ -26,7 +26,7 @@ from engine.hub import plan_download
 from engine.info import inspect_checkpoint
 from engine.jobs import JobError
 from engine.library import describe_file
-from engine.lora import LoraError, LoraSpec, inspect_lora
+from engine.lora import MODES, LoraError, LoraSpec, inspect_lora
 from engine.models.build import model_names, named_config
 from engine.models.spec import Architecture, NoModuleError
 from tests.tiny_checkpoints import write_single_file
@@ -227,8 +227,8 @@ def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_pat
     strengths = [round(random.uniform(-1.5, 1.5), 2) for _ in loras]
     for row, strength in enumerate(strengths):
         page.table.cellWidget(row, 1).setValue(strength)
-    mode = random.choice(["requant", "stochastic"])
-    page.modes.set_value(mode)
+    assert page.mode() == "auto"
+    page.modes.set_value(random.choice(MODES))
     assert page.request().loras == tuple(LoraSpec(p, s) for p, s in zip(loras, strengths))
     assert page.merge_button.isEnabled()
 
@@ -238,6 +238,30 @@ def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_pat
     assert inspect_checkpoint(page.result.output).weight_format == "int8_rowwise"
     assert page.result.tensors_changed > 0
     assert f"Tensors changed: {page.result.tensors_changed}" in page.result_card.facts.text()
+    assert "of the LoRA change kept" in page.result_card.facts.text()
+
+
+def test_a_merge_that_rounds_the_lora_away_shows_a_warning(qtbot, window, demo_int8, tmp_path):
+    page = window.pages["lora"]
+    lora = write_lora(tmp_path / "small.safetensors", "flux2", "kohya", config=DEMO_CONFIG).path
+    window.open_path("lora", demo_int8)
+    window.open_path("lora", lora)
+    qtbot.waitUntil(lambda: "layers" in page.coverage_text(0), timeout=WAIT)
+    page.table.cellWidget(0, 1).setValue(0.01)
+    page.modes.set_value("requant")
+    qtbot.mouseClick(page.merge_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
+    assert page.result.warnings and page.result_card.warning.isVisibleTo(page.result_card)
+    assert page.result_card.warning.label.text() == page.result.warnings[0]
+    assert page.result_card.warning.label.text().startswith("requant rounded away")
+
+    page.modes.set_value("auto")
+    page.overwrite.setChecked(True)
+    qtbot.mouseClick(page.merge_button, Qt.MouseButton.LeftButton)
+    assert not page.result_card.isVisible()
+    qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
+    assert page.result.stats.modes["stochastic"] > 0 and page.result.warnings == []
+    assert not page.result_card.warning.isVisibleTo(page.result_card)
 
 
 def test_the_demo_model_comes_with_the_demo_lora(qtbot, window, settings, demo_int8):

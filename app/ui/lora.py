@@ -38,27 +38,37 @@ from engine.lora import (
     LoraMergeRequest,
     LoraMergeResult,
     LoraSpec,
+    MergeStats,
     inspect_lora,
     run_lora_merge,
 )
 
-MERGE_MODES = {
-    "requant": (
-        "Re-quantize (recommended)",
+MERGE_MODES = {  # the first is the default
+    "auto": (
+        "Auto (recommended)",
         (
-            "Adds the LoRAs to the weights in full precision, then rounds to int8 again with fresh "
-            "scales. The most accurate result; the scales change."
+            "Re-quantizes each layer where that keeps the LoRA's change, and rounds stochastically "
+            "where the change is smaller than the int8 step."
+        ),
+    ),
+    "requant": (
+        "Re-quantize",
+        (
+            "Adds the LoRAs in full precision, then rounds to nearest with fresh scales. The lowest "
+            "error for large changes, but changes under half an int8 step are dropped (most LoRAs "
+            "on tensor-wise models)."
         ),
     ),
     "stochastic": (
         "Keep scales (stochastic rounding)",
         (
-            "Adds the LoRAs directly on the int8 grid at the existing scales, rounding each weight "
-            "up or down at random in proportion (seeded: the same inputs give the same file). Small "
-            "LoRA changes survive on average instead of being rounded away."
+            "Adds the LoRAs on the int8 grid at the existing scales, rounding up or down at random "
+            "(seeded). Small changes are kept on average, at the cost of noise; untouched weights "
+            "stay identical."
         ),
     ),
 }
+ROUNDED = {"requant": "re-quantized", "stochastic": "rounded stochastically"}  # per mode used
 FILE, STRENGTH, COVERAGE = range(3)
 
 
@@ -71,6 +81,16 @@ def coverage(info: LoraInfo) -> str:
     if info.unmatched:
         text += f"; {len(info.unmatched)} keys match no layer"
     return text
+
+
+def int8_rounding(stats: MergeStats) -> str:
+    """The int8 merge in words: modes used, change kept, error against the float merge."""
+    used = ", ".join(f"{n} {ROUNDED[m]}" for m, n in sorted(stats.modes.items()))
+    text = (
+        f"{stats.layers} int8 layers ({used}): {stats.kept:.0%} of the LoRA change kept, rms error "
+        f"{stats.relative_error:.0%} of it"
+    )
+    return text + (f"; {stats.clipped} values clipped" if stats.clipped else "")
 
 
 class LoraPage(Page):
@@ -287,13 +307,6 @@ class LoraPage(Page):
         text = f"Merged {names} into {result.model}."
         facts = [("File", str(result.output)), ("Tensors changed", str(result.tensors_changed))]
         if result.stats.layers:
-            facts.append(
-                (
-                    "INT8 rounding",
-                    f"{result.stats.relative_error:.1%} of the LoRA change lost to rounding "
-                    f"over {result.stats.layers} int8 layers"
-                    + (f"; {result.stats.clipped} values clipped" if result.stats.clipped else ""),
-                )
-            )
-        self.result_card.show_result(text, facts)
+            facts.append(("INT8 rounding", int8_rounding(result.stats)))
+        self.result_card.show_result(text, facts, result.warnings)
         self.reveal(self.result_card)

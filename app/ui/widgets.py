@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -142,6 +142,7 @@ class ResultCard(Card):
     def __init__(self, actions: list[tuple[str, str, Callable[[], None]]]) -> None:
         super().__init__("Result", icon_name="check")
         self.notice = Notice("", "success")
+        self.warning = Notice("", "warning")
         self.facts = Facts()
         row = QHBoxLayout()
         for text, icon_name, slot in actions:
@@ -151,12 +152,16 @@ class ResultCard(Card):
             row.addWidget(button)
         row.addStretch(1)
         self.body.addWidget(self.notice)
+        self.body.addWidget(self.warning)
         self.body.addWidget(self.facts)
         self.body.addLayout(row)
         self.hide()
 
-    def show_result(self, text: str, facts: list[tuple[str, str]]) -> None:
+    def show_result(self, text: str, facts: list[tuple[str, str]], warnings: Sequence[str] = ()) -> None:
+        """``warnings``: what is wrong with the result although the job succeeded, one per line."""
         self.notice.set(text, "success")
+        self.warning.set("\n".join(warnings), "warning")
+        self.warning.setVisible(bool(warnings))
         self.facts.show_facts(facts)
         self.show()
 
