@@ -20,8 +20,8 @@ change and mode it reports the rms change in int8 steps, the int8 model's own ro
 its bf16 source) relative to the change, then against the float merge (dequantized int8 + ΔW): the
 rms error relative to the change, the fraction of the change kept (projection onto ΔW: 1 = all of it,
 on average) and the merge job's time. ``nearest`` — the change added at the existing scale, rounded
-to nearest — is the naive mode, computed here for comparison. Runs on the CPU in about 5 minutes
-(2 cores); its 5 GB of files go to a temporary folder, removed at the end, unless ``--out`` is given::
+to nearest — is the naive mode, computed here for comparison. Runs on the CPU in 8 to 11 minutes
+(2 cores); its 6 GB of files go to a temporary folder, removed at the end, unless ``--out`` is given::
 
     PYTHONPATH=. python3 benchmarks/lora.py merge [--out DIR]
 """
