@@ -60,12 +60,12 @@ class BenchRequest:
     steps: int = 10
     formats: tuple[str, ...] = FORMATS
     scheme: Scheme = "rowwise"
-    rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
     batch: int = 1
     warmup: int = 2  # untimed calls per format; the first one compiles and autotunes
     text_tokens: int | None = None  # default: the model's typical prompt length
     device: str | None = None  # default: "cuda" when there is a GPU, else "cpu"
     cuda_graphs: bool = False  # time replays of a captured step (GPU only; module docstring)
+    rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,11 @@ class ConvertRequest:
     source: Path
     output: Path | None = None  # default: <stem>-int8-<scheme>.safetensors beside the source
     scheme: Scheme = "tensorwise"
-    rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
     keep: tuple[str, ...] = ()  # fnmatch patterns of single-file names kept in high precision
     cast_float32_to_bf16: bool = False  # high-precision float32 tensors are written as bf16
     overwrite: bool = False
     device: str | None = None  # where quantization runs; None: the GPU when there is one
+    rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
 
 
 @dataclass(frozen=True)

@@ -320,6 +320,26 @@ def test_benchmark_runs_and_keeps_its_results(qtbot, window, settings):
     assert settings.benchmark_results == [] and kept.empty.isVisibleTo(kept)
 
 
+def test_benchmark_int8_options_reach_the_request(window):
+    page = window.pages["benchmark"]
+    page.set_preset(has_gpu=False)
+    assert not page.cuda_graphs.isEnabled() and page.request().cuda_graphs is False
+    assert page.request().rotate == "none"
+    page.rotation.setCurrentIndex(page.rotation.findData("all"))
+    assert page.request().rotate == "all"
+    page.set_preset(has_gpu=True)
+    page.cuda_graphs.setChecked(True)
+    assert page.cuda_graphs.isEnabled() and page.request().cuda_graphs is True
+
+
+def test_convert_rotation_choice_reaches_the_request_and_the_output_name(window):
+    page = window.pages["convert"]
+    assert page.request().rotate == "none"
+    page.rotations.set_value("down")
+    assert page.request().rotate == "down"
+    assert page.output.combo.lineEdit().placeholderText().endswith("-int8-rowwise-rotdown.safetensors")
+
+
 def test_benchmark_offers_only_models_that_can_run(window):
     def runs(arch: Architecture, config: dict) -> bool:
         try:

@@ -66,6 +66,15 @@ def test_compiled_formats(monkeypatch):
     assert rows["bf16+compile"].relative_error < 1e-2
 
 
+def test_rotated_int8_is_measured_and_labelled():
+    """Chroma's tiny MLP output layers are 256 wide: the only ones a group of 256 can rotate."""
+    plain = run_bench(BenchRequest("chroma-tiny", formats=("bf16", "int8"), **SMALL))
+    rotated = run_bench(BenchRequest("chroma-tiny", formats=("bf16", "int8"), rotate="down", **SMALL))
+    check_rows(rotated, ("bf16", "int8"))
+    assert rotated.scheme == "rowwise, down-projections rotated"
+    assert rotated.rows[1].relative_error != plain.rows[1].relative_error  # other int8 values
+
+
 def test_bench_a_file(tmp_path):
     ckpt = write_single_file(tmp_path / "klein.safetensors", "flux2", prefix="model.diffusion_model.")
     result = run_bench(BenchRequest(str(ckpt.path), formats=("bf16", "int8"), **SMALL))
@@ -105,6 +114,7 @@ def test_cancel():
         ({"steps": 0}, "steps must be at least 1, got 0"),
         ({"text_tokens": 0}, "text tokens must be at least 1, got 0"),
         ({"scheme": "blockwise"}, "unknown scheme 'blockwise'; choose from tensorwise, rowwise"),
+        ({"rotate": "some"}, "unknown rotation 'some'; choose from none, down, all"),
         (
             {"device": "cuda"},
             "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one",

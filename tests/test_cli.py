@@ -47,6 +47,21 @@ def test_convert_writes_the_file_and_says_what_it_did(tmp_path, capsys):
         assert "layers.0.attention.qkv.weight_scale" not in f.keys()  # noqa: SIM118
 
 
+def test_convert_rotate_marks_the_rotated_layers(tmp_path, capsys):
+    ckpt = write_single_file(tmp_path / "c.safetensors", "chroma")
+    code, out, err = run(capsys, "convert", ckpt.path, "--scheme", "rowwise", "--rotate", "down")
+    output = tmp_path / "c-int8-rowwise-rotdown.safetensors"
+    assert (code, err) == (0, "")
+    assert out.startswith(f"wrote {output}: Chroma ") and "int8 rowwise (4 Hadamard-rotated)" in out
+    with safe_open(str(output), "pt") as f:
+        assert f.metadata()["int8_studio.rotate"] == "down"
+        marker = json.loads(bytes(f.get_tensor("double_blocks.0.img_mlp.2.comfy_quant").tolist()))
+    assert marker == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(ckpt.path), "--rotate", "half"])
+    assert e.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
+
+
 def test_keep_repeats_splits_on_commas_and_never_takes_the_source(tmp_path, capsys):
     ckpt = write_single_file(tmp_path / "m.safetensors", "zimage")
     code, _, err = run(capsys, "convert", "--keep", "layers.0.*", "--keep", "layers.2.*, noise_refiner.*", ckpt.path)
