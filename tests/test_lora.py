@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import CheckpointError, CheckpointReader
+from engine.convert import ConvertRequest, run_convert
+from engine.int8.rotation import hadamard
 from engine.jobs import Cancelled, CancelToken, OutputExistsError
 from engine.lora import MODES, LoraError, LoraFile, LoraMergeRequest, LoraSpec, guess_target, run_lora_merge
 from engine.lora.job import LORAS_METADATA
@@ -495,20 +497,34 @@ def test_bad_requests(tmp_path):
     )  # fmt: skip
 
 
-def test_rotated_weights_are_refused(tmp_path):
-    model = tiny_model(tmp_path, "flux2", "int8_rowwise", dtype=torch.bfloat16)
-    tensors = load_file(str(model.path))
-    marker = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
-    tensors["single_blocks.0.linear1.comfy_quant"] = torch.tensor(
-        list(json.dumps(marker).encode()), dtype=torch.uint8
+@pytest.mark.parametrize("mode", ["requant", "stochastic"])
+def test_lora_merges_into_rotated_weights(tmp_path, mode):
+    """Chroma's tiny MLP outputs are 256 wide: converted with every possible layer rotated, the
+    LoRA's change lands on the un-rotated weights and is stored rotated like them."""
+    source = tiny_model(tmp_path, "chroma", dtype=torch.bfloat16)
+    model_path = run_convert(ConvertRequest(source.path, scheme="rowwise", rotate="all")).output
+    converted = load_file(str(model_path))
+    model = TinyCheckpoint(model_path, source.arch, source.config, converted, converted)
+    target = "double_blocks.0.img_mlp.2.weight"
+    lora = write_lora(tmp_path / "lora.safetensors", "chroma", "kohya", only=(r"double_blocks\.0\.img_mlp\.2$",))
+    s = 4.0  # a change of several int8 steps: both modes keep it
+    result, merged = merge(tmp_path, model, (lora, s), mode=mode, seed=7)
+    h = hadamard(256, dtype=torch.float64)
+
+    def unrotated(tensors, name):
+        w = dequantized(tensors)[name]
+        return (w.reshape(w.shape[0], -1, 256) @ h).reshape(w.shape)
+
+    step = merged[target.replace(".weight", ".weight_scale")].double()
+    want = lora.merged({target: unrotated(converted, target)}, s)[target]
+    error = unrotated(merged, target) - want
+    assert (error.abs() <= 16 * step * (1.0 if mode == "stochastic" else 0.5) + 1e-6).all()  # 256 errors × 1/16
+    assert result.stats.kept > 0.95 and result.stats.layers == 1
+    untouched = "double_blocks.0.txt_mlp.2.weight"
+    assert torch.equal(merged[untouched], converted[untouched])
+    assert bytes(merged[target.replace(".weight", ".comfy_quant")].tolist()) == bytes(
+        converted[target.replace(".weight", ".comfy_quant")].tolist()
     )
-    save_file(tensors, str(model.path))
-    lora = write_lora(tmp_path / "lora.safetensors", "flux2", "kohya", only=("single_blocks.0.linear1",))
-    message = (
-        "layer 'single_blocks.0.linear1' is stored Hadamard-rotated; merging LoRAs into rotated weights is "
-        "not supported yet: merge into the unrotated model, or use the LoRA unmerged"
-    )
-    run_expecting(tmp_path, LoraError, message, model, (lora, 1.0))
 
 
 def test_cancel_leaves_nothing(tmp_path):

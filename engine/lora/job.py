@@ -25,6 +25,7 @@ from engine.lora.files import LoraError, LoraFile
 from engine.lora.mapping import LoraMatch, match_model
 from engine.lora.merge import MODES, Applied, MergeStats, Mode, merge_float, merge_int8
 from engine.models import DetectedModel, OutputTensor, detect
+from engine.models.build import layer_rotations
 
 LORAS_METADATA = METADATA_PREFIX + "loras"  # JSON list of {"name", "strength"}, oldest merge first
 WARN_KEPT = 0.5  # below this fraction of the LoRAs' change kept, the result carries a warning
@@ -94,7 +95,7 @@ def run_lora_merge(
         def build(name: str) -> torch.Tensor:
             return by_name[name].build([reader.get(s) for s in by_name[name].sources])
 
-        _refuse_rotated([name for name in applied if name in scales], build)
+        rotations = layer_rotations(reader, model)
         stats = MergeStats()
         pending: dict[str, torch.Tensor] = {}  # new scales of int8 weights, written right after them
         report = Reporter(progress, "merge", len(plan))
@@ -107,7 +108,7 @@ def run_lora_merge(
                 if t.name in applied and t.name in scales:
                     tensor, pending[scales[t.name]] = merge_int8(
                         t.name, tensor, build(scales[t.name]), applied[t.name], request.mode, request.seed,
-                        stats, device,
+                        stats, device, rotations.get(t.name.removesuffix(".weight"), 0),
                     )  # fmt: skip
                 elif t.name in applied:
                     tensor = merge_float(tensor, applied[t.name], device)
@@ -151,24 +152,6 @@ def _scales_after_weights(plan: list[OutputTensor], scales: Mapping[str, str]) -
         if t.name in scales:
             ordered.append(by_name[scales[t.name]])
     return ordered
-
-
-def _refuse_rotated(weights: list[str], build) -> None:
-    for weight in weights:
-        layer = weight.removesuffix(".weight")
-        try:
-            marker = json.loads(bytes(build(f"{layer}.comfy_quant").tolist()))
-        except KeyError:
-            continue
-        except ValueError:
-            raise LoraError(
-                f"the model's '{layer}.comfy_quant' is not valid JSON: the model is corrupt"
-            ) from None
-        if isinstance(marker, dict) and marker.get("convrot"):
-            raise LoraError(
-                f"layer '{layer}' is stored Hadamard-rotated; merging LoRAs into rotated weights is not "
-                "supported yet: merge into the unrotated model, or use the LoRA unmerged"
-            )
 
 
 def _metadata(source: Mapping[str, str], request: LoraMergeRequest) -> dict[str, str]:

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from engine.int8.quantize import QMAX, dequantize_weight, quantize_weight
+from engine.int8.rotation import rotate
 from engine.lora.delta import apply_
 from engine.lora.files import LoraFile
 from engine.lora.mapping import Patch
@@ -119,12 +120,16 @@ def merge_int8(
     seed: int,
     stats: MergeStats,
     device: torch.device,
+    rotation: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(int8 weight, scale)`` with the patches applied; the scale keeps its shape ([], [out, 1], …)."""
+    """``(int8 weight, scale)`` with the patches applied; the scale keeps its shape ([], [out, 1], …).
+
+    A weight stored Hadamard-rotated (``rotation``: its group size) is merged in its stored basis:
+    the LoRAs' change is computed on the un-rotated weight, then rotated like the weight was."""
     q, scale = q.to(device), scale.to(device)
     original = dequantize_weight(q, scale)
-    merged = patch_(original.clone(), applied)
-    change = merged - original
+    change = _change(original, applied, rotation)
+    merged = original + change
     change_sq = float(change.square().sum())
     if mode != "stochastic":
         scheme = "tensorwise" if scale.numel() == 1 else "rowwise"
@@ -139,6 +144,14 @@ def merge_int8(
         error_sq, kept_dot = _against(new_q, new_scale, original, change)
     stats.add(name, used, error_sq, change_sq, kept_dot)
     return new_q.cpu(), new_scale.cpu()
+
+
+def _change(stored: torch.Tensor, applied: Sequence[Applied], rotation: int) -> torch.Tensor:
+    """What the patches add to a weight, in the basis it is stored in. The rotation is applied to
+    the change only, so untouched values get no float32 noise from a round trip."""
+    weight = rotate(stored, rotation) if rotation else stored
+    change = patch_(weight.clone(), applied).sub_(weight)
+    return rotate(change, rotation) if rotation else change
 
 
 def _against(
