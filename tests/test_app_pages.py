@@ -11,7 +11,7 @@ import pytest
 import torch
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QPalette
-from PySide6.QtWidgets import QApplication, QMessageBox
+from PySide6.QtWidgets import QApplication, QLabel, QMessageBox
 
 from app.settings import Settings
 from app.ui.main_window import MainWindow
@@ -338,6 +338,21 @@ def test_convert_rotation_choice_reaches_the_request_and_the_output_name(window)
     page.rotations.set_value("down")
     assert page.request().rotate == "down"
     assert page.output.combo.lineEdit().placeholderText().endswith("-int8-rowwise-rotdown.safetensors")
+
+
+@pytest.mark.parametrize("width", [1000, 1280, 1600])
+def test_choice_tiles_are_tall_enough_for_their_wrapped_text(qtbot, window, width):
+    """Narrow windows wrap the descriptions onto more lines: no tile may cut them off."""
+    window.show_page("convert")
+    window.resize(width, 900)
+    page = window.pages["convert"]
+    hints = [label for choices in (page.schemes, page.rotations) for tile in choices.tiles.values()
+             for label in tile.findChildren(QLabel)]  # fmt: skip
+
+    def fits() -> bool:
+        return all(label.height() >= label.heightForWidth(label.width()) for label in hints)
+
+    qtbot.waitUntil(fits, timeout=WAIT)
 
 
 def test_benchmark_offers_only_models_that_can_run(window):

@@ -238,6 +238,14 @@ class Choices(QWidget):
         self.group.buttonToggled.connect(self._on_toggled)
         self.set_value(next(iter(options)))
 
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        # Wrapped descriptions need more height as the tiles get narrower; the form around this
+        # widget sizes rows from their size hints, so ask for the height this width needs.
+        super().resizeEvent(event)
+        needed = self.layout().heightForWidth(event.size().width())
+        if needed > 0 and needed != self.minimumHeight():
+            self.setMinimumHeight(needed)
+
     def value(self) -> str:
         return self.group.checkedButton().property("key")
 
