@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from fnmatch import fnmatchcase
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from engine.int8 import kernels, ops
 from engine.int8.linear import Int8Linear, QuantizedLayerError
 from engine.int8.quantize import dequantize_weight, quantize_weight
 from engine.int8.rotation import RotationError, hadamard, marker_group, rotate
+from engine.models.spec import REGISTRY
 from tests.int8_reference import assert_within_int8_rounding
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -207,3 +209,21 @@ def test_lora_term_of_a_rotated_layer_acts_on_the_unrotated_input(backend):
         out = ops.int8_linear(x, w_int8, w_scale, lora=lora, rotation=256)
     term = (x.double() @ lora.down.double().T * lora.scale.double()) @ lora.up.double().T
     torch.testing.assert_close(out.double(), plain.double() + term, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_down_projection_patterns_name_quantized_layers_of_every_architecture(arch):
+    """The layers a ``down`` conversion rotates exist, and they are all int8 (rotating a bf16 layer
+    would mean nothing)."""
+    a = REGISTRY[arch]
+    shapes = a.tensor_shapes(next(iter(a.tiny.values())))
+    down = [n for n in shapes if any(fnmatchcase(n, p) for p in a.down_projections)]
+    assert down, f"{arch}: no layer matches {a.down_projections}"
+    assert all(len(shapes[n]) == 2 and not a.keeps_high_precision(n, shapes[n]) for n in down)
+    for name, shape in shapes.items():
+        if len(shape) != 2 or a.keeps_high_precision(name, shape):
+            continue
+        fits = 256 if shape[1] % 256 == 0 else 0
+        assert a.rotation_for(name, shape, "none") == 0
+        assert a.rotation_for(name, shape, "all") == fits
+        assert a.rotation_for(name, shape, "down") == (fits if name in down else 0)
