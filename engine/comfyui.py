@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from engine.checkpoint import CheckpointReader, format_bytes
+from engine.int8.rotation import RotationError, check_group, marker_group
 from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
 from engine.lora.files import LoraFile
 from engine.models import detect
@@ -345,16 +346,18 @@ def _json_value(path: Path, key: str) -> str | None:
 # --- verification -------------------------------------------------------------------------------
 
 
-def check_int8_layers(reader: CheckpointReader) -> int:
-    """Check what ComfyUI's INT8 loaders need of every int8 weight; return the number of int8 layers.
+def check_int8_layers(reader: CheckpointReader) -> tuple[int, int]:
+    """Check what ComfyUI's INT8 loaders need of every int8 weight; return the number of int8 layers
+    and how many of them are Hadamard-rotated.
 
     Each ``L.weight`` of dtype int8 needs a float32 ``L.weight_scale`` of shape ``[]``, ``[1]``,
     ``[out]`` or ``[out, 1]``, and an int8 format marker: the ``L.comfy_quant`` tensor, or its entry
     in the header's ``_quantization_metadata`` (ComfyUI turns one into the other); where both exist
-    they must agree, and the metadata may name no layer the file lacks.
+    they must agree, and the metadata may name no layer the file lacks. A rotated layer's group size
+    must be a power of 4 that divides its input width.
     """
     listed = _listed_layers(reader)
-    count = 0
+    count = rotated = 0
     for name, info in reader.tensors.items():
         if info.dtype != "I8" or not name.endswith(".weight"):
             continue
@@ -383,11 +386,17 @@ def check_int8_layers(reader: CheckpointReader) -> int:
         fmt = str((marker or entry).get("format", ""))
         if not fmt.startswith(INT8_FORMAT_PREFIX):
             raise ExportError(f"int8 layer '{layer}' is marked with format '{fmt}', not an int8 format")
+        try:
+            if group := marker_group(marker or entry):
+                check_group(group, info.shape[-1])
+        except RotationError as e:
+            raise ExportError(f"int8 layer '{layer}' is marked rotated, but {e}") from None
         count += 1
+        rotated += bool(group)
     for layer in listed:
         if f"{layer}.weight" not in reader:
             raise ExportError(f"{QUANT_METADATA} lists layer '{layer}', which the file does not have")
-    return count
+    return count, rotated
 
 
 def _listed_layers(reader: CheckpointReader) -> dict[str, dict]:
@@ -428,9 +437,12 @@ def verify_export(path: Path, kind: str) -> str:
         with LoraFile(path) as lora:
             return f"{lora.kinds}, {len(lora.layers)} layers"
     with CheckpointReader(path) as reader:
-        int8_layers = check_int8_layers(reader)
+        int8_layers, rotated = check_int8_layers(reader)
         model = detect(reader)
     what = f"{model.label}, {model.source_format}"
+    if rotated:
+        needs = "needs a ComfyUI that reads 'convrot'"
+        return f"{what} ({int8_layers} int8 layers, {rotated} Hadamard-rotated: {needs})"
     return f"{what} ({int8_layers} int8 layers)" if int8_layers else what
 
 

@@ -29,6 +29,7 @@ from engine.comfyui import (
     read_extra_model_paths,
     run_export,
 )
+from engine.convert import ConvertRequest, run_convert
 from engine.jobs import Cancelled, CancelToken, OutputExistsError
 from engine.lora.files import LoraError
 from engine.models import UnknownModelError
@@ -504,13 +505,24 @@ def broken(tensors: dict[str, torch.Tensor], problem: str):
     elif problem == "extra listed":
         listed["double_blocks.99.img_attn.qkv"] = {"format": "int8_tensorwise"}
         message = "_quantization_metadata lists layer 'double_blocks.99.img_attn.qkv', which the file does not have"
+    elif problem == "bad rotation":
+        entry = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+        tensors[f"{layer}.comfy_quant"], listed[layer] = marker(entry), entry
+        inputs = tensors[f"{layer}.weight"].shape[1]
+        message = (
+            f"int8 layer '{layer}' is marked rotated, but Hadamard group size 256 does not divide the "
+            f"layer's {inputs} inputs"
+        )
     elif problem == "bad metadata":
         listed = ["not", "layers"]
         message = 'the header\'s _quantization_metadata is not JSON of the form {"layers": {layer: {...}}}'
     return tensors, {"_quantization_metadata": json.dumps({"layers": listed})}, message
 
 
-PROBLEMS = ["scale dtype", "scale shape", "no marker", "disagree", "not int8", "bad marker", "extra listed", "bad metadata"]
+PROBLEMS = [
+    "scale dtype", "scale shape", "no marker", "disagree", "not int8", "bad marker", "extra listed", "bad rotation",
+    "bad metadata",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -540,6 +552,15 @@ def test_a_consistent_file_with_both_markers_exports(tmp_path, comfy):
 
 
 QUANT = "_quantization_metadata"
+
+
+def test_a_rotated_file_exports_and_says_what_it_needs(tmp_path, comfy):
+    source = write_single_file(tmp_path / "c.safetensors", "chroma").path
+    rotated = run_convert(ConvertRequest(source, scheme="rowwise", rotate="down")).output
+    result = run_export(ExportRequest(rotated, comfy / "models" / "diffusion_models"))
+    assert result.description.endswith(
+        "(22 int8 layers, 4 Hadamard-rotated: needs a ComfyUI that reads 'convrot')"
+    )
 
 
 def test_export_refuses_what_is_not_a_model(tmp_path, comfy):
