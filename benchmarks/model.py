@@ -10,6 +10,11 @@ JSON to ``--out``. Run on a GPU machine:
 
     PYTHONPATH=. python3 benchmarks/model.py flux2-klein-9b:1024 zimage-turbo:1024 \
         [--steps N] [--profile flux2-klein-9b:1024 ...] [--out DIR]
+
+The error budget alone runs anywhere, on full-width models with fewer blocks on a CPU:
+
+    PYTHONPATH=. python3 benchmarks/model.py flux2-klein-4b:256 --errors-only --device cpu \
+        --depth double_blocks=1,single_blocks=2
 """
 
 from __future__ import annotations
@@ -79,10 +84,14 @@ def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
     return {**shares, "GPU total": sum(shares.values()), "wall": wall * 1e3}
 
 
-def error_budget(name: str, resolution: int, device: torch.device) -> dict[str, dict[str, float]]:
+def error_budget(
+    name: str, resolution: int, device: torch.device, depth: dict[str, int] | None = None
+) -> dict[str, dict[str, float]]:
     """Relative error of the output against float32 with the same (bf16) weights, and against bf16,
-    for bf16 and for variants of int8 and fp8: where the quantization error comes from."""
+    for bf16 and for variants of int8 and fp8: where the quantization error comes from. ``depth``
+    overrides block counts (a full-width model with fewer blocks fits a CPU); fp8 needs CUDA."""
     arch, config, _ = named_config(name)
+    config = {**config, **(depth or {})}
     variants = {
         "bf16": lambda m: m,
         "int8 rowwise": lambda m: quantize_model(m, arch, "rowwise"),
@@ -92,6 +101,8 @@ def error_budget(name: str, resolution: int, device: torch.device) -> dict[str, 
         "int8 rowwise, all rotated": lambda m: quantize_model(m, arch, "rowwise", "all"),
         "fp8 rowwise": lambda m: replace_linears(m, arch, lambda _, linear: Fp8Linear(linear)),
     }
+    if device.type != "cuda":
+        del variants["fp8 rowwise"]
     model = random_model(arch, config, device, DTYPE, SEED)
     inputs = model.random_inputs(1, resolution, seed=SEED)
     with torch.no_grad():
@@ -127,6 +138,18 @@ def keep_down_projections(arch):
     return make
 
 
+def depth_overrides(text: str) -> dict[str, int]:
+    """``"double_blocks=1,single_blocks=2"`` → ``{"double_blocks": 1, "single_blocks": 2}``."""
+    pairs = (item.split("=") for item in text.split(",") if item)
+    return {key.strip(): int(value) for key, value in pairs}
+
+
+def print_errors(run: str, budget: dict[str, dict[str, float]]) -> None:
+    print(f"Relative error of the output of {run}")
+    for variant, errors in budget.items():
+        print(f"{variant:<40}" + "".join(f"{k} {v:7.2%}   " for k, v in errors.items()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="NAME:RESOLUTION, e.g. flux2-klein-9b:1024")
@@ -136,9 +159,24 @@ def main() -> None:
         "--profile", nargs="*", default=None, help="NAME:RESOLUTION to profile (default: the first run)"
     )
     parser.add_argument("--no-errors", action="store_true", help="profile without the error budget")
+    parser.add_argument(
+        "--errors-only", action="store_true", help="only the error budget of each run (no timing, no profile)"
+    )
+    parser.add_argument("--device", default="cuda", help="where --errors-only runs (cpu: use --depth)")
+    parser.add_argument(
+        "--depth", type=depth_overrides, default={}, metavar="KEY=N[,KEY=N]",
+        help="block counts for --errors-only, e.g. double_blocks=1,single_blocks=2",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.errors_only:
+        for run in args.runs:
+            name, _, resolution = run.partition(":")
+            budget = error_budget(name, int(resolution), torch.device(args.device), args.depth)
+            (args.out / f"model-errors-{name}-{resolution}.json").write_text(json.dumps(budget, indent=2))
+            print_errors(run, budget)
+        return
     results = []
     for run in args.runs:
         name, _, resolution = run.partition(":")
@@ -156,9 +194,7 @@ def main() -> None:
         (args.out / f"model-profile-{name}-{resolution}.json").write_text(
             json.dumps({"errors": budget, "profile": profiles}, indent=2)
         )
-        print(f"Relative error of the output of {run}")
-        for variant, errors in budget.items():
-            print(f"{variant:<40}" + "".join(f"{k} {v:7.2%}   " for k, v in errors.items()))
+        print_errors(run, budget)
         columns = list(profiles["bf16"])
         print(f"GPU time of one step of {run}, ms")
         print("format        " + "".join(f"{c:>14}" for c in columns))
