@@ -91,7 +91,9 @@ def child(args: argparse.Namespace) -> None:
         os.fsync(fd)
         os.close(fd)
     elif args.child == "convert":
-        request = ConvertRequest(args.source, args.output, args.scheme, overwrite=True, device=args.device)
+        request = ConvertRequest(
+            args.source, args.output, args.scheme, overwrite=True, device=args.device, rotate=args.rotate
+        )
         run_convert(request)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -114,7 +116,7 @@ def peak_rss() -> int:
 
 def measure(kind: str, args: argparse.Namespace, source: Path, output: Path) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", kind, "--source", str(source), "--output", str(output)]
-    command += ["--scheme", args.scheme] + (["--device", args.device] if args.device else [])
+    command += ["--scheme", args.scheme, "--rotate", args.rotate] + (["--device", args.device] if args.device else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"{kind} failed:\n{done.stderr}")
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="all 8 double + 24 single blocks (18 GB)")
     parser.add_argument("--device", help="where quantization runs (cpu, cuda; default: the GPU if any)")
     parser.add_argument("--scheme", choices=("tensorwise", "rowwise"), default="tensorwise")
+    parser.add_argument("--rotate", choices=("none", "down", "all"), default="none", help="Hadamard rotation")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/int8-studio-bench"))
     parser.add_argument("--build-only", action="store_true", help="only write the source (for a later run)")
     parser.add_argument("--cache", choices=("cold", "warm", "both"), default="both", help="which runs")
@@ -159,7 +162,7 @@ def main() -> None:
     )
     device = args.device or ("cuda" if _has_cuda() else "cpu")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"device: {device}, scheme {args.scheme}, {os.cpu_count()} CPUs, load average {load}")
+    print(f"device: {device}, scheme {args.scheme}, rotate {args.rotate}, {os.cpu_count()} CPUs, load average {load}")
 
     baseline = measure("idle", args, source, args.workdir / "idle")
     rows = []

@@ -41,6 +41,14 @@ def test_hadamard_of_256_is_the_kronecker_square_of_16():
     assert torch.equal(hadamard(256, dtype=torch.float64), torch.kron(h16, h16))
 
 
+@pytest.mark.parametrize("group", [4, 16, 64, 256, 1024])
+def test_rotate_is_the_product_with_the_dense_matrix(group):
+    """rotate() multiplies by the Kronecker factors of H; the result is the dense product's."""
+    x = torch.randn(5, 3 * group)
+    dense = (x.double().reshape(5, -1, group) @ hadamard(group, dtype=torch.float64)).reshape(x.shape)
+    torch.testing.assert_close(rotate(x, group).double(), dense, rtol=0, atol=1e-5)
+
+
 def test_rotating_twice_gives_the_input_back():
     x = torch.randn(7, 3, 512)
     y = rotate(x, 256)

@@ -80,26 +80,27 @@ def quantize_weight(
         part = w[start : start + chunks.step].to(device)
         return rotate(part, rotation) if rotation else part
 
-    row_absmax = torch.empty(rows, dtype=torch.float32)
-    for start in chunks:  # in w's own dtype (no float32 copy); amax + amin beat aminmax along rows
-        part = part_of(start)
+    def row_absmax(part: torch.Tensor) -> torch.Tensor:
+        # in the part's own dtype (no float32 copy); amax + amin beat aminmax along rows
         absmax = torch.maximum(-part.amin(dim=1).float(), part.amax(dim=1).float())
-        row_absmax[start : start + chunks.step] = absmax.cpu()
-    if not torch.isfinite(row_absmax).all():  # NaN propagates through amax and amin
-        raise ValueError("weight contains NaN or Inf values")
+        if not torch.isfinite(absmax).all():  # NaN propagates through amax and amin
+            raise ValueError("weight contains NaN or Inf values")
+        return absmax
 
-    if scheme == "tensorwise":
-        scale = absmax_scale(row_absmax.amax() if rows else torch.tensor(0.0))
-    else:
-        scale = absmax_scale(row_absmax).unsqueeze(1)
-
+    tensor_scale = None
+    if scheme == "tensorwise":  # the whole weight's absmax first: a pass of its own
+        absmax = max((float(row_absmax(part_of(start)).max()) for start in chunks), default=0.0)
+        tensor_scale = absmax_scale(torch.tensor(absmax))
     q = torch.empty(rows, cols, dtype=torch.int8)
+    row_scale = torch.empty(rows, 1)
     scratch = torch.empty(min(rows, chunks.step) * cols, dtype=torch.float32, device=device)
-    for start in chunks:
+    for start in chunks:  # row-wise: one pass, each row scaled by its own absmax
         part = part_of(start)
-        part_scale = scale if scheme == "tensorwise" else scale[start : start + chunks.step]
+        part_scale = absmax_scale(row_absmax(part)).unsqueeze(1) if tensor_scale is None else tensor_scale
         q[start : start + chunks.step] = quantize_with_scale(part, part_scale.to(device), scratch).cpu()
-    return q, scale
+        if tensor_scale is None:
+            row_scale[start : start + chunks.step] = part_scale.cpu()
+    return q, row_scale if tensor_scale is None else tensor_scale
 
 
 def dequantize_weight(

@@ -70,10 +70,16 @@ def _hadamard(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
 def rotate(t: torch.Tensor, group: int) -> torch.Tensor:
     """``t`` [..., K] with each group of ``group`` channels multiplied by ``H``, in float32.
 
-    Rotating twice gives ``t`` back (up to float32 rounding)."""
+    ``H`` of order a·b is ``H_a ⊗ H_b``, so a group seen as an a×b matrix X becomes ``H_a·X·H_b``:
+    a + b multiply-adds per value instead of a·b (32 instead of 256 for groups of 256). Rotating twice
+    gives ``t`` back (up to float32 rounding)."""
     check_group(group, t.shape[-1])
-    h = hadamard(group, t.device)
-    return (t.float().reshape(*t.shape[:-1], -1, group) @ h).reshape(t.shape)
+    a = 4 ** (round(math.log(group, 4)) // 2)
+    b = group // a
+    x = t.float().reshape(-1, a, b) @ hadamard(b, t.device)
+    if a > 1:
+        x = hadamard(a, t.device) @ x
+    return x.reshape(t.shape)
 
 
 def parse_marker(marker: torch.Tensor, name: str) -> dict[str, object]:
