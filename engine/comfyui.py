@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from engine.checkpoint import CheckpointReader, format_bytes
+from engine.info import QUANT_METADATA, listed_layers
 from engine.int8.rotation import RotationError, check_group, marker_group
 from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
 from engine.lora.files import LoraFile
@@ -52,7 +53,6 @@ DESKTOP_PATHS_FILE = "extra_models_config.yaml"
 FREE_SPACE_RESERVE = 100_000_000  # never fill a disk to the last byte
 COPY_CHUNK = 16 << 20
 INT8_FORMAT_PREFIX = "int8"
-QUANT_METADATA = "_quantization_metadata"
 
 
 class ComfyUIError(JobError):
@@ -400,13 +400,11 @@ def check_int8_layers(reader: CheckpointReader) -> tuple[int, int]:
 
 
 def _listed_layers(reader: CheckpointReader) -> dict[str, dict]:
+    """The header's per-layer entries; {} without the key, an error when it is malformed."""
     if QUANT_METADATA not in reader.metadata:
         return {}
-    try:
-        layers = json.loads(reader.metadata[QUANT_METADATA])["layers"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        layers = None
-    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+    layers = listed_layers(reader.metadata)
+    if layers is None or not all(isinstance(v, dict) for v in layers.values()):
         form = '{"layers": {layer: {...}}}'
         raise ExportError(f"the header's {QUANT_METADATA} is not JSON of the form {form}")
     return layers

@@ -30,6 +30,8 @@ INT8_FORMAT = "int8_tensorwise"
 """The comfy_quant format of both schemes: ComfyUI reads the granularity off the scale's shape."""
 METADATA_PREFIX = "int8_studio."
 SHA256_KEY = METADATA_PREFIX + "source_sha256"
+ROTATION_SUFFIX = {"none": "", "down": "-rotdown", "all": "-rotated"}
+"""What each rotation policy adds to the default output name."""
 HASH_CHUNK = 8 << 20
 
 
@@ -86,8 +88,7 @@ def default_output(model: DetectedModel, reader: CheckpointReader, scheme: str, 
     diffusers model folder."""
     root = source_root(model, reader)
     stem = root.name.removesuffix(".safetensors") if root.is_file() else root.name
-    rotated = {"none": "", "down": "-rotdown", "all": "-rotated"}[rotate]
-    return root.parent / f"{stem}-int8-{scheme}{rotated}.safetensors"
+    return root.parent / f"{stem}-int8-{scheme}{ROTATION_SUFFIX[rotate]}.safetensors"
 
 
 def run_convert(
@@ -198,8 +199,7 @@ def _check_output(request: ConvertRequest, model: DetectedModel, reader: Checkpo
 
     The writer checks the target again (and the free space) when it opens.
     """
-    output = request.output or default_output(model, reader, request.scheme, request.rotate)
-    output = Path(output)
+    output = Path(request.output or default_output(model, reader, request.scheme, request.rotate))
     if output.suffix != ".safetensors":
         raise ConvertError(f"the output {output.name} must be a .safetensors file")
     if any(output.resolve() == f.resolve() for f in reader.files):

@@ -7,6 +7,7 @@ Reads headers only, plus the few tiny ``comfy_quant`` marker tensors.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from engine.jobs import JobError
 from engine.models import detect
 
 QUANT_METADATA = "_quantization_metadata"
+
+
+def listed_layers(metadata: Mapping[str, str]) -> dict[str, object] | None:
+    """The per-layer entries of ComfyUI's ``_quantization_metadata`` header key (``{"layers": {layer:
+    entry}}``); None when the key is absent or not of that form."""
+    try:
+        layers = json.loads(metadata[QUANT_METADATA])["layers"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return layers if isinstance(layers, dict) else None
 
 
 @dataclass(frozen=True)
@@ -97,11 +108,8 @@ def _markers(reader: CheckpointReader) -> dict[str, object]:
     counts: dict[str, int] = {}
     for text in tensors.values():
         counts[text] = counts.get(text, 0) + 1
-    try:
-        layers = json.loads(reader.metadata[QUANT_METADATA])["layers"]
-    except (KeyError, TypeError, json.JSONDecodeError):
-        return {"markers": counts}
-    if not isinstance(layers, dict):
+    layers = listed_layers(reader.metadata)
+    if layers is None:
         return {"markers": counts}
     mismatches = sorted(
         layer

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError, TensorInfo, read_header
-from engine.comfyui import MODEL_EXTENSIONS, QUANT_METADATA, ComfyInstall
+from engine.comfyui import MODEL_EXTENSIONS, ComfyInstall
+from engine.info import listed_layers
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.lora.files import KIND_LABELS, SUFFIXES
 from engine.models import detect_tensors
@@ -166,11 +167,9 @@ def _rotated(path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str
     The header's ``_quantization_metadata`` says so for every layer; without it, the first
     ``comfy_quant`` marker (a few bytes) is read.
     """
-    try:
-        layers = json.loads(metadata[QUANT_METADATA])["layers"]
+    layers = listed_layers(metadata)
+    if layers is not None:
         return any(isinstance(v, dict) and v.get("convrot") for v in layers.values())
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
-        pass
     marker = next((t for n, t in tensors.items() if n.endswith(".comfy_quant")), None)
     if marker is None:
         return False

@@ -33,7 +33,7 @@ from app.ui.widgets import (
 )
 from app.workers import Job
 from engine.checkpoint import format_bytes
-from engine.convert import ConvertRequest, ConvertResult, run_convert
+from engine.convert import ROTATION_SUFFIX, ConvertRequest, ConvertResult, run_convert
 from engine.demo import build_demo_model
 from engine.info import CheckpointInfo, inspect_checkpoint
 
@@ -65,7 +65,6 @@ ROTATIONS = {
         "Rotates every layer it can: the lowest error, ~9% slower. Needs a ComfyUI that reads 'convrot'.",
     ),
 }
-ROTATION_SUFFIX = {"none": "", "down": "-rotdown", "all": "-rotated"}
 SCHEME_NAMES = {"rowwise": "row-wise", "tensorwise": "tensor-wise"}
 FIRST_BLOCKS = {
     "flux2": ("double_blocks.0.*", "single_blocks.0.*"),

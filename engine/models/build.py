@@ -9,7 +9,6 @@ high-precision rules.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from engine.checkpoint import CheckpointReader
 from engine.int8.linear import Int8Linear
-from engine.info import QUANT_METADATA
+from engine.info import listed_layers
 from engine.int8.quantize import Scheme
 from engine.int8.rotation import RotationPolicy, marker_group, parse_marker
 from engine.jobs import CancelToken, JobError
@@ -153,7 +152,7 @@ def layer_rotations(reader: CheckpointReader, detected: DetectedModel) -> dict[s
     ``comfy_quant`` marker or, for a layer without one, its entry in the header's
     ``_quantization_metadata``. Layers missing here are not rotated."""
     markers = {t.name: t for t in detected.tensors if t.name.endswith(".comfy_quant")}
-    listed = _listed_layers(reader.metadata)
+    listed = listed_layers(reader.metadata) or {}
     groups = {}
     for layer, fmt in detected.layer_formats.items():
         if not fmt.startswith("int8"):
@@ -166,15 +165,6 @@ def layer_rotations(reader: CheckpointReader, detected: DetectedModel) -> dict[s
         if group := marker_group(entry):
             groups[layer] = group
     return groups
-
-
-def _listed_layers(metadata: dict[str, str]) -> dict[str, dict]:
-    """The per-layer entries of ComfyUI's ``_quantization_metadata`` header key ({} if absent)."""
-    try:
-        layers = json.loads(metadata[QUANT_METADATA])["layers"]
-    except (KeyError, TypeError, ValueError):
-        return {}
-    return layers if isinstance(layers, dict) else {}
 
 
 def _check_shape(detected: DetectedModel, expected: dict, name: str, tensor: torch.Tensor) -> None:
