@@ -5,6 +5,9 @@ Two kernels:
 * ``quantize_rows``: per-token (per-row) symmetric int8 quantization of the activations. Each program
   owns a few rows and loops over K twice (absmax, then quantize); the second read of a row hits L2, so
   DRAM sees one read of ``x`` and one write of ``q``. Any K works: no row has to fit in registers.
+  It can also take a down-projection's input before its activation (SwiGLU, GELU, optionally after a
+  concatenated prefix) and apply the activation on the way in, so the activation's bf16 output is
+  never written and read back; ``quantize_rotated_rows`` does the same with a Hadamard rotation.
 * ``scaled_mm``: ``out = (q @ w_int8ᵀ) · x_scale[row] · w_scale[col] + bias``, int32 accumulation, the
   dequantization fused into the epilogue so the int32 product never reaches memory. The epilogue can
   also add a low-rank term ``(xa · scale) @ upᵀ`` (dynamic LoRA): a bf16 MMA of depth r per tile,
@@ -70,10 +73,44 @@ def _to_int8(x, inv_scale):
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
+ACTIVATIONS = {"swiglu": 1, "gelu_tanh": 2}
+"""What a quantization kernel can apply on the way in (:class:`Activated`), by name: its ``ACT`` code."""
+
+
+class Activated(NamedTuple):
+    """Rows given before their activation, which the kernel applies on the way in: ``"swiglu"``
+    (``silu(a) · b``) or ``"gelu_tanh"`` (``gelu_tanh(a)``, ``b`` None); a, b [M, m]."""
+
+    name: str
+    a: torch.Tensor
+    b: torch.Tensor | None = None
+
+
+@triton.jit
+def _load_rows(x_rows, a_rows, b_rows, row_ok, k, cols, K, P, EVEN_K: tl.constexpr, ACT: tl.constexpr):
+    """Columns ``k + cols`` of the rows to quantize, in the input dtype: ``x`` itself, or with ``ACT``
+    ``[x[:, :P], act(a, b)]``. The activation is computed in float32 and rounded once to the input dtype,
+    as the unfused layer would round its output."""
+    if ACT == 0:  # no activation
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
+        return tl.load(x_rows + k, mask=mask, other=0.0)
+    c = (k + cols)[None, :]
+    in_x = row_ok[:, None] & (c < P)
+    in_act = row_ok[:, None] & (c >= P) & (c < K)
+    x = tl.load(x_rows + k, mask=in_x, other=0.0)  # no prefix (P = 0): nothing is read
+    a = tl.load(a_rows + (k - P), mask=in_act, other=0.0).to(tl.float32)
+    if ACT == 1:  # silu(a) · b
+        y = a / (1.0 + tl.exp(-a)) * tl.load(b_rows + (k - P), mask=in_act, other=0.0).to(tl.float32)
+    else:  # gelu_tanh(a) = a · sigmoid(2·√(2/π)·(a + 0.044715·a³))
+        y = a / (1.0 + tl.exp(-1.5957691216057308 * (a + 0.044715 * a * a * a)))
+    return tl.where(in_x, x, y.to(x.dtype))
+
+
 @triton.jit(do_not_specialize=["M"])  # M = 1 must not get its own (slower) compilation
 def _quantize_rows_kernel(
-    x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
+    x_ptr, a_ptr, b_ptr, q_ptr, scale_ptr, M, K, P, stride_xm, stride_am, stride_bm, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ACT: tl.constexpr,
 ):
     """One program per BLOCK_M rows. SINGLE_PASS (BLOCK_K ≥ K): the rows stay in registers between
     the absmax and the rounding; otherwise two loops over K, the second reading the rows from L2."""
@@ -81,25 +118,26 @@ def _quantize_rows_kernel(
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :]
+    b_rows = b_ptr + rows.to(tl.int64)[:, None] * stride_bm + cols[None, :]
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
 
     if SINGLE_PASS:
-        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K)
-        x = tl.load(x_rows, mask=mask, other=0.0).to(tl.float32)
+        x = _load_rows(x_rows, a_rows, b_rows, row_ok, 0, cols, K, P, EVEN_K, ACT).to(tl.float32)
         scale, inv_scale = _row_scales(tl.abs(x), x * 0.0)  # x·0 is NaN exactly where x is NaN or ±Inf
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K)
         tl.store(q_rows, _to_int8(x, inv_scale), mask=mask)
     else:
         absmax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
         poison = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
         for k in range(0, K, BLOCK_K):
-            mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
-            x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
+            x = _load_rows(x_rows, a_rows, b_rows, row_ok, k, cols, K, P, EVEN_K, ACT).to(tl.float32)
             absmax = tl.maximum(absmax, tl.abs(x))
             poison += x * 0.0
         scale, inv_scale = _row_scales(absmax, poison)
         for k in range(0, K, BLOCK_K):
+            x = _load_rows(x_rows, a_rows, b_rows, row_ok, k, cols, K, P, EVEN_K, ACT).to(tl.float32)
             mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols[None, :] < K - k)
-            x = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
             tl.store(q_rows + k, _to_int8(x, inv_scale), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
@@ -108,18 +146,33 @@ SINGLE_PASS_MAX_K = 16384
 """Rows up to this long are quantized from registers (one read of x); longer ones loop over K."""
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int8 quantization of a 2-D float tensor: ``(q int8 [M, K], scale float32 [M])``."""
-    M, K = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
+def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(1) == 1 else t.contiguous()
+
+
+def _row_sources(x: torch.Tensor | None, act: Activated | None):
+    """Kernel arguments for the rows to quantize: (M, K, P, x, a, b, their row strides, ACT). Unused
+    pointers are any of the others; every source has unit column stride."""
+    if act is None:
+        x = _unit_stride(x)
+        return x.shape[0], x.shape[1], x.shape[1], x, x, x, x.stride(0), 0, 0, 0
+    x, a, b = (_unit_stride(t) for t in (x, act.a, act.b))
+    prefix = 0 if x is None else x.shape[1]
+    x, b = (a if t is None else t for t in (x, b))
+    return a.shape[0], prefix + a.shape[1], prefix, x, a, b, x.stride(0), a.stride(0), b.stride(0), ACTIVATIONS[act.name]
+
+
+def quantize_rows(x: torch.Tensor | None, act: Activated | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization of a 2-D float tensor: ``(q int8 [M, K], scale float32 [M])``. With
+    ``act``, of ``[x, act(a, b)]`` (``x`` None: of ``act(a, b)`` alone)."""
+    M, K, P, x, a, b, stride_x, stride_a, stride_b, kind = _row_sources(x, act)
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     block_k = max(16, triton.next_power_of_2(min(K, SINGLE_PASS_MAX_K)))
     block_m = max(1, 2048 // block_k)  # short rows: several per program
     _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
-        x, q, scale, M, K, x.stride(0), q.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SINGLE_PASS=K <= block_k,
+        x, a, b, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
+        BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SINGLE_PASS=K <= block_k, ACT=kind,
         num_warps=min(16, max(4, block_m * block_k // 512)), enable_fp_fusion=False,
     )
     return q, scale
@@ -141,46 +194,51 @@ def _rotate_group(x, h, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _quantize_rotated_rows_kernel(
-    x_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, a_ptr, b_ptr, h_ptr, q_ptr, scale_ptr, M, K, P, stride_xm, stride_am, stride_bm, stride_qm,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ACT: tl.constexpr,
 ):
-    """Per-row int8 quantization of ``x`` rotated group by group (K a multiple of 256): one loop over
-    the groups for the absmax, a second that rotates again and rounds (its reads hit L2)."""
+    """Per-row int8 quantization of the rows (as :func:`_load_rows` reads them) rotated group by group
+    (K a multiple of 256): one loop over the groups for the absmax, a second that rotates again and
+    rounds (its reads hit L2)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.arange(0, 256)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :]
+    b_rows = b_ptr + rows.to(tl.int64)[:, None] * stride_bm + cols[None, :]
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
     h = tl.load(h_ptr + tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])
     absmax = tl.zeros([BLOCK_M, 256], tl.float32)
     poison = tl.zeros([BLOCK_M, 256], tl.float32)
     for k in range(0, K, 256):
-        y = _rotate_group(tl.load(x_rows + k, mask=row_ok[:, None], other=0.0), h, BLOCK_M, PRECISION)
+        x = _load_rows(x_rows, a_rows, b_rows, row_ok, k, cols, K, P, True, ACT)
+        y = _rotate_group(x, h, BLOCK_M, PRECISION)
         absmax = tl.maximum(absmax, tl.abs(y))
         poison += y * 0.0
     scale, inv_scale = _row_scales(absmax, poison)
     for k in range(0, K, 256):
-        y = _rotate_group(tl.load(x_rows + k, mask=row_ok[:, None], other=0.0), h, BLOCK_M, PRECISION)
+        x = _load_rows(x_rows, a_rows, b_rows, row_ok, k, cols, K, P, True, ACT)
+        y = _rotate_group(x, h, BLOCK_M, PRECISION)
         tl.store(q_rows + k, _to_int8(y, inv_scale), mask=row_ok[:, None])
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
-def quantize_rotated_rows(x: torch.Tensor, h16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` of ``x`` rotated by H₂₅₆ per group of 256 channels, in one kernel: ``x``
-    is read (twice, the second time from L2) but the rotated copy never reaches memory. ``h16`` is
-    the normalized H₁₆ in x's dtype for half-precision ``x`` (its entries ±1/4 are exact there, so
-    the first product is exact), float32 otherwise."""
-    M, K = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
+def quantize_rotated_rows(
+    x: torch.Tensor | None, h16: torch.Tensor, act: Activated | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of the rows rotated by H₂₅₆ per group of 256 channels, in one kernel: the
+    input is read (twice, the second time from L2) but the rotated copy never reaches memory. ``h16``
+    is the normalized H₁₆ in the rows' dtype for half-precision rows (its entries ±1/4 are exact
+    there, so the first product is exact), float32 otherwise."""
+    M, K, P, x, a, b, stride_x, stride_a, stride_b, kind = _row_sources(x, act)
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     if not x.is_cuda:  # the interpreter multiplies bfloat16 tiles as if they were int16
         h16 = h16.float()
     block_m = 8
     _quantize_rotated_rows_kernel[(triton.cdiv(M, block_m),)](
-        x, h16, q, scale, M, K, x.stride(0), q.stride(0),
-        BLOCK_M=block_m, PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee",
+        x, a, b, h16, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
+        BLOCK_M=block_m, PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee", ACT=kind,
         num_warps=4, enable_fp_fusion=False,
     )
     return q, scale

@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from engine.int8.quantize import MIN_ABSMAX, QMAX
 from engine.int8.rotation import check_group, hadamard, rotate
@@ -57,6 +58,8 @@ BACKENDS: tuple[Backend, ...] = ("triton", "int_mm", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_QUANT_MAX_K = 8192
 """Under torch.compile, rows up to this long are quantized by inductor-fused tensor ops (see above)."""
+ACTIVATIONS = ("swiglu", "gelu_tanh")
+"""What an :class:`ActivatedInput` can apply: ``silu(a) · b``, ``gelu(a, approximate="tanh")``."""
 EXACT_K_CHUNK = 1024
 """127² · 1024 < 2²⁴: float32 sums of this many int8 products are exact integers."""
 
@@ -103,24 +106,77 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
-def _quantize_rows(x: torch.Tensor, rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    triton = backend_for(x) == "triton"
-    if not rotation:
-        return kernels.quantize_rows(x) if triton else quantize_rows_torch(x)
-    if triton and rotation == kernels.ROTATION_GROUP:
-        return kernels.quantize_rotated_rows(x, hadamard(16, x.device, x.dtype))
-    rotated = rotate(x, rotation)
-    return kernels.quantize_rows(rotated) if triton else quantize_rows_torch(rotated)
+class ActivatedInput(NamedTuple):
+    """A layer input given before its activation: ``cat([prefix, activation(a, b)], -1)``.
+
+    Down-projections take their input this way so that the Triton backend applies the activation
+    inside the quantization kernel: the activation's output (and the concatenation with ``prefix``,
+    a Flux single block's attention output) is never written out in bf16 and read back. The kernel
+    computes the activation in float32 and rounds it once to the input dtype; the other backends
+    quantize :meth:`materialize`'s result.
+    """
+
+    activation: str
+    a: torch.Tensor
+    b: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.a.shape[-1] + (self.prefix.shape[-1] if self.prefix is not None else 0)
+
+    def materialize(self) -> torch.Tensor:
+        """The input as one tensor, computed as an unfused layer does (in the input dtype)."""
+        if self.activation == "swiglu":
+            y = F.silu(self.a) * self.b
+        else:
+            y = F.gelu(self.a, approximate="tanh")
+        return y if self.prefix is None else torch.cat([self.prefix, y], dim=-1)
+
+    def rows(self) -> ActivatedInput:
+        """The same input with every tensor flattened to 2-D rows."""
+        flat = [t.reshape(-1, t.shape[-1]) if t is not None else None for t in (self.a, self.b, self.prefix)]
+        return ActivatedInput(self.activation, *flat)
 
 
-quantize_rows = torch.library.custom_op("int8_studio::quantize_rows", _quantize_rows, mutates_args=())
-"""Per-row int8 quantization of a 2-D float tensor, rotated first by groups of ``rotation`` channels
-when it is not 0 (:mod:`engine.int8.rotation`): ``(q int8 [M, K], scale float32 [M])``."""
+def _quantize(x: torch.Tensor | ActivatedInput, rotation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    activated = isinstance(x, ActivatedInput)
+    rows = x.a if activated else x  # device and dtype of the input
+    triton = backend_for(rows) == "triton"
+    if triton and rotation in (0, kernels.ROTATION_GROUP):  # one kernel, whatever the input
+        prefix, act = (x.prefix, kernels.Activated(x.activation, x.a, x.b)) if activated else (x, None)
+        if not rotation:
+            return kernels.quantize_rows(prefix, act)
+        return kernels.quantize_rotated_rows(prefix, hadamard(16, rows.device, rows.dtype), act)
+    x = x.materialize() if activated else x
+    x = rotate(x, rotation) if rotation else x
+    return kernels.quantize_rows(x) if triton else quantize_rows_torch(x)
+
+
+@torch.library.custom_op("int8_studio::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor, rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization of a 2-D float tensor, rotated first by groups of ``rotation``
+    channels when it is not 0 (:mod:`engine.int8.rotation`): ``(q int8 [M, K], scale float32 [M])``."""
+    return _quantize(x, rotation)
 
 
 @quantize_rows.register_fake
 def _(x, rotation=0):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("int8_studio::quantize_activated", mutates_args=())
+def quantize_activated(
+    activation: str, a: torch.Tensor, b: torch.Tensor | None, prefix: torch.Tensor | None, rotation: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of the 2-D :class:`ActivatedInput` ``(activation, a, b, prefix)``."""
+    return _quantize(ActivatedInput(activation, a, b, prefix), rotation)
+
+
+@quantize_activated.register_fake
+def _(activation, a, b, prefix, rotation=0):
+    width = a.shape[1] + (prefix.shape[1] if prefix is not None else 0)
+    return a.new_empty(a.shape[0], width, dtype=torch.int8), a.new_empty(a.shape[0], dtype=torch.float32)
 
 
 class LoraFactors(NamedTuple):
@@ -162,12 +218,22 @@ def _exact_int_matmul(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _check(x, w_int8, w_scale, bias, out_dtype, lora) -> None:
+def _check_activated(x: ActivatedInput) -> None:
+    gated = x.activation == "swiglu"
+    if x.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {x.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    if gated != (x.b is not None) or (gated and (x.b.shape != x.a.shape or x.b.dtype != x.a.dtype)):
+        raise ValueError(f"{x.activation} takes {'a and b of one shape and dtype' if gated else 'a alone'}")
+    if x.prefix is not None and (x.prefix.shape[:-1] != x.a.shape[:-1] or x.prefix.dtype != x.a.dtype):
+        raise ValueError(f"prefix {x.prefix.dtype} {tuple(x.prefix.shape)} does not fit a {x.a.dtype} {tuple(x.a.shape)}")
+
+
+def _check(dtype, shape, w_int8, w_scale, bias, out_dtype, lora) -> None:
     if w_int8.dtype != torch.int8 or w_int8.ndim != 2:
         raise ValueError(f"w_int8 must be a 2-D int8 tensor, got {w_int8.dtype} {tuple(w_int8.shape)}")
     N, K = w_int8.shape
-    if x.dtype not in FLOAT_DTYPES or x.shape[-1] != K:
-        raise ValueError(f"x must be float16/bfloat16/float32 [..., {K}], got {x.dtype} {tuple(x.shape)}")
+    if dtype not in FLOAT_DTYPES or shape[-1] != K:
+        raise ValueError(f"x must be float16/bfloat16/float32 [..., {K}], got {dtype} {tuple(shape)}")
     if w_scale.numel() not in (1, N) or w_scale.ndim > 2 or not w_scale.is_floating_point():
         raise ValueError(f"w_scale must be a float tensor of shape [], [1], [{N}] or [{N}, 1], got {tuple(w_scale.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
@@ -214,7 +280,7 @@ def _(q, x_scale, w_int8, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale)
 
 
 def int8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | ActivatedInput,
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -224,26 +290,38 @@ def int8_linear(
 ) -> torch.Tensor:
     """``x · (w_int8 · w_scale)ᵀ + bias (+ LoRA term)`` with per-token int8 activations (module docstring).
 
-    x: [..., K] float16/bfloat16/float32. w_int8: int8 [N, K]. w_scale: float, [] / [1] (tensor-wise) or
-    [N] / [N, 1] (per output channel). bias: [N] or None. Result: [..., N] in ``out_dtype`` (default x's).
-    ``rotation``: the Hadamard group size ``w_int8`` was rotated with (0: not rotated); ``x`` is rotated
-    the same way before it is quantized. The LoRA factors act on the unrotated ``x``.
+    x: [..., K] float16/bfloat16/float32, or an :class:`ActivatedInput` of that width. w_int8: int8 [N, K].
+    w_scale: float, [] / [1] (tensor-wise) or [N] / [N, 1] (per output channel). bias: [N] or None.
+    Result: [..., N] in ``out_dtype`` (default x's). ``rotation``: the Hadamard group size ``w_int8`` was
+    rotated with (0: not rotated); ``x`` is rotated the same way before it is quantized. The LoRA
+    factors act on the unrotated ``x``.
     """
-    _check(x, w_int8, w_scale, bias, out_dtype, lora)
+    if isinstance(x, ActivatedInput):
+        _check_activated(x)
+        if lora is not None:  # the low-rank term needs the input itself
+            x = x.materialize()
+    activated = isinstance(x, ActivatedInput)
+    rows = x.a if activated else x  # leading shape, dtype and device of the input
+    width = x.width if activated else x.shape[-1]
+    _check(rows.dtype, (*rows.shape[:-1], width), w_int8, w_scale, bias, out_dtype, lora)
     if rotation:
-        check_group(rotation, x.shape[-1])
-    out_dtype = out_dtype or x.dtype
-    x2 = x.reshape(-1, x.shape[-1])
+        check_group(rotation, width)
+    out_dtype = out_dtype or rows.dtype
+    x2 = x.rows() if activated else x.reshape(-1, width)
     if w_scale.dtype != torch.float32 or not w_scale.is_contiguous():
         w_scale = w_scale.float().contiguous()
     lora_args = (None, None, None)
     if lora is not None:
         lora_args = (x2 @ lora.down.to(x.dtype).T, lora.up.to(x.dtype), lora.scale.float())
-    if torch.compiler.is_compiling():
-        fused = x2.shape[1] <= FUSED_QUANT_MAX_K and not rotation
-        q, x_scale = quantize_rows_torch(x2) if fused else quantize_rows(x2, rotation)
-        out = scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
-    else:
-        q, x_scale = _quantize_rows(x2, rotation)
+    if not torch.compiler.is_compiling():
+        q, x_scale = _quantize(x2, rotation)
         out = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
-    return out.reshape(*x.shape[:-1], w_int8.shape[0])
+    else:
+        if activated:
+            q, x_scale = quantize_activated(*x2, rotation)
+        elif x2.shape[1] <= FUSED_QUANT_MAX_K and not rotation:
+            q, x_scale = quantize_rows_torch(x2)  # inductor fuses this into the producer of x
+        else:
+            q, x_scale = quantize_rows(x2, rotation)
+        out = scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
+    return out.reshape(*rows.shape[:-1], w_int8.shape[0])

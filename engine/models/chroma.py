@@ -13,11 +13,11 @@ from torch import nn
 from engine.models.flux_blocks import FLUX_BLOCK_RULES, FLUX_DOWN_PROJECTIONS, flux_block_config, flux_block_shapes
 from engine.models.layers import (
     DoubleBlock,
+    GELUTanh,
     Inputs,
     MLPEmbedder,
     RMSNorm,
     SingleBlock,
-    gelu_tanh,
     modulate,
     position_ids,
     rope,
@@ -146,10 +146,10 @@ class ChromaModel(nn.Module):
         self.img_in = nn.Linear(int(config["in_channels"]), h)
         self.txt_in = nn.Linear(int(config["text_dim"]), h)
         self.double_blocks = nn.ModuleList(
-            DoubleBlock(h, hd, m, m, gelu_tanh(), bias=True) for _ in range(double)
+            DoubleBlock(h, hd, m, m, GELUTanh(), bias=True) for _ in range(double)
         )
         self.single_blocks = nn.ModuleList(
-            SingleBlock(h, hd, m, m, gelu_tanh(), bias=True) for _ in range(single)
+            SingleBlock(h, hd, m, m, GELUTanh(), bias=True) for _ in range(single)
         )
         self.final_layer = LastLayer(h, int(config["out_channels"]))
 

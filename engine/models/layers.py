@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.int8.linear import Int8Linear
+from engine.int8.ops import ActivatedInput
+
 Rope = torch.Tensor  # rotation matrices [[cos, -sin], [sin, cos]], float32 [tokens, head_dim / 2, 2, 2]
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
 Inputs = dict[str, torch.Tensor]  # a model's forward arguments by name
@@ -125,12 +128,39 @@ class SwiGLU(nn.Module):
     """``silu(a) * b`` of the two halves of a fused in-projection (Flux.2's MLPs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=-1)
-        return F.silu(a) * b
+        return self.lazy(x).materialize()
+
+    @staticmethod
+    def lazy(x: torch.Tensor, prefix: torch.Tensor | None = None) -> ActivatedInput:
+        """``cat([prefix, self(x)])``, not computed yet (see :func:`down_projection`)."""
+        return ActivatedInput("swiglu", *x.chunk(2, dim=-1), prefix=prefix)
 
 
-def gelu_tanh() -> nn.Module:
-    return nn.GELU(approximate="tanh")
+class GELUTanh(nn.Module):
+    """GELU with the tanh approximation (Flux.1 and Chroma MLPs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lazy(x).materialize()
+
+    @staticmethod
+    def lazy(x: torch.Tensor, prefix: torch.Tensor | None = None) -> ActivatedInput:
+        """``cat([prefix, self(x)])``, not computed yet (see :func:`down_projection`)."""
+        return ActivatedInput("gelu_tanh", x, prefix=prefix)
+
+
+def down_projection(linear: nn.Module, x: ActivatedInput) -> torch.Tensor:
+    """``linear(x.materialize())``, except that an ``Int8Linear`` takes ``x`` as it is: the Triton
+    backend then applies the activation inside the quantization kernel, and the activation's output
+    never reaches memory in bf16."""
+    return linear(x if isinstance(linear, Int8Linear) else x.materialize())
+
+
+class MLP(nn.Sequential):
+    """In-projection, activation, out-projection (single-file keys ``.0`` and ``.2``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, act, down = self
+        return down_projection(down, act.lazy(up(x)))
 
 
 class FluxAttention(nn.Module):
@@ -155,9 +185,7 @@ class DoubleBlock(nn.Module):
         self.head_dim = head_dim
         for stream in ("img", "txt"):
             self.add_module(f"{stream}_attn", FluxAttention(hidden, head_dim, bias))
-            mlp = nn.Sequential(
-                nn.Linear(hidden, mlp_in, bias=bias), act, nn.Linear(mlp_hidden, hidden, bias=bias)
-            )
+            mlp = MLP(nn.Linear(hidden, mlp_in, bias=bias), act, nn.Linear(mlp_hidden, hidden, bias=bias))
             self.add_module(f"{stream}_mlp", mlp)
 
     def forward(
@@ -207,5 +235,5 @@ class SingleBlock(nn.Module):
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.head_dim)
         q, k = self.norm(q, k)
-        out = torch.cat([attention(q, k, v, pe), self.act(mlp)], dim=-1)
-        return torch.addcmul(x, gate, self.linear2(out))
+        out = down_projection(self.linear2, self.act.lazy(mlp, prefix=attention(q, k, v, pe)))
+        return torch.addcmul(x, gate, out)

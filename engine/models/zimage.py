@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.int8.ops import ActivatedInput
 from engine.models.layers import (
     Inputs,
     Rope,
     attention,
+    down_projection,
     layer_norm,
     position_ids,
     rope,
@@ -166,7 +168,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return down_projection(self.w2, ActivatedInput("swiglu", self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):
