@@ -121,3 +121,20 @@ def test_tuner_remembers_winners_on_disk(tmp_path):
     tuner._save()
     assert kernels.GemmTuner(path)._load() == tuner._table
     assert [p.name for p in path.parent.iterdir()] == ["configs.json"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config_index", range(4))
+def test_direct_launches_compute_what_triton_launches_compute(config_index, monkeypatch):
+    """The second call of a signature skips JITFunction.run (kernels.Launcher): same results, bit for bit."""
+    config = configs_for("cuda")[config_index]
+    x = torch.randn(300, 512, dtype=torch.bfloat16, device="cuda")
+    w_int8, w_scale = quantize_weight(torch.randn(200, 512, device="cuda"), "rowwise")
+    launcher = kernels._launch_scaled_mm
+    results = []
+    for direct in (False, True, True):  # JITFunction.run; run, remembering the kernel; the remembered kernel
+        monkeypatch.setattr(launcher, "direct", direct)
+        q, x_scale = kernels.quantize_rows(x)
+        results.append(kernels.scaled_mm(q, x_scale, w_int8, w_scale.cuda(), None, torch.bfloat16, config=config))
+    assert launcher.direct and launcher.compiled, "the direct path was not taken"
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

@@ -49,6 +49,62 @@ except ImportError:  # pragma: no cover - older Triton
 _MIN_ABSMAX = tl.constexpr(MIN_ABSMAX)
 
 
+class Launcher:
+    """Launches a Triton kernel; on CUDA it remembers the compiled kernel of each call signature.
+
+    ``JITFunction.run`` binds and specializes every argument again on each call: measured on an H200
+    (Triton 3.6), 35 µs of Python per launch of the GEMM, 70 µs with TMA descriptors, against ~17 µs
+    for launching the compiled kernel directly. A repeat call — same device, grid, options,
+    constexprs and integer arguments, same tensor dtypes and address alignment — goes straight to the
+    compiled kernel. The key holds the exact values of everything Triton may specialize on, so a hit
+    can only run the kernel that Triton itself would have chosen. Triton versions whose launcher
+    takes a different argument list fall back to ``run`` for good (the call fails before launching).
+    """
+
+    MAX_ENTRIES = 4096  # token counts vary between prompts: each is one entry per layer shape
+
+    def __init__(self, kernel: triton.runtime.JITFunction) -> None:
+        self.kernel = kernel
+        self.compiled: dict[tuple, object] = {}
+        self.direct = DIRECT_LAUNCH and isinstance(kernel, triton.runtime.JITFunction)  # not interpreted
+
+    def __call__(self, grid: tuple[int, ...], *args, **kwargs) -> None:
+        """``kernel[grid](*args, **kwargs)``: arguments by position, then by name; the rest are options
+        (``num_warps``, ``num_stages``, ``enable_fp_fusion``)."""
+        names = self.kernel.arg_names[len(args) :]
+        args = (*args, *(kwargs.pop(name) for name in names))
+        if not self.direct:
+            self.kernel[grid](*args, **kwargs)
+            return
+        key = (torch.cuda.current_device(), grid, *map(_signature, args), *kwargs.items())
+        launch = self.compiled.get(key)
+        if launch is not None:
+            try:
+                launch(*args)
+                return
+            except TypeError:  # another launcher calling convention: JITFunction.run from now on
+                self.direct = False
+                self.compiled.clear()
+        compiled = self.kernel[grid](*args, **kwargs)
+        if self.direct:
+            if len(self.compiled) >= self.MAX_ENTRIES:
+                self.compiled.clear()
+            self.compiled[key] = compiled[grid]
+
+
+DIRECT_LAUNCH = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)
+"""Triton 3.6 passes every argument, constexprs included, to the compiled kernel's launcher."""
+
+
+def _signature(arg) -> object:
+    """What Triton can specialize a launch on, for :class:`Launcher`'s key."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 256
+    if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+        return _signature(arg.base), *arg.shape, *arg.strides, *arg.block_shape, getattr(arg, "padding", None)
+    return arg
+
+
 @triton.jit
 def _round_half_even(v):
     # Adding 1.5·2²³ pushes the fraction bits out of an fp32 mantissa with the hardware's
@@ -142,6 +198,7 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
+_launch_quantize_rows = Launcher(_quantize_rows_kernel)
 SINGLE_PASS_MAX_K = 16384
 """Rows up to this long are quantized from registers (one read of x); longer ones loop over K."""
 
@@ -170,7 +227,7 @@ def quantize_rows(x: torch.Tensor | None, act: Activated | None = None) -> tuple
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     block_k = max(16, triton.next_power_of_2(min(K, SINGLE_PASS_MAX_K)))
     block_m = max(1, 2048 // block_k)  # short rows: several per program
-    _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
+    _launch_quantize_rows((triton.cdiv(M, block_m),),
         x, a, b, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SINGLE_PASS=K <= block_k, ACT=kind,
         num_warps=min(16, max(4, block_m * block_k // 512)), enable_fp_fusion=False,
@@ -223,6 +280,9 @@ def _quantize_rotated_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
+_launch_quantize_rotated_rows = Launcher(_quantize_rotated_rows_kernel)
+
+
 def quantize_rotated_rows(
     x: torch.Tensor | None, h16: torch.Tensor, act: Activated | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +296,7 @@ def quantize_rotated_rows(
     if not x.is_cuda:  # the interpreter multiplies bfloat16 tiles as if they were int16
         h16 = h16.float()
     block_m = 8
-    _quantize_rotated_rows_kernel[(triton.cdiv(M, block_m),)](
+    _launch_quantize_rotated_rows((triton.cdiv(M, block_m),),
         x, a, b, h16, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
         BLOCK_M=block_m, PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee", ACT=kind,
         num_warps=4, enable_fp_fusion=False,
@@ -341,6 +401,9 @@ def _scaled_mm_kernel(
         else:
             c_ptrs = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
             tl.store(c_ptrs, out.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_launch_scaled_mm = Launcher(_scaled_mm_kernel)
 
 
 @dataclass(frozen=True)
@@ -456,7 +519,7 @@ def launch_scaled_mm(
     else:
         a, b = q, w
     c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
-    _scaled_mm_kernel[(programs,)](
+    _launch_scaled_mm((programs,),
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale,
         M, N, K, q.stride(0), w.stride(0), out.stride(0), programs, *lora_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
