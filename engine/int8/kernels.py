@@ -73,6 +73,7 @@ class Launcher:
         (``num_warps``, ``num_stages``, ``enable_fp_fusion``)."""
         names = self.kernel.arg_names[len(args) :]
         args = (*args, *(kwargs.pop(name) for name in names))
+        grid = (*grid, 1, 1)[:3]  # the compiled kernel's launcher takes all three
         if not self.direct:
             self.kernel[grid](*args, **kwargs)
             return
