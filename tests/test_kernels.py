@@ -121,23 +121,3 @@ def test_tuner_remembers_winners_on_disk(tmp_path):
     tuner._save()
     assert kernels.GemmTuner(path)._load() == tuner._table
     assert [p.name for p in path.parent.iterdir()] == ["configs.json"]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config_index", range(4))
-def test_direct_launches_compute_what_triton_launches_compute(config_index, monkeypatch):
-    """The second call of a signature skips JITFunction.run (kernels.Launcher): same results, bit for bit."""
-    config = configs_for("cuda")[config_index]
-    x = torch.randn(300, 512, dtype=torch.bfloat16, device="cuda")
-    w_int8, w_scale = (t.cuda() for t in quantize_weight(torch.randn(200, 512), "rowwise"))
-    bias = torch.randn(200, device="cuda")
-    results = []
-    for direct in (False, True, True):  # JITFunction.run; run, remembering the kernel; the remembered kernel
-        for launcher in (kernels._launch_scaled_mm, kernels._launch_quantize_rows):
-            monkeypatch.setattr(launcher, "direct", direct)
-            monkeypatch.setattr(launcher, "compiled", launcher.compiled if direct else {})
-        q, x_scale = kernels.quantize_rows(x)
-        results.append(kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, torch.bfloat16, config=config))
-        results.append(q)
-    assert len(kernels._launch_scaled_mm.compiled) == 1 and len(kernels._launch_quantize_rows.compiled) == 1
-    assert all(torch.equal(a, b) for a, b in zip(results[:2], results[2:4])) and all(torch.equal(a, b) for a, b in zip(results[:2], results[4:]))

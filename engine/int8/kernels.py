@@ -49,58 +49,6 @@ except ImportError:  # pragma: no cover - older Triton
 _MIN_ABSMAX = tl.constexpr(MIN_ABSMAX)
 
 
-class Launcher:
-    """Launches a Triton kernel; on CUDA it remembers the compiled kernel of each call key.
-
-    ``JITFunction.run`` binds and specializes every argument on each call: measured on an H200
-    (Triton 3.6), ~52-56 µs of host time per GEMM launch (~90 µs with TMA descriptors), against ~17-20 µs for
-    launching the compiled kernel directly. The caller passes a ``key`` that fixes everything Triton
-    may specialize on — the exact values of all integer arguments and constexprs, the tensors' dtypes
-    (pointers must be 16-byte aligned: :func:`aligned`), the grid and the options — or None to go
-    through ``JITFunction.run``. A repeat key launches the compiled kernel with the constexprs it was
-    compiled with. Triton versions whose launcher takes another argument list fall back to ``run``.
-    """
-
-    MAX_ENTRIES = 4096  # token counts vary between prompts: one entry per layer shape and count
-
-    def __init__(self, kernel: triton.runtime.JITFunction) -> None:
-        self.kernel = kernel
-        self.compiled: dict[tuple, tuple] = {}
-        self.direct = DIRECT_LAUNCH and isinstance(kernel, triton.runtime.JITFunction)  # not interpreted
-
-    def __call__(self, key: tuple | None, grid: tuple[int, ...], *args, **kwargs) -> None:
-        """``kernel[grid](*args, **kwargs)``: runtime arguments by position, constexprs by name, then
-        options (``num_warps``, ``num_stages``, ``enable_fp_fusion``)."""
-        entry = self.compiled.get(key) if self.direct and key is not None else None
-        if entry is not None:
-            launch, constexprs = entry
-            try:
-                launch(*args, *constexprs)
-                return
-            except TypeError:  # another launcher calling convention: JITFunction.run from now on
-                self.direct = False
-                self.compiled.clear()
-        constexprs = tuple(kwargs.pop(name) for name in self.kernel.arg_names[len(args) :])
-        compiled = self.kernel[grid](*args, *constexprs, **kwargs)
-        if self.direct and key is not None:
-            if len(self.compiled) >= self.MAX_ENTRIES:
-                self.compiled.clear()
-            self.compiled[key] = (compiled[(*grid, 1, 1)[:3]], constexprs)
-
-
-DIRECT_LAUNCH = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)
-"""Triton 3.6 passes every argument, constexprs included, to the compiled kernel's launcher."""
-
-
-def launch_key(pointers: tuple[torch.Tensor, ...], *values) -> tuple | None:
-    """A :class:`Launcher` key: ``values`` (every integer argument and constexpr, or what fixes them)
-    and the pointer arguments' device and dtypes; None unless every pointer is 16-byte aligned, the
-    alignment Triton's specialization records."""
-    if not all(t.data_ptr() % 16 == 0 for t in pointers):
-        return None
-    return (pointers[0].device.index, *values, *(t.dtype for t in pointers))
-
-
 @triton.jit
 def _round_half_even(v):
     # Adding 1.5·2²³ pushes the fraction bits out of an fp32 mantissa with the hardware's
@@ -194,7 +142,6 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
-_launch_quantize_rows = Launcher(_quantize_rows_kernel)
 SINGLE_PASS_MAX_K = 16384
 """Rows up to this long are quantized from registers (one read of x); longer ones loop over K."""
 
@@ -223,8 +170,7 @@ def quantize_rows(x: torch.Tensor | None, act: Activated | None = None) -> tuple
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     block_k = max(16, triton.next_power_of_2(min(K, SINGLE_PASS_MAX_K)))
     block_m = max(1, 2048 // block_k)  # short rows: several per program
-    key = launch_key((x, a, b, q, scale), M, K, P, stride_x, stride_a, stride_b, block_k, kind)
-    _launch_quantize_rows(key, (triton.cdiv(M, block_m),),
+    _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
         x, a, b, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SINGLE_PASS=K <= block_k, ACT=kind,
         num_warps=min(16, max(4, block_m * block_k // 512)), enable_fp_fusion=False,
@@ -277,9 +223,6 @@ def _quantize_rotated_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
-_launch_quantize_rotated_rows = Launcher(_quantize_rotated_rows_kernel)
-
-
 def quantize_rotated_rows(
     x: torch.Tensor | None, h16: torch.Tensor, act: Activated | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,8 +236,7 @@ def quantize_rotated_rows(
     if not x.is_cuda:  # the interpreter multiplies bfloat16 tiles as if they were int16
         h16 = h16.float()
     block_m = 8
-    key = launch_key((x, a, b, h16, q, scale), M, K, P, stride_x, stride_a, stride_b, kind)
-    _launch_quantize_rotated_rows(key, (triton.cdiv(M, block_m),),
+    _quantize_rotated_rows_kernel[(triton.cdiv(M, block_m),)](
         x, a, b, h16, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
         BLOCK_M=block_m, PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee", ACT=kind,
         num_warps=4, enable_fp_fusion=False,
@@ -401,9 +343,6 @@ def _scaled_mm_kernel(
             tl.store(c_ptrs, out.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_launch_scaled_mm = Launcher(_scaled_mm_kernel)
-
-
 @dataclass(frozen=True)
 class TileConfig:
     """One launch configuration of ``_scaled_mm_kernel``."""
@@ -506,9 +445,9 @@ def launch_scaled_mm(
     M, K = q.shape
     N = w.shape[0]
     if lora is not None:
-        lora_pointers, lora_ints = (lora.x, lora.up, lora.scale), (lora.x.shape[1], lora.x.stride(0), lora.up.stride(0))
+        lora_args = (lora.x, lora.up, lora.scale, lora.x.shape[1], lora.x.stride(0), lora.up.stride(0))
     else:  # unused pointers: any tensor will do
-        lora_pointers, lora_ints = (x_scale,) * 3, (0, 0, 0)
+        lora_args = (x_scale, x_scale, x_scale, 0, 0, 0)
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = min(tiles, num_sms) if config.persistent else tiles
     if config.tma:
@@ -517,15 +456,12 @@ def launch_scaled_mm(
     else:
         a, b = q, w
     c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
-    has_bias, per_channel = bias is not None, w_scale.numel() > 1
-    bias = bias if has_bias else x_scale
-    ints = (M, N, K, q.stride(0), w.stride(0), out.stride(0), programs)
-    pointers = (q, w, out, x_scale, w_scale, bias, *lora_pointers)
-    key = launch_key(pointers, config, *ints, *lora_ints, has_bias, per_channel)
-    _launch_scaled_mm(key, (programs,), a, b, c, x_scale, w_scale, bias, *ints, *lora_pointers, *lora_ints,
+    _scaled_mm_kernel[(programs,)](
+        a, b, c, x_scale, w_scale, bias if bias is not None else x_scale,
+        M, N, K, q.stride(0), w.stride(0), out.stride(0), programs, *lora_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
-        TMA_STORE=config.tma_store, FLATTEN=config.persistent, PER_CHANNEL=per_channel, HAS_BIAS=has_bias,
+        TMA_STORE=config.tma_store, FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
         HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
