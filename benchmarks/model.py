@@ -77,6 +77,8 @@ def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
         category = next(
             (c for c, pats in CATEGORIES.items() if any(p.lower() in name_ for p in pats)), "other"
         )
+        if name_.startswith("triton_"):  # inductor's kernels name the ops they fuse, attention included
+            category = "other"
         shares[category] += event.self_device_time_total / 1e3
     del model
     torch._dynamo.reset()
