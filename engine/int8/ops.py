@@ -11,10 +11,12 @@ The GEMM with its fused epilogue is a ``torch.library`` custom op with a fake im
 (``torch.ops.int8_studio.quantize_rows``). They are separate on purpose: under ``torch.compile``,
 rows of up to ``FUSED_QUANT_MAX_K`` elements are quantized in plain tensor ops, which inductor fuses
 into the kernel that produces ``x`` (the norm and modulation before a projection), so ``x`` is not read
-again just to be quantized. Longer rows — the inputs of down-projections, made by SiLU/GELU gates and
-concatenations — keep the Triton kernel: inductor's fused version recomputes the producer in two
-passes over 10–16k-wide rows (measured on an H100, Klein 9B: 8.6 ms a step against 3.2 + 1.5 ms
-unfused). Compiled graphs have no graph breaks and symbolic token counts. (Inductor's fused code may
+again just to be quantized. Longer rows keep the Triton kernel: inductor's fused version recomputes
+the producer in two passes over 10–16k-wide rows (measured on an H100, Klein 9B: 8.6 ms a step
+against 3.2 + 1.5 ms unfused). Down-projections take their input before the activation
+(:class:`ActivatedInput`: SwiGLU or GELU, after an optional concatenated prefix) and quantize it with
+``int8_studio::quantize_activated``, whose kernel applies the activation on the way in, eager and
+compiled alike. Compiled graphs have no graph breaks and symbolic token counts. (Inductor's fused code may
 round a row's scale 1 ulp differently from the Triton kernel: int8 values can then differ by one
 step, within int8 rounding.)
 
