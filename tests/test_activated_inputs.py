@@ -73,13 +73,13 @@ def test_quantize_kernel_applies_the_activation(device, activation, dtype, prefi
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ops.ACTIVATIONS)
-def test_float32_activation_in_the_kernel_is_exactly_the_torch_one(device, activation):
-    if device == "cuda":
-        pytest.skip("the GPU's exp is approximate: covered by the half-a-step test")
-    x = make_input(activation, 5, 260, 12, torch.float32, device)
+def test_float32_activation_in_the_kernel_is_torch_s_to_float32_rounding(device, activation):
+    x = make_input(activation, 5, 2600, 12, torch.float32, device)
     q, scale = kernels.quantize_rows(x.prefix, kernels.Activated(x.activation, x.a, x.b))
     q_ref, scale_ref = ops.quantize_rows_torch(x.materialize())
-    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert torch.allclose(scale, scale_ref, rtol=2**-20, atol=0)
+    # a value a few ulps from a rounding boundary may land on the neighbouring step
+    assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,6 +127,15 @@ def test_lora_on_an_activated_input_acts_on_the_activation(backend, device):
         fused = ops.int8_linear(x, w_int8, w_scale, lora=lora)
         plain = ops.int8_linear(x.materialize(), w_int8, w_scale, lora=lora)
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+
+
+def test_the_float_switch_takes_activated_inputs_too():
+    layer = Int8Linear.from_float(torch.nn.Linear(48, 16)).to(torch.bfloat16)
+    x = make_input("gelu_tanh", 5, 40, 8, torch.bfloat16, "cpu")
+    quantized = layer(x)
+    layer.use_float = True
+    assert torch.equal(layer(x), layer(x.materialize()))
+    assert (layer(x) - quantized).abs().max() < 0.05 * layer(x).abs().max()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

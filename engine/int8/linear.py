@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import LoraFactors, int8_linear
+from engine.int8.ops import ActivatedInput, LoraFactors, int8_linear
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
 from engine.int8.rotation import RotationError, check_group, marker_group, parse_marker, rotate
 from engine.jobs import JobError
@@ -48,7 +48,8 @@ class Int8Linear(nn.Module):
     """``y = x · (weight · weight_scale)ᵀ + bias`` through :func:`engine.int8.ops.int8_linear`.
 
     ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
-    activation quantization), to measure what W8A8 costs in accuracy. ``lora``, when set, is a module
+    activation quantization), to measure what W8A8 costs in accuracy. The input may be an
+    :class:`~engine.int8.ops.ActivatedInput` (a down-projection's, before its activation). ``lora``, when set, is a module
     with ``down``, ``up`` and ``scale`` tensors (:class:`engine.lora.dynamic.LoraAdapter`) whose term
     ``(x · downᵀ · scale) · upᵀ`` is added in the GEMM's epilogue (dynamic LoRA). ``rotation`` is the
     Hadamard group size the weight is stored rotated with (0: not rotated).
@@ -95,9 +96,10 @@ class Int8Linear(nn.Module):
         w = dequantize_weight(self.weight, self.weight_scale)
         return (rotate(w, self.rotation) if self.rotation else w).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ActivatedInput) -> torch.Tensor:
         lora = self.lora
         if self.use_float:
+            x = x.materialize() if isinstance(x, ActivatedInput) else x
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
             return y + lora(x) if lora is not None else y

@@ -124,28 +124,31 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
-class SwiGLU(nn.Module):
+class Activation(nn.Module):
+    """An MLP activation that can hand its input on unapplied, as an ``ActivatedInput`` (see
+    :func:`down_projection`); ``gated``: the input holds two halves, ``a`` and ``b``."""
+
+    name: str
+    gated: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lazy(x).materialize()
+
+    def lazy(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> ActivatedInput:
+        """``cat([prefix, self(x)])``, not computed yet."""
+        return ActivatedInput(self.name, *(x.chunk(2, dim=-1) if self.gated else (x,)), prefix=prefix)
+
+
+class SwiGLU(Activation):
     """``silu(a) * b`` of the two halves of a fused in-projection (Flux.2's MLPs)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lazy(x).materialize()
-
-    @staticmethod
-    def lazy(x: torch.Tensor, prefix: torch.Tensor | None = None) -> ActivatedInput:
-        """``cat([prefix, self(x)])``, not computed yet (see :func:`down_projection`)."""
-        return ActivatedInput("swiglu", *x.chunk(2, dim=-1), prefix=prefix)
+    name, gated = "swiglu", True
 
 
-class GELUTanh(nn.Module):
+class GELUTanh(Activation):
     """GELU with the tanh approximation (Flux.1 and Chroma MLPs)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lazy(x).materialize()
-
-    @staticmethod
-    def lazy(x: torch.Tensor, prefix: torch.Tensor | None = None) -> ActivatedInput:
-        """``cat([prefix, self(x)])``, not computed yet (see :func:`down_projection`)."""
-        return ActivatedInput("gelu_tanh", x, prefix=prefix)
+    name, gated = "gelu_tanh", False
 
 
 def down_projection(linear: nn.Module, x: ActivatedInput) -> torch.Tensor:
