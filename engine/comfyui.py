@@ -28,7 +28,7 @@ import yaml
 
 from engine.checkpoint import CheckpointReader, format_bytes
 from engine.info import QUANT_METADATA, listed_layers
-from engine.int8.rotation import RotationError, check_group, marker_group
+from engine.int8.rotation import RotationError, check_group, marker_group, parse_marker
 from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
 from engine.lora.files import LoraFile
 from engine.models import detect
@@ -411,18 +411,16 @@ def _listed_layers(reader: CheckpointReader) -> dict[str, dict]:
 
 
 def _comfy_quant(reader: CheckpointReader, layer: str) -> dict | None:
-    info = reader.tensors.get(f"{layer}.comfy_quant")
+    name = f"{layer}.comfy_quant"
+    info = reader.tensors.get(name)
     if info is None:
         return None
-    marker = None
-    if info.dtype == "U8" and len(info.shape) == 1:
-        try:
-            marker = json.loads(bytes(reader.get(info.name).tolist()).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-    if not isinstance(marker, dict):
-        raise ExportError(f"'{layer}.comfy_quant' is not the UTF-8 bytes of a JSON object")
-    return marker
+    try:
+        if info.dtype != "U8" or len(info.shape) != 1:
+            raise RotationError(name)
+        return parse_marker(reader.get(name), name)
+    except RotationError:
+        raise ExportError(f"'{name}' is not the UTF-8 bytes of a JSON object") from None
 
 
 def verify_export(path: Path, kind: str) -> str:
