@@ -13,7 +13,9 @@ def test_dequantized_weight_within_half_a_step(scheme, shape):
     assert scale.shape == (() if scheme == "tensorwise" else (shape[0], 1))
     assert q.abs().max() <= 127
     err = (dequantize_weight(q, scale).double() - w.double()).abs()
-    # half a grid step, plus float32 rounding of w / scale (
+    # half a grid step, plus float32 rounding of w / scale and of q · scale (|q| ≤ 127: 127 · 2⁻²⁴ of a
+    # step each)
+    assert (err <= scale.double() * (0.5 + 2 * 127 * 2**-24)).all()
 
 
 def test_rowwise_scale_is_each_rows_absmax():
