@@ -7,7 +7,6 @@ folder of hundreds of multi-gigabyte files is listed in about a second.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from pathlib import Path
 from engine.checkpoint import CheckpointError, TensorInfo, read_header
 from engine.comfyui import MODEL_EXTENSIONS, ComfyInstall
 from engine.info import listed_layers
+from engine.int8.rotation import RotationError, parse_marker
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.lora.files import KIND_LABELS, SUFFIXES
 from engine.models import detect_tensors
@@ -176,7 +176,7 @@ def _rotated(path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str
     try:
         with open(path, "rb") as f:
             f.seek(marker.offset)
-            entry = json.loads(f.read(marker.nbytes).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            entry = parse_marker(f.read(marker.nbytes), marker.name)
+    except (OSError, RotationError):
         return False
-    return isinstance(entry, dict) and bool(entry.get("convrot"))
+    return bool(entry.get("convrot"))

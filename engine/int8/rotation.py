@@ -82,10 +82,11 @@ def rotate(t: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(t.shape)
 
 
-def parse_marker(marker: torch.Tensor, name: str) -> dict[str, object]:
-    """The JSON object a ``comfy_quant`` uint8 tensor holds."""
+def parse_marker(marker: torch.Tensor | bytes, name: str) -> dict[str, object]:
+    """The JSON object a ``comfy_quant`` uint8 tensor (or its bytes) holds."""
+    data = marker if isinstance(marker, bytes) else bytes(marker.cpu().tolist())
     try:
-        entry = json.loads(bytes(marker.cpu().tolist()).decode("utf-8"))
+        entry = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         entry = None
     if not isinstance(entry, dict):
