@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from engine.int8.quantize import dequantize_weight
+
+NEEDS_INTERPRETER = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"
+)
+"""For Triton kernels run on CPU tensors (conftest sets the variable before Triton is imported)."""
+DEVICES = [pytest.param("cpu", marks=NEEDS_INTERPRETER), pytest.param("cuda", marks=pytest.mark.gpu)]
+"""Where kernel tests run: the interpreter on the CPU, and the GPU (marker ``gpu``)."""
 
 # One unit in the last place, relative: rounding to nearest needs half of it, but Triton's interpreter
 # truncates its float32 -> bfloat16 casts.

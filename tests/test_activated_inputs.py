@@ -4,7 +4,6 @@ kernels apply SwiGLU / GELU (after an optional concatenated prefix) on the way i
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,18 +13,18 @@ from engine.int8.linear import Int8Linear
 from engine.int8.rotation import hadamard, rotate
 from engine.models import REGISTRY, build
 from engine.models.layers import MLP, GELUTanh, SwiGLU
-from tests.int8_reference import ULP, assert_within_int8_rounding
+from tests.int8_reference import (
+    DEVICES,
+    NEEDS_INTERPRETER,
+    ULP,
+    assert_within_int8_rounding,
+)
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, in the interpreter
 BACKENDS = [
     pytest.param("torch", "cpu"),
     pytest.param("int_mm", "cpu"),
-    pytest.param("triton", "cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("triton", "cpu", marks=NEEDS_INTERPRETER),
     pytest.param("triton", "cuda", marks=pytest.mark.gpu),
 ]
 
@@ -203,7 +202,7 @@ def test_compiled_mlp_quantizes_through_the_activated_op(act):
     assert counter.frame_count == 1
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@NEEDS_INTERPRETER
 @pytest.mark.parametrize("arch_name", ["flux2", "chroma", "zimage"])
 def test_quantized_models_agree_between_the_fused_kernel_and_the_torch_path(arch_name):
     """The Triton backend takes the activated inputs; the torch backend materializes them first."""

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from engine.int8 import kernels
 from engine.int8.ops import quantize_rows_torch
 from engine.int8.quantize import quantize_weight
-from tests.int8_reference import ULP, assert_within_int8_rounding, exact_scaled_mm
+from tests.int8_reference import (
+    DEVICES,
+    ULP,
+    assert_within_int8_rounding,
+    exact_scaled_mm,
+)
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
 # Interpreter: one config per code path (pointer loads with and without EVEN_K, TMA, persistent grid).
 INTERPRETER_CONFIGS = [
     kernels.TileConfig(16, 32, 64, 4, 2),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch._dynamo.testing
@@ -11,13 +9,12 @@ import torch._dynamo.testing
 from engine.int8 import ops
 from engine.int8.linear import Int8Linear
 from engine.int8.quantize import quantize_weight
-from tests.int8_reference import ULP, assert_within_int8_rounding
+from tests.int8_reference import NEEDS_INTERPRETER, ULP, assert_within_int8_rounding
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_BACKENDS = [
     "torch",
     "int_mm",
-    pytest.param("triton", marks=pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=NEEDS_INTERPRETER),
 ]
 
 

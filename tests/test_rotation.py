@@ -4,7 +4,6 @@ kernel (interpreter) and the PyTorch path, and what the rotation buys on heavy-t
 from __future__ import annotations
 
 import math
-import os
 from fnmatch import fnmatchcase
 
 import pytest
@@ -15,13 +14,12 @@ from engine.int8.linear import Int8Linear, QuantizedLayerError
 from engine.int8.quantize import dequantize_weight, quantize_weight
 from engine.int8.rotation import RotationError, hadamard, marker_group, rotate
 from engine.models.spec import REGISTRY
-from tests.int8_reference import assert_within_int8_rounding
+from tests.int8_reference import NEEDS_INTERPRETER, assert_within_int8_rounding
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = [
     "torch",
     "int_mm",
-    pytest.param("triton", marks=pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=NEEDS_INTERPRETER),
 ]
 
 
@@ -95,7 +93,7 @@ def test_rotated_layer_is_within_int8_rounding_of_the_rotated_product(backend, d
     assert_within_int8_rounding(out, x_rotated, w_int8, w_scale, bias)
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@NEEDS_INTERPRETER
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_kernel_rounds_like_the_pytorch_path(dtype):
     x = torch.randn(37, 512, dtype=dtype)
