@@ -49,10 +49,11 @@ class Int8Linear(nn.Module):
 
     ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
     activation quantization), to measure what W8A8 costs in accuracy. The input may be an
-    :class:`~engine.int8.ops.ActivatedInput` (a down-projection's, before its activation). ``lora``, when set, is a module
-    with ``down``, ``up`` and ``scale`` tensors (:class:`engine.lora.dynamic.LoraAdapter`) whose term
-    ``(x · downᵀ · scale) · upᵀ`` is added in the GEMM's epilogue (dynamic LoRA). ``rotation`` is the
-    Hadamard group size the weight is stored rotated with (0: not rotated).
+    :class:`~engine.int8.ops.ActivatedInput` (a down-projection's, before its activation). ``lora``,
+    when set, is a module with ``down``, ``up`` and ``scale`` tensors
+    (:class:`engine.lora.dynamic.LoraAdapter`) whose term ``(x · downᵀ · scale) · upᵀ`` is added in
+    the GEMM's epilogue (dynamic LoRA). ``rotation`` is the Hadamard group size the weight is stored
+    rotated with (0: not rotated).
     """
 
     def __init__(
