@@ -15,11 +15,13 @@ from tests.int8_reference import (
     exact_scaled_mm,
 )
 
-# Interpreter: one config per code path (pointer loads with and without EVEN_K, TMA, persistent grid).
+# Interpreter: one config per code path (pointer loads with and without EVEN_K, TMA, persistent grid,
+# warp specialization with descriptors made in the kernel).
 INTERPRETER_CONFIGS = [
     kernels.TileConfig(16, 32, 64, 4, 2),
     kernels.TileConfig(32, 16, 128, 4, 2, tma=True, tma_store=True),
     kernels.TileConfig(16, 16, 32, 4, 2, group_m=2, persistent=True),
+    kernels.TileConfig(16, 32, 32, 4, 2, persistent=True, tma=True, warp_specialize=True),
 ]
 
 
@@ -30,7 +32,8 @@ def configs_for(device: str) -> list[kernels.TileConfig]:
     table = kernels.ARCH_CONFIGS[kernels.arch_of(torch.device("cuda"))]
     every = [c for size in table.values() for c in size]
     firsts = [configs[0] for configs in table.values()]
-    return firsts + [next(c for c in every if c.tma), next(c for c in every if c.persistent), next(c for c in every if c.tma_store)]
+    paths = [next(c for c in every if c.tma), next(c for c in every if c.persistent), next(c for c in every if c.tma_store)]
+    return firsts + paths + [c for c in every if c.warp_specialize][:1]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -87,6 +90,20 @@ def test_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias):
         assert_within_int8_rounding(out, x, w_int8, w_scale, bias)
 
 
+@pytest.mark.gpu
+def test_scaled_mm_with_several_tiles_per_program():
+    """More tiles than multiprocessors, so each persistent program walks several: a warp-specialized loop
+    once computed every tile wrong except the first (the small shapes above are one tile on a GPU)."""
+    x = torch.randn(2000, 520, dtype=torch.bfloat16, device="cuda")
+    w_int8, w_scale = quantize_weight(torch.randn(2100, 520), "rowwise")
+    w_int8, w_scale = w_int8.cuda(), w_scale.cuda()
+    q, x_scale = kernels.quantize_rows(x)
+    exact = exact_scaled_mm(q, x_scale, w_int8, w_scale)
+    for config in configs_for("cuda"):
+        out = kernels.scaled_mm(q, x_scale, w_int8, w_scale.reshape(-1), None, torch.bfloat16, config=config)
+        assert ((out.double() - exact).abs() <= exact.abs() * (ULP[torch.bfloat16] + 2.0**-20) + 1e-6).all(), config
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_scaled_mm_float32_output_and_tuned_config(device, tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "TUNER", kernels.GemmTuner(tmp_path / "configs.json"))
@@ -109,6 +126,8 @@ def test_tile_configs_fit_each_architecture():
                 assert c.smem_bytes() <= smem[arch], (arch, c)
                 assert arch == "sm90" or not (c.tma or c.tma_store)
     assert [kernels.m_bucket(m) for m in (1, 16, 17, 4096, 4608)] == [16, 16, 32, 4096, 8192]
+    with pytest.raises(ValueError, match="needs TMA loads and a persistent grid"):
+        kernels.TileConfig(128, 128, 128, 4, 4, tma=True, warp_specialize=True)
 
 
 def test_tuner_remembers_winners_on_disk(tmp_path):
@@ -119,3 +138,18 @@ def test_tuner_remembers_winners_on_disk(tmp_path):
     tuner._save()
     assert kernels.GemmTuner(path)._load() == tuner._table
     assert [p.name for p in path.parent.iterdir()] == ["configs.json"]
+
+
+def test_unaligned_operands_leave_the_descriptor_paths():
+    ws = kernels.TileConfig(128, 128, 128, 4, 4, tma=True, persistent=True, warp_specialize=True, tma_store=True)
+    aligned = torch.zeros(8, 64, dtype=torch.int8)
+    assert kernels.usable(ws, aligned, aligned, torch.zeros(8, 8, dtype=torch.bfloat16)) is ws
+    odd = torch.zeros(8, 40, dtype=torch.int8)  # 40-byte rows: no TMA
+    plain = kernels.usable(ws, odd, aligned[:, :40], torch.zeros(8, 8, dtype=torch.bfloat16))
+    assert (plain.tma, plain.warp_specialize, plain.persistent, plain.tma_store) == (False, False, True, True)
+
+
+def test_triton_release_parses_the_versions_in_use():
+    assert kernels.triton_release("3.6.0") == (3, 6)
+    assert kernels.triton_release("3.4.0+git1a2b3c") == (3, 4)
+    assert kernels.triton_release("3.10.1") > kernels.MIN_TRITON > kernels.triton_release("3.3.1")

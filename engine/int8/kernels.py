@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import threading
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -40,6 +41,19 @@ import triton.language as tl
 
 from engine.int8.quantize import MIN_ABSMAX
 from engine.paths import cache_dir
+
+MIN_TRITON = (3, 4)
+"""``tl.range(warp_specialize=...)`` and descriptors made inside a kernel arrived in Triton 3.4."""
+
+
+def triton_release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a Triton version string such as ``"3.6.0"`` or ``"3.4.0+git1a2b"``."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+if triton_release(triton.__version__) < MIN_TRITON:  # ops.py then falls back to torch._int_mm
+    raise ImportError(f"the int8 kernels need Triton 3.4 or newer, found {triton.__version__}")
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the TMA configs are skipped
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -270,13 +284,53 @@ def _add_low_rank(out, lx, lu, ls, offs_m, offs_n, m_ok, n_ok, R, stride_lx, str
     return out
 
 
+@triton.jit
+def _tma_mainloop(a, b, pid_m, pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile's int32 ``A @ Bᵀ`` through tensor descriptors (out-of-range reads come back as zeros)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kt in range(tl.cdiv(K, BLOCK_K)):
+        a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
+        b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
+        acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _pointer_mainloop(
+    a, b, pid_m, pid_n, M, N, K, stride_am, stride_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_M: tl.constexpr,
+):
+    """One tile's int32 ``A @ Bᵀ`` through pointers (see ``_scaled_mm_kernel`` for the row wrapping)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_a = offs_m if MASK_M else offs_m % M
+    a_ptrs = a + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+    a_rows_ok = offs_m[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kt in range(tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a_tile = tl.load(a_ptrs, mask=a_rows_ok, other=0) if MASK_M else tl.load(a_ptrs)
+            b_tile = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k[None, :] < K - kt * BLOCK_K
+            a_mask = a_rows_ok & k_ok if MASK_M else k_ok
+            a_tile = tl.load(a_ptrs, mask=a_mask, other=0)
+            b_tile = tl.load(b_ptrs, mask=k_ok, other=0)
+        acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _scaled_mm_kernel(
     a, b, c, a_scale, b_scale, bias, M, N, K, stride_am, stride_bn, stride_cm, num_programs,
     lora_x, lora_up, lora_scale, R, stride_lx, stride_lu,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
@@ -289,39 +343,30 @@ def _scaled_mm_kernel(
     masks A's rows instead: wrapping would make the tile's rows all read the same few addresses, which
     made M = 1 half as fast as M = 16 on an H100. ``c`` is a tensor
     descriptor when ``TMA_STORE`` (the copy engine clips the tile at the edges).
+
+    ``WARP_SPECIALIZE`` (sm90+, persistent grid, TMA loads): a producer warp issues the tile loads
+    while the other warps run the MMAs and the epilogue, so one tile's epilogue overlaps the next
+    tile's loads. ``a`` and ``b`` then come as pointers and the descriptors are made here: with host
+    descriptors Triton 3.6 did not finish compiling the specialized loop on sm90 (over 200 s).
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=FLATTEN):
+    if WARP_SPECIALIZE:
+        a = tl.make_tensor_descriptor(a, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b = tl.make_tensor_descriptor(b, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    for tile in tl.range(
+        tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        if USE_TMA:
+            acc = _tma_mainloop(a, b, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc = _pointer_mainloop(a, b, pid_m, pid_n, M, N, K, stride_am, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K,
+                                    EVEN_K, MASK_M)
+        # The epilogue's offsets are made after the K loop, which lives in a helper: written inline with
+        # the offsets made before it, the warp-specialized loop computed wrong tiles (Triton 3.6, H200).
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        if USE_TMA:
-            for kt in range(k_tiles):
-                a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
-                b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
-                acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
-        else:
-            rows_a = offs_m if MASK_M else offs_m % M
-            a_ptrs = a + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-            b_ptrs = b + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
-            a_rows_ok = offs_m[:, None] < M
-            for kt in range(k_tiles):
-                if EVEN_K:
-                    a_tile = tl.load(a_ptrs, mask=a_rows_ok, other=0) if MASK_M else tl.load(a_ptrs)
-                    b_tile = tl.load(b_ptrs)
-                else:
-                    k_ok = offs_k[None, :] < K - kt * BLOCK_K
-                    a_mask = a_rows_ok & k_ok if MASK_M else k_ok
-                    a_tile = tl.load(a_ptrs, mask=a_mask, other=0)
-                    b_tile = tl.load(b_ptrs, mask=k_ok, other=0)
-                acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-
         m_ok = offs_m < M
         n_ok = offs_n < N
         row_scale = tl.load(a_scale + offs_m, mask=m_ok, other=0.0)
@@ -356,6 +401,11 @@ class TileConfig:
     persistent: bool = False
     tma: bool = False
     tma_store: bool = False
+    warp_specialize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.warp_specialize and not (self.tma and self.persistent):
+            raise ValueError("a warp-specialized config needs TMA loads and a persistent grid")
 
     def smem_bytes(self) -> int:
         staged_out = self.block_m * self.block_n * 2 if self.tma_store else 0
@@ -375,14 +425,16 @@ _LARGE_M_AMPERE = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4,
 ARCH_CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
     # sm90: int8 tl.dot lowers to wgmma. The large-M configs are those that won at least one of the
     # 57 benchmark shapes on an H100 out of a sweep of 18 (benchmarks/gemm.py --sweep): TMA loads, a
-    # persistent grid for wide N, 128×128 tiles where bigger ones would leave the last wave mostly empty.
+    # persistent grid for wide N, 128×128 tiles where bigger ones would leave the last wave mostly empty;
+    # then two warp-specialized 128×128 configs (4–15% faster at M = 4608 in a probe on an H200, 2026-11-29).
     "sm90": {
         "small": _tiles(_SMALL_M),
         "medium": _tiles(_MEDIUM_M) + _tiles(_MEDIUM_M[:2], tma=True),
         "large": _tiles([(128, 256, 128, 8, 4)], tma=True, persistent=True)
         + _tiles([(128, 128, 128, 4, 3), (256, 128, 128, 8, 4)], tma=True)
         + _tiles([(128, 128, 128, 4, 3)])
-        + _tiles([(128, 256, 128, 8, 3)], tma=True, persistent=True, tma_store=True),
+        + _tiles([(128, 256, 128, 8, 3)], tma=True, persistent=True, tma_store=True)
+        + _tiles([(128, 128, 128, 4, 4), (128, 128, 128, 4, 3)], tma=True, persistent=True, warp_specialize=True),
     },
     # sm80/86/89 and sm120 (consumer Blackwell): mma.sync, ~100 KB of shared memory except on sm80.
     "sm80": {"small": _tiles(_SMALL_M), "medium": _tiles(_MEDIUM_M), "large": _tiles(_LARGE_M_AMPERE)},
@@ -450,20 +502,28 @@ def launch_scaled_mm(
         lora_args = (x_scale, x_scale, x_scale, 0, 0, 0)
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = min(tiles, num_sms) if config.persistent else tiles
-    if config.tma:
+    if config.tma and not config.warp_specialize:
         a = TensorDescriptor.from_tensor(q, [config.block_m, config.block_k])
         b = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
     else:
         a, b = q, w
+    if config.warp_specialize:  # per launch: Triton keeps the allocator per thread (a ContextVar)
+        triton.set_allocator(_descriptor_scratch)
     c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
     _scaled_mm_kernel[(programs,)](
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale,
         M, N, K, q.stride(0), w.stride(0), out.stride(0), programs, *lora_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
-        TMA_STORE=config.tma_store, FLATTEN=config.persistent, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
+        TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
+        WARP_SPECIALIZE=config.warp_specialize, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
         HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory Triton asks for at launch to hold the descriptors a kernel makes itself."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
@@ -477,7 +537,9 @@ def usable(config: TileConfig, q: torch.Tensor, w: torch.Tensor, out: torch.Tens
     """``config`` with the TMA paths these tensors cannot take switched off."""
     tma = config.tma and tma_ok(q, w)
     tma_store = config.tma_store and tma_ok(out)
-    return config if (tma, tma_store) == (config.tma, config.tma_store) else replace(config, tma=tma, tma_store=tma_store)
+    if (tma, tma_store) == (config.tma, config.tma_store):
+        return config
+    return replace(config, tma=tma, tma_store=tma_store, warp_specialize=config.warp_specialize and tma)
 
 
 def default_cache_path() -> Path:
@@ -489,7 +551,9 @@ class GemmTuner:
 
     The first call of a new shape benchmarks the architecture's candidates on the call's own data
     (a few milliseconds each, plus Triton's one-time compilation), then writes the winner to a JSON
-    file keyed by GPU name and Triton version. Later processes read the file and never re-tune.
+    file keyed by GPU name, Triton version and candidate list. Later processes read the file and never
+    re-tune (until one of those changes). Warp-specialized configs are not tried for a GEMM with a
+    low-rank term: the epilogue's extra MMA is untested in a specialized loop.
     During CUDA graph capture nothing can be timed, so an untuned shape gets its first candidate.
     """
 
@@ -504,7 +568,9 @@ class GemmTuner:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._devices:
             props = torch.cuda.get_device_properties(index)
-            self._devices[index] = (f"{props.name}|triton {triton.__version__}", props.multi_processor_count)
+            candidates = zlib.crc32(repr(ARCH_CONFIGS[arch_of(device)]).encode())  # new candidates: tune again
+            name = f"{props.name}|triton {triton.__version__}|candidates {candidates:08x}"
+            self._devices[index] = (name, props.multi_processor_count)
         return self._devices[index]
 
     def num_sms(self, device: torch.device) -> int:
@@ -555,7 +621,8 @@ class GemmTuner:
         found = self.cached(q.device, M, N, K, *sizes)
         if found:
             return usable(found, q, w, out)
-        candidates = list(dict.fromkeys(usable(c, q, w, out) for c in candidate_configs(arch_of(q.device), M)))
+        configs = candidate_configs(arch_of(q.device), M)
+        candidates = list(dict.fromkeys(usable(c, q, w, out) for c in configs if lora is None or not c.warp_specialize))
         if torch.cuda.is_current_stream_capturing():
             return candidates[0]
         best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out, lora)
