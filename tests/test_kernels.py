@@ -10,6 +10,7 @@ from engine.int8.ops import quantize_rows_torch
 from engine.int8.quantize import quantize_weight
 from tests.int8_reference import (
     DEVICES,
+    NEEDS_INTERPRETER,
     ULP,
     assert_within_int8_rounding,
     exact_scaled_mm,
@@ -153,3 +154,70 @@ def test_triton_release_parses_the_versions_in_use():
     assert kernels.triton_release("3.6.0") == (3, 6)
     assert kernels.triton_release("3.4.0+git1a2b3c") == (3, 4)
     assert kernels.triton_release("3.10.1") > kernels.MIN_TRITON > kernels.triton_release("3.3.1")
+
+
+@pytest.mark.parametrize("scheme, with_bias, rank", [("rowwise", True, 8), ("tensorwise", False, 0)])
+def test_reference_rows_match_float64(scheme, with_bias, rank):
+    m, n, k = 40, 70, 300
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    x_scale = torch.rand(m) + 0.01
+    w_int8, w_scale = quantize_weight(torch.randn(n, k), scheme)
+    bias = torch.randn(n, dtype=torch.bfloat16) if with_bias else None
+    lora = kernels.LowRank(torch.randn(m, rank), torch.randn(n, rank), torch.rand(rank)) if rank else None
+    rows = torch.tensor([0, 17, 39])
+    got = kernels.reference_rows(rows, q, x_scale, w_int8, w_scale.reshape(-1), bias, lora)
+    want = exact_scaled_mm(q, x_scale, w_int8, w_scale, bias)[rows]
+    if lora is not None:
+        want += (lora.x[rows].double() * lora.scale.double()) @ lora.up.double().t()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@NEEDS_INTERPRETER
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")  # numpy in the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_agrees_accepts_the_kernel_and_rejects_wrong_values(dtype):
+    x = torch.randn(20, 96)
+    x[3, 5] = float("nan")  # a NaN row: the documented NaN output row, in the kernel and the reference
+    w_int8, w_scale = quantize_weight(torch.randn(50, 96), "rowwise")
+    q, x_scale = kernels.quantize_rows(x)
+    rows = torch.arange(20)
+    expected = kernels.reference_rows(rows, q, x_scale, w_int8, w_scale.reshape(-1))
+    out = kernels.scaled_mm(q, x_scale, w_int8, w_scale.reshape(-1), None, dtype, config=INTERPRETER_CONFIGS[0])
+    assert out[3].isnan().all() and kernels.agrees(out, expected)
+    wrong = [out.clone() for _ in range(4)]
+    wrong[0][7, 11] += out[7].float().abs().max() / 20  # off by 5% of the row's largest value
+    wrong[1][:, 32:] = 0  # a tile never written
+    wrong[2][0, 0] = float("nan")
+    wrong[3][3] = 0  # a NaN row that came back as numbers
+    assert not any(kernels.agrees(w, expected) for w in wrong)
+
+
+def test_agrees_takes_an_overflow_to_inf_as_the_dtype_rounds():
+    expected = torch.tensor([[7.0e4, -1.0, 2.0]])  # past float16's 65504
+    assert kernels.agrees(expected.to(torch.float16), expected)
+    assert not kernels.agrees(torch.tensor([[65504.0, -1.0, 2.0]], dtype=torch.float16), expected)
+
+
+@pytest.mark.gpu
+def test_tuner_drops_a_config_that_computes_wrong_values(tmp_path, monkeypatch):
+    """A candidate that returns at once without writing its output would be the fastest: the tuner must
+    notice that its values are wrong, warn, and pick a correct one."""
+    tuner = kernels.GemmTuner(tmp_path / "configs.json")
+    broken = kernels.candidate_configs(kernels.arch_of(torch.device("cuda")), 300)[0]
+    launch = kernels.launch_scaled_mm
+
+    def sabotaged(config, q, x_scale, w, w_scale, bias, out, *args):
+        if config == broken:
+            out.zero_()
+        else:
+            launch(config, q, x_scale, w, w_scale, bias, out, *args)
+
+    monkeypatch.setattr(kernels, "launch_scaled_mm", sabotaged)
+    x = torch.randn(300, 512, dtype=torch.bfloat16, device="cuda")
+    w_int8, w_scale = quantize_weight(torch.randn(640, 512), "rowwise")
+    w_int8, w_scale = w_int8.cuda(), w_scale.reshape(-1).cuda()
+    q, x_scale = kernels.quantize_rows(x)
+    out = torch.empty(300, 640, dtype=torch.bfloat16, device="cuda")
+    with pytest.warns(RuntimeWarning, match="computed wrong values for M=300, N=640, K=512"):
+        chosen = tuner.config_for(q, x_scale, w_int8, w_scale, None, out)
+    assert chosen != broken

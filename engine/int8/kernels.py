@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -542,6 +543,39 @@ def usable(config: TileConfig, q: torch.Tensor, w: torch.Tensor, out: torch.Tens
     return replace(config, tma=tma, tma_store=tma_store, warp_specialize=config.warp_specialize and tma)
 
 
+CHECK_ROWS = 32
+"""Output rows, spread over M, that every tuning candidate must reproduce (see ``GemmTuner._benchmark``)."""
+
+
+def reference_rows(
+    rows: torch.Tensor, q, x_scale, w, w_scale, bias=None, lora: LowRank | None = None
+) -> torch.Tensor:
+    """Rows ``rows`` of ``scaled_mm``'s result in float32 PyTorch. The weight is widened a block of rows
+    at a time (at most 2²⁴ values, 64 MB), never as a whole."""
+    x = q[rows].float()
+    block = max(1, 2**24 // w.shape[1])
+    acc = torch.cat([x @ part.float().t() for part in w.split(block)], dim=1)
+    out = acc * x_scale[rows].float()[:, None] * w_scale.float().reshape(-1)
+    if bias is not None:
+        out += bias.float()
+    if lora is not None:
+        out += (lora.x[rows].float() * lora.scale.float()) @ lora.up.float().t()
+    return out
+
+
+def agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether a kernel's ``out`` is ``expected`` (float32) up to rounding: within 2⁻⁶ of each value plus
+    2⁻⁸ of its row's largest (the kernel rounds the low-rank term's inputs to bf16). Loose for a precision
+    test, tight enough to catch a miscompiled kernel; NaN and ±Inf must match exactly."""
+    want = expected.to(out.dtype).float()
+    got = out.float()
+    finite = want.isfinite()
+    row_max = want.abs().where(finite, 0).amax(dim=1, keepdim=True)
+    close = (got - want).abs() <= want.abs() * 2**-6 + row_max * 2**-8
+    same = (got == want) | (got.isnan() & want.isnan())
+    return bool(torch.where(finite, close, same).all())
+
+
 def default_cache_path() -> Path:
     return cache_dir() / "gemm-configs.json"
 
@@ -632,16 +666,26 @@ class GemmTuner:
         return best
 
     def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out, lora) -> TileConfig:
+        """The fastest candidate among those that compile and reproduce a PyTorch reference on a few rows:
+        a config that a compiler bug makes compute wrong values is dropped with a warning, not chosen."""
+        (M, K), N = q.shape, w.shape[0]
         num_sms = self.num_sms(q.device)
+        rows = torch.linspace(0, M - 1, min(CHECK_ROWS, M), device=q.device).round().long().unique()
+        expected = reference_rows(rows, q, x_scale, w, w_scale, bias, lora)
         timings = {}
         for config in candidates:
             run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms, lora)
             try:
-                timings[config] = triton.testing.do_bench(run, warmup=5, rep=20)
+                timing = triton.testing.do_bench(run, warmup=5, rep=20)
             except Exception:  # noqa: BLE001, S112 - out of shared memory, or a feature this GPU/Triton lacks
                 continue
+            if agrees(out[rows], expected):
+                timings[config] = timing
+            else:
+                warnings.warn(f"int8 GEMM: {config} computed wrong values for M={M}, N={N}, K={K}; not used",
+                              RuntimeWarning, stacklevel=2)
         if not timings:
-            raise RuntimeError(f"no int8 GEMM configuration compiles for M={q.shape[0]}, N={w.shape[0]}, K={q.shape[1]}")
+            raise RuntimeError(f"no int8 GEMM configuration compiles and computes correct values for M={M}, N={N}, K={K}")
         return min(timings, key=timings.get)
 
 
