@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import CheckpointReader
+from engine.int8.ops import describe_backend
 from engine.int8.quantize import SCHEMES, Scheme
 from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
@@ -94,6 +95,7 @@ class BenchResult:
     quantized_layers: int  # linear layers in int8/fp8 (the rest stay bf16)
     linear_layers: int
     cuda_graphs: bool = False
+    int8_backend: str = ""  # ops.describe_backend: what the int8 rows ran on ("" when none ran)
     rows: tuple[FormatResult, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
@@ -105,11 +107,12 @@ class BenchResult:
         tokens = f"{self.image_tokens} image + {self.text_tokens} text tokens"
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         layers = f"{self.quantized_layers} of {self.linear_layers} linear layers quantized"
+        gemm = f"; int8 GEMM: {self.int8_backend}" if self.int8_backend else ""
         steps = f"median of {self.steps} steps" + (", replayed from a CUDA graph" if self.cuda_graphs else "")
         head = [
             f"{self.model}: {shape} ({tokens}), {steps}",
             f"{self.device}; {versions}",
-            f"{layers} ({self.scheme} int8 weight scales, per-token activation scales)",
+            f"{layers} ({self.scheme} int8 weight scales, per-token activation scales){gemm}",
             "",
         ]
         lines = [COLUMNS, *(_cells(r) for r in self.rows)]
@@ -346,6 +349,7 @@ def _bench(
         quantized_layers=source.int8_layers or len(quantized),
         linear_layers=len(linears),
         cuda_graphs=request.cuda_graphs,
+        int8_backend=describe_backend(device) if any(f.startswith("int8") for f in formats) else "",
         rows=tuple(_with_speedups(rows)),
     )
 

@@ -311,6 +311,7 @@ def test_benchmark_runs_and_keeps_its_results(qtbot, window, settings):
     assert page.table.rowCount() == 2 and page.chart.isVisible()
     assert page.table.item(1, 1).text() == f"{result['rows'][1]['seconds_per_step']:.3f}"
     assert [name for name, _ in page.chart.bars] == ["bf16", "int8"]
+    assert page.run_facts.text().endswith("int8 GEMM: PyTorch float32 matmuls (no int8 speed-up).")
 
     again = MainWindow(Settings(Path(settings.store.fileName())))
     qtbot.addWidget(again)

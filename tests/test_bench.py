@@ -55,6 +55,8 @@ def test_bench_a_named_model(name):
     assert json.loads(json.dumps(result.to_dict()))["rows"][2]["format"] == "int8"
     table = result.table()
     assert "fp8     n/a (needs a CUDA GPU, sm89+)" in table
+    assert result.int8_backend == "PyTorch float32 matmuls (no int8 speed-up)"
+    assert "per-token activation scales); int8 GEMM: PyTorch float32 matmuls (no int8 speed-up)\n" in table
 
 
 def test_compiled_formats(monkeypatch):

@@ -78,6 +78,19 @@ def test_out_dtype_and_default_backends():
         pass
 
 
+def test_describe_backend_says_why_a_gpu_falls_back(monkeypatch):
+    cuda = torch.device("cuda")
+    assert ops.describe_backend(torch.device("cpu")) == "PyTorch float32 matmuls (no int8 speed-up)"
+    monkeypatch.setattr(ops, "kernels", None)
+    monkeypatch.setattr(ops, "KERNELS_MISSING", "the int8 kernels need Triton 3.4 or newer, found 3.2.0")
+    assert ops.describe_backend(cuda) == (
+        "torch._int_mm + separate dequantization, slower than bf16 "
+        "(the int8 kernels need Triton 3.4 or newer, found 3.2.0)"
+    )
+    monkeypatch.undo()
+    assert ops.describe_backend(cuda) == "Triton kernels"
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

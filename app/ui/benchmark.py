@@ -233,6 +233,7 @@ class BenchmarkPage(Page):
             f"{result['steps']} steps{' replayed from a CUDA graph' if result.get('cuda_graphs') else ''}, "
             f"{result['quantized_layers']} of {result['linear_layers']} "
             f"linear layers quantized ({result['scheme']}). {result['device']}."
+            + (f" int8 GEMM: {result['int8_backend']}." if result.get("int8_backend") else "")
         )
         measured = [r for r in rows if r["seconds_per_step"] is not None]
         self.chart.set_bars([(r["format"], r["seconds_per_step"]) for r in measured])

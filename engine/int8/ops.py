@@ -52,8 +52,11 @@ from engine.int8.rotation import check_group, hadamard, rotate
 
 try:
     from engine.int8 import kernels
-except ImportError:  # no Triton on this platform
+
+    KERNELS_MISSING: str | None = None
+except ImportError as error:  # no Triton on this platform, or one older than the kernels need
     kernels = None
+    KERNELS_MISSING = str(error)
 
 Backend = Literal["triton", "int_mm", "torch"]
 BACKENDS: tuple[Backend, ...] = ("triton", "int_mm", "torch")
@@ -82,11 +85,26 @@ def use_backend(backend: Backend | None) -> Iterator[None]:
 
 
 def backend_for(x: torch.Tensor) -> Backend:
+    return backend_on(x.device)
+
+
+def backend_on(device: torch.device) -> Backend:
     if force_backend is not None:
         return force_backend
-    if x.is_cuda:
+    if device.type == "cuda":
         return "triton" if kernels is not None else "int_mm"
     return "torch"
+
+
+def describe_backend(device: torch.device) -> str:
+    """What ``int8_linear`` runs on ``device``, in words for reports (a slow fallback says why)."""
+    backend = backend_on(device)
+    if backend == "triton":
+        return "Triton kernels"
+    if backend == "torch":
+        return "PyTorch float32 matmuls (no int8 speed-up)"
+    why = f" ({KERNELS_MISSING})" if KERNELS_MISSING else ""
+    return f"torch._int_mm + separate dequantization, slower than bf16{why}"
 
 
 def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
