@@ -333,6 +333,17 @@ def test_benchmark_int8_options_reach_the_request(window):
     assert page.cuda_graphs.isEnabled() and page.request().cuda_graphs is True
 
 
+def test_benchmark_keeps_a_form_changed_before_the_gpu_check_finished(window):
+    page = window.pages["benchmark"]
+    page.set_preset(has_gpu=True)  # what the app shows until the check says otherwise
+    page.hardware_found(has_gpu=False)  # untouched: the check's preset applies
+    assert (page.request().source, page.request().steps, page.cpu_note.isVisibleTo(page)) == ("flux2-tiny", 3, True)
+    page.steps.setValue(7)
+    page.hardware_found(has_gpu=True)  # changed by hand: kept, only the GPU-only options follow
+    assert (page.request().source, page.request().steps) == ("flux2-tiny", 7)
+    assert page.cuda_graphs.isEnabled() and not page.cpu_note.isVisibleTo(page)
+
+
 def test_convert_rotation_choice_reaches_the_request_and_the_output_name(window):
     page = window.pages["convert"]
     assert page.request().rotate == "none"

@@ -164,9 +164,23 @@ class BenchmarkPage(Page):
         self.steps.setValue(steps)
         for fmt, box in self.format_boxes.items():
             box.setChecked(fmt in formats)
+        self.cuda_graphs.setChecked(False)
+        self._show_hardware(has_gpu)
+        self._preset = self.request()
+
+    def hardware_found(self, has_gpu: bool) -> None:
+        """The GPU check, which finishes after the window opens: its preset replaces the form only if
+        nobody has changed the form in the meantime."""
+        if self.request() == self._preset:
+            self.set_preset(has_gpu)
+        else:
+            self._show_hardware(has_gpu)
+
+    def _show_hardware(self, has_gpu: bool) -> None:
         self.cpu_note.setVisible(not has_gpu)
         self.cuda_graphs.setEnabled(has_gpu)
-        self.cuda_graphs.setChecked(False)
+        if not has_gpu:
+            self.cuda_graphs.setChecked(False)
 
     def open_path(self, path: Path) -> bool:
         if path.suffix != ".safetensors" and not path.is_dir():

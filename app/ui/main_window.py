@@ -173,7 +173,7 @@ class MainWindow(QMainWindow):
             "won't be faster than bf16."
         )
         self.pages["settings"].set_gpus(self.gpus)
-        self.pages["benchmark"].set_preset(has_gpu=bool(self.gpus))
+        self.pages["benchmark"].hardware_found(has_gpu=bool(self.gpus))
         self._refresh_ram()
 
     def _refresh_ram(self) -> None:
