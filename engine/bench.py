@@ -20,9 +20,11 @@ GPU sees anyway (a fast desktop CPU with a consumer GPU), and what ``mode="reduc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -64,7 +66,7 @@ class BenchRequest:
     batch: int = 1
     warmup: int = 2  # untimed calls per format; the first one compiles and autotunes
     text_tokens: int | None = None  # default: the model's typical prompt length
-    device: str | None = None  # default: "cuda" when there is a GPU, else "cpu"
+    device: str | None = None  # "cpu", "cuda" or "cuda:N"; default: "cuda" when there is a GPU, else "cpu"
     cuda_graphs: bool = False  # time replays of a captured step (GPU only; module docstring)
     rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
 
@@ -215,7 +217,9 @@ def run_bench(
     reader = CheckpointReader(request.source) if Path(request.source).exists() else None
     try:
         source = _source(request, reader)
-        return _bench(request, formats, source, device, progress, cancel)
+        # the current device too: Triton launches its kernels there, whatever their tensors' device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return _bench(request, formats, source, device, progress, cancel)
     except torch.OutOfMemoryError:
         raise BenchError(
             f"out of GPU memory at {request.resolution}×{request.resolution}, batch {request.batch}: "
@@ -240,12 +244,16 @@ def _check(request: BenchRequest) -> list[str]:
         value = getattr(request, name)
         if value is not None and value < 1:
             raise BenchError(f"{name.replace('_', ' ')} must be at least 1, got {value}")
-    if request.device not in (None, "cpu", "cuda"):
-        raise BenchError(f"unknown device {request.device!r}; choose cpu or cuda")
-    if request.device == "cuda" and not torch.cuda.is_available():
-        raise BenchError(
-            "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one"
-        )
+    if request.device not in (None, "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", request.device):
+        raise BenchError(f"unknown device {request.device!r}; choose cpu, cuda or cuda:N (a GPU's index)")
+    if (request.device or "").startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BenchError(
+                "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one"
+            )
+        index, count = torch.device(request.device).index or 0, torch.cuda.device_count()
+        if index >= count:
+            raise BenchError(f"no CUDA GPU {index}: this machine has {count} (0–{count - 1})")
     if request.scheme not in SCHEMES:
         raise BenchError(f"unknown scheme {request.scheme!r}; choose from {', '.join(SCHEMES)}")
     if request.rotate not in ROTATION_POLICIES:

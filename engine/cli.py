@@ -256,7 +256,9 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text-tokens", type=int, help="prompt length in tokens (default: the model's typical one)"
     )
-    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
+    p.add_argument(
+        "--device", metavar="{cpu,cuda,cuda:N}", help="default: cuda (the first GPU) when there is a GPU"
+    )
     p.add_argument(
         "--cuda-graphs",
         action="store_true",

@@ -13,6 +13,7 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QPalette
 from PySide6.QtWidgets import QApplication, QLabel, QMessageBox
 
+from app import system
 from app.settings import Settings
 from app.ui.main_window import MainWindow
 from app.ui.theme import DARK, LIGHT
@@ -331,6 +332,15 @@ def test_benchmark_int8_options_reach_the_request(window):
     page.set_preset(has_gpu=True)
     page.cuda_graphs.setChecked(True)
     assert page.cuda_graphs.isEnabled() and page.request().cuda_graphs is True
+
+
+def test_benchmark_runs_on_the_gpu_chosen_in_settings(window, settings, monkeypatch):
+    page = window.pages["benchmark"]
+    monkeypatch.setattr(system, "gpus", lambda: [system.Gpu(0, "GPU A", 8 << 30, (8, 6)), system.Gpu(1, "GPU B", 24 << 30, (8, 9))])
+    settings.gpu_index = 1
+    assert page.request().device == "cuda:1"
+    settings.gpu_index = 3  # a GPU that is gone: the engine picks
+    assert page.request().device is None
 
 
 def test_benchmark_keeps_a_form_changed_before_the_gpu_check_finished(window):

@@ -121,6 +121,12 @@ def test_cancel():
             {"device": "cuda"},
             "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one",
         ),
+        (
+            {"device": "cuda:1"},
+            "no CUDA GPU found: benchmark on the CPU (small models only) or on a machine with one",
+        ),
+        ({"device": "gpu1"}, "unknown device 'gpu1'; choose cpu, cuda or cuda:N (a GPU's index)"),
+        ({"device": "cuda:x"}, "unknown device 'cuda:x'; choose cpu, cuda or cuda:N (a GPU's index)"),
         ({"device": "cpu", "cuda_graphs": True}, "CUDA graphs need a CUDA GPU: benchmark without them on the CPU"),
         (
             {"source": "flux2-klein-9b"},
@@ -132,7 +138,7 @@ def test_cancel():
     ],
 )
 def test_bad_requests(changes, message):
-    if changes.get("device") == "cuda" and not NO_GPU:
+    if changes.get("device") in ("cuda", "cuda:1") and not NO_GPU:
         pytest.skip("there is a GPU")
     request = BenchRequest(**{"source": "zimage-tiny", **SMALL, **changes})
     with pytest.raises(BenchError) as err:
@@ -190,3 +196,12 @@ def test_cuda_graph_replays_give_the_eager_outputs():
     for r in graphs.rows:
         assert r.seconds_per_step > 0
         assert r.relative_error == pytest.approx(eager[r.format].relative_error, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.gpu
+def test_a_gpu_by_index():
+    last = torch.cuda.device_count() - 1
+    result = run_bench(BenchRequest("flux2-tiny", resolution=64, steps=1, formats=("int8",), device=f"cuda:{last}"))
+    assert result.device.startswith(torch.cuda.get_device_name(last)) and result.int8_backend == "Triton kernels"
+    with pytest.raises(BenchError, match=rf"^no CUDA GPU {last + 1}: this machine has {last + 1} \(0–{last}\)$"):
+        run_bench(BenchRequest("flux2-tiny", device=f"cuda:{last + 1}"))

@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QTableWidgetItem,
 )
 
+from app import system
 from app.settings import Settings
 from app.ui import theme
 from app.ui.chart import BarChart
@@ -201,6 +202,7 @@ class BenchmarkPage(Page):
             formats=tuple(f for f, box in self.format_boxes.items() if box.isChecked()),
             rotate=self.rotation.currentData(),
             cuda_graphs=self.cuda_graphs.isChecked(),
+            device=system.device(self.settings.gpu_index),
         )
 
     def run(self) -> Job:
