@@ -29,9 +29,13 @@ class Gpu:
 
     @property
     def verdict(self) -> str:
-        if self.int8_pays:
-            return "INT8 tensor cores: faster than bf16 expected"
-        return f"no INT8 tensor cores ({self.sm}): INT8 saves memory, speed-up unlikely"
+        from engine.int8 import ops  # imports torch: only once a GPU was found
+
+        if not self.int8_pays:
+            return f"no INT8 tensor cores ({self.sm}): INT8 saves memory, speed-up unlikely"
+        if ops.KERNELS_MISSING:
+            return "INT8 tensor cores, but no Triton 3.4+ for the INT8 kernels: INT8 runs on a slower fallback"
+        return "INT8 tensor cores: faster than bf16 expected"
 
     def summary(self) -> str:
         return f"{self.name} · {format_bytes(self.vram_bytes)} VRAM · {self.sm} · {self.verdict}"

@@ -343,6 +343,19 @@ def test_benchmark_runs_on_the_gpu_chosen_in_settings(window, settings, monkeypa
     assert page.request().device is None
 
 
+def test_gpu_verdicts(monkeypatch):
+    from engine.int8 import ops
+
+    ampere, pascal = system.Gpu(0, "A", 8 << 30, (8, 6)), system.Gpu(1, "P", 8 << 30, (6, 1))
+    assert ampere.verdict == "INT8 tensor cores: faster than bf16 expected"
+    assert pascal.verdict == "no INT8 tensor cores (sm61): INT8 saves memory, speed-up unlikely"
+    monkeypatch.setattr(ops, "KERNELS_MISSING", "no module named 'triton'")
+    assert ampere.verdict == (
+        "INT8 tensor cores, but no Triton 3.4+ for the INT8 kernels: INT8 runs on a slower fallback"
+    )
+    assert system.gpu_summary([pascal, ampere], 0).endswith("INT8 runs on a slower fallback")
+
+
 def test_benchmark_keeps_a_form_changed_before_the_gpu_check_finished(window):
     page = window.pages["benchmark"]
     page.set_preset(has_gpu=True)  # what the app shows until the check says otherwise

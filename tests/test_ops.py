@@ -84,7 +84,7 @@ def test_describe_backend_says_why_a_gpu_falls_back(monkeypatch):
     monkeypatch.setattr(ops, "kernels", None)
     monkeypatch.setattr(ops, "KERNELS_MISSING", "the int8 kernels need Triton 3.4 or newer, found 3.2.0")
     assert ops.describe_backend(cuda) == (
-        "torch._int_mm + separate dequantization, slower than bf16 "
+        "torch._int_mm + separate dequantization, slower than the Triton kernels "
         "(the int8 kernels need Triton 3.4 or newer, found 3.2.0)"
     )
     monkeypatch.undo()

@@ -104,7 +104,7 @@ def describe_backend(device: torch.device) -> str:
     if backend == "torch":
         return "PyTorch float32 matmuls (no int8 speed-up)"
     why = f" ({KERNELS_MISSING})" if KERNELS_MISSING else ""
-    return f"torch._int_mm + separate dequantization, slower than bf16{why}"
+    return f"torch._int_mm + separate dequantization, slower than the Triton kernels{why}"
 
 
 def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
