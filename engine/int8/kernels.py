@@ -56,10 +56,8 @@ def triton_release(version: str) -> tuple[int, int]:
 if triton_release(triton.__version__) < MIN_TRITON:  # ops.py then falls back to torch._int_mm
     raise ImportError(f"the int8 kernels need Triton 3.4 or newer, found {triton.__version__}")
 
-try:  # host-side TMA descriptors (Triton >= 3.4); without them the TMA configs are skipped
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton
-    TensorDescriptor = None
+# imported after the check, whose error says why an old Triton is refused
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _MIN_ABSMAX = tl.constexpr(MIN_ABSMAX)
 
@@ -529,7 +527,7 @@ def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned base addresses and row strides."""
-    return TensorDescriptor is not None and all(
+    return all(
         t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1 for t in tensors
     )
 
