@@ -39,7 +39,7 @@ def configs_for(device: str) -> list[kernels.TileConfig]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 40), (17, 300), (3, 4096), (5, 4100)])
+@pytest.mark.parametrize("shape", [(1, 40), (17, 300), (6, 3072), (3, 4096), (5, 4100)])  # 3072, 4100: two loops
 @pytest.mark.parametrize("single_pass_max_k", [16384, 64])  # 64: the two-loop path on every shape
 def test_quantize_rows_matches_reference_bit_for_bit(device, dtype, shape, single_pass_max_k, monkeypatch):
     monkeypatch.setattr(kernels, "SINGLE_PASS_MAX_K", single_pass_max_k)

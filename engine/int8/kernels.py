@@ -156,7 +156,21 @@ def _quantize_rows_kernel(
 
 
 SINGLE_PASS_MAX_K = 16384
-"""Rows up to this long are quantized from registers (one read of x); longer ones loop over K."""
+"""Rows up to this long may be quantized from registers (one read of x); longer ones loop over K."""
+SINGLE_PASS_MIN_FILL = 0.8
+"""A row filling less of its power-of-two register block than this loops over K in short blocks instead:
+the masked lanes cost more than the second read, which comes from L2 (H200: 10240-wide rows 58 → 46 µs,
+3072-wide 16 → 12.5 µs at M = 4608; PERFORMANCE.md)."""
+
+
+def quantize_launch(K: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_K, num_warps)`` of ``_quantize_rows_kernel`` for rows of K elements. Four warps
+    throughout: on an H200 eight or sixteen were never faster, and up to 10% slower at K = 4096."""
+    whole = max(16, triton.next_power_of_2(K))
+    if whole <= SINGLE_PASS_MAX_K and (whole <= 2048 or K >= SINGLE_PASS_MIN_FILL * whole):
+        return max(1, 2048 // whole), whole, 4  # short rows: several per program
+    block_m, block_k = (4, 512) if K <= 4096 else (2, 2048)
+    return block_m, min(block_k, SINGLE_PASS_MAX_K), 4
 
 
 def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -181,12 +195,11 @@ def quantize_rows(x: torch.Tensor | None, act: Activated | None = None) -> tuple
     M, K, P, x, a, b, stride_x, stride_a, stride_b, kind = _row_sources(x, act)
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    block_k = max(16, triton.next_power_of_2(min(K, SINGLE_PASS_MAX_K)))
-    block_m = max(1, 2048 // block_k)  # short rows: several per program
+    block_m, block_k, num_warps = quantize_launch(K)
     _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
         x, a, b, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SINGLE_PASS=K <= block_k, ACT=kind,
-        num_warps=min(16, max(4, block_m * block_k // 512)), enable_fp_fusion=False,
+        num_warps=num_warps, enable_fp_fusion=False,
     )
     return q, scale
 
@@ -425,7 +438,8 @@ ARCH_CONFIGS: dict[str, dict[str, list[TileConfig]]] = {
     # sm90: int8 tl.dot lowers to wgmma. The large-M configs are those that won at least one of the
     # 57 benchmark shapes on an H100 out of a sweep of 18 (benchmarks/gemm.py --sweep): TMA loads, a
     # persistent grid for wide N, 128×128 tiles where bigger ones would leave the last wave mostly empty;
-    # then two warp-specialized 128×128 configs (4–15% faster at M = 4608 in a probe on an H200, 2026-11-29).
+    # then two warp-specialized 128×128 configs (4–15% faster at M = 4608 in a probe on an H200, 2026-11-29;
+    # with five or six stages they computed wrong values in a later sweep, Triton 3.6).
     "sm90": {
         "small": _tiles(_SMALL_M),
         "medium": _tiles(_MEDIUM_M) + _tiles(_MEDIUM_M[:2], tma=True),
