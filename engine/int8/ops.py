@@ -173,30 +173,44 @@ def _quantize(x: torch.Tensor | ActivatedInput, rotation: int) -> tuple[torch.Te
     return kernels.quantize_rows(x) if triton else quantize_rows_torch(x)
 
 
-@torch.library.custom_op("int8_studio::quantize_rows", mutates_args=())
-def quantize_rows(x: torch.Tensor, rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int8 quantization of a 2-D float tensor, rotated first by groups of ``rotation``
-    channels when it is not 0 (:mod:`engine.int8.rotation`): ``(q int8 [M, K], scale float32 [M])``."""
-    return _quantize(x, rotation)
+_LIBRARY = torch.library.Library("int8_studio", "DEF")
 
 
-@quantize_rows.register_fake
-def _(x, rotation=0):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+def _register(schema: str, impl, fake) -> torch._ops.OpOverload:
+    """Define ``int8_studio::<schema>`` with ``impl`` for every device and ``fake`` for tracing.
+
+    A plain ``Library`` registration rather than ``torch.library.custom_op``: that one runs Python
+    argument and autograd handling around every call, 70–100 µs of host time per call on a 2-core CPU
+    (the op's body itself: 80 µs). Compiled int8 models make such a call per layer, and at small token
+    counts their GPU waits for it. The ops have no autograd formula: INT8 Studio runs them for inference.
+    """
+    name = schema.split("(")[0]
+    _LIBRARY.define(schema)
+    _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"int8_studio::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.int8_studio, name).default
 
 
-@torch.library.custom_op("int8_studio::quantize_activated", mutates_args=())
-def quantize_activated(
-    activation: str, a: torch.Tensor, b: torch.Tensor | None, prefix: torch.Tensor | None, rotation: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` of the 2-D :class:`ActivatedInput` ``(activation, a, b, prefix)``."""
-    return _quantize(ActivatedInput(activation, a, b, prefix), rotation)
+def _quantized_like(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], width, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@quantize_activated.register_fake
-def _(activation, a, b, prefix, rotation=0):
-    width = a.shape[1] + (prefix.shape[1] if prefix is not None else 0)
-    return a.new_empty(a.shape[0], width, dtype=torch.int8), a.new_empty(a.shape[0], dtype=torch.float32)
+quantize_rows = _register(
+    "quantize_rows(Tensor x, int rotation=0) -> (Tensor, Tensor)",
+    lambda x, rotation=0: _quantize(x, rotation),
+    lambda x, rotation=0: _quantized_like(x, x.shape[1]),
+)
+"""Per-row int8 quantization of a 2-D float tensor, rotated first by groups of ``rotation`` channels
+when it is not 0 (:mod:`engine.int8.rotation`): ``(q int8 [M, K], scale float32 [M])``."""
+
+quantize_activated = _register(
+    "quantize_activated(str activation, Tensor a, Tensor? b, Tensor? prefix, int rotation=0) -> (Tensor, Tensor)",
+    lambda activation, a, b, prefix, rotation=0: _quantize(ActivatedInput(activation, a, b, prefix), rotation),
+    lambda activation, a, b, prefix, rotation=0: _quantized_like(
+        a, a.shape[1] + (prefix.shape[1] if prefix is not None else 0)
+    ),
+)
+""":data:`quantize_rows` of the 2-D :class:`ActivatedInput` ``(activation, a, b, prefix)``."""
 
 
 class LoraFactors(NamedTuple):
@@ -288,15 +302,15 @@ def _scaled_mm(
     return _dequantize(acc, x_scale, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale)
 
 
-scaled_mm = torch.library.custom_op("int8_studio::scaled_mm", _scaled_mm, mutates_args=())
+scaled_mm = _register(
+    "scaled_mm(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
+    "Tensor? lora_x, Tensor? lora_up, Tensor? lora_scale) -> Tensor",
+    _scaled_mm,
+    lambda q, x_scale, w_int8, *rest: q.new_empty(q.shape[0], w_int8.shape[0], dtype=rest[2]),
+)
 """``(q @ w_int8ᵀ) · x_scale[:, None] · w_scale + bias (+ (lora_x · lora_scale) @ lora_upᵀ)`` in
 ``out_dtype``: q int8 [M, K] with float32 row scales [M], w_int8 [N, K] with a float32 scale of 1 or N
 elements (contiguous). The op compiled graphs call; eager callers go through :func:`int8_linear`."""
-
-
-@scaled_mm.register_fake
-def _(q, x_scale, w_int8, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale):
-    return q.new_empty(q.shape[0], w_int8.shape[0], dtype=out_dtype)
 
 
 def int8_linear(
