@@ -204,6 +204,76 @@ def quantize_rows(x: torch.Tensor | None, act: Activated | None = None) -> tuple
     return q, scale
 
 
+class Normed(NamedTuple):
+    """How rows are normalized and modulated before they are quantized (:func:`quantize_normed_rows`):
+    LayerNorm or RMSNorm (``rms``), times ``weight`` [K] if given, then ``· mul + shift``: each [batch, K]
+    or None, row r taking batch row ``r // tokens``."""
+
+    rms: bool
+    weight: torch.Tensor | None
+    eps: float
+    mul: torch.Tensor | None
+    shift: torch.Tensor | None
+    tokens: int
+
+
+@triton.jit(do_not_specialize=["M"])
+def _quantize_normed_rows_kernel(
+    x_ptr, w_ptr, mul_ptr, shift_ptr, q_ptr, scale_ptr, M, K, tokens, stride_xm, stride_mul, stride_shift,
+    stride_qm, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_MUL: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):
+    """One program per BLOCK_M whole rows (BLOCK_K ≥ K): norm, modulation and quantization from registers.
+    The norm's output and the modulated rows are rounded to x's dtype, as the unfused ops round them."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    raw = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = raw.to(tl.float32)
+    if RMS:
+        y = x * tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)[:, None]
+    else:
+        centred = tl.where(mask, x - (tl.sum(x, axis=1) / K)[:, None], 0.0)
+        y = centred * tl.math.rsqrt(tl.sum(centred * centred, axis=1) / K + eps)[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = y.to(raw.dtype).to(tl.float32)
+    batch = (rows // tokens).to(tl.int64)[:, None]
+    if HAS_MUL:
+        y *= tl.load(mul_ptr + batch * stride_mul + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        y += tl.load(shift_ptr + batch * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(mask, y.to(raw.dtype).to(tl.float32), 0.0)
+    scale, inv_scale = _row_scales(tl.abs(y), y * 0.0)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], _to_int8(y, inv_scale), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+
+def quantize_normed_rows(x: torch.Tensor, normed: Normed) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``x`` [M, K] after its norm and modulation (``normed``), in one read of x.
+    Rows of up to ``SINGLE_PASS_MAX_K`` elements."""
+    M, K = x.shape
+    if K > SINGLE_PASS_MAX_K:
+        raise ValueError(f"rows of {K} elements are longer than the fused norm handles ({SINGLE_PASS_MAX_K})")
+    x, mul, shift = (_unit_stride(t) for t in (x, normed.mul, normed.shift))
+    weight = None if normed.weight is None else normed.weight.contiguous()
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    block_k = max(16, triton.next_power_of_2(K))
+    block_m = max(1, 2048 // block_k)
+    _quantize_normed_rows_kernel[(triton.cdiv(M, block_m),)](
+        x, x if weight is None else weight, x if mul is None else mul, x if shift is None else shift, q, scale,
+        M, K, normed.tokens, x.stride(0), 0 if mul is None else mul.stride(0),
+        0 if shift is None else shift.stride(0), q.stride(0), normed.eps,
+        BLOCK_M=block_m, BLOCK_K=block_k, RMS=normed.rms, HAS_WEIGHT=weight is not None, HAS_MUL=mul is not None,
+        HAS_SHIFT=shift is not None,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return q, scale
+
+
 ROTATION_GROUP = 256
 """The Hadamard group size the fused kernel handles (ComfyUI's): H₂₅₆ = H₁₆ ⊗ H₁₆."""
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import ActivatedInput, LoraFactors, int8_linear
+from engine.int8.ops import ActivatedInput, LoraFactors, NormedInput, int8_linear
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
 from engine.int8.rotation import RotationError, check_group, marker_group, parse_marker, rotate
 from engine.jobs import JobError
@@ -49,7 +49,8 @@ class Int8Linear(nn.Module):
 
     ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
     activation quantization), to measure what W8A8 costs in accuracy. The input may be an
-    :class:`~engine.int8.ops.ActivatedInput` (a down-projection's, before its activation). ``lora``,
+    :class:`~engine.int8.ops.ActivatedInput` (a down-projection's, before its activation) or a
+    :class:`~engine.int8.ops.NormedInput` (before its norm and modulation). ``lora``,
     when set, is a module with ``down``, ``up`` and ``scale`` tensors
     (:class:`engine.lora.dynamic.LoraAdapter`) whose term ``(x · downᵀ · scale) · upᵀ`` is added in
     the GEMM's epilogue (dynamic LoRA). ``rotation`` is the Hadamard group size the weight is stored
@@ -97,10 +98,10 @@ class Int8Linear(nn.Module):
         w = dequantize_weight(self.weight, self.weight_scale)
         return (rotate(w, self.rotation) if self.rotation else w).to(dtype)
 
-    def forward(self, x: torch.Tensor | ActivatedInput) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ActivatedInput | NormedInput) -> torch.Tensor:
         lora = self.lora
         if self.use_float:
-            x = x.materialize() if isinstance(x, ActivatedInput) else x
+            x = x.materialize() if isinstance(x, (ActivatedInput, NormedInput)) else x
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
             return y + lora(x) if lora is not None else y

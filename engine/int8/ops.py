@@ -63,6 +63,8 @@ BACKENDS: tuple[Backend, ...] = ("triton", "int_mm", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_QUANT_MAX_K = 8192
 """Under torch.compile, rows up to this long are quantized by inductor-fused tensor ops (see above)."""
+NORMS = ("layer", "rms")
+"""What a :class:`NormedInput` can apply: ``F.layer_norm``, ``F.rms_norm``."""
 ACTIVATIONS = ("swiglu", "gelu_tanh")
 """What an :class:`ActivatedInput` can apply: ``silu(a) · b``, ``gelu(a, approximate="tanh")``."""
 EXACT_K_CHUNK = 1024
@@ -157,6 +159,56 @@ class ActivatedInput(NamedTuple):
         """The same input with every tensor flattened to 2-D rows."""
         flat = [t.reshape(-1, t.shape[-1]) if t is not None else None for t in (self.a, self.b, self.prefix)]
         return ActivatedInput(self.activation, *flat)
+
+
+class NormedInput(NamedTuple):
+    """A layer input given before its norm and modulation: ``norm(x) · mul + shift``.
+
+    Projections that follow a norm (and a block's modulation) take their input this way so that, eager,
+    the Triton backend normalizes, modulates and quantizes each row in one kernel, which is what
+    compiled graphs get from inductor's fusion: the normalized rows are never written out in bf16 and
+    read back. ``norm``: ``"layer"`` or ``"rms"``, times ``weight`` [K] if given; ``mul`` and ``shift``
+    [..., K] or None. Everything else quantizes :meth:`materialize`'s result.
+    """
+
+    x: torch.Tensor
+    norm: str
+    eps: float
+    weight: torch.Tensor | None = None
+    mul: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.x.shape[-1]
+
+    def materialize(self) -> torch.Tensor:
+        """The input as one tensor, computed as the unfused ops compute it (in the input dtype)."""
+        width = (self.width,)
+        if self.norm == "rms":
+            y = F.rms_norm(self.x, width, self.weight, self.eps)
+        else:
+            y = F.layer_norm(self.x, width, self.weight, eps=self.eps)
+        if self.mul is None:
+            return y if self.shift is None else y + self.shift
+        return y * self.mul if self.shift is None else torch.addcmul(self.shift, y, self.mul)
+
+    def kernel_rows(self) -> tuple[torch.Tensor, kernels.Normed] | None:
+        """``x`` as 2-D rows and the kernel's description of the rest, or None where the kernel does not
+        apply: ``mul`` or ``shift`` varying along the tokens of a sample, rows longer than it handles."""
+        x, width = self.x, self.width
+        batch = x.shape[0] if x.ndim >= 3 else 1
+        vectors = []
+        for t in (self.mul, self.shift):
+            per_sample = t is not None and t.shape[-1] == width and t.numel() // width in (1, batch)
+            if t is not None and not (per_sample and (t.numel() == width or t.shape[0] == batch)):
+                return None
+            vectors.append(None if t is None else t.reshape(-1, width).expand(batch, width))
+        if self.norm not in NORMS or width > kernels.SINGLE_PASS_MAX_K:
+            return None
+        rows = x.reshape(-1, width)
+        normed = kernels.Normed(self.norm == "rms", self.weight, self.eps, *vectors, rows.shape[0] // batch)
+        return rows, normed
 
 
 def _quantize(x: torch.Tensor | ActivatedInput, rotation: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +366,7 @@ elements (contiguous). The op compiled graphs call; eager callers go through :fu
 
 
 def int8_linear(
-    x: torch.Tensor | ActivatedInput,
+    x: torch.Tensor | ActivatedInput | NormedInput,
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -324,7 +376,8 @@ def int8_linear(
 ) -> torch.Tensor:
     """``x · (w_int8 · w_scale)ᵀ + bias (+ LoRA term)`` with per-token int8 activations (module docstring).
 
-    x: [..., K] float16/bfloat16/float32, or an :class:`ActivatedInput` of that width. w_int8: int8 [N, K].
+    x: [..., K] float16/bfloat16/float32, or an :class:`ActivatedInput` or :class:`NormedInput` of that
+    width. w_int8: int8 [N, K].
     w_scale: float, [] / [1] (tensor-wise) or [N] / [N, 1] (per output channel). bias: [N] or None.
     Result: [..., N] in ``out_dtype`` (default x's). ``rotation``: the Hadamard group size ``w_int8`` was
     rotated with (0: not rotated); ``x`` is rotated the same way before it is quantized. The LoRA
@@ -334,21 +387,26 @@ def int8_linear(
         _check_activated(x)
         if lora is not None:  # the low-rank term needs the input itself
             x = x.materialize()
+    normed_rows = None
+    if isinstance(x, NormedInput):  # fused eager only: compiled graphs fuse the norm through inductor
+        fusable = backend_for(x.x) == "triton" and not (rotation or lora is not None or torch.compiler.is_compiling())
+        normed_rows = x.kernel_rows() if fusable else None
+        x = x if normed_rows is not None else x.materialize()
     activated = isinstance(x, ActivatedInput)
-    rows = x.a if activated else x  # leading shape, dtype and device of the input
-    width = x.width if activated else x.shape[-1]
+    rows = x.a if activated else x.x if normed_rows else x  # leading shape, dtype and device of the input
+    width = x.width if activated or normed_rows else x.shape[-1]
     _check(rows.dtype, (*rows.shape[:-1], width), w_int8, w_scale, bias, out_dtype, lora)
     if rotation:
         check_group(rotation, width)
     out_dtype = out_dtype or rows.dtype
-    x2 = x.rows() if activated else x.reshape(-1, width)
+    x2 = x.rows() if activated else normed_rows[0] if normed_rows else x.reshape(-1, width)
     if w_scale.dtype != torch.float32 or not w_scale.is_contiguous():
         w_scale = w_scale.float().contiguous()
     lora_args = (None, None, None)
     if lora is not None:
         lora_args = (x2 @ lora.down.to(x.dtype).T, lora.up.to(x.dtype), lora.scale.float())
     if not torch.compiler.is_compiling():
-        q, x_scale = _quantize(x2, rotation)
+        q, x_scale = kernels.quantize_normed_rows(*normed_rows) if normed_rows else _quantize(x2, rotation)
         out = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
     else:
         if activated:

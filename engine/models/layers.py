@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.int8.linear import Int8Linear
-from engine.int8.ops import ActivatedInput
+from engine.int8.ops import ActivatedInput, NormedInput
 
 Rope = torch.Tensor  # rotation matrices [[cos, -sin], [sin, cos]], float32 [tokens, head_dim / 2, 2, 2]
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
@@ -55,9 +55,14 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
+def modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> NormedInput:
+    """``(1 + scale) · layer_norm(x) + shift``, not computed yet (see :func:`project`)."""
+    return NormedInput(x, "layer", 1e-6, mul=1 + scale, shift=shift)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``(1 + scale) · layer_norm(x) + shift``, the multiply-add in one kernel."""
-    return torch.addcmul(shift, layer_norm(x), 1 + scale)
+    return modulated(x, shift, scale).materialize()
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -126,7 +131,7 @@ class MLPEmbedder(nn.Module):
 
 class Activation(nn.Module):
     """An MLP activation that can hand its input on unapplied, as an ``ActivatedInput`` (see
-    :func:`down_projection`); ``gated``: the input holds two halves, ``a`` and ``b``."""
+    :func:`project`); ``gated``: the input holds two halves, ``a`` and ``b``."""
 
     name: str
     gated: bool
@@ -151,19 +156,32 @@ class GELUTanh(Activation):
     name, gated = "gelu_tanh", False
 
 
-def down_projection(linear: nn.Module, x: ActivatedInput) -> torch.Tensor:
-    """``linear(x.materialize())``, except that an ``Int8Linear`` takes ``x`` as it is: the Triton
-    backend then applies the activation inside the quantization kernel, and the activation's output
-    never reaches memory in bf16."""
-    return linear(x if isinstance(linear, Int8Linear) else x.materialize())
+def shared_input(
+    x: torch.Tensor | ActivatedInput | NormedInput, *linears: nn.Module
+) -> torch.Tensor | ActivatedInput | NormedInput:
+    """``x`` for layers that all take it: as it is where every one is an ``Int8Linear``, whose Triton
+    quantization then applies x's norm or activation on the way in (x's float rows never reach memory),
+    else materialized once for all of them. Under torch.compile a norm is materialized too: inductor
+    fuses it into the quantization itself."""
+    if isinstance(x, torch.Tensor):
+        return x
+    lazy = all(isinstance(linear, Int8Linear) for linear in linears)
+    if isinstance(x, NormedInput) and torch.compiler.is_compiling():
+        lazy = False
+    return x if lazy else x.materialize()
+
+
+def project(linear: nn.Module, x: torch.Tensor | ActivatedInput | NormedInput) -> torch.Tensor:
+    """``linear(x)`` for an input that may not be computed yet (:func:`shared_input`)."""
+    return linear(shared_input(x, linear))
 
 
 class MLP(nn.Sequential):
     """In-projection, activation, out-projection (single-file keys ``.0`` and ``.2``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
         up, act, down = self
-        return down_projection(down, act.lazy(up(x)))
+        return project(down, act.lazy(project(up, x)))
 
 
 class FluxAttention(nn.Module):
@@ -209,7 +227,7 @@ class DoubleBlock(nn.Module):
 
     def _qkv(self, attn: FluxAttention, x: torch.Tensor, mod: Modulation):
         shift, scale = mod[0], mod[1]
-        q, k, v = split_heads(attn.qkv(modulate(x, shift, scale)), self.head_dim)
+        q, k, v = split_heads(project(attn.qkv, modulated(x, shift, scale)), self.head_dim)
         q, k = attn.norm(q, k)
         return q, k, v
 
@@ -217,7 +235,7 @@ class DoubleBlock(nn.Module):
     def _rest(attn: FluxAttention, mlp: nn.Module, x: torch.Tensor, out: torch.Tensor, mod: Modulation):
         _, _, gate, shift, scale, mlp_gate = mod
         x = torch.addcmul(x, gate, attn.proj(out))
-        return torch.addcmul(x, mlp_gate, mlp(modulate(x, shift, scale)))
+        return torch.addcmul(x, mlp_gate, mlp(modulated(x, shift, scale)))
 
 
 class SingleBlock(nn.Module):
@@ -235,8 +253,8 @@ class SingleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: Modulation, pe: Rope) -> torch.Tensor:
         shift, scale, gate = mod
-        qkv, mlp = self.linear1(modulate(x, shift, scale)).split(self.split, dim=-1)
+        qkv, mlp = project(self.linear1, modulated(x, shift, scale)).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.head_dim)
         q, k = self.norm(q, k)
-        out = down_projection(self.linear2, self.act.lazy(mlp, prefix=attention(q, k, v, pe)))
+        out = project(self.linear2, self.act.lazy(mlp, prefix=attention(q, k, v, pe)))
         return torch.addcmul(x, gate, out)

@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import ActivatedInput
+from engine.int8.ops import ActivatedInput, NormedInput
 from engine.models.layers import (
     Inputs,
     Rope,
     attention,
-    down_projection,
     layer_norm,
     position_ids,
+    project,
     rope,
+    shared_input,
     split_heads,
     timestep_embedding,
 )
@@ -155,8 +156,8 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
         self.k_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
 
-    def forward(self, x: torch.Tensor, pe: Rope) -> torch.Tensor:
-        q, k, v = split_heads(self.qkv(x), self.head_dim)
+    def forward(self, x: torch.Tensor | NormedInput, pe: Rope) -> torch.Tensor:
+        q, k, v = split_heads(project(self.qkv, x), self.head_dim)
         return self.out(attention(self.q_norm(q), self.k_norm(k), v, pe))
 
 
@@ -167,8 +168,14 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return down_projection(self.w2, ActivatedInput("swiglu", self.w1(x), self.w3(x)))
+    def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
+        x = shared_input(x, self.w1, self.w3)
+        return project(self.w2, ActivatedInput("swiglu", self.w1(x), self.w3(x)))
+
+
+def _scaled(norm: nn.RMSNorm, x: torch.Tensor, mul: torch.Tensor) -> NormedInput:
+    """``norm(x) · mul``, not computed yet (see :func:`~engine.models.layers.project`)."""
+    return NormedInput(x, "rms", norm.eps, norm.weight, mul)
 
 
 class Block(nn.Module):
@@ -189,9 +196,9 @@ class Block(nn.Module):
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), pe))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
-        attn = self.attention(self.attention_norm1(x) * (1 + scale_attn), pe)
+        attn = self.attention(_scaled(self.attention_norm1, x, 1 + scale_attn), pe)
         x = torch.addcmul(x, gate_attn.tanh(), self.attention_norm2(attn))
-        ffn = self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn))
+        ffn = self.feed_forward(_scaled(self.ffn_norm1, x, 1 + scale_ffn))
         return torch.addcmul(x, gate_ffn.tanh(), self.ffn_norm2(ffn))
 
 

@@ -1,0 +1,150 @@
+"""Projection inputs given before their norm and modulation (``ops.NormedInput``): eager, the Triton
+backend normalizes, modulates and quantizes each row in one kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.int8 import kernels, ops
+from engine.int8.linear import Int8Linear
+from engine.models import layers
+from tests.int8_reference import DEVICES, NEEDS_INTERPRETER, ULP, assert_within_int8_rounding
+
+BACKENDS = [
+    pytest.param("torch", "cpu"),
+    pytest.param("triton", "cpu", marks=NEEDS_INTERPRETER),
+    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+]
+
+
+def make_input(norm, batch, tokens, width, dtype, device, weight=True, mul=True, shift=True) -> ops.NormedInput:
+    """Rows of very different offsets and spreads; per-sample modulation vectors [batch, 1, width]."""
+    spread = torch.rand(batch, tokens, 1) * 8 + 0.1
+    x = (torch.randn(batch, tokens, width) * spread + torch.randn(batch, tokens, 1) * 4).to(dtype).to(device)
+
+    def vector(scale, offset):
+        return (torch.randn(batch, 1, width) * scale + offset).to(dtype).to(device)
+
+    return ops.NormedInput(
+        x, norm, 1e-6,
+        weight=(torch.rand(width) + 0.5).to(dtype).to(device) if weight else None,
+        mul=vector(0.3, 1.0) if mul else None,
+        shift=vector(1.0, 0.0) if shift else None,
+    )  # fmt: skip
+
+
+def float64_rows(x: ops.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input's rows in float64, rounded to its dtype where the unfused ops round (after the norm and
+    after the modulation), and the size of each value's rounding error in ulps of the dtype (a rounding
+    of the norm's output is scaled by ``mul``)."""
+    v = x.x.double()
+    if x.norm == "layer":
+        v = v - v.mean(dim=-1, keepdim=True)
+    y = v / (v.pow(2).mean(dim=-1, keepdim=True) + x.eps).sqrt()
+    if x.weight is not None:
+        y = y * x.weight.double()
+    y = y.to(x.x.dtype).double()
+    if x.mul is not None:
+        y = y * x.mul.double()
+    ulps = y.abs()
+    if x.shift is not None:
+        y = y + x.shift.double()
+    y = y.to(x.x.dtype).double()
+    return y.reshape(-1, x.width), (ulps + y.abs()).reshape(-1, x.width)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", ops.NORMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch, tokens, width", [(1, 1, 40), (2, 17, 300), (3, 5, 1000)])
+@pytest.mark.parametrize("parts", ["weight,mul,shift", "mul", ""])
+def test_normed_quantization_against_float64(device, norm, dtype, batch, tokens, width, parts):
+    x = make_input(norm, batch, tokens, width, dtype, device, *(p in parts.split(",") for p in ("weight", "mul", "shift")))
+    q, scale = kernels.quantize_normed_rows(*x.kernel_rows())
+    ref, ulps = (t.cpu() for t in float64_rows(x))
+    q, scale = q.cpu().double(), scale.cpu().double()[:, None]
+    assert q.shape == ref.shape and q.abs().max() <= 127
+    # two roundings to the input dtype, each off by up to a full ulp (the interpreter truncates its casts;
+    # seen: 1.1 ulps), and the row's absmax with them; float32: the norm's statistics (a row's mean can be
+    # 100× its spread here)
+    slack = 2 * max(ULP[dtype], 2**-16) * ulps
+    assert ((scale * 127 - ref.abs().amax(dim=1, keepdim=True)).abs() <= slack.amax(dim=1, keepdim=True)).all()
+    assert ((q * scale - ref).abs() <= scale * (0.5 + 1e-5) + slack + 1e-30).all()
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("norm", ops.NORMS)
+def test_int8_linear_of_a_normed_input_is_within_int8_rounding(backend, device, norm):
+    x = make_input(norm, 2, 9, 320, torch.bfloat16, device)
+    n = 40
+    w_int8 = torch.randint(-127, 128, (n, x.width), dtype=torch.int8, device=device)
+    w_scale = (torch.rand(n, 1, device=device) + 0.5) / 127 / x.width**0.5
+    bias = torch.randn(n, device=device)
+    with ops.use_backend(backend):
+        out = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32)
+    assert out.shape == (2, 9, n)
+    assert_within_int8_rounding(out.reshape(-1, n), float64_rows(x)[0].float(), w_int8, w_scale, bias)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
+    """LoRA, a rotated weight and a per-token modulation all take the unfused path: the same output as
+    the materialized input, exactly."""
+    x = make_input("rms", 2, 7, 256, torch.bfloat16, device)
+    per_token = x._replace(mul=x.mul.expand(2, 7, 256).contiguous())
+    assert per_token.kernel_rows() is None
+    w_int8 = torch.randint(-127, 128, (24, 256), dtype=torch.int8, device=device)
+    w_scale = torch.full((24, 1), 1e-3, device=device)
+    lora = ops.LoraFactors(*(torch.randn(s, device=device, dtype=torch.bfloat16) for s in ((4, 256), (24, 4))),
+                           torch.rand(4, device=device))
+    with ops.use_backend(backend):
+        for given, kwargs in ((x, {"lora": lora}), (x, {"rotation": 16}), (per_token, {})):
+            fused = ops.int8_linear(given, w_int8, w_scale, **kwargs)
+            plain = ops.int8_linear(given.materialize(), w_int8, w_scale, **kwargs)
+            torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_non_finite_rows_poison_only_their_row(backend, device):
+    x = make_input("layer", 1, 6, 128, torch.bfloat16, device, weight=False, shift=False)
+    x.x[0, 1, 5] = float("nan")
+    x.x[0, 2, 9] = float("inf")
+    x.x[0, 4] = 0  # an all-zero input row
+    w_int8 = torch.ones(8, 128, dtype=torch.int8, device=device)
+    bias = torch.arange(8.0, device=device)
+    with ops.use_backend(backend):
+        out = ops.int8_linear(x, w_int8, torch.ones(8, 1, device=device), bias, out_dtype=torch.float32)[0]
+    assert torch.isnan(out[1:3]).all() and torch.equal(out[4], bias) and torch.isfinite(out[[0, 3, 5]]).all()
+
+
+def test_the_float_switch_takes_normed_inputs_too():
+    layer = Int8Linear.from_float(torch.nn.Linear(48, 16)).to(torch.bfloat16)
+    x = make_input("rms", 1, 5, 48, torch.bfloat16, "cpu")
+    quantized = layer(x)
+    layer.use_float = True
+    assert torch.equal(layer(x), layer(x.materialize()))
+    assert (layer(x) - quantized).abs().max() < 0.05 * layer(x).abs().max()
+
+
+def test_layers_share_a_normed_input_only_where_all_of_them_are_int8():
+    x = make_input("layer", 1, 3, 32, torch.float32, "cpu")
+    int8 = Int8Linear.from_float(torch.nn.Linear(32, 8))
+    assert layers.shared_input(x, int8, int8) is x
+    shared = layers.shared_input(x, int8, torch.nn.Linear(32, 8))
+    assert torch.equal(shared, x.materialize())
+    assert torch.equal(layers.modulate(x.x, x.shift, x.mul - 1), layers.modulated(x.x, x.shift, x.mul - 1).materialize())
+
+
+def test_compiled_layers_fuse_the_norm_through_inductor_not_the_kernel():
+    """Under torch.compile the input is materialized (plain ops inductor fuses), so the graph has no
+    kernel call for it and no graph break."""
+    torch._dynamo.reset()
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 16)).to(torch.bfloat16)
+    x = make_input("rms", 2, 8, 64, torch.bfloat16, "cpu")
+    explanation = torch._dynamo.explain(lambda x: layers.project(layer, x))(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert "rms_norm" in explanation.graphs[0].code
+    compiled = torch.compile(lambda x: layers.project(layer, x), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x.materialize()), rtol=0, atol=0)
