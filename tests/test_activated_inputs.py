@@ -128,9 +128,17 @@ def test_lora_on_an_activated_input_acts_on_the_activation(backend, device):
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)
 
 
-def test_the_float_switch_takes_activated_inputs_too():
+@pytest.mark.parametrize(
+    "lazy_input",
+    [
+        lambda: make_input("gelu_tanh", 5, 40, 8, torch.bfloat16, "cpu"),
+        lambda: ops.NormedInput(torch.randn(5, 48, dtype=torch.bfloat16), "rms", 1e-6, mul=torch.rand(48, dtype=torch.bfloat16)),
+    ],
+    ids=["activated", "normed"],
+)
+def test_the_float_switch_takes_lazy_inputs_too(lazy_input):
     layer = Int8Linear.from_float(torch.nn.Linear(48, 16)).to(torch.bfloat16)
-    x = make_input("gelu_tanh", 5, 40, 8, torch.bfloat16, "cpu")
+    x = lazy_input()
     quantized = layer(x)
     layer.use_float = True
     assert torch.equal(layer(x), layer(x.materialize()))
