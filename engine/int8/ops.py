@@ -16,7 +16,9 @@ the producer in two passes over 10–16k-wide rows (measured on an H100, Klein 9
 against 3.2 + 1.5 ms unfused). Down-projections take their input before the activation
 (:class:`ActivatedInput`: SwiGLU or GELU, after an optional concatenated prefix) and quantize it with
 ``int8_studio::quantize_activated``, whose kernel applies the activation on the way in, eager and
-compiled alike. Compiled graphs have no graph breaks and symbolic token counts. (Inductor's fused code may
+compiled alike. Projections after a norm take their input before it (:class:`NormedInput`): eager,
+one kernel normalizes, modulates and quantizes each row; compiled, the norm is materialized in tensor
+ops for inductor to fuse as above. Compiled graphs have no graph breaks and symbolic token counts. (Inductor's fused code may
 round a row's scale 1 ulp differently from the Triton kernel: int8 values can then differ by one
 step, within int8 rounding.)
 
