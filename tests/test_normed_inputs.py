@@ -94,6 +94,9 @@ def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
     x = make_input("rms", 2, 7, 256, torch.bfloat16, device)
     per_token = x._replace(mul=x.mul.expand(2, 7, 256).contiguous())
     assert per_token.kernel_rows() is None
+    # [2, 256] against [2, 2, 256] broadcasts per token, not per sample
+    assert x._replace(x=x.x[:, :2], mul=x.mul[:, 0]).kernel_rows() is None
+    assert ops.NormedInput(x.x[0], "rms", 1e-6, mul=x.mul.expand(2, 7, 256)[0]).kernel_rows() is None  # 2-D, per row
     w_int8 = torch.randint(-127, 128, (24, 256), dtype=torch.int8, device=device)
     w_scale = torch.full((24, 1), 1e-3, device=device)
     lora = ops.LoraFactors(*(torch.randn(s, device=device, dtype=torch.bfloat16) for s in ((4, 256), (24, 4))),

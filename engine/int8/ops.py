@@ -18,9 +18,9 @@ against 3.2 + 1.5 ms unfused). Down-projections take their input before the acti
 ``int8_studio::quantize_activated``, whose kernel applies the activation on the way in, eager and
 compiled alike. Projections after a norm take their input before it (:class:`NormedInput`): eager,
 one kernel normalizes, modulates and quantizes each row; compiled, the norm is materialized in tensor
-ops for inductor to fuse as above. Compiled graphs have no graph breaks and symbolic token counts. (Inductor's fused code may
-round a row's scale 1 ulp differently from the Triton kernel: int8 values can then differ by one
-step, within int8 rounding.)
+ops for inductor to fuse as above. Compiled graphs have no graph breaks and symbolic token counts.
+(Inductor's fused code may round a row's scale 1 ulp differently from the Triton kernel: int8 values
+can then differ by one step, within int8 rounding.)
 
 Backends, chosen per call (``use_backend`` overrides, for tests and comparisons):
 
@@ -200,10 +200,14 @@ class NormedInput(NamedTuple):
         apply: ``mul`` or ``shift`` varying along the tokens of a sample, rows longer than it handles."""
         x, width = self.x, self.width
         batch = x.shape[0] if x.ndim >= 3 else 1
+
+        def per_sample(t: torch.Tensor) -> bool:  # one vector for all rows, or [batch, 1, ..., width]
+            one_per_sample = t.ndim == x.ndim >= 3 and t.shape[0] == batch and t.shape[1:-1].numel() == 1
+            return t.shape[-1] == width and (t.numel() == width or one_per_sample)
+
         vectors = []
         for t in (self.mul, self.shift):
-            per_sample = t is not None and t.shape[-1] == width and t.numel() // width in (1, batch)
-            if t is not None and not (per_sample and (t.numel() == width or t.shape[0] == batch)):
+            if t is not None and not per_sample(t):
                 return None
             vectors.append(None if t is None else t.reshape(-1, width).expand(batch, width))
         if self.norm not in NORMS or width > kernels.SINGLE_PASS_MAX_K:
