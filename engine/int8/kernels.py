@@ -163,12 +163,18 @@ the masked lanes cost more than the second read, which comes from L2 (H200: 1024
 3072-wide 16 → 12.5 µs at M = 4608; PERFORMANCE.md)."""
 
 
+def _whole_rows(K: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_K)`` holding whole rows of K elements in registers, several short rows per program."""
+    block_k = max(16, triton.next_power_of_2(K))
+    return max(1, 2048 // block_k), block_k
+
+
 def quantize_launch(K: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_K, num_warps)`` of ``_quantize_rows_kernel`` for rows of K elements. Four warps
     throughout: on an H200 eight or sixteen were never faster, and up to 10% slower at K = 4096."""
-    whole = max(16, triton.next_power_of_2(K))
+    block_m, whole = _whole_rows(K)
     if whole <= SINGLE_PASS_MAX_K and (whole <= 2048 or K >= SINGLE_PASS_MIN_FILL * whole):
-        return max(1, 2048 // whole), whole, 4  # short rows: several per program
+        return block_m, whole, 4
     block_m, block_k = (4, 512) if K <= 4096 else (2, 2048)
     return block_m, min(block_k, SINGLE_PASS_MAX_K), 4
 
@@ -261,8 +267,7 @@ def quantize_normed_rows(x: torch.Tensor, normed: Normed) -> tuple[torch.Tensor,
     weight = None if normed.weight is None else normed.weight.contiguous()
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    block_k = max(16, triton.next_power_of_2(K))
-    block_m = max(1, 2048 // block_k)
+    block_m, block_k = _whole_rows(K)
     _quantize_normed_rows_kernel[(triton.cdiv(M, block_m),)](
         x, x if weight is None else weight, x if mul is None else mul, x if shift is None else shift, q, scale,
         M, K, normed.tokens, x.stride(0), 0 if mul is None else mul.stride(0),
