@@ -42,8 +42,10 @@ def float64_rows(x: ops.ActivatedInput) -> torch.Tensor:
     a = x.a.double()
     if x.activation == "swiglu":
         y = a * torch.sigmoid(a) * x.b.double()
-    else:
+    elif x.activation == "gelu_tanh":
         y = 0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))
+    else:
+        y = a
     return y if x.prefix is None else torch.cat([x.prefix.double(), y], dim=-1)
 
 

@@ -86,17 +86,24 @@ def _to_int8(x, inv_scale):
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
-ACTIVATIONS = {"swiglu": 1, "gelu_tanh": 2}
+ACTIVATIONS = {"swiglu": 1, "gelu_tanh": 2, "identity": 3}
 """What a quantization kernel can apply on the way in (:class:`Activated`), by name: its ``ACT`` code."""
 
 
 class Activated(NamedTuple):
     """Rows given before their activation, which the kernel applies on the way in: ``"swiglu"``
-    (``silu(a) · b``) or ``"gelu_tanh"`` (``gelu_tanh(a)``, ``b`` None); a, b [M, m]."""
+    (``silu(a) · b``), ``"gelu_tanh"`` (``gelu_tanh(a)``) or ``"identity"`` (``a``; with a prefix, a
+    concatenation), ``b`` None but for SwiGLU; a, b [M, m]."""
 
     name: str
     a: torch.Tensor
     b: torch.Tensor | None = None
+
+
+@triton.jit
+def _swiglu(a, b):
+    """``silu(a) · b`` in float32."""
+    return a / (1.0 + tl.exp(-a)) * b
 
 
 @triton.jit
@@ -113,9 +120,11 @@ def _load_rows(x_rows, a_rows, b_rows, row_ok, k, cols, K, P, EVEN_K: tl.constex
     x = tl.load(x_rows + k, mask=in_x, other=0.0)  # no prefix (P = 0): nothing is read
     a = tl.load(a_rows + (k - P), mask=in_act, other=0.0).to(tl.float32)
     if ACT == 1:  # silu(a) · b
-        y = a / (1.0 + tl.exp(-a)) * tl.load(b_rows + (k - P), mask=in_act, other=0.0).to(tl.float32)
-    else:  # gelu_tanh(a) = a · sigmoid(2·√(2/π)·(a + 0.044715·a³))
+        y = _swiglu(a, tl.load(b_rows + (k - P), mask=in_act, other=0.0).to(tl.float32))
+    elif ACT == 2:  # gelu_tanh(a) = a · sigmoid(2·√(2/π)·(a + 0.044715·a³))
         y = a / (1.0 + tl.exp(-1.5957691216057308 * (a + 0.044715 * a * a * a)))
+    else:  # identity: a as it is (a prefix and rows that need no activation)
+        y = a
     return tl.where(in_x, x, y.to(x.dtype))
 
 
@@ -372,56 +381,84 @@ def _add_low_rank(out, lx, lu, ls, offs_m, offs_n, m_ok, n_ok, R, stride_lx, str
 
 
 @triton.jit
-def _tma_mainloop(a, b, pid_m, pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One tile's int32 ``A @ Bᵀ`` through tensor descriptors (out-of-range reads come back as zeros)."""
+def _tma_mainloop(
+    a, b, b2, pid_m, pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr
+):
+    """One tile's int32 ``A @ Bᵀ`` (and ``A @ B2ᵀ`` with ``GLU``, else a placeholder) through tensor
+    descriptors (out-of-range reads come back as zeros)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N) if GLU else (1, 1), dtype=tl.int32)
     for kt in range(tl.cdiv(K, BLOCK_K)):
         a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
         b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
         acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
-    return acc
+        if GLU:
+            acc2 = tl.dot(a_tile, tl.trans(b2.load([pid_n * BLOCK_N, kt * BLOCK_K])), acc2, out_dtype=tl.int32)
+    return acc, acc2
 
 
 @triton.jit
 def _pointer_mainloop(
-    a, b, pid_m, pid_n, M, N, K, stride_am, stride_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_M: tl.constexpr,
+    a, b, b2, pid_m, pid_n, M, N, K, stride_am, stride_bn, stride_b2n, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_M: tl.constexpr, GLU: tl.constexpr,
 ):
-    """One tile's int32 ``A @ Bᵀ`` through pointers (see ``_scaled_mm_kernel`` for the row wrapping)."""
+    """:func:`_tma_mainloop` through pointers (see ``_scaled_mm_kernel`` for the row wrapping)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     rows_a = offs_m if MASK_M else offs_m % M
     a_ptrs = a + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+    b2_ptrs = b2 + (offs_n % N).to(tl.int64)[:, None] * stride_b2n + offs_k[None, :]
     a_rows_ok = offs_m[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N) if GLU else (1, 1), dtype=tl.int32)
     for kt in range(tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k[None, :] < K - kt * BLOCK_K
         if EVEN_K:
             a_tile = tl.load(a_ptrs, mask=a_rows_ok, other=0) if MASK_M else tl.load(a_ptrs)
-            b_tile = tl.load(b_ptrs)
         else:
-            k_ok = offs_k[None, :] < K - kt * BLOCK_K
-            a_mask = a_rows_ok & k_ok if MASK_M else k_ok
-            a_tile = tl.load(a_ptrs, mask=a_mask, other=0)
-            b_tile = tl.load(b_ptrs, mask=k_ok, other=0)
+            a_tile = tl.load(a_ptrs, mask=a_rows_ok & k_ok if MASK_M else k_ok, other=0)
+        b_tile = tl.load(b_ptrs) if EVEN_K else tl.load(b_ptrs, mask=k_ok, other=0)
         acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
+        if GLU:
+            b2_tile = tl.load(b2_ptrs) if EVEN_K else tl.load(b2_ptrs, mask=k_ok, other=0)
+            acc2 = tl.dot(a_tile, tl.trans(b2_tile), acc2, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    return acc
+        b2_ptrs += BLOCK_K
+    return acc, acc2
+
+
+@triton.jit
+def _dequantize(acc, row_scale, col_scale, bias, offs_n, n_ok, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``acc · row_scale[:, None] · col_scale (+ bias)`` in float32: ``col_scale`` one value, or one
+    per column with ``PER_CHANNEL``."""
+    if PER_CHANNEL:
+        out = acc.to(tl.float32) * row_scale[:, None] * tl.load(col_scale + offs_n, mask=n_ok, other=0.0)[None, :]
+    else:
+        out = acc.to(tl.float32) * (row_scale * tl.load(col_scale))[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return out
 
 
 @triton.jit(do_not_specialize=["M"])
 def _scaled_mm_kernel(
-    a, b, c, a_scale, b_scale, bias, M, N, K, stride_am, stride_bn, stride_cm, num_programs,
-    lora_x, lora_up, lora_scale, R, stride_lx, stride_lu,
+    a, b, c, a_scale, b_scale, bias, b2, b2_scale, bias2, M, N, K, stride_am, stride_bn, stride_b2n, stride_cm,
+    num_programs, lora_x, lora_up, lora_scale, R, stride_lx, stride_lu,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
-    [M, R] and lora_up [N, R] in one float dtype, lora_scale float32 [R]).
+    [M, R] and lora_up [N, R] in one float dtype, lora_scale float32 [R]). With ``GLU`` (no low-rank
+    term) C is ``silu(that) · ((A @ B2ᵀ) · a_scale[:, None] · b2_scale (+ bias2))``, both products rounded
+    to C's dtype first, as a SwiGLU after two separate layers rounds them: each tile multiplies its A
+    block with the same rows of B and B2, so the two halves of a gated MLP's in-projection never reach
+    memory (B2 and B have one shape, and the same kind of scale).
 
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
@@ -441,15 +478,17 @@ def _scaled_mm_kernel(
     if WARP_SPECIALIZE:
         a = tl.make_tensor_descriptor(a, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
         b = tl.make_tensor_descriptor(b, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if GLU:
+            b2 = tl.make_tensor_descriptor(b2, shape=[N, K], strides=[stride_b2n, 1], block_shape=[BLOCK_N, BLOCK_K])
     for tile in tl.range(
         tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
     ):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         if USE_TMA:
-            acc = _tma_mainloop(a, b, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc, acc2 = _tma_mainloop(a, b, b2, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GLU)
         else:
-            acc = _pointer_mainloop(a, b, pid_m, pid_n, M, N, K, stride_am, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K,
-                                    EVEN_K, MASK_M)
+            acc, acc2 = _pointer_mainloop(a, b, b2, pid_m, pid_n, M, N, K, stride_am, stride_bn, stride_b2n,
+                                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, MASK_M, GLU)
         # The epilogue's offsets are made after the K loop, which lives in a helper: written inline with
         # the offsets made before it, the warp-specialized loop computed wrong tiles (Triton 3.6, H200).
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -457,13 +496,11 @@ def _scaled_mm_kernel(
         m_ok = offs_m < M
         n_ok = offs_n < N
         row_scale = tl.load(a_scale + offs_m, mask=m_ok, other=0.0)
-        if PER_CHANNEL:
-            col_scale = tl.load(b_scale + offs_n, mask=n_ok, other=0.0)
-            out = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
-        else:
-            out = acc.to(tl.float32) * (row_scale * tl.load(b_scale))[:, None]
-        if HAS_BIAS:
-            out += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = _dequantize(acc, row_scale, b_scale, bias, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
+        if GLU:
+            out_dtype = c.dtype if TMA_STORE else c.dtype.element_ty
+            gate = _dequantize(acc2, row_scale, b2_scale, bias2, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
+            out = _swiglu(out.to(out_dtype).to(tl.float32), gate.to(out_dtype).to(tl.float32))
         if HAS_LORA:
             out = _add_low_rank(
                 out, lora_x, lora_up, lora_scale, offs_m, offs_n, m_ok, n_ok, R, stride_lx, stride_lu, BLOCK_R
@@ -570,6 +607,21 @@ LORA_BLOCK_R = 32
 """Rank columns per MMA in the epilogue: any rank works, in steps of this."""
 
 
+class Gate(NamedTuple):
+    """The second product of a gated GEMM, ``silu(x·Wᵀ) · (x·W₂ᵀ)``: W₂ int8 [N, K] (unit column
+    stride), its float32 scale of 1 or N elements, contiguous (the same kind as W's), and a bias or None."""
+
+    w: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def gated_config(config: TileConfig) -> TileConfig:
+    """``config`` for a gated GEMM: half as many columns per tile, so that the two products' tiles take
+    the registers and shared memory one tile of ``config`` takes."""
+    return replace(config, block_n=max(16, config.block_n // 2))
+
+
 def launch_scaled_mm(
     config: TileConfig,
     q: torch.Tensor,
@@ -580,32 +632,37 @@ def launch_scaled_mm(
     out: torch.Tensor,
     num_sms: int = 1,
     lora: LowRank | None = None,
+    gate: Gate | None = None,
 ) -> None:
     """Run the GEMM with one config. ``w_scale`` is float32 with 1 or N elements, contiguous."""
     M, K = q.shape
     N = w.shape[0]
+    if gate is not None and (lora is not None or gate.scale.numel() != w_scale.numel() or (gate.bias is None) != (bias is None)):
+        raise ValueError("a gated GEMM takes no low-rank term, and its two weights the same kinds of scale and bias")
     if lora is not None:
         lora_args = (lora.x, lora.up, lora.scale, lora.x.shape[1], lora.x.stride(0), lora.up.stride(0))
     else:  # unused pointers: any tensor will do
         lora_args = (x_scale, x_scale, x_scale, 0, 0, 0)
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     programs = min(tiles, num_sms) if config.persistent else tiles
+    w2, w2_scale, bias2 = gate if gate is not None else (w, w_scale, bias)
     if config.tma and not config.warp_specialize:
         a = TensorDescriptor.from_tensor(q, [config.block_m, config.block_k])
-        b = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
+        b, b2 = (TensorDescriptor.from_tensor(t, [config.block_n, config.block_k]) for t in (w, w2))
     else:
-        a, b = q, w
+        a, b, b2 = q, w, w2
     if config.warp_specialize:  # per launch: Triton keeps the allocator per thread (a ContextVar)
         triton.set_allocator(_descriptor_scratch)
     c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
     _scaled_mm_kernel[(programs,)](
-        a, b, c, x_scale, w_scale, bias if bias is not None else x_scale,
-        M, N, K, q.stride(0), w.stride(0), out.stride(0), programs, *lora_args,
+        a, b, c, x_scale, w_scale, bias if bias is not None else x_scale, b2, w2_scale,
+        bias2 if bias2 is not None else x_scale, M, N, K, q.stride(0), w.stride(0), w2.stride(0), out.stride(0),
+        programs, *lora_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
         WARP_SPECIALIZE=config.warp_specialize, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
-        HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
+        GLU=gate is not None, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -621,9 +678,9 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
     )
 
 
-def usable(config: TileConfig, q: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> TileConfig:
+def usable(config: TileConfig, q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, gate: Gate | None = None) -> TileConfig:
     """``config`` with the TMA paths these tensors cannot take switched off."""
-    tma = config.tma and tma_ok(q, w)
+    tma = config.tma and tma_ok(q, w, *(gate.w,) if gate is not None else ())
     tma_store = config.tma_store and tma_ok(out)
     if (tma, tma_store) == (config.tma, config.tma_store):
         return config
@@ -635,10 +692,16 @@ CHECK_ROWS = 32
 
 
 def reference_rows(
-    rows: torch.Tensor, q, x_scale, w, w_scale, bias=None, lora: LowRank | None = None
+    rows: torch.Tensor, q, x_scale, w, w_scale, bias=None, lora: LowRank | None = None,
+    gate: Gate | None = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Rows ``rows`` of ``scaled_mm``'s result in float32 PyTorch. The weight is widened a block of rows
-    at a time (at most 2²⁴ values, 64 MB), never as a whole."""
+    """Rows ``rows`` of ``scaled_mm``'s result in float32 PyTorch, for an output in ``dtype`` (a gated
+    GEMM rounds both products to it). The weight is widened a block of rows at a time (at most 2²⁴
+    values, 64 MB), never as a whole."""
+    if gate is not None:
+        a = reference_rows(rows, q, x_scale, w, w_scale, bias).to(dtype).float()
+        b = reference_rows(rows, q, x_scale, gate.w, gate.scale, gate.bias).to(dtype).float()
+        return torch.nn.functional.silu(a) * b
     x = q[rows].float()
     block = max(1, 2**24 // w.shape[1])
     acc = torch.cat([x @ part.float().t() for part in w.split(block)], dim=1)
@@ -716,17 +779,19 @@ class GemmTuner:
             pass  # a read-only cache only costs tuning time next run
 
     @staticmethod
-    def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int) -> str:
+    def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int, gated: bool) -> str:
         """``"M bucket,N,K"``, plus the output's element size unless 2 and the low-rank factors' if any:
-        both change how much shared memory a config needs (a staged fp32 tile, the factors' tiles)."""
+        both change how much shared memory a config needs (a staged fp32 tile, the factors' tiles);
+        ``",glu"`` for a gated GEMM."""
         out = f",out{out_bytes}" if out_bytes != 2 else ""
-        return f"{m_bucket(m)},{n},{k}{out}" + (f",lora{lora_bytes}" if lora_bytes else "")
+        return f"{m_bucket(m)},{n},{k}{out}" + (f",lora{lora_bytes}" if lora_bytes else "") + (",glu" if gated else "")
 
     def cached(
-        self, device: torch.device, m: int, n: int, k: int, out_bytes: int = 2, lora_bytes: int = 0
+        self, device: torch.device, m: int, n: int, k: int, out_bytes: int = 2, lora_bytes: int = 0,
+        gated: bool = False,
     ) -> TileConfig | None:
-        """The remembered config for this shape's bucket, output size and low-rank term, if any."""
-        key = (device.index or 0, m_bucket(m), n, k, out_bytes, lora_bytes)
+        """The remembered config for this shape's bucket, output size, low-rank term and gating, if any."""
+        key = (device.index or 0, m_bucket(m), n, k, out_bytes, lora_bytes, gated)
         if key not in self._chosen:
             with self._lock:
                 found = self._load().get(self._device(device)[0], {}).get(self._key(*key[1:]))
@@ -735,33 +800,38 @@ class GemmTuner:
             self._chosen[key] = TileConfig(**found)
         return self._chosen[key]
 
-    def config_for(self, q, x_scale, w, w_scale, bias, out, lora: LowRank | None = None) -> TileConfig:
+    def config_for(
+        self, q, x_scale, w, w_scale, bias, out, lora: LowRank | None = None, gate: Gate | None = None
+    ) -> TileConfig:
         M, K = q.shape
         N = w.shape[0]
-        sizes = (out.element_size(), lora.up.element_size() if lora is not None else 0)
+        sizes = (out.element_size(), lora.up.element_size() if lora is not None else 0, gate is not None)
         found = self.cached(q.device, M, N, K, *sizes)
         if found:
-            return usable(found, q, w, out)
+            return usable(found, q, w, out, gate)
         configs = candidate_configs(arch_of(q.device), M)
-        candidates = list(dict.fromkeys(usable(c, q, w, out) for c in configs if lora is None or not c.warp_specialize))
+        if gate is not None:
+            configs = [gated_config(c) for c in configs]
+        candidates = [usable(c, q, w, out, gate) for c in configs if lora is None or not c.warp_specialize]
+        candidates = list(dict.fromkeys(candidates))
         if torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out, lora)
+        best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out, lora, gate)
         with self._lock:
             self._load().setdefault(self._device(q.device)[0], {})[self._key(M, N, K, *sizes)] = asdict(best)
             self._save()
         return best
 
-    def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out, lora) -> TileConfig:
+    def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out, lora, gate) -> TileConfig:
         """The fastest candidate among those that compile and reproduce a PyTorch reference on a few rows:
         a config that a compiler bug makes compute wrong values is dropped with a warning, not chosen."""
         (M, K), N = q.shape, w.shape[0]
         num_sms = self.num_sms(q.device)
         rows = torch.linspace(0, M - 1, min(CHECK_ROWS, M), device=q.device).round().long().unique()
-        expected = reference_rows(rows, q, x_scale, w, w_scale, bias, lora)
+        expected = reference_rows(rows, q, x_scale, w, w_scale, bias, lora, gate, out.dtype)
         timings = {}
         for config in candidates:
-            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms, lora)
+            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms, lora, gate)
             try:
                 timing = triton.testing.do_bench(run, warmup=5, rep=20)
             except Exception:  # noqa: BLE001, S112 - out of shared memory, or a feature this GPU/Triton lacks
@@ -788,8 +858,10 @@ def scaled_mm(
     out_dtype: torch.dtype,
     config: TileConfig | None = None,
     lora: LowRank | None = None,
+    gate: Gate | None = None,
 ) -> torch.Tensor:
     """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias (+ lora)`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
+    With ``gate``: ``silu`` of that times the same product with ``gate``'s weight, scale and bias.
 
     ``config`` overrides the tuned choice (tests, the interpreter, benchmarks).
     """
@@ -797,9 +869,12 @@ def scaled_mm(
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16
             lora = LowRank(lora.x.float(), lora.up.float(), lora.scale)
-        config = usable(config or candidate_configs("sm80", q.shape[0])[0], q, w, out)
-        launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora)
+        config = usable(config or candidate_configs("sm80", q.shape[0])[0], q, w, out, gate)
+        launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora, gate=gate)
         return out
-    config = usable(config, q, w, out) if config else TUNER.config_for(q, x_scale, w, w_scale, bias, out, lora)
-    launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device), lora)
+    if config:
+        config = usable(config, q, w, out, gate)
+    else:
+        config = TUNER.config_for(q, x_scale, w, w_scale, bias, out, lora, gate)
+    launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device), lora, gate)
     return out

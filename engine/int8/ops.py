@@ -67,8 +67,9 @@ FUSED_QUANT_MAX_K = 8192
 """Under torch.compile, rows up to this long are quantized by inductor-fused tensor ops (see above)."""
 NORMS = ("layer", "rms")
 """What a :class:`NormedInput` can apply: ``F.layer_norm``, ``F.rms_norm``."""
-ACTIVATIONS = ("swiglu", "gelu_tanh")
-"""What an :class:`ActivatedInput` can apply: ``silu(a) · b``, ``gelu(a, approximate="tanh")``."""
+ACTIVATIONS = ("swiglu", "gelu_tanh", "identity")
+"""What an :class:`ActivatedInput` can apply: ``silu(a) · b``, ``gelu(a, approximate="tanh")``, nothing
+(``a`` was activated already: it only follows a prefix)."""
 EXACT_K_CHUNK = 1024
 """127² · 1024 < 2²⁴: float32 sums of this many int8 products are exact integers."""
 
@@ -153,8 +154,10 @@ class ActivatedInput(NamedTuple):
         """The input as one tensor, computed as an unfused layer does (in the input dtype)."""
         if self.activation == "swiglu":
             y = F.silu(self.a) * self.b
-        else:
+        elif self.activation == "gelu_tanh":
             y = F.gelu(self.a, approximate="tanh")
+        else:
+            y = self.a
         return y if self.prefix is None else torch.cat([self.prefix, y], dim=-1)
 
     def rows(self) -> ActivatedInput:
@@ -280,7 +283,28 @@ class LoraFactors(NamedTuple):
     scale: torch.Tensor
 
 
-def _dequantize(acc, x_scale, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale) -> torch.Tensor:
+class Int8Weight(NamedTuple):
+    """A layer's int8 weight [N, K], its scale (as :func:`int8_linear` takes it) and bias: the second
+    product of a gated :func:`int8_linear`."""
+
+    w_int8: torch.Tensor
+    w_scale: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+class QuantizedInput(NamedTuple):
+    """A layer input quantized per row (:func:`quantize_input`), for several layers that take it:
+    ``q`` int8 [M, K], ``scale`` float32 [M], the input's leading shape, dtype and the Hadamard
+    group it was rotated with (0: none)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    lead: tuple[int, ...]
+    dtype: torch.dtype
+    rotation: int = 0
+
+
+def _dequantize(acc, x_scale, w_scale, bias, out_dtype, lora_x=None, lora_up=None, lora_scale=None) -> torch.Tensor:
     out = acc.float() * x_scale[:, None] * w_scale.reshape(-1)
     if bias is not None:
         out = out + bias.float()
@@ -320,7 +344,18 @@ def _check_activated(x: ActivatedInput) -> None:
         raise ValueError(f"prefix {x.prefix.dtype} {tuple(x.prefix.shape)} does not fit a {x.a.dtype} {tuple(x.a.shape)}")
 
 
-def _check(dtype, shape, w_int8, w_scale, bias, out_dtype, lora) -> None:
+def _described(x) -> tuple[torch.dtype, tuple[int, ...]]:
+    """The dtype and shape of a layer input, whatever form it comes in."""
+    if isinstance(x, QuantizedInput):
+        return x.dtype, (*x.lead, x.q.shape[1])
+    if isinstance(x, ActivatedInput):
+        _check_activated(x)
+        return x.a.dtype, (*x.a.shape[:-1], x.width)
+    rows = x.x if isinstance(x, NormedInput) else x
+    return rows.dtype, tuple(rows.shape)
+
+
+def _check(dtype, shape, w_int8, w_scale, bias, out_dtype, lora=None, gate=None) -> None:
     if w_int8.dtype != torch.int8 or w_int8.ndim != 2:
         raise ValueError(f"w_int8 must be a 2-D int8 tensor, got {w_int8.dtype} {tuple(w_int8.shape)}")
     N, K = w_int8.shape
@@ -339,6 +374,66 @@ def _check(dtype, shape, w_int8, w_scale, bias, out_dtype, lora) -> None:
                 f"LoRA factors must be down [r, {K}], up [{N}, r], scale [r], got "
                 f"{tuple(lora.down.shape)}, {tuple(lora.up.shape)}, {tuple(lora.scale.shape)}"
             )
+    if gate is not None:
+        if lora is not None:
+            raise ValueError("a gated int8_linear takes no LoRA term: run the two layers separately")
+        if gate.w_int8.shape != w_int8.shape:
+            raise ValueError(f"the gate's weight must have the weight's shape {tuple(w_int8.shape)}, got {tuple(gate.w_int8.shape)}")
+        _check(dtype, shape, gate.w_int8, gate.w_scale, gate.bias, out_dtype)
+
+
+def quantize_input(x: torch.Tensor | ActivatedInput | NormedInput, rotation: int = 0) -> QuantizedInput:
+    """Per-row int8 quantization of a layer input [..., K], rotated first by groups of ``rotation``
+    channels when it is not 0; :func:`int8_linear` of the result skips its own quantization, so
+    several layers on one input quantize it once. Eager, a :class:`NormedInput` is normalized in the
+    quantization kernel where it can be; compiled, short rows are quantized in tensor ops that inductor
+    fuses into their producer (module docstring)."""
+    dtype, shape = _described(x)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {dtype}")
+    if rotation:
+        check_group(rotation, shape[-1])
+    compiling = torch.compiler.is_compiling()
+    normed_rows = None
+    if isinstance(x, NormedInput):  # fused eager only: compiled graphs fuse the norm through inductor
+        if backend_for(x.x) == "triton" and not (rotation or compiling):
+            normed_rows = x.kernel_rows()
+        x = x if normed_rows is not None else x.materialize()
+    activated = isinstance(x, ActivatedInput)
+    x2 = x.rows() if activated else normed_rows[0] if normed_rows else x.reshape(-1, shape[-1])
+    if not compiling:
+        q, scale = kernels.quantize_normed_rows(*normed_rows) if normed_rows else _quantize(x2, rotation)
+    elif activated:
+        q, scale = quantize_activated(*x2, rotation)
+    elif x2.shape[1] <= FUSED_QUANT_MAX_K and not rotation:
+        q, scale = quantize_rows_torch(x2)  # inductor fuses this into the producer of x
+    else:
+        q, scale = quantize_rows(x2, rotation)
+    return QuantizedInput(q, scale, shape[:-1], dtype, rotation)
+
+
+def _flat_scale(w_scale: torch.Tensor, n: int = 1) -> torch.Tensor:
+    """A weight scale as the GEMM takes it: float32, contiguous, at least ``n`` elements."""
+    if w_scale.numel() < n:
+        w_scale = w_scale.reshape(1).expand(n)
+    if w_scale.dtype != torch.float32 or not w_scale.is_contiguous():
+        w_scale = w_scale.float().contiguous()
+    return w_scale
+
+
+def _gate_args(w_scale, bias, gate: Int8Weight | None) -> tuple:
+    """``(w_scale, bias, gate_w, gate_scale, gate_bias)`` for the GEMM, whose two products must have
+    the same kinds of scale and bias: a single scale widened to one per row where the other has those,
+    a missing bias as zeros where the other has one."""
+    if gate is None:
+        return _flat_scale(w_scale), bias, None, None, None
+    n = max(w_scale.numel(), gate.w_scale.numel())
+    gate_bias = gate.bias
+    if bias is None and gate_bias is not None:
+        bias = torch.zeros_like(gate_bias)
+    if gate_bias is None and bias is not None:
+        gate_bias = torch.zeros_like(bias)
+    return _flat_scale(w_scale, n), bias, gate.w_int8, _flat_scale(gate.w_scale, n), gate_bias
 
 
 def _scaled_mm(
@@ -351,75 +446,70 @@ def _scaled_mm(
     lora_x: torch.Tensor | None,
     lora_up: torch.Tensor | None,
     lora_scale: torch.Tensor | None,
+    gate_w: torch.Tensor | None = None,
+    gate_scale: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     backend = backend_for(q)
     if backend == "triton":
         lora = kernels.LowRank(lora_x, lora_up, lora_scale) if lora_x is not None else None
-        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, lora=lora)
-    acc = _int_mm(q, w_int8) if backend == "int_mm" else _exact_int_matmul(q, w_int8)
-    return _dequantize(acc, x_scale, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale)
+        gate = kernels.Gate(gate_w, gate_scale, gate_bias) if gate_w is not None else None
+        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, lora=lora, gate=gate)
+    matmul = _int_mm if backend == "int_mm" else _exact_int_matmul
+    out = _dequantize(matmul(q, w_int8), x_scale, w_scale, bias, out_dtype, lora_x, lora_up, lora_scale)
+    if gate_w is None:
+        return out
+    gate = _dequantize(matmul(q, gate_w), x_scale, gate_scale, gate_bias, out_dtype)
+    return (F.silu(out.float()) * gate.float()).to(out_dtype)  # what the kernel computes
 
 
 scaled_mm = _register(
     "scaled_mm(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
-    "Tensor? lora_x, Tensor? lora_up, Tensor? lora_scale) -> Tensor",
+    "Tensor? lora_x, Tensor? lora_up, Tensor? lora_scale, Tensor? gate_w=None, Tensor? gate_scale=None, "
+    "Tensor? gate_bias=None) -> Tensor",
     _scaled_mm,
-    lambda q, x_scale, w_int8, *rest: q.new_empty(q.shape[0], w_int8.shape[0], dtype=rest[2]),
+    lambda q, x_scale, w_int8, *rest, **gate: q.new_empty(q.shape[0], w_int8.shape[0], dtype=rest[2]),
 )
 """``(q @ w_int8ᵀ) · x_scale[:, None] · w_scale + bias (+ (lora_x · lora_scale) @ lora_upᵀ)`` in
 ``out_dtype``: q int8 [M, K] with float32 row scales [M], w_int8 [N, K] with a float32 scale of 1 or N
-elements (contiguous). The op compiled graphs call; eager callers go through :func:`int8_linear`."""
+elements (contiguous). With ``gate_w``: ``silu`` of that (rounded to ``out_dtype``) times the same
+product of ``gate_w`` (rounded too), computed in float32; no LoRA term then. The op compiled graphs
+call; eager callers go through :func:`int8_linear`."""
 
 
 def int8_linear(
-    x: torch.Tensor | ActivatedInput | NormedInput,
+    x: torch.Tensor | ActivatedInput | NormedInput | QuantizedInput,
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     lora: LoraFactors | None = None,
     rotation: int = 0,
+    gate: Int8Weight | None = None,
 ) -> torch.Tensor:
     """``x · (w_int8 · w_scale)ᵀ + bias (+ LoRA term)`` with per-token int8 activations (module docstring).
 
-    x: [..., K] float16/bfloat16/float32, or an :class:`ActivatedInput` or :class:`NormedInput` of that
-    width. w_int8: int8 [N, K].
+    x: [..., K] float16/bfloat16/float32, an :class:`ActivatedInput` or :class:`NormedInput` of that
+    width, or a :class:`QuantizedInput` (quantized with the same ``rotation``). w_int8: int8 [N, K].
     w_scale: float, [] / [1] (tensor-wise) or [N] / [N, 1] (per output channel). bias: [N] or None.
     Result: [..., N] in ``out_dtype`` (default x's). ``rotation``: the Hadamard group size ``w_int8`` was
     rotated with (0: not rotated); ``x`` is rotated the same way before it is quantized. The LoRA
-    factors act on the unrotated ``x``.
+    factors act on the unrotated ``x``. ``gate``: a second layer of the same shape on the same input;
+    the result is then the SwiGLU ``silu(this layer) · gate layer``, in one GEMM.
     """
-    if isinstance(x, ActivatedInput):
-        _check_activated(x)
-        if lora is not None:  # the low-rank term needs the input itself
-            x = x.materialize()
-    normed_rows = None
-    if isinstance(x, NormedInput):  # fused eager only: compiled graphs fuse the norm through inductor
-        fusable = backend_for(x.x) == "triton" and not (rotation or lora is not None or torch.compiler.is_compiling())
-        normed_rows = x.kernel_rows() if fusable else None
-        x = x if normed_rows is not None else x.materialize()
-    activated = isinstance(x, ActivatedInput)
-    rows = x.a if activated else x.x if normed_rows else x  # leading shape, dtype and device of the input
-    width = x.width if activated or normed_rows else x.shape[-1]
-    _check(rows.dtype, (*rows.shape[:-1], width), w_int8, w_scale, bias, out_dtype, lora)
-    if rotation:
-        check_group(rotation, width)
-    out_dtype = out_dtype or rows.dtype
-    x2 = x.rows() if activated else normed_rows[0] if normed_rows else x.reshape(-1, width)
-    if w_scale.dtype != torch.float32 or not w_scale.is_contiguous():
-        w_scale = w_scale.float().contiguous()
+    if isinstance(x, QuantizedInput) and (lora is not None or x.rotation != rotation):
+        raise ValueError("a quantized input takes no LoRA term, and the rotation it was quantized with")
+    if lora is not None and not isinstance(x, torch.Tensor):  # the low-rank term needs the input itself
+        x = x.materialize()
+    dtype, shape = _described(x)
+    _check(dtype, shape, w_int8, w_scale, bias, out_dtype, lora, gate)
+    out_dtype = out_dtype or dtype
     lora_args = (None, None, None)
     if lora is not None:
-        lora_args = (x2 @ lora.down.to(x.dtype).T, lora.up.to(x.dtype), lora.scale.float())
-    if not torch.compiler.is_compiling():
-        q, x_scale = kernels.quantize_normed_rows(*normed_rows) if normed_rows else _quantize(x2, rotation)
-        out = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
-    else:
-        if activated:
-            q, x_scale = quantize_activated(*x2, rotation)
-        elif x2.shape[1] <= FUSED_QUANT_MAX_K and not rotation:
-            q, x_scale = quantize_rows_torch(x2)  # inductor fuses this into the producer of x
-        else:
-            q, x_scale = quantize_rows(x2, rotation)
-        out = scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *lora_args)
-    return out.reshape(*rows.shape[:-1], w_int8.shape[0])
+        x2 = x.reshape(-1, shape[-1])
+        lora_args = (x2 @ lora.down.to(dtype).T, lora.up.to(dtype), lora.scale.float())
+    rows = x if isinstance(x, QuantizedInput) else quantize_input(x, rotation)
+    w_scale, bias, *gate_args = _gate_args(w_scale, bias, gate)
+    run = scaled_mm if torch.compiler.is_compiling() else _scaled_mm
+    out = run(rows.q, rows.scale, w_int8, w_scale, bias, out_dtype, *lora_args, *gate_args)
+    return out.reshape(*shape[:-1], w_int8.shape[0])

@@ -1,0 +1,186 @@
+"""Gated (SwiGLU) GEMMs: ``silu(x·W₁ᵀ) · (x·W₂ᵀ)`` in one kernel, and the layers that use it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from engine.int8 import kernels, ops
+from engine.int8.quantize import quantize_weight
+from tests.int8_reference import DEVICES, NEEDS_INTERPRETER, ULP, exact_scaled_mm
+from tests.test_kernels import configs_for
+
+BACKENDS = [
+    pytest.param("torch", "cpu"),
+    pytest.param("int_mm", "cpu"),
+    pytest.param("triton", "cpu", marks=NEEDS_INTERPRETER),
+    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+]
+
+
+def make_weight(n, k, scheme, with_bias, dtype, device) -> ops.Int8Weight:
+    w_int8, w_scale = quantize_weight(torch.randn(n, k) * torch.rand(n, 1), scheme)
+    bias = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    return ops.Int8Weight(w_int8.to(device), w_scale.to(device), bias)
+
+
+def assert_swiglu_of(out, a, g) -> None:
+    """``out`` is ``silu(a) · g`` of the exact products a and g (float64), each rounded to out's dtype
+    first: within one ulp of each rounding (the interpreter truncates its casts), spread by silu."""
+    u = ULP[out.dtype]
+    want = torch.nn.functional.silu(a) * g
+    bound = u * (1.1 * (a * g).abs() + 2 * want.abs()) * (1 + 1e-3) + 1e-30
+    assert out.shape == want.shape and torch.isfinite(out).all()
+    err = (out.double().cpu() - want.cpu()).abs()
+    assert (err <= bound.cpu()).all(), f"error {(err / bound.cpu()).max():.2f}× the rounding bound"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, in the interpreter
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("n, k", [(70, 256), (40, 272)])
+@pytest.mark.parametrize("scheme, with_bias", [("tensorwise", True), ("rowwise", False)])
+def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias):
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    first, second = (make_weight(n, k, scheme, with_bias, dtype, device) for _ in range(2))
+    q, x_scale = kernels.quantize_rows(x)
+    a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale, w.bias) for w in (first, second))
+    gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1), second.bias)
+    for config in configs_for(device):
+        out = kernels.scaled_mm(
+            q, x_scale, first.w_int8, first.w_scale.reshape(-1), first.bias, dtype,
+            config=kernels.gated_config(config), gate=gate,
+        )
+        assert out.dtype == dtype, config
+        assert_swiglu_of(out, a.to(dtype).double(), g.to(dtype).double())
+
+
+@pytest.mark.gpu
+def test_gated_scaled_mm_with_several_tiles_per_program():
+    x = torch.randn(2000, 512, dtype=torch.bfloat16, device="cuda")
+    first, second = (make_weight(1100, 512, "rowwise", False, torch.bfloat16, "cuda") for _ in range(2))
+    q, x_scale = kernels.quantize_rows(x)
+    a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale).to(torch.bfloat16).double() for w in (first, second))
+    gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1))
+    for config in configs_for("cuda"):
+        out = kernels.scaled_mm(q, x_scale, first.w_int8, first.w_scale.reshape(-1), None, torch.bfloat16,
+                                config=kernels.gated_config(config), gate=gate)
+        assert_swiglu_of(out, a, g)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("first_scheme, second_scheme, biases", [
+    ("rowwise", "rowwise", (True, True)),
+    ("tensorwise", "rowwise", (False, True)),  # mixed kinds: a scale widened, a missing bias as zeros
+    ("rowwise", "tensorwise", (True, False)),
+])
+def test_gated_int8_linear_is_silu_of_one_layer_times_the_other(backend, device, first_scheme, second_scheme, biases):
+    n, k, dtype = 48, 136, torch.bfloat16
+    first = make_weight(n, k, first_scheme, biases[0], dtype, device)
+    second = make_weight(n, k, second_scheme, biases[1], dtype, device)
+    x = torch.randn(3, 11, k, dtype=dtype, device=device)
+    with ops.use_backend(backend):
+        out = ops.int8_linear(x, *first, gate=second)
+        a, g = (ops.int8_linear(x, *w) for w in (first, second))
+    assert out.shape == (3, 11, n) and out.dtype == dtype
+    # the same int8 products as two separate layers, whose outputs are rounded the same way
+    want = (torch.nn.functional.silu(a.float()) * g.float()).to(dtype)
+    torch.testing.assert_close(out, want, rtol=ULP[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["int_mm", pytest.param("triton", marks=NEEDS_INTERPRETER)])
+def test_backends_agree_on_the_gated_product(backend):
+    first, second = (make_weight(40, 256, "rowwise", True, torch.float32, "cpu") for _ in range(2))
+    x = torch.randn(9, 256)
+    with ops.use_backend("torch"):
+        expected = ops.int8_linear(x, *first, gate=second)
+    with ops.use_backend(backend):
+        torch.testing.assert_close(ops.int8_linear(x, *first, gate=second), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
+def test_a_quantized_input_serves_several_layers(backend):
+    first, second = (make_weight(24, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2))
+    normed = ops.NormedInput(torch.randn(2, 5, 64, dtype=torch.bfloat16), "rms", 1e-6, mul=torch.rand(2, 1, 64) + 0.5)
+    with ops.use_backend(backend):
+        rows = ops.quantize_input(normed)
+        assert rows.q.shape == (10, 64) and rows.lead == (2, 5) and rows.dtype == torch.bfloat16
+        assert torch.equal(ops.int8_linear(rows, *first), ops.int8_linear(normed, *first))
+        assert torch.equal(ops.int8_linear(rows, *first, gate=second), ops.int8_linear(normed, *first, gate=second))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"gate": ops.Int8Weight(torch.ones(8, 8, dtype=torch.int8), torch.ones(()))},
+         r"the gate's weight must have the weight's shape \(8, 16\), got \(8, 8\)"),
+        ({"gate": ops.Int8Weight(torch.ones(8, 16, dtype=torch.int8), torch.ones(3))},
+         r"w_scale must be a float tensor of shape \[\], \[1\], \[8\] or \[8, 1\], got \(3,\)"),
+        ({"gate": ops.Int8Weight(torch.ones(8, 16, dtype=torch.int8), torch.ones(()), torch.ones(9))},
+         r"bias must have shape \[8\], got \(9,\)"),
+        ({"gate": ops.Int8Weight(torch.ones(8, 16, dtype=torch.int8), torch.ones(())),
+          "lora": ops.LoraFactors(torch.ones(2, 16), torch.ones(8, 2), torch.ones(2))},
+         "a gated int8_linear takes no LoRA term"),
+        ({"x": ops.QuantizedInput(torch.ones(2, 16, dtype=torch.int8), torch.ones(2), (2,), torch.float32), "rotation": 16},
+         "a quantized input takes no LoRA term, and the rotation it was quantized with"),
+    ],
+)
+def test_bad_gated_inputs_are_refused(change, message):
+    args = {"x": torch.randn(2, 16), "w_int8": torch.ones(8, 16, dtype=torch.int8), "w_scale": torch.ones(8, 1)}
+    with pytest.raises(ValueError, match=message):
+        ops.int8_linear(**(args | change))
+
+
+def test_opcheck_of_the_gated_op():
+    first, second = (make_weight(24, 40, "rowwise", True, torch.float32, "cpu") for _ in range(2))
+    q, x_scale = ops.quantize_rows_torch(torch.randn(5, 40))
+    args = (q, x_scale, first.w_int8, first.w_scale, first.bias, torch.bfloat16, None, None, None, *second)
+    torch.library.opcheck(ops.scaled_mm, args)
+
+
+def test_reference_rows_of_a_gated_gemm():
+    m, n, k = 30, 50, 200
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    x_scale = torch.rand(m) / 100
+    first, second = (make_weight(n, k, "rowwise", True, torch.bfloat16, "cpu") for _ in range(2))
+    rows = torch.tensor([0, 11, 29])
+    gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1), second.bias)
+    got = kernels.reference_rows(rows, q, x_scale, first.w_int8, first.w_scale.reshape(-1), first.bias, gate=gate,
+                                 dtype=torch.bfloat16)
+    a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale, w.bias)[rows].to(torch.bfloat16).double() for w in (first, second))
+    torch.testing.assert_close(got.double(), torch.nn.functional.silu(a) * g, rtol=1e-6, atol=1e-6)
+
+
+def test_gated_configs_halve_the_tile_width_and_have_their_own_tuning_key():
+    config = kernels.TileConfig(128, 256, 128, 8, 4, tma=True, persistent=True)
+    assert kernels.gated_config(config) == kernels.TileConfig(128, 128, 128, 8, 4, tma=True, persistent=True)
+    assert kernels.gated_config(kernels.TileConfig(16, 16, 64, 4, 2)).block_n == 16
+    keys = {kernels.GemmTuner._key(4608, 12288, 4096, 2, 0, gated) for gated in (False, True)}
+    assert keys == {"8192,12288,4096", "8192,12288,4096,glu"}
+
+
+@pytest.mark.gpu
+def test_compiled_gated_layer_matches_eager():
+    first, second = (make_weight(256, 128, "rowwise", False, torch.bfloat16, "cuda") for _ in range(2))
+
+    def gated(x):
+        return ops.int8_linear(x, *first, gate=second)
+
+    compiled = torch.compile(gated, fullgraph=True, dynamic=True)
+    for tokens in (40, 77):
+        x = torch.randn(2, tokens, 128, dtype=torch.bfloat16, device="cuda")
+        out, want = compiled(x), gated(x)
+        # inductor's quantization may round a row's scale 1 ulp differently (ops module docstring)
+        torch.testing.assert_close(out, want, rtol=2**-6, atol=1e-2)
+
+
+def test_compiled_gated_layer_has_no_graph_breaks():
+    first, second = (make_weight(48, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x: ops.int8_linear(x, *first, gate=second))(
+        torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    )
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert "int8_studio.scaled_mm" in explanation.graphs[0].code
