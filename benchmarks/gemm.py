@@ -244,6 +244,41 @@ def sweep() -> str:
     return "\n".join(lines)
 
 
+GATED = {"Klein 9B mlp.0 / linear1": (12288, 4096), "Klein 4B mlp.0 / linear1": (9216, 3072), "Z-Image w1/w3": (10240, 3840)}
+"""(hidden, K) of the SwiGLU in-projections: two products of ``hidden`` rows each."""
+
+
+def gated(resolution: str = "1024²") -> str:
+    """A SwiGLU in-projection and its down-projection's quantization, GPU time (CUDA graphs): one GEMM of
+    both halves written out [M, 2·hidden] then an activating quantization that reads both, against the
+    gated GEMM writing silu(a)·b [M, hidden] then a plain one. Each pair is checked against the other."""
+    m = IMAGE_TOKENS[resolution] + TEXT_TOKENS
+    lines = [f"| {resolution}, M = {m} | two halves + SwiGLU quantization (µs) | gated GEMM + quantization (µs) | gain |",
+             "|---|---|---|---|"]
+    for name, (hidden, k) in GATED.items():
+        p = Problem(m, 2 * hidden, k)
+        first, second = p.w_int8[:hidden], p.w_int8[hidden:]
+        scales = p.w_scale_flat[:hidden], p.w_scale_flat[hidden:]
+        gate = kernels.Gate(second, scales[1])
+
+        def separate():
+            y = kernels.scaled_mm(p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16)
+            return kernels.quantize_rows(None, kernels.Activated("swiglu", y[:, :hidden], y[:, hidden:]))
+
+        def fused():
+            y = kernels.scaled_mm(p.q, p.x_scale, first, scales[0], None, torch.bfloat16, gate=gate)
+            return kernels.quantize_rows(None, kernels.Activated("identity", y))
+
+        (q_sep, s_sep), (q_fused, s_fused) = separate(), fused()  # also tunes both
+        diff = q_sep.float() * s_sep[:, None] - q_fused.float() * s_fused[:, None]
+        steps = (diff.abs() / s_sep[:, None]).amax()  # in int8 steps of each row: ~1 where a rounding flips
+        sep_us, fused_us = bench_graph(separate), bench_graph(fused)
+        lines.append(f"| {name} ({hidden}×2, K {k}) | {sep_us:.1f} | {fused_us:.1f} | {sep_us / fused_us:.3f}× "
+                     f"(values differ by ≤ {steps:.2f} int8 steps) |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def host_overhead(profile: bool = False) -> str:
     """Host time per call on a tiny problem (the GPU waits on the host): launch and dispatch costs.
     ``profile``: also the top functions of ``int8_linear`` by own time (cProfile)."""
@@ -297,6 +332,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time every tile config on a few shapes first")
     parser.add_argument("--small-m", action="store_true", help="also time M = 1 and 16")
     parser.add_argument("--host", action="store_true", help="host time per call only, with a cProfile breakdown")
+    parser.add_argument("--gated", action="store_true", help="SwiGLU in-projections only: gated GEMM against two halves")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for gemm.md and gemm.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -307,6 +343,9 @@ def main() -> None:
         return
     if args.host:
         host_overhead(profile=True)
+        return
+    if args.gated:
+        (args.out / "gated.md").write_text("\n\n".join([*report, *(gated(r) for r in IMAGE_TOKENS)]) + "\n")
         return
     if args.sweep:
         report.append(sweep())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import ActivatedInput, LoraFactors, NormedInput, int8_linear
+from engine.int8.ops import ActivatedInput, Int8Weight, LoraFactors, NormedInput, int8_linear
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
 from engine.int8.rotation import RotationError, check_group, marker_group, parse_marker, rotate
 from engine.jobs import JobError
@@ -107,6 +107,17 @@ class Int8Linear(nn.Module):
             return y + lora(x) if lora is not None else y
         factors = LoraFactors(lora.down, lora.up, lora.scale) if lora is not None and lora.down.shape[0] else None
         return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=factors, rotation=self.rotation)
+
+    def int8_rows(self, start: int = 0, stop: int | None = None) -> Int8Weight | None:
+        """Output rows ``[start, stop)`` of the weight, scale and bias, for a GEMM that computes them
+        together with other rows (a gated product, :func:`~engine.int8.ops.int8_linear`'s ``gate``);
+        None where the layer runs anything but the plain int8 product: the float switch, a LoRA, a
+        rotated weight."""
+        if self.use_float or self.rotation or (self.lora is not None and self.lora.down.shape[0]):
+            return None
+        rows = slice(start, stop)
+        scale = self.weight_scale[rows] if self.weight_scale.ndim else self.weight_scale
+        return Int8Weight(self.weight[rows], scale, None if self.bias is None else self.bias[rows])
 
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.int8.linear import Int8Linear
-from engine.int8.ops import ActivatedInput, NormedInput
+from engine.int8.ops import ActivatedInput, Int8Weight, NormedInput, int8_linear, quantize_input
 
 Rope = torch.Tensor  # rotation matrices [[cos, -sin], [sin, cos]], float32 [tokens, head_dim / 2, 2, 2]
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
@@ -176,12 +176,34 @@ def project(linear: nn.Module, x: torch.Tensor | ActivatedInput | NormedInput) -
     return linear(shared_input(x, linear))
 
 
+def int8_rows(linear: nn.Module, start: int = 0, stop: int | None = None) -> Int8Weight | None:
+    """Output rows of a layer that runs the plain int8 product (:meth:`Int8Linear.int8_rows`), else None."""
+    return linear.int8_rows(start, stop) if isinstance(linear, Int8Linear) else None
+
+
+def in_projection(
+    linear: nn.Module, act: Activation, x: torch.Tensor | NormedInput, head: int = 0
+) -> tuple[torch.Tensor | None, ActivatedInput]:
+    """``linear(x)`` cut after its first ``head`` outputs: those (None for none), and the rest as
+    ``act``'s input, not activated yet. A SwiGLU after a plain int8 layer runs in one gated GEMM
+    instead (``int8_linear``'s ``gate``): its two halves never reach memory, and the rows it hands on
+    are activated already; x is quantized once for that GEMM and the head's."""
+    if not (act.gated and int8_rows(linear)):
+        y = project(linear, x)
+        return (y[..., :head] if head else None), act.lazy(y[..., head:])
+    half = (linear.out_features - head) // 2
+    rows = quantize_input(x)
+    out = int8_linear(rows, *linear.int8_rows(0, head)) if head else None
+    gated = int8_linear(rows, *linear.int8_rows(head, head + half), gate=linear.int8_rows(head + half))
+    return out, ActivatedInput("identity", gated)
+
+
 class MLP(nn.Sequential):
     """In-projection, activation, out-projection (single-file keys ``.0`` and ``.2``)."""
 
     def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
         up, act, down = self
-        return project(down, act.lazy(project(up, x)))
+        return project(down, in_projection(up, act, x)[1])
 
 
 class FluxAttention(nn.Module):
@@ -253,8 +275,8 @@ class SingleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: Modulation, pe: Rope) -> torch.Tensor:
         shift, scale, gate = mod
-        qkv, mlp = project(self.linear1, modulated(x, shift, scale)).split(self.split, dim=-1)
+        qkv, mlp = in_projection(self.linear1, self.act, modulated(x, shift, scale), head=self.split[0])
         q, k, v = split_heads(qkv, self.head_dim)
         q, k = self.norm(q, k)
-        out = project(self.linear2, self.act.lazy(mlp, prefix=attention(q, k, v, pe)))
+        out = project(self.linear2, mlp._replace(prefix=attention(q, k, v, pe)))
         return torch.addcmul(x, gate, out)

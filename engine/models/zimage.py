@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import ActivatedInput, NormedInput
+from engine.int8.ops import ActivatedInput, NormedInput, int8_linear
 from engine.models.layers import (
     Inputs,
     Rope,
     attention,
+    int8_rows,
     layer_norm,
     position_ids,
     project,
@@ -169,8 +170,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
-        x = shared_input(x, self.w1, self.w3)
-        return project(self.w2, ActivatedInput("swiglu", self.w1(x), self.w3(x)))
+        first, second = int8_rows(self.w1), int8_rows(self.w3)
+        if first is None or second is None:
+            x = shared_input(x, self.w1, self.w3)
+            return project(self.w2, ActivatedInput("swiglu", self.w1(x), self.w3(x)))
+        return project(self.w2, int8_linear(x, *first, gate=second))  # one gated GEMM (layers.in_projection)
 
 
 def _scaled(norm: nn.RMSNorm, x: torch.Tensor, mul: torch.Tensor) -> NormedInput:
