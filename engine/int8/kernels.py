@@ -11,7 +11,9 @@ Two kernels:
 * ``scaled_mm``: ``out = (q @ w_int8ᵀ) · x_scale[row] · w_scale[col] + bias``, int32 accumulation, the
   dequantization fused into the epilogue so the int32 product never reaches memory. The epilogue can
   also add a low-rank term ``(xa · scale) @ upᵀ`` (dynamic LoRA): a bf16 MMA of depth r per tile,
-  instead of a second [M, N] product written, read back and added.
+  instead of a second [M, N] product written, read back and added. Gated (:class:`Gate`), each tile
+  multiplies its rows of ``q`` with two weights and stores ``silu(first) · second``: a SwiGLU
+  in-projection whose two halves never reach memory.
 
 Rounding is to nearest, ties to even (``torch.round``), done with the 1.5·2²³ trick rather than a
 ``libdevice`` call so that the kernels compile on every backend and run in the interpreter. The

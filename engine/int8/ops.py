@@ -18,7 +18,10 @@ against 3.2 + 1.5 ms unfused). Down-projections take their input before the acti
 ``int8_studio::quantize_activated``, whose kernel applies the activation on the way in, eager and
 compiled alike. Projections after a norm take their input before it (:class:`NormedInput`): eager,
 one kernel normalizes, modulates and quantizes each row; compiled, the norm is materialized in tensor
-ops for inductor to fuse as above. Compiled graphs have no graph breaks and symbolic token counts.
+ops for inductor to fuse as above. A SwiGLU in-projection runs as one gated GEMM (``int8_linear``'s
+``gate``: ``silu(x·W₁ᵀ) · (x·W₂ᵀ)``, the two products never written out), and layers that share an
+input can quantize it once (:func:`quantize_input`). Compiled graphs have no graph breaks and symbolic
+token counts.
 (Inductor's fused code may round a row's scale 1 ulp differently from the Triton kernel: int8 values
 can then differ by one step, within int8 rounding.)
 
