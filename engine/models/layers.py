@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.int8.linear import Int8Linear
-from engine.int8.ops import ActivatedInput, Int8Weight, NormedInput, int8_linear, quantize_input
+from engine.int8.ops import (
+    ActivatedInput,
+    Int8Weight,
+    NormedInput,
+    int8_linear,
+    quantize_input,
+)
 
 Rope = torch.Tensor  # rotation matrices [[cos, -sin], [sin, cos]], float32 [tokens, head_dim / 2, 2, 2]
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
