@@ -135,6 +135,23 @@ def test_bad_gated_inputs_are_refused(change, message):
         ops.int8_linear(**(args | change))
 
 
+def test_the_kernel_launch_refuses_what_a_gated_gemm_cannot_take():
+    q, x_scale = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)
+    w, out = torch.zeros(32, 64, dtype=torch.int8), torch.empty(4, 32)
+    config = kernels.TileConfig(16, 32, 64, 4, 2)
+    specialized = kernels.TileConfig(16, 32, 64, 4, 2, tma=True, persistent=True, warp_specialize=True)
+    cases = [
+        (config, kernels.Gate(w, torch.ones(32)), None, "the same kinds of scale and bias"),  # 32 scales against 1
+        (config, kernels.Gate(w, torch.ones(1), torch.zeros(32)), None, "the same kinds of scale and bias"),
+        (config, kernels.Gate(w, torch.ones(1)), kernels.LowRank(torch.ones(4, 2), torch.ones(32, 2), torch.ones(2)),
+         "takes no low-rank term"),
+        (specialized, kernels.Gate(w, torch.ones(1)), None, "not warp-specialized"),
+    ]
+    for tile, gate, lora, message in cases:
+        with pytest.raises(ValueError, match=message):
+            kernels.launch_scaled_mm(tile, q, x_scale, w, torch.ones(1), None, out, lora=lora, gate=gate)
+
+
 def test_opcheck_of_the_gated_op():
     first, second = (make_weight(24, 40, "rowwise", True, torch.float32, "cpu") for _ in range(2))
     q, x_scale = ops.quantize_rows_torch(torch.randn(5, 40))

@@ -743,7 +743,8 @@ class GemmTuner:
     (a few milliseconds each, plus Triton's one-time compilation), then writes the winner to a JSON
     file keyed by GPU name, Triton version and candidate list. Later processes read the file and never
     re-tune (until one of those changes). Warp-specialized configs are not tried for a GEMM with a
-    low-rank term: the epilogue's extra MMA is untested in a specialized loop.
+    low-rank term (the epilogue's extra MMA is untested in a specialized loop) nor for a gated one
+    (:func:`gated_config`).
     During CUDA graph capture nothing can be timed, so an untuned shape gets its first candidate.
     """
 

@@ -194,7 +194,7 @@ def in_projection(
     ``act``'s input, not activated yet. A SwiGLU after a plain int8 layer runs in one gated GEMM
     instead (``int8_linear``'s ``gate``): its two halves never reach memory, and the rows it hands on
     are activated already; x is quantized once for that GEMM and the head's."""
-    if not (act.gated and int8_rows(linear)):
+    if not act.gated or int8_rows(linear) is None:
         y = project(linear, x)
         return (y[..., :head] if head else None), act.lazy(y[..., head:])
     half = (linear.out_features - head) // 2
