@@ -42,6 +42,8 @@ CATEGORIES = {
 
 
 TOP_KERNELS = 15
+PROFILED_FORMATS = ("bf16", "int8", "bf16+compile", "int8+compile")
+"""The formats ``--formats`` selects for the profile (fp8 is timed, not profiled)."""
 
 
 def profile_step(name: str, resolution: int, fmt: str) -> dict[str, float]:
@@ -191,13 +193,13 @@ def main() -> None:
     for run in profiled:
         name, _, resolution = run.partition(":")
         budget = {} if args.no_errors else error_budget(name, int(resolution), torch.device("cuda"))
-        formats = ("bf16", "int8", "bf16+compile", "int8+compile")
+        formats = [f for f in args.formats.split(",") if f in PROFILED_FORMATS]
         profiles = {fmt: profile_step(name, int(resolution), fmt) for fmt in formats}
         (args.out / f"model-profile-{name}-{resolution}.json").write_text(
             json.dumps({"errors": budget, "profile": profiles}, indent=2)
         )
         print_errors(run, budget)
-        columns = list(profiles["bf16"])
+        columns = list(next(iter(profiles.values()), {}))
         print(f"GPU time of one step of {run}, ms")
         print("format        " + "".join(f"{c:>14}" for c in columns))
         for fmt, shares in profiles.items():
