@@ -15,6 +15,13 @@ NEEDS_INTERPRETER = pytest.mark.skipif(
 """For Triton kernels run on CPU tensors (conftest sets the variable before Triton is imported)."""
 DEVICES = [pytest.param("cpu", marks=NEEDS_INTERPRETER), pytest.param("cuda", marks=pytest.mark.gpu)]
 """Where kernel tests run: the interpreter on the CPU, and the GPU (marker ``gpu``)."""
+BACKENDS = [
+    pytest.param("torch", "cpu"),
+    pytest.param("int_mm", "cpu"),
+    pytest.param("triton", "cpu", marks=NEEDS_INTERPRETER),
+    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+]
+"""``(backend, device)`` pairs for ``int8_linear`` tests: every backend on the CPU, Triton on the GPU."""
 
 # One unit in the last place, relative: rounding to nearest needs half of it, but Triton's interpreter
 # truncates its float32 -> bfloat16 casts.

@@ -14,6 +14,7 @@ from engine.int8.rotation import hadamard, rotate
 from engine.models import REGISTRY, build
 from engine.models.layers import MLP, GELUTanh, SwiGLU
 from tests.int8_reference import (
+    BACKENDS,
     DEVICES,
     NEEDS_INTERPRETER,
     ULP,
@@ -21,14 +22,6 @@ from tests.int8_reference import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, in the interpreter
-BACKENDS = [
-    pytest.param("torch", "cpu"),
-    pytest.param("int_mm", "cpu"),
-    pytest.param("triton", "cpu", marks=NEEDS_INTERPRETER),
-    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-]
-
-
 def make_input(activation, rows, width, prefix, dtype, device) -> ops.ActivatedInput:
     """Strided views, as a model produces them: a and b are the halves of one wider tensor."""
     spread = torch.rand(rows, 1) * 8 + 0.1  # rows of very different magnitudes

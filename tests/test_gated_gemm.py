@@ -10,15 +10,14 @@ from engine.int8 import kernels, ops
 from engine.int8.linear import Int8Linear
 from engine.int8.quantize import quantize_weight
 from engine.models import REGISTRY, build, layers, zimage
-from tests.int8_reference import DEVICES, NEEDS_INTERPRETER, ULP, exact_scaled_mm
+from tests.int8_reference import (
+    BACKENDS,
+    DEVICES,
+    NEEDS_INTERPRETER,
+    ULP,
+    exact_scaled_mm,
+)
 from tests.test_kernels import configs_for
-
-BACKENDS = [
-    pytest.param("torch", "cpu"),
-    pytest.param("int_mm", "cpu"),
-    pytest.param("triton", "cpu", marks=NEEDS_INTERPRETER),
-    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-]
 
 
 def make_weight(n, k, scheme, with_bias, dtype, device) -> ops.Int8Weight:

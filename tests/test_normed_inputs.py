@@ -9,13 +9,7 @@ import torch
 from engine.int8 import kernels, ops
 from engine.int8.linear import Int8Linear
 from engine.models import layers
-from tests.int8_reference import DEVICES, NEEDS_INTERPRETER, ULP, assert_within_int8_rounding
-
-BACKENDS = [
-    pytest.param("torch", "cpu"),
-    pytest.param("triton", "cpu", marks=NEEDS_INTERPRETER),
-    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-]
+from tests.int8_reference import BACKENDS, DEVICES, ULP, assert_within_int8_rounding
 
 
 def make_input(norm, batch, tokens, width, dtype, device, weight=True, mul=True, shift=True) -> ops.NormedInput:
