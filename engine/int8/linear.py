@@ -105,15 +105,19 @@ class Int8Linear(nn.Module):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
             return y + lora(x) if lora is not None else y
-        factors = LoraFactors(lora.down, lora.up, lora.scale) if lora is not None and lora.down.shape[0] else None
-        return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=factors, rotation=self.rotation)
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=self._lora_factors(), rotation=self.rotation)
+
+    def _lora_factors(self) -> LoraFactors | None:
+        """The dynamic LoRA's factors, or None without one (or with rank 0)."""
+        lora = self.lora
+        return LoraFactors(lora.down, lora.up, lora.scale) if lora is not None and lora.down.shape[0] else None
 
     def int8_rows(self, start: int = 0, stop: int | None = None) -> Int8Weight | None:
         """Output rows ``[start, stop)`` of the weight, scale and bias, for a GEMM that computes them
         together with other rows (a gated product, :func:`~engine.int8.ops.int8_linear`'s ``gate``);
         None where the layer runs anything but the plain int8 product: the float switch, a LoRA, a
         rotated weight."""
-        if self.use_float or self.rotation or (self.lora is not None and self.lora.down.shape[0]):
+        if self.use_float or self.rotation or self._lora_factors() is not None:
             return None
         rows = slice(start, stop)
         scale = self.weight_scale[rows] if self.weight_scale.ndim else self.weight_scale
