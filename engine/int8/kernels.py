@@ -190,6 +190,11 @@ def quantize_launch(K: int) -> tuple[int, int, int]:
     return block_m, min(block_k, SINGLE_PASS_MAX_K), 4
 
 
+def _quantized_empty(M: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a quantization kernel: q int8 [M, K] and scale float32 [M]."""
+    return torch.empty(M, K, dtype=torch.int8, device=device), torch.empty(M, dtype=torch.float32, device=device)
+
+
 def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(1) == 1 else t.contiguous()
 
@@ -210,8 +215,7 @@ def quantize_rows(x: torch.Tensor | None, act: Activated | None = None) -> tuple
     """Per-row int8 quantization of a 2-D float tensor: ``(q int8 [M, K], scale float32 [M])``. With
     ``act``, of ``[x, act(a, b)]`` (``x`` None: of ``act(a, b)`` alone)."""
     M, K, P, x, a, b, stride_x, stride_a, stride_b, kind = _row_sources(x, act)
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    q, scale = _quantized_empty(M, K, x.device)
     block_m, block_k, num_warps = quantize_launch(K)
     _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
         x, a, b, q, scale, M, K, P, stride_x, stride_a, stride_b, q.stride(0),
@@ -276,8 +280,7 @@ def quantize_normed_rows(x: torch.Tensor, normed: Normed) -> tuple[torch.Tensor,
         raise ValueError(f"rows of {K} elements are longer than the fused norm handles ({SINGLE_PASS_MAX_K})")
     x, mul, shift = (_unit_stride(t) for t in (x, normed.mul, normed.shift))
     weight = None if normed.weight is None else normed.weight.contiguous()
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    q, scale = _quantized_empty(M, K, x.device)
     block_m, block_k = _whole_rows(K)
     _quantize_normed_rows_kernel[(triton.cdiv(M, block_m),)](
         x, x if weight is None else weight, x if mul is None else mul, x if shift is None else shift, q, scale,
@@ -343,8 +346,7 @@ def quantize_rotated_rows(
     is the normalized H₁₆ in the rows' dtype for half-precision rows (its entries ±1/4 are exact
     there, so the first product is exact), float32 otherwise."""
     M, K, P, x, a, b, stride_x, stride_a, stride_b, kind = _row_sources(x, act)
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    q, scale = _quantized_empty(M, K, x.device)
     if not x.is_cuda:  # the interpreter multiplies bfloat16 tiles as if they were int16
         h16 = h16.float()
     block_m = 8
