@@ -394,6 +394,11 @@ def quantize_input(x: torch.Tensor | ActivatedInput | NormedInput, rotation: int
     dtype, shape = _described(x)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {dtype}")
+    return _quantized_input(x, rotation, dtype, shape)
+
+
+def _quantized_input(x, rotation: int, dtype: torch.dtype, shape: tuple[int, ...]) -> QuantizedInput:
+    """:func:`quantize_input` of an input already described (``_described``) and checked."""
     if rotation:
         check_group(rotation, shape[-1])
     compiling = torch.compiler.is_compiling()
@@ -511,7 +516,7 @@ def int8_linear(
     if lora is not None:
         x2 = x.reshape(-1, shape[-1])
         lora_args = (x2 @ lora.down.to(dtype).T, lora.up.to(dtype), lora.scale.float())
-    rows = x if isinstance(x, QuantizedInput) else quantize_input(x, rotation)
+    rows = x if isinstance(x, QuantizedInput) else _quantized_input(x, rotation, dtype, shape)
     w_scale, bias, *gate_args = _gate_args(w_scale, bias, gate)
     run = scaled_mm if torch.compiler.is_compiling() else _scaled_mm
     out = run(rows.q, rows.scale, w_int8, w_scale, bias, out_dtype, *lora_args, *gate_args)
