@@ -39,7 +39,16 @@ from engine.int8.ops import describe_backend
 from engine.int8.quantize import SCHEMES, Scheme
 from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
-from engine.models.build import load_model, named_config, quantize_model, random_model, replace_linears
+from engine.models.build import (
+    Fill,
+    Make,
+    build_model,
+    checkpoint_filler,
+    named_config,
+    quantizer,
+    random_filler,
+    streamed_blocks,
+)
 from engine.models.detect import detect
 from engine.models.layers import Inputs
 from engine.models.spec import Architecture, Config
@@ -69,6 +78,7 @@ class BenchRequest:
     device: str | None = None  # "cpu", "cuda" or "cuda:N"; default: "cuda" when there is a GPU, else "cpu"
     cuda_graphs: bool = False  # time replays of a captured step (GPU only; module docstring)
     rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
+    max_vram_gb: float | None = None  # run as on a GPU with this much memory (default: the device's own)
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,13 @@ class BenchResult:
         # a row that did not run holds its note in the second column: it sets no width
         widths = [max(len(line[i]) for line in lines if i == 0 or len(line) > 2) for i in range(len(COLUMNS))]
         body = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-        foot = ["", "speed-up: against bf16 with the same compile setting; errors: against bf16 eager"]
+        foot = [
+            "",
+            (
+                "speed-up: against bf16 with the same compile setting; errors: against bf16 eager "
+                "(run one block at a time where it does not fit)"
+            ),
+        ]
         return "\n".join(head + body + foot)
 
 
@@ -204,8 +220,13 @@ class _Source:
     arch: Architecture
     config: Config
     label: str
-    load: Callable[[torch.device, bool], nn.Module]  # (device, keep int8 layers) → bf16 model
-    int8_layers: int = 0  # layers the file holds in int8 (they are used as they are)
+    filler: Callable[[torch.device, bool, Make | None], Fill]  # (device, keep int8 layers, make)
+    int8_weights: frozenset[str] = frozenset()  # weights the file holds in int8 (used as they are)
+
+    def model(self, device: torch.device, keep_int8: bool = False, make: Make | None = None) -> nn.Module:
+        model = build_model(self.arch, self.config)
+        self.filler(device, keep_int8, make)(model, lambda _: True)
+        return model
 
 
 def run_bench(
@@ -258,6 +279,8 @@ def _check(request: BenchRequest) -> list[str]:
         raise BenchError(f"unknown scheme {request.scheme!r}; choose from {', '.join(SCHEMES)}")
     if request.rotate not in ROTATION_POLICIES:
         raise BenchError(f"unknown rotation {request.rotate!r}; choose from {', '.join(ROTATION_POLICIES)}")
+    if request.max_vram_gb is not None and not request.max_vram_gb > 0:
+        raise BenchError(f"max VRAM must be a positive number of GB, got {request.max_vram_gb:g}")
     if request.cuda_graphs and (request.device == "cpu" or not torch.cuda.is_available()):
         raise BenchError("CUDA graphs need a CUDA GPU: benchmark without them on the CPU")
     return [f for f in FORMATS if f in request.formats]
@@ -270,15 +293,15 @@ def _source(request: BenchRequest, reader: CheckpointReader | None) -> _Source:
             arch,
             config,
             f"{label} (random weights)",
-            lambda device, _: random_model(arch, config, device, DTYPE, SEED),
+            lambda device, _, make: random_filler(arch, device, DTYPE, SEED, make),
         )
     detected = detect(reader)
     return _Source(
         detected.arch,
         detected.config,
         f"{detected.label} ({Path(request.source).name}, {detected.source_format})",
-        lambda device, keep_int8: load_model(reader, device, DTYPE, dequantize=not keep_int8)[0],
-        int8_layers=sum(fmt.startswith("int8") for fmt in detected.layer_formats.values()),
+        lambda device, keep_int8, make: checkpoint_filler(reader, detected, device, DTYPE, not keep_int8, make=make),
+        frozenset(f"{layer}.weight" for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")),
     )
 
 
@@ -299,51 +322,68 @@ def _bench(
             f"on the CPU use a small model such as {tiny}"
         )
     linears = [n for n, s in shapes.items() if len(s) == 2 and n.endswith(".weight")]
-    quantized = [n for n in linears if not arch.keeps_high_precision(n, shapes[n])]
-    report = Reporter(progress, "benchmark", len(formats) * (request.warmup + request.steps))
+    quantized = {n for n in linears if not arch.keeps_high_precision(n, shapes[n])}
+    budget = _memory_budget(request, device)
+    calls = request.warmup + request.steps
+    report = Reporter(progress, "benchmark", len(formats) * calls)
     done = 0
 
-    def tick(message: str, calls: int = 1) -> None:
+    def tick(message: str, count: int = 1) -> None:
         nonlocal done
-        done += calls
+        done += count
         report(done, message)
 
+    def weight_bytes(fmt: str) -> int:
+        narrow = source.int8_weights if fmt.startswith("int8") and source.int8_weights else quantized
+        narrow = narrow if fmt.startswith(("int8", "fp8")) else set()
+        return sum(math.prod(s) * (1 if n in narrow else DTYPE.itemsize) for n, s in shapes.items())
+
     def build(fmt: str) -> nn.Module:
+        """The format's model; quantized layers are converted as they are loaded, so the float model
+        is never on the device whole."""
         base, _, compiled = fmt.partition("+")
-        model = source.load(device, base == "int8")
-        if base == "int8" and not source.int8_layers:
-            quantize_model(model, arch, request.scheme, request.rotate)
+        make = None
+        if base == "int8" and not source.int8_weights:
+            make = quantizer(arch, request.scheme, request.rotate)
         elif base == "fp8":
-            replace_linears(model, arch, lambda _, linear: Fp8Linear(linear))
+            make = lambda _, linear: Fp8Linear(linear)
+        model = source.model(device, base == "int8", make)
         return compile_blocks(model) if compiled else model
 
-    model = build("bf16")
-    inputs = to_device(
-        model.random_inputs(request.batch, request.resolution, request.text_tokens, SEED), device
-    )
-    text_tokens = request.text_tokens or model.text_tokens
-    reference = None  # bf16 eager's output: its timed run when asked for, else one call here
-    if "bf16" not in formats:
-        with torch.no_grad():
-            reference = model(**inputs).float()
-    rows = []
-    for fmt in formats:
-        cancel.check()
-        note = fp8_unsupported(device) if fmt == "fp8" else None
-        if note:
-            tick(f"{fmt}: {note}", request.warmup + request.steps)
-            rows.append(FormatResult(fmt, note=note))
-            continue
-        if fmt != "bf16":  # one model at a time on the device
-            model = None
-            _free()
-            model = build(fmt)
-        step, first, out, peak = _measure(model, inputs, request, device, cancel, tick, fmt)
-        reference = out if reference is None else reference
-        error = ((out - reference).norm() / reference.norm()).item()
-        cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0).item()
-        rows.append(FormatResult(fmt, step, None, max(0.0, first - step), peak, error, cosine))
-    model = None
+    def attempt(fmt: str):
+        """``_measure``'s result for ``fmt``, or None when it ran out of device memory."""
+        try:
+            return _measure(build(fmt), inputs, request, device, cancel, tick, fmt)
+        except torch.OutOfMemoryError:
+            return None
+
+    meta = build_model(arch, source.config)  # no weights: the inputs' shapes and defaults
+    inputs = to_device(meta.random_inputs(request.batch, request.resolution, request.text_tokens, SEED), device)
+    text_tokens = request.text_tokens or meta.text_tokens
+    rows, outputs = [], {}
+    with _memory_limit(request, device):
+        for fmt in formats:
+            cancel.check()
+            before = done
+            note = fp8_unsupported(device) if fmt == "fp8" else None
+            need = weight_bytes(fmt)
+            if note is None and budget is not None and need > budget:
+                note = f"does not fit: its weights take {_size(need)} of the {_size(budget)} available"
+            if note is None:
+                measured = attempt(fmt)
+                _free()
+                if measured is None:
+                    note = f"out of GPU memory (weights {_size(need)} of {_size(budget)}): lower --res or --batch"
+            if note:
+                tick(f"{fmt}: {note}", before + calls - done)
+                rows.append(FormatResult(fmt, note=note))
+                continue
+            step, first, outputs[fmt], peak = measured
+            rows.append(FormatResult(fmt, step, None, max(0.0, first - step), peak))
+        reference = outputs.get("bf16")
+        if reference is None and outputs:
+            reference = _reference(source, inputs, device, budget is None or weight_bytes("bf16") <= budget)
+    rows = [_with_errors(r, outputs[r.format], reference) if r.format in outputs else r for r in rows]
     return BenchResult(
         model=source.label,
         device=_device_name(device),
@@ -353,13 +393,63 @@ def _bench(
         steps=request.steps,
         image_tokens=(request.resolution // 16) ** 2,  # every family: 16× fewer tokens per side than pixels
         text_tokens=text_tokens,
-        scheme="as in the file" if source.int8_layers else _scheme_label(request),
-        quantized_layers=source.int8_layers or len(quantized),
+        scheme="as in the file" if source.int8_weights else _scheme_label(request),
+        quantized_layers=len(source.int8_weights or quantized),
         linear_layers=len(linears),
         cuda_graphs=request.cuda_graphs,
         int8_backend=describe_backend(device) if any(f.startswith("int8") for f in formats) else "",
         rows=tuple(_with_speedups(rows)),
     )
+
+
+def _reference(source: _Source, inputs: Inputs, device: torch.device, fits: bool) -> torch.Tensor:
+    """bf16 eager's output on ``inputs``, on the CPU in float32. Where the bf16 model does not fit on
+    the device, its blocks are loaded one at a time (:func:`streamed_blocks`): slow, but the same output."""
+    with torch.no_grad():
+        if fits:
+            try:
+                return source.model(device)(**inputs).float().cpu()
+            except torch.OutOfMemoryError:
+                pass
+            _free()
+        model = build_model(source.arch, source.config)
+        with streamed_blocks(model, source.filler(device, False, None)) as model:
+            return model(**inputs).float().cpu()
+
+
+def _with_errors(row: FormatResult, out: torch.Tensor, reference: torch.Tensor) -> FormatResult:
+    error = ((out - reference).norm() / reference.norm()).item()
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0).item()
+    return replace(row, relative_error=error, cosine=cosine)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _memory_budget(request: BenchRequest, device: torch.device) -> float | None:
+    """Bytes the formats may use: ``max_vram_gb``, else the GPU's memory (None on the CPU: no limit)."""
+    if request.max_vram_gb is not None:
+        return request.max_vram_gb * 1e9
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+@contextlib.contextmanager
+def _memory_limit(request: BenchRequest, device: torch.device):
+    """The GPU's allocator capped at ``max_vram_gb`` (a smaller GPU's memory) while the formats run; on
+    the CPU the limit only decides which formats' weights fit."""
+    if request.max_vram_gb is None or device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    _free()  # the cap counts what this process's allocator holds, cached blocks included
+    torch.cuda.set_per_process_memory_fraction(min(1.0, request.max_vram_gb * 1e9 / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def _measure(
@@ -400,7 +490,7 @@ def _measure(
             times.append(seconds)
             tick(f"{fmt}: step {step + 1}/{request.steps}")
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
-    return statistics.median(times), first, out.float(), peak
+    return statistics.median(times), first, out.float().cpu(), peak
 
 
 def captured(step: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:

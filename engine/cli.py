@@ -264,6 +264,12 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="time replays of a CUDA graph of each step: GPU time, no launch costs",
     )
+    p.add_argument(
+        "--max-vram",
+        type=float,
+        metavar="GB",
+        help="run as a GPU with this much memory would: formats that do not fit are reported as such",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run_bench)
 
@@ -272,6 +278,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     request = BenchRequest(
         args.source, args.res, args.steps, args.formats, args.scheme, args.batch,
         text_tokens=args.text_tokens, device=args.device, cuda_graphs=args.cuda_graphs, rotate=args.rotate,
+        max_vram_gb=args.max_vram,
     )  # fmt: skip
     with ProgressBar() as bar:
         result = run_bench(request, progress=bar)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from engine.bench import FORMATS, BenchError, BenchRequest, run_bench
 from engine.cli import main
 from engine.jobs import Cancelled, CancelToken, Progress
-from engine.models.build import UnknownModelNameError
+from engine.models.build import UnknownModelNameError, named_config
 from tests.tiny_checkpoints import write_single_file
 
 # 16 image tokens, 24 text tokens (Z-Image pads both), on the CPU even where there is a GPU
@@ -128,6 +129,8 @@ def test_cancel():
         ({"device": "gpu1"}, "unknown device 'gpu1'; choose cpu, cuda or cuda:N (a GPU's index)"),
         ({"device": "cuda:x"}, "unknown device 'cuda:x'; choose cpu, cuda or cuda:N (a GPU's index)"),
         ({"device": "cpu", "cuda_graphs": True}, "CUDA graphs need a CUDA GPU: benchmark without them on the CPU"),
+        ({"max_vram_gb": 0}, "max VRAM must be a positive number of GB, got 0"),
+        ({"max_vram_gb": -2.5}, "max VRAM must be a positive number of GB, got -2.5"),
         (
             {"source": "flux2-klein-9b"},
             (
@@ -179,6 +182,50 @@ def test_cli_json_and_table(capsys):
     assert "\nint8 " in out
 
 
+def weights_mb(name: str, fmt: str) -> float:
+    """A format's weight size, counted here from the architecture's shapes and high-precision rules."""
+    arch, config, _ = named_config(name)
+    eligible = lambda n, s: len(s) == 2 and n.endswith(".weight") and not arch.keeps_high_precision(n, s)
+    narrow = fmt.startswith(("int8", "fp8"))
+    shapes = arch.tensor_shapes(config).items()
+    return sum(math.prod(s) * (1 if narrow and eligible(n, s) else 2) for n, s in shapes) / 1e6
+
+
+def test_formats_that_do_not_fit():
+    """A GPU too small for bf16 still measures int8, with errors against bf16 run block by block."""
+    bf16_mb, int8_mb = weights_mb("flux2-tiny", "bf16"), weights_mb("flux2-tiny", "int8")
+    limit_mb = (bf16_mb + int8_mb) / 2
+    formats = ("bf16", "bf16+compile", "int8")
+    full = {r.format: r for r in run_bench(BenchRequest("flux2-tiny", formats=formats, **SMALL)).rows}
+    reports: list[Progress] = []
+    limited = run_bench(
+        BenchRequest("flux2-tiny", formats=formats, max_vram_gb=limit_mb / 1e3, **SMALL), reports.append
+    )
+    bf16, compiled, int8 = limited.rows
+    note = f"does not fit: its weights take {bf16_mb:.1f} MB of the {limit_mb:.1f} MB available"
+    assert (bf16.note, compiled.note) == (note, note)
+    assert bf16.seconds_per_step is None and compiled.seconds_per_step is None
+    assert int8.seconds_per_step > 0 and int8.speedup is None
+    assert int8.relative_error == full["int8"].relative_error and int8.cosine == full["int8"].cosine
+    assert [p.done for p in reports] == [4, 8, 9, 10, 11, 12]
+    assert f"bf16+compile  {note}\n" in limited.table()
+    nothing = run_bench(BenchRequest("flux2-tiny", formats=formats, max_vram_gb=int8_mb / 2e3, **SMALL))
+    assert all(r.note.startswith("does not fit") and r.relative_error is None for r in nothing.rows)
+
+
+def test_cli_max_vram(capsys):
+    args = ["bench", "zimage-tiny", "--res", "64", "--steps", "1", "--formats", "bf16,int8", "--device", "cpu"]
+    assert main([*args, "--max-vram", "0.000001", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["note"][:13] for r in rows] == ["does not fit:"] * 2
+    with pytest.raises(SystemExit) as exit:
+        main([*args, "--max-vram", "none"])
+    assert exit.value.code == 2
+    assert "argument --max-vram: invalid float value: 'none'" in capsys.readouterr().err
+    assert main([*args, "--max-vram", "nan"]) == 2
+    assert "max VRAM must be a positive number of GB, got nan" in capsys.readouterr().err
+
+
 def test_cli_bad_input(capsys):
     assert main(["bench", "zimage-tiny", "--formats", "bf16,int2"]) == 2
     err = capsys.readouterr().err
@@ -205,3 +252,26 @@ def test_a_gpu_by_index():
     assert result.device.startswith(torch.cuda.get_device_name(last)) and result.int8_backend == "Triton kernels"
     with pytest.raises(BenchError, match=rf"^no CUDA GPU {last + 1}: this machine has {last + 1} \(0–{last}\)$"):
         run_bench(BenchRequest("flux2-tiny", device=f"cuda:{last + 1}"))
+
+
+@pytest.mark.gpu
+def test_a_small_gpu_runs_what_fits():
+    """On the GPU the limit caps the allocator. Klein 4B's bf16 weights (8 GB) do not fit in its int8
+    weights plus 1 GB; int8 runs there, built without the bf16 model, with errors against bf16 run one
+    block at a time. With almost no room beyond the weights, the allocator's own out-of-memory error
+    becomes the row's note."""
+    bf16_gb, int8_gb = (weights_mb("flux2-klein-4b", fmt) / 1e3 for fmt in ("bf16", "int8"))
+    request = BenchRequest(
+        "flux2-klein-4b", resolution=256, steps=1, warmup=1, formats=("bf16", "int8"), device="cuda",
+        max_vram_gb=int8_gb + 1,
+    )  # fmt: skip
+    bf16, int8 = run_bench(request).rows
+    assert bf16.note == f"does not fit: its weights take {bf16_gb:.1f} GB of the {int8_gb + 1:.1f} GB available"
+    assert int8.seconds_per_step > 0 and int8_gb < int8.peak_vram_gb < int8_gb + 1
+    assert 1e-3 < int8.relative_error < 0.06 and int8.cosine > 0.998
+    tight = {"resolution": 2048, "formats": ("int8",), "max_vram_gb": int8_gb + 0.05}
+    (row,) = run_bench(BenchRequest(**{**request.__dict__, **tight})).rows
+    limits = f"weights {int8_gb:.1f} GB of {int8_gb + 0.05:.1f} GB"
+    assert row.note == f"out of GPU memory ({limits}): lower --res or --batch"
+    x = torch.empty(int(1.5 * bf16_gb * 1e9), dtype=torch.uint8, device="cuda")  # the cap is lifted after
+    del x

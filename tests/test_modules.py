@@ -15,11 +15,16 @@ from engine.models import REGISTRY, ModelLayoutError
 from engine.models.build import (
     UnknownModelNameError,
     build_model,
+    checkpoint_filler,
     load_model,
     named_config,
     quantize_model,
+    quantizer,
+    random_filler,
     random_model,
+    streamed_blocks,
 )
+from engine.models.detect import detect
 from engine.models.spec import NoModuleError
 from tests.test_models import diffusers_kwargs
 from tests.tiny_checkpoints import random_tensors, to_diffusers, write_diffusers, write_single_file
@@ -264,6 +269,76 @@ def test_quantize_model_follows_the_high_precision_rules(arch, scheme):
     # tiny random models: 1–3% typical, up to ~4.5% seen over many seeds; a broken layer gives ~100%
     assert rel_error(out, reference) < 0.06
     assert torch.cosine_similarity(out.flatten(), reference.flatten(), dim=0) > 0.998
+
+
+def one_float_layer_at_a_time(model: nn.Module, a, make):
+    """``make``, checking at each call that the layer it converts is the model's only materialized
+    float linear the architecture allows to quantize."""
+
+    def checked(name: str, linear: nn.Linear) -> nn.Module:
+        floats = [
+            f"{n}.weight"
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not m.weight.is_meta
+            and not a.keeps_high_precision(f"{n}.weight", tuple(m.weight.shape))
+        ]  # fmt: skip
+        assert floats == [name]
+        return make(name, linear)
+
+    return checked
+
+
+@pytest.mark.parametrize("arch", RUNNABLE)
+def test_random_model_converted_while_drawn(arch):
+    """Each eligible layer is quantized as soon as it is drawn: the same model as quantizing after."""
+    a, s = REGISTRY[arch], seed()
+    after = random_model(a, tiny(arch), CPU, torch.bfloat16, seed=s)
+    quantize_model(after, a)
+    model = build_model(a, tiny(arch))
+    random_filler(a, CPU, torch.bfloat16, s, one_float_layer_at_a_time(model, a, quantizer(a)))(model, lambda _: True)
+    assert model.state_dict().keys() == after.state_dict().keys()
+    assert all(torch.equal(t, after.state_dict()[n]) for n, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", RUNNABLE)
+@pytest.mark.parametrize("fmt", ["float", "int8_rowwise"])
+def test_checkpoint_converted_while_read(tmp_path, arch, fmt):
+    """A float file's eligible layers are replaced as they are read; an int8 file's layers, dequantized,
+    too (what the fp8 benchmark format does with an int8 file)."""
+    ckpt = write_single_file(tmp_path / "m.safetensors", arch, fmt=fmt)
+    with CheckpointReader(ckpt.path) as reader:
+        after, detected = load_model(reader, CPU, torch.float32, dequantize=True)
+        quantize_model(after, detected.arch, "tensorwise")
+        model = build_model(detected.arch, detected.config)
+        make = one_float_layer_at_a_time(model, detected.arch, quantizer(detected.arch, "tensorwise"))
+        checkpoint_filler(reader, detected, CPU, torch.float32, dequantize=True, make=make)(model, lambda _: True)
+    assert all(torch.equal(t, after.state_dict()[n]) for n, t in model.state_dict().items())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) > 0
+
+
+@pytest.mark.parametrize("arch", RUNNABLE)
+def test_streamed_blocks_give_the_whole_models_output(tmp_path, arch):
+    """One block's weights at a time, random or read from a file: the same output, bit for bit, and
+    no block holds weights after the call."""
+    a, s = REGISTRY[arch], seed()
+    whole = random_model(a, tiny(arch), CPU, torch.bfloat16, seed=s)
+    x = inputs(whole, dtype=torch.bfloat16)
+    ckpt = write_single_file(tmp_path / "m.safetensors", arch, fmt="int8_rowwise")
+    with CheckpointReader(ckpt.path) as reader:
+        detected = detect(reader)
+        from_file = load_model(reader, CPU, torch.bfloat16, dequantize=True)[0]
+        sources = [
+            (whole, random_filler(a, CPU, torch.bfloat16, s)),
+            (from_file, checkpoint_filler(reader, detected, CPU, torch.bfloat16, dequantize=True)),
+        ]
+        for reference, fill in sources:
+            with streamed_blocks(build_model(a, tiny(arch)), fill) as model:
+                assert torch.equal(run(model, x), run(reference, x))
+                assert torch.equal(run(model, x), run(reference, x))  # a second call refills the blocks
+            lists = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.ModuleList))
+            tensors = model.state_dict()
+            assert any(n.startswith(lists) for n in tensors)
+            assert all(t.is_meta == n.startswith(lists) for n, t in tensors.items()), tensors
 
 
 @pytest.mark.parametrize("arch", RUNNABLE)

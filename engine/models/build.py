@@ -9,8 +9,10 @@ high-precision rules.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -68,15 +70,44 @@ def build_model(arch: Architecture, config: Config) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+Make = Callable[[str, nn.Linear], nn.Module]
+"""What replaces a float linear the architecture allows to quantize: ``make(weight name, linear)``."""
+
+Fill = Callable[[nn.Module, Callable[[str], bool]], None]
+"""Puts the tensors whose names pass a test into a model built on the meta device (:func:`build_model`)."""
+
+
 def random_model(
-    arch: Architecture, config: Config, device: torch.device, dtype: torch.dtype, seed: int = 0
+    arch: Architecture,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    make: Make | None = None,
 ) -> nn.Module:
-    """A model with random weights drawn on ``device``; the same seed gives the same weights."""
+    """A model with random weights drawn on ``device``; the same seed gives the same weights. With
+    ``make``, each eligible linear is replaced as soon as it is drawn (see :func:`random_filler`)."""
     model = build_model(arch, config)
-    generator = torch.Generator(device).manual_seed(seed)
-    for name, param in list(model.named_parameters()):
-        _assign(model, name, _random_tensor(name, param.shape, generator, device, dtype))
+    random_filler(arch, device, dtype, seed, make)(model, _everything)
     return model
+
+
+def random_filler(
+    arch: Architecture, device: torch.device, dtype: torch.dtype, seed: int = 0, make: Make | None = None
+) -> Fill:
+    """Draws random tensors on ``device``. Each tensor has its own generator, seeded from ``seed`` and
+    its name, so a part of the model drawn alone gets the values the whole model gets. With ``make``,
+    each linear the architecture allows to quantize is replaced right after its weight and bias are
+    drawn: a converted model never holds more than one float copy of such a layer."""
+
+    def fill(model: nn.Module, wanted: Callable[[str], bool]) -> None:
+        for name, param in list(model.named_parameters()):
+            if wanted(name) and param.is_meta:
+                generator = torch.Generator(device).manual_seed(_tensor_seed(seed, name))
+                _assign(model, name, _random_tensor(name, param.shape, generator, device, dtype))
+                _replace_when_complete(model, arch, name, make)
+
+    return fill
 
 
 def _random_tensor(
@@ -93,58 +124,94 @@ def _random_tensor(
     return t  # pad tokens
 
 
+def _tensor_seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}:{name}".encode())  # CPU generators keep 32 bits of a seed
+
+
+def _everything(name: str) -> bool:
+    return True
+
+
 def load_model(
     reader: CheckpointReader,
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
     dequantize: bool = False,
     cancel: CancelToken | None = None,
+    make: Make | None = None,
 ) -> tuple[nn.Module, DetectedModel]:
     """The checkpoint's model on ``device``: float tensors in ``dtype``; int8 layers as
-    ``Int8Linear`` (or, with ``dequantize``, as ``nn.Linear`` with the dequantized weight)."""
+    ``Int8Linear`` (or, with ``dequantize``, as ``nn.Linear`` with the dequantized weight). With
+    ``make``, each eligible float linear is replaced as soon as it is read (:func:`checkpoint_filler`)."""
     detected = detect(reader)
     model = build_model(detected.arch, detected.config)
-    plan = {t.name: t for t in detected.tensors}
+    checkpoint_filler(reader, detected, device, dtype, dequantize, cancel, make)(model, _everything)
+    return model, detected
+
+
+def checkpoint_filler(
+    reader: CheckpointReader,
+    detected: DetectedModel,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    dequantize: bool = False,
+    cancel: CancelToken | None = None,
+    make: Make | None = None,
+) -> Fill:
+    """Reads the checkpoint's tensors (as :func:`load_model` describes) into a model of ``detected``.
+    A tensor the module has no place for, a wrong shape or a missing tensor is an error, for the
+    tensors asked for. With ``make``, each float linear the architecture allows to quantize is
+    replaced right after its weight and bias are read."""
     int8 = {layer for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")}
     rotations = layer_rotations(reader, detected)
-    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
-    def read(name: str) -> torch.Tensor:
-        t = plan.pop(name)
-        return t.build([reader.get(s) for s in t.sources]).to(device)
+    def fill(model: nn.Module, wanted: Callable[[str], bool]) -> None:
+        plan = {t.name: t for t in detected.tensors if wanted(t.name)}
+        expected = {
+            name: t
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if wanted(name) and t.is_meta
+        }
 
-    for layer in sorted(int8):
-        if cancel:
-            cancel.check()
-        weight, scale = read(f"{layer}.weight"), read(f"{layer}.weight_scale")
-        plan.pop(f"{layer}.comfy_quant", None)
-        bias = read(f"{layer}.bias").to(dtype) if f"{layer}.bias" in plan else None
-        _check_shape(detected, expected, f"{layer}.weight", weight)
-        quantized = Int8Linear(weight, scale, bias, rotations.get(layer, 0))
-        if dequantize:
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-            _set_module(model, layer, linear)
-            _assign(model, f"{layer}.weight", quantized.dequantized_weight(dtype))
-            if bias is not None:
-                _assign(model, f"{layer}.bias", bias)
-        else:
-            _set_module(model, layer, quantized)
-        for name in (f"{layer}.weight", f"{layer}.bias"):
-            expected.pop(name, None)
-    for name in list(plan):
-        if cancel:
-            cancel.check()
-        if name not in expected:
-            raise ModelLayoutError(
-                f"{detected.label}: tensor {detected.prefix}{name} has no place in the {detected.arch.label} "
-                "module: this variant cannot be run"
-            )
-        tensor = read(name)
-        _check_shape(detected, expected, name, tensor)
-        _assign(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-        expected.pop(name)
-    _fill_missing(model, detected, expected, device, dtype)
-    return model, detected
+        def read(name: str) -> torch.Tensor:
+            t = plan.pop(name)
+            return t.build([reader.get(s) for s in t.sources]).to(device)
+
+        for layer in sorted(layer for layer in int8 if f"{layer}.weight" in plan):
+            if cancel:
+                cancel.check()
+            weight, scale = read(f"{layer}.weight"), read(f"{layer}.weight_scale")
+            plan.pop(f"{layer}.comfy_quant", None)
+            bias = read(f"{layer}.bias").to(dtype) if f"{layer}.bias" in plan else None
+            _check_shape(detected, expected, f"{layer}.weight", weight)
+            quantized = Int8Linear(weight, scale, bias, rotations.get(layer, 0))
+            if dequantize:
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+                _set_module(model, layer, linear)
+                _assign(model, f"{layer}.weight", quantized.dequantized_weight(dtype))
+                if bias is not None:
+                    _assign(model, f"{layer}.bias", bias)
+                _replace_when_complete(model, detected.arch, f"{layer}.weight", make)
+            else:
+                _set_module(model, layer, quantized)
+            for name in (f"{layer}.weight", f"{layer}.bias"):
+                expected.pop(name, None)
+        for name in list(plan):
+            if cancel:
+                cancel.check()
+            if name not in expected:
+                raise ModelLayoutError(
+                    f"{detected.label}: tensor {detected.prefix}{name} has no place in the {detected.arch.label} "
+                    "module: this variant cannot be run"
+                )
+            tensor = read(name)
+            _check_shape(detected, expected, name, tensor)
+            _assign(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            expected.pop(name)
+            _replace_when_complete(model, detected.arch, name, make)
+        _fill_missing(model, detected, expected, device, dtype)
+
+    return fill
 
 
 def layer_rotations(reader: CheckpointReader, detected: DetectedModel) -> dict[str, int]:
@@ -206,9 +273,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
-def replace_linears(
-    model: nn.Module, arch: Architecture, make: Callable[[str, nn.Linear], nn.Module]
-) -> int:
+def replace_linears(model: nn.Module, arch: Architecture, make: Make) -> int:
     """Replace each ``nn.Linear`` whose weight the architecture allows to quantize by
     ``make(weight name, linear)``, one at a time (the float weight is freed as its replacement is
     made). Returns how many."""
@@ -220,14 +285,66 @@ def replace_linears(
     return count
 
 
+def quantizer(arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none") -> Make:
+    """``make`` turning a float linear into an ``Int8Linear`` (``scheme`` weight scales, per-token int8
+    activations, Hadamard-rotated as ``rotate`` says)."""
+
+    def make(name: str, linear: nn.Linear) -> Int8Linear:
+        return Int8Linear.from_float(linear, scheme, arch.rotation_for(name, tuple(linear.weight.shape), rotate))
+
+    return make
+
+
 def quantize_model(
     model: nn.Module, arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none"
 ) -> int:
-    """Replace the eligible float linears by ``Int8Linear`` (``scheme`` weight scales, per-token int8
-    activations, Hadamard-rotated as ``rotate`` says). Returns the number of layers quantized."""
+    """Replace the eligible float linears by ``Int8Linear`` (:func:`quantizer`). Returns the number of
+    layers quantized."""
+    return replace_linears(model, arch, quantizer(arch, scheme, rotate))
 
-    def make(name: str, linear: nn.Linear) -> Int8Linear:
-        rotation = arch.rotation_for(name, tuple(linear.weight.shape), rotate)
-        return Int8Linear.from_float(linear, scheme, rotation)
 
-    return replace_linears(model, arch, make)
+def _replace_when_complete(model: nn.Module, arch: Architecture, name: str, make: Make | None) -> None:
+    """After tensor ``name`` was put in place: replace its layer by ``make``'s module if the layer is a
+    float linear the architecture allows to quantize and none of its tensors is still missing."""
+    layer_name = name.rpartition(".")[0]
+    layer = model.get_submodule(layer_name)
+    if make is None or not isinstance(layer, nn.Linear) or any(p.is_meta for p in layer.parameters()):
+        return
+    if not arch.keeps_high_precision(f"{layer_name}.weight", tuple(layer.weight.shape)):
+        _set_module(model, layer_name, make(f"{layer_name}.weight", layer))
+
+
+@contextlib.contextmanager
+def streamed_blocks(model: nn.Module, fill: Fill) -> Iterator[nn.Module]:
+    """``model`` (built on the meta device) runnable on a device too small to hold it: what lies outside
+    its repeated blocks (the elements of each ``nn.ModuleList``) is filled now, and each block only
+    while it runs, back on the meta device after. One block's weights at a time: slow (every call reads
+    every weight again), for a reference output rather than for timing."""
+    blocks: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not _in_blocks(name, blocks):
+            blocks |= {f"{name}.{i}.": block for i, block in enumerate(module)}
+    fill(model, lambda name: not _in_blocks(name, blocks))
+    hooks = []
+    for prefix, block in blocks.items():
+        hooks.append(block.register_forward_pre_hook(lambda *_, p=prefix: fill(model, lambda n: n.startswith(p))))
+        hooks.append(block.register_forward_hook(lambda block, *_: _to_meta(block)))
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _in_blocks(name: str, blocks: dict[str, nn.Module]) -> bool:
+    return any(name.startswith(prefix) for prefix in blocks)
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Drop ``module``'s tensors, keeping their shapes and dtypes on the meta device."""
+    for name, param in list(module.named_parameters()):
+        _assign(module, name, torch.empty_like(param, device="meta"))
+    for name, buffer in list(module.named_buffers()):
+        if buffer is not None:
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner).register_buffer(attr, torch.empty_like(buffer, device="meta"))
