@@ -443,13 +443,14 @@ def _memory_limit(request: BenchRequest, device: torch.device):
     if request.max_vram_gb is None or device.type != "cuda":
         yield
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
     _free()  # the cap counts what this process's allocator holds, cached blocks included
-    torch.cuda.set_per_process_memory_fraction(min(1.0, request.max_vram_gb * 1e9 / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, request.max_vram_gb * 1e9 / total), index)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def _measure(

@@ -256,18 +256,18 @@ def test_a_gpu_by_index():
 
 @pytest.mark.gpu
 def test_a_small_gpu_runs_what_fits():
-    """On the GPU the limit caps the allocator. Klein 4B's bf16 weights (8 GB) do not fit in its int8
-    weights plus 1 GB; int8 runs there, built without the bf16 model, with errors against bf16 run one
+    """On the GPU the limit caps the allocator. Klein 4B's bf16 weights (7.8 GB) do not fit in its int8
+    weights plus 2 GB; int8 runs there, built without the bf16 model, with errors against bf16 run one
     block at a time. With almost no room beyond the weights, the allocator's own out-of-memory error
-    becomes the row's note."""
+    (here while building or tuning) becomes the row's note."""
     bf16_gb, int8_gb = (weights_mb("flux2-klein-4b", fmt) / 1e3 for fmt in ("bf16", "int8"))
     request = BenchRequest(
         "flux2-klein-4b", resolution=256, steps=1, warmup=1, formats=("bf16", "int8"), device="cuda",
-        max_vram_gb=int8_gb + 1,
+        max_vram_gb=int8_gb + 2,
     )  # fmt: skip
     bf16, int8 = run_bench(request).rows
-    assert bf16.note == f"does not fit: its weights take {bf16_gb:.1f} GB of the {int8_gb + 1:.1f} GB available"
-    assert int8.seconds_per_step > 0 and int8_gb < int8.peak_vram_gb < int8_gb + 1
+    assert bf16.note == f"does not fit: its weights take {bf16_gb:.1f} GB of the {int8_gb + 2:.1f} GB available"
+    assert int8.seconds_per_step > 0 and int8_gb < int8.peak_vram_gb < int8_gb + 2
     assert 1e-3 < int8.relative_error < 0.06 and int8.cosine > 0.998
     tight = {"resolution": 2048, "formats": ("int8",), "max_vram_gb": int8_gb + 0.05}
     (row,) = run_bench(BenchRequest(**{**request.__dict__, **tight})).rows
