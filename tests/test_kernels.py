@@ -150,6 +150,57 @@ def test_unaligned_operands_leave_the_descriptor_paths():
     assert (plain.tma, plain.warp_specialize, plain.persistent, plain.tma_store) == (False, False, True, True)
 
 
+def test_launch_keys_tell_apart_what_triton_compiles_apart():
+    """``kernels.launch`` reuses a compiled kernel for calls with one key: two arguments with one key
+    must get one specialization from Triton (tensors of each dtype and alignment, integers around 1,
+    16 and the type widths, descriptors, floats, booleans, None)."""
+    specialize = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    base = torch.zeros(4096, dtype=torch.int8)
+    tensors = [base, base[1:], base[16:], base[8:], base.view(torch.uint8), base.view(torch.float16)[3:]]
+    ints = [0, 1, 2, 15, 16, 17, 32, -16, -1, 2**31 - 16, 2**31, 2**31 + 1, 2**63 - 1, 2**63, 2**64 - 16]
+    descriptors = [TensorDescriptor.from_tensor(torch.zeros(64, 64, dtype=t), b) for t in (torch.int8, torch.float16)
+                   for b in ([16, 32], [32, 16])]  # fmt: skip
+    args = [*tensors, *ints, *descriptors, 0.5, 2.0, True, False, None]
+    triton_view = [specialize(BaseBackend, a, False, True, True) for a in args]
+    ours = [kernels._arg_key(a) for a in args]
+    for i, j in [(i, j) for i in range(len(args)) for j in range(len(args))]:
+        if ours[i] == ours[j]:
+            assert triton_view[i] == triton_view[j], (args[i], args[j])
+
+
+@NEEDS_INTERPRETER
+def test_the_interpreter_launches_through_triton(monkeypatch):
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    kernels.quantize_rows(torch.randn(3, 40))
+    assert kernels._COMPILED == {}
+
+
+@pytest.mark.gpu
+def test_a_repeated_launch_runs_the_kernel_triton_compiled():
+    """The second of two alike calls launches the cached binary: the same values as Triton's launch,
+    for every config kind (pointers, host descriptors, a persistent grid, warp specialization) and for
+    inputs whose alignment, and so specialization, differs."""
+    w_int8, w_scale = quantize_weight(torch.randn(300, 256), "rowwise")
+    w_int8, w_scale = w_int8.cuda(), w_scale.cuda().reshape(-1)
+    storage = torch.randn(40 * 256 + 1, dtype=torch.bfloat16, device="cuda")
+    for rows in (storage[: 40 * 256].view(40, 256), storage[1:].view(40, 256)):  # aligned, then not
+        q, x_scale = kernels.quantize_rows(rows)
+        again = kernels.quantize_rows(rows)
+        assert torch.equal(q, again[0]) and torch.equal(x_scale, again[1])
+        exact = exact_scaled_mm(q, x_scale, w_int8, w_scale)
+        for config in configs_for("cuda"):
+            before = len(kernels._COMPILED)
+            first = kernels.scaled_mm(q, x_scale, w_int8, w_scale, None, torch.bfloat16, config=config)
+            cached = len(kernels._COMPILED)
+            second = kernels.scaled_mm(q, x_scale, w_int8, w_scale, None, torch.bfloat16, config=config)
+            assert len(kernels._COMPILED) == cached <= before + 1, config
+            assert torch.equal(first, second), config
+            assert ((first.double() - exact).abs() <= exact.abs() * (ULP[torch.bfloat16] + 2.0**-20) + 1e-6).all()
+
+
 def test_triton_release_parses_the_versions_in_use():
     assert kernels.triton_release("3.6.0") == (3, 6)
     assert kernels.triton_release("3.4.0+git1a2b3c") == (3, 4)
