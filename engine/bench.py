@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -91,6 +92,7 @@ class FormatResult:
     relative_error: float | None = None  # ‖out − out_bf16‖ / ‖out_bf16‖
     cosine: float | None = None
     note: str = ""
+    launch_bound: bool | None = None  # the GPU waited for the host to enqueue the step (None: on the CPU)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class BenchResult:
             "",
         ]
         lines = [COLUMNS, *(_cells(r) for r in self.rows)]
+        bound = any(r.launch_bound for r in self.rows)
         # a row that did not run holds its note in the second column: it sets no width
         widths = [max(len(line[i]) for line in lines if i == 0 or len(line) > 2) for i in range(len(COLUMNS))]
         body = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
@@ -137,11 +140,19 @@ class BenchResult:
                 "speed-up: against bf16 with the same compile setting; errors: against bf16 eager "
                 "(run one block at a time where it does not fit)"
             ),
+            *[LAUNCH_BOUND_NOTE] * bound,
         ]
         return "\n".join(head + body + foot)
 
 
 COLUMNS = ("format", "s/step", "speed-up", "first call", "peak VRAM", "rel. error", "cosine")
+LAUNCH_BOUND = 0.95
+"""A step the host took this share of its time to enqueue kept the GPU waiting for it (Klein 9B at 512²
+on an H200 machine: int8 steps 100%, GPU-bound steps 30–70%; PERFORMANCE.md)."""
+LAUNCH_BOUND_NOTE = (
+    "*: launch-bound, the GPU waited for the CPU to enqueue the step's kernels (--cuda-graphs shows the GPU's "
+    "own speed)"
+)
 
 
 def _cells(r: FormatResult) -> tuple[str, ...]:
@@ -153,7 +164,7 @@ def _cells(r: FormatResult) -> tuple[str, ...]:
 
     return (
         r.format,
-        f"{r.seconds_per_step:.3f}",
+        f"{r.seconds_per_step:.3f}" + "*" * bool(r.launch_bound),
         cell(r.speedup, "{:.2f}×"),
         cell(r.compile_seconds, "{:.1f} s"),
         cell(r.peak_vram_gb, "{:.1f} GB"),
@@ -378,8 +389,13 @@ def _bench(
                 tick(f"{fmt}: {note}", before + calls - done)
                 rows.append(FormatResult(fmt, note=note))
                 continue
-            step, first, outputs[fmt], peak = measured
-            rows.append(FormatResult(fmt, step, None, max(0.0, first - step), peak))
+            rows.append(
+                FormatResult(
+                    fmt, measured.seconds, None, max(0.0, measured.first - measured.seconds), measured.peak_gb,
+                    launch_bound=measured.launch_bound,
+                )
+            )  # fmt: skip
+            outputs[fmt] = measured.out
         reference = outputs.get("bf16")
         if reference is None and outputs:
             reference = _reference(source, inputs, device, budget is None or weight_bytes("bf16") <= budget)
@@ -453,6 +469,14 @@ def _memory_limit(request: BenchRequest, device: torch.device):
         torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
+class _Measured(NamedTuple):
+    seconds: float  # median per step
+    first: float  # the first call
+    out: torch.Tensor  # the last step's output, float32 on the CPU
+    peak_gb: float | None
+    launch_bound: bool | None  # the host took LAUNCH_BOUND of the step to enqueue it (GPU only)
+
+
 def _measure(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -461,37 +485,41 @@ def _measure(
     cancel: CancelToken,
     tick: Callable[[str], None],
     fmt: str,
-) -> tuple[float, float, torch.Tensor, float | None]:
-    """``(median seconds per step, first call's seconds, output in float32, peak GB or None)``."""
+) -> _Measured:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     run = functools.partial(model, **inputs)
 
-    def call() -> tuple[float, torch.Tensor]:
+    def call() -> tuple[float, float, torch.Tensor]:
+        """``(seconds, seconds until the host had enqueued the step, output)``."""
         cancel.check()
         start = time.perf_counter()
         out = run()
+        enqueued = time.perf_counter() - start
         if cuda:
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start, out
+        return time.perf_counter() - start, enqueued, out
 
     with torch.no_grad():
-        first, _ = call()
+        first, _, _ = call()
         tick(f"{fmt}: warm-up")
         for _ in range(request.warmup - 1):
             call()
             tick(f"{fmt}: warm-up")
         if request.cuda_graphs:
             run = captured(run, device)
-        times = []
+        times, enqueued = [], []
         for step in range(request.steps):
-            seconds, out = call()
+            seconds, host, out = call()
             times.append(seconds)
+            enqueued.append(host)
             tick(f"{fmt}: step {step + 1}/{request.steps}")
+    seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
-    return statistics.median(times), first, out.float().cpu(), peak
+    bound = statistics.median(enqueued) >= LAUNCH_BOUND * seconds if cuda else None
+    return _Measured(seconds, first, out.float().cpu(), peak, bound)
 
 
 def captured(step: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:

@@ -10,7 +10,15 @@ import math
 import pytest
 import torch
 
-from engine.bench import FORMATS, BenchError, BenchRequest, run_bench
+from engine.bench import (
+    FORMATS,
+    LAUNCH_BOUND_NOTE,
+    BenchError,
+    BenchRequest,
+    BenchResult,
+    FormatResult,
+    run_bench,
+)
 from engine.cli import main
 from engine.jobs import Cancelled, CancelToken, Progress
 from engine.models.build import UnknownModelNameError, named_config
@@ -30,6 +38,7 @@ def check_rows(result, formats):
             assert (r.seconds_per_step, r.relative_error, r.speedup) == (None, None, None)
             continue
         assert r.seconds_per_step > 0 and r.compile_seconds >= 0 and r.peak_vram_gb is None
+        assert r.launch_bound is None  # a CPU step is computed as it is enqueued
         baseline = rows["bf16+compile" if r.format.endswith("+compile") else "bf16"]
         assert r.speedup == pytest.approx(baseline.seconds_per_step / r.seconds_per_step)
     if "bf16" in rows:
@@ -226,6 +235,16 @@ def test_cli_max_vram(capsys):
     assert "max VRAM must be a positive number of GB, got nan" in capsys.readouterr().err
 
 
+def test_a_launch_bound_row_is_marked():
+    rows = (FormatResult("bf16", 0.05, 1.0, 0.1, 9.0, 0.0, 1.0, launch_bound=False),
+            FormatResult("int8", 0.06, 0.83, 0.1, 5.0, 0.03, 0.999, launch_bound=True))  # fmt: skip
+    result = BenchResult("m", "GPU", {}, 512, 1, 10, 1024, 512, "rowwise", 1, 2, rows=rows)
+    table = result.table()
+    assert "\nbf16    0.050   1.00×" in table and "\nint8    0.060*  0.83×" in table
+    assert table.endswith("\n" + LAUNCH_BOUND_NOTE)
+    assert LAUNCH_BOUND_NOTE not in BenchResult(**{**result.__dict__, "rows": rows[:1]}).table()
+
+
 def test_cli_bad_input(capsys):
     assert main(["bench", "zimage-tiny", "--formats", "bf16,int2"]) == 2
     err = capsys.readouterr().err
@@ -240,7 +259,10 @@ def test_cuda_graph_replays_give_the_eager_outputs():
     eager = {r.format: r for r in run_bench(request).rows}
     graphs = run_bench(BenchRequest(**{**request.__dict__, "cuda_graphs": True}))
     assert graphs.cuda_graphs and "replayed from a CUDA graph" in graphs.table()
+    # a tiny model's kernels take less time than their launches; a replay is one launch
+    assert all(r.launch_bound for r in eager.values())
     for r in graphs.rows:
+        assert r.launch_bound is False and LAUNCH_BOUND_NOTE not in graphs.table()
         assert r.seconds_per_step > 0
         assert r.relative_error == pytest.approx(eager[r.format].relative_error, rel=1e-3, abs=1e-6)
 

@@ -32,7 +32,13 @@ from app.ui.widgets import (
     table,
 )
 from app.workers import Job
-from engine.bench import FORMATS, BenchRequest, BenchResult, run_bench
+from engine.bench import (
+    FORMATS,
+    LAUNCH_BOUND_NOTE,
+    BenchRequest,
+    BenchResult,
+    run_bench,
+)
 from engine.models.build import model_names
 
 FORMAT_HELP = {
@@ -257,7 +263,7 @@ class BenchmarkPage(Page):
         for r, row in enumerate(rows):
             for c, text in enumerate(_cells(row)):
                 item = QTableWidgetItem(text)
-                item.setToolTip(row["note"] or text)
+                item.setToolTip(row["note"] or (LAUNCH_BOUND_NOTE if row.get("launch_bound") else text))
                 self.table.setItem(r, c, item)
         fit_rows(self.table)
 
@@ -275,7 +281,7 @@ def _cells(row: dict) -> list[str]:
 
     return [
         row["format"],
-        f"{row['seconds_per_step']:.3f}",
+        f"{row['seconds_per_step']:.3f}" + "*" * bool(row.get("launch_bound")),
         number("speedup", "{:.2f}×"),
         number("compile_seconds", "{:.1f} s"),
         number("peak_vram_gb", "{:.1f} GB"),
