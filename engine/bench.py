@@ -239,6 +239,25 @@ class _Source:
         self.filler(device, keep_int8, make)(model, lambda _: True)
         return model
 
+    @functools.cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.arch.tensor_shapes(self.config)
+
+    @functools.cached_property
+    def linears(self) -> list[str]:
+        return [n for n, s in self.shapes.items() if len(s) == 2 and n.endswith(".weight")]
+
+    @functools.cached_property
+    def quantizable(self) -> frozenset[str]:
+        """The linear weights the architecture allows in 8 bits."""
+        return frozenset(n for n in self.linears if not self.arch.keeps_high_precision(n, self.shapes[n]))
+
+    def weight_bytes(self, fmt: str) -> int:
+        """The weights' size in format ``fmt``: 8-bit layers one byte per element, the rest bf16."""
+        narrow = self.int8_weights if fmt.startswith("int8") and self.int8_weights else self.quantizable
+        narrow = narrow if fmt.startswith(("int8", "fp8")) else frozenset()
+        return sum(math.prod(s) * (1 if n in narrow else DTYPE.itemsize) for n, s in self.shapes.items())
+
 
 def run_bench(
     request: BenchRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None
@@ -324,16 +343,14 @@ def _bench(
     progress: ProgressFn | None,
     cancel: CancelToken,
 ) -> BenchResult:
-    arch, shapes = source.arch, source.arch.tensor_shapes(source.config)
-    params = sum(math.prod(s) for s in shapes.values())
+    arch = source.arch
+    params = sum(math.prod(s) for s in source.shapes.values())
     if device.type == "cpu" and params > CPU_MAX_PARAMS:
         tiny = ", ".join(f"{arch.name}-{v}" for v in arch.tiny)
         raise BenchError(
             f"{source.label} has {params / 1e9:.1f}B parameters: benchmark it on a CUDA GPU; "
             f"on the CPU use a small model such as {tiny}"
         )
-    linears = [n for n, s in shapes.items() if len(s) == 2 and n.endswith(".weight")]
-    quantized = {n for n in linears if not arch.keeps_high_precision(n, shapes[n])}
     budget = _memory_budget(request, device)
     calls = request.warmup + request.steps
     report = Reporter(progress, "benchmark", len(formats) * calls)
@@ -343,11 +360,6 @@ def _bench(
         nonlocal done
         done += count
         report(done, message)
-
-    def weight_bytes(fmt: str) -> int:
-        narrow = source.int8_weights if fmt.startswith("int8") and source.int8_weights else quantized
-        narrow = narrow if fmt.startswith(("int8", "fp8")) else set()
-        return sum(math.prod(s) * (1 if n in narrow else DTYPE.itemsize) for n, s in shapes.items())
 
     def build(fmt: str) -> nn.Module:
         """The format's model; quantized layers are converted as they are loaded, so the float model
@@ -377,7 +389,7 @@ def _bench(
             cancel.check()
             before = done
             note = fp8_unsupported(device) if fmt == "fp8" else None
-            need = weight_bytes(fmt)
+            need = source.weight_bytes(fmt)
             if note is None and budget is not None and need > budget:
                 note = f"does not fit: its weights take {_size(need)} of the {_size(budget)} available"
             if note is None:
@@ -398,7 +410,7 @@ def _bench(
             outputs[fmt] = measured.out
         reference = outputs.get("bf16")
         if reference is None and outputs:
-            reference = _reference(source, inputs, device, budget is None or weight_bytes("bf16") <= budget)
+            reference = _reference(source, inputs, device, budget is None or source.weight_bytes("bf16") <= budget)
     rows = [_with_errors(r, outputs[r.format], reference) if r.format in outputs else r for r in rows]
     return BenchResult(
         model=source.label,
@@ -410,8 +422,8 @@ def _bench(
         image_tokens=(request.resolution // 16) ** 2,  # every family: 16× fewer tokens per side than pixels
         text_tokens=text_tokens,
         scheme="as in the file" if source.int8_weights else _scheme_label(request),
-        quantized_layers=len(source.int8_weights or quantized),
-        linear_layers=len(linears),
+        quantized_layers=len(source.int8_weights or source.quantizable),
+        linear_layers=len(source.linears),
         cuda_graphs=request.cuda_graphs,
         int8_backend=describe_backend(device) if any(f.startswith("int8") for f in formats) else "",
         rows=tuple(_with_speedups(rows)),
