@@ -181,6 +181,27 @@ def test_gated_configs_halve_the_tile_width_and_have_their_own_tuning_key():
     assert keys == {"8192,12288,4096", "8192,12288,4096,glu"}
 
 
+@NEEDS_INTERPRETER
+def test_the_interpreter_runs_a_gated_gemm_in_the_gated_tile(monkeypatch):
+    """Without a config, the interpreter takes the default tile made gated (half as wide), as the
+    tuner's candidates are on a GPU."""
+    launched = []
+    launch = kernels.launch_scaled_mm
+
+    def recorded(config, *args, **kwargs):
+        launched.append(config)
+        launch(config, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch_scaled_mm", recorded)
+    q, x_scale = kernels.quantize_rows(torch.randn(5, 64, dtype=torch.bfloat16))
+    first, second = (make_weight(40, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2))
+    gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1))
+    out = kernels.scaled_mm(q, x_scale, first.w_int8, first.w_scale.reshape(-1), None, torch.bfloat16, gate=gate)
+    assert launched == [kernels.gated_config(kernels.candidate_configs("sm80", 5)[0])]
+    a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale) for w in (first, second))
+    assert_swiglu_of(out, a.to(torch.bfloat16).double(), g.to(torch.bfloat16).double())
+
+
 @pytest.mark.gpu
 def test_compiled_gated_layer_matches_eager():
     first, second = (make_weight(256, 128, "rowwise", False, torch.bfloat16, "cuda") for _ in range(2))

@@ -932,7 +932,10 @@ def scaled_mm(
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16
             lora = LowRank(lora.x.float(), lora.up.float(), lora.scale)
-        config = usable(config or candidate_configs("sm80", q.shape[0])[0], q, w, out, gate)
+        if config is None:
+            config = candidate_configs("sm80", q.shape[0])[0]
+            config = gated_config(config) if gate is not None else config
+        config = usable(config, q, w, out, gate)
         launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora, gate=gate)
         return out
     if config:
