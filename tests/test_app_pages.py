@@ -18,7 +18,7 @@ from app.settings import Settings
 from app.ui.main_window import MainWindow
 from app.ui.theme import DARK, LIGHT
 from app.workers import Job
-from engine.bench import run_bench
+from engine.bench import LAUNCH_BOUND_NOTE, BenchResult, FormatResult, run_bench
 from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install, run_export
 from engine.convert import ConvertRequest, run_convert
@@ -320,6 +320,32 @@ def test_benchmark_runs_and_keeps_its_results(qtbot, window, settings):
     assert kept.run_picker.count() == 1 and kept.table.rowCount() == 2
     kept.clear_button.click()
     assert settings.benchmark_results == [] and kept.empty.isVisibleTo(kept)
+
+
+def test_saved_results_with_notes_and_launch_bound_steps(qtbot, settings):
+    """Results saved by an earlier run: a format that did not fit spans its note over the number
+    columns, a launch-bound step carries its mark and the footnote, and the table shows every row
+    (it is fitted again once the window's style sheet sets the header's height)."""
+    rows = (
+        FormatResult("bf16", note="does not fit: its weights take 18.2 GB of the 12.0 GB available"),
+        FormatResult("int8", 0.071, None, 13.4, 9.9, 0.0293, 0.99956, launch_bound=True),
+        FormatResult("int8+compile", 0.031, None, 9.3, 9.6, 0.0298, 0.99955, launch_bound=False),
+    )
+    result = BenchResult("Klein 9B", "GPU", {}, 512, 1, 10, 1024, 512, "rowwise", 112, 121, rows=rows)
+    settings.benchmark_results = [{"title": "a run", "result": result.to_dict()}]
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    window.show_page("benchmark")
+    page = window.pages["benchmark"]
+    table = page.table
+    assert table.columnSpan(0, 1) == table.columnCount() - 1 and table.columnSpan(1, 1) == 1
+    assert [table.item(r, 1).text() for r in range(3)] == [rows[0].note, "0.071*", "0.031"]
+    assert table.item(1, 1).toolTip() == LAUNCH_BOUND_NOTE
+    assert page.run_facts.text().endswith(LAUNCH_BOUND_NOTE + ".")
+    header = table.horizontalHeader().height()
+    assert table.viewport().height() >= 3 * table.rowHeight(0) and header > 0
+    assert not table.verticalScrollBar().isVisible()
 
 
 def test_benchmark_int8_options_reach_the_request(window):

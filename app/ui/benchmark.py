@@ -256,15 +256,19 @@ class BenchmarkPage(Page):
             f"{result['quantized_layers']} of {result['linear_layers']} "
             f"linear layers quantized ({result['scheme']}). {result['device']}."
             + (f" int8 GEMM: {result['int8_backend']}." if result.get("int8_backend") else "")
+            + (f"\n{LAUNCH_BOUND_NOTE}." if any(r.get("launch_bound") for r in rows) else "")
         )
         measured = [r for r in rows if r["seconds_per_step"] is not None]
         self.chart.set_bars([(r["format"], r["seconds_per_step"]) for r in measured])
+        self.table.clearSpans()
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             for c, text in enumerate(_cells(row)):
                 item = QTableWidgetItem(text)
                 item.setToolTip(row["note"] or (LAUNCH_BOUND_NOTE if row.get("launch_bound") else text))
                 self.table.setItem(r, c, item)
+            if row["seconds_per_step"] is None:  # the note spans the number columns, setting no width
+                self.table.setSpan(r, 1, 1, len(COLUMNS) - 1)
         fit_rows(self.table)
 
     def _clear(self) -> None:

@@ -35,7 +35,7 @@ from app.ui.export import ExportPage
 from app.ui.library import LibraryPage
 from app.ui.lora import LoraPage
 from app.ui.settings import SettingsPage
-from app.ui.widgets import Page, dropped_paths
+from app.ui.widgets import Page, dropped_paths, refit_tables
 from app.workers import Job
 from engine import __version__
 
@@ -163,6 +163,7 @@ class MainWindow(QMainWindow):
             self.nav.item(row).setIcon(
                 theme.icon(page.icon_name, tokens["muted"], tokens["accent"])
             )
+        refit_tables(self)
 
     def refresh_hardware(self) -> None:
         self.gpus = system.gpus()

@@ -506,12 +506,22 @@ def table(columns: list[str], name: str, stretch: int = 0) -> QTableWidget:
 
 
 def fit_rows(view: QTableWidget, least: int = 1, most: int = 12) -> None:
-    """Make ``view`` exactly as tall as its rows (at least ``least``, at most ``most`` rows)."""
+    """Make ``view`` exactly as tall as its rows (at least ``least``, at most ``most`` rows). The header's
+    height comes from the style sheet: :func:`refit_tables` fits again after the theme changes."""
+    view.setProperty("fit_rows", [least, most])
     rows = min(max(view.rowCount(), least), most)
     header = view.horizontalHeader().sizeHint().height()
     view.setFixedHeight(
         header + rows * view.verticalHeader().defaultSectionSize() + 2 * view.frameWidth()
     )
+
+
+def refit_tables(root: QWidget) -> None:
+    """:func:`fit_rows` again for every table below ``root`` that was fitted: tables filled before the
+    window's style sheet was set (saved results shown at start) were fitted to an unstyled header."""
+    for view in root.findChildren(QTableWidget):
+        if fit := view.property("fit_rows"):
+            fit_rows(view, *fit)
 
 
 def form() -> QFormLayout:
