@@ -201,6 +201,18 @@ def test_a_repeated_launch_runs_the_kernel_triton_compiled():
             assert ((first.double() - exact).abs() <= exact.abs() * (ULP[torch.bfloat16] + 2.0**-20) + 1e-6).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_two_gpus_keep_their_own_binaries():
+    """A binary is loaded into one GPU's context: alike calls on two GPUs must not share one."""
+    for index in (0, 1, 0, 1):
+        with torch.cuda.device(index):
+            x = torch.randn(40, 256, dtype=torch.bfloat16, device=f"cuda:{index}")
+            q, scale = kernels.quantize_rows(x)
+            q_ref, scale_ref = quantize_rows_torch(x)
+            assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref), index
+
+
 def test_triton_release_parses_the_versions_in_use():
     assert kernels.triton_release("3.6.0") == (3, 6)
     assert kernels.triton_release("3.4.0+git1a2b3c") == (3, 4)

@@ -75,8 +75,10 @@ def launch(kernel: triton.JITFunction, grid: tuple[int, ...], *args, **named) ->
     Triton's own launch binds and specializes each argument again at every call: 30–46 µs of host
     time per GEMM launch on an H200 machine, against 11–17 µs for the compiled kernel's launcher, and
     a per-layer cost that left small images host-bound (PERFORMANCE.md). A first call, and every call
-    in the interpreter, goes through Triton."""
-    key = (kernel, *map(_arg_key, args), *named.items())
+    in the interpreter, goes through Triton. The current GPU is part of the key: a compiled kernel is
+    loaded into one GPU's context."""
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None  # binaries load per GPU
+    key = (kernel, device, *map(_arg_key, args), *named.items())
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **named)
