@@ -279,19 +279,42 @@ def gated(resolution: str = "1024²") -> str:
     return "\n".join(lines)
 
 
-def host_overhead(profile: bool = False) -> str:
-    """Host time per call on a tiny problem (the GPU waits on the host): launch and dispatch costs.
+HOST_CONFIGS = {
+    "pointer loads": kernels.TileConfig(128, 128, 128, 4, 3),
+    "host TMA descriptors": kernels.TileConfig(128, 128, 128, 4, 3, tma=True),
+    "host TMA, persistent": kernels.TileConfig(128, 128, 128, 4, 3, tma=True, persistent=True),
+    "warp-specialized (kernel descriptors)": kernels.TileConfig(
+        128, 128, 128, 4, 3, tma=True, persistent=True, warp_specialize=True
+    ),
+}
+"""One config of each launch kind: each kind passes the kernel different arguments (pointers, host
+descriptors, a scratch allocator), at a different host cost."""
+
+
+def host_overhead(profile: bool = False, rounds: int = 5) -> str:
+    """Host time per call on a tiny problem (the GPU waits on the host): launch and dispatch costs,
+    the least of ``rounds`` rounds that each time every call in turn (a machine's host speed drifts).
     ``profile``: also the top functions of ``int8_linear`` by own time (cProfile)."""
     p = Problem(16, 1024, 1024)
     rank = 32
     lora = LoraFactors(torch.randn(rank, p.k, device="cuda", dtype=torch.bfloat16),
                        torch.randn(p.n, rank, device="cuda", dtype=torch.bfloat16), torch.rand(rank, device="cuda"))
-    calls = {"F.linear": p.bf16, "int8_linear": p.ours, "quantize_rows": p.quant, "kernels.scaled_mm": p.gemm,
+    gate = kernels.Gate(p.w_int8, p.w_scale_flat)
+    calls = {"F.linear": p.bf16, "int8_linear": p.ours, "quantize_rows": p.quant, "kernels.scaled_mm (tuned)": p.gemm,
              "torch.ops.int8_studio.scaled_mm": lambda: torch.ops.int8_studio.scaled_mm(
                  p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16, None, None, None),
              "int8_linear + LoRA r32": lambda: int8_linear(p.x, p.w_int8, p.w_scale, lora=lora)}
-    lines = []
-    for name, fn in calls.items():
+    sm90 = kernels.arch_of(torch.device("cuda")) == "sm90"
+    for kind, config in HOST_CONFIGS.items() if sm90 else list(HOST_CONFIGS.items())[:1]:
+        calls[f"kernels.scaled_mm, {kind}"] = functools.partial(
+            kernels.scaled_mm, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16, config
+        )
+        calls[f"kernels.scaled_mm, {kind}, gated"] = functools.partial(
+            kernels.scaled_mm, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16,
+            kernels.gated_config(config), gate=gate,
+        )  # fmt: skip
+
+    def per_call(fn) -> float:
         for _ in range(50):
             fn()
         torch.cuda.synchronize()
@@ -299,8 +322,14 @@ def host_overhead(profile: bool = False) -> str:
         for _ in range(500):
             fn()
         torch.cuda.synchronize()
-        lines.append(f"host per call, {name}: {(time.perf_counter() - start) / 500 * 1e6:.1f} µs")
-        print(lines[-1], flush=True)
+        return (time.perf_counter() - start) / 500 * 1e6
+
+    timings: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            timings[name].append(per_call(fn))
+    lines = [f"host per call, {name}: {min(us):.1f} µs" for name, us in timings.items()]
+    print("\n".join(lines), flush=True)
     if profile:
         import cProfile
         import io
