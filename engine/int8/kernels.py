@@ -645,10 +645,11 @@ def m_bucket(m: int) -> int:
     return max(16, _next_power_of_2(m))
 
 
-def candidate_configs(arch: str, m: int) -> list[TileConfig]:
-    table = ARCH_CONFIGS[arch]
+def candidate_configs(arch: str, m: int, gated: bool = False) -> list[TileConfig]:
+    """The architecture's configs for M rows, made gated (:func:`gated_config`) for a gated GEMM."""
     size = "small" if m <= 16 else "medium" if m <= 256 else "large"
-    return table[size]
+    configs = ARCH_CONFIGS[arch][size]
+    return [gated_config(c) for c in configs] if gated else configs
 
 
 class LowRank(NamedTuple):
@@ -872,9 +873,7 @@ class GemmTuner:
         found = self.cached(q.device, M, N, K, *sizes)
         if found:
             return usable(found, q, w, out, gate)
-        configs = candidate_configs(arch_of(q.device), M)
-        if gate is not None:
-            configs = [gated_config(c) for c in configs]
+        configs = candidate_configs(arch_of(q.device), M, gated=gate is not None)
         candidates = [usable(c, q, w, out, gate) for c in configs if lora is None or not c.warp_specialize]
         candidates = list(dict.fromkeys(candidates))
         if torch.cuda.is_current_stream_capturing():
@@ -934,10 +933,7 @@ def scaled_mm(
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16
             lora = LowRank(lora.x.float(), lora.up.float(), lora.scale)
-        if config is None:
-            config = candidate_configs("sm80", q.shape[0])[0]
-            config = gated_config(config) if gate is not None else config
-        config = usable(config, q, w, out, gate)
+        config = usable(config or candidate_configs("sm80", q.shape[0], gated=gate is not None)[0], q, w, out, gate)
         launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora, gate=gate)
         return out
     if config:

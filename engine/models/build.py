@@ -277,12 +277,16 @@ def replace_linears(model: nn.Module, arch: Architecture, make: Make) -> int:
     """Replace each ``nn.Linear`` whose weight the architecture allows to quantize by
     ``make(weight name, linear)``, one at a time (the float weight is freed as its replacement is
     made). Returns how many."""
-    count = 0
-    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        if not arch.keeps_high_precision(f"{name}.weight", tuple(linear.weight.shape)):
-            _set_module(model, name, make(f"{name}.weight", linear))
-            count += 1
-    return count
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return sum(_replace_if_eligible(model, arch, name, linear, make) for name, linear in linears)
+
+
+def _replace_if_eligible(model: nn.Module, arch: Architecture, name: str, linear: nn.Linear, make: Make) -> bool:
+    """Replace layer ``name`` by ``make``'s module if the architecture allows its weight in 8 bits."""
+    if arch.keeps_high_precision(f"{name}.weight", tuple(linear.weight.shape)):
+        return False
+    _set_module(model, name, make(f"{name}.weight", linear))
+    return True
 
 
 def quantizer(arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none") -> Make:
@@ -308,10 +312,8 @@ def _replace_when_complete(model: nn.Module, arch: Architecture, name: str, make
     float linear the architecture allows to quantize and none of its tensors is still missing."""
     layer_name = name.rpartition(".")[0]
     layer = model.get_submodule(layer_name)
-    if make is None or not isinstance(layer, nn.Linear) or any(p.is_meta for p in layer.parameters()):
-        return
-    if not arch.keeps_high_precision(f"{layer_name}.weight", tuple(layer.weight.shape)):
-        _set_module(model, layer_name, make(f"{layer_name}.weight", layer))
+    if make is not None and isinstance(layer, nn.Linear) and not any(p.is_meta for p in layer.parameters()):
+        _replace_if_eligible(model, arch, layer_name, layer, make)
 
 
 @contextlib.contextmanager
