@@ -43,9 +43,12 @@ def assert_swiglu_of(out, a, g, config=None) -> None:
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("n, k", [(70, 256), (40, 272)])
 @pytest.mark.parametrize("scheme, with_bias", [("tensorwise", True), ("rowwise", False)])
-def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias):
+@pytest.mark.parametrize("one_tensor", [False, True])  # True: TMA configs load both halves as one tile
+def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias, one_tensor):
     x = torch.randn(m, k, dtype=dtype, device=device)
     first, second = (make_weight(n, k, scheme, with_bias, dtype, device) for _ in range(2))
+    if one_tensor:
+        first, second = stacked(first, second)
     q, x_scale = kernels.quantize_rows(x)
     a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale, w.bias) for w in (first, second))
     gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1), second.bias)
@@ -58,10 +61,32 @@ def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bi
         assert_swiglu_of(out, a.to(dtype).double(), g.to(dtype).double(), config)
 
 
+@NEEDS_INTERPRETER
+def test_only_tma_loads_of_halves_in_one_tensor_are_stacked(monkeypatch):
+    q, x_scale = kernels.quantize_rows(torch.randn(5, 64, dtype=torch.bfloat16))
+    apart = [make_weight(40, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2)]
+    seen = []
+    launch = kernels.launch
+
+    def recorded(kernel, grid, *args, **named):
+        seen.append(named["STACKED"])
+        launch(kernel, grid, *args, **named)
+
+    monkeypatch.setattr(kernels, "launch", recorded)
+    for first, second in (apart, stacked(*apart)):
+        for config in (kernels.TileConfig(16, 16, 64, 4, 2, tma=True), kernels.TileConfig(16, 16, 64, 4, 2)):
+            gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1))
+            kernels.scaled_mm(q, x_scale, first.w_int8, first.w_scale.reshape(-1), None, torch.bfloat16, config, gate=gate)
+    assert seen == [False, False, True, False]
+
+
 @pytest.mark.gpu
-def test_gated_scaled_mm_with_several_tiles_per_program():
+@pytest.mark.parametrize("one_tensor", [False, True])
+def test_gated_scaled_mm_with_several_tiles_per_program(one_tensor):
     x = torch.randn(2000, 512, dtype=torch.bfloat16, device="cuda")
     first, second = (make_weight(1100, 512, "rowwise", False, torch.bfloat16, "cuda") for _ in range(2))
+    if one_tensor:
+        first, second = stacked(first, second)
     q, x_scale = kernels.quantize_rows(x)
     a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale).to(torch.bfloat16).double() for w in (first, second))
     gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1))
@@ -177,8 +202,28 @@ def test_gated_configs_halve_the_tile_width_and_have_their_own_tuning_key():
     assert kernels.gated_config(kernels.TileConfig(16, 16, 64, 4, 2)).block_n == 16
     specialized = kernels.TileConfig(128, 128, 128, 4, 4, tma=True, persistent=True, warp_specialize=True)
     assert not kernels.gated_config(specialized).warp_specialize  # computed wrong values (gated_config)
-    keys = {kernels.GemmTuner._key(4608, 12288, 4096, 2, 0, gated) for gated in (False, True)}
-    assert keys == {"8192,12288,4096", "8192,12288,4096,glu"}
+    keys = {kernels.GemmTuner._key(4608, 12288, 4096, 2, 0, gated) for gated in ("", "glu", "glu-stacked")}
+    assert keys == {"8192,12288,4096", "8192,12288,4096,glu", "8192,12288,4096,glu-stacked"}
+
+
+def test_halves_are_stacked_only_when_the_gate_rows_follow_in_one_tensor():
+    w = torch.zeros(2 * 24 + 1, 32, dtype=torch.int8)
+    one, other = w[:24], w[24:48]
+    assert kernels.stacked_halves(one, other) and kernels.gate_kind(one, kernels.Gate(other, torch.ones(1))) == "glu-stacked"
+    assert not kernels.stacked_halves(other, one)  # the gate's rows before the weight's
+    assert not kernels.stacked_halves(one, w[25:49])  # a row apart
+    assert kernels.stacked_halves(w[:24, :16], w[24:48, :16])  # column slices: rows keep their stride
+    assert not kernels.stacked_halves(one, w[24:47])  # another shape
+    assert not kernels.stacked_halves(one, torch.zeros(24, 32, dtype=torch.int8))  # two tensors
+    assert kernels.gate_kind(one, kernels.Gate(torch.zeros(24, 32, dtype=torch.int8), torch.ones(1))) == "glu"
+    assert kernels.gate_kind(one, None) == ""
+
+
+def stacked(first: ops.Int8Weight, second: ops.Int8Weight) -> tuple[ops.Int8Weight, ops.Int8Weight]:
+    """The two weights as the halves of one fused in-projection's weight (rows of one tensor)."""
+    n = first.w_int8.shape[0]
+    w = torch.cat([first.w_int8, second.w_int8])
+    return first._replace(w_int8=w[:n]), second._replace(w_int8=w[n:])
 
 
 @NEEDS_INTERPRETER

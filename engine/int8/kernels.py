@@ -439,18 +439,29 @@ def _add_low_rank(out, lx, lu, ls, offs_m, offs_n, m_ok, n_ok, R, stride_lx, str
 
 @triton.jit
 def _tma_mainloop(
-    a, b, b2, pid_m, pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr
+    a, b, b2, pid_m, pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GLU: tl.constexpr, STACKED: tl.constexpr,
 ):
     """One tile's int32 ``A @ Bᵀ`` (and ``A @ B2ᵀ`` with ``GLU``, else a placeholder) through tensor
-    descriptors (out-of-range reads come back as zeros)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N) if GLU else (1, 1), dtype=tl.int32)
-    for kt in range(tl.cdiv(K, BLOCK_K)):
-        a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
-        b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
-        acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
-        if GLU:
-            acc2 = tl.dot(a_tile, tl.trans(b2.load([pid_n * BLOCK_N, kt * BLOCK_K])), acc2, out_dtype=tl.int32)
+    descriptors (out-of-range reads come back as zeros). ``STACKED``: ``b`` is one descriptor over
+    [2, N, K], B2's rows right after B's, so one load and one MMA twice as wide compute both products,
+    which are split apart after the loop (an MMA of width 64 re-reads A's tile for half the work)."""
+    if STACKED:
+        both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.int32)
+        for kt in range(tl.cdiv(K, BLOCK_K)):
+            a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
+            b_tile = tl.reshape(b.load([0, pid_n * BLOCK_N, kt * BLOCK_K]), (2 * BLOCK_N, BLOCK_K))
+            both = tl.dot(a_tile, tl.trans(b_tile), both, out_dtype=tl.int32)
+        acc, acc2 = tl.split(tl.permute(tl.reshape(both, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N) if GLU else (1, 1), dtype=tl.int32)
+        for kt in range(tl.cdiv(K, BLOCK_K)):
+            a_tile = a.load([pid_m * BLOCK_M, kt * BLOCK_K])
+            b_tile = b.load([pid_n * BLOCK_N, kt * BLOCK_K])
+            acc = tl.dot(a_tile, tl.trans(b_tile), acc, out_dtype=tl.int32)
+            if GLU:
+                acc2 = tl.dot(a_tile, tl.trans(b2.load([pid_n * BLOCK_N, kt * BLOCK_K])), acc2, out_dtype=tl.int32)
     return acc, acc2
 
 
@@ -507,7 +518,7 @@ def _scaled_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    STACKED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
@@ -515,7 +526,8 @@ def _scaled_mm_kernel(
     term) C is ``silu(that) · ((A @ B2ᵀ) · a_scale[:, None] · b2_scale (+ bias2))``, both products rounded
     to C's dtype first, as a SwiGLU after two separate layers rounds them: each tile multiplies its A
     block with the same rows of B and B2, so the two halves of a gated MLP's in-projection never reach
-    memory (B2 and B have one shape, and the same kind of scale).
+    memory (B2 and B have one shape, and the same kind of scale). ``STACKED`` (TMA only): ``b`` describes
+    [2, N, K], B then B2 (see :func:`_tma_mainloop`).
 
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
@@ -542,7 +554,7 @@ def _scaled_mm_kernel(
     ):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         if USE_TMA:
-            acc, acc2 = _tma_mainloop(a, b, b2, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GLU)
+            acc, acc2 = _tma_mainloop(a, b, b2, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GLU, STACKED)
         else:
             acc, acc2 = _pointer_mainloop(a, b, b2, pid_m, pid_n, M, N, K, stride_am, stride_bn, stride_b2n,
                                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, MASK_M, GLU)
@@ -674,6 +686,24 @@ class Gate(NamedTuple):
     bias: torch.Tensor | None = None
 
 
+def stacked_halves(w: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether ``w2``'s rows follow ``w``'s in one tensor, as the two halves of a fused SwiGLU
+    in-projection's weight do: a gated GEMM then loads both as one tile (``STACKED``)."""
+    return (
+        w2.shape == w.shape and w2.stride() == w.stride() and w.stride(1) == 1
+        and w2.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        and w2.data_ptr() == w.data_ptr() + w.shape[0] * w.stride(0) * w.element_size()
+    )
+
+
+def gate_kind(w: torch.Tensor, gate: Gate | None) -> str:
+    """``""`` for a plain GEMM, ``"glu"`` for a gated one, ``"glu-stacked"`` where the gate's weight
+    follows ``w`` in memory (:func:`stacked_halves`)."""
+    if gate is None:
+        return ""
+    return "glu-stacked" if stacked_halves(w, gate.w) else "glu"
+
+
 def gated_config(config: TileConfig) -> TileConfig:
     """``config`` for a gated GEMM: half as many columns per tile, so that the two products' tiles take
     the registers and shared memory one tile of ``config`` takes; never warp-specialized (on an H200
@@ -708,9 +738,14 @@ def launch_scaled_mm(
     tiles = _cdiv(M, config.block_m) * _cdiv(N, config.block_n)
     programs = min(tiles, num_sms) if config.persistent else tiles
     w2, w2_scale, bias2 = gate if gate is not None else (w, w_scale, bias)
+    stacked = config.tma and gate is not None and stacked_halves(w, gate.w)
     if config.tma and not config.warp_specialize:
         a = TensorDescriptor.from_tensor(q, [config.block_m, config.block_k])
-        b, b2 = (TensorDescriptor.from_tensor(t, [config.block_n, config.block_k]) for t in (w, w2))
+        if stacked:
+            both = w.as_strided((2, N, K), (N * w.stride(0), w.stride(0), 1))
+            b = b2 = TensorDescriptor.from_tensor(both, [2, config.block_n, config.block_k])
+        else:
+            b, b2 = (TensorDescriptor.from_tensor(t, [config.block_n, config.block_k]) for t in (w, w2))
     else:
         a, b, b2 = q, w, w2
     if config.warp_specialize:  # per launch: Triton keeps the allocator per thread (a ContextVar)
@@ -725,7 +760,7 @@ def launch_scaled_mm(
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
         WARP_SPECIALIZE=config.warp_specialize, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
-        GLU=gate is not None, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
+        GLU=gate is not None, STACKED=stacked, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -843,16 +878,16 @@ class GemmTuner:
             pass  # a read-only cache only costs tuning time next run
 
     @staticmethod
-    def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int, gated: bool) -> str:
+    def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int, gated: str) -> str:
         """``"M bucket,N,K"``, plus the output's element size unless 2 and the low-rank factors' if any:
         both change how much shared memory a config needs (a staged fp32 tile, the factors' tiles);
-        ``",glu"`` for a gated GEMM."""
+        then ``gated``'s kind (:func:`gate_kind`), whose kernels differ."""
         out = f",out{out_bytes}" if out_bytes != 2 else ""
-        return f"{m_bucket(m)},{n},{k}{out}" + (f",lora{lora_bytes}" if lora_bytes else "") + (",glu" if gated else "")
+        return f"{m_bucket(m)},{n},{k}{out}" + (f",lora{lora_bytes}" if lora_bytes else "") + (f",{gated}" if gated else "")
 
     def cached(
         self, device: torch.device, m: int, n: int, k: int, out_bytes: int = 2, lora_bytes: int = 0,
-        gated: bool = False,
+        gated: str = "",
     ) -> TileConfig | None:
         """The remembered config for this shape's bucket, output size, low-rank term and gating, if any."""
         key = (device.index or 0, m_bucket(m), n, k, out_bytes, lora_bytes, gated)
@@ -869,7 +904,7 @@ class GemmTuner:
     ) -> TileConfig:
         M, K = q.shape
         N = w.shape[0]
-        sizes = (out.element_size(), lora.up.element_size() if lora is not None else 0, gate is not None)
+        sizes = (out.element_size(), lora.up.element_size() if lora is not None else 0, gate_kind(w, gate))
         found = self.cached(q.device, M, N, K, *sizes)
         if found:
             return usable(found, q, w, out, gate)
