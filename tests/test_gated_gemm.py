@@ -209,14 +209,14 @@ def test_gated_configs_halve_the_tile_width_and_have_their_own_tuning_key():
 def test_halves_are_stacked_only_when_the_gate_rows_follow_in_one_tensor():
     w = torch.zeros(2 * 24 + 1, 32, dtype=torch.int8)
     one, other = w[:24], w[24:48]
-    assert kernels.stacked_halves(one, other) and kernels.gate_kind(one, kernels.Gate(other, torch.ones(1))) == "glu-stacked"
+    assert kernels.stacked_halves(one, other) and kernels.epilogue_kind(one, kernels.Gate(other, torch.ones(1))) == "glu-stacked"
     assert not kernels.stacked_halves(other, one)  # the gate's rows before the weight's
     assert not kernels.stacked_halves(one, w[25:49])  # a row apart
     assert kernels.stacked_halves(w[:24, :16], w[24:48, :16])  # column slices: rows keep their stride
     assert not kernels.stacked_halves(one, w[24:47])  # another shape
     assert not kernels.stacked_halves(one, torch.zeros(24, 32, dtype=torch.int8))  # two tensors
-    assert kernels.gate_kind(one, kernels.Gate(torch.zeros(24, 32, dtype=torch.int8), torch.ones(1))) == "glu"
-    assert kernels.gate_kind(one, None) == ""
+    assert kernels.epilogue_kind(one, kernels.Gate(torch.zeros(24, 32, dtype=torch.int8), torch.ones(1))) == "glu"
+    assert kernels.epilogue_kind(one, None) == ""
 
 
 def stacked(first: ops.Int8Weight, second: ops.Int8Weight) -> tuple[ops.Int8Weight, ops.Int8Weight]:

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.int8.heads import QKNormRope, attention_inputs
 from engine.int8.quantize import MIN_ABSMAX
 from engine.paths import cache_dir
 
@@ -511,14 +512,41 @@ def _dequantize(acc, row_scale, col_scale, bias, offs_n, n_ok, PER_CHANNEL: tl.c
     return out
 
 
+@triton.jit
+def _store_heads(
+    x, c, pid_n, offs_m, m_ok, M, N, norm_w, rope, tokens, eps, BLOCK_M: tl.constexpr, HEAD: tl.constexpr
+):
+    """Store one head's tile x (float32 [BLOCK_M, HEAD], rows = tokens) of a fused q|k|v projection into
+    c [3, batch, heads, tokens, HEAD]. Query and key heads are first RMS-normalized over the head, times
+    their weight (``norm_w`` float32 [2, HEAD]: queries', keys'), rounded to c's dtype, then their channel
+    pairs (2i, 2i+1) rotated in float32 by the token's matrices (``rope``: float32 [tokens, HEAD / 2, 2, 2],
+    contiguous): :func:`engine.int8.heads.attention_inputs`, unfused."""
+    hidden = N // 3
+    part = (pid_n * HEAD) // hidden  # 0 queries, 1 keys, 2 values
+    head = (pid_n * HEAD - part * hidden) // HEAD
+    token = offs_m % tokens
+    if part < 2:
+        weight = tl.load(norm_w + part * HEAD + tl.arange(0, HEAD))
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD + eps)
+        x = (x * rstd[:, None] * weight[None, :]).to(c.dtype.element_ty).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (BLOCK_M, HEAD // 2, 2)))
+        pairs = (token.to(tl.int64)[:, None] * (HEAD // 2) + tl.arange(0, HEAD // 2)[None, :]) * 4
+        cos = tl.load(rope + pairs, mask=m_ok[:, None], other=0.0)  # [[cos, -sin], [sin, cos]]
+        sin = tl.load(rope + pairs + 2, mask=m_ok[:, None], other=0.0)
+        x = tl.reshape(tl.join(cos * even - sin * odd, sin * even + cos * odd), (BLOCK_M, HEAD))
+    row = ((part * (M // tokens) + offs_m // tokens) * (hidden // HEAD) + head) * tokens + token
+    c_ptrs = c + row.to(tl.int64)[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
+    tl.store(c_ptrs, x.to(c.dtype.element_ty), mask=m_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["M"])
 def _scaled_mm_kernel(
     a, b, c, a_scale, b_scale, bias, b2, b2_scale, bias2, M, N, K, stride_am, stride_bn, stride_b2n, stride_cm,
-    num_programs, lora_x, lora_up, lora_scale, R, stride_lx, stride_lu,
+    num_programs, lora_x, lora_up, lora_scale, R, stride_lx, stride_lu, norm_w, rope, tokens, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
-    STACKED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    STACKED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, HEADS: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
@@ -527,7 +555,9 @@ def _scaled_mm_kernel(
     to C's dtype first, as a SwiGLU after two separate layers rounds them: each tile multiplies its A
     block with the same rows of B and B2, so the two halves of a gated MLP's in-projection never reach
     memory (B2 and B have one shape, and the same kind of scale). ``STACKED`` (TMA only): ``b`` describes
-    [2, N, K], B then B2 (see :func:`_tma_mainloop`).
+    [2, N, K], B then B2 (see :func:`_tma_mainloop`). ``HEADS`` (BLOCK_N = the head size, no gate, no
+    low-rank term): the GEMM is a fused q|k|v projection and its tiles go to ``c`` [3, batch, heads,
+    tokens, BLOCK_N] as attention's inputs, queries and keys normalized and rotated (:func:`_store_heads`).
 
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
@@ -574,7 +604,10 @@ def _scaled_mm_kernel(
             out = _add_low_rank(
                 out, lora_x, lora_up, lora_scale, offs_m, offs_n, m_ok, n_ok, R, stride_lx, stride_lu, BLOCK_R
             )
-        if TMA_STORE:
+        if HEADS:
+            out = out.to(c.dtype.element_ty).to(tl.float32)  # the projection's output, as a layer rounds it
+            _store_heads(out, c, pid_n, offs_m, m_ok, M, N, norm_w, rope, tokens, eps, BLOCK_M, BLOCK_N)
+        elif TMA_STORE:
             c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c.dtype))
         else:
             c_ptrs = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -657,10 +690,13 @@ def m_bucket(m: int) -> int:
     return max(16, _next_power_of_2(m))
 
 
-def candidate_configs(arch: str, m: int, gated: bool = False) -> list[TileConfig]:
-    """The architecture's configs for M rows, made gated (:func:`gated_config`) for a gated GEMM."""
+def candidate_configs(arch: str, m: int, gated: bool = False, head: int = 0) -> list[TileConfig]:
+    """The architecture's configs for M rows, made gated (:func:`gated_config`) for a gated GEMM, or
+    one head wide (:func:`heads_config`) for attention's inputs."""
     size = "small" if m <= 16 else "medium" if m <= 256 else "large"
     configs = ARCH_CONFIGS[arch][size]
+    if head:
+        return list(dict.fromkeys(heads_config(c, head) for c in configs))
     return [gated_config(c) for c in configs] if gated else configs
 
 
@@ -686,6 +722,21 @@ class Gate(NamedTuple):
     bias: torch.Tensor | None = None
 
 
+class Heads(NamedTuple):
+    """A fused q|k|v projection's epilogue (``HEADS``): the result becomes attention's inputs [3, batch,
+    heads, tokens, head], queries and keys RMS-normalized per head (``norm``: float32 [2, head], the
+    queries' weight then the keys') and rotated (``rope``: float32 [tokens, head / 2, 2, 2], contiguous)."""
+
+    norm: torch.Tensor
+    eps: float
+    rope: torch.Tensor
+
+
+def heads_config(config: TileConfig, head: int) -> TileConfig:
+    """``config`` with one head per tile (``HEADS`` normalizes a head within its tile), stored with pointers."""
+    return replace(config, block_n=head, tma_store=False)
+
+
 def stacked_halves(w: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether ``w2``'s rows follow ``w``'s in one tensor, as the two halves of a fused SwiGLU
     in-projection's weight do: a gated GEMM then loads both as one tile (``STACKED``)."""
@@ -696,9 +747,12 @@ def stacked_halves(w: torch.Tensor, w2: torch.Tensor) -> bool:
     )
 
 
-def gate_kind(w: torch.Tensor, gate: Gate | None) -> str:
-    """``""`` for a plain GEMM, ``"glu"`` for a gated one, ``"glu-stacked"`` where the gate's weight
-    follows ``w`` in memory (:func:`stacked_halves`)."""
+def epilogue_kind(w: torch.Tensor, gate: Gate | None, heads: Heads | None = None) -> str:
+    """What the GEMM computes beyond the plain product, as its tuning key says it: ``""``, ``"glu"`` for
+    a gated GEMM, ``"glu-stacked"`` where the gate's weight follows ``w`` in memory
+    (:func:`stacked_halves`), ``"heads<size>"`` for attention's inputs."""
+    if heads is not None:
+        return f"heads{heads.norm.shape[1]}"
     if gate is None:
         return ""
     return "glu-stacked" if stacked_halves(w, gate.w) else "glu"
@@ -723,10 +777,13 @@ def launch_scaled_mm(
     num_sms: int = 1,
     lora: LowRank | None = None,
     gate: Gate | None = None,
+    heads: Heads | None = None,
 ) -> None:
     """Run the GEMM with one config. ``w_scale`` is float32 with 1 or N elements, contiguous."""
     M, K = q.shape
     N = w.shape[0]
+    if heads is not None and (gate is not None or lora is not None or config.block_n != heads.norm.shape[1] or config.tma_store):
+        raise ValueError("attention's inputs take no gate nor low-rank term, and a heads_config")
     if gate is not None and (lora is not None or gate.scale.numel() != w_scale.numel() or (gate.bias is None) != (bias is None)):
         raise ValueError("a gated GEMM takes no low-rank term, and its two weights the same kinds of scale and bias")
     if gate is not None and config.warp_specialize:
@@ -751,16 +808,17 @@ def launch_scaled_mm(
     if config.warp_specialize:  # per launch: Triton keeps the allocator per thread (a ContextVar)
         triton.set_allocator(_descriptor_scratch)
     c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
+    norm, eps, rope = heads if heads is not None else (x_scale, 0.0, x_scale)
     launch(
         _scaled_mm_kernel, (programs,),
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale, b2, w2_scale,
         bias2 if bias2 is not None else x_scale, M, N, K, q.stride(0), w.stride(0), w2.stride(0), out.stride(0),
-        programs, *lora_args,
+        programs, *lora_args, norm, rope, rope.shape[0] if heads is not None else 1, eps,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
         WARP_SPECIALIZE=config.warp_specialize, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
-        GLU=gate is not None, STACKED=stacked, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, num_warps=config.num_warps, num_stages=config.num_stages,
+        GLU=gate is not None, STACKED=stacked, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, HEADS=heads is not None, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -791,11 +849,16 @@ CHECK_ROWS = 32
 
 def reference_rows(
     rows: torch.Tensor, q, x_scale, w, w_scale, bias=None, lora: LowRank | None = None,
-    gate: Gate | None = None, dtype: torch.dtype = torch.float32,
+    gate: Gate | None = None, dtype: torch.dtype = torch.float32, heads: Heads | None = None,
 ) -> torch.Tensor:
     """Rows ``rows`` of ``scaled_mm``'s result in float32 PyTorch, for an output in ``dtype`` (a gated
-    GEMM rounds both products to it). The weight is widened a block of rows at a time (at most 2²⁴
-    values, 64 MB), never as a whole."""
+    GEMM rounds both products to it; attention's inputs in the projection's layout, :func:`head_rows`).
+    The weight is widened a block of rows at a time (at most 2²⁴ values, 64 MB), never as a whole."""
+    if heads is not None:
+        size = heads.norm.shape[1]
+        norm = QKNormRope(*heads.norm, heads.eps, heads.rope[rows % heads.rope.shape[0]][:, None, None])
+        projected = reference_rows(rows, q, x_scale, w, w_scale, bias).to(dtype)
+        return torch.stack(attention_inputs(projected[:, None], norm), dim=1).flatten(1).float()
     if gate is not None:
         a = reference_rows(rows, q, x_scale, w, w_scale, bias).to(dtype).float()
         b = reference_rows(rows, q, x_scale, gate.w, gate.scale, gate.bias).to(dtype).float()
@@ -809,6 +872,12 @@ def reference_rows(
     if lora is not None:
         out += (lora.x[rows].float() * lora.scale.float()) @ lora.up.float().t()
     return out
+
+
+def head_rows(out: torch.Tensor) -> torch.Tensor:
+    """Attention's inputs [3, batch, heads, tokens, head] (``Heads``) as the projection's rows [M, N] (a copy)."""
+    three, batch, heads, tokens, head = out.shape
+    return out.permute(1, 3, 0, 2, 4).reshape(batch * tokens, three * heads * head)
 
 
 def agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -878,19 +947,20 @@ class GemmTuner:
             pass  # a read-only cache only costs tuning time next run
 
     @staticmethod
-    def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int, gated: str) -> str:
+    def _key(m: int, n: int, k: int, out_bytes: int, lora_bytes: int, epilogue: str) -> str:
         """``"M bucket,N,K"``, plus the output's element size unless 2 and the low-rank factors' if any:
         both change how much shared memory a config needs (a staged fp32 tile, the factors' tiles);
-        then ``gated``'s kind (:func:`gate_kind`), whose kernels differ."""
+        then the epilogue's kind (:func:`epilogue_kind`), whose kernels differ."""
         out = f",out{out_bytes}" if out_bytes != 2 else ""
-        return f"{m_bucket(m)},{n},{k}{out}" + (f",lora{lora_bytes}" if lora_bytes else "") + (f",{gated}" if gated else "")
+        lora = f",lora{lora_bytes}" if lora_bytes else ""
+        return f"{m_bucket(m)},{n},{k}{out}{lora}" + (f",{epilogue}" if epilogue else "")
 
     def cached(
         self, device: torch.device, m: int, n: int, k: int, out_bytes: int = 2, lora_bytes: int = 0,
-        gated: str = "",
+        epilogue: str = "",
     ) -> TileConfig | None:
-        """The remembered config for this shape's bucket, output size, low-rank term and gating, if any."""
-        key = (device.index or 0, m_bucket(m), n, k, out_bytes, lora_bytes, gated)
+        """The remembered config for this shape's bucket, output size, low-rank term and epilogue, if any."""
+        key = (device.index or 0, m_bucket(m), n, k, out_bytes, lora_bytes, epilogue)
         if key not in self._chosen:
             with self._lock:
                 found = self._load().get(self._device(device)[0], {}).get(self._key(*key[1:]))
@@ -900,42 +970,44 @@ class GemmTuner:
         return self._chosen[key]
 
     def config_for(
-        self, q, x_scale, w, w_scale, bias, out, lora: LowRank | None = None, gate: Gate | None = None
+        self, q, x_scale, w, w_scale, bias, out, lora: LowRank | None = None, gate: Gate | None = None,
+        heads: Heads | None = None,
     ) -> TileConfig:
         M, K = q.shape
         N = w.shape[0]
-        sizes = (out.element_size(), lora.up.element_size() if lora is not None else 0, gate_kind(w, gate))
+        sizes = (out.element_size(), lora.up.element_size() if lora is not None else 0, epilogue_kind(w, gate, heads))
         found = self.cached(q.device, M, N, K, *sizes)
         if found:
             return usable(found, q, w, out, gate)
-        configs = candidate_configs(arch_of(q.device), M, gated=gate is not None)
+        head = heads.norm.shape[1] if heads is not None else 0
+        configs = candidate_configs(arch_of(q.device), M, gated=gate is not None, head=head)
         candidates = [usable(c, q, w, out, gate) for c in configs if lora is None or not c.warp_specialize]
         candidates = list(dict.fromkeys(candidates))
         if torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out, lora, gate)
+        best = self._benchmark(candidates, q, x_scale, w, w_scale, bias, out, lora, gate, heads)
         with self._lock:
             self._load().setdefault(self._device(q.device)[0], {})[self._key(M, N, K, *sizes)] = asdict(best)
             self._save()
         return best
 
-    def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out, lora, gate) -> TileConfig:
+    def _benchmark(self, candidates, q, x_scale, w, w_scale, bias, out, lora, gate, heads) -> TileConfig:
         """The fastest candidate among those that compile and reproduce a PyTorch reference on a few rows:
         a config that a compiler bug makes compute wrong values is dropped with a warning, not chosen."""
         (M, K), N = q.shape, w.shape[0]
         num_sms = self.num_sms(q.device)
         rows = torch.linspace(0, M - 1, min(CHECK_ROWS, M), device=q.device).round().long().unique()
-        expected = reference_rows(rows, q, x_scale, w, w_scale, bias, lora, gate, out.dtype)
+        expected = reference_rows(rows, q, x_scale, w, w_scale, bias, lora, gate, out.dtype, heads)
         timings = {}
         for config in candidates:
-            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms, lora, gate)
+            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms, lora, gate, heads)
             try:
                 timing = triton.testing.do_bench(run, warmup=5, rep=20)
             except torch.OutOfMemoryError:  # the GPU's memory, not the config: the caller's to handle
                 raise
             except Exception:  # noqa: BLE001, S112 - out of shared memory, or a feature this GPU/Triton lacks
                 continue
-            if agrees(out[rows], expected):
+            if agrees((out if heads is None else head_rows(out))[rows], expected):
                 timings[config] = timing
             else:
                 warnings.warn(f"int8 GEMM: {config} computed wrong values for M={M}, N={N}, K={K}; not used",
@@ -958,22 +1030,33 @@ def scaled_mm(
     config: TileConfig | None = None,
     lora: LowRank | None = None,
     gate: Gate | None = None,
+    heads: Heads | None = None,
 ) -> torch.Tensor:
     """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias (+ lora)`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
-    With ``gate``: ``silu`` of that times the same product with ``gate``'s weight, scale and bias.
+    With ``gate``: ``silu`` of that times the same product with ``gate``'s weight, scale and bias. With
+    ``heads`` (w a fused q|k|v projection, M a whole number of ``heads.rope``'s tokens): attention's
+    inputs [3, batch, heads, tokens, head] instead (:class:`Heads`).
 
-    ``config`` overrides the tuned choice (tests, the interpreter, benchmarks).
+    ``config`` overrides the tuned choice (tests, the interpreter, benchmarks); with ``heads`` it is
+    made one head wide (:func:`heads_config`).
     """
-    out = torch.empty(q.shape[0], w.shape[0], dtype=out_dtype, device=q.device)
+    (M, K), N = q.shape, w.shape[0]
+    if heads is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=q.device)
+    else:
+        tokens, head = heads.rope.shape[0], heads.norm.shape[1]
+        out = torch.empty(3, M // tokens, N // (3 * head), tokens, head, dtype=out_dtype, device=q.device)
+        config = config and heads_config(config, head)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16
             lora = LowRank(lora.x.float(), lora.up.float(), lora.scale)
-        config = usable(config or candidate_configs("sm80", q.shape[0], gated=gate is not None)[0], q, w, out, gate)
-        launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, num_sms=4, lora=lora, gate=gate)
+        head = heads.norm.shape[1] if heads is not None else 0
+        config = usable(config or candidate_configs("sm80", M, gated=gate is not None, head=head)[0], q, w, out, gate)
+        launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, 4, lora, gate, heads)
         return out
     if config:
         config = usable(config, q, w, out, gate)
     else:
-        config = TUNER.config_for(q, x_scale, w, w_scale, bias, out, lora, gate)
-    launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device), lora, gate)
+        config = TUNER.config_for(q, x_scale, w, w_scale, bias, out, lora, gate, heads)
+    launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, TUNER.num_sms(q.device), lora, gate, heads)
     return out

@@ -52,6 +52,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from engine.int8.heads import QKNormRope, attention_inputs
 from engine.int8.quantize import MIN_ABSMAX, QMAX
 from engine.int8.rotation import check_group, hadamard, rotate
 
@@ -483,6 +484,61 @@ scaled_mm = _register(
 elements (contiguous). With ``gate_w``: ``silu`` of that (rounded to ``out_dtype``) times the same
 product of ``gate_w`` (rounded too), computed in float32; no LoRA term then. The op compiled graphs
 call; eager callers go through :func:`int8_linear`."""
+
+
+def _scaled_mm_heads(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    norm: torch.Tensor,
+    eps: float,
+    rope: torch.Tensor,
+) -> torch.Tensor:
+    if backend_for(q) == "triton":
+        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, heads=kernels.Heads(norm, eps, rope))
+    projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, None, None, None)
+    qkv = projected.reshape(-1, rope.shape[0], w_int8.shape[0])
+    return torch.stack(attention_inputs(qkv, QKNormRope(*norm, eps, rope)))
+
+
+scaled_mm_heads = _register(
+    "scaled_mm_heads(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
+    "Tensor norm, float eps, Tensor rope) -> Tensor",
+    _scaled_mm_heads,
+    lambda q, x_scale, w_int8, w_scale, bias, out_dtype, norm, eps, rope: q.new_empty(
+        3, q.shape[0] // rope.shape[0], w_int8.shape[0] // (3 * norm.shape[1]), rope.shape[0], norm.shape[1],
+        dtype=out_dtype,
+    ),
+)
+""":data:`scaled_mm` of a fused q|k|v projection, handed on as attention's inputs [3, batch, heads,
+tokens, head]: queries and keys RMS-normalized per head (``norm`` float32 [2, head]: the queries' weight,
+the keys') and rotated by ``rope`` [tokens, head / 2, 2, 2] (:func:`engine.int8.heads.attention_inputs`)."""
+
+
+def int8_attention_inputs(
+    x: torch.Tensor | NormedInput | QuantizedInput, weight: Int8Weight, norm: QKNormRope
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [batch, heads, tokens, head] from a fused q|k|v projection of ``x`` [batch, tokens, K]:
+    :func:`int8_linear` followed by :func:`~engine.int8.heads.attention_inputs`, which the Triton GEMM
+    computes in its epilogue (the projection's output never reaches memory as such)."""
+    dtype, shape = _described(x)
+    _check(dtype, shape, *weight, None)
+    head, tokens = norm.query_weight.shape[0], norm.rope.shape[0]
+    n = weight.w_int8.shape[0]
+    if len(shape) != 3 or shape[1] != tokens or n % (3 * head) or tuple(norm.rope.shape) != (tokens, head // 2, 2, 2):
+        raise ValueError(
+            f"attention's inputs need x [batch, {tokens}, K] (a token per rotation), a projection 3·heads·{head} "
+            f"wide and rope [{tokens}, {head // 2}, 2, 2]; got x {tuple(shape)}, {n} outputs, rope {tuple(norm.rope.shape)}"
+        )
+    rows = x if isinstance(x, QuantizedInput) else _quantized_input(x, 0, dtype, shape)
+    w_scale, bias, *_ = _gate_args(weight.w_scale, weight.bias, None)
+    weights = torch.stack([norm.query_weight, norm.key_weight]).float()
+    run = scaled_mm_heads if torch.compiler.is_compiling() else _scaled_mm_heads
+    q, k, v = run(rows.q, rows.scale, weight.w_int8, w_scale, bias, dtype, weights, norm.eps, norm.rope.float().contiguous())
+    return q, k, v
 
 
 def int8_linear(

@@ -15,16 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.int8.heads import QKNormRope, Rope, apply_rope, attention_inputs, split_heads
 from engine.int8.linear import Int8Linear
 from engine.int8.ops import (
     ActivatedInput,
     Int8Weight,
     NormedInput,
+    int8_attention_inputs,
     int8_linear,
     quantize_input,
 )
 
-Rope = torch.Tensor  # rotation matrices [[cos, -sin], [sin, cos]], float32 [tokens, head_dim / 2, 2, 2]
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
 Inputs = dict[str, torch.Tensor]  # a model's forward arguments by name
 
@@ -54,6 +55,10 @@ class QKNorm(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_norm(q), self.key_norm(k)
+
+    def rotating(self, pe: Rope) -> QKNormRope:
+        """These norms followed by rotation by ``pe``, for :func:`in_projection`."""
+        return QKNormRope(self.query_norm.scale, self.key_norm.scale, self.query_norm.eps, pe)
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -104,23 +109,14 @@ def rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> Rope:
     return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
 
 
-def apply_rope(x: torch.Tensor, pe: Rope) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of ``x`` [batch, heads, tokens, head_dim] by ``pe`` (BFL's
-    formulation: two broadcast multiply-adds, few kernels when not compiled)."""
-    pairs = x.float().unflatten(-1, (-1, 1, 2))
-    return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).flatten(-2).type_as(x)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Self-attention over [batch, heads, tokens, head_dim] → [batch, tokens, heads·head_dim]."""
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: Rope) -> torch.Tensor:
-    """Rotary self-attention over [batch, heads, tokens, head_dim] → [batch, tokens, heads·head_dim]."""
-    out = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
-    return out.transpose(1, 2).flatten(2)
-
-
-def split_heads(qkv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused ``[batch, tokens, 3·hidden]`` → q, k, v as [batch, heads, tokens, head_dim]."""
-    q, k, v = qkv.unflatten(-1, (3, -1, head_dim)).permute(2, 0, 3, 1, 4)
-    return q, k, v
+    """Rotary self-attention: :func:`attend` with queries and keys rotated by ``pe`` first."""
+    return attend(apply_rope(q, pe), apply_rope(k, pe), v)
 
 
 class MLPEmbedder(nn.Module):
@@ -188,18 +184,25 @@ def int8_rows(linear: nn.Module, start: int = 0, stop: int | None = None) -> Int
 
 
 def in_projection(
-    linear: nn.Module, act: Activation, x: torch.Tensor | NormedInput, head: int = 0
-) -> tuple[torch.Tensor | None, ActivatedInput]:
+    linear: nn.Module, act: Activation, x: torch.Tensor | NormedInput, head: int = 0, norm: QKNormRope | None = None
+) -> tuple[torch.Tensor | tuple[torch.Tensor, ...] | None, ActivatedInput]:
     """``linear(x)`` cut after its first ``head`` outputs: those (None for none), and the rest as
-    ``act``'s input, not activated yet. A SwiGLU after a plain int8 layer runs in one gated GEMM
-    instead (``int8_linear``'s ``gate``): its two halves never reach memory, and the rows it hands on
-    are activated already; x is quantized once for that GEMM and the head's."""
+    ``act``'s input, not activated yet. With ``norm`` the head is a fused q|k|v projection and comes
+    back as attention's inputs q, k, v (:func:`~engine.int8.heads.attention_inputs`). A SwiGLU after a
+    plain int8 layer runs in one gated GEMM instead (``int8_linear``'s ``gate``): its two halves never
+    reach memory, and the rows it hands on are activated already; x is quantized once for that GEMM and
+    the head's, whose GEMM then hands on attention's inputs itself."""
     if not act.gated or int8_rows(linear) is None:
         y = project(linear, x)
-        return (y[..., :head] if head else None), act.lazy(y[..., head:])
+        out = y[..., :head] if head else None
+        return (attention_inputs(out, norm) if norm is not None else out), act.lazy(y[..., head:])
     half = (linear.out_features - head) // 2
     rows = quantize_input(x)
-    out = int8_linear(rows, *linear.int8_rows(0, head)) if head else None
+    out = None
+    if norm is not None:
+        out = int8_attention_inputs(rows, linear.int8_rows(0, head), norm)
+    elif head:
+        out = int8_linear(rows, *linear.int8_rows(0, head))
     gated = int8_linear(rows, *linear.int8_rows(head, head + half), gate=linear.int8_rows(head + half))
     return out, ActivatedInput("identity", gated)
 
@@ -281,8 +284,7 @@ class SingleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: Modulation, pe: Rope) -> torch.Tensor:
         shift, scale, gate = mod
-        qkv, mlp = in_projection(self.linear1, self.act, modulated(x, shift, scale), head=self.split[0])
-        q, k, v = split_heads(qkv, self.head_dim)
-        q, k = self.norm(q, k)
-        out = project(self.linear2, mlp._replace(prefix=attention(q, k, v, pe)))
+        x_in = modulated(x, shift, scale)
+        (q, k, v), mlp = in_projection(self.linear1, self.act, x_in, head=self.split[0], norm=self.norm.rotating(pe))
+        out = project(self.linear2, mlp._replace(prefix=attend(q, k, v)))
         return torch.addcmul(x, gate, out)

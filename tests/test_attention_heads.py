@@ -1,0 +1,144 @@
+"""A fused q|k|v projection's GEMM handing on attention's inputs: heads split, queries and keys
+RMS-normalized and rotated in the epilogue (``kernels.Heads``, ``ops.int8_attention_inputs``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.int8 import kernels, ops
+from engine.int8.heads import QKNormRope, attention_inputs
+from engine.models import REGISTRY, build, layers
+from tests.int8_reference import BACKENDS, DEVICES, ULP
+from tests.test_gated_gemm import make_weight
+from tests.test_kernels import configs_for
+
+
+def qk_norm(tokens: int, head: int, device, eps: float = 1e-6) -> QKNormRope:
+    """Random norm weights and the rotations of random 2-axis positions, as the models make them."""
+    ids = torch.randint(0, 4000, (tokens, 2))
+    pe = layers.rope(ids, (head // 2, head // 2), 2000.0).to(device)
+    weights = (torch.rand(2, head) + 0.5).to(device)
+    return QKNormRope(weights[0], weights[1], eps, pe)
+
+
+def assert_heads_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Each head vector within two roundings of its largest element (the norm's, then the rotation's):
+    rsqrt and fused multiply-adds may round differently from PyTorch's, and a rotation mixes a pair."""
+    bound = 2 * ULP[want.dtype] * want.double().abs().amax(dim=-1, keepdim=True) + 1e-6
+    err = (got.double() - want.double()).abs()
+    assert got.shape == want.shape and (err <= bound).all(), f"error {(err / bound).max():.2f}× the bound"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch, tokens", [(1, 1), (2, 13), (1, 40)])
+@pytest.mark.parametrize("scheme, with_bias", [("rowwise", True), ("tensorwise", False)])
+def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, scheme, with_bias):
+    head, heads, k = 16, 3, 72
+    weight = make_weight(3 * heads * head, k, scheme, with_bias, dtype, device)
+    norm = qk_norm(tokens, head, device)
+    x = torch.randn(batch * tokens, k, dtype=dtype, device=device)
+    q, x_scale = kernels.quantize_rows(x)
+    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, norm.rope)
+    w_scale = weight.w_scale.reshape(-1)
+    for config in configs_for(device):
+        out = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, weight.bias, dtype, config, heads=epilogue)
+        assert out.shape == (3, batch, heads, tokens, head) and out.dtype == dtype
+        # the same tile storing the projection itself, then the chain the models run unfused
+        plain = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, weight.bias, dtype, kernels.heads_config(config, head))
+        want_q, want_k, want_v = attention_inputs(plain.reshape(batch, tokens, -1), norm)
+        assert torch.equal(out[2], want_v), config  # values are the projection, moved into head layout
+        assert_heads_close(out[0], want_q)
+        assert_heads_close(out[1], want_k)
+
+
+@pytest.mark.gpu
+def test_heads_epilogue_with_real_head_size_and_several_tiles_per_program():
+    head, heads, k, batch, tokens = 128, 4, 256, 2, 300
+    weight = make_weight(3 * heads * head, k, "rowwise", True, torch.bfloat16, "cuda")
+    norm = qk_norm(tokens, head, "cuda")
+    q, x_scale = kernels.quantize_rows(torch.randn(batch * tokens, k, dtype=torch.bfloat16, device="cuda"))
+    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, norm.rope)
+    for config in [*configs_for("cuda"), None]:  # None: the tuner's choice
+        out = kernels.scaled_mm(q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16,
+                                config, heads=epilogue)  # fmt: skip
+        plain = ops.int8_linear(ops.QuantizedInput(q, x_scale, (batch, tokens), torch.bfloat16), *weight)
+        for got, want in zip(out, attention_inputs(plain, norm)):
+            assert_heads_close(got, want)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_every_backend_gives_attention_inputs_of_the_int8_projection(backend, device):
+    head, heads, batch, tokens = 8, 2, 2, 5
+    weight = make_weight(3 * heads * head, 32, "rowwise", True, torch.bfloat16, device)
+    norm = qk_norm(tokens, head, device)
+    x = torch.randn(batch, tokens, 32, dtype=torch.bfloat16, device=device)
+    with ops.use_backend(backend):
+        got = ops.int8_attention_inputs(x, weight, norm)
+        want = attention_inputs(ops.int8_linear(x, *weight), norm)
+    for g, w in zip(got, want):
+        assert g.shape == (batch, heads, tokens, head)
+        if backend == "triton":
+            assert_heads_close(g, w)
+        else:  # the same computation
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize(
+    "x_shape, n, rope_tokens, message",
+    [
+        ((10, 32), 48, 10, r"x \[batch, 10, K\]"),  # no batch axis
+        ((2, 6, 32), 48, 5, r"x \[batch, 5, K\].*got x \(2, 6, 32\)"),  # a rotation per token
+        ((2, 5, 32), 40, 5, r"3·heads·8 wide.*40 outputs"),
+    ],
+)
+def test_bad_attention_inputs_are_refused(x_shape, n, rope_tokens, message):
+    weight = make_weight(n, 32, "rowwise", False, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=message):
+        ops.int8_attention_inputs(torch.randn(x_shape), weight, qk_norm(rope_tokens, 8, "cpu"))
+
+
+def test_opcheck_of_the_heads_op():
+    weight = make_weight(48, 40, "rowwise", True, torch.float32, "cpu")
+    norm = qk_norm(5, 8, "cpu")
+    q, x_scale = ops.quantize_rows_torch(torch.randn(10, 40))
+    weights = torch.stack([norm.query_weight, norm.key_weight])
+    args = (q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16, weights, 1e-6, norm.rope)
+    torch.library.opcheck(ops.scaled_mm_heads, args)
+
+
+def test_attention_inputs_compile_without_graph_breaks():
+    weight = make_weight(48, 64, "rowwise", False, torch.bfloat16, "cpu")
+    norm = qk_norm(8, 8, "cpu")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x: ops.int8_attention_inputs(x, weight, norm))(
+        torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    )
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert "int8_studio.scaled_mm_heads" in explanation.graphs[0].code
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=DEVICES[0].marks)])
+def test_flux2_single_blocks_take_attention_inputs_from_the_gemm(backend, monkeypatch):
+    """Each int8 single block's q|k|v rows hand on attention's inputs; the model's output is that of the
+    unfused chain (float32: the paths differ only in the norm's and rotation's float rounding)."""
+    arch = REGISTRY["flux2"]
+    torch.manual_seed(0)
+    model = arch.build_module(arch.tiny["tiny"])
+    build.quantize_model(model, arch, "rowwise", "none")
+    inputs = model.random_inputs(1, 64)
+    calls = []
+
+    def counting(*args):
+        calls.append(args)
+        return ops.int8_attention_inputs(*args)
+
+    with torch.no_grad(), ops.use_backend(backend):
+        monkeypatch.setattr(layers, "int8_attention_inputs", counting)
+        fused = model(**inputs).double()
+        assert len(calls) == len(model.single_blocks)
+        monkeypatch.setattr(layers, "int8_attention_inputs", lambda x, weight, norm: attention_inputs(
+            ops.int8_linear(x, *weight).reshape(*x.lead, -1), norm))  # fmt: skip
+        unfused = model(**inputs).double()
+    assert (fused - unfused).norm() / unfused.norm() < 1e-5
