@@ -855,7 +855,6 @@ def reference_rows(
     GEMM rounds both products to it; attention's inputs in the projection's layout, :func:`head_rows`).
     The weight is widened a block of rows at a time (at most 2²⁴ values, 64 MB), never as a whole."""
     if heads is not None:
-        size = heads.norm.shape[1]
         norm = QKNormRope(*heads.norm, heads.eps, heads.rope[rows % heads.rope.shape[0]][:, None, None])
         projected = reference_rows(rows, q, x_scale, w, w_scale, bias).to(dtype)
         return torch.stack(attention_inputs(projected[:, None], norm), dim=1).flatten(1).float()
@@ -1040,7 +1039,7 @@ def scaled_mm(
     ``config`` overrides the tuned choice (tests, the interpreter, benchmarks); with ``heads`` it is
     made one head wide (:func:`heads_config`).
     """
-    (M, K), N = q.shape, w.shape[0]
+    M, N = q.shape[0], w.shape[0]
     if heads is None:
         out = torch.empty(M, N, dtype=out_dtype, device=q.device)
     else:

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.heads import QKNormRope, Rope, apply_rope, attention_inputs, split_heads
+from engine.int8.heads import (
+    QKNormRope,
+    Rope,
+    apply_rope,
+    attention_inputs,
+    split_heads,
+)
 from engine.int8.linear import Int8Linear
 from engine.int8.ops import (
     ActivatedInput,
