@@ -197,20 +197,25 @@ def in_projection(
     back as attention's inputs q, k, v (:func:`~engine.int8.heads.attention_inputs`). A SwiGLU after a
     plain int8 layer runs in one gated GEMM instead (``int8_linear``'s ``gate``): its two halves never
     reach memory, and the rows it hands on are activated already; x is quantized once for that GEMM and
-    the head's, whose GEMM then hands on attention's inputs itself."""
+    the head's, whose GEMM then hands on attention's inputs itself when not compiled (compiled, inductor
+    fuses the norms and rotation into one kernel that costs less than that epilogue: PERFORMANCE.md)."""
     if not act.gated or int8_rows(linear) is None:
         y = project(linear, x)
-        out = y[..., :head] if head else None
-        return (attention_inputs(out, norm) if norm is not None else out), act.lazy(y[..., head:])
-    half = (linear.out_features - head) // 2
-    rows = quantize_input(x)
-    out = None
-    if norm is not None:
-        out = int8_attention_inputs(rows, linear.int8_rows(0, head), norm)
-    elif head:
-        out = int8_linear(rows, *linear.int8_rows(0, head))
-    gated = int8_linear(rows, *linear.int8_rows(head, head + half), gate=linear.int8_rows(head + half))
-    return out, ActivatedInput("identity", gated)
+        out, rest = (y[..., :head] if head else None), act.lazy(y[..., head:])
+    else:
+        half = (linear.out_features - head) // 2
+        rows = quantize_input(x)
+        if norm is not None and not torch.compiler.is_compiling():
+            return int8_attention_inputs(rows, linear.int8_rows(0, head), norm), _gated(linear, rows, head, half)
+        out = int8_linear(rows, *linear.int8_rows(0, head)) if head else None
+        rest = _gated(linear, rows, head, half)
+    return (attention_inputs(out, norm) if norm is not None else out), rest
+
+
+def _gated(linear: Int8Linear, rows, start: int, half: int) -> ActivatedInput:
+    """The SwiGLU of rows ``[start, start + half)`` and the next ``half`` of ``linear``, as one gated GEMM."""
+    gated = int8_linear(rows, *linear.int8_rows(start, start + half), gate=linear.int8_rows(start + half))
+    return ActivatedInput("identity", gated)
 
 
 class MLP(nn.Sequential):
