@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.int8 import kernels, ops
-from engine.int8.heads import QKNormRope, attention_inputs
+from engine.int8.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
 from engine.models import REGISTRY, build, layers
 from tests.int8_reference import BACKENDS, DEVICES, ULP
 from tests.test_gated_gemm import make_weight
@@ -40,7 +40,7 @@ def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, 
     norm = qk_norm(tokens, head, device)
     x = torch.randn(batch * tokens, k, dtype=dtype, device=device)
     q, x_scale = kernels.quantize_rows(x)
-    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, norm.rope)
+    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, rotation_tables(norm.rope))
     w_scale = weight.w_scale.reshape(-1)
     for config in configs_for(device):
         out = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, weight.bias, dtype, config, heads=epilogue)
@@ -59,7 +59,7 @@ def test_heads_epilogue_with_real_head_size_and_several_tiles_per_program():
     weight = make_weight(3 * heads * head, k, "rowwise", True, torch.bfloat16, "cuda")
     norm = qk_norm(tokens, head, "cuda")
     q, x_scale = kernels.quantize_rows(torch.randn(batch * tokens, k, dtype=torch.bfloat16, device="cuda"))
-    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, norm.rope)
+    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, rotation_tables(norm.rope))
     for config in [*configs_for("cuda"), None]:  # None: the tuner's choice
         out = kernels.scaled_mm(q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16,
                                 config, heads=epilogue)  # fmt: skip
@@ -104,7 +104,8 @@ def test_opcheck_of_the_heads_op():
     norm = qk_norm(5, 8, "cpu")
     q, x_scale = ops.quantize_rows_torch(torch.randn(10, 40))
     weights = torch.stack([norm.query_weight, norm.key_weight])
-    args = (q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16, weights, 1e-6, norm.rope)
+    tables = rotation_tables(norm.rope)
+    args = (q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16, weights, 1e-6, tables)
     torch.library.opcheck(ops.scaled_mm_heads, args)
 
 
@@ -142,3 +143,9 @@ def test_flux2_single_blocks_take_attention_inputs_from_the_gemm(backend, monkey
             ops.int8_linear(x, *weight).reshape(*x.lead, -1), norm))  # fmt: skip
         unfused = model(**inputs).double()
     assert (fused - unfused).norm() / unfused.norm() < 1e-5
+
+
+def test_rotation_tables_hold_the_rotations_bit_for_bit():
+    pe = qk_norm(7, 16, "cpu").rope
+    tables = rotation_tables(pe)
+    assert tables.shape == (2, 7, 8) and tables.is_contiguous() and torch.equal(rope_of(tables), pe)

@@ -42,6 +42,19 @@ def apply_rope(x: torch.Tensor, pe: Rope) -> torch.Tensor:
     return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).flatten(-2).type_as(x)
 
 
+def rotation_tables(pe: Rope) -> torch.Tensor:
+    """The cosines and sines in ``pe``: float32 [2, tokens, head / 2], contiguous (what the fused epilogue
+    reads: a row of each is one contiguous load, where ``pe``'s interleaved matrices took four times the
+    memory traffic)."""
+    return torch.stack([pe[..., 0, 0], pe[..., 1, 0]]).float().contiguous()
+
+
+def rope_of(tables: torch.Tensor) -> Rope:
+    """:func:`rotation_tables`' inverse: the rotation matrices, bit for bit."""
+    cos, sin = tables
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))
+
+
 def attention_inputs(qkv: torch.Tensor, norm: QKNormRope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [batch, heads, tokens, head] of a fused projection's output ``qkv`` [batch, tokens,
     3·heads·head]: queries and keys normalized (rounded to qkv's dtype) and rotated."""

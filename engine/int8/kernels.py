@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.int8.heads import QKNormRope, attention_inputs
+from engine.int8.heads import QKNormRope, attention_inputs, rope_of
 from engine.int8.quantize import MIN_ABSMAX
 from engine.paths import cache_dir
 
@@ -514,13 +514,13 @@ def _dequantize(acc, row_scale, col_scale, bias, offs_n, n_ok, PER_CHANNEL: tl.c
 
 @triton.jit
 def _store_heads(
-    x, c, pid_n, offs_m, m_ok, M, N, norm_w, rope, tokens, eps, BLOCK_M: tl.constexpr, HEAD: tl.constexpr
+    x, c, pid_n, offs_m, m_ok, M, N, norm_w, tables, tokens, eps, BLOCK_M: tl.constexpr, HEAD: tl.constexpr
 ):
     """Store one head's tile x (float32 [BLOCK_M, HEAD], rows = tokens) of a fused q|k|v projection into
     c [3, batch, heads, tokens, HEAD]. Query and key heads are first RMS-normalized over the head, times
     their weight (``norm_w`` float32 [2, HEAD]: queries', keys'), rounded to c's dtype, then their channel
-    pairs (2i, 2i+1) rotated in float32 by the token's matrices (``rope``: float32 [tokens, HEAD / 2, 2, 2],
-    contiguous): :func:`engine.int8.heads.attention_inputs`, unfused."""
+    pairs (2i, 2i+1) rotated in float32 by the token's angles (``tables``: their cosines, then their sines,
+    float32 [2, tokens, HEAD / 2]): :func:`engine.int8.heads.attention_inputs`, unfused."""
     hidden = N // 3
     part = (pid_n * HEAD) // hidden  # 0 queries, 1 keys, 2 values
     head = (pid_n * HEAD - part * hidden) // HEAD
@@ -530,9 +530,9 @@ def _store_heads(
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD + eps)
         x = (x * rstd[:, None] * weight[None, :]).to(c.dtype.element_ty).to(tl.float32)
         even, odd = tl.split(tl.reshape(x, (BLOCK_M, HEAD // 2, 2)))
-        pairs = (token.to(tl.int64)[:, None] * (HEAD // 2) + tl.arange(0, HEAD // 2)[None, :]) * 4
-        cos = tl.load(rope + pairs, mask=m_ok[:, None], other=0.0)  # [[cos, -sin], [sin, cos]]
-        sin = tl.load(rope + pairs + 2, mask=m_ok[:, None], other=0.0)
+        pairs = token.to(tl.int64)[:, None] * (HEAD // 2) + tl.arange(0, HEAD // 2)[None, :]
+        cos = tl.load(tables + pairs, mask=m_ok[:, None], other=0.0)
+        sin = tl.load(tables + tokens * (HEAD // 2) + pairs, mask=m_ok[:, None], other=0.0)
         x = tl.reshape(tl.join(cos * even - sin * odd, sin * even + cos * odd), (BLOCK_M, HEAD))
     row = ((part * (M // tokens) + offs_m // tokens) * (hidden // HEAD) + head) * tokens + token
     c_ptrs = c + row.to(tl.int64)[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
@@ -542,7 +542,7 @@ def _store_heads(
 @triton.jit(do_not_specialize=["M"])
 def _scaled_mm_kernel(
     a, b, c, a_scale, b_scale, bias, b2, b2_scale, bias2, M, N, K, stride_am, stride_bn, stride_b2n, stride_cm,
-    num_programs, lora_x, lora_up, lora_scale, R, stride_lx, stride_lu, norm_w, rope, tokens, eps,
+    num_programs, lora_x, lora_up, lora_scale, R, stride_lx, stride_lu, norm_w, tables, tokens, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
@@ -606,7 +606,7 @@ def _scaled_mm_kernel(
             )
         if HEADS:
             out = out.to(c.dtype.element_ty).to(tl.float32)  # the projection's output, as a layer rounds it
-            _store_heads(out, c, pid_n, offs_m, m_ok, M, N, norm_w, rope, tokens, eps, BLOCK_M, BLOCK_N)
+            _store_heads(out, c, pid_n, offs_m, m_ok, M, N, norm_w, tables, tokens, eps, BLOCK_M, BLOCK_N)
         elif TMA_STORE:
             c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c.dtype))
         else:
@@ -725,11 +725,11 @@ class Gate(NamedTuple):
 class Heads(NamedTuple):
     """A fused q|k|v projection's epilogue (``HEADS``): the result becomes attention's inputs [3, batch,
     heads, tokens, head], queries and keys RMS-normalized per head (``norm``: float32 [2, head], the
-    queries' weight then the keys') and rotated (``rope``: float32 [tokens, head / 2, 2, 2], contiguous)."""
+    queries' weight then the keys') and rotated (``tables``: :func:`~engine.int8.heads.rotation_tables`)."""
 
     norm: torch.Tensor
     eps: float
-    rope: torch.Tensor
+    tables: torch.Tensor
 
 
 def heads_config(config: TileConfig, head: int) -> TileConfig:
@@ -808,12 +808,12 @@ def launch_scaled_mm(
     if config.warp_specialize:  # per launch: Triton keeps the allocator per thread (a ContextVar)
         triton.set_allocator(_descriptor_scratch)
     c = TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]) if config.tma_store else out
-    norm, eps, rope = heads if heads is not None else (x_scale, 0.0, x_scale)
+    norm, eps, tables = heads if heads is not None else (x_scale, 0.0, x_scale)
     launch(
         _scaled_mm_kernel, (programs,),
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale, b2, w2_scale,
         bias2 if bias2 is not None else x_scale, M, N, K, q.stride(0), w.stride(0), w2.stride(0), out.stride(0),
-        programs, *lora_args, norm, rope, rope.shape[0] if heads is not None else 1, eps,
+        programs, *lora_args, norm, tables, tables.shape[1] if heads is not None else 1, eps,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
@@ -855,7 +855,8 @@ def reference_rows(
     GEMM rounds both products to it; attention's inputs in the projection's layout, :func:`head_rows`).
     The weight is widened a block of rows at a time (at most 2²⁴ values, 64 MB), never as a whole."""
     if heads is not None:
-        norm = QKNormRope(*heads.norm, heads.eps, heads.rope[rows % heads.rope.shape[0]][:, None, None])
+        pe = rope_of(heads.tables)
+        norm = QKNormRope(*heads.norm, heads.eps, pe[rows % pe.shape[0]][:, None, None])
         projected = reference_rows(rows, q, x_scale, w, w_scale, bias).to(dtype)
         return torch.stack(attention_inputs(projected[:, None], norm), dim=1).flatten(1).float()
     if gate is not None:
@@ -1033,7 +1034,7 @@ def scaled_mm(
 ) -> torch.Tensor:
     """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias (+ lora)`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
     With ``gate``: ``silu`` of that times the same product with ``gate``'s weight, scale and bias. With
-    ``heads`` (w a fused q|k|v projection, M a whole number of ``heads.rope``'s tokens): attention's
+    ``heads`` (w a fused q|k|v projection, M a whole number of ``heads.tables``' tokens): attention's
     inputs [3, batch, heads, tokens, head] instead (:class:`Heads`).
 
     ``config`` overrides the tuned choice (tests, the interpreter, benchmarks); with ``heads`` it is
@@ -1043,7 +1044,7 @@ def scaled_mm(
     if heads is None:
         out = torch.empty(M, N, dtype=out_dtype, device=q.device)
     else:
-        tokens, head = heads.rope.shape[0], heads.norm.shape[1]
+        tokens, head = heads.tables.shape[1], heads.norm.shape[1]
         out = torch.empty(3, M // tokens, N // (3 * head), tokens, head, dtype=out_dtype, device=q.device)
         config = config and heads_config(config, head)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune

@@ -52,7 +52,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engine.int8.heads import QKNormRope, attention_inputs
+from engine.int8.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
 from engine.int8.quantize import MIN_ABSMAX, QMAX
 from engine.int8.rotation import check_group, hadamard, rotate
 
@@ -495,27 +495,28 @@ def _scaled_mm_heads(
     out_dtype: torch.dtype,
     norm: torch.Tensor,
     eps: float,
-    rope: torch.Tensor,
+    tables: torch.Tensor,
 ) -> torch.Tensor:
     if backend_for(q) == "triton":
-        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, heads=kernels.Heads(norm, eps, rope))
+        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, heads=kernels.Heads(norm, eps, tables))
     projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, None, None, None)
-    qkv = projected.reshape(-1, rope.shape[0], w_int8.shape[0])
-    return torch.stack(attention_inputs(qkv, QKNormRope(*norm, eps, rope)))
+    qkv = projected.reshape(-1, tables.shape[1], w_int8.shape[0])
+    return torch.stack(attention_inputs(qkv, QKNormRope(*norm, eps, rope_of(tables))))
 
 
 scaled_mm_heads = _register(
     "scaled_mm_heads(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
-    "Tensor norm, float eps, Tensor rope) -> Tensor",
+    "Tensor norm, float eps, Tensor tables) -> Tensor",
     _scaled_mm_heads,
-    lambda q, x_scale, w_int8, w_scale, bias, out_dtype, norm, eps, rope: q.new_empty(
-        3, q.shape[0] // rope.shape[0], w_int8.shape[0] // (3 * norm.shape[1]), rope.shape[0], norm.shape[1],
+    lambda q, x_scale, w_int8, w_scale, bias, out_dtype, norm, eps, tables: q.new_empty(
+        3, q.shape[0] // tables.shape[1], w_int8.shape[0] // (3 * norm.shape[1]), tables.shape[1], norm.shape[1],
         dtype=out_dtype,
     ),
 )
 """:data:`scaled_mm` of a fused q|k|v projection, handed on as attention's inputs [3, batch, heads,
 tokens, head]: queries and keys RMS-normalized per head (``norm`` float32 [2, head]: the queries' weight,
-the keys') and rotated by ``rope`` [tokens, head / 2, 2, 2] (:func:`engine.int8.heads.attention_inputs`)."""
+the keys') and rotated by the angles in ``tables`` (:func:`~engine.int8.heads.rotation_tables`;
+:func:`engine.int8.heads.attention_inputs`)."""
 
 
 def int8_attention_inputs(
@@ -537,7 +538,7 @@ def int8_attention_inputs(
     w_scale, bias, *_ = _gate_args(weight.w_scale, weight.bias, None)
     weights = torch.stack([norm.query_weight, norm.key_weight]).float()
     run = scaled_mm_heads if torch.compiler.is_compiling() else _scaled_mm_heads
-    q, k, v = run(rows.q, rows.scale, weight.w_int8, w_scale, bias, dtype, weights, norm.eps, norm.rope.float().contiguous())
+    q, k, v = run(rows.q, rows.scale, weight.w_int8, w_scale, bias, dtype, weights, norm.eps, rotation_tables(norm.rope))
     return q, k, v
 
 

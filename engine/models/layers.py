@@ -197,15 +197,14 @@ def in_projection(
     back as attention's inputs q, k, v (:func:`~engine.int8.heads.attention_inputs`). A SwiGLU after a
     plain int8 layer runs in one gated GEMM instead (``int8_linear``'s ``gate``): its two halves never
     reach memory, and the rows it hands on are activated already; x is quantized once for that GEMM and
-    the head's, whose GEMM then hands on attention's inputs itself when not compiled (compiled, inductor
-    fuses the norms and rotation into one kernel that costs less than that epilogue: PERFORMANCE.md)."""
+    the head's, whose GEMM then hands on attention's inputs itself."""
     if not act.gated or int8_rows(linear) is None:
         y = project(linear, x)
         out, rest = (y[..., :head] if head else None), act.lazy(y[..., head:])
     else:
         half = (linear.out_features - head) // 2
         rows = quantize_input(x)
-        if norm is not None and not torch.compiler.is_compiling():
+        if norm is not None:
             return int8_attention_inputs(rows, linear.int8_rows(0, head), norm), _gated(linear, rows, head, half)
         out = int8_linear(rows, *linear.int8_rows(0, head)) if head else None
         rest = _gated(linear, rows, head, half)
