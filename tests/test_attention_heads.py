@@ -149,3 +149,15 @@ def test_rotation_tables_hold_the_rotations_bit_for_bit():
     pe = qk_norm(7, 16, "cpu").rope
     tables = rotation_tables(pe)
     assert tables.shape == (2, 7, 8) and tables.is_contiguous() and torch.equal(rope_of(tables), pe)
+
+
+def test_heads_configs_are_one_head_wide_and_have_their_own_tuning_key():
+    specialized = kernels.TileConfig(128, 256, 128, 4, 4, tma=True, persistent=True, tma_store=True, warp_specialize=True)
+    assert kernels.heads_config(specialized, 128) == kernels.TileConfig(128, 128, 128, 4, 4, tma=True, persistent=True)
+    candidates = kernels.candidate_configs("sm90", 4608, head=64)
+    assert candidates and all(c.block_n == 64 and not (c.tma_store or c.warp_specialize) for c in candidates)
+    assert len(set(candidates)) == len(candidates)
+    norm = torch.ones(2, 128)
+    w = torch.zeros(3 * 128, 16, dtype=torch.int8)
+    assert kernels.epilogue_kind(w, None, kernels.Heads(norm, 1e-6, torch.zeros(2, 5, 64))) == "heads128"
+    assert kernels.GemmTuner._key(4608, 12288, 4096, 2, 0, "heads128") == "8192,12288,4096,heads128"

@@ -733,8 +733,10 @@ class Heads(NamedTuple):
 
 
 def heads_config(config: TileConfig, head: int) -> TileConfig:
-    """``config`` with one head per tile (``HEADS`` normalizes a head within its tile), stored with pointers."""
-    return replace(config, block_n=head, tma_store=False)
+    """``config`` with one head per tile (``HEADS`` normalizes a head within its tile), stored with
+    pointers, not warp-specialized: on an H200 the specialized loop with this epilogue took 540 µs where
+    the plain TMA config took 421 (4608 × 12288 × 4096), and it compiles slowly."""
+    return replace(config, block_n=head, tma_store=False, warp_specialize=False)
 
 
 def stacked_halves(w: torch.Tensor, w2: torch.Tensor) -> bool:
