@@ -285,7 +285,6 @@ class SingleBlock(nn.Module):
 
     def __init__(self, hidden: int, head_dim: int, mlp_in: int, mlp_hidden: int, act: nn.Module, bias: bool):
         super().__init__()
-        self.head_dim = head_dim
         self.split = (3 * hidden, mlp_in)
         self.linear1 = nn.Linear(hidden, 3 * hidden + mlp_in, bias=bias)
         self.linear2 = nn.Linear(hidden + mlp_hidden, hidden, bias=bias)
@@ -294,7 +293,7 @@ class SingleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: Modulation, pe: Rope) -> torch.Tensor:
         shift, scale, gate = mod
-        x_in = modulated(x, shift, scale)
-        (q, k, v), mlp = in_projection(self.linear1, self.act, x_in, head=self.split[0], norm=self.norm.rotating(pe))
+        attention_input = self.norm.rotating(pe)
+        (q, k, v), mlp = in_projection(self.linear1, self.act, modulated(x, shift, scale), self.split[0], attention_input)
         out = project(self.linear2, mlp._replace(prefix=attend(q, k, v)))
         return torch.addcmul(x, gate, out)
