@@ -486,17 +486,8 @@ product of ``gate_w`` (rounded too), computed in float32; no LoRA term then. The
 call; eager callers go through :func:`int8_linear`."""
 
 
-def _scaled_mm_heads(
-    q: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_int8: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    norm: torch.Tensor,
-    eps: float,
-    tables: torch.Tensor,
-) -> torch.Tensor:
+def _scaled_mm_heads(q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, norm, eps: float, tables) -> torch.Tensor:
+    """:data:`scaled_mm_heads`' body (tensors as its schema and docstring say)."""
     if backend_for(q) == "triton":
         return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, heads=kernels.Heads(norm, eps, tables))
     projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, None, None, None)
