@@ -14,11 +14,12 @@ from tests.test_gated_gemm import make_weight
 from tests.test_kernels import configs_for
 
 
-def qk_norm(tokens: int, head: int, device, eps: float = 1e-6) -> QKNormRope:
-    """Random norm weights and the rotations of random 2-axis positions, as the models make them."""
+def qk_norm(tokens: int, head: int, device, dtype=torch.float32, eps: float = 1e-6) -> QKNormRope:
+    """Random norm weights in ``dtype`` (a model's) and the rotations of random 2-axis positions, as the
+    models make them."""
     ids = torch.randint(0, 4000, (tokens, 2))
     pe = layers.rope(ids, (head // 2, head // 2), 2000.0).to(device)
-    weights = (torch.rand(2, head) + 0.5).to(device)
+    weights = (torch.rand(2, head) + 0.5).to(device, dtype)
     return QKNormRope(weights[0], weights[1], eps, pe)
 
 
@@ -37,7 +38,7 @@ def assert_heads_close(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, scheme, with_bias):
     head, heads, k = 16, 3, 72
     weight = make_weight(3 * heads * head, k, scheme, with_bias, dtype, device)
-    norm = qk_norm(tokens, head, device)
+    norm = qk_norm(tokens, head, device, dtype)
     x = torch.randn(batch * tokens, k, dtype=dtype, device=device)
     q, x_scale = kernels.quantize_rows(x)
     epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, rotation_tables(norm.rope))
@@ -57,7 +58,7 @@ def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, 
 def test_heads_epilogue_with_real_head_size_and_several_tiles_per_program():
     head, heads, k, batch, tokens = 128, 4, 256, 2, 300
     weight = make_weight(3 * heads * head, k, "rowwise", True, torch.bfloat16, "cuda")
-    norm = qk_norm(tokens, head, "cuda")
+    norm = qk_norm(tokens, head, "cuda", torch.bfloat16)
     q, x_scale = kernels.quantize_rows(torch.randn(batch * tokens, k, dtype=torch.bfloat16, device="cuda"))
     epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, rotation_tables(norm.rope))
     for config in [*configs_for("cuda"), None]:  # None: the tuner's choice
@@ -72,7 +73,7 @@ def test_heads_epilogue_with_real_head_size_and_several_tiles_per_program():
 def test_every_backend_gives_attention_inputs_of_the_int8_projection(backend, device):
     head, heads, batch, tokens = 8, 2, 2, 5
     weight = make_weight(3 * heads * head, 32, "rowwise", True, torch.bfloat16, device)
-    norm = qk_norm(tokens, head, device)
+    norm = qk_norm(tokens, head, device, torch.bfloat16)
     x = torch.randn(batch, tokens, 32, dtype=torch.bfloat16, device=device)
     with ops.use_backend(backend):
         got = ops.int8_attention_inputs(x, weight, norm)
@@ -101,7 +102,7 @@ def test_bad_attention_inputs_are_refused(x_shape, n, rope_tokens, message):
 
 def test_opcheck_of_the_heads_op():
     weight = make_weight(48, 40, "rowwise", True, torch.float32, "cpu")
-    norm = qk_norm(5, 8, "cpu")
+    norm = qk_norm(5, 8, "cpu", torch.bfloat16)
     q, x_scale = ops.quantize_rows_torch(torch.randn(10, 40))
     weights = torch.stack([norm.query_weight, norm.key_weight])
     tables = rotation_tables(norm.rope)

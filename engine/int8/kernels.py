@@ -518,7 +518,7 @@ def _store_heads(
 ):
     """Store one head's tile x (float32 [BLOCK_M, HEAD], rows = tokens) of a fused q|k|v projection into
     c [3, batch, heads, tokens, HEAD]. Query and key heads are first RMS-normalized over the head, times
-    their weight (``norm_w`` float32 [2, HEAD]: queries', keys'), rounded to c's dtype, then their channel
+    their weight (``norm_w`` [2, HEAD], any float dtype: queries', keys'), rounded to c's dtype, then their channel
     pairs (2i, 2i+1) rotated in float32 by the token's angles (``tables``: their cosines, then their sines,
     float32 [2, tokens, HEAD / 2]): :func:`engine.int8.heads.attention_inputs`, unfused."""
     hidden = N // 3
@@ -526,7 +526,7 @@ def _store_heads(
     head = (pid_n * HEAD - part * hidden) // HEAD
     token = offs_m % tokens
     if part < 2:
-        weight = tl.load(norm_w + part * HEAD + tl.arange(0, HEAD))
+        weight = tl.load(norm_w + part * HEAD + tl.arange(0, HEAD)).to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD + eps)
         x = (x * rstd[:, None] * weight[None, :]).to(c.dtype.element_ty).to(tl.float32)
         even, odd = tl.split(tl.reshape(x, (BLOCK_M, HEAD // 2, 2)))
@@ -724,7 +724,7 @@ class Gate(NamedTuple):
 
 class Heads(NamedTuple):
     """A fused q|k|v projection's epilogue (``HEADS``): the result becomes attention's inputs [3, batch,
-    heads, tokens, head], queries and keys RMS-normalized per head (``norm``: float32 [2, head], the
+    heads, tokens, head], queries and keys RMS-normalized per head (``norm``: [2, head], the
     queries' weight then the keys') and rotated (``tables``: :func:`~engine.int8.heads.rotation_tables`)."""
 
     norm: torch.Tensor

@@ -505,7 +505,7 @@ scaled_mm_heads = _register(
     ),
 )
 """:data:`scaled_mm` of a fused q|k|v projection, handed on as attention's inputs [3, batch, heads,
-tokens, head]: queries and keys RMS-normalized per head (``norm`` float32 [2, head]: the queries' weight,
+tokens, head]: queries and keys RMS-normalized per head (``norm`` [2, head]: the queries' weight,
 the keys') and rotated by the angles in ``tables`` (:func:`~engine.int8.heads.rotation_tables`;
 :func:`engine.int8.heads.attention_inputs`)."""
 
@@ -527,7 +527,7 @@ def int8_attention_inputs(
         )
     rows = x if isinstance(x, QuantizedInput) else _quantized_input(x, 0, dtype, shape)
     w_scale, bias, *_ = _gate_args(weight.w_scale, weight.bias, None)
-    weights = torch.stack([norm.query_weight, norm.key_weight]).float()
+    weights = torch.stack([norm.query_weight, norm.key_weight])
     run = scaled_mm_heads if torch.compiler.is_compiling() else _scaled_mm_heads
     q, k, v = run(rows.q, rows.scale, weight.w_int8, w_scale, bias, dtype, weights, norm.eps, rotation_tables(norm.rope))
     return q, k, v
