@@ -129,7 +129,7 @@ def test_flux2_single_blocks_take_attention_inputs_from_the_gemm(backend, monkey
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"])
     build.quantize_model(model, arch, "rowwise", "none")
-    inputs = model.random_inputs(2, 64)  # two samples: the epilogue's rows cross a sample boundary
+    inputs = model.random_inputs(2, 64, text=8)  # two samples of 24 tokens: tiles cross a sample boundary
     calls = []
 
     def counting(*args):
