@@ -518,9 +518,10 @@ def _store_heads(
 ):
     """Store one head's tile x (float32 [BLOCK_M, HEAD], rows = tokens) of a fused q|k|v projection into
     c [3, batch, heads, tokens, HEAD]. Query and key heads are first RMS-normalized over the head, times
-    their weight (``norm_w`` [2, HEAD], any float dtype: queries', keys'), rounded to c's dtype, then their channel
-    pairs (2i, 2i+1) rotated in float32 by the token's angles (``tables``: their cosines, then their sines,
-    float32 [2, tokens, HEAD / 2]): :func:`engine.int8.heads.attention_inputs`, unfused."""
+    their weight (``norm_w`` [2, HEAD], any float dtype: queries', keys'), rounded to c's dtype, then
+    their channel pairs (2i, 2i+1) rotated in float32 by the token's angles (``tables``: their cosines,
+    then their sines, float32 [2, tokens, HEAD / 2]): :func:`engine.int8.heads.attention_inputs`,
+    unfused. HEAD is a power of two, at least 16."""
     hidden = N // 3
     part = (pid_n * HEAD) // hidden  # 0 queries, 1 keys, 2 values
     head = (pid_n * HEAD - part * hidden) // HEAD

@@ -488,7 +488,8 @@ call; eager callers go through :func:`int8_linear`."""
 
 def _scaled_mm_heads(q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, norm, eps: float, tables) -> torch.Tensor:
     """:data:`scaled_mm_heads`' body (tensors as its schema and docstring say)."""
-    if backend_for(q) == "triton":
+    head = norm.shape[1]
+    if backend_for(q) == "triton" and head >= 16 and head & (head - 1) == 0:  # a tile is one head wide
         return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, heads=kernels.Heads(norm, eps, tables))
     projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, None, None, None)
     qkv = projected.reshape(-1, tables.shape[1], w_int8.shape[0])
