@@ -13,9 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.ops import ActivatedInput, Int8Weight, LoraFactors, NormedInput, int8_linear
+from engine.int8.ops import (
+    ActivatedInput,
+    Int8Weight,
+    LoraFactors,
+    NormedInput,
+    int8_linear,
+)
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
-from engine.int8.rotation import RotationError, check_group, marker_group, parse_marker, rotate
+from engine.int8.rotation import (
+    RotationError,
+    check_group,
+    marker_group,
+    parse_marker,
+    rotate,
+)
 from engine.jobs import JobError
 
 
