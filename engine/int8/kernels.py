@@ -732,6 +732,16 @@ class Heads(NamedTuple):
     eps: float
     tables: torch.Tensor
 
+    @property
+    def size(self) -> int:
+        """The head width: a tile's columns."""
+        return self.norm.shape[1]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per sample: rows of the rotation tables."""
+        return self.tables.shape[1]
+
 
 def heads_config(config: TileConfig, head: int) -> TileConfig:
     """``config`` with one head per tile (``HEADS`` normalizes a head within its tile), stored with
@@ -755,7 +765,7 @@ def epilogue_kind(w: torch.Tensor, gate: Gate | None, heads: Heads | None = None
     a gated GEMM, ``"glu-stacked"`` where the gate's weight follows ``w`` in memory
     (:func:`stacked_halves`), ``"heads<size>"`` for attention's inputs."""
     if heads is not None:
-        return f"heads{heads.norm.shape[1]}"
+        return f"heads{heads.size}"
     if gate is None:
         return ""
     return "glu-stacked" if stacked_halves(w, gate.w) else "glu"
@@ -785,7 +795,7 @@ def launch_scaled_mm(
     """Run the GEMM with one config. ``w_scale`` is float32 with 1 or N elements, contiguous."""
     M, K = q.shape
     N = w.shape[0]
-    if heads is not None and (gate is not None or lora is not None or config.block_n != heads.norm.shape[1] or config.tma_store):
+    if heads is not None and (gate is not None or lora is not None or config.block_n != heads.size or config.tma_store):
         raise ValueError("attention's inputs take no gate nor low-rank term, and a heads_config")
     if gate is not None and (lora is not None or gate.scale.numel() != w_scale.numel() or (gate.bias is None) != (bias is None)):
         raise ValueError("a gated GEMM takes no low-rank term, and its two weights the same kinds of scale and bias")
@@ -816,7 +826,7 @@ def launch_scaled_mm(
         _scaled_mm_kernel, (programs,),
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale, b2, w2_scale,
         bias2 if bias2 is not None else x_scale, M, N, K, q.stride(0), w.stride(0), w2.stride(0), out.stride(0),
-        programs, *lora_args, norm, tables, tables.shape[1] if heads is not None else 1, eps,
+        programs, *lora_args, norm, tables, heads.tokens if heads is not None else 1, eps,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
@@ -982,7 +992,7 @@ class GemmTuner:
         found = self.cached(q.device, M, N, K, *sizes)
         if found:
             return usable(found, q, w, out, gate)
-        head = heads.norm.shape[1] if heads is not None else 0
+        head = heads.size if heads is not None else 0
         configs = candidate_configs(arch_of(q.device), M, gated=gate is not None, head=head)
         candidates = [usable(c, q, w, out, gate) for c in configs if lora is None or not c.warp_specialize]
         candidates = list(dict.fromkeys(candidates))
@@ -1044,16 +1054,15 @@ def scaled_mm(
     made one head wide (:func:`heads_config`).
     """
     M, N = q.shape[0], w.shape[0]
+    head = heads.size if heads is not None else 0
     if heads is None:
         out = torch.empty(M, N, dtype=out_dtype, device=q.device)
     else:
-        tokens, head = heads.tables.shape[1], heads.norm.shape[1]
-        out = torch.empty(3, M // tokens, N // (3 * head), tokens, head, dtype=out_dtype, device=q.device)
+        out = torch.empty(3, M // heads.tokens, N // (3 * head), heads.tokens, head, dtype=out_dtype, device=q.device)
         config = config and heads_config(config, head)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16
             lora = LowRank(lora.x.float(), lora.up.float(), lora.scale)
-        head = heads.norm.shape[1] if heads is not None else 0
         config = usable(config or candidate_configs("sm80", M, gated=gate is not None, head=head)[0], q, w, out, gate)
         launch_scaled_mm(config, q, x_scale, w, w_scale, bias, out, 4, lora, gate, heads)
         return out
