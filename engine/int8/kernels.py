@@ -755,8 +755,8 @@ def stacked_halves(w: torch.Tensor, w2: torch.Tensor) -> bool:
     in-projection's weight do: a gated GEMM then loads both as one tile (``STACKED``)."""
     return (
         w2.shape == w.shape and w2.stride() == w.stride() and w.stride(1) == 1
-        and w2.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
         and w2.data_ptr() == w.data_ptr() + w.shape[0] * w.stride(0) * w.element_size()
+        and w2.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()  # last: the dearest test
     )
 
 
