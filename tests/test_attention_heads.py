@@ -123,10 +123,18 @@ def test_attention_inputs_compile_without_graph_breaks():
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=DEVICES[0].marks)])
-def test_flux2_single_blocks_take_attention_inputs_from_the_gemm(backend, monkeypatch):
-    """Each int8 single block's q|k|v rows hand on attention's inputs; the model's output is that of the
+@pytest.mark.parametrize(
+    "arch_name, fused_projections",
+    [
+        ("flux2", lambda m: 2 * len(m.double_blocks) + len(m.single_blocks)),
+        ("chroma", lambda m: 2 * len(m.double_blocks)),  # GELU single blocks project q|k|v with their MLP
+        ("zimage", lambda m: len(m.layers)),  # the refiners stay bf16
+    ],
+)
+def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections, backend, monkeypatch):
+    """Each plain int8 q|k|v projection hands on attention's inputs; the model's output is that of the
     unfused chain (float32: the paths differ only in the norm's and rotation's float rounding)."""
-    arch = REGISTRY["flux2"]
+    arch = REGISTRY[arch_name]
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"])
     build.quantize_model(model, arch, "rowwise", "none")
@@ -140,9 +148,9 @@ def test_flux2_single_blocks_take_attention_inputs_from_the_gemm(backend, monkey
     with torch.no_grad(), ops.use_backend(backend):
         monkeypatch.setattr(layers, "int8_attention_inputs", counting)
         fused = model(**inputs).double()
-        assert len(calls) == len(model.single_blocks)
+        assert len(calls) == fused_projections(model)
         monkeypatch.setattr(layers, "int8_attention_inputs", lambda x, weight, norm: attention_inputs(
-            ops.int8_linear(x, *weight).reshape(*x.lead, -1), norm))  # fmt: skip
+            ops.int8_linear(x, *weight), norm))  # fmt: skip
         unfused = model(**inputs).double()
     assert (fused - unfused).norm() / unfused.norm() < 1e-5
 

@@ -18,9 +18,7 @@ from torch import nn
 from engine.int8.heads import (
     QKNormRope,
     Rope,
-    apply_rope,
     attention_inputs,
-    split_heads,
 )
 from engine.int8.linear import Int8Linear
 from engine.int8.ops import (
@@ -120,11 +118,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: Rope) -> torch.Tensor:
-    """Rotary self-attention: :func:`attend` with queries and keys rotated by ``pe`` first."""
-    return attend(apply_rope(q, pe), apply_rope(k, pe), v)
-
-
 class MLPEmbedder(nn.Module):
     """``out_layer(silu(in_layer(x)))``: Flux's time/guidance embedders and Chroma's approximator layers."""
 
@@ -182,6 +175,18 @@ def shared_input(
 def project(linear: nn.Module, x: torch.Tensor | ActivatedInput | NormedInput) -> torch.Tensor:
     """``linear(x)`` for an input that may not be computed yet (:func:`shared_input`)."""
     return linear(shared_input(x, linear))
+
+
+def attention_heads(
+    linear: nn.Module, x: torch.Tensor | NormedInput, norm: QKNormRope
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention's inputs q, k, v from a fused q|k|v projection of ``x``: out of the int8 GEMM's
+    epilogue where the layer runs the plain int8 product, else the unfused chain
+    (:func:`~engine.int8.heads.attention_inputs`)."""
+    weight = int8_rows(linear)
+    if weight is None:
+        return attention_inputs(project(linear, x), norm)
+    return int8_attention_inputs(shared_input(x, linear), weight, norm)
 
 
 def int8_rows(linear: nn.Module, start: int = 0, stop: int | None = None) -> Int8Weight | None:
@@ -244,7 +249,6 @@ class DoubleBlock(nn.Module):
 
     def __init__(self, hidden: int, head_dim: int, mlp_in: int, mlp_hidden: int, act: nn.Module, bias: bool):
         super().__init__()
-        self.head_dim = head_dim
         for stream in ("img", "txt"):
             self.add_module(f"{stream}_attn", FluxAttention(hidden, head_dim, bias))
             mlp = MLP(nn.Linear(hidden, mlp_in, bias=bias), act, nn.Linear(mlp_hidden, hidden, bias=bias))
@@ -253,24 +257,19 @@ class DoubleBlock(nn.Module):
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, img_mod: Modulation, txt_mod: Modulation, pe: Rope
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_q, img_k, img_v = self._qkv(self.img_attn, img, img_mod)
-        txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt, txt_mod)
-        out = attention(
-            torch.cat([txt_q, img_q], dim=2),
-            torch.cat([txt_k, img_k], dim=2),
-            torch.cat([txt_v, img_v], dim=2),
-            pe,
-        )
-        txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
+        text = txt.shape[1]  # text tokens come first in the joint sequence and in pe
+        txt_qkv = self._qkv(self.txt_attn, txt, txt_mod, pe[:text])
+        img_qkv = self._qkv(self.img_attn, img, img_mod, pe[text:])
+        out = attend(*(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv)))
+        txt_out, img_out = out.split([text, img.shape[1]], dim=1)
         img = self._rest(self.img_attn, self.img_mlp, img, img_out, img_mod)
         txt = self._rest(self.txt_attn, self.txt_mlp, txt, txt_out, txt_mod)
         return img, txt
 
-    def _qkv(self, attn: FluxAttention, x: torch.Tensor, mod: Modulation):
+    @staticmethod
+    def _qkv(attn: FluxAttention, x: torch.Tensor, mod: Modulation, pe: Rope):
         shift, scale = mod[0], mod[1]
-        q, k, v = split_heads(project(attn.qkv, modulated(x, shift, scale)), self.head_dim)
-        q, k = attn.norm(q, k)
-        return q, k, v
+        return attention_heads(attn.qkv, modulated(x, shift, scale), attn.norm.rotating(pe))
 
     @staticmethod
     def _rest(attn: FluxAttention, mlp: nn.Module, x: torch.Tensor, out: torch.Tensor, mod: Modulation):

@@ -14,21 +14,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.int8.heads import QKNormRope
 from engine.int8.ops import ActivatedInput, NormedInput, int8_linear
 from engine.models.layers import (
     Inputs,
     Rope,
-    attention,
+    attend,
+    attention_heads,
     int8_rows,
     layer_norm,
     position_ids,
     project,
     rope,
     shared_input,
-    split_heads,
     timestep_embedding,
 )
-from engine.models.spec import Architecture, Config, Rule, Shape, block_count, linear, register
+from engine.models.spec import (
+    Architecture,
+    Config,
+    Rule,
+    Shape,
+    block_count,
+    linear,
+    register,
+)
 
 BLOCKS = {"noise_refiner": True, "context_refiner": False, "layers": True}  # name → modulated
 PATCH = "2-1"  # diffusers' key for patch size 2, frame patch size 1
@@ -151,15 +160,14 @@ NORM_EPS = 1e-5
 class Attention(nn.Module):
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
-        self.head_dim = head_dim
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
         self.q_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
         self.k_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
 
     def forward(self, x: torch.Tensor | NormedInput, pe: Rope) -> torch.Tensor:
-        q, k, v = split_heads(project(self.qkv, x), self.head_dim)
-        return self.out(attention(self.q_norm(q), self.k_norm(k), v, pe))
+        norm = QKNormRope(self.q_norm.weight, self.k_norm.weight, NORM_EPS, pe)
+        return self.out(attend(*attention_heads(self.qkv, x, norm)))
 
 
 class FeedForward(nn.Module):
