@@ -138,7 +138,7 @@ def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"])
     build.quantize_model(model, arch, "rowwise", "none")
-    inputs = model.random_inputs(2, 64, text=8)  # two samples of 24 tokens: tiles cross a sample boundary
+    inputs = model.random_inputs(2, 64, text=8)  # two samples: tiles cross a sample boundary
     calls = []
 
     def counting(*args):
