@@ -125,14 +125,34 @@ def test_layers_share_a_normed_input_only_where_all_of_them_are_int8():
     assert torch.equal(layers.modulate(x.x, x.shift, x.mul - 1), layers.modulated(x.x, x.shift, x.mul - 1).materialize())
 
 
-def test_compiled_layers_fuse_the_norm_through_inductor_not_the_kernel():
-    """Under torch.compile the input is materialized (plain ops inductor fuses), so the graph has no
-    kernel call for it and no graph break."""
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, device):
+    """Under torch.compile the Triton backend calls the fused kernel through its op
+    (``int8_studio::quantize_normed``), other backends materialize the input: either way the output is
+    the eager one exactly, with no graph break."""
     torch._dynamo.reset()
-    layer = Int8Linear.from_float(torch.nn.Linear(64, 16)).to(torch.bfloat16)
-    x = make_input("rms", 2, 8, 64, torch.bfloat16, "cpu")
-    explanation = torch._dynamo.explain(lambda x: layers.project(layer, x))(x)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    assert "rms_norm" in explanation.graphs[0].code
-    compiled = torch.compile(lambda x: layers.project(layer, x), backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), layer(x.materialize()), rtol=0, atol=0)
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 16)).to(device, torch.bfloat16)
+    x = make_input("rms", 2, 8, 64, torch.bfloat16, device)
+    with ops.use_backend(backend):
+        explanation = torch._dynamo.explain(lambda x: layers.project(layer, x))(x)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        fused = "int8_studio.quantize_normed" in explanation.graphs[0].code
+        assert fused == (backend == "triton") and fused != ("rms_norm" in explanation.graphs[0].code)
+        compiled = torch.compile(lambda x: layers.project(layer, x), backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), layers.project(layer, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("norm", ops.NORMS)
+def test_the_normed_op_on_any_backend_is_the_kernel_within_one_rounding(backend, device, norm):
+    """``int8_studio::quantize_normed`` off the Triton backend materializes the input, rounded to the
+    input dtype after the norm and after the modulation where the kernel keeps float32: int8 values
+    within two steps, scales within two roundings."""
+    x = make_input(norm, 2, 9, 200, torch.bfloat16, device)
+    rows, normed = x.kernel_rows()
+    want_q, want_scale = kernels.quantize_normed_rows(rows, normed)
+    with ops.use_backend(backend):
+        q, scale = ops.quantize_normed(rows, *normed)
+    assert q.dtype == torch.int8 and q.shape == rows.shape and scale.shape == (rows.shape[0],)
+    assert (q.int() - want_q.int()).abs().max() <= 2
+    torch.testing.assert_close(scale, want_scale, rtol=2 * ULP[torch.bfloat16], atol=0)

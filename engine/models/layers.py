@@ -162,13 +162,10 @@ def shared_input(
 ) -> torch.Tensor | ActivatedInput | NormedInput:
     """``x`` for layers that all take it: as it is where every one is an ``Int8Linear``, whose Triton
     quantization then applies x's norm or activation on the way in (x's float rows never reach memory),
-    else materialized once for all of them. Under torch.compile a norm is materialized too: inductor
-    fuses it into the quantization itself."""
+    else materialized once for all of them."""
     if isinstance(x, torch.Tensor):
         return x
     lazy = all(isinstance(linear, Int8Linear) for linear in linears)
-    if isinstance(x, NormedInput) and torch.compiler.is_compiling():
-        lazy = False
     return x if lazy else x.materialize()
 
 
