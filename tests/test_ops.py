@@ -197,6 +197,19 @@ def test_cuda_backends_within_int8_rounding_and_agree(scale_shape, with_bias, dt
         assert (diff <= outs["torch"].double().abs() * ULP[dtype] + 1e-5).all(), backend
 
 
+def test_inductor_quantizes_non_finite_rows_as_eager_code_does():
+    """Inductor folds ``x * 0`` to 0, so a finiteness test built on it let ±Inf rows through as Inf
+    scales and -128 values; compiled, such rows must still get a NaN scale and zeros."""
+    x = torch.randn(6, 72)
+    x[1, 3], x[2, 5], x[3, 7], x[4] = float("inf"), float("nan"), -float("inf"), 0
+    torch._dynamo.reset()
+    q, scale = torch.compile(ops.quantize_rows_torch, fullgraph=True)(x)
+    want_q, want_scale = ops.quantize_rows_torch(x)
+    assert torch.isnan(scale[1:4]).all() and not q[1:4].any()
+    assert torch.equal(q, want_q)
+    torch.testing.assert_close(scale, want_scale, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.gpu
 def test_cuda_edge_rows_and_compile_with_inductor():
     w_int8, w_scale, bias = make_layer(64, 128, (64, 1), True, device="cuda")

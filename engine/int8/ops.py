@@ -124,8 +124,10 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(q int8 [M, K], scale float32 [M])``; a row with NaN/Inf gets scale NaN and zeros.
     """
     x = x.float()
-    row_max = x.abs().amax(dim=1).clamp(min=MIN_ABSMAX)
-    finite = torch.isfinite((x * 0).sum(dim=1))
+    absmax = x.abs().amax(dim=1)  # NaN or Inf where the row holds one
+    # not ``(x * 0).sum()``: inductor folds ``x * 0`` to 0, and Inf rows then came out as Inf scales
+    finite = torch.isfinite(absmax)
+    row_max = absmax.clamp(min=MIN_ABSMAX)
     # Tensor-by-tensor divisions: PyTorch may turn a division by or of a Python number into a
     # multiplication by a reciprocal, rounded twice, and then the values would differ from the kernel's.
     qmax = torch.full_like(row_max, QMAX)
