@@ -17,12 +17,13 @@ against 3.2 + 1.5 ms unfused). Down-projections take their input before the acti
 (:class:`ActivatedInput`: SwiGLU or GELU, after an optional concatenated prefix) and quantize it with
 ``int8_studio::quantize_activated``, whose kernel applies the activation on the way in, eager and
 compiled alike. Projections after a norm take their input before it (:class:`NormedInput`): one
-kernel normalizes, modulates and quantizes each row, eager and compiled (``int8_studio::quantize_normed``):
-inductor's fused version loops over each 3–4k-wide row three times and took 44 µs where the kernel
-takes 24 (H200, 4352 × 3840; Z-Image and Klein 9B compiled steps −1 ms). A SwiGLU in-projection runs as one gated GEMM (``int8_linear``'s
-``gate``: ``silu(x·W₁ᵀ) · (x·W₂ᵀ)``, the two products never written out), and layers that share an
-input can quantize it once (:func:`quantize_input`). Compiled graphs have no graph breaks and symbolic
-token counts.
+kernel normalizes, modulates and quantizes each row, eager and compiled
+(``int8_studio::quantize_normed``): inductor's fused version loops over each 3–4k-wide row three
+times and took 44 µs where the kernel takes 24 (H200, 4352 × 3840; Z-Image and Klein 9B compiled
+steps −1 ms). A SwiGLU in-projection runs as one gated GEMM (``int8_linear``'s ``gate``:
+``silu(x·W₁ᵀ) · (x·W₂ᵀ)``, the two products never written out), and layers that share an input can
+quantize it once (:func:`quantize_input`). Compiled graphs have no graph breaks and symbolic token
+counts.
 (Inductor's fused code may round a row's scale 1 ulp differently from the Triton kernel: int8 values
 can then differ by one step, within int8 rounding.)
 
@@ -178,8 +179,9 @@ class NormedInput(NamedTuple):
 
     Projections that follow a norm (and a block's modulation) take their input this way so that the
     Triton backend normalizes, modulates and quantizes each row in one kernel (eager and compiled): the
-    normalized rows are never written out in bf16 and read back. ``norm``: ``"layer"`` or ``"rms"``, times ``weight`` [K] if given; ``mul`` and ``shift``
-    [..., K] or None. Everything else quantizes :meth:`materialize`'s result.
+    normalized rows are never written out in bf16 and read back. ``norm``: ``"layer"`` or ``"rms"``,
+    times ``weight`` [K] if given; ``mul`` and ``shift`` [..., K] or None. Everything else quantizes
+    :meth:`materialize`'s result.
     """
 
     x: torch.Tensor
