@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 from engine.int8 import kernels, ops
 from engine.int8.linear import Int8Linear
@@ -129,7 +130,7 @@ def test_layers_share_a_normed_input_only_where_all_of_them_are_int8():
 def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, device):
     """Under torch.compile the Triton backend calls the fused kernel through its op
     (``int8_studio::quantize_normed``), other backends materialize the input: either way the output is
-    the eager one exactly, with no graph break."""
+    the eager one exactly, with no graph break and no recompile for another token count."""
     torch._dynamo.reset()
     layer = Int8Linear.from_float(torch.nn.Linear(64, 16)).to(device, torch.bfloat16)
     x = make_input("rms", 2, 8, 64, torch.bfloat16, device)
@@ -138,8 +139,14 @@ def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, dev
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
         fused = "int8_studio.quantize_normed" in explanation.graphs[0].code
         assert fused == (backend == "triton") and fused != ("rms_norm" in explanation.graphs[0].code)
-        compiled = torch.compile(lambda x: layers.project(layer, x), backend="aot_eager", fullgraph=True)
-        torch.testing.assert_close(compiled(x), layers.project(layer, x), rtol=0, atol=0)
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(lambda x: layers.project(layer, x), backend=counter, fullgraph=True)
+        for tokens in (8, 13):
+            x = make_input("rms", 2, tokens, 64, torch.bfloat16, device)
+            torch._dynamo.mark_dynamic(x.x, 1)
+            torch.testing.assert_close(compiled(x), layers.project(layer, x), rtol=0, atol=0)
+        assert counter.frame_count == 1
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
