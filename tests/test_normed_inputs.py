@@ -10,7 +10,7 @@ import torch._dynamo.testing
 from engine.int8 import kernels, ops
 from engine.int8.linear import Int8Linear
 from engine.models import layers
-from tests.int8_reference import BACKENDS, DEVICES, ULP, assert_within_int8_rounding
+from tests.int8_reference import BACKENDS, DEVICES, NEEDS_INTERPRETER, ULP, assert_within_int8_rounding
 
 
 def make_input(norm, batch, tokens, width, dtype, device, weight=True, mul=True, shift=True) -> ops.NormedInput:
@@ -163,3 +163,11 @@ def test_the_normed_op_on_any_backend_is_the_kernel_within_one_rounding(backend,
     assert q.dtype == torch.int8 and q.shape == rows.shape and scale.shape == (rows.shape[0],)
     assert (q.int() - want_q.int()).abs().max() <= 2
     torch.testing.assert_close(scale, want_scale, rtol=2 * ULP[torch.bfloat16], atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
+def test_opcheck_of_the_normed_quantization(backend):
+    rows, normed = make_input("layer", 2, 5, 48, torch.bfloat16, "cpu").kernel_rows()
+    with ops.use_backend(backend):
+        torch.library.opcheck(ops.quantize_normed, (rows, *normed))
+        torch.library.opcheck(ops.quantize_normed, (rows, True, None, 1e-6, None, None, 5))
