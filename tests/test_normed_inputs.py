@@ -10,7 +10,13 @@ import torch._dynamo.testing
 from engine.int8 import kernels, ops
 from engine.int8.linear import Int8Linear
 from engine.models import layers
-from tests.int8_reference import BACKENDS, DEVICES, NEEDS_INTERPRETER, ULP, assert_within_int8_rounding
+from tests.int8_reference import (
+    BACKENDS,
+    DEVICES,
+    NEEDS_INTERPRETER,
+    ULP,
+    assert_within_int8_rounding,
+)
 
 
 def make_input(norm, batch, tokens, width, dtype, device, weight=True, mul=True, shift=True) -> ops.NormedInput:
