@@ -1,5 +1,5 @@
-"""Projection inputs given before their norm and modulation (``ops.NormedInput``): eager, the Triton
-backend normalizes, modulates and quantizes each row in one kernel."""
+"""Projection inputs given before their norm and modulation (``ops.NormedInput``): the Triton backend
+normalizes, modulates and quantizes each row in one kernel, eager and compiled."""
 
 from __future__ import annotations
 
