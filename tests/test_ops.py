@@ -227,4 +227,7 @@ def test_cuda_edge_rows_and_compile_with_inductor():
         x = torch.randn(1, tokens, 128, dtype=torch.bfloat16, device="cuda")
         torch._dynamo.mark_dynamic(x, 1)
         torch.testing.assert_close(compiled(x), block(x), rtol=2**-7, atol=1e-2)
+    x[0, 5, 9], x[0, 6, 3] = float("inf"), float("nan")  # compiled too, a non-finite row poisons only itself
+    out = compiled(x)[0]
+    assert torch.isnan(out[5:7]).all() and torch.isfinite(out[:5]).all() and torch.isfinite(out[7:]).all()
     assert counter.frame_count == 1
