@@ -50,18 +50,16 @@ class RMSNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """RMSNorm of queries and keys over the head dimension (``norm.{query,key}_norm.scale``)."""
+    """RMSNorm of queries and keys over the head dimension (``norm.{query,key}_norm.scale``), applied
+    with the rotation through :meth:`rotating`."""
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.query_norm(q), self.key_norm(k)
-
     def rotating(self, pe: Rope) -> QKNormRope:
-        """These norms followed by rotation by ``pe``, for :func:`in_projection`."""
+        """These norms followed by rotation by ``pe``, for :func:`attention_heads` and :func:`in_projection`."""
         return QKNormRope(self.query_norm.scale, self.key_norm.scale, self.query_norm.eps, pe)
 
 
