@@ -200,21 +200,16 @@ def in_projection(
     the head's, whose GEMM then hands on attention's inputs itself."""
     if not act.gated or int8_rows(linear) is None:
         y = project(linear, x)
-        out, rest = (y[..., :head] if head else None), act.lazy(y[..., head:])
+        out = y[..., :head] if head else None
+        return (attention_inputs(out, norm) if norm is not None else out), act.lazy(y[..., head:])
+    half = (linear.out_features - head) // 2
+    rows = quantize_input(x)
+    if norm is not None:
+        out = int8_attention_inputs(rows, linear.int8_rows(0, head), norm)
     else:
-        half = (linear.out_features - head) // 2
-        rows = quantize_input(x)
-        if norm is not None:
-            return int8_attention_inputs(rows, linear.int8_rows(0, head), norm), _gated(linear, rows, head, half)
         out = int8_linear(rows, *linear.int8_rows(0, head)) if head else None
-        rest = _gated(linear, rows, head, half)
-    return (attention_inputs(out, norm) if norm is not None else out), rest
-
-
-def _gated(linear: Int8Linear, rows, start: int, half: int) -> ActivatedInput:
-    """The SwiGLU of rows ``[start, start + half)`` and the next ``half`` of ``linear``, as one gated GEMM."""
-    gated = int8_linear(rows, *linear.int8_rows(start, start + half), gate=linear.int8_rows(start + half))
-    return ActivatedInput("identity", gated)
+    gated = int8_linear(rows, *linear.int8_rows(head, head + half), gate=linear.int8_rows(head + half))
+    return out, ActivatedInput("identity", gated)
 
 
 class MLP(nn.Sequential):
