@@ -47,12 +47,11 @@ def assert_swiglu_of(out, a, g, config=None) -> None:
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("n, k", [(70, 256), (40, 272)])
 @pytest.mark.parametrize("scheme, with_bias", [("tensorwise", True), ("rowwise", False)])
-@pytest.mark.parametrize("one_tensor", [False, True])  # True: TMA configs load both halves as one tile
-def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias, one_tensor):
+@pytest.mark.parametrize("layout", ["apart", "stacked", "gate first", "misaligned"])  # of the two weights
+def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias, layout):
     x = torch.randn(m, k, dtype=dtype, device=device)
     first, second = (make_weight(n, k, scheme, with_bias, dtype, device) for _ in range(2))
-    if one_tensor:
-        first, second = stacked(first, second)
+    first, second = laid_out(first, second, layout)
     q, x_scale = kernels.quantize_rows(x)
     a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale, w.bias) for w in (first, second))
     gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1), second.bias)
@@ -66,31 +65,31 @@ def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bi
 
 
 @NEEDS_INTERPRETER
-def test_only_tma_loads_of_halves_in_one_tensor_are_stacked(monkeypatch):
+def test_only_tma_loads_of_weights_16_bytes_apart_are_stacked(monkeypatch):
     q, x_scale = kernels.quantize_rows(torch.randn(5, 64, dtype=torch.bfloat16))
-    apart = [make_weight(40, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2)]
+    weights = [make_weight(40, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2)]
     seen = []
     launch = kernels.launch
 
     def recorded(kernel, grid, *args, **named):
-        seen.append(named["STACKED"])
+        seen.append((named["STACKED"], named["GATE_AFTER"]))
         launch(kernel, grid, *args, **named)
 
     monkeypatch.setattr(kernels, "launch", recorded)
-    for first, second in (apart, stacked(*apart)):
+    for layout in ("stacked", "gate first", "misaligned"):
+        first, second = laid_out(*weights, layout)
         for config in (kernels.TileConfig(16, 16, 64, 4, 2, tma=True), kernels.TileConfig(16, 16, 64, 4, 2)):
             gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1))
             kernels.scaled_mm(q, x_scale, first.w_int8, first.w_scale.reshape(-1), None, torch.bfloat16, config, gate=gate)
-    assert seen == [False, False, True, False]
+    assert seen == [(True, True), (False, True), (True, False), (False, True), (False, True), (False, True)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_tensor", [False, True])
-def test_gated_scaled_mm_with_several_tiles_per_program(one_tensor):
+@pytest.mark.parametrize("layout", ["apart", "stacked", "gate first", "misaligned"])
+def test_gated_scaled_mm_with_several_tiles_per_program(layout):
     x = torch.randn(2000, 512, dtype=torch.bfloat16, device="cuda")
     first, second = (make_weight(1100, 512, "rowwise", False, torch.bfloat16, "cuda") for _ in range(2))
-    if one_tensor:
-        first, second = stacked(first, second)
+    first, second = laid_out(first, second, layout)
     q, x_scale = kernels.quantize_rows(x)
     a, g = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale).to(torch.bfloat16).double() for w in (first, second))
     gate = kernels.Gate(second.w_int8, second.w_scale.reshape(-1))
@@ -210,24 +209,35 @@ def test_gated_configs_halve_the_tile_width_and_have_their_own_tuning_key():
     assert keys == {"8192,12288,4096", "8192,12288,4096,glu", "8192,12288,4096,glu-stacked"}
 
 
-def test_halves_are_stacked_only_when_the_gate_rows_follow_in_one_tensor():
+def test_halves_are_stacked_where_one_descriptor_describes_both():
     w = torch.zeros(2 * 24 + 1, 32, dtype=torch.int8)
     one, other = w[:24], w[24:48]
     assert kernels.stacked_halves(one, other) and kernels.epilogue_kind(one, kernels.Gate(other, torch.ones(1))) == "glu-stacked"
-    assert not kernels.stacked_halves(other, one)  # the gate's rows before the weight's
-    assert not kernels.stacked_halves(one, w[25:49])  # a row apart
+    assert kernels.stacked_halves(other, one)  # the gate's rows before the weight's
+    assert kernels.stacked_halves(one, w[25:49])  # a row (32 bytes) apart
+    assert not kernels.stacked_halves(one, w[1:25])  # overlapping
     assert kernels.stacked_halves(w[:24, :16], w[24:48, :16])  # column slices: rows keep their stride
     assert not kernels.stacked_halves(one, w[24:47])  # another shape
-    assert not kernels.stacked_halves(one, torch.zeros(24, 32, dtype=torch.int8))  # two tensors
-    assert kernels.epilogue_kind(one, kernels.Gate(torch.zeros(24, 32, dtype=torch.int8), torch.ones(1))) == "glu"
+    assert not kernels.stacked_halves(one, w.view(-1)[8 + 24 * 32 :][: 24 * 32].view(24, 32))  # 8 bytes off
+    assert kernels.stacked_halves(one, torch.zeros(24, 32, dtype=torch.int8))  # two tensors (64-byte aligned)
+    assert kernels.epilogue_kind(one, kernels.Gate(torch.zeros(24, 32, dtype=torch.int16), torch.ones(1))) == "glu"
     assert kernels.epilogue_kind(one, None) == ""
 
 
-def stacked(first: ops.Int8Weight, second: ops.Int8Weight) -> tuple[ops.Int8Weight, ops.Int8Weight]:
-    """The two weights as the halves of one fused in-projection's weight (rows of one tensor)."""
-    n = first.w_int8.shape[0]
-    w = torch.cat([first.w_int8, second.w_int8])
-    return first._replace(w_int8=w[:n]), second._replace(w_int8=w[n:])
+def laid_out(first: ops.Int8Weight, second: ops.Int8Weight, layout: str) -> tuple[ops.Int8Weight, ops.Int8Weight]:
+    """The two weights as separate tensors (``"apart"``), as the halves of one fused in-projection's
+    weight (rows of one tensor, ``"stacked"``), those halves the other way round (``"gate first"``), or
+    in one tensor 8 bytes off a 16-byte distance (``"misaligned"``: never one descriptor)."""
+    n, k = first.w_int8.shape
+    if layout == "apart":
+        return first, second
+    if layout == "misaligned":
+        w = torch.empty(2 * n * k + 8, dtype=torch.int8, device=first.w_int8.device)
+        w[: n * k], w[n * k + 8 :] = first.w_int8.flatten(), second.w_int8.flatten()
+        return first._replace(w_int8=w[: n * k].view(n, k)), second._replace(w_int8=w[n * k + 8 :].view(n, k))
+    w = torch.cat([first.w_int8, second.w_int8] if layout == "stacked" else [second.w_int8, first.w_int8])
+    halves = (w[:n], w[n:]) if layout == "stacked" else (w[n:], w[:n])
+    return first._replace(w_int8=halves[0]), second._replace(w_int8=halves[1])
 
 
 @NEEDS_INTERPRETER

@@ -441,12 +441,13 @@ def _add_low_rank(out, lx, lu, ls, offs_m, offs_n, m_ok, n_ok, R, stride_lx, str
 @triton.jit
 def _tma_mainloop(
     a, b, b2, pid_m, pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GLU: tl.constexpr, STACKED: tl.constexpr,
+    GLU: tl.constexpr, STACKED: tl.constexpr, GATE_AFTER: tl.constexpr,
 ):
     """One tile's int32 ``A @ Bᵀ`` (and ``A @ B2ᵀ`` with ``GLU``, else a placeholder) through tensor
     descriptors (out-of-range reads come back as zeros). ``STACKED``: ``b`` is one descriptor over
-    [2, N, K], B2's rows right after B's, so one load and one MMA twice as wide compute both products,
-    which are split apart after the loop (an MMA of width 64 re-reads A's tile for half the work)."""
+    [2, N, K], B then B2 (B2 then B where not ``GATE_AFTER``), so one load and one MMA twice as wide
+    compute both products, which are split apart after the loop (an MMA of width 64 re-reads A's tile
+    for half the work)."""
     if STACKED:
         both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.int32)
         for kt in range(tl.cdiv(K, BLOCK_K)):
@@ -454,6 +455,8 @@ def _tma_mainloop(
             b_tile = tl.reshape(b.load([0, pid_n * BLOCK_N, kt * BLOCK_K]), (2 * BLOCK_N, BLOCK_K))
             both = tl.dot(a_tile, tl.trans(b_tile), both, out_dtype=tl.int32)
         acc, acc2 = tl.split(tl.permute(tl.reshape(both, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        if not GATE_AFTER:
+            acc, acc2 = acc2, acc
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N) if GLU else (1, 1), dtype=tl.int32)
@@ -547,7 +550,8 @@ def _scaled_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
-    STACKED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, HEADS: tl.constexpr,
+    STACKED: tl.constexpr, GATE_AFTER: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
@@ -556,7 +560,7 @@ def _scaled_mm_kernel(
     to C's dtype first, as a SwiGLU after two separate layers rounds them: each tile multiplies its A
     block with the same rows of B and B2, so the two halves of a gated MLP's in-projection never reach
     memory (B2 and B have one shape, and the same kind of scale). ``STACKED`` (TMA only): ``b`` describes
-    [2, N, K], B then B2 (see :func:`_tma_mainloop`). ``HEADS`` (BLOCK_N = the head size, no gate, no
+    [2, N, K], B then B2 (B2 then B where not ``GATE_AFTER``; see :func:`_tma_mainloop`). ``HEADS`` (BLOCK_N = the head size, no gate, no
     low-rank term): the GEMM is a fused q|k|v projection and its tiles go to ``c`` [3, batch, heads,
     tokens, BLOCK_N] as attention's inputs, queries and keys normalized and rotated (:func:`_store_heads`).
 
@@ -585,7 +589,7 @@ def _scaled_mm_kernel(
     ):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         if USE_TMA:
-            acc, acc2 = _tma_mainloop(a, b, b2, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GLU, STACKED)
+            acc, acc2 = _tma_mainloop(a, b, b2, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GLU, STACKED, GATE_AFTER)
         else:
             acc, acc2 = _pointer_mainloop(a, b, b2, pid_m, pid_n, M, N, K, stride_am, stride_bn, stride_b2n,
                                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, MASK_M, GLU)
@@ -751,12 +755,14 @@ def heads_config(config: TileConfig, head: int) -> TileConfig:
 
 
 def stacked_halves(w: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether ``w2``'s rows follow ``w``'s in one tensor, as the two halves of a fused SwiGLU
-    in-projection's weight do: a gated GEMM then loads both as one tile (``STACKED``)."""
+    """Whether one 3-D tensor descriptor can describe ``w`` and ``w2`` as [2, N, K], in one order or the
+    other: the same layout, apart in memory by a multiple of 16 bytes (TMA's stride rule). The halves
+    of a fused SwiGLU in-projection's weight are; two layers' weights (Z-Image's w1 and w3) are too. A
+    gated GEMM then loads both as one tile (``STACKED``)."""
+    distance = w2.data_ptr() - w.data_ptr()
     return (
-        w2.shape == w.shape and w2.stride() == w.stride() and w.stride(1) == 1
-        and w2.data_ptr() == w.data_ptr() + w.shape[0] * w.stride(0) * w.element_size()
-        and w2.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()  # last: the dearest test
+        w2.shape == w.shape and w2.stride() == w.stride() and w.stride(1) == 1 and w2.dtype == w.dtype
+        and abs(distance) >= w.shape[0] * w.stride(0) * w.element_size() and distance % 16 == 0
     )
 
 
@@ -809,11 +815,13 @@ def launch_scaled_mm(
     programs = min(tiles, num_sms) if config.persistent else tiles
     w2, w2_scale, bias2 = gate if gate is not None else (w, w_scale, bias)
     stacked = config.tma and gate is not None and stacked_halves(w, gate.w)
+    gate_after = not stacked or gate.w.data_ptr() > w.data_ptr()
     if config.tma and not config.warp_specialize:
         a = TensorDescriptor.from_tensor(q, [config.block_m, config.block_k])
         if stacked:
-            both = w.as_strided((2, N, K), (N * w.stride(0), w.stride(0), 1))
-            b = b2 = TensorDescriptor.from_tensor(both, [2, config.block_n, config.block_k])
+            first = w if gate_after else w2
+            strides = [abs(w2.data_ptr() - w.data_ptr()) // w.element_size(), w.stride(0), 1]
+            b = b2 = TensorDescriptor(first, [2, N, K], strides, [2, config.block_n, config.block_k])
         else:
             b, b2 = (TensorDescriptor.from_tensor(t, [config.block_n, config.block_k]) for t in (w, w2))
     else:
@@ -831,7 +839,8 @@ def launch_scaled_mm(
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
         WARP_SPECIALIZE=config.warp_specialize, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
-        GLU=gate is not None, STACKED=stacked, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R, HEADS=heads is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        GLU=gate is not None, STACKED=stacked, GATE_AFTER=gate_after, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R,
+        HEADS=heads is not None, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
