@@ -45,7 +45,8 @@ def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, 
     w_scale = weight.w_scale.reshape(-1)
     for config in configs_for(device):
         out = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, weight.bias, dtype, config, heads=epilogue)
-        assert out.shape == (3, batch, heads, tokens, head) and out.dtype == dtype
+        assert out.shape == (3, batch, tokens, heads, head) and out.dtype == dtype
+        out = out.transpose(2, 3)  # q, k, v [batch, heads, tokens, head]
         # the same tile storing the projection itself, then the chain the models run unfused
         plain = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, weight.bias, dtype, kernels.heads_config(config, head))
         want_q, want_k, want_v = attention_inputs(plain.reshape(batch, tokens, -1), norm)
@@ -65,7 +66,7 @@ def test_heads_epilogue_with_real_head_size_and_several_tiles_per_program():
         out = kernels.scaled_mm(q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16,
                                 config, heads=epilogue)  # fmt: skip
         plain = ops.int8_linear(ops.QuantizedInput(q, x_scale, (batch, tokens), torch.bfloat16), *weight)
-        for got, want in zip(out, attention_inputs(plain, norm)):
+        for got, want in zip(out.transpose(2, 3), attention_inputs(plain, norm)):
             assert_heads_close(got, want)
 
 
@@ -80,7 +81,7 @@ def test_every_backend_gives_attention_inputs_of_the_int8_projection(backend, de
         got = ops.int8_attention_inputs(x, weight, norm)
         want = attention_inputs(ops.int8_linear(x, *weight), norm)
     for g, w in zip(got, want):
-        assert g.shape == (batch, heads, tokens, head)
+        assert g.shape == (batch, heads, tokens, head) and g.transpose(1, 2).is_contiguous()  # token-major
         if backend == "triton":
             assert_heads_close(g, w)
         else:  # the same computation

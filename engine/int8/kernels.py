@@ -520,7 +520,7 @@ def _store_heads(
     x, c, pid_n, offs_m, m_ok, M, N, norm_w, tables, tokens, eps, BLOCK_M: tl.constexpr, HEAD: tl.constexpr
 ):
     """Store one head's tile x (float32 [BLOCK_M, HEAD], rows = tokens) of a fused q|k|v projection into
-    c [3, batch, heads, tokens, HEAD]. Query and key heads are first RMS-normalized over the head, times
+    c [3, batch, tokens, heads, HEAD]. Query and key heads are first RMS-normalized over the head, times
     their weight (``norm_w`` [2, HEAD], any float dtype: queries', keys'), rounded to c's dtype, then
     their channel pairs (2i, 2i+1) rotated in float32 by the token's angles (``tables``: their cosines,
     then their sines, float32 [2, tokens, HEAD / 2]): :func:`engine.int8.heads.attention_inputs`,
@@ -538,7 +538,7 @@ def _store_heads(
         cos = tl.load(tables + pairs, mask=m_ok[:, None], other=0.0)
         sin = tl.load(tables + tokens * (HEAD // 2) + pairs, mask=m_ok[:, None], other=0.0)
         x = tl.reshape(tl.join(cos * even - sin * odd, sin * even + cos * odd), (BLOCK_M, HEAD))
-    row = ((part * (M // tokens) + offs_m // tokens) * (hidden // HEAD) + head) * tokens + token
+    row = (part * M + offs_m) * (hidden // HEAD) + head
     c_ptrs = c + row.to(tl.int64)[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
     tl.store(c_ptrs, x.to(c.dtype.element_ty), mask=m_ok[:, None])
 
@@ -560,9 +560,10 @@ def _scaled_mm_kernel(
     to C's dtype first, as a SwiGLU after two separate layers rounds them: each tile multiplies its A
     block with the same rows of B and B2, so the two halves of a gated MLP's in-projection never reach
     memory (B2 and B have one shape, and the same kind of scale). ``STACKED`` (TMA only): ``b`` describes
-    [2, N, K], B then B2 (B2 then B where not ``GATE_AFTER``; see :func:`_tma_mainloop`). ``HEADS`` (BLOCK_N = the head size, no gate, no
-    low-rank term): the GEMM is a fused q|k|v projection and its tiles go to ``c`` [3, batch, heads,
-    tokens, BLOCK_N] as attention's inputs, queries and keys normalized and rotated (:func:`_store_heads`).
+    [2, N, K], B then B2 (B2 then B where not ``GATE_AFTER``; see :func:`_tma_mainloop`). ``HEADS``
+    (BLOCK_N = the head size, no gate, no low-rank term): the GEMM is a fused q|k|v projection and its
+    tiles go to ``c`` [3, batch, tokens, heads, BLOCK_N] as attention's inputs, queries and keys
+    normalized and rotated (:func:`_store_heads`).
 
     With ``num_programs`` equal to the tile count each program computes one tile; with fewer the
     grid is persistent and each program walks the tiles with that stride. ``a`` and ``b`` are tensor
@@ -729,7 +730,8 @@ class Gate(NamedTuple):
 
 class Heads(NamedTuple):
     """A fused q|k|v projection's epilogue (``HEADS``): the result becomes attention's inputs [3, batch,
-    heads, tokens, head], queries and keys RMS-normalized per head (``norm``: [2, head], the
+    tokens, heads, head] (token-major: attention's output then is too, and its rows are the output
+    projection's input without a copy), queries and keys RMS-normalized per head (``norm``: [2, head], the
     queries' weight then the keys') and rotated (``tables``: :func:`~engine.int8.heads.rotation_tables`)."""
 
     norm: torch.Tensor
@@ -897,9 +899,9 @@ def reference_rows(
 
 
 def head_rows(out: torch.Tensor) -> torch.Tensor:
-    """Attention's inputs [3, batch, heads, tokens, head] (``Heads``) as the projection's rows [M, N] (a copy)."""
-    three, batch, heads, tokens, head = out.shape
-    return out.permute(1, 3, 0, 2, 4).reshape(batch * tokens, three * heads * head)
+    """Attention's inputs [3, batch, tokens, heads, head] (``Heads``) as the projection's rows [M, N] (a copy)."""
+    three, batch, tokens, heads, head = out.shape
+    return out.permute(1, 2, 0, 3, 4).reshape(batch * tokens, three * heads * head)
 
 
 def agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -1057,7 +1059,7 @@ def scaled_mm(
     """``(q @ wᵀ) · x_scale[:, None] · w_scale + bias (+ lora)`` in ``out_dtype``; q int8 [M, K], w int8 [N, K].
     With ``gate``: ``silu`` of that times the same product with ``gate``'s weight, scale and bias. With
     ``heads`` (w a fused q|k|v projection, M a whole number of ``heads.tables``' tokens): attention's
-    inputs [3, batch, heads, tokens, head] instead (:class:`Heads`).
+    inputs [3, batch, tokens, heads, head] instead (:class:`Heads`).
 
     ``config`` overrides the tuned choice (tests, the interpreter, benchmarks); with ``heads`` it is
     made one head wide (:func:`heads_config`).
@@ -1067,7 +1069,7 @@ def scaled_mm(
     if heads is None:
         out = torch.empty(M, N, dtype=out_dtype, device=q.device)
     else:
-        out = torch.empty(3, M // heads.tokens, N // (3 * head), heads.tokens, head, dtype=out_dtype, device=q.device)
+        out = torch.empty(3, M // heads.tokens, heads.tokens, N // (3 * head), head, dtype=out_dtype, device=q.device)
         config = config and heads_config(config, head)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
         if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16

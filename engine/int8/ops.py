@@ -8,24 +8,22 @@ An optional LoRA term ``(x · downᵀ · scale) · upᵀ`` is added in the same 
 
 The GEMM with its fused epilogue is a ``torch.library`` custom op with a fake implementation
 (``torch.ops.int8_studio.scaled_mm``), and so is the Triton activation quantization
-(``torch.ops.int8_studio.quantize_rows``). They are separate on purpose: under ``torch.compile``,
-rows of up to ``FUSED_QUANT_MAX_K`` elements are quantized in plain tensor ops, which inductor fuses
-into the kernel that produces ``x`` (the norm and modulation before a projection), so ``x`` is not read
-again just to be quantized. Longer rows keep the Triton kernel: inductor's fused version recomputes
-the producer in two passes over 10–16k-wide rows (measured on an H100, Klein 9B: 8.6 ms a step
-against 3.2 + 1.5 ms unfused). Down-projections take their input before the activation
-(:class:`ActivatedInput`: SwiGLU or GELU, after an optional concatenated prefix) and quantize it with
-``int8_studio::quantize_activated``, whose kernel applies the activation on the way in, eager and
-compiled alike. Projections after a norm take their input before it (:class:`NormedInput`): one
-kernel normalizes, modulates and quantizes each row, eager and compiled
-(``int8_studio::quantize_normed``): inductor's fused version loops over each 3–4k-wide row three
-times and took 44 µs where the kernel takes 24 (H200, 4352 × 3840; Z-Image and Klein 9B compiled
-steps −1 ms). A SwiGLU in-projection runs as one gated GEMM (``int8_linear``'s ``gate``:
-``silu(x·W₁ᵀ) · (x·W₂ᵀ)``, the two products never written out), and layers that share an input can
-quantize it once (:func:`quantize_input`). Compiled graphs have no graph breaks and symbolic token
-counts.
-(Inductor's fused code may round a row's scale 1 ulp differently from the Triton kernel: int8 values
-can then differ by one step, within int8 rounding.)
+(``torch.ops.int8_studio.quantize_rows``). Compiled graphs call the same kernels as eager code, so
+compiled and eager outputs are bit-identical on the Triton backend. Inductor could fuse the
+quantization into the kernel that produces ``x``, but in these models that producer is an op it cannot
+fuse (attention), or a norm, an activation or the previous GEMM, which our kernels apply on the way in;
+and its own reductions are slower (H200, 4352 × 3840 bf16: 30 µs against 15 for a plain row, 44 against
+24 after an RMSNorm; longer rows were worse still: Klein 9B's 10–16k-wide rows cost 8.6 ms a step
+against 3.2 + 1.5 ms, H100). Other backends quantize in tensor ops, which inductor fuses (its code may
+round a row's scale 1 ulp differently: int8 values can then differ by one step, within int8 rounding).
+Down-projections take their input before the activation (:class:`ActivatedInput`: SwiGLU or GELU, after
+an optional concatenated prefix) and quantize it with ``int8_studio::quantize_activated``, whose kernel
+applies the activation on the way in. Projections after a norm take their input before it
+(:class:`NormedInput`): one kernel normalizes, modulates and quantizes each row
+(``int8_studio::quantize_normed``). A SwiGLU in-projection runs as one gated GEMM (``int8_linear``'s
+``gate``: ``silu(x·W₁ᵀ) · (x·W₂ᵀ)``, the two products never written out), a fused q|k|v projection can
+hand on attention's inputs (:func:`int8_attention_inputs`), and layers that share an input can quantize
+it once (:func:`quantize_input`). Compiled graphs have no graph breaks and symbolic token counts.
 
 Backends, chosen per call (``use_backend`` overrides, for tests and comparisons):
 
@@ -69,8 +67,6 @@ except ImportError as error:  # no Triton on this platform, or one older than th
 Backend = Literal["triton", "int_mm", "torch"]
 BACKENDS: tuple[Backend, ...] = ("triton", "int_mm", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FUSED_QUANT_MAX_K = 8192
-"""Under torch.compile, rows up to this long are quantized by inductor-fused tensor ops (see above)."""
 NORMS = ("layer", "rms")
 """What a :class:`NormedInput` can apply: ``F.layer_norm``, ``F.rms_norm``."""
 ACTIVATIONS = ("swiglu", "gelu_tanh", "identity")
@@ -413,8 +409,7 @@ def quantize_input(x: torch.Tensor | ActivatedInput | NormedInput, rotation: int
     """Per-row int8 quantization of a layer input [..., K], rotated first by groups of ``rotation``
     channels when it is not 0; :func:`int8_linear` of the result skips its own quantization, so
     several layers on one input quantize it once. A :class:`NormedInput` is normalized in the
-    quantization kernel where it can be; compiled, other short rows are quantized in tensor ops that
-    inductor fuses into their producer (module docstring)."""
+    quantization kernel where it can be (module docstring)."""
     dtype, shape = _described(x)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {dtype}")
@@ -439,10 +434,10 @@ def _quantized_input(x, rotation: int, dtype: torch.dtype, shape: tuple[int, ...
         q, scale = _quantize(x2, rotation)
     elif activated:
         q, scale = quantize_activated(*x2, rotation)
-    elif x2.shape[1] <= FUSED_QUANT_MAX_K and not rotation:
-        q, scale = quantize_rows_torch(x2)  # inductor fuses this into the producer of x
-    else:
+    elif backend_for(x2) == "triton" or rotation:
         q, scale = quantize_rows(x2, rotation)
+    else:
+        q, scale = quantize_rows_torch(x2)  # inductor fuses this into the producer of x
     return QuantizedInput(q, scale, shape[:-1], dtype, rotation)
 
 
@@ -518,7 +513,7 @@ def _scaled_mm_heads(q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, 
         return kernels.scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, heads=kernels.Heads(norm, eps, tables))
     projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, None, None, None)
     qkv = projected.reshape(-1, tables.shape[1], w_int8.shape[0])
-    return torch.stack(attention_inputs(qkv, QKNormRope(*norm, eps, rope_of(tables))))
+    return torch.stack([t.transpose(1, 2) for t in attention_inputs(qkv, QKNormRope(*norm, eps, rope_of(tables)))])
 
 
 scaled_mm_heads = _register(
@@ -526,12 +521,12 @@ scaled_mm_heads = _register(
     "Tensor norm, float eps, Tensor tables) -> Tensor",
     _scaled_mm_heads,
     lambda q, x_scale, w_int8, w_scale, bias, out_dtype, norm, eps, tables: q.new_empty(
-        3, q.shape[0] // tables.shape[1], w_int8.shape[0] // (3 * norm.shape[1]), tables.shape[1], norm.shape[1],
+        3, q.shape[0] // tables.shape[1], tables.shape[1], w_int8.shape[0] // (3 * norm.shape[1]), norm.shape[1],
         dtype=out_dtype,
     ),
 )
-""":data:`scaled_mm` of a fused q|k|v projection, handed on as attention's inputs [3, batch, heads,
-tokens, head]: queries and keys RMS-normalized per head (``norm`` [2, head]: the queries' weight,
+""":data:`scaled_mm` of a fused q|k|v projection, handed on as attention's inputs [3, batch, tokens,
+heads, head]: queries and keys RMS-normalized per head (``norm`` [2, head]: the queries' weight,
 the keys') and rotated by the angles in ``tables`` (:func:`~engine.int8.heads.rotation_tables`;
 :func:`engine.int8.heads.attention_inputs`)."""
 
@@ -541,7 +536,9 @@ def int8_attention_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [batch, heads, tokens, head] from a fused q|k|v projection of ``x`` [batch, tokens, K]:
     :func:`int8_linear` followed by :func:`~engine.int8.heads.attention_inputs`, which the Triton GEMM
-    computes in its epilogue (the projection's output never reaches memory as such)."""
+    computes in its epilogue (the projection's output never reaches memory as such). Each is stored
+    token-major (a transposed view of [batch, tokens, heads, head]), so attention's output is too and
+    its rows [batch · tokens, heads · head] go to the output projection without a copy."""
     dtype, shape = _described(x)
     _check(dtype, shape, *weight, None)
     head, tokens = norm.query_weight.shape[0], norm.rope.shape[0]
@@ -555,7 +552,8 @@ def int8_attention_inputs(
     w_scale, bias, *_ = _gate_args(weight.w_scale, weight.bias, None)
     weights = torch.stack([norm.query_weight, norm.key_weight])
     run = scaled_mm_heads if torch.compiler.is_compiling() else _scaled_mm_heads
-    q, k, v = run(rows.q, rows.scale, weight.w_int8, w_scale, bias, dtype, weights, norm.eps, rotation_tables(norm.rope))
+    out = run(rows.q, rows.scale, weight.w_int8, w_scale, bias, dtype, weights, norm.eps, rotation_tables(norm.rope))
+    q, k, v = out.transpose(2, 3)
     return q, k, v
 
 
