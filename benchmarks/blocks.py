@@ -2,8 +2,8 @@
 
 The torch profiler's own host costs make int8 steps look host-bound (gaps before every GEMM); this
 measures without it: CUDA events around each block and the host clock around the same call. A block
-whose host time approaches its GPU time leaves the GPU waiting. Also the GPU time between blocks and
-before the first. Run on a GPU machine:
+whose host time approaches its GPU time leaves the GPU waiting. Also the GPU time between blocks,
+before the first and after the last. Run on a GPU machine:
 
     PYTHONPATH=. python3 benchmarks/blocks.py flux2-klein-9b 1024 int8+compile bf16+compile int8
 """
@@ -59,10 +59,11 @@ def measure(name: str, resolution: int, fmt: str, repeats: int = 3) -> list[str]
         torch.cuda.synchronize()
         for _ in range(repeats):
             records.clear()
-            step_start = torch.cuda.Event(enable_timing=True)
+            step_start, step_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             host = time.perf_counter()
             step_start.record()
             model(**inputs)
+            step_end.record()
             enqueue = time.perf_counter() - host
             torch.cuda.synchronize()
             wall = time.perf_counter() - host
@@ -75,7 +76,7 @@ def measure(name: str, resolution: int, fmt: str, repeats: int = 3) -> list[str]
             lines.append(
                 f"{name}:{resolution} {fmt}: wall {wall * 1e3:.1f} ms, enqueued in {enqueue * 1e3:.1f} ms; "
                 f"GPU before the first block {step_start.elapsed_time(records[0][2]):.2f} ms, between blocks "
-                f"{between:.2f} ms; {per_kind}"
+                f"{between:.2f} ms, after the last {records[-1][3].elapsed_time(step_end):.2f} ms; {per_kind}"
             )
             print(lines[-1], flush=True)
     del model
