@@ -269,11 +269,11 @@ def test_tuner_drops_a_config_that_computes_wrong_values(tmp_path, monkeypatch):
     broken = kernels.candidate_configs(kernels.arch_of(torch.device("cuda")), 300)[0]
     launch = kernels.launch_scaled_mm
 
-    def sabotaged(config, q, x_scale, w, w_scale, bias, out, *args):
-        if config == broken:
+    def sabotaged(config, q, x_scale, w, w_scale, bias, out, *args, compile_only=False):
+        if config == broken and not compile_only:
             out.zero_()
         else:
-            launch(config, q, x_scale, w, w_scale, bias, out, *args)
+            launch(config, q, x_scale, w, w_scale, bias, out, *args, compile_only=compile_only)
 
     monkeypatch.setattr(kernels, "launch_scaled_mm", sabotaged)
     x = torch.randn(300, 512, dtype=torch.bfloat16, device="cuda")
@@ -284,3 +284,42 @@ def test_tuner_drops_a_config_that_computes_wrong_values(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="computed wrong values for M=300, N=640, K=512"):
         chosen = tuner.config_for(q, x_scale, w_int8, w_scale, None, out)
     assert chosen != broken
+
+
+def _gemm_args(device: str, m: int = 300, n: int = 640, k: int = 512):
+    """``launch_scaled_mm``'s arguments after the config, with the output filled with NaN."""
+    x = torch.randn(m, k, device=device)
+    w_int8, w_scale = quantize_weight(torch.randn(n, k), "rowwise")
+    q, x_scale = kernels.quantize_rows(x)
+    out = torch.full((m, n), float("nan"), device=device)
+    return q, x_scale, w_int8.to(device), w_scale.reshape(-1).to(device), None, out, 4, None, None, None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_precompiling_compiles_and_never_launches(device):
+    args = _gemm_args(device)
+    configs = [kernels.TileConfig(32, 64, 64, 4, 2, group_m=3), kernels.TileConfig(64, 32, 64, 4, 2, group_m=3)]
+    kernels.precompile(configs, *args)
+    out = args[5]
+    assert out.isnan().all()
+    exact = exact_scaled_mm(*args[:4])
+    for config in configs:  # the compiled kernels compute what a launch that compiles computes
+        kernels.launch_scaled_mm(config, *args)
+        torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+        out.fill_(float("nan"))
+
+
+@pytest.mark.gpu
+def test_precompiling_fills_the_kernel_cache_in_a_thread_pool():
+    """The tuner compiles its candidates at once (``kernels.precompile``): afterwards each one's
+    kernel is in Triton's cache, so timing them compiles nothing. A group size no other test uses
+    makes the kernels new to this process."""
+    if kernels.AsyncCompileMode is None:
+        pytest.skip("this Triton has no compile queue")
+    args = _gemm_args("cuda")
+    configs = [kernels.TileConfig(64, 64, 64, 4, 2, group_m=5), kernels.TileConfig(64, 128, 64, 4, 3, group_m=5)]
+    compiled = kernels._scaled_mm_kernel.device_caches[torch.cuda.current_device()][0]
+    before = len(compiled)
+    kernels.precompile(configs, *args)
+    assert len(compiled) == before + len(configs)
+    assert args[5].isnan().all()

@@ -34,6 +34,7 @@ import tempfile
 import threading
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -63,12 +64,17 @@ if triton_release(triton.__version__) < MIN_TRITON:  # ops.py then falls back to
 from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+try:  # Triton's compile queue (a private module): where it is missing, kernels compile one by one
+    from triton.runtime._async_compile import AsyncCompileMode
+except ImportError:
+    AsyncCompileMode = None
+
 _MIN_ABSMAX = tl.constexpr(MIN_ABSMAX)
 
 _COMPILED: dict[tuple, tuple[CompiledKernel, list[str]]] = {}
 
 
-def launch(kernel: triton.JITFunction, grid: tuple[int, ...], *args, **named) -> None:
+def launch(kernel: triton.JITFunction, grid: tuple[int, ...], *args, compile_only: bool = False, **named) -> None:
     """``kernel[grid](*args, **named)``: runtime arguments by position, constexprs and launch options
     (``num_warps``, …) by name; through the binary Triton compiled for an earlier call alike in
     everything Triton specializes on (:func:`_arg_key`) and in every named value.
@@ -77,7 +83,11 @@ def launch(kernel: triton.JITFunction, grid: tuple[int, ...], *args, **named) ->
     time per GEMM launch on an H200 machine, against 11–17 µs for the compiled kernel's launcher, and
     a per-layer cost that left small images host-bound (PERFORMANCE.md). A first call, and every call
     in the interpreter, goes through Triton. The current GPU is part of the key: a compiled kernel is
-    loaded into one GPU's context."""
+    loaded into one GPU's context. ``compile_only`` compiles without launching (under
+    ``AsyncCompileMode``: queues the compilation)."""
+    if compile_only:
+        kernel.warmup(*args, grid=grid, **named)
+        return
     device = torch.cuda.current_device() if torch.cuda.is_initialized() else None  # binaries load per GPU
     key = (kernel, device, *map(_arg_key, args), *named.items())
     hit = _COMPILED.get(key)
@@ -799,8 +809,10 @@ def launch_scaled_mm(
     lora: LowRank | None = None,
     gate: Gate | None = None,
     heads: Heads | None = None,
+    compile_only: bool = False,
 ) -> None:
-    """Run the GEMM with one config. ``w_scale`` is float32 with 1 or N elements, contiguous."""
+    """Run the GEMM with one config (or only compile it). ``w_scale`` is float32 with 1 or N elements,
+    contiguous."""
     M, K = q.shape
     N = w.shape[0]
     if heads is not None and (gate is not None or lora is not None or config.block_n != heads.size or config.tma_store):
@@ -842,7 +854,7 @@ def launch_scaled_mm(
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
         WARP_SPECIALIZE=config.warp_specialize, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
         GLU=gate is not None, STACKED=stacked, GATE_AFTER=gate_after, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R,
-        HEADS=heads is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        HEADS=heads is not None, num_warps=config.num_warps, num_stages=config.num_stages, compile_only=compile_only,
     )
 
 
@@ -925,11 +937,11 @@ class GemmTuner:
     """Picks the fastest :class:`TileConfig` per (device, M bucket, N, K) and remembers it on disk.
 
     The first call of a new shape benchmarks the architecture's candidates on the call's own data
-    (a few milliseconds each, plus Triton's one-time compilation), then writes the winner to a JSON
-    file keyed by GPU name, Triton version and candidate list. Later processes read the file and never
-    re-tune (until one of those changes). Warp-specialized configs are not tried for a GEMM with a
-    low-rank term (the epilogue's extra MMA is untested in a specialized loop) nor for a gated one
-    (:func:`gated_config`).
+    (a few milliseconds each, after Triton has compiled them all at once: :func:`precompile`), then
+    writes the winner to a JSON file keyed by GPU name, Triton version and candidate list. Later
+    processes read the file and never re-tune (until one of those changes). Warp-specialized configs
+    are not tried for a GEMM with a low-rank term (the epilogue's extra MMA is untested in a
+    specialized loop) nor for a gated one (:func:`gated_config`).
     During CUDA graph capture nothing can be timed, so an untuned shape gets its first candidate.
     """
 
@@ -1023,8 +1035,10 @@ class GemmTuner:
         rows = torch.linspace(0, M - 1, min(CHECK_ROWS, M), device=q.device).round().long().unique()
         expected = reference_rows(rows, q, x_scale, w, w_scale, bias, lora, gate, out.dtype, heads)
         timings = {}
+        args = (q, x_scale, w, w_scale, bias, out, num_sms, lora, gate, heads)
+        precompile(candidates, *args)
         for config in candidates:
-            run = functools.partial(launch_scaled_mm, config, q, x_scale, w, w_scale, bias, out, num_sms, lora, gate, heads)
+            run = functools.partial(launch_scaled_mm, config, *args)
             try:
                 timing = triton.testing.do_bench(run, warmup=5, rep=20)
             except torch.OutOfMemoryError:  # the GPU's memory, not the config: the caller's to handle
@@ -1039,6 +1053,21 @@ class GemmTuner:
         if not timings:
             raise RuntimeError(f"no int8 GEMM configuration compiles and computes correct values for M={M}, N={N}, K={K}")
         return min(timings, key=timings.get)
+
+
+def precompile(configs: list[TileConfig], *args) -> None:
+    """Compile the GEMM for every config at once, in a thread pool (``launch_scaled_mm``'s arguments
+    after the config): Triton spends most of a compilation in LLVM and ptxas, outside the GIL, so a
+    fresh machine tunes a shape in about a third of the time (H200, 16 cores: Z-Image's four GEMMs
+    20–21 s → 7 s). A config that does not compile is left to fail again, with its error, when timed."""
+    if AsyncCompileMode is None:
+        return
+    with ThreadPoolExecutor(os.cpu_count()) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for config in configs:
+            try:
+                launch_scaled_mm(config, *args, compile_only=True)
+            except Exception:  # noqa: BLE001, S112 - the timing loop reports it
+                continue
 
 
 TUNER = GemmTuner()
