@@ -209,7 +209,7 @@ def test_gated_configs_halve_the_tile_width_and_have_their_own_tuning_key():
     assert keys == {"8192,12288,4096", "8192,12288,4096,glu", "8192,12288,4096,glu-stacked"}
 
 
-def test_halves_are_stacked_where_one_descriptor_describes_both():
+def test_halves_are_stacked_where_one_descriptor_describes_both(monkeypatch):
     w = torch.zeros(2 * 24 + 1, 32, dtype=torch.int8)
     one, other = w[:24], w[24:48]
     assert kernels.stacked_halves(one, other) and kernels.epilogue_kind(one, kernels.Gate(other, torch.ones(1))) == "glu-stacked"
@@ -222,6 +222,8 @@ def test_halves_are_stacked_where_one_descriptor_describes_both():
     assert kernels.stacked_halves(one, torch.zeros(24, 32, dtype=torch.int8))  # two tensors (64-byte aligned)
     assert kernels.epilogue_kind(one, kernels.Gate(torch.zeros(24, 32, dtype=torch.int16), torch.ones(1))) == "glu"
     assert kernels.epilogue_kind(one, None) == ""
+    monkeypatch.setattr(kernels, "TMA_MAX_STRIDE", 24 * 32 + 16)  # w[25:49] as if it lay a terabyte away
+    assert kernels.stacked_halves(one, other) and not kernels.stacked_halves(one, w[25:49])
 
 
 def laid_out(first: ops.Int8Weight, second: ops.Int8Weight, layout: str) -> tuple[ops.Int8Weight, ops.Int8Weight]:

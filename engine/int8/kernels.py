@@ -766,15 +766,20 @@ def heads_config(config: TileConfig, head: int) -> TileConfig:
     return replace(config, block_n=head, tma_store=False, warp_specialize=False)
 
 
+TMA_MAX_STRIDE = 2**40
+"""A tensor descriptor's strides stay under this many bytes (CUDA's ``cuTensorMapEncodeTiled``)."""
+
+
 def stacked_halves(w: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether one 3-D tensor descriptor can describe ``w`` and ``w2`` as [2, N, K], in one order or the
-    other: the same layout, apart in memory by a multiple of 16 bytes (TMA's stride rule). The halves
-    of a fused SwiGLU in-projection's weight are; two layers' weights (Z-Image's w1 and w3) are too. A
-    gated GEMM then loads both as one tile (``STACKED``)."""
-    distance = w2.data_ptr() - w.data_ptr()
+    other: the same layout, apart in memory by a multiple of 16 bytes and less than
+    ``TMA_MAX_STRIDE`` (TMA's stride rules). The halves of a fused SwiGLU in-projection's weight are;
+    two layers' weights (Z-Image's w1 and w3) usually are too. A gated GEMM then loads both as one
+    tile (``STACKED``)."""
+    distance = abs(w2.data_ptr() - w.data_ptr())
     return (
         w2.shape == w.shape and w2.stride() == w.stride() and w.stride(1) == 1 and w2.dtype == w.dtype
-        and abs(distance) >= w.shape[0] * w.stride(0) * w.element_size() and distance % 16 == 0
+        and w.shape[0] * w.stride(0) * w.element_size() <= distance < TMA_MAX_STRIDE and distance % 16 == 0
     )
 
 
