@@ -309,6 +309,20 @@ def test_precompiling_compiles_and_never_launches(device):
         out.fill_(float("nan"))
 
 
+def test_precompiling_inside_another_compile_queue_leaves_it_alone():
+    """Code around the tuner may hold its own queue open (only one can be): the candidates then
+    compile one by one when timed, and the caller's queue is not disturbed."""
+    if kernels.AsyncCompileMode is None:
+        pytest.skip("this Triton has no compile queue")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import active_mode
+
+    with ThreadPoolExecutor(1) as pool, kernels.AsyncCompileMode(pool) as outer:
+        kernels.precompile([kernels.TileConfig(32, 64, 64, 4, 2)], *_gemm_args("cpu"))
+        assert active_mode.get() is outer
+
+
 @pytest.mark.gpu
 def test_precompiling_fills_the_kernel_cache_in_a_thread_pool():
     """The tuner compiles its candidates at once (``kernels.precompile``): afterwards each one's

@@ -27,6 +27,7 @@ without tuning (see :class:`GemmTuner`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -1067,7 +1068,11 @@ def precompile(configs: list[TileConfig], *args) -> None:
     20–21 s → 7 s). A config that does not compile is left to fail again, with its error, when timed."""
     if AsyncCompileMode is None:
         return
-    with ThreadPoolExecutor(os.cpu_count()) as pool, AsyncCompileMode(pool, ignore_errors=True):
+    with ThreadPoolExecutor(os.cpu_count()) as pool, contextlib.ExitStack() as queue:
+        try:
+            queue.enter_context(AsyncCompileMode(pool, ignore_errors=True))
+        except (TypeError, RuntimeError):  # another signature, or a queue already open around this call
+            return
         for config in configs:
             try:
                 launch_scaled_mm(config, *args, compile_only=True)
