@@ -1064,10 +1064,10 @@ class GemmTuner:
 def precompile(configs: list[TileConfig], *args) -> None:
     """Compile the GEMM for every config at once, in a thread pool (``launch_scaled_mm``'s arguments
     after the config): Triton spends most of a compilation in LLVM and ptxas, outside the GIL, so a
-    fresh machine tunes a shape in about a third of the time (H200 host, its 7 candidates at once: Z-Image's
-    four GEMMs 20–21 s → 7 s). Half the CPU's threads at most, so that the user's machine stays usable
-    and the compilers' memory stays bounded. A config that does not compile is left to fail again,
-    with its error, when timed."""
+    fresh machine tunes a shape in about a third of the time (H200 host, its 7 candidates at once:
+    Z-Image's four GEMMs 20–21 s → 7 s). Half the CPU's threads at most, so that the user's machine
+    stays usable and the compilers' memory stays bounded. A config that does not compile is left to
+    fail again, with its error, when timed."""
     if AsyncCompileMode is None:
         return
     workers = max(1, (os.cpu_count() or 2) // 2)
