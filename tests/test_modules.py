@@ -349,3 +349,27 @@ def test_compiles_without_graph_breaks(arch):
     x = inputs(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert rel_error(run(compiled, x), run(model, x)) < 1e-6
+
+
+def test_zimage_rope_tables_are_built_once_per_shape():
+    from engine.models.layers import position_ids, rope
+    from engine.models.zimage import ROTATIONS_KEPT
+
+    model = random_model(REGISTRY["zimage"], tiny("zimage"), CPU, torch.float32, seed=seed())
+    x = inputs(model)
+    with torch.inference_mode():
+        first = model(**x)
+    tables = model.rotations(64, 5, 5, CPU)
+    cap_pe, img_pe, pe = tables
+    assert torch.equal(cap_pe, rope(position_ids(range(1, 65), 1, 1), model.axes_dims, model.theta))
+    assert torch.equal(img_pe[:25], rope(position_ids(range(65, 66), 5, 5), model.axes_dims, model.theta))
+    assert torch.equal(img_pe[25:], rope(torch.zeros(7, 3, dtype=torch.long), model.axes_dims, model.theta))
+    assert torch.equal(pe, torch.cat([img_pe, cap_pe])) and img_pe.shape[0] == 32
+    # kept across steps, built under inference mode yet usable where autograd records
+    out = model.requires_grad_(True)(**x)
+    assert model.rotations(64, 5, 5, CPU) is tables and not img_pe.is_inference()
+    assert torch.equal(out.detach(), first)
+    out.float().square().mean().backward()
+    for shape in range(ROTATIONS_KEPT):
+        model.rotations(32, 1, shape + 1, CPU)
+    assert model.rotations(64, 5, 5, CPU) is not tables and len(model._rotations) == ROTATIONS_KEPT

@@ -259,6 +259,7 @@ class ZImageModel(nn.Module):
         self.layers = nn.ModuleList(Block(c, modulated=True) for _ in range(int(c["layers"])))
         self.norm_final = nn.RMSNorm(dim, eps=NORM_EPS)  # in the checkpoints, unused by the model
         self.final_layer = FinalLayer(dim, int(c["patch_in"]), adaln)
+        self._rotations: dict[tuple, tuple[Rope, Rope, Rope]] = {}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -266,26 +267,39 @@ class ZImageModel(nn.Module):
         adaln = self.t_embedder.mlp(timestep_embedding(1000 * t).to(x.dtype))
 
         cap_len = cap.shape[1] + _padding(cap.shape[1])
+        cap_pe, img_pe, pe = self.rotations(cap_len, rows, cols, x.device)
         cap = _pad(self.cap_embedder(cap), self.cap_pad_token, cap_len)
-        cap_pe = rope(position_ids(range(1, cap_len + 1), 1, 1, device=x.device), self.axes_dims, self.theta)
         for block in self.context_refiner:
             cap = block(cap, cap_pe)
 
         patches = x.view(batch, channels, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
         tokens = rows * cols
-        img = _pad(self.x_embedder(patches), self.x_pad_token, tokens + _padding(tokens))
-        img_ids = position_ids(range(cap_len + 1, cap_len + 2), rows, cols, device=x.device)
-        img_ids = F.pad(img_ids, (0, 0, 0, img.shape[1] - tokens))  # padding sits at (0, 0, 0)
-        img_pe = rope(img_ids, self.axes_dims, self.theta)
+        img = _pad(self.x_embedder(patches), self.x_pad_token, img_pe.shape[0])
         for block in self.noise_refiner:
             img = block(img, img_pe, adaln)
 
         h = torch.cat([img, cap], dim=1)
-        pe = torch.cat([img_pe, cap_pe])
         for block in self.layers:
             h = block(h, pe, adaln)
         out = self.final_layer(h[:, :tokens], adaln)
         return out.view(batch, rows, cols, p, p, channels).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
+
+    def rotations(self, cap_len: int, rows: int, cols: int, device: torch.device) -> tuple[Rope, Rope, Rope]:
+        """RoPE of the caption tokens (``cap_len``, padded), of the image's rows × cols patches (padded)
+        and of both, image first. They depend on the shapes alone, so they are built once per shape and
+        kept (the latest few): built per step, their ~50 small operations kept the GPU waiting for the
+        host before the first block."""
+        key = (cap_len, rows, cols, torch.device(device))
+        if key not in self._rotations:
+            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+                cap_pe = rope(position_ids(range(1, cap_len + 1), 1, 1, device=device), self.axes_dims, self.theta)
+                img_ids = position_ids(range(cap_len + 1, cap_len + 2), rows, cols, device=device)
+                img_ids = F.pad(img_ids, (0, 0, 0, _padding(rows * cols)))  # padding sits at (0, 0, 0)
+                img_pe = rope(img_ids, self.axes_dims, self.theta)
+                self._rotations[key] = cap_pe, img_pe, torch.cat([img_pe, cap_pe])
+            while len(self._rotations) > ROTATIONS_KEPT:
+                del self._rotations[next(iter(self._rotations))]
+        return self._rotations[key]
 
     def random_inputs(self, batch: int, resolution: int, text: int | None = None, seed: int = 0) -> Inputs:
         """One step's inputs at ``resolution``² pixels (VAE 8× down; 2×2 patches inside) and ``text``
@@ -298,6 +312,10 @@ class ZImageModel(nn.Module):
             "t": torch.full((batch,), 0.4),
             "cap": torch.randn(batch, tokens, int(c["cap_dim"]), generator=generator),
         }
+
+
+ROTATIONS_KEPT = 4
+"""Shapes whose RoPE tables a model keeps (:meth:`ZImageModel.rotations`)."""
 
 
 def _padding(tokens: int) -> int:
