@@ -9,6 +9,7 @@ the input dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -100,15 +101,24 @@ def position_ids(*axes: int | range, device: torch.device | str | None = None) -
 def rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> Rope:
     """Rotary embedding of position ``ids`` [tokens, axes]: each axis rotates ``axes_dims[i]`` channels.
 
-    Angles are computed in float64 (positions reach thousands), the rotations kept in float32.
+    Angles are computed in float64 (positions reach thousands), the rotations kept in float32. A
+    handful of operations for all axes at once: models that take positions as inputs build these
+    tables every step, on the host's time before the first block.
     """
-    angles = []
-    for axis, dim in enumerate(axes_dims):
-        freqs = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
-        angles.append(ids[:, axis].double()[:, None] * freqs[None])
-    angle = torch.cat(angles, dim=-1)
+    axis, freqs = _rope_frequencies(tuple(axes_dims), float(theta), ids.device)
+    angle = ids[:, axis].double() * freqs
     cos, sin = angle.cos(), angle.sin()
     return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
+
+
+@functools.cache
+def _rope_frequencies(axes_dims: tuple[int, ...], theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For each rotated channel pair, its axis (int64) and frequency (float64): ``theta^(-2i / dim)``
+    for pair i of an axis of ``dim`` channels."""
+    with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+        axis = torch.cat([torch.full((dim // 2,), i) for i, dim in enumerate(axes_dims)]).to(device)
+        freqs = [theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim) for dim in axes_dims]
+        return axis, torch.cat(freqs).to(device)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
