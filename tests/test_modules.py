@@ -359,6 +359,7 @@ def test_zimage_rope_tables_are_built_once_per_shape():
     x = inputs(model)
     with torch.inference_mode():
         first = model(**x)
+    assert list(model._rotations) == [(64, 5, 5, CPU)]  # 40 text tokens and 5 × 5 patches, padded
     tables = model.rotations(64, 5, 5, CPU)
     cap_pe, img_pe, pe = tables
     assert torch.equal(cap_pe, rope(position_ids(range(1, 65), 1, 1), model.axes_dims, model.theta))
