@@ -127,7 +127,7 @@ def test_lora_on_an_activated_input_acts_on_the_activation(backend, device):
     "lazy_input",
     [
         lambda: make_input("gelu_tanh", 5, 40, 8, torch.bfloat16, "cpu"),
-        lambda: ops.NormedInput(torch.randn(5, 48, dtype=torch.bfloat16), "rms", 1e-6, mul=torch.rand(48, dtype=torch.bfloat16)),
+        lambda: ops.NormedInput(torch.randn(5, 48, dtype=torch.bfloat16), "rms", 1e-6, scale=torch.rand(48, dtype=torch.bfloat16)),
     ],
     ids=["activated", "normed"],
 )

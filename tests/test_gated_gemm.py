@@ -132,7 +132,7 @@ def test_backends_agree_on_the_gated_product(backend):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 def test_a_quantized_input_serves_several_layers(backend):
     first, second = (make_weight(24, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2))
-    normed = ops.NormedInput(torch.randn(2, 5, 64, dtype=torch.bfloat16), "rms", 1e-6, mul=torch.rand(2, 1, 64) + 0.5)
+    normed = ops.NormedInput(torch.randn(2, 5, 64, dtype=torch.bfloat16), "rms", 1e-6, scale=torch.rand(2, 1, 64) - 0.5)
     with ops.use_backend(backend):
         rows = ops.quantize_input(normed)
         assert rows.q.shape == (10, 64) and rows.lead == (2, 5) and rows.dtype == torch.bfloat16

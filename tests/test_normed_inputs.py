@@ -19,7 +19,7 @@ from tests.int8_reference import (
 )
 
 
-def make_input(norm, batch, tokens, width, dtype, device, weight=True, mul=True, shift=True) -> ops.NormedInput:
+def make_input(norm, batch, tokens, width, dtype, device, weight=True, scale=True, shift=True) -> ops.NormedInput:
     """Rows of very different offsets and spreads; per-sample modulation vectors [batch, 1, width]."""
     spread = torch.rand(batch, tokens, 1) * 8 + 0.1
     x = (torch.randn(batch, tokens, width) * spread + torch.randn(batch, tokens, 1) * 4).to(dtype).to(device)
@@ -30,7 +30,7 @@ def make_input(norm, batch, tokens, width, dtype, device, weight=True, mul=True,
     return ops.NormedInput(
         x, norm, 1e-6,
         weight=(torch.rand(width) + 0.5).to(dtype).to(device) if weight else None,
-        mul=vector(0.3, 1.0) if mul else None,
+        scale=vector(0.3, 0.0) if scale else None,
         shift=vector(1.0, 0.0) if shift else None,
     )  # fmt: skip
 
@@ -38,7 +38,7 @@ def make_input(norm, batch, tokens, width, dtype, device, weight=True, mul=True,
 def float64_rows(x: ops.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
     """The input's rows in float64, rounded to its dtype where the unfused ops round (after the norm and
     after the modulation), and the size of each value's rounding error in ulps of the dtype (a rounding
-    of the norm's output is scaled by ``mul``)."""
+    of the norm's output is scaled by ``1 + scale``, itself rounded to the scale's dtype)."""
     v = x.x.double()
     if x.norm == "layer":
         v = v - v.mean(dim=-1, keepdim=True)
@@ -46,8 +46,8 @@ def float64_rows(x: ops.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
     if x.weight is not None:
         y = y * x.weight.double()
     y = y.to(x.x.dtype).double()
-    if x.mul is not None:
-        y = y * x.mul.double()
+    if x.scale is not None:
+        y = y * (1 + x.scale).double()
     ulps = y.abs()
     if x.shift is not None:
         y = y + x.shift.double()
@@ -59,9 +59,9 @@ def float64_rows(x: ops.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("norm", ops.NORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch, tokens, width", [(1, 1, 40), (2, 17, 300), (3, 5, 1000)])
-@pytest.mark.parametrize("parts", ["weight,mul,shift", "mul", ""])
+@pytest.mark.parametrize("parts", ["weight,scale,shift", "scale", ""])
 def test_normed_quantization_against_float64(device, norm, dtype, batch, tokens, width, parts):
-    x = make_input(norm, batch, tokens, width, dtype, device, *(p in parts.split(",") for p in ("weight", "mul", "shift")))
+    x = make_input(norm, batch, tokens, width, dtype, device, *(p in parts.split(",") for p in ("weight", "scale", "shift")))
     q, scale = kernels.quantize_normed_rows(*x.kernel_rows())
     ref, ulps = (t.cpu() for t in float64_rows(x))
     q, scale = q.cpu().double(), scale.cpu().double()[:, None]
@@ -93,11 +93,11 @@ def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
     """LoRA, a rotated weight and a per-token modulation all take the unfused path: the same output as
     the materialized input, exactly."""
     x = make_input("rms", 2, 7, 256, torch.bfloat16, device)
-    per_token = x._replace(mul=x.mul.expand(2, 7, 256).contiguous())
+    per_token = x._replace(scale=x.scale.expand(2, 7, 256).contiguous())
     assert per_token.kernel_rows() is None
     # [2, 256] against [2, 2, 256] broadcasts per token, not per sample
-    assert x._replace(x=x.x[:, :2], mul=x.mul[:, 0]).kernel_rows() is None
-    assert ops.NormedInput(x.x[0], "rms", 1e-6, mul=x.mul.expand(2, 7, 256)[0]).kernel_rows() is None  # 2-D, per row
+    assert x._replace(x=x.x[:, :2], scale=x.scale[:, 0]).kernel_rows() is None
+    assert ops.NormedInput(x.x[0], "rms", 1e-6, scale=x.scale.expand(2, 7, 256)[0]).kernel_rows() is None  # 2-D, per row
     w_int8 = torch.randint(-127, 128, (24, 256), dtype=torch.int8, device=device)
     w_scale = torch.full((24, 1), 1e-3, device=device)
     lora = ops.LoraFactors(*(torch.randn(s, device=device, dtype=torch.bfloat16) for s in ((4, 256), (24, 4))),
@@ -129,7 +129,7 @@ def test_layers_share_a_normed_input_only_where_all_of_them_are_int8():
     assert layers.shared_input(x, int8, int8) is x
     shared = layers.shared_input(x, int8, torch.nn.Linear(32, 8))
     assert torch.equal(shared, x.materialize())
-    assert torch.equal(layers.modulate(x.x, x.shift, x.mul - 1), layers.modulated(x.x, x.shift, x.mul - 1).materialize())
+    assert torch.equal(layers.modulate(x.x, x.shift, x.scale), layers.modulated(x.x, x.shift, x.scale).materialize())
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

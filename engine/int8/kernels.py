@@ -290,25 +290,26 @@ def quantize_rows(x: torch.Tensor | None, act: Activated | None = None) -> tuple
 
 class Normed(NamedTuple):
     """How rows are normalized and modulated before they are quantized (:func:`quantize_normed_rows`):
-    LayerNorm or RMSNorm (``rms``), times ``weight`` [K] if given, then ``· mul + shift``: each [batch, K]
-    or None, row r taking batch row ``r // tokens``."""
+    LayerNorm or RMSNorm (``rms``), times ``weight`` [K] if given, then ``· (1 + scale) + shift``: each
+    [batch, K] or None, row r taking batch row ``r // tokens``."""
 
     rms: bool
     weight: torch.Tensor | None
     eps: float
-    mul: torch.Tensor | None
+    scale: torch.Tensor | None
     shift: torch.Tensor | None
     tokens: int
 
 
 @triton.jit(do_not_specialize=["M"])
 def _quantize_normed_rows_kernel(
-    x_ptr, w_ptr, mul_ptr, shift_ptr, q_ptr, scale_ptr, M, K, tokens, stride_xm, stride_mul, stride_shift,
+    x_ptr, w_ptr, mod_ptr, shift_ptr, q_ptr, scale_ptr, M, K, tokens, stride_xm, stride_mod, stride_shift,
     stride_qm, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_MUL: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """One program per BLOCK_M whole rows (BLOCK_K ≥ K): norm, modulation and quantization from registers.
-    The norm's output and the modulated rows are rounded to x's dtype, as the unfused ops round them."""
+    The norm's output, ``1 + scale`` (``mod_ptr``) and the modulated rows are rounded as the unfused ops
+    round them: to x's dtype, to the scale's."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < M
@@ -325,8 +326,9 @@ def _quantize_normed_rows_kernel(
         y *= tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = y.to(raw.dtype).to(tl.float32)
     batch = (rows // tokens).to(tl.int64)[:, None]
-    if HAS_MUL:
-        y *= tl.load(mul_ptr + batch * stride_mul + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        mod = tl.load(mod_ptr + batch * stride_mod + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y *= (1.0 + mod).to(mod_ptr.dtype.element_ty).to(tl.float32)
     if HAS_SHIFT:
         y += tl.load(shift_ptr + batch * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = tl.where(mask, y.to(raw.dtype).to(tl.float32), 0.0)
@@ -341,16 +343,16 @@ def quantize_normed_rows(x: torch.Tensor, normed: Normed) -> tuple[torch.Tensor,
     M, K = x.shape
     if K > SINGLE_PASS_MAX_K:
         raise ValueError(f"rows of {K} elements are longer than the fused norm handles ({SINGLE_PASS_MAX_K})")
-    x, mul, shift = (_unit_stride(t) for t in (x, normed.mul, normed.shift))
+    x, mod, shift = (_unit_stride(t) for t in (x, normed.scale, normed.shift))
     weight = None if normed.weight is None else normed.weight.contiguous()
     q, scale = _quantized_empty(M, K, x.device)
     block_m, block_k = _whole_rows(K)
     launch(
         _quantize_normed_rows_kernel, (_cdiv(M, block_m),),
-        x, x if weight is None else weight, x if mul is None else mul, x if shift is None else shift, q, scale,
-        M, K, normed.tokens, x.stride(0), 0 if mul is None else mul.stride(0),
+        x, x if weight is None else weight, x if mod is None else mod, x if shift is None else shift, q, scale,
+        M, K, normed.tokens, x.stride(0), 0 if mod is None else mod.stride(0),
         0 if shift is None else shift.stride(0), q.stride(0), normed.eps,
-        BLOCK_M=block_m, BLOCK_K=block_k, RMS=normed.rms, HAS_WEIGHT=weight is not None, HAS_MUL=mul is not None,
+        BLOCK_M=block_m, BLOCK_K=block_k, RMS=normed.rms, HAS_WEIGHT=weight is not None, HAS_SCALE=mod is not None,
         HAS_SHIFT=shift is not None,
         num_warps=4, enable_fp_fusion=False,
     )

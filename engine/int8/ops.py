@@ -171,20 +171,21 @@ class ActivatedInput(NamedTuple):
 
 
 class NormedInput(NamedTuple):
-    """A layer input given before its norm and modulation: ``norm(x) · mul + shift``.
+    """A layer input given before its norm and modulation: ``norm(x) · (1 + scale) + shift``.
 
     Projections that follow a norm (and a block's modulation) take their input this way so that the
     Triton backend normalizes, modulates and quantizes each row in one kernel (eager and compiled): the
     normalized rows are never written out in bf16 and read back. ``norm``: ``"layer"`` or ``"rms"``,
-    times ``weight`` [K] if given; ``mul`` and ``shift`` [..., K] or None. Everything else quantizes
-    :meth:`materialize`'s result.
+    times ``weight`` [K] if given; ``scale`` and ``shift`` [..., K] or None. The kernel adds the one
+    itself: computed as a separate operation, ``1 + scale`` was a kernel launch of its own per layer
+    under compile. Everything else quantizes :meth:`materialize`'s result.
     """
 
     x: torch.Tensor
     norm: str
     eps: float
     weight: torch.Tensor | None = None
-    mul: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
 
     @property
@@ -198,13 +199,14 @@ class NormedInput(NamedTuple):
             y = F.rms_norm(self.x, width, self.weight, self.eps)
         else:
             y = F.layer_norm(self.x, width, self.weight, eps=self.eps)
-        if self.mul is None:
+        if self.scale is None:
             return y if self.shift is None else y + self.shift
-        return y * self.mul if self.shift is None else torch.addcmul(self.shift, y, self.mul)
+        mul = 1 + self.scale
+        return y * mul if self.shift is None else torch.addcmul(self.shift, y, mul)
 
     def kernel_rows(self) -> tuple[torch.Tensor, kernels.Normed] | None:
         """``x`` as 2-D rows and the kernel's description of the rest, or None where the kernel does not
-        apply: ``mul`` or ``shift`` varying along the tokens of a sample, rows longer than it handles."""
+        apply: ``scale`` or ``shift`` varying along the tokens of a sample, rows longer than it handles."""
         x, width = self.x, self.width
         batch = x.shape[0] if x.ndim >= 3 else 1
 
@@ -213,7 +215,7 @@ class NormedInput(NamedTuple):
             return t.shape[-1] == width and (t.numel() == width or one_per_sample)
 
         vectors = []
-        for t in (self.mul, self.shift):
+        for t in (self.scale, self.shift):
             if t is not None and not per_sample(t):
                 return None
             vectors.append(None if t is None else t.reshape(-1, width).expand(batch, width))
@@ -278,16 +280,16 @@ quantize_activated = _register(
 """:data:`quantize_rows` of the 2-D :class:`ActivatedInput` ``(activation, a, b, prefix)``."""
 
 
-def _quantize_normed(x, rms: bool, weight, eps: float, mul, shift, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    normed = kernels.Normed(rms, weight, eps, mul, shift, tokens)
+def _quantize_normed(x, rms: bool, weight, eps: float, scale, shift, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    normed = kernels.Normed(rms, weight, eps, scale, shift, tokens)
     if backend_for(x) == "triton":
         return kernels.quantize_normed_rows(x, normed)
-    per_row = (None if t is None else t.repeat_interleave(tokens, 0) for t in (mul, shift))
+    per_row = (None if t is None else t.repeat_interleave(tokens, 0) for t in (scale, shift))
     return quantize_rows_torch(NormedInput(x, "rms" if rms else "layer", eps, weight, *per_row).materialize())
 
 
 quantize_normed = _register(
-    "quantize_normed(Tensor x, bool rms, Tensor? weight, float eps, Tensor? mul, Tensor? shift, SymInt tokens)"
+    "quantize_normed(Tensor x, bool rms, Tensor? weight, float eps, Tensor? scale, Tensor? shift, SymInt tokens)"
     " -> (Tensor, Tensor)",
     _quantize_normed,
     lambda x, *normed: _quantized_like(x, x.shape[1]),

@@ -71,7 +71,7 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 def modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> NormedInput:
     """``(1 + scale) · layer_norm(x) + shift``, not computed yet (see :func:`project`)."""
-    return NormedInput(x, "layer", 1e-6, mul=1 + scale, shift=shift)
+    return NormedInput(x, "layer", 1e-6, scale=scale, shift=shift)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

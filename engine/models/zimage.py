@@ -185,9 +185,9 @@ class FeedForward(nn.Module):
         return project(self.w2, int8_linear(x, *first, gate=second))  # one gated GEMM (layers.in_projection)
 
 
-def _scaled(norm: nn.RMSNorm, x: torch.Tensor, mul: torch.Tensor) -> NormedInput:
-    """``norm(x) · mul``, not computed yet (see :func:`~engine.models.layers.project`)."""
-    return NormedInput(x, "rms", norm.eps, norm.weight, mul)
+def _scaled(norm: nn.RMSNorm, x: torch.Tensor, scale: torch.Tensor) -> NormedInput:
+    """``norm(x) · (1 + scale)``, not computed yet (see :func:`~engine.models.layers.project`)."""
+    return NormedInput(x, "rms", norm.eps, norm.weight, scale)
 
 
 class Block(nn.Module):
@@ -208,9 +208,9 @@ class Block(nn.Module):
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), pe))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
-        attn = self.attention(_scaled(self.attention_norm1, x, 1 + scale_attn), pe)
+        attn = self.attention(_scaled(self.attention_norm1, x, scale_attn), pe)
         x = torch.addcmul(x, gate_attn.tanh(), self.attention_norm2(attn))
-        ffn = self.feed_forward(_scaled(self.ffn_norm1, x, 1 + scale_ffn))
+        ffn = self.feed_forward(_scaled(self.ffn_norm1, x, scale_ffn))
         return torch.addcmul(x, gate_ffn.tanh(), self.ffn_norm2(ffn))
 
 
