@@ -176,9 +176,9 @@ class NormedInput(NamedTuple):
     Projections that follow a norm (and a block's modulation) take their input this way so that the
     Triton backend normalizes, modulates and quantizes each row in one kernel (eager and compiled): the
     normalized rows are never written out in bf16 and read back. ``norm``: ``"layer"`` or ``"rms"``,
-    times ``weight`` [K] if given; ``scale`` and ``shift`` [..., K] or None. The kernel adds the one
-    itself: computed as a separate operation, ``1 + scale`` was a kernel launch of its own per layer
-    under compile. Everything else quantizes :meth:`materialize`'s result.
+    times ``weight`` [K] if given; ``scale`` and ``shift`` [..., K] or None (the kernel adds the one
+    itself, so a compiled graph runs no kernel of its own for ``1 + scale``). Everything else quantizes
+    :meth:`materialize`'s result.
     """
 
     x: torch.Tensor
