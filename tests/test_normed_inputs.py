@@ -160,15 +160,18 @@ def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, dev
 def test_the_normed_op_on_any_backend_is_the_kernel_within_one_rounding(backend, device, norm):
     """``int8_studio::quantize_normed`` off the Triton backend materializes the input, rounded to the
     input dtype after the norm and after the modulation where the kernel keeps float32: int8 values
-    within two steps, scales within two roundings."""
+    within two steps, scales within two roundings, each up to 1.5 ulps apart (the interpreter's casts
+    truncate where PyTorch rounds to nearest). ``1 + scale`` is exact here, or its rounding would be a
+    third such difference."""
     x = make_input(norm, 2, 9, 200, torch.bfloat16, device)
+    x = x._replace(scale=(1 + x.scale).clamp(0.5, 2) - 1)  # exact in bfloat16 (Sterbenz)
     rows, normed = x.kernel_rows()
     want_q, want_scale = kernels.quantize_normed_rows(rows, normed)
     with ops.use_backend(backend):
         q, scale = ops.quantize_normed(rows, *normed)
     assert q.dtype == torch.int8 and q.shape == rows.shape and scale.shape == (rows.shape[0],)
     assert (q.int() - want_q.int()).abs().max() <= 2
-    torch.testing.assert_close(scale, want_scale, rtol=2 * ULP[torch.bfloat16], atol=0)
+    torch.testing.assert_close(scale, want_scale, rtol=3 * ULP[torch.bfloat16], atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
