@@ -20,6 +20,8 @@ from engine.models import REGISTRY, Architecture
 from engine.paths import cache_dir
 
 DEMO_ARCH = "flux2"
+DEMO_LABEL = REGISTRY[DEMO_ARCH].label
+"""The family whose layout the demo model has ("Flux.2"), as both faces name it."""
 DEMO_CONFIG = {
     "hidden": 512, "head_dim": 128, "in_channels": 128, "out_channels": 128, "text_dim": 1536,
     "mlp_hidden": 1536, "double_blocks": 2, "single_blocks": 4, "guidance": False,

@@ -124,6 +124,7 @@ def test_keep_presets_reach_the_engine(qtbot, window, demo):
     pick_source(qtbot, page, demo)
     page.keep_preset.setCurrentIndex(page.keep_preset.findData("first-blocks"))
     assert page.request().keep == ("double_blocks.0.*", "single_blocks.0.*")
+    assert page.keep_patterns.placeholderText() == "e.g. double_blocks.0.*  single_blocks.0.*"
     page.keep_preset.setCurrentIndex(page.keep_preset.findData("custom"))
     assert page.keep_patterns.isVisible()
     page.keep_patterns.setText("double_blocks.1.*, single_blocks.3.*")

@@ -169,6 +169,20 @@ def test_keep_pattern_that_matches_nothing_is_refused(tmp_path):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
+@pytest.mark.parametrize("arch", sorted({arch for arch, _ in every_tiny_variant()}))
+def test_first_blocks_keep_the_first_block_of_every_stack(tmp_path, arch):
+    """``Architecture.first_blocks`` (the app's cautious preset): each pattern keeps layers that would
+    be int8 otherwise, and no block but a first one is kept."""
+    ckpt = write_single_file(tmp_path / "m.safetensors", arch)
+    keep = ckpt.arch.first_blocks
+    result = run_convert(ConvertRequest(ckpt.path, keep=keep))
+    quantized = assert_faithful(ckpt, result.output, "tensorwise", keep)
+    eligible = [n for n, r in ckpt.reference.items() if not ckpt.arch.keeps_high_precision(n, tuple(r.shape))]
+    kept = {n.removesuffix(".weight") for n in eligible} - quantized
+    assert keep and all(any(fnmatchcase(f"{layer}.weight", p) for layer in kept) for p in keep)
+    assert all(".0." in layer for layer in kept) and quantized
+
+
 def test_float32_leftovers_can_be_cast_to_bf16(tmp_path):
     ckpt = write_single_file(tmp_path / "m.safetensors", "chroma", dtype=torch.float32)
     plain = run_convert(ConvertRequest(ckpt.path, output=tmp_path / "plain.safetensors"))

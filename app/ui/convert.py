@@ -34,8 +34,9 @@ from app.ui.widgets import (
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.convert import ROTATION_SUFFIX, ConvertRequest, ConvertResult, run_convert
-from engine.demo import build_demo_model
+from engine.demo import DEMO_ARCH, DEMO_LABEL, build_demo_model
 from engine.info import CheckpointInfo, inspect_checkpoint
+from engine.models import REGISTRY, Architecture
 
 SCHEMES = {
     "rowwise": (
@@ -66,13 +67,6 @@ ROTATIONS = {
     ),
 }
 SCHEME_NAMES = {"rowwise": "row-wise", "tensorwise": "tensor-wise"}
-FIRST_BLOCKS = {
-    "flux2": ("double_blocks.0.*", "single_blocks.0.*"),
-    "flux1": ("double_blocks.0.*", "single_blocks.0.*"),
-    "chroma": ("double_blocks.0.*", "single_blocks.0.*"),
-    "zimage": ("layers.0.*",),
-    "qwen_image": ("transformer_blocks.0.*",),
-}
 KEEP_HELP = (
     "Layers kept in high precision stay in the source's bf16/fp16. The recommended set keeps the "
     "embedders, the final layer and the modulation layers: they are small, sensitive to rounding, and "
@@ -90,8 +84,8 @@ class ConvertPage(Page):
         self._inspecting: Job | None = None
 
         self.demo_offer = Notice(
-            "No model yet? Try the built-in demo: a small model with the real Flux.2 layout that "
-            "converts, benchmarks and merges in seconds on any computer."
+            f"No model yet? Try the built-in demo: a small model with the real {DEMO_LABEL} layout "
+            "that converts, benchmarks and merges in seconds on any computer."
         )
         self.demo_button = QPushButton("Use the demo model")
         theme.bind_icon(self.demo_button, "sparkle", "accent")
@@ -136,7 +130,7 @@ class ConvertPage(Page):
         self.keep_preset.addItem("Custom patterns", "custom")
         self.keep_preset.currentIndexChanged.connect(self._on_preset)
         self.keep_patterns = QLineEdit()
-        self.keep_patterns.setPlaceholderText("e.g. double_blocks.0.*  single_blocks.23.*")
+        self._suggest_patterns(REGISTRY[DEMO_ARCH])
         self.keep_patterns.setAccessibleName("Custom patterns of layers to keep")
         self.keep_patterns.setToolTip(
             "Layer names to keep in high precision, separated by spaces; * matches anything. "
@@ -232,6 +226,8 @@ class ConvertPage(Page):
         if job is not self._inspecting:
             return  # the user picked another file meanwhile
         self.info = info
+        if info.architecture:
+            self._suggest_patterns(REGISTRY[info.architecture])
         facts = [
             ("Model", info.model or "not recognised"),
             ("Layout", info.layout or "—"),
@@ -270,13 +266,17 @@ class ConvertPage(Page):
     def keep(self) -> tuple[str, ...]:
         preset = self.keep_preset.currentData()
         if preset == "first-blocks" and self.info and self.info.architecture:
-            return FIRST_BLOCKS.get(self.info.architecture, ())
+            return REGISTRY[self.info.architecture].first_blocks
         if preset == "custom":
             return tuple(self.keep_patterns.text().replace(",", " ").split())
         return ()
 
     def _on_preset(self) -> None:
         self.keep_patterns.setVisible(self.keep_preset.currentData() == "custom")
+
+    def _suggest_patterns(self, arch: Architecture) -> None:
+        """The custom patterns' example: this architecture's layer names."""
+        self.keep_patterns.setPlaceholderText("e.g. " + "  ".join(arch.first_blocks))
 
     def _suggest_output(self) -> None:
         self.output.combo.lineEdit().setPlaceholderText(

@@ -33,6 +33,7 @@ class Flux1(Architecture):
     tiny = {"tiny": TINY_DEV, "tiny-schnell": {**TINY_DEV, "guidance": False}}
     high_precision = ("img_in.*", "txt_in.*", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*")
     down_projections = FLUX_DOWN_PROJECTIONS
+    first_blocks = ("double_blocks.0.*", "single_blocks.0.*")
     rules = (
         *FLUX_BLOCK_RULES,
         *(

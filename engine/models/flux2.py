@@ -72,6 +72,7 @@ class Flux2(Architecture):
     high_precision = ("img_in.*", "txt_in.*", "time_in.*", "guidance_in.*", "final_layer.*")
     high_precision += tuple(f"{m}.*" for m in MODULATIONS)
     down_projections = FLUX_DOWN_PROJECTIONS
+    first_blocks = ("double_blocks.0.*", "single_blocks.0.*")
     rules = (
         Rule("img_in.{p}", "x_embedder.{p}"),
         Rule("txt_in.{p}", "context_embedder.{p}"),

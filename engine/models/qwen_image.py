@@ -30,6 +30,7 @@ class QwenImage(Architecture):
     }  # fmt: skip
     high_precision = ("time_text_embed.*", "img_in.*", "txt_in.*", "norm_out.*", "proj_out.*")
     down_projections = ("transformer_blocks.*_mlp.net.2.weight",)
+    first_blocks = ("transformer_blocks.0.*",)
     rules = (Rule("{name}", "{name}"),)
 
     def config_from_shapes(self, shapes: Mapping[str, Shape]) -> dict[str, int | bool]:

@@ -141,6 +141,8 @@ class Architecture:
     - ``high_precision``: glob patterns (``fnmatch``) of names never quantized.
     - ``down_projections``: glob patterns of the linear weights whose input is a GELU/SiLU(-gated)
       activation: the most heavy-tailed inputs, where a Hadamard rotation cuts the int8 error most.
+    - ``first_blocks``: glob patterns of the first block of each stack of repeated blocks, which a
+      cautious conversion keeps in high precision too (the app's "first block of each stack" preset).
     """
 
     name: str
@@ -152,6 +154,7 @@ class Architecture:
     tiny: dict[str, Config]
     high_precision: tuple[str, ...]
     down_projections: tuple[str, ...] = ()
+    first_blocks: tuple[str, ...] = ()
     rules: tuple[Rule, ...]
 
     def config_from_shapes(self, shapes: Mapping[str, Shape]) -> dict[str, int | bool]:

@@ -92,6 +92,7 @@ class ZImage(Architecture):
         "*.adaLN_modulation.*", "noise_refiner.*", "context_refiner.*",
     )  # fmt: skip
     down_projections = ("layers.*.feed_forward.w2.weight",)
+    first_blocks = ("layers.0.*",)  # the refiners stay in high precision anyway
     rules = (
         Rule("x_embedder.{p}", f"all_x_embedder.{PATCH}.{{p}}"),
         Rule("final_layer.{name}", f"all_final_layer.{PATCH}.{{name}}"),
