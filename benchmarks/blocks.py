@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from engine.bench import DTYPE, SEED, compile_blocks, to_device
-from engine.models.build import named_config, quantize_model, random_model
+from engine.int8.apply import quantize_model
+from engine.models.build import named_config, random_model
 
 
 class Timed(nn.Module):

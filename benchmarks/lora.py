@@ -47,7 +47,8 @@ from engine.int8.quantize import SCHEMES
 from engine.lora import MODES, LoraMergeRequest, LoraSpec, run_lora_merge
 from engine.lora.dynamic import DynamicLoras, Factors
 from engine.models import REGISTRY
-from engine.models.build import named_config, quantize_model, random_model
+from engine.int8.apply import quantize_model
+from engine.models.build import named_config, random_model
 
 DTYPE = torch.bfloat16
 TARGET = 1.08

@@ -30,7 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from engine.bench import DTYPE, SEED, BenchRequest, Fp8Linear, compile_blocks, run_bench, to_device
 from engine.int8.linear import Int8Linear
-from engine.models.build import named_config, quantize_model, random_model, replace_linears
+from engine.int8.apply import quantize_model
+from engine.models.build import named_config, random_model, replace_linears
 
 # GPU kernels by name: the first category whose pattern a kernel's name holds takes its time.
 CATEGORIES = {

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import CheckpointReader
+from engine.int8.apply import Int8Layers, quantizer
 from engine.int8.ops import describe_backend
 from engine.int8.quantize import SCHEMES, Scheme
 from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy
@@ -46,7 +47,6 @@ from engine.models.build import (
     build_model,
     checkpoint_filler,
     named_config,
-    quantizer,
     random_filler,
     streamed_blocks,
 )
@@ -330,7 +330,9 @@ def _source(request: BenchRequest, reader: CheckpointReader | None) -> _Source:
         detected.arch,
         detected.config,
         f"{detected.label} ({Path(request.source).name}, {detected.source_format})",
-        lambda device, keep_int8, make: checkpoint_filler(reader, detected, device, DTYPE, not keep_int8, make=make),
+        lambda device, keep_int8, make: checkpoint_filler(
+            reader, detected, device, DTYPE, make=make, stored=Int8Layers(reader, detected, DTYPE, not keep_int8)
+        ),
         frozenset(f"{layer}.weight" for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")),
     )
 

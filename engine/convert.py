@@ -20,6 +20,7 @@ import torch
 
 from engine import __version__
 from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
+from engine.int8.apply import rotation_group
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
 from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy, marker_fields
 from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
@@ -151,7 +152,7 @@ def _quantized_layers(model: DetectedModel, request: ConvertRequest) -> dict[str
     patterns), each with the Hadamard group size it is rotated with (0: not rotated)."""
     names = _quantized_names(model, request.keep)
     return {
-        t.name: model.arch.rotation_for(t.name, t.shape, request.rotate) for t in model.tensors if t.name in names
+        t.name: rotation_group(model.arch, t.name, t.shape, request.rotate) for t in model.tensors if t.name in names
     }
 
 

@@ -1,4 +1,4 @@
-"""Down-projection inputs given before their activation (``ops.ActivatedInput``): the quantization
+"""Down-projection inputs given before their activation (``fusion.ActivatedInput``): the quantization
 kernels apply SwiGLU / GELU (after an optional concatenated prefix) on the way in."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
+from engine import fusion
 from engine.int8 import kernels, ops
+from engine.int8.apply import quantize_model
 from engine.int8.linear import Int8Linear
 from engine.int8.rotation import hadamard, rotate
-from engine.models import REGISTRY, build
+from engine.models import REGISTRY
 from engine.models.layers import MLP, GELUTanh, SwiGLU
 from tests.int8_reference import (
     BACKENDS,
@@ -22,16 +24,16 @@ from tests.int8_reference import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, in the interpreter
-def make_input(activation, rows, width, prefix, dtype, device) -> ops.ActivatedInput:
+def make_input(activation, rows, width, prefix, dtype, device) -> fusion.ActivatedInput:
     """Strided views, as a model produces them: a and b are the halves of one wider tensor."""
     spread = torch.rand(rows, 1) * 8 + 0.1  # rows of very different magnitudes
     h = (torch.randn(rows, 2 * width + 3) * spread).to(dtype).to(device)
     b = h[:, width : 2 * width] if activation == "swiglu" else None
     p = (torch.randn(rows, prefix) * spread).to(dtype).to(device) if prefix else None
-    return ops.ActivatedInput(activation, h[:, :width], b, p)
+    return fusion.ActivatedInput(activation, h[:, :width], b, p)
 
 
-def float64_rows(x: ops.ActivatedInput) -> torch.Tensor:
+def float64_rows(x: fusion.ActivatedInput) -> torch.Tensor:
     a = x.a.double()
     if x.activation == "swiglu":
         y = a * torch.sigmoid(a) * x.b.double()
@@ -42,7 +44,7 @@ def float64_rows(x: ops.ActivatedInput) -> torch.Tensor:
     return y if x.prefix is None else torch.cat([x.prefix.double(), y], dim=-1)
 
 
-def assert_quantized_within_half_a_step(q, scale, x: ops.ActivatedInput) -> None:
+def assert_quantized_within_half_a_step(q, scale, x: fusion.ActivatedInput) -> None:
     ref = float64_rows(x).cpu()
     q, scale = q.cpu().double(), scale.cpu().double()[:, None]
     assert q.shape == ref.shape and q.abs().max() <= 127
@@ -127,7 +129,7 @@ def test_lora_on_an_activated_input_acts_on_the_activation(backend, device):
     "lazy_input",
     [
         lambda: make_input("gelu_tanh", 5, 40, 8, torch.bfloat16, "cpu"),
-        lambda: ops.NormedInput(torch.randn(5, 48, dtype=torch.bfloat16), "rms", 1e-6, scale=torch.rand(48, dtype=torch.bfloat16)),
+        lambda: fusion.NormedInput(torch.randn(5, 48, dtype=torch.bfloat16), "rms", 1e-6, scale=torch.rand(48, dtype=torch.bfloat16)),
     ],
     ids=["activated", "normed"],
 )
@@ -168,13 +170,13 @@ def test_non_finite_activations_poison_only_their_row(backend, device):
     ],
 )
 def test_bad_activated_inputs_are_refused(change, message):
-    x = ops.ActivatedInput("swiglu", torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16))
+    x = fusion.ActivatedInput("swiglu", torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=message):
         ops.int8_linear(x._replace(**change), torch.ones(4, 8, dtype=torch.int8), torch.ones(4, 1))
 
 
 def test_width_must_match_the_weight():
-    x = ops.ActivatedInput("gelu_tanh", torch.randn(3, 8), prefix=torch.randn(3, 4))
+    x = fusion.ActivatedInput("gelu_tanh", torch.randn(3, 8), prefix=torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"x must be float16/bfloat16/float32 \[\.\.\., 8\], got torch.float32 \(3, 12\)"):
         ops.int8_linear(x, torch.ones(4, 8, dtype=torch.int8), torch.ones(4, 1))
 
@@ -212,7 +214,7 @@ def test_quantized_models_agree_between_the_fused_kernel_and_the_torch_path(arch
     arch = REGISTRY[arch_name]
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"]).to(torch.bfloat16)
-    build.quantize_model(model, arch, "rowwise", "none")
+    quantize_model(model, arch, "rowwise", "none")
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.random_inputs(1, 64).items()}
     with torch.no_grad():
         with ops.use_backend("triton"):

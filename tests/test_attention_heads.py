@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from engine.int8 import kernels, ops
-from engine.int8.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
-from engine.models import REGISTRY, build, layers
+from engine.int8.apply import quantize_model
+from engine.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
+from engine.models import REGISTRY, layers
 from tests.int8_reference import BACKENDS, DEVICES, ULP
 from tests.test_gated_gemm import make_weight
 from tests.test_kernels import configs_for
@@ -138,7 +139,7 @@ def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections
     arch = REGISTRY[arch_name]
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"])
-    build.quantize_model(model, arch, "rowwise", "none")
+    quantize_model(model, arch, "rowwise", "none")
     inputs = model.random_inputs(2, 64, text=8)  # two samples: tiles cross a sample boundary
     calls = []
 

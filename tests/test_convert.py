@@ -27,6 +27,7 @@ from engine.int8.rotation import hadamard
 from engine.info import inspect_checkpoint
 from engine.jobs import Cancelled, CancelToken, OutputExistsError, Progress
 from engine.models import UnknownModelError, detect, supported_text
+from engine.int8.apply import Int8Layers
 from engine.models.build import load_model
 from tests.tiny_checkpoints import (
     TinyCheckpoint,
@@ -429,10 +430,10 @@ def test_rotated_conversion_marks_rotates_and_loads_back(tmp_path, rotate):
     assert metadata["int8_studio.rotate"] == rotate
 
     with CheckpointReader(result.output) as reader:
-        model = load_model(reader, torch.device("cpu"), torch.float32)[0]
+        model = load_model(reader, torch.device("cpu"), torch.float32, stored=Int8Layers)[0]
     assert {n for n, m in model.named_modules() if getattr(m, "rotation", 0)} == rotated
     with CheckpointReader(ckpt.path) as reader:
-        reference = load_model(reader, torch.device("cpu"), torch.float32)[0]
+        reference = load_model(reader, torch.device("cpu"), torch.float32, stored=Int8Layers)[0]
     inputs = reference.random_inputs(1, 64, seed=0)
     expected, out = reference(**inputs), model(**inputs)
     assert ((out - expected).norm() / expected.norm()) < 0.05
@@ -447,7 +448,7 @@ def test_rotation_named_only_in_the_header_is_applied(tmp_path):
     save_file({k: v for k, v in tensors.items() if not k.endswith(".comfy_quant")}, str(stripped), metadata)
     for path in (converted, stripped):
         with CheckpointReader(path) as reader:
-            model = load_model(reader, torch.device("cpu"), torch.float32)[0]
+            model = load_model(reader, torch.device("cpu"), torch.float32, stored=Int8Layers)[0]
         assert model.double_blocks[0].img_mlp[2].rotation == 256
 
 

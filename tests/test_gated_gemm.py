@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch._dynamo.testing
 
+from engine import fusion
 from engine.int8 import kernels, ops
+from engine.int8.apply import quantize_model
+from engine.int8 import linear
 from engine.int8.linear import Int8Linear
 from engine.int8.quantize import quantize_weight
-from engine.models import REGISTRY, build, layers, zimage
+from engine.models import REGISTRY
 from tests.int8_reference import (
     BACKENDS,
     DEVICES,
@@ -132,7 +135,7 @@ def test_backends_agree_on_the_gated_product(backend):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 def test_a_quantized_input_serves_several_layers(backend):
     first, second = (make_weight(24, 64, "rowwise", False, torch.bfloat16, "cpu") for _ in range(2))
-    normed = ops.NormedInput(torch.randn(2, 5, 64, dtype=torch.bfloat16), "rms", 1e-6, scale=torch.rand(2, 1, 64) - 0.5)
+    normed = fusion.NormedInput(torch.randn(2, 5, 64, dtype=torch.bfloat16), "rms", 1e-6, scale=torch.rand(2, 1, 64) - 0.5)
     with ops.use_backend(backend):
         rows = ops.quantize_input(normed)
         assert rows.q.shape == (10, 64) and rows.lead == (2, 5) and rows.dtype == torch.bfloat16
@@ -289,16 +292,16 @@ def test_compiled_gated_layer_has_no_graph_breaks():
     assert "int8_studio.scaled_mm" in explanation.graphs[0].code
 
 
-def test_int8_rows_are_views_of_a_plain_int8_layer():
+def test_int8_weight_slices_are_views_of_a_plain_int8_layer():
     layer = Int8Linear.from_float(torch.nn.Linear(32, 12))
-    rows = layer.int8_rows(4, 10)
+    rows = layer.int8_weight(4, 10)
     assert torch.equal(rows.w_int8, layer.weight[4:10]) and rows.w_int8.data_ptr() == layer.weight[4:].data_ptr()
     assert torch.equal(rows.w_scale, layer.weight_scale[4:10]) and torch.equal(rows.bias, layer.bias[4:10])
     tensorwise = Int8Linear.from_float(torch.nn.Linear(32, 12, bias=False), "tensorwise")
-    assert tensorwise.int8_rows().w_scale.ndim == 0 and tensorwise.int8_rows().bias is None
+    assert tensorwise.int8_weight().w_scale.ndim == 0 and tensorwise.int8_weight().bias is None
     layer.use_float = True
-    assert layer.int8_rows() is None
-    assert Int8Linear.from_float(torch.nn.Linear(32, 12), rotation=16).int8_rows() is None
+    assert layer.int8_weight() is None
+    assert Int8Linear.from_float(torch.nn.Linear(32, 12), rotation=16).int8_weight() is None
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
@@ -309,7 +312,7 @@ def test_models_run_their_swiglu_mlps_as_gated_gemms(arch_name, gated_layers, ba
     arch = REGISTRY[arch_name]
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"])
-    build.quantize_model(model, arch, "rowwise", "none")
+    quantize_model(model, arch, "rowwise", "none")
     inputs = model.random_inputs(1, 64)
     gated = []
 
@@ -318,11 +321,9 @@ def test_models_run_their_swiglu_mlps_as_gated_gemms(arch_name, gated_layers, ba
         return ops.int8_linear(x, *args, gate=gate, **kwargs)
 
     with torch.no_grad(), ops.use_backend(backend):
-        monkeypatch.setattr(layers, "int8_linear", counting)
-        monkeypatch.setattr(zimage, "int8_linear", counting)
+        monkeypatch.setattr(linear, "int8_linear", counting)
         fused = model(**inputs).double()
-        monkeypatch.setattr(layers, "int8_rows", lambda *args: None)
-        monkeypatch.setattr(zimage, "int8_rows", lambda *args: None)
+        monkeypatch.setattr(Int8Linear, "int8_weight", lambda *args: None)
         separate = model(**inputs).double()
     assert sum(gated) == gated_layers
     assert (fused - separate).norm() / separate.norm() < 1e-3

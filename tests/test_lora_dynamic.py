@@ -13,6 +13,7 @@ from engine.checkpoint import CheckpointReader
 from engine.int8.linear import Int8Linear
 from engine.lora import LoraError, LoraFile, match_model
 from engine.lora.dynamic import DynamicLoras
+from engine.int8.apply import Int8Layers
 from engine.models.build import load_model
 from tests.tiny_checkpoints import write_single_file
 from tests.tiny_loras import TinyLora, write_lora
@@ -26,7 +27,7 @@ def loaded(tmp_path, arch: str = "flux2"):
     if not path.exists():
         write_single_file(path, arch, fmt="int8_rowwise")
     with CheckpointReader(path) as reader:
-        return load_model(reader, CPU, torch.float32)
+        return load_model(reader, CPU, torch.float32, stored=Int8Layers)
 
 
 def add(dynamic: DynamicLoras, detected, lora: TinyLora, strength: float) -> str:

@@ -3,6 +3,7 @@ checkpoint layout and format, int8 quantization, compile-friendliness."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -12,14 +13,13 @@ from torch import nn
 from engine.checkpoint import CheckpointReader
 from engine.int8.linear import Int8Linear
 from engine.models import REGISTRY, ModelLayoutError
+from engine.int8.apply import Int8Layers, quantize_model, quantizer
 from engine.models.build import (
     UnknownModelNameError,
     build_model,
     checkpoint_filler,
     load_model,
     named_config,
-    quantize_model,
-    quantizer,
     random_filler,
     random_model,
     streamed_blocks,
@@ -31,6 +31,7 @@ from tests.tiny_checkpoints import random_tensors, to_diffusers, write_diffusers
 
 RUNNABLE = ("flux2", "chroma", "zimage")
 CPU = torch.device("cpu")
+DEQUANTIZED = functools.partial(Int8Layers, dequantize=True)
 # Z-Image's diffusers class fixes the time MLP width (1024), the adaLN width (min(dim, 256)) and the
 # FFN width (8/3 dim), so its fidelity test uses a small config with those widths.
 ZIMAGE_DIFFUSERS = {**REGISTRY["zimage"].tiny["tiny"], "adaln_dim": 64, "t_mid": 1024, "ffn_hidden": 170}
@@ -123,9 +124,9 @@ def test_output_matches_diffusers(arch, config):
 # --- loading checkpoints -------------------------------------------------------------------------
 
 
-def load(path, **kwargs) -> nn.Module:
+def load(path, stored=Int8Layers) -> nn.Module:
     with CheckpointReader(path) as reader:
-        return load_model(reader, CPU, torch.float32, **kwargs)[0]
+        return load_model(reader, CPU, torch.float32, stored=stored)[0]
 
 
 def from_tensors(arch: str, tensors: dict[str, torch.Tensor], variant: str = "tiny") -> nn.Module:
@@ -178,7 +179,7 @@ def test_int8_file_loads_into_int8_layers(tmp_path, arch, scheme):
     x = inputs(model)
     reference = run(from_tensors(arch, tensors), x)
     assert rel_error(run(model, x), reference) < 0.06
-    dequantized = load(ckpt.path, dequantize=True)
+    dequantized = load(ckpt.path, DEQUANTIZED)
     assert not any(isinstance(m, Int8Linear) for m in dequantized.modules())
     assert rel_error(run(dequantized, x), reference) < 0.06
 
@@ -307,11 +308,11 @@ def test_checkpoint_converted_while_read(tmp_path, arch, fmt):
     too (what the fp8 benchmark format does with an int8 file)."""
     ckpt = write_single_file(tmp_path / "m.safetensors", arch, fmt=fmt)
     with CheckpointReader(ckpt.path) as reader:
-        after, detected = load_model(reader, CPU, torch.float32, dequantize=True)
+        after, detected = load_model(reader, CPU, torch.float32, stored=DEQUANTIZED)
         quantize_model(after, detected.arch, "tensorwise")
         model = build_model(detected.arch, detected.config)
         make = one_float_layer_at_a_time(model, detected.arch, quantizer(detected.arch, "tensorwise"))
-        checkpoint_filler(reader, detected, CPU, torch.float32, dequantize=True, make=make)(model, lambda _: True)
+        checkpoint_filler(reader, detected, CPU, torch.float32, make=make, stored=Int8Layers(reader, detected, torch.float32, True))(model, lambda _: True)
     assert all(torch.equal(t, after.state_dict()[n]) for n, t in model.state_dict().items())
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) > 0
 
@@ -326,10 +327,10 @@ def test_streamed_blocks_give_the_whole_models_output(tmp_path, arch):
     ckpt = write_single_file(tmp_path / "m.safetensors", arch, fmt="int8_rowwise")
     with CheckpointReader(ckpt.path) as reader:
         detected = detect(reader)
-        from_file = load_model(reader, CPU, torch.bfloat16, dequantize=True)[0]
+        from_file = load_model(reader, CPU, torch.bfloat16, stored=DEQUANTIZED)[0]
         sources = [
             (whole, random_filler(a, CPU, torch.bfloat16, s)),
-            (from_file, checkpoint_filler(reader, detected, CPU, torch.bfloat16, dequantize=True)),
+            (from_file, checkpoint_filler(reader, detected, CPU, torch.bfloat16, stored=Int8Layers(reader, detected, torch.bfloat16, True))),
         ]
         for reference, fill in sources:
             with streamed_blocks(build_model(a, tiny(arch)), fill) as model:

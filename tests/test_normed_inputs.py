@@ -1,4 +1,4 @@
-"""Projection inputs given before their norm and modulation (``ops.NormedInput``): the Triton backend
+"""Projection inputs given before their norm and modulation (``fusion.NormedInput``): the Triton backend
 normalizes, modulates and quantizes each row in one kernel, eager and compiled."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
+from engine import fusion
 from engine.int8 import kernels, ops
 from engine.int8.linear import Int8Linear
 from engine.models import layers
@@ -19,7 +20,7 @@ from tests.int8_reference import (
 )
 
 
-def make_input(norm, batch, tokens, width, dtype, device, weight=True, scale=True, shift=True) -> ops.NormedInput:
+def make_input(norm, batch, tokens, width, dtype, device, weight=True, scale=True, shift=True) -> fusion.NormedInput:
     """Rows of very different offsets and spreads; per-sample modulation vectors [batch, 1, width]."""
     spread = torch.rand(batch, tokens, 1) * 8 + 0.1
     x = (torch.randn(batch, tokens, width) * spread + torch.randn(batch, tokens, 1) * 4).to(dtype).to(device)
@@ -27,7 +28,7 @@ def make_input(norm, batch, tokens, width, dtype, device, weight=True, scale=Tru
     def vector(scale, offset):
         return (torch.randn(batch, 1, width) * scale + offset).to(dtype).to(device)
 
-    return ops.NormedInput(
+    return fusion.NormedInput(
         x, norm, 1e-6,
         weight=(torch.rand(width) + 0.5).to(dtype).to(device) if weight else None,
         scale=vector(0.3, 0.0) if scale else None,
@@ -35,7 +36,7 @@ def make_input(norm, batch, tokens, width, dtype, device, weight=True, scale=Tru
     )  # fmt: skip
 
 
-def float64_rows(x: ops.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
+def float64_rows(x: fusion.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
     """The input's rows in float64, rounded to its dtype where the unfused ops round (after the norm and
     after the modulation), and the size of each value's rounding error in ulps of the dtype (a rounding
     of the norm's output is scaled by ``1 + scale``, itself rounded to the scale's dtype)."""
@@ -62,7 +63,7 @@ def float64_rows(x: ops.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("parts", ["weight,scale,shift", "scale", ""])
 def test_normed_quantization_against_float64(device, norm, dtype, batch, tokens, width, parts):
     x = make_input(norm, batch, tokens, width, dtype, device, *(p in parts.split(",") for p in ("weight", "scale", "shift")))
-    q, scale = kernels.quantize_normed_rows(*x.kernel_rows())
+    q, scale = kernels.quantize_normed_rows(*ops.normed_kernel_rows(x))
     ref, ulps = (t.cpu() for t in float64_rows(x))
     q, scale = q.cpu().double(), scale.cpu().double()[:, None]
     assert q.shape == ref.shape and q.abs().max() <= 127
@@ -94,10 +95,10 @@ def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
     the materialized input, exactly."""
     x = make_input("rms", 2, 7, 256, torch.bfloat16, device)
     per_token = x._replace(scale=x.scale.expand(2, 7, 256).contiguous())
-    assert per_token.kernel_rows() is None
+    assert ops.normed_kernel_rows(per_token) is None
     # [2, 256] against [2, 2, 256] broadcasts per token, not per sample
-    assert x._replace(x=x.x[:, :2], scale=x.scale[:, 0]).kernel_rows() is None
-    assert ops.NormedInput(x.x[0], "rms", 1e-6, scale=x.scale.expand(2, 7, 256)[0]).kernel_rows() is None  # 2-D, per row
+    assert ops.normed_kernel_rows(x._replace(x=x.x[:, :2], scale=x.scale[:, 0])) is None
+    assert ops.normed_kernel_rows(fusion.NormedInput(x.x[0], "rms", 1e-6, scale=x.scale.expand(2, 7, 256)[0])) is None  # 2-D, per row
     w_int8 = torch.randint(-127, 128, (24, 256), dtype=torch.int8, device=device)
     w_scale = torch.full((24, 1), 1e-3, device=device)
     lora = ops.LoraFactors(*(torch.randn(s, device=device, dtype=torch.bfloat16) for s in ((4, 256), (24, 4))),
@@ -126,8 +127,8 @@ def test_non_finite_rows_poison_only_their_row(backend, device):
 def test_layers_share_a_normed_input_only_where_all_of_them_are_int8():
     x = make_input("layer", 1, 3, 32, torch.float32, "cpu")
     int8 = Int8Linear.from_float(torch.nn.Linear(32, 8))
-    assert layers.shared_input(x, int8, int8) is x
-    shared = layers.shared_input(x, int8, torch.nn.Linear(32, 8))
+    assert fusion.shared_input(x, int8, int8) is x
+    shared = fusion.shared_input(x, int8, torch.nn.Linear(32, 8))
     assert torch.equal(shared, x.materialize())
     assert torch.equal(layers.modulate(x.x, x.shift, x.scale), layers.modulated(x.x, x.shift, x.scale).materialize())
 
@@ -141,17 +142,17 @@ def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, dev
     layer = Int8Linear.from_float(torch.nn.Linear(64, 16)).to(device, torch.bfloat16)
     x = make_input("rms", 2, 8, 64, torch.bfloat16, device)
     with ops.use_backend(backend):
-        explanation = torch._dynamo.explain(lambda x: layers.project(layer, x))(x)
+        explanation = torch._dynamo.explain(lambda x: fusion.project(layer, x))(x)
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
         fused = "int8_studio.quantize_normed" in explanation.graphs[0].code
         assert fused == (backend == "triton") and fused != ("rms_norm" in explanation.graphs[0].code)
         torch._dynamo.reset()
         counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(lambda x: layers.project(layer, x), backend=counter, fullgraph=True)
+        compiled = torch.compile(lambda x: fusion.project(layer, x), backend=counter, fullgraph=True)
         for tokens in (8, 13):
             x = make_input("rms", 2, tokens, 64, torch.bfloat16, device)
             torch._dynamo.mark_dynamic(x.x, 1)
-            torch.testing.assert_close(compiled(x), layers.project(layer, x), rtol=0, atol=0)
+            torch.testing.assert_close(compiled(x), fusion.project(layer, x), rtol=0, atol=0)
         assert counter.frame_count == 1
 
 
@@ -165,7 +166,7 @@ def test_the_normed_op_on_any_backend_is_the_kernel_within_one_rounding(backend,
     third such difference."""
     x = make_input(norm, 2, 9, 200, torch.bfloat16, device)
     x = x._replace(scale=(1 + x.scale).clamp(0.5, 2) - 1)  # exact in bfloat16 (Sterbenz)
-    rows, normed = x.kernel_rows()
+    rows, normed = ops.normed_kernel_rows(x)
     want_q, want_scale = kernels.quantize_normed_rows(rows, normed)
     with ops.use_backend(backend):
         q, scale = ops.quantize_normed(rows, *normed)
@@ -176,7 +177,7 @@ def test_the_normed_op_on_any_backend_is_the_kernel_within_one_rounding(backend,
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 def test_opcheck_of_the_normed_quantization(backend):
-    rows, normed = make_input("layer", 2, 5, 48, torch.bfloat16, "cpu").kernel_rows()
+    rows, normed = ops.normed_kernel_rows(make_input("layer", 2, 5, 48, torch.bfloat16, "cpu"))
     with ops.use_backend(backend):
         torch.library.opcheck(ops.quantize_normed, (rows, *normed))
         torch.library.opcheck(ops.quantize_normed, (rows, True, None, 1e-6, None, None, 5))

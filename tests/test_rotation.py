@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.int8 import kernels, ops
+from engine.int8.apply import rotation_group
 from engine.int8.linear import Int8Linear, QuantizedLayerError
 from engine.int8.quantize import dequantize_weight, quantize_weight
 from engine.int8.rotation import RotationError, hadamard, marker_group, rotate
@@ -230,6 +231,6 @@ def test_down_projection_patterns_name_quantized_layers_of_every_architecture(ar
         if len(shape) != 2 or a.keeps_high_precision(name, shape):
             continue
         fits = 256 if shape[1] % 256 == 0 else 0
-        assert a.rotation_for(name, shape, "none") == 0
-        assert a.rotation_for(name, shape, "all") == fits
-        assert a.rotation_for(name, shape, "down") == (fits if name in down else 0)
+        assert rotation_group(a, name, shape, "none") == 0
+        assert rotation_group(a, name, shape, "all") == fits
+        assert rotation_group(a, name, shape, "down") == (fits if name in down else 0)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.int8.heads import QKNormRope, attention_inputs, rope_of
+from engine.heads import QKNormRope, attention_inputs, rope_of
 from engine.int8.quantize import MIN_ABSMAX
 from engine.paths import cache_dir
 
@@ -536,7 +536,7 @@ def _store_heads(
     c [3, batch, tokens, heads, HEAD]. Query and key heads are first RMS-normalized over the head, times
     their weight (``norm_w`` [2, HEAD], any float dtype: queries', keys'), rounded to c's dtype, then
     their channel pairs (2i, 2i+1) rotated in float32 by the token's angles (``tables``: their cosines,
-    then their sines, float32 [2, tokens, HEAD / 2]): :func:`engine.int8.heads.attention_inputs`,
+    then their sines, float32 [2, tokens, HEAD / 2]): :func:`engine.heads.attention_inputs`,
     unfused. HEAD is a power of two, at least 16."""
     hidden = N // 3
     part = (pid_n * HEAD) // hidden  # 0 queries, 1 keys, 2 values
@@ -745,7 +745,7 @@ class Heads(NamedTuple):
     """A fused q|k|v projection's epilogue (``HEADS``): the result becomes attention's inputs [3, batch,
     tokens, heads, head] (token-major: attention's output then is too, and its rows are the output
     projection's input without a copy), queries and keys RMS-normalized per head (``norm``: [2, head], the
-    queries' weight then the keys') and rotated (``tables``: :func:`~engine.int8.heads.rotation_tables`)."""
+    queries' weight then the keys') and rotated (``tables``: :func:`~engine.heads.rotation_tables`)."""
 
     norm: torch.Tensor
     eps: float

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.fusion import FusedLinear, Heads, Input
+from engine.heads import QKNormRope
 from engine.int8.ops import (
-    ActivatedInput,
     Int8Weight,
     LoraFactors,
-    NormedInput,
+    int8_attention_inputs,
     int8_linear,
+    quantize_input,
 )
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
 from engine.int8.rotation import (
@@ -56,13 +58,13 @@ def _checked_rotation(group: int, in_features: int) -> int:
     return group
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(FusedLinear):
     """``y = x · (weight · weight_scale)ᵀ + bias`` through :func:`engine.int8.ops.int8_linear`.
 
     ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
-    activation quantization), to measure what W8A8 costs in accuracy. The input may be an
-    :class:`~engine.int8.ops.ActivatedInput` (a down-projection's, before its activation) or a
-    :class:`~engine.int8.ops.NormedInput` (before its norm and modulation). ``lora``,
+    activation quantization), to measure what W8A8 costs in accuracy. As a
+    :class:`~engine.fusion.FusedLinear` it takes inputs before their norm or activation, hands on
+    attention's inputs and runs a SwiGLU in-projection as one gated GEMM (:mod:`engine.int8.ops`). ``lora``,
     when set, is a module with ``down``, ``up`` and ``scale`` tensors
     (:class:`engine.lora.dynamic.LoraAdapter`) whose term ``(x · downᵀ · scale) · upᵀ`` is added in
     the GEMM's epilogue (dynamic LoRA). ``rotation`` is the Hadamard group size the weight is stored
@@ -110,10 +112,10 @@ class Int8Linear(nn.Module):
         w = dequantize_weight(self.weight, self.weight_scale)
         return (rotate(w, self.rotation) if self.rotation else w).to(dtype)
 
-    def forward(self, x: torch.Tensor | ActivatedInput | NormedInput) -> torch.Tensor:
+    def forward(self, x: Input) -> torch.Tensor:
         lora = self.lora
         if self.use_float:
-            x = x.materialize() if isinstance(x, (ActivatedInput, NormedInput)) else x
+            x = x if isinstance(x, torch.Tensor) else x.materialize()
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
             return y + lora(x) if lora is not None else y
@@ -124,16 +126,40 @@ class Int8Linear(nn.Module):
         lora = self.lora
         return LoraFactors(lora.down, lora.up, lora.scale) if lora is not None and lora.down.shape[0] else None
 
-    def int8_rows(self, start: int = 0, stop: int | None = None) -> Int8Weight | None:
-        """Output rows ``[start, stop)`` of the weight, scale and bias, for a GEMM that computes them
-        together with other rows (a gated product, :func:`~engine.int8.ops.int8_linear`'s ``gate``);
-        None where the layer runs anything but the plain int8 product: the float switch, a LoRA, a
-        rotated weight."""
+    def int8_weight(self, start: int = 0, stop: int | None = None) -> Int8Weight | None:
+        """Output channels ``[start, stop)`` of the weight, scale and bias, for a GEMM that computes them
+        together with others (a gated product, attention's inputs); None where the layer runs anything
+        but the plain int8 product: the float switch, a LoRA, a rotated weight."""
         if self.use_float or self.rotation or self._lora_factors() is not None:
             return None
-        rows = slice(start, stop)
-        scale = self.weight_scale[rows] if self.weight_scale.ndim else self.weight_scale
-        return Int8Weight(self.weight[rows], scale, None if self.bias is None else self.bias[rows])
+        channels = slice(start, stop)
+        scale = self.weight_scale[channels] if self.weight_scale.ndim else self.weight_scale
+        return Int8Weight(self.weight[channels], scale, None if self.bias is None else self.bias[channels])
+
+    def fused_heads(self, x: Input, norm: QKNormRope) -> Heads | None:
+        weight = self.int8_weight()
+        return None if weight is None else int8_attention_inputs(x, weight, norm)
+
+    def fused_in_projection(
+        self, x: Input, head: int, norm: QKNormRope | None
+    ) -> tuple[torch.Tensor | Heads | None, torch.Tensor] | None:
+        """The head's GEMM (handing on attention's inputs with ``norm``) and one gated GEMM for the
+        SwiGLU, on ``x`` quantized once: the SwiGLU's two halves never reach memory."""
+        if self.int8_weight() is None:
+            return None
+        half = (self.out_features - head) // 2
+        tokens = quantize_input(x)
+        if norm is not None:
+            out = int8_attention_inputs(tokens, self.int8_weight(0, head), norm)
+        else:
+            out = int8_linear(tokens, *self.int8_weight(0, head)) if head else None
+        return out, int8_linear(tokens, *self.int8_weight(head, head + half), gate=self.int8_weight(head + half))
+
+    def fused_swiglu(self, up: nn.Module, x: Input) -> torch.Tensor | None:
+        gate, up_weight = self.int8_weight(), up.int8_weight() if isinstance(up, Int8Linear) else None
+        if gate is None or up_weight is None:
+            return None
+        return int8_linear(x, *gate, gate=up_weight)
 
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale

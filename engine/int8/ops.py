@@ -52,7 +52,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engine.int8.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
+from engine.fusion import ACTIVATIONS, NORMS, ActivatedInput, NormedInput
+from engine.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
 from engine.int8.quantize import MIN_ABSMAX, QMAX
 from engine.int8.rotation import check_group, hadamard, rotate
 
@@ -67,11 +68,6 @@ except ImportError as error:  # no Triton on this platform, or one older than th
 Backend = Literal["triton", "int_mm", "torch"]
 BACKENDS: tuple[Backend, ...] = ("triton", "int_mm", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-NORMS = ("layer", "rms")
-"""What a :class:`NormedInput` can apply: ``F.layer_norm``, ``F.rms_norm``."""
-ACTIVATIONS = ("swiglu", "gelu_tanh", "identity")
-"""What an :class:`ActivatedInput` can apply: ``silu(a) · b``, ``gelu(a, approximate="tanh")``, nothing
-(``a`` was activated already: it only follows a prefix)."""
 EXACT_K_CHUNK = 1024
 """127² · 1024 < 2²⁴: float32 sums of this many int8 products are exact integers."""
 
@@ -135,95 +131,25 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
-class ActivatedInput(NamedTuple):
-    """A layer input given before its activation: ``cat([prefix, activation(a, b)], -1)``.
+def normed_kernel_rows(normed: NormedInput) -> tuple[torch.Tensor, kernels.Normed] | None:
+    """``normed.x`` as 2-D rows and the kernel's description of the rest, or None where the kernel does not
+    apply: ``scale`` or ``shift`` varying along the tokens of a sample, rows longer than it handles."""
+    x, width = normed.x, normed.width
+    batch = x.shape[0] if x.ndim >= 3 else 1
 
-    Down-projections take their input this way so that the Triton backend applies the activation
-    inside the quantization kernel: the activation's output (and the concatenation with ``prefix``,
-    a Flux single block's attention output) is never written out in bf16 and read back. The kernel
-    computes the activation in float32 and rounds it once to the input dtype; the other backends
-    quantize :meth:`materialize`'s result.
-    """
+    def per_sample(t: torch.Tensor) -> bool:  # one vector for all rows, or [batch, 1, ..., width]
+        one_per_sample = t.ndim == x.ndim >= 3 and t.shape[0] == batch and t.shape[1:-1].numel() == 1
+        return t.shape[-1] == width and (t.numel() == width or one_per_sample)
 
-    activation: str
-    a: torch.Tensor
-    b: torch.Tensor | None = None
-    prefix: torch.Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        return self.a.shape[-1] + (self.prefix.shape[-1] if self.prefix is not None else 0)
-
-    def materialize(self) -> torch.Tensor:
-        """The input as one tensor, computed as an unfused layer does (in the input dtype)."""
-        if self.activation == "swiglu":
-            y = F.silu(self.a) * self.b
-        elif self.activation == "gelu_tanh":
-            y = F.gelu(self.a, approximate="tanh")
-        else:
-            y = self.a
-        return y if self.prefix is None else torch.cat([self.prefix, y], dim=-1)
-
-    def rows(self) -> ActivatedInput:
-        """The same input with every tensor flattened to 2-D rows."""
-        flat = [t.reshape(-1, t.shape[-1]) if t is not None else None for t in (self.a, self.b, self.prefix)]
-        return ActivatedInput(self.activation, *flat)
-
-
-class NormedInput(NamedTuple):
-    """A layer input given before its norm and modulation: ``norm(x) · (1 + scale) + shift``.
-
-    Projections that follow a norm (and a block's modulation) take their input this way so that the
-    Triton backend normalizes, modulates and quantizes each row in one kernel (eager and compiled): the
-    normalized rows are never written out in bf16 and read back. ``norm``: ``"layer"`` or ``"rms"``,
-    times ``weight`` [K] if given; ``scale`` and ``shift`` [..., K] or None (the kernel adds the one
-    itself, so a compiled graph runs no kernel of its own for ``1 + scale``). Everything else quantizes
-    :meth:`materialize`'s result.
-    """
-
-    x: torch.Tensor
-    norm: str
-    eps: float
-    weight: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        return self.x.shape[-1]
-
-    def materialize(self) -> torch.Tensor:
-        """The input as one tensor, computed as the unfused ops compute it (in the input dtype)."""
-        width = (self.width,)
-        if self.norm == "rms":
-            y = F.rms_norm(self.x, width, self.weight, self.eps)
-        else:
-            y = F.layer_norm(self.x, width, self.weight, eps=self.eps)
-        if self.scale is None:
-            return y if self.shift is None else y + self.shift
-        mul = 1 + self.scale
-        return y * mul if self.shift is None else torch.addcmul(self.shift, y, mul)
-
-    def kernel_rows(self) -> tuple[torch.Tensor, kernels.Normed] | None:
-        """``x`` as 2-D rows and the kernel's description of the rest, or None where the kernel does not
-        apply: ``scale`` or ``shift`` varying along the tokens of a sample, rows longer than it handles."""
-        x, width = self.x, self.width
-        batch = x.shape[0] if x.ndim >= 3 else 1
-
-        def per_sample(t: torch.Tensor) -> bool:  # one vector for all rows, or [batch, 1, ..., width]
-            one_per_sample = t.ndim == x.ndim >= 3 and t.shape[0] == batch and t.shape[1:-1].numel() == 1
-            return t.shape[-1] == width and (t.numel() == width or one_per_sample)
-
-        vectors = []
-        for t in (self.scale, self.shift):
-            if t is not None and not per_sample(t):
-                return None
-            vectors.append(None if t is None else t.reshape(-1, width).expand(batch, width))
-        if self.norm not in NORMS or width > kernels.SINGLE_PASS_MAX_K:
+    vectors = []
+    for t in (normed.scale, normed.shift):
+        if t is not None and not per_sample(t):
             return None
-        rows = x.reshape(-1, width)
-        normed = kernels.Normed(self.norm == "rms", self.weight, self.eps, *vectors, rows.shape[0] // batch)
-        return rows, normed
+        vectors.append(None if t is None else t.reshape(-1, width).expand(batch, width))
+    if normed.norm not in NORMS or width > kernels.SINGLE_PASS_MAX_K:
+        return None
+    rows = x.reshape(-1, width)
+    return rows, kernels.Normed(normed.norm == "rms", normed.weight, normed.eps, *vectors, rows.shape[0] // batch)
 
 
 def _quantize(x: torch.Tensor | ActivatedInput, rotation: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +221,7 @@ quantize_normed = _register(
     lambda x, *normed: _quantized_like(x, x.shape[1]),
 )
 """:data:`quantize_rows` of 2-D rows ``x`` after their norm and modulation, ``kernels.Normed``'s fields
-in order: one kernel on the Triton backend (:meth:`NormedInput.kernel_rows`), the materialized input
+in order: one kernel on the Triton backend (``normed_kernel_rows``), the materialized input
 elsewhere."""
 
 
@@ -426,10 +352,10 @@ def _quantized_input(x, rotation: int, dtype: torch.dtype, shape: tuple[int, ...
     normed_rows = None
     if isinstance(x, NormedInput):
         if backend_for(x.x) == "triton" and not rotation:
-            normed_rows = x.kernel_rows()
+            normed_rows = normed_kernel_rows(x)
         x = x if normed_rows is not None else x.materialize()
     activated = isinstance(x, ActivatedInput)
-    x2 = x.rows() if activated else normed_rows[0] if normed_rows else x.reshape(-1, shape[-1])
+    x2 = x.flattened() if activated else normed_rows[0] if normed_rows else x.reshape(-1, shape[-1])
     if normed_rows:
         q, scale = quantize_normed(x2, *normed_rows[1]) if compiling else kernels.quantize_normed_rows(*normed_rows)
     elif not compiling:
@@ -529,15 +455,15 @@ scaled_mm_heads = _register(
 )
 """:data:`scaled_mm` of a fused q|k|v projection, handed on as attention's inputs [3, batch, tokens,
 heads, head]: queries and keys RMS-normalized per head (``norm`` [2, head]: the queries' weight,
-the keys') and rotated by the angles in ``tables`` (:func:`~engine.int8.heads.rotation_tables`;
-:func:`engine.int8.heads.attention_inputs`)."""
+the keys') and rotated by the angles in ``tables`` (:func:`~engine.heads.rotation_tables`;
+:func:`engine.heads.attention_inputs`)."""
 
 
 def int8_attention_inputs(
     x: torch.Tensor | NormedInput | QuantizedInput, weight: Int8Weight, norm: QKNormRope
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [batch, heads, tokens, head] from a fused q|k|v projection of ``x`` [batch, tokens, K]:
-    :func:`int8_linear` followed by :func:`~engine.int8.heads.attention_inputs`, which the Triton GEMM
+    :func:`int8_linear` followed by :func:`~engine.heads.attention_inputs`, which the Triton GEMM
     computes in its epilogue (the projection's output never reaches memory as such). Each is stored
     token-major (a transposed view of [batch, tokens, heads, head]), so attention's output is too and
     its rows [batch · tokens, heads · head] go to the output projection without a copy."""

@@ -25,7 +25,7 @@ from engine.lora.files import LoraError, LoraFile
 from engine.lora.mapping import LoraMatch, match_model
 from engine.lora.merge import MODES, Applied, MergeStats, Mode, merge_float, merge_int8
 from engine.models import DetectedModel, OutputTensor, detect
-from engine.models.build import layer_rotations
+from engine.int8.apply import layer_rotations
 
 LORAS_METADATA = METADATA_PREFIX + "loras"  # JSON list of {"name", "strength"}, oldest merge first
 WARN_KEPT = 0.5  # below this fraction of the LoRAs' change kept, the result carries a warning

@@ -2,9 +2,8 @@
 
 Weights come from random numbers drawn on the device (benchmarks without a download), or from a
 checkpoint through the detector's plan (any prefix, single-file or diffusers layout, fp8 dequantized,
-int8 layers loaded as :class:`Int8Linear` as they are). :func:`quantize_model` turns the eligible
-``nn.Linear`` layers of a float model into ``Int8Linear``, following the architecture's
-high-precision rules.
+layers the file stores quantized built by a :class:`StoredLayers`). :func:`replace_linears` swaps the
+``nn.Linear`` layers the architecture allows to quantize (``engine.int8.apply`` makes them int8).
 """
 
 from __future__ import annotations
@@ -13,15 +12,12 @@ import contextlib
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from engine.checkpoint import CheckpointReader
-from engine.int8.linear import Int8Linear
-from engine.info import listed_layers
-from engine.int8.quantize import Scheme
-from engine.int8.rotation import RotationPolicy, marker_group, parse_marker
 from engine.jobs import CancelToken, JobError
 from engine.models.detect import DetectedModel, ModelLayoutError, detect
 from engine.models.spec import REGISTRY, Architecture, Config
@@ -75,6 +71,15 @@ Make = Callable[[str, nn.Linear], nn.Module]
 
 Fill = Callable[[nn.Module, Callable[[str], bool]], None]
 """Puts the tensors whose names pass a test into a model built on the meta device (:func:`build_model`)."""
+
+
+class StoredLayers(Protocol):
+    """The layers a checkpoint stores in a form a float module cannot hold (int8: ``engine.int8.apply``):
+    their names, and how to build one from its tensors, ``read("weight")`` etc. (None where absent)."""
+
+    layers: set[str]
+
+    def build(self, layer: str, read: Callable[[str], torch.Tensor | None]) -> nn.Module: ...
 
 
 def random_model(
@@ -136,16 +141,17 @@ def load_model(
     reader: CheckpointReader,
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
-    dequantize: bool = False,
     cancel: CancelToken | None = None,
     make: Make | None = None,
+    stored: Callable[[CheckpointReader, DetectedModel, torch.dtype], StoredLayers] | None = None,
 ) -> tuple[nn.Module, DetectedModel]:
-    """The checkpoint's model on ``device``: float tensors in ``dtype``; int8 layers as
-    ``Int8Linear`` (or, with ``dequantize``, as ``nn.Linear`` with the dequantized weight). With
-    ``make``, each eligible float linear is replaced as soon as it is read (:func:`checkpoint_filler`)."""
+    """The checkpoint's model on ``device``: float tensors in ``dtype``, the layers it stores quantized
+    built by ``stored(reader, detected, dtype)``. With ``make``, each eligible float linear is replaced as soon
+    as it is read (:func:`checkpoint_filler`)."""
     detected = detect(reader)
     model = build_model(detected.arch, detected.config)
-    checkpoint_filler(reader, detected, device, dtype, dequantize, cancel, make)(model, _everything)
+    layers = stored(reader, detected, dtype) if stored is not None else None
+    checkpoint_filler(reader, detected, device, dtype, cancel, make, layers)(model, _everything)
     return model, detected
 
 
@@ -154,16 +160,15 @@ def checkpoint_filler(
     detected: DetectedModel,
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
-    dequantize: bool = False,
     cancel: CancelToken | None = None,
     make: Make | None = None,
+    stored: StoredLayers | None = None,
 ) -> Fill:
     """Reads the checkpoint's tensors (as :func:`load_model` describes) into a model of ``detected``.
     A tensor the module has no place for, a wrong shape or a missing tensor is an error, for the
-    tensors asked for. With ``make``, each float linear the architecture allows to quantize is
-    replaced right after its weight and bias are read."""
-    int8 = {layer for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")}
-    rotations = layer_rotations(reader, detected)
+    tensors asked for (a quantized layer without ``stored`` has no place). With ``make``, each float
+    linear the architecture allows to quantize is replaced right after its weight and bias are read."""
+    quantized = stored.layers if stored is not None else set()
 
     def fill(model: nn.Module, wanted: Callable[[str], bool]) -> None:
         plan = {t.name: t for t in detected.tensors if wanted(t.name)}
@@ -177,25 +182,15 @@ def checkpoint_filler(
             t = plan.pop(name)
             return t.build([reader.get(s) for s in t.sources]).to(device)
 
-        for layer in sorted(layer for layer in int8 if f"{layer}.weight" in plan):
+        for layer in sorted(layer for layer in quantized if f"{layer}.weight" in plan):
             if cancel:
                 cancel.check()
-            weight, scale = read(f"{layer}.weight"), read(f"{layer}.weight_scale")
-            plan.pop(f"{layer}.comfy_quant", None)
-            bias = read(f"{layer}.bias").to(dtype) if f"{layer}.bias" in plan else None
-            _check_shape(detected, expected, f"{layer}.weight", weight)
-            quantized = Int8Linear(weight, scale, bias, rotations.get(layer, 0))
-            if dequantize:
-                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-                _set_module(model, layer, linear)
-                _assign(model, f"{layer}.weight", quantized.dequantized_weight(dtype))
-                if bias is not None:
-                    _assign(model, f"{layer}.bias", bias)
-                _replace_when_complete(model, detected.arch, f"{layer}.weight", make)
-            else:
-                _set_module(model, layer, quantized)
+            module = stored.build(layer, lambda part, layer=layer: read(n) if (n := f"{layer}.{part}") in plan else None)
+            _check_shape(detected, expected, f"{layer}.weight", module.weight)
+            _set_module(model, layer, module)
             for name in (f"{layer}.weight", f"{layer}.bias"):
                 expected.pop(name, None)
+            _replace_when_complete(model, detected.arch, f"{layer}.weight", make)
         for name in list(plan):
             if cancel:
                 cancel.check()
@@ -212,26 +207,6 @@ def checkpoint_filler(
         _fill_missing(model, detected, expected, device, dtype)
 
     return fill
-
-
-def layer_rotations(reader: CheckpointReader, detected: DetectedModel) -> dict[str, int]:
-    """The Hadamard group size of each rotated int8 layer (:mod:`engine.int8.rotation`), from its
-    ``comfy_quant`` marker or, for a layer without one, its entry in the header's
-    ``_quantization_metadata``. Layers missing here are not rotated."""
-    markers = {t.name: t for t in detected.tensors if t.name.endswith(".comfy_quant")}
-    listed = listed_layers(reader.metadata) or {}
-    groups = {}
-    for layer, fmt in detected.layer_formats.items():
-        if not fmt.startswith("int8"):
-            continue
-        marker = markers.get(f"{layer}.comfy_quant")
-        if marker is not None:
-            entry = parse_marker(marker.build([reader.get(s) for s in marker.sources]), marker.sources[0])
-        else:
-            entry = listed.get(detected.prefix + layer)
-        if group := marker_group(entry):
-            groups[layer] = group
-    return groups
 
 
 def _check_shape(detected: DetectedModel, expected: dict, name: str, tensor: torch.Tensor) -> None:
@@ -287,24 +262,6 @@ def _replace_if_eligible(model: nn.Module, arch: Architecture, name: str, linear
         return False
     _set_module(model, name, make(f"{name}.weight", linear))
     return True
-
-
-def quantizer(arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none") -> Make:
-    """``make`` turning a float linear into an ``Int8Linear`` (``scheme`` weight scales, per-token int8
-    activations, Hadamard-rotated as ``rotate`` says)."""
-
-    def make(name: str, linear: nn.Linear) -> Int8Linear:
-        return Int8Linear.from_float(linear, scheme, arch.rotation_for(name, tuple(linear.weight.shape), rotate))
-
-    return make
-
-
-def quantize_model(
-    model: nn.Module, arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none"
-) -> int:
-    """Replace the eligible float linears by ``Int8Linear`` (:func:`quantizer`). Returns the number of
-    layers quantized."""
-    return replace_linears(model, arch, quantizer(arch, scheme, rotate))
 
 
 def _replace_when_complete(model: nn.Module, arch: Architecture, name: str, make: Make | None) -> None:

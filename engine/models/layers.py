@@ -2,9 +2,10 @@
 
 Attribute names follow the single-file (BFL/ComfyUI) layout, so a module's ``state_dict()`` keys are
 exactly :meth:`Architecture.tensor_shapes` and a checkpoint loads without renaming. Everything that
-runs once per token goes through ``nn.Linear`` (or what replaces it: ``Int8Linear``), attention
-through ``F.scaled_dot_product_attention``; norms and rotary embeddings compute in float32 and return
-the input dtype.
+runs once per token goes through ``nn.Linear`` (or a layer that replaces it), attention through
+``F.scaled_dot_product_attention``; norms and rotary embeddings compute in float32 and return the input
+dtype. Norms, activations and attention's heads that follow or precede a linear are declared through
+:mod:`engine.fusion`, so a fused layer can compute them in its own kernels.
 """
 
 from __future__ import annotations
@@ -16,20 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.heads import (
-    QKNormRope,
-    Rope,
-    attention_inputs,
-)
-from engine.int8.linear import Int8Linear
-from engine.int8.ops import (
-    ActivatedInput,
-    Int8Weight,
-    NormedInput,
-    int8_attention_inputs,
-    int8_linear,
-    quantize_input,
-)
+from engine.fusion import NormedInput, activated, attention_heads, in_projection, project
+from engine.heads import QKNormRope, Rope
 
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
 Inputs = dict[str, torch.Tensor]  # a model's forward arguments by name
@@ -60,7 +49,7 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(head_dim)
 
     def rotating(self, pe: Rope) -> QKNormRope:
-        """These norms followed by rotation by ``pe``, for :func:`attention_heads` and :func:`in_projection`."""
+        """These norms followed by rotation by ``pe`` (:func:`engine.fusion.attention_heads`)."""
         return QKNormRope(self.query_norm.scale, self.key_norm.scale, self.query_norm.eps, pe)
 
 
@@ -70,7 +59,7 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> NormedInput:
-    """``(1 + scale) · layer_norm(x) + shift``, not computed yet (see :func:`project`)."""
+    """``(1 + scale) · layer_norm(x) + shift``, declared (:class:`engine.fusion.NormedInput`)."""
     return NormedInput(x, "layer", 1e-6, scale=scale, shift=shift)
 
 
@@ -139,87 +128,24 @@ class MLPEmbedder(nn.Module):
 
 
 class Activation(nn.Module):
-    """An MLP activation that can hand its input on unapplied, as an ``ActivatedInput`` (see
-    :func:`project`); ``gated``: the input holds two halves, ``a`` and ``b``."""
+    """An MLP activation by name (:data:`engine.fusion.ACTIVATIONS`); a gated one takes two halves."""
 
     name: str
-    gated: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lazy(x).materialize()
-
-    def lazy(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> ActivatedInput:
-        """``cat([prefix, self(x)])``, not computed yet."""
-        return ActivatedInput(self.name, *(x.chunk(2, dim=-1) if self.gated else (x,)), prefix=prefix)
+        return activated(self.name, x).materialize()
 
 
 class SwiGLU(Activation):
     """``silu(a) * b`` of the two halves of a fused in-projection (Flux.2's MLPs)."""
 
-    name, gated = "swiglu", True
+    name = "swiglu"
 
 
 class GELUTanh(Activation):
     """GELU with the tanh approximation (Flux.1 and Chroma MLPs)."""
 
-    name, gated = "gelu_tanh", False
-
-
-def shared_input(
-    x: torch.Tensor | ActivatedInput | NormedInput, *linears: nn.Module
-) -> torch.Tensor | ActivatedInput | NormedInput:
-    """``x`` for layers that all take it: as it is where every one is an ``Int8Linear``, whose Triton
-    quantization then applies x's norm or activation on the way in (x's float rows never reach memory),
-    else materialized once for all of them."""
-    if isinstance(x, torch.Tensor):
-        return x
-    lazy = all(isinstance(linear, Int8Linear) for linear in linears)
-    return x if lazy else x.materialize()
-
-
-def project(linear: nn.Module, x: torch.Tensor | ActivatedInput | NormedInput) -> torch.Tensor:
-    """``linear(x)`` for an input that may not be computed yet (:func:`shared_input`)."""
-    return linear(shared_input(x, linear))
-
-
-def attention_heads(
-    linear: nn.Module, x: torch.Tensor | NormedInput, norm: QKNormRope
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention's inputs q, k, v from a fused q|k|v projection of ``x``: out of the int8 GEMM's
-    epilogue where the layer runs the plain int8 product, else the unfused chain
-    (:func:`~engine.int8.heads.attention_inputs`)."""
-    weight = int8_rows(linear)
-    if weight is None:
-        return attention_inputs(project(linear, x), norm)
-    return int8_attention_inputs(shared_input(x, linear), weight, norm)
-
-
-def int8_rows(linear: nn.Module, start: int = 0, stop: int | None = None) -> Int8Weight | None:
-    """Output rows of a layer that runs the plain int8 product (:meth:`Int8Linear.int8_rows`), else None."""
-    return linear.int8_rows(start, stop) if isinstance(linear, Int8Linear) else None
-
-
-def in_projection(
-    linear: nn.Module, act: Activation, x: torch.Tensor | NormedInput, head: int = 0, norm: QKNormRope | None = None
-) -> tuple[torch.Tensor | tuple[torch.Tensor, ...] | None, ActivatedInput]:
-    """``linear(x)`` cut after its first ``head`` outputs: those (None for none), and the rest as
-    ``act``'s input, not activated yet. With ``norm`` the head is a fused q|k|v projection and comes
-    back as attention's inputs q, k, v (:func:`~engine.int8.heads.attention_inputs`). A SwiGLU after a
-    plain int8 layer runs in one gated GEMM instead (``int8_linear``'s ``gate``): its two halves never
-    reach memory, and the rows it hands on are activated already; x is quantized once for that GEMM and
-    the head's, whose GEMM then hands on attention's inputs itself."""
-    if not act.gated or int8_rows(linear) is None:
-        y = project(linear, x)
-        out = y[..., :head] if head else None
-        return (attention_inputs(out, norm) if norm is not None else out), act.lazy(y[..., head:])
-    half = (linear.out_features - head) // 2
-    rows = quantize_input(x)
-    if norm is not None:
-        out = int8_attention_inputs(rows, linear.int8_rows(0, head), norm)
-    else:
-        out = int8_linear(rows, *linear.int8_rows(0, head)) if head else None
-    gated = int8_linear(rows, *linear.int8_rows(head, head + half), gate=linear.int8_rows(head + half))
-    return out, ActivatedInput("identity", gated)
+    name = "gelu_tanh"
 
 
 class MLP(nn.Sequential):
@@ -227,7 +153,7 @@ class MLP(nn.Sequential):
 
     def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
         up, act, down = self
-        return project(down, in_projection(up, act, x)[1])
+        return project(down, in_projection(up, act.name, x)[1])
 
 
 class FluxAttention(nn.Module):
@@ -293,6 +219,6 @@ class SingleBlock(nn.Module):
     def forward(self, x: torch.Tensor, mod: Modulation, pe: Rope) -> torch.Tensor:
         shift, scale, gate = mod
         attention_input = self.norm.rotating(pe)
-        (q, k, v), mlp = in_projection(self.linear1, self.act, modulated(x, shift, scale), self.split[0], attention_input)
+        (q, k, v), mlp = in_projection(self.linear1, self.act.name, modulated(x, shift, scale), self.split[0], attention_input)
         out = project(self.linear2, mlp._replace(prefix=attend(q, k, v)))
         return torch.addcmul(x, gate, out)

@@ -16,7 +16,6 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from engine.int8.rotation import GROUP_SIZE, RotationPolicy, can_rotate
 from engine.jobs import JobError
 
 Shape = tuple[int, ...]
@@ -196,16 +195,6 @@ class Architecture:
         if not name.endswith(".weight") or len(shape) != 2 or min(shape) < MIN_QUANT_DIM:
             return True
         return any(fnmatchcase(name, pattern) for pattern in self.high_precision)
-
-    def rotation_for(self, name: str, shape: Shape, policy: RotationPolicy) -> int:
-        """The Hadamard group size a quantized weight is rotated with under ``policy`` (0: none):
-        ``down`` rotates the down-projections, ``all`` every layer; a layer whose input width is not
-        a multiple of the group stays unrotated."""
-        if policy == "none" or not can_rotate(shape[1]):
-            return 0
-        if policy == "down" and not any(fnmatchcase(name, p) for p in self.down_projections):
-            return 0
-        return GROUP_SIZE
 
     # --- key layouts -----------------------------------------------------------------------------
 

@@ -14,21 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.heads import QKNormRope
-from engine.int8.ops import ActivatedInput, NormedInput, int8_linear
-from engine.models.layers import (
-    Inputs,
-    Rope,
-    attend,
-    attention_heads,
-    int8_rows,
-    layer_norm,
-    position_ids,
-    project,
-    rope,
-    shared_input,
-    timestep_embedding,
-)
+from engine.fusion import NormedInput, attention_heads, project, swiglu
+from engine.heads import QKNormRope, Rope
+from engine.models.layers import Inputs, attend, layer_norm, position_ids, rope, timestep_embedding
 from engine.models.spec import (
     Architecture,
     Config,
@@ -179,15 +167,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
-        first, second = int8_rows(self.w1), int8_rows(self.w3)
-        if first is None or second is None:
-            x = shared_input(x, self.w1, self.w3)
-            return project(self.w2, ActivatedInput("swiglu", self.w1(x), self.w3(x)))
-        return project(self.w2, int8_linear(x, *first, gate=second))  # one gated GEMM (layers.in_projection)
+        return project(self.w2, swiglu(self.w1, self.w3, x))
 
 
 def _scaled(norm: nn.RMSNorm, x: torch.Tensor, scale: torch.Tensor) -> NormedInput:
-    """``norm(x) · (1 + scale)``, not computed yet (see :func:`~engine.models.layers.project`)."""
+    """``norm(x) · (1 + scale)``, not computed yet (:class:`engine.fusion.NormedInput`)."""
     return NormedInput(x, "rms", norm.eps, norm.weight, scale)
 
 
