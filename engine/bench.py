@@ -82,6 +82,17 @@ class BenchRequest:
     max_vram_gb: float | None = None  # run as on a GPU with this much memory (default: the device's own)
 
 
+GPU_DEFAULTS = BenchRequest("flux2-klein-9b")
+"""What both faces measure when nothing else is chosen, on a GPU: a released size at 1024², every format."""
+CPU_DEFAULTS = BenchRequest("flux2-tiny", resolution=256, steps=3, formats=("bf16", "int8"))
+"""… and on the CPU: a tiny model, and no compiled format (compiling on a CPU takes minutes)."""
+
+
+def bench_defaults(gpu: bool) -> BenchRequest:
+    """The benchmark the app's form starts from and ``int8-studio bench`` runs without a model."""
+    return GPU_DEFAULTS if gpu else CPU_DEFAULTS
+
+
 @dataclass(frozen=True)
 class FormatResult:
     format: str

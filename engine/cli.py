@@ -11,12 +11,14 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TextIO
 
+import torch
+
 from engine import __version__
-from engine.bench import FORMATS, BenchRequest, run_bench
+from engine.bench import FORMATS, BenchRequest, bench_defaults, run_bench
 from engine.checkpoint import format_bytes
 from engine.comfyui import (
     EXPORT_KINDS,
@@ -234,16 +236,19 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 @command("bench", help="seconds per step of a model in bf16, fp8 and int8, with each format's quality cost")
 def _bench_command(p: argparse.ArgumentParser) -> None:
+    gpu, cpu = bench_defaults(gpu=True), bench_defaults(gpu=False)
     p.add_argument(
-        "source", help="a checkpoint, or a model name with random weights: flux2-klein-9b, zimage-turbo, …"
-    )
-    p.add_argument("--res", type=int, default=1024, help="image side in pixels (default 1024)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per format, after warm-up (default 10)")
+        "source", nargs="?",
+        help="a checkpoint, or a model name with random weights: flux2-klein-9b, zimage-turbo, …; "
+        f"default: {gpu.source} on a GPU, {cpu.source} on the CPU (at {cpu.resolution}, {cpu.steps} steps, "
+        f"{','.join(cpu.formats)}, unless given)",
+    )  # fmt: skip
+    p.add_argument("--res", type=int, help=f"image side in pixels (default {gpu.resolution})")
+    p.add_argument("--steps", type=int, help=f"timed steps per format, after warm-up (default {gpu.steps})")
     p.add_argument(
         "--formats",
         type=lambda text: tuple(text.split(",")),
-        default=FORMATS,
-        help=f"comma-separated, from {','.join(FORMATS)}",
+        help=f"comma-separated, from {','.join(FORMATS)} (default: all)",
     )
     p.add_argument(
         "--scheme", choices=SCHEMES, default="rowwise", help="int8 weight scales: one per weight or per row"
@@ -275,8 +280,13 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    request = BenchRequest(
-        args.source, args.res, args.steps, args.formats, args.scheme, args.batch,
+    if args.source is None:  # what the app's form starts from on this machine
+        request = bench_defaults(gpu=args.device != "cpu" and torch.cuda.is_available())
+    else:
+        request = BenchRequest(args.source)
+    chosen = {"resolution": args.res, "steps": args.steps, "formats": args.formats}
+    request = replace(
+        request, **{k: v for k, v in chosen.items() if v is not None}, scheme=args.scheme, batch=args.batch,
         text_tokens=args.text_tokens, device=args.device, cuda_graphs=args.cuda_graphs, rotate=args.rotate,
         max_vram_gb=args.max_vram,
     )  # fmt: skip

@@ -17,6 +17,7 @@ from engine.bench import (
     BenchRequest,
     BenchResult,
     FormatResult,
+    bench_defaults,
     run_bench,
 )
 from engine.cli import main
@@ -251,6 +252,18 @@ def test_cli_bad_input(capsys):
     assert err == (
         "int8-studio: error: unknown format 'int2'; choose from bf16, bf16+compile, fp8, int8, int8+compile\n"
     )
+
+
+def test_cli_without_a_model_runs_the_engines_defaults(capsys):
+    """`int8-studio bench` alone measures what the app's form starts from on that device; options
+    given still apply."""
+    cpu = bench_defaults(gpu=False)
+    assert main(["bench", "--device", "cpu", "--steps", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == f"{named_config(cpu.source)[2]} (random weights)"
+    assert (result["resolution"], result["steps"]) == (cpu.resolution, 1)
+    assert tuple(r["format"] for r in result["rows"]) == cpu.formats
+    assert bench_defaults(gpu=True) == BenchRequest(bench_defaults(gpu=True).source)  # the request's defaults
 
 
 @pytest.mark.gpu

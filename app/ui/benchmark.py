@@ -37,6 +37,7 @@ from engine.bench import (
     LAUNCH_BOUND_NOTE,
     BenchRequest,
     BenchResult,
+    bench_defaults,
     run_bench,
 )
 from engine.models.build import model_names
@@ -50,8 +51,6 @@ FORMAT_HELP = {
 }
 COLUMNS = ["Format", "s/it", "Speed-up", "First call", "Peak VRAM", "Rel. error", "Cosine"]
 KEPT_RUNS = 20
-CPU_PRESET = ("flux2-tiny", 256, 3, ("bf16", "int8"))  # compiling on a CPU takes minutes
-GPU_PRESET = ("flux2-klein-9b", 1024, 10, FORMATS)
 
 
 class BenchmarkPage(Page):
@@ -165,12 +164,12 @@ class BenchmarkPage(Page):
 
     def set_preset(self, has_gpu: bool) -> None:
         """Defaults that finish in reasonable time on this machine."""
-        name, resolution, steps, formats = GPU_PRESET if has_gpu else CPU_PRESET
-        self.model.setCurrentIndex(max(0, self.model.findData(name)))
-        self.resolution.setCurrentIndex(self.resolution.findData(resolution))
-        self.steps.setValue(steps)
+        preset = bench_defaults(has_gpu)
+        self.model.setCurrentIndex(max(0, self.model.findData(preset.source)))
+        self.resolution.setCurrentIndex(self.resolution.findData(preset.resolution))
+        self.steps.setValue(preset.steps)
         for fmt, box in self.format_boxes.items():
-            box.setChecked(fmt in formats)
+            box.setChecked(fmt in preset.formats)
         self.cuda_graphs.setChecked(False)
         self._show_hardware(has_gpu)
         self._preset = self.request()
