@@ -31,7 +31,7 @@ from engine.comfyui import (
 )
 from engine.convert import ConvertRequest, ConvertResult, run_convert
 from engine.demo import build_demo_lora, build_demo_model
-from engine.hub import DownloadRequest, plan_download, run_download
+from engine.hub import EXAMPLE_REPO, DownloadRequest, plan_download, run_download
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.int8.quantize import SCHEMES
 from engine.int8.rotation import ROTATION_POLICIES
@@ -513,7 +513,7 @@ def _library_table(result: LibraryResult) -> str:
 
 @command("download", help="download a model from the Hugging Face hub (sizes first, resumable, cancellable)")
 def _download_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("repo", help="the repo, e.g. black-forest-labs/FLUX.2-klein-9B")
+    p.add_argument("repo", help=f"the repo, e.g. {EXAMPLE_REPO}")
     p.add_argument("files", nargs="*", metavar="FILE", help="files or patterns (default: the repo's model)")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
     where = p.add_mutually_exclusive_group()

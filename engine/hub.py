@@ -54,6 +54,8 @@ from huggingface_hub.errors import (
 from engine.jobs import Cancelled, CancelToken, JobError, ProgressFn, Reporter
 
 HUB_URL = "https://huggingface.co"
+EXAMPLE_REPO = "black-forest-labs/FLUX.2-klein-9B"
+"""The repo both faces give as an example of what to type."""
 MODEL_SUFFIX = ".safetensors"
 POLL_SECONDS = 0.1
 MESSAGE_MARK = "\x1eint8-studio "  # starts each line the download child sends

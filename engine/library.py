@@ -24,11 +24,9 @@ from engine.models import detect_tensors
 LIBRARY_KINDS = ("diffusion_models", "checkpoints", "loras")
 """The ComfyUI folder kinds a library scan covers."""
 
-FORMAT_LABELS = {
-    "fp8_scaled": "fp8 scaled",
-    "int8_tensorwise": "int8 tensor-wise",
-    "int8_rowwise": "int8 row-wise",
-}
+SCHEME_LABELS = {"tensorwise": "tensor-wise", "rowwise": "row-wise"}
+"""The int8 weight scales in words, as the library and the app write them."""
+FORMAT_LABELS = {"fp8_scaled": "fp8 scaled", **{f"int8_{s}": f"int8 {label}" for s, label in SCHEME_LABELS.items()}}
 DTYPE_LABELS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}
 LORA_FACTORS = {suffix: kind for suffix, (kind, _) in SUFFIXES.items() if kind in KIND_LABELS}
 LORA_FACTOR_RE = re.compile(r"\.(" + "|".join(map(re.escape, LORA_FACTORS)) + r")$")

@@ -36,6 +36,7 @@ from engine.checkpoint import format_bytes
 from engine.convert import ROTATION_SUFFIX, ConvertRequest, ConvertResult, run_convert
 from engine.demo import DEMO_ARCH, DEMO_LABEL, build_demo_model
 from engine.info import CheckpointInfo, inspect_checkpoint
+from engine.library import SCHEME_LABELS
 from engine.models import REGISTRY, Architecture
 
 SCHEMES = {
@@ -66,7 +67,6 @@ ROTATIONS = {
         "Rotates every layer it can: the lowest error, ~9% slower. Needs a ComfyUI that reads 'convrot'.",
     ),
 }
-SCHEME_NAMES = {"rowwise": "row-wise", "tensorwise": "tensor-wise"}
 KEEP_HELP = (
     "Layers kept in high precision stay in the source's bf16/fp16. The recommended set keeps the "
     "embedders, the final layer and the modulation layers: they are small, sensitive to rounding, and "
@@ -315,7 +315,7 @@ class ConvertPage(Page):
     def _on_converted(self, result: ConvertResult) -> None:
         self.result = result
         ratio = result.bytes_out / result.bytes_in if result.bytes_in else 0
-        scheme = SCHEME_NAMES[result.scheme]
+        scheme = SCHEME_LABELS[result.scheme]
         text = f"Saved {result.model} as INT8 with {scheme} scales."
         sizes = f"{format_bytes(result.bytes_in)} → {format_bytes(result.bytes_out)} ({ratio:.0%})"
         facts = [

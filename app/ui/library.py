@@ -34,7 +34,14 @@ from app.ui.widgets import (
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.comfyui import ComfyInstall
-from engine.hub import DownloadRequest, DownloadResult, RemoteFile, plan_download, run_download
+from engine.hub import (
+    EXAMPLE_REPO,
+    DownloadRequest,
+    DownloadResult,
+    RemoteFile,
+    plan_download,
+    run_download,
+)
 from engine.jobs import CancelToken, ProgressFn
 from engine.library import (
     LibraryEntry,
@@ -155,7 +162,7 @@ class LibraryPage(Page):
         )
         fields = form()
         self.repo = QLineEdit()
-        self.repo.setPlaceholderText("black-forest-labs/FLUX.2-klein-9B")
+        self.repo.setPlaceholderText(EXAMPLE_REPO)
         self.repo.setAccessibleName("Hugging Face repository")
         self.repo.textChanged.connect(lambda: self.plan_label.clear())
         self.files = QLineEdit()

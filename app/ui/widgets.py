@@ -262,7 +262,7 @@ class Choices(QWidget):
 
 
 class Facts(QWidget):
-    """Name/value pairs in aligned columns ("Architecture  Flux.2 Klein 9B"), ``columns`` pairs a row."""
+    """Name/value pairs in aligned columns ("Layout  single-file"), ``columns`` pairs a row."""
 
     def __init__(self, columns: int = 1) -> None:
         super().__init__()
