@@ -35,7 +35,7 @@ from engine.hub import EXAMPLE_REPO, DownloadRequest, plan_download, run_downloa
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.int8.quantize import SCHEMES
 from engine.int8.rotation import ROTATION_POLICIES
-from engine.jobs import Cancelled, JobError, OutputExistsError, Progress
+from engine.jobs import Cancelled, JobError, OutputExistsError, Progress, format_duration
 from engine.library import (
     LIBRARY_KINDS,
     LibraryRequest,
@@ -113,12 +113,6 @@ class ProgressBar:
         if self.enabled and self._stage is not None:
             self.stream.write("\n")
             self.stream.flush()
-
-
-def format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, minutes = divmod(seconds // 60, 60)
-    return f"{hours}:{minutes:02d}:{seconds % 60:02d}" if hours else f"{minutes}:{seconds % 60:02d}"
 
 
 @command("convert", help="convert a checkpoint (single file or diffusers folder) to an INT8 file")

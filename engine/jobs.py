@@ -83,6 +83,18 @@ class Progress:
         return elapsed * (self.total - self.done) / self.done
 
 
+def format_duration(seconds: float) -> str:
+    """``"8 s"``, ``"3 min 05 s"``, ``"2 h 04 min"``: how long, in the words both faces show."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 ProgressFn = Callable[[Progress], None]
 
 

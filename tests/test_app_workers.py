@@ -13,7 +13,7 @@ import shiboken6
 from PySide6.QtCore import QThread
 from PySide6.QtWidgets import QApplication, QLabel
 
-from app.workers import Job, format_duration
+from app.workers import Job
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 
 
@@ -112,14 +112,6 @@ def test_unexpected_exception_is_a_crash_with_traceback(qtbot, tmp_path):
     summary, details = blocker.args
     assert summary.startswith("FileNotFoundError:")
     assert "Traceback" in details and "write_numbers" in details
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [(0.4, "0 s"), (59, "59 s"), (61, "1 min 01 s"), (3599, "59 min 59 s"), (7440, "2 h 04 min")],
-)
-def test_format_duration(seconds, text):
-    assert format_duration(seconds) == text
 
 
 def test_signals_keep_python_references_intact(qtbot, tmp_path):

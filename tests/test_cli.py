@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from engine.cli import ProgressBar, main
 from engine.demo import DEMO_FILE, DEMO_LORA_FILE
-from engine.jobs import Progress
+from engine.jobs import Progress, format_duration
 from engine.lora import inspect_lora
 from tests.tiny_checkpoints import write_single_file
 
@@ -197,6 +197,15 @@ class Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.4, "0 s"), (59, "59 s"), (61, "1 min 01 s"), (3599, "59 min 59 s"), (7440, "2 h 04 min")],
+)
+def test_format_duration(seconds, text):
+    """The one way durations are written: the progress bar's ETA here, the app's job panel there."""
+    assert format_duration(seconds) == text
+
+
 def test_progress_bar_draws_on_a_terminal_only():
     started = time.monotonic() - 10
     reports = [Progress("converting", done, 100, f"t{done}", started) for done in (0, 50, 100)]
@@ -214,6 +223,6 @@ def test_progress_bar_draws_on_a_terminal_only():
     assert len(lines) == 3 and lines[-1] == ""  # one line per stage, each finished
     draws = lines[0].split("\r")[1:]
     assert "converting [" in draws[0] and "0%" in draws[0] and "ETA" not in draws[0]
-    assert re.search(r" 50%  ETA 0:1[0-2]  t50", draws[1])  # 10 s for half: about 10 s left
+    assert re.search(r" 50%  ETA 1[0-2] s  t50", draws[1])  # 10 s for half: about 10 s left
     assert "100%" in draws[2] and "ETA" not in draws[2]
     assert lines[1].startswith("\rverifying [") and "100%" in lines[1]

@@ -9,8 +9,8 @@ from typing import Any
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from app.ui import dialogs, theme
-from app.workers import Job, format_duration
-from engine.jobs import Progress
+from app.workers import Job
+from engine.jobs import Progress, format_duration
 
 
 class JobPanel(QWidget):

@@ -1,5 +1,5 @@
 """Adapters between engine jobs (plain functions on worker threads) and the Qt event loop."""
 
-from app.workers.job import Job, find_job, format_duration
+from app.workers.job import Job
 
-__all__ = ["Job", "find_job", "format_duration"]
+__all__ = ["Job"]

@@ -18,7 +18,6 @@ handler ever touches a deleted widget.
 
 from __future__ import annotations
 
-import importlib
 import time
 import traceback
 from collections.abc import Callable
@@ -136,23 +135,3 @@ class Job(QObject):
         else:
             self.crashed.emit(*payload)
         self.finished.emit()
-
-
-def format_duration(seconds: float) -> str:
-    """``"8 s"``, ``"3 min 05 s"``, ``"2 h 04 min"``: how long, in words a progress bar can show."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def find_job(module: str, name: str) -> Callable[..., Any] | None:
-    """``module.name`` if this build of the engine has it, else None (pages then say so plainly)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
