@@ -28,7 +28,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -126,21 +126,31 @@ class BenchResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def table(self) -> str:
-        """The result as text: a three-line header, one row per format, a footnote."""
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchResult:
+        """The result back from :meth:`to_dict` (the app keeps results between runs); keys this
+        version does not know are left out."""
+        rows = tuple(FormatResult(**_known(FormatResult, row)) for row in data.get("rows", ()))
+        return cls(**{**_known(cls, data), "rows": rows})
+
+    def header(self) -> list[str]:
+        """What was measured, on what, and how: the table's three first lines, the app's run summary."""
         shape = f"{self.resolution}×{self.resolution}, batch {self.batch}"
         tokens = f"{self.image_tokens} image + {self.text_tokens} text tokens"
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         layers = f"{self.quantized_layers} of {self.linear_layers} linear layers quantized"
         gemm = f"; int8 GEMM: {self.int8_backend}" if self.int8_backend else ""
         steps = f"median of {self.steps} steps" + (", replayed from a CUDA graph" if self.cuda_graphs else "")
-        head = [
+        return [
             f"{self.model}: {shape} ({tokens}), {steps}",
             f"{self.device}; {versions}",
             f"{layers} ({self.scheme} int8 weight scales, per-token activation scales){gemm}",
-            "",
         ]
-        lines = [COLUMNS, *(_cells(r) for r in self.rows)]
+
+    def table(self) -> str:
+        """The result as text: the :meth:`header`, one row per format, a footnote."""
+        head = [*self.header(), ""]
+        lines = [COLUMNS, *(cells(r) for r in self.rows)]
         bound = any(r.launch_bound for r in self.rows)
         # a row that did not run holds its note in the second column: it sets no width
         widths = [max(len(line[i]) for line in lines if i == 0 or len(line) > 2) for i in range(len(COLUMNS))]
@@ -166,9 +176,15 @@ LAUNCH_BOUND_NOTE = (
 )
 
 
-def _cells(r: FormatResult) -> tuple[str, ...]:
+def _known(cls: type, data: dict) -> dict:
+    return {f.name: data[f.name] for f in fields(cls) if f.name in data}
+
+
+def cells(r: FormatResult) -> tuple[str, ...]:
+    """A row's cells under :data:`COLUMNS`, in the CLI's table and the app's; a format that did not run
+    has two, its name and its note."""
     if r.seconds_per_step is None:
-        return (r.format, r.note)
+        return (r.format, r.note or "not run")
 
     def cell(value: float | None, fmt: str) -> str:
         return "—" if value is None else fmt.format(value)

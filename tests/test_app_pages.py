@@ -313,7 +313,8 @@ def test_benchmark_runs_and_keeps_its_results(qtbot, window, settings):
     assert page.table.rowCount() == 2 and page.chart.isVisible()
     assert page.table.item(1, 1).text() == f"{result['rows'][1]['seconds_per_step']:.3f}"
     assert [name for name, _ in page.chart.bars] == ["bf16", "int8"]
-    assert page.run_facts.text().endswith("int8 GEMM: PyTorch float32 matmuls (no int8 speed-up).")
+    assert page.run_facts.text() == "\n".join(BenchResult.from_dict(result).header())
+    assert page.run_facts.text().endswith("int8 GEMM: PyTorch float32 matmuls (no int8 speed-up)")
 
     again = MainWindow(Settings(Path(settings.store.fileName())))
     qtbot.addWidget(again)
@@ -343,7 +344,9 @@ def test_saved_results_with_notes_and_launch_bound_steps(qtbot, settings):
     assert table.columnSpan(0, 1) == table.columnCount() - 1 and table.columnSpan(1, 1) == 1
     assert [table.item(r, 1).text() for r in range(3)] == [rows[0].note, "0.071*", "0.031"]
     assert table.item(1, 1).toolTip() == LAUNCH_BOUND_NOTE
-    assert page.run_facts.text().endswith(LAUNCH_BOUND_NOTE + ".")
+    assert page.run_facts.text() == "\n".join([*result.header(), LAUNCH_BOUND_NOTE])
+    headings = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    assert headings == ["Format", "s/step", "Speed-up", "First call", "Peak VRAM", "Rel. error", "Cosine"]
     header = table.horizontalHeader().height()
     assert table.viewport().height() >= 3 * table.rowHeight(0) and header > 0
     assert not table.verticalScrollBar().isVisible()

@@ -18,6 +18,7 @@ from engine.bench import (
     BenchResult,
     FormatResult,
     bench_defaults,
+    cells,
     run_bench,
 )
 from engine.cli import main
@@ -244,6 +245,23 @@ def test_a_launch_bound_row_is_marked():
     assert "\nbf16    0.050   1.00×" in table and "\nint8    0.060*  0.83×" in table
     assert table.endswith("\n" + LAUNCH_BOUND_NOTE)
     assert LAUNCH_BOUND_NOTE not in BenchResult(**{**result.__dict__, "rows": rows[:1]}).table()
+
+
+def test_a_kept_result_reads_back_with_the_same_table():
+    """The app keeps ``to_dict()`` between runs and shows it through ``from_dict``: the same header and
+    cells as the CLI's table; keys of other versions are left out."""
+    rows = (FormatResult("bf16", note="does not fit: its weights take 18.2 GB of the 12.0 GB available"),
+            FormatResult("int8", 0.071, None, 13.4, 9.9, 0.0293, 0.99956, launch_bound=True))  # fmt: skip
+    result = BenchResult("m", "GPU", {"torch": "2.13"}, 512, 1, 10, 1024, 512, "rowwise", 1, 2, rows=rows)
+    kept = json.loads(json.dumps(result.to_dict()))
+    kept["rows"][1]["future"] = kept["gone"] = 1
+    back = BenchResult.from_dict(kept)
+    assert back == result and back.table() == result.table()
+    assert back.table().startswith("\n".join(back.header()) + "\n\nformat  s/step")
+    assert [cells(r) for r in back.rows] == [
+        ("bf16", rows[0].note),
+        ("int8", "0.071*", "—", "13.4 s", "9.9 GB", "2.93%", "0.99956"),
+    ]
 
 
 def test_cli_bad_input(capsys):

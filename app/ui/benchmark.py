@@ -33,11 +33,13 @@ from app.ui.widgets import (
 )
 from app.workers import Job
 from engine.bench import (
+    COLUMNS,
     FORMATS,
     LAUNCH_BOUND_NOTE,
     BenchRequest,
     BenchResult,
     bench_defaults,
+    cells,
     run_bench,
 )
 from engine.models.build import model_names
@@ -49,7 +51,8 @@ FORMAT_HELP = {
     "int8": "INT8 W8A8: int8 weights and per-token int8 activations on the INT8 tensor cores.",
     "int8+compile": "INT8 W8A8 through torch.compile: usually the fastest.",
 }
-COLUMNS = ["Format", "s/it", "Speed-up", "First call", "Peak VRAM", "Rel. error", "Cosine"]
+# the engine's column names, capitalized as the app's headings are ("s/step" is a unit: as it is)
+HEADINGS = [name[0].upper() + name[1:] if name[1:2].isalpha() else name for name in COLUMNS]
 KEPT_RUNS = 20
 
 
@@ -151,7 +154,7 @@ class BenchmarkPage(Page):
         results.header.addWidget(self.clear_button)
         self.run_facts = muted("")
         self.chart = BarChart()
-        self.table = table(COLUMNS, "Benchmark results", stretch=len(COLUMNS) - 1)
+        self.table = table(HEADINGS, "Benchmark results", stretch=len(COLUMNS) - 1)
         self.empty = Notice("No results yet.")
         results.body.addWidget(self.empty)
         results.body.addWidget(self.run_facts)
@@ -241,32 +244,27 @@ class BenchmarkPage(Page):
         self._show_run()
 
     def _show_run(self) -> None:
-        result = self.run_picker.currentData()
-        rows = result["rows"] if result else []
+        kept = self.run_picker.currentData()
+        result = BenchResult.from_dict(kept) if kept else None
+        rows = result.rows if result else ()
         for widget in (self.run_facts, self.chart, self.table):
             widget.setVisible(bool(rows))
         self.empty.setVisible(not rows)
         if not rows:
             return
-        self.run_facts.setText(
-            f"{result['model']} at {result['resolution']}×{result['resolution']} "
-            f"({result['image_tokens']} image + {result['text_tokens']} text tokens), median of "
-            f"{result['steps']} steps{' replayed from a CUDA graph' if result.get('cuda_graphs') else ''}, "
-            f"{result['quantized_layers']} of {result['linear_layers']} "
-            f"linear layers quantized ({result['scheme']}). {result['device']}."
-            + (f" int8 GEMM: {result['int8_backend']}." if result.get("int8_backend") else "")
-            + (f"\n{LAUNCH_BOUND_NOTE}." if any(r.get("launch_bound") for r in rows) else "")
-        )
-        measured = [r for r in rows if r["seconds_per_step"] is not None]
-        self.chart.set_bars([(r["format"], r["seconds_per_step"]) for r in measured])
+        bound = any(r.launch_bound for r in rows)
+        self.run_facts.setText("\n".join([*result.header(), *[LAUNCH_BOUND_NOTE] * bound]))
+        measured = [r for r in rows if r.seconds_per_step is not None]
+        self.chart.set_bars([(r.format, r.seconds_per_step) for r in measured])
         self.table.clearSpans()
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            for c, text in enumerate(_cells(row)):
+            texts = cells(row)
+            for c, text in enumerate([*texts, *[""] * (len(COLUMNS) - len(texts))]):
                 item = QTableWidgetItem(text)
-                item.setToolTip(row["note"] or (LAUNCH_BOUND_NOTE if row.get("launch_bound") else text))
+                item.setToolTip(row.note or (LAUNCH_BOUND_NOTE if row.launch_bound else text))
                 self.table.setItem(r, c, item)
-            if row["seconds_per_step"] is None:  # the note spans the number columns, setting no width
+            if row.seconds_per_step is None:  # the note spans the number columns, setting no width
                 self.table.setSpan(r, 1, 1, len(COLUMNS) - 1)
         fit_rows(self.table)
 
@@ -274,20 +272,3 @@ class BenchmarkPage(Page):
         self.settings.benchmark_results = []
         self._load_runs()
 
-
-def _cells(row: dict) -> list[str]:
-    if row["seconds_per_step"] is None:
-        return [row["format"], row["note"] or "not run", *[""] * (len(COLUMNS) - 2)]
-
-    def number(key: str, fmt: str) -> str:
-        return "—" if row.get(key) is None else fmt.format(row[key])
-
-    return [
-        row["format"],
-        f"{row['seconds_per_step']:.3f}" + "*" * bool(row.get("launch_bound")),
-        number("speedup", "{:.2f}×"),
-        number("compile_seconds", "{:.1f} s"),
-        number("peak_vram_gb", "{:.1f} GB"),
-        number("relative_error", "{:.2%}"),
-        number("cosine", "{:.5f}"),
-    ]
