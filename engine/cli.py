@@ -31,16 +31,18 @@ from engine.comfyui import (
 )
 from engine.convert import ConvertRequest, ConvertResult, run_convert
 from engine.demo import build_demo_lora, build_demo_model
-from engine.hub import EXAMPLE_REPO, DownloadRequest, plan_download, run_download
+from engine.hub import EXAMPLE_REPO, DownloadRequest, plan_download, plan_summary, run_download
 from engine.info import CheckpointInfo, inspect_checkpoint
 from engine.int8.quantize import SCHEMES
 from engine.int8.rotation import ROTATION_POLICIES
 from engine.jobs import Cancelled, JobError, OutputExistsError, Progress, format_duration
 from engine.library import (
     LIBRARY_KINDS,
+    MODEL_KINDS,
     LibraryRequest,
     LibraryResult,
     comfyui_folders,
+    export_kind,
     run_library_scan,
 )
 from engine.lora import (
@@ -454,7 +456,9 @@ def _choose_install(path: Path | None) -> ComfyInstall:
 def _export_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="the .safetensors file to export")
     p.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI folder (default: the one found)")
-    p.add_argument("--kind", choices=EXPORT_KINDS, default="diffusion_models", help="which models folder")
+    p.add_argument(
+        "--kind", choices=EXPORT_KINDS, help="which models folder (default: loras for a LoRA, else diffusion_models)"
+    )
     p.add_argument("--name", help="file name in the folder (default: the file's own)")
     p.add_argument("--overwrite", action="store_true", help="replace a file of that name")
     p.add_argument("--copy", action="store_true", help="copy even where a hard link would do")
@@ -462,32 +466,39 @@ def _export_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    folder = _choose_install(args.comfyui).export_folder(args.kind)
-    request = ExportRequest(args.file, folder, args.kind, args.name, args.overwrite, link=not args.copy)
+    install = _choose_install(args.comfyui)
     with ProgressBar() as bar:
-        result = run_export(request, progress=bar)
-    print(_exported(result))
+        result = _export(
+            args.file, install, args.kind, bar, name=args.name, overwrite=args.overwrite, link=not args.copy
+        )
+    print(result.summary)
     return 0
 
 
-def _exported(r: ExportResult) -> str:
-    how = "already there" if r.already_there else "hard link" if r.linked else "copy"
-    return f"exported {r.path} ({how}, {format_bytes(r.size)}): {r.description}"
+def _export(path: Path, install: ComfyInstall, kind: str | None, progress: ProgressBar, **options) -> ExportResult:
+    """Export ``path`` into ``install``'s folder for ``kind`` (default: the file's own, as the app chooses)."""
+    kind = kind or export_kind(path)
+    request = ExportRequest(path, install.export_folder(kind), kind, **options)
+    return run_export(request, progress=progress)
 
 
 @command("library", help="list the diffusion models and LoRAs in ComfyUI's model folders or in folders given")
 def _library_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="folders to scan (default: ComfyUI's)")
+    p.add_argument(
+        "paths", nargs="*", type=Path, metavar="PATH",
+        help="folders to scan and files to list (default: ComfyUI's folders)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run_library)
 
 
 def _run_library(args: argparse.Namespace) -> int:
-    folders = args.paths or comfyui_folders(find_installs())
-    if not folders:
+    folders = [p for p in args.paths if not p.is_file()] if args.paths else comfyui_folders(find_installs())
+    if not args.paths and not folders:
         raise ComfyUIError("no ComfyUI install found in the usual places; give the folders to scan")
+    request = LibraryRequest(tuple(folders), tuple(p for p in args.paths if p.is_file()))
     with ProgressBar() as bar:
-        result = run_library_scan(LibraryRequest(tuple(folders)), progress=bar)
+        result = run_library_scan(request, progress=bar)
     if args.json:
         print(json.dumps([asdict(e) for e in result.entries], default=str, indent=2))
     else:
@@ -498,7 +509,7 @@ def _run_library(args: argparse.Namespace) -> int:
 def _library_table(result: LibraryResult) -> str:
     lines = [f"{'kind':<16}{'model':<26}{'format':<28}{'size':>9}  {'date':<11}file"]
     for e in result.entries:
-        what = e.model if e.kind in ("diffusion model", "checkpoint", "LoRA") else e.note
+        what = e.model if e.kind in (*MODEL_KINDS, "LoRA") else e.note
         date = time.strftime("%Y-%m-%d", time.localtime(e.modified))
         lines.append(f"{e.kind:<16}{what[:25]:<26}{e.format:<28}{format_bytes(e.size):>9}  {date:<11}{e.path}")
     lines += [f"(missing folder: {folder})" for folder in result.missing]
@@ -516,7 +527,9 @@ def _download_command(p: argparse.ArgumentParser) -> None:
         "--comfyui", nargs="?", const="", metavar="PATH",
         help="then export the models into this ComfyUI (default: the one found)",
     )  # fmt: skip
-    p.add_argument("--kind", choices=EXPORT_KINDS, default="diffusion_models", help="with --comfyui: where")
+    p.add_argument(
+        "--kind", choices=EXPORT_KINDS, help="with --comfyui: where (default: loras for a LoRA, else diffusion_models)"
+    )
     p.add_argument("--offline", action="store_true", help="use only what is already downloaded")
     p.set_defaults(func=_run_download)
 
@@ -529,21 +542,18 @@ def _run_download(args: argparse.Namespace) -> int:
             f"{args.repo} holds a sharded diffusers model, which ComfyUI does not load: download it without "
             "--comfyui, then convert it (int8-studio convert FOLDER) and export the result"
         )
-    fetch = sum(f.size for f in plan if not f.present)
-    total = format_bytes(sum(f.size for f in plan))
-    print(f"{args.repo}: {len(plan)} file{'s' * (len(plan) != 1)}, {total}; {format_bytes(fetch)} to download")
+    print(f"{args.repo}: {plan_summary(plan)}")
     for f in plan:
-        print(f"  {f.name} ({format_bytes(f.size)}{', already here' if f.present else ''})")
+        print(f"  {f.label}")
     with ProgressBar() as bar:
         result = run_download(request, progress=bar)
         if args.comfyui is not None:
-            folder = _choose_install(Path(args.comfyui) if args.comfyui else None).export_folder(args.kind)
-            models = [p for p in result.paths if p.name.endswith(".safetensors")]
-            exported = [run_export(ExportRequest(p, folder, args.kind), progress=bar) for p in models]
+            install = _choose_install(Path(args.comfyui) if args.comfyui else None)
+            exported = [_export(p, install, args.kind, bar) for p in result.models]
     for path in result.paths:
         print(path)
     for r in exported if args.comfyui is not None else []:
-        print(_exported(r))
+        print(r.summary)
     return 0
 
 

@@ -463,6 +463,12 @@ class ExportResult:
     linked: bool  # a hard link to the source rather than a copy
     already_there: bool = False  # the target already was the source file: nothing was done
 
+    @property
+    def summary(self) -> str:
+        """``"exported PATH (hard link, 9.2 GB): Flux.2 Klein 9B, int8_rowwise (…)"``."""
+        how = "already there" if self.already_there else "hard link" if self.linked else "copy"
+        return f"exported {self.path} ({how}, {format_bytes(self.size)}): {self.description}"
+
 
 def run_export(
     request: ExportRequest, progress: ProgressFn | None = None, cancel: CancelToken | None = None

@@ -84,11 +84,28 @@ class RemoteFile:
     size: int  # bytes
     present: bool  # already downloaded (in the cache, or in the folder)
 
+    @property
+    def label(self) -> str:
+        """``"model.safetensors (9.2 GB, already here)"``."""
+        return f"{self.name} ({_size(self.size)}{', already here' if self.present else ''})"
+
 
 @dataclass(frozen=True)
 class DownloadResult:
     paths: list[Path]  # local files, in plan order (inside the cache's snapshots/ or the folder)
     downloaded: int  # bytes that had to be fetched (0 when everything was there)
+
+    @property
+    def models(self) -> list[Path]:
+        """The ``.safetensors`` files downloaded (what can be exported as it is)."""
+        return [p for p in self.paths if p.name.endswith(MODEL_SUFFIX)]
+
+    @property
+    def model(self) -> Path | None:
+        """What to convert: the diffusers model folder (the one holding ``transformer/``), else the first
+        model file; None when the download holds neither."""
+        transformer = next((p.parent for p in self.models if p.parent.name == "transformer"), None)
+        return transformer.parent if transformer else next(iter(self.models), None)
 
 
 def is_offline(request: DownloadRequest) -> bool:
@@ -195,6 +212,12 @@ def choose_files(request: DownloadRequest, files: list[RemoteFile]) -> list[Remo
 def plan_download(request: DownloadRequest) -> list[RemoteFile]:
     """The files :func:`run_download` would fetch, with their sizes: what to show before starting."""
     return choose_files(request, list_files(request))
+
+
+def plan_summary(plan: list[RemoteFile]) -> str:
+    """``"2 files, 9.2 GB; 1.1 GB to download"``: a plan in one line."""
+    fetch = sum(f.size for f in plan if not f.present)
+    return f"{_count(len(plan), 'file')}, {_size(sum(f.size for f in plan))}; {_size(fetch)} to download"
 
 
 def _count(n: int, noun: str) -> str:

@@ -23,6 +23,8 @@ from engine.models import detect_tensors
 
 LIBRARY_KINDS = ("diffusion_models", "checkpoints", "loras")
 """The ComfyUI folder kinds a library scan covers."""
+MODEL_KINDS = ("diffusion model", "checkpoint")
+"""The entry kinds that are models (a checkpoint also holds a text encoder or VAE)."""
 
 SCHEME_LABELS = {"tensorwise": "tensor-wise", "rowwise": "row-wise"}
 """The int8 weight scales in words, as the library and the app write them."""
@@ -49,11 +51,12 @@ class LibraryEntry:
 @dataclass(frozen=True)
 class LibraryRequest:
     folders: tuple[Path, ...]
+    files: tuple[Path, ...] = ()  # single files listed too (recent, dropped); those not there are skipped
 
 
 @dataclass(frozen=True)
 class LibraryResult:
-    entries: list[LibraryEntry]  # sorted by folder, then name
+    entries: list[LibraryEntry]  # sorted by folder, then name; then the single files no folder lists
     missing: list[Path]  # requested folders that do not exist
 
 
@@ -74,6 +77,7 @@ def run_library_scan(
     cancel = cancel or CancelToken()
     missing = [Path(f) for f in request.folders if not Path(f).is_dir()]
     files = _model_files([Path(f) for f in request.folders if Path(f).is_dir()], cancel)
+    files += [f for f in dict.fromkeys(map(Path, request.files)) if f.is_file() and f not in files]
     report = Reporter(progress, "library", len(files))
     entries = []
     for done, path in enumerate(files, 1):
@@ -120,6 +124,15 @@ def describe_file(path: Path) -> LibraryEntry:
     if key not in _described:
         _described[key] = _describe(path, LibraryEntry(path, "unreadable", stat.st_size, stat.st_mtime))
     return _described[key]
+
+
+def export_kind(path: Path) -> str:
+    """The ComfyUI folder a file is exported to by default: ``loras`` for a LoRA, else
+    ``diffusion_models`` (also for a file that cannot be read: the export then says why)."""
+    try:
+        return "loras" if describe_file(Path(path)).kind == "LoRA" else "diffusion_models"
+    except OSError:
+        return "diffusion_models"
 
 
 def _describe(path: Path, entry: LibraryEntry) -> LibraryEntry:

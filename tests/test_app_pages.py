@@ -23,7 +23,7 @@ from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install, run_export
 from engine.convert import ConvertRequest, run_convert
 from engine.demo import DEMO_CONFIG, DEMO_FILE, DEMO_LORA_FILE, build_demo_model
-from engine.hub import plan_download
+from engine.hub import plan_download, plan_summary
 from engine.info import inspect_checkpoint
 from engine.jobs import JobError
 from engine.library import describe_file
@@ -513,8 +513,10 @@ def test_download_offline_from_a_folder(qtbot, window, demo):
     page.offline.setChecked(True)
     page.check_download()
     qtbot.waitUntil(lambda: bool(page.plan_label.text()), timeout=WAIT)
-    assert page.plan_label.text().startswith(f"1 files: {demo.name} (")
-    assert "(1 already here)" in page.plan_label.text()
+    plan = plan_download(page.download_request())
+    assert page.plan_label.text() == f"{plan_summary(plan)}\n{plan[0].label}."
+    assert page.plan_label.text().startswith("1 file, ") and f"{demo.name} (" in page.plan_label.text()
+    assert "; 0 bytes to download\n" in page.plan_label.text() and "already here" in page.plan_label.text()
     job = page.download()
     qtbot.waitSignal(job.finished, timeout=WAIT).wait()
     assert page.downloaded.isVisible() and page.download_model == demo
@@ -550,7 +552,8 @@ def test_export_into_a_comfyui_folder(qtbot, comfy_window, demo_int8):
     target = comfy / "models/diffusion_models" / name
     assert page.result.path == target and not page.result.linked
     assert target.read_bytes() == demo_int8.read_bytes()
-    assert str(target) in page.result_notice.label.text()
+    assert page.result_notice.label.text() == "E" + page.result.summary[1:] + ". Refresh ComfyUI to see it."
+    assert page.result_notice.label.text().startswith(f"Exported {target} (copy, ")  # the CLI's words
 
     with pytest.raises(JobError) as expected:
         run_export(page.request())

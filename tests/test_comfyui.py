@@ -695,3 +695,7 @@ def test_cli_export(home, int8_model, capsys):
     assert main(["export", str(int8_model), "--comfyui", str(other.parent), "--kind", "loras"]) == 2
     assert capsys.readouterr().err.endswith(f"{int8_model.name} is a Flux.2 custom model, not a LoRA\n")
     assert folder_files(other / "models" / "loras") == []
+
+    lora = tiny_lora(home / "style.safetensors")  # no --kind: a LoRA goes where LoRAs go, as in the app
+    assert main(["export", str(lora), "--comfyui", str(root)]) == 0
+    assert capsys.readouterr().out.startswith(f"exported {root / 'models/loras/style.safetensors'} (hard link, ")

@@ -27,10 +27,12 @@ from safetensors.torch import save
 from engine.cli import main
 from engine.hub import (
     DownloadRequest,
+    DownloadResult,
     HubError,
     RemoteFile,
     choose_files,
     plan_download,
+    plan_summary,
     run_download,
 )
 from engine.jobs import Cancelled, CancelToken
@@ -72,7 +74,11 @@ def test_offline_plan_and_download_from_the_cache(cache):
     commit = add_snapshot(cache, REPO, {"tiny-flux.safetensors": model, "README.md": readme})
     request = DownloadRequest(REPO, cache_dir=cache, offline=True)
 
-    assert plan_download(request) == [RemoteFile("tiny-flux.safetensors", len(model), True)]
+    plan = plan_download(request)
+    assert plan == [RemoteFile("tiny-flux.safetensors", len(model), True)]
+    size = f"{len(model) / 1000:.1f} KB"
+    assert plan_summary(plan) == f"1 file, {size}; 0 bytes to download"
+    assert plan[0].label == f"tiny-flux.safetensors ({size}, already here)"
     reports = []
     result = run_download(request, progress=reports.append)
     snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / commit
@@ -82,8 +88,21 @@ def test_offline_plan_and_download_from_the_cache(cache):
     assert reports[0].message == "1 file, 0 bytes to fetch"
     assert {r.stage for r in reports} == {"download"}
 
+    assert result.models == result.paths and result.model == result.paths[0]
     both = DownloadRequest(REPO, ("*",), cache_dir=cache, offline=True)
     assert run_download(both).paths == [snapshot / "README.md", snapshot / "tiny-flux.safetensors"]
+
+
+def test_what_a_download_holds(tmp_path):
+    """``models``: what can be exported as it is; ``model``: what to convert (a diffusers folder whole)."""
+    plan = [RemoteFile("a.safetensors", 2000, False), RemoteFile("b.json", 3_000_000, True)]
+    assert plan_summary(plan) == "2 files, 3.0 MB; 2.0 KB to download"
+    assert [f.label for f in plan] == ["a.safetensors (2.0 KB)", "b.json (3.0 MB, already here)"]
+    diffusers = [tmp_path / n for n in ("model_index.json", "transformer/config.json", "transformer/d-1.safetensors",
+                                        "transformer/d-2.safetensors")]  # fmt: skip
+    assert DownloadResult(diffusers, 0).models == diffusers[2:]
+    assert DownloadResult(diffusers, 0).model == tmp_path
+    assert DownloadResult([tmp_path / "README.md"], 0).model is None
 
 
 def test_hf_hub_offline_environment(cache, monkeypatch):

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from engine.cli import main
 from engine.comfyui import load_install
 from engine.jobs import Cancelled, CancelToken
-from engine.library import LibraryRequest, comfyui_folders, run_library_scan
+from engine.library import LibraryRequest, comfyui_folders, describe_file, export_kind, run_library_scan
 from engine.models import REGISTRY
 from tests.test_comfyui import make_checkout
 from tests.tiny_checkpoints import write_single_file
@@ -166,6 +166,27 @@ def test_scan_cancel(tree):
     with pytest.raises(Cancelled):
         run_library_scan(LibraryRequest(tuple(folders)), progress=progress, cancel=cancel)
     assert seen == [1, 2]
+
+
+def test_single_files_join_the_folders(tree, tmp_path):
+    """Files given one by one (the app's recent and dropped files) are listed after the folders' files,
+    once, unless a folder lists them already; those that are gone are skipped."""
+    top, folders, expect = tree
+    elsewhere = write_single_file(tmp_path / "z.safetensors", "zimage").path
+    style = top / "loras" / "style.safetensors"
+    files = (elsewhere, style, tmp_path / "gone.safetensors", elsewhere, top / "loras")
+    result = run_library_scan(LibraryRequest((folders[1],), files))
+    paths = [e.path for e in result.entries]
+    assert paths[-1] == elsewhere and paths.count(elsewhere) == 1 and paths.count(style) == 1
+    assert len(paths) == 1 + sum(name.startswith("loras/") for name in expect)
+    assert result.entries[-1] == describe_file(elsewhere)
+
+
+def test_export_kind_follows_the_file(tree, tmp_path):
+    top, _, _ = tree
+    assert export_kind(top / "loras" / "style.safetensors") == "loras"
+    assert export_kind(top / "diffusion_models" / "flux2-bf16.safetensors") == "diffusion_models"
+    assert export_kind(tmp_path / "gone.safetensors") == "diffusion_models"  # the export then says why
 
 
 def test_scan_of_nothing(tmp_path):

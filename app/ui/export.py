@@ -29,7 +29,7 @@ from engine.comfyui import (
     find_installs,
     run_export,
 )
-from engine.library import LibraryEntry, describe_file
+from engine.library import LibraryEntry, describe_file, export_kind
 
 KINDS = {
     "diffusion_models": (
@@ -215,7 +215,7 @@ class ExportPage(Page):
         if entry.note:
             facts.append(("Note", entry.note))
         self.source_facts.show_facts(facts)
-        kind = "loras" if entry.kind == "LoRA" else "diffusion_models"
+        kind = export_kind(path)
         next(b for b in self.kind_group.buttons() if b.property("kind") == kind).setChecked(True)
         self.update_ready()
 
@@ -246,16 +246,8 @@ class ExportPage(Page):
 
     def _on_exported(self, result: ExportResult) -> None:
         self.result = result
-        if result.already_there:
-            text = f"{result.path.name} is already in ComfyUI: {result.description}."
-        else:
-            how = (
-                "linked (no extra space used)"
-                if result.linked
-                else f"copied ({format_bytes(result.size)})"
-            )
-            text = (
-                f"Exported {result.description}: {how} to {result.path}. Refresh ComfyUI to see it."
-            )
+        text = result.summary[0].upper() + result.summary[1:] + "."
+        if not result.already_there:
+            text += " Refresh ComfyUI to see it."
         self.result_notice.set(text, "success")
         self.result_notice.show()

@@ -40,33 +40,19 @@ from engine.hub import (
     DownloadResult,
     RemoteFile,
     plan_download,
+    plan_summary,
     run_download,
 )
-from engine.jobs import CancelToken, ProgressFn
 from engine.library import (
+    MODEL_KINDS,
     LibraryEntry,
     LibraryRequest,
+    LibraryResult,
     comfyui_folders,
-    describe_file,
     run_library_scan,
 )
 
 COLUMNS = ["Name", "Kind", "Model", "Format", "Size", "Modified", "Folder"]
-MODEL_KINDS = ("diffusion model", "checkpoint")
-
-
-def scan(
-    folders: list[Path],
-    files: list[Path],
-    progress: ProgressFn | None = None,
-    cancel: CancelToken | None = None,
-) -> tuple[list[LibraryEntry], list[Path]]:
-    """The library: everything in ``folders`` plus the single ``files`` (recent and dropped ones)
-    that live elsewhere. Returns the entries and the folders that do not exist."""
-    result = run_library_scan(LibraryRequest(tuple(folders)), progress, cancel)
-    listed = {entry.path for entry in result.entries}
-    extra = [describe_file(f) for f in files if f.is_file() and f not in listed]
-    return [*result.entries, *extra], result.missing
 
 
 class SortItem(QTableWidgetItem):
@@ -260,11 +246,11 @@ class LibraryPage(Page):
     def refresh(self) -> Job | None:
         if self.panel.running:
             self.panel.job.cancel()  # the folders changed: the running scan is out of date
-        files = [Path(p) for p in self.settings.recent_files]
+        files = tuple(Path(p) for p in self.settings.recent_files)  # also those outside the folders
         folders = self.scan_folders()
-        job = Job("Scanning", scan, folders, files)
+        job = Job("Scanning", run_library_scan, LibraryRequest(tuple(folders), files))
         job.background = True
-        job.succeeded.connect(lambda result: self._show(result[0]))
+        job.succeeded.connect(lambda result: self._show(result.entries))
         return self.panel.run(job, lambda result: _found(result, len(folders)))
 
     def _show(self, entries: list[LibraryEntry]) -> None:
@@ -325,14 +311,9 @@ class LibraryPage(Page):
         return job.start(self)
 
     def _show_plan(self, plan: list[RemoteFile]) -> None:
-        missing = [f for f in plan if not f.present]
-        names = ", ".join(f"{f.name} ({format_bytes(f.size)})" for f in plan[:4])
+        names = ", ".join(f.label for f in plan[:4])
         more = f" and {len(plan) - 4} more" if len(plan) > 4 else ""
-        self.plan_label.setText(
-            f"{len(plan)} files: {names}{more}. "
-            f"To fetch: {format_bytes(sum(f.size for f in missing))}"
-            + (f" ({len(plan) - len(missing)} already here)." if len(missing) < len(plan) else ".")
-        )
+        self.plan_label.setText(f"{plan_summary(plan)}\n{names}{more}.")
 
     def download(self) -> Job:
         self.downloaded.hide()
@@ -341,9 +322,7 @@ class LibraryPage(Page):
         return self.download_panel.run(job)
 
     def _on_downloaded(self, result: DownloadResult) -> None:
-        models = [p for p in result.paths if p.suffix == ".safetensors"]
-        transformer = next((p.parent for p in models if p.parent.name == "transformer"), None)
-        self.download_model = transformer.parent if transformer else models[0] if models else None
+        self.download_model = result.model
         fetched = format_bytes(result.downloaded) if result.downloaded else "nothing new"
         where = self.download_model or result.paths[0].parent
         self.downloaded.set(
@@ -351,7 +330,7 @@ class LibraryPage(Page):
         )
         self.to_convert.setVisible(self.download_model is not None)
         self.downloaded.show()
-        if self.download_model is not None and transformer is None:
+        if self.download_model is not None and self.download_model.is_file():  # a folder: scanned as such
             self.settings.add_recent(self.download_model)
         self.refresh()
 
@@ -389,7 +368,6 @@ class LibraryPage(Page):
             self.send.emit(page, entry.path)
 
 
-def _found(result: tuple[list[LibraryEntry], list[Path]], folders: int) -> str:
-    entries, missing = result
-    text = f"{len(entries)} files in {folders} folders."
-    return text + (f" Not found: {', '.join(map(str, missing))}." if missing else "")
+def _found(result: LibraryResult, folders: int) -> str:
+    text = f"{len(result.entries)} files in {folders} folders."
+    return text + (f" Not found: {', '.join(map(str, result.missing))}." if result.missing else "")
