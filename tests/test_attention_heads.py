@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.int8 import kernels, ops
+from engine.int8 import kernels, linear, ops
 from engine.int8.apply import quantize_model
 from engine.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
 from engine.models import REGISTRY, layers
@@ -148,10 +148,10 @@ def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections
         return ops.int8_attention_inputs(*args)
 
     with torch.no_grad(), ops.use_backend(backend):
-        monkeypatch.setattr(layers, "int8_attention_inputs", counting)
+        monkeypatch.setattr(linear, "int8_attention_inputs", counting)
         fused = model(**inputs).double()
         assert len(calls) == fused_projections(model)
-        monkeypatch.setattr(layers, "int8_attention_inputs", lambda x, weight, norm: attention_inputs(
+        monkeypatch.setattr(linear, "int8_attention_inputs", lambda x, weight, norm: attention_inputs(
             ops.int8_linear(x, *weight), norm))  # fmt: skip
         unfused = model(**inputs).double()
     assert (fused - unfused).norm() / unfused.norm() < 1e-5
