@@ -41,13 +41,11 @@ class Settings:
     page = Setting("window/page", "convert")
     recent_files = Setting("files/recent", [])
     last_folder = Setting("files/last_folder", "")
-    output_folder = Setting("files/output_folder", "")
     library_folders = Setting("library/folders", [])
     comfyui_paths = Setting("comfyui/paths", [])
     comfyui_selected = Setting("comfyui/selected", "")
     cache_folder = Setting("cache/folder", "")
     gpu_index = Setting("device/gpu", 0)
-    demo_offered = Setting("first_run/demo_offered", False)
     benchmark_results = Setting("benchmark/results", [])
 
     def __init__(self, path: Path | None = None) -> None:

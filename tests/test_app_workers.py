@@ -8,7 +8,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 import shiboken6
 from PySide6.QtCore import QThread
 from PySide6.QtWidgets import QApplication, QLabel

@@ -328,7 +328,6 @@ class ConvertPage(Page):
             facts.append(("Left out", f"{result.left_out} tensors outside the diffusion model"))
         self.result_card.show_result(text, facts)
         self.reveal(self.result_card)
-        self.settings.output_folder = str(result.output.parent)
 
     def _show_folder(self) -> None:
         QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.result.output.parent)))
