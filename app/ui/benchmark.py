@@ -153,7 +153,7 @@ class BenchmarkPage(Page):
         results.header.addWidget(self.run_picker)
         results.header.addWidget(self.clear_button)
         self.run_facts = muted("")
-        self.chart = BarChart()
+        self.chart = BarChart(unit=COLUMNS[1])  # "s/step", as in the table
         self.table = table(HEADINGS, "Benchmark results", stretch=len(COLUMNS) - 1)
         self.empty = Notice("No results yet.")
         results.body.addWidget(self.empty)

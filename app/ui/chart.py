@@ -15,7 +15,7 @@ GAP = 10
 class BarChart(QWidget):
     """Bars of ``(label, value)``; shorter is better, so the best bar gets the accent colour."""
 
-    def __init__(self, unit: str = "s/it") -> None:
+    def __init__(self, unit: str = "s/step") -> None:
         super().__init__()
         self.unit = unit
         self.bars: list[tuple[str, float]] = []
