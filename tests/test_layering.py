@@ -1,0 +1,102 @@
+"""The package boundaries docs/DESIGN.md draws, checked on the source: what each package may import,
+and that the app knows no model family by name."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.models import REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (``from a.b import c`` gives ``a.b`` and ``a.b.c``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def sources(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+FORBIDDEN = {
+    "engine/models": ("engine.int8", "app", "PySide6", "comfy"),
+    "engine/int8": ("app", "PySide6", "comfy"),
+    "engine": ("app", "PySide6", "comfy"),
+    "app": ("comfy", "comfyui_nodes"),
+}
+"""Package → the modules none of its files may import (``engine/models``: model files are plain PyTorch;
+the engine never imports Qt; nothing but the node pack runs inside ComfyUI)."""
+
+EXCEPTIONS = {"engine/cli.py": {"app.__main__"}}
+"""The console script opens the app when asked (a lazy import inside that one command)."""
+
+SEAM = ("engine/fusion.py", "engine/heads.py")
+"""The model↔int8 seam: plain PyTorch that both sides import, importing neither."""
+
+
+@pytest.mark.parametrize("package", FORBIDDEN)
+def test_packages_import_only_what_the_design_allows(package):
+    for path in sources(package):
+        allowed = EXCEPTIONS.get(str(path.relative_to(ROOT)), set())
+        imported = {m for m in imported_modules(path) if not any(m.startswith(a) for a in allowed)}
+        bad = {m for m in imported if m.split(".")[0] in FORBIDDEN[package] or m.startswith(FORBIDDEN[package])}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", SEAM)
+def test_the_seam_imports_neither_side(path):
+    bad = {m for m in imported_modules(ROOT / path) if m.startswith(("engine.int8", "engine.models"))}
+    assert not bad, f"{path} imports {sorted(bad)}"
+
+
+def test_the_checks_see_a_forbidden_import(tmp_path):
+    """The import scan itself: a model file importing int8 code is caught, in either import form."""
+    path = tmp_path / "model.py"
+    path.write_text("import torch\nfrom engine.int8 import ops\nimport engine.int8.linear as l\n")
+    assert {"engine.int8", "engine.int8.ops", "engine.int8.linear"} <= imported_modules(path)
+
+
+def family_words() -> set[str]:
+    """What names a model family in text: every architecture's name and label, and its variants."""
+    words = set()
+    for arch in REGISTRY.values():
+        words |= {arch.name, arch.label, *arch.variants}
+    return {w for w in words if len(w) > 3}
+
+
+def test_the_app_names_no_model_family():
+    """Per-family knowledge lives on ``Architecture``; the app reads it from there (docstrings and
+    comments may use a family as an example, code may not)."""
+    words = family_words()
+    assert {"flux2", "Flux.2", "zimage", "chroma"} <= words
+    pattern = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
+    for path in sources("app"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree) if _has_docstring(n)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                found = pattern.search(node.value)
+                assert not found, f"{path.relative_to(ROOT)}:{node.lineno} names {found.group()!r}: {node.value[:60]!r}"
+
+
+def _has_docstring(node: ast.AST) -> bool:
+    body = getattr(node, "body", None)
+    return (
+        isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and bool(body)
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    )
