@@ -126,7 +126,7 @@ class LibraryPage(Page):
             "benchmark": QPushButton("Benchmark"),
         }
         for page, button in self.actions.items():
-            theme.bind_icon(button, page if page != "lora" else "lora")
+            theme.bind_icon(button, page)
             button.clicked.connect(lambda _=False, page=page: self._send(page))
             actions.addWidget(button)
         actions.addStretch(1)
