@@ -45,7 +45,7 @@ def build_source(path: Path, config: dict[str, int | bool]) -> None:
     """Random bf16 weights in the Klein 9B layout, written one tensor at a time."""
     import torch
 
-    from engine.checkpoint import CheckpointWriter
+    from engine.checkpoint_writer import CheckpointWriter
     from engine.demo import random_weights
     from engine.models import REGISTRY
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from engine import __version__
-from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
+from engine.checkpoint import CheckpointError, CheckpointReader
+from engine.checkpoint_writer import CheckpointWriter
 from engine.int8.apply import rotation_group
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
 from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy, marker_fields

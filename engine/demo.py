@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
+from engine.checkpoint import CheckpointError, CheckpointReader
+from engine.checkpoint_writer import CheckpointWriter
 from engine.jobs import CancelToken, ProgressFn, Reporter
 from engine.models import REGISTRY, Architecture
 from engine.paths import cache_dir

@@ -14,12 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import (
-    CheckpointError,
-    CheckpointReader,
-    CheckpointWriter,
-    format_bytes,
-)
+from engine.checkpoint import CheckpointError, CheckpointReader, format_bytes
+from engine.checkpoint_writer import CheckpointWriter
 from engine.jobs import OutputExistsError
 from tests.test_checkpoint import DTYPES, SHAPES, random_tensor, same, sha256
 

@@ -15,13 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import engine.checkpoint
+import engine.checkpoint_writer
 from engine.checkpoint import (
     CheckpointError,
     CheckpointReader,
-    CheckpointWriter,
     format_bytes,
 )
+from engine.checkpoint_writer import CheckpointWriter
 from engine.convert import ConvertError, ConvertRequest, default_output, run_convert
 from engine.int8.rotation import hadamard
 from engine.info import inspect_checkpoint
@@ -325,7 +325,7 @@ class DiskFillsUp:
 
 def test_disk_filling_up_during_the_write_leaves_no_file(tmp_path, monkeypatch):
     ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
-    monkeypatch.setattr(engine.checkpoint, "os", DiskFillsUp(room=ckpt.path.stat().st_size // 3))
+    monkeypatch.setattr(engine.checkpoint_writer, "os", DiskFillsUp(room=ckpt.path.stat().st_size // 3))
     with pytest.raises(CheckpointError, match=r"^not enough free space on .*: need \d.* free$"):
         run_convert(ConvertRequest(ckpt.path))
     assert os.listdir(tmp_path) == ["m.safetensors"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointReader, CheckpointWriter
+from engine.checkpoint import CheckpointReader
+from engine.checkpoint_writer import CheckpointWriter
 from engine.convert import METADATA_PREFIX
 from engine.int8.quantize import default_device
 from engine.jobs import CancelToken, ProgressFn, Reporter
