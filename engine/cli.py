@@ -236,8 +236,8 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "source", nargs="?",
         help="a checkpoint, or a model name with random weights: flux2-klein-9b, zimage-turbo, …; "
-        f"default: {gpu.source} on a GPU, {cpu.source} on the CPU (at {cpu.resolution}, {cpu.steps} steps, "
-        f"{','.join(cpu.formats)}, unless given)",
+        f"default: {gpu.source} on a GPU; on the CPU {cpu.source} at {cpu.resolution}×{cpu.resolution}, "
+        f"{cpu.steps} steps, formats {','.join(cpu.formats)} (unless given)",
     )  # fmt: skip
     p.add_argument("--res", type=int, help=f"image side in pixels (default {gpu.resolution})")
     p.add_argument("--steps", type=int, help=f"timed steps per format, after warm-up (default {gpu.steps})")
