@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import psutil
 import torch
 
 from engine.jobs import JobError
@@ -95,7 +97,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     integers and a byte range of exactly that size inside the data area, and no two ranges overlap.
     """
     try:
-        size = path.stat().st_size
+        size = _regular_file(path).st_size
         with open(path, "rb") as f:
             start = f.read(9)
             if _is_pickle(start):
@@ -115,10 +117,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                     f"({format_bytes(header_len)}) is over the {format_bytes(MAX_HEADER_BYTES)} limit"
                 )
             if 8 + header_len > size:
-                raise CheckpointError(
-                    f"{path} is truncated: the header says the header ends at {format_bytes(8 + header_len)}, "
-                    f"the file has {format_bytes(size)}; download or export it again"
-                )
+                raise truncated(path, "the header ends", 8 + header_len, size)
             f.seek(8)
             raw = f.read(header_len)
     except OSError as e:
@@ -127,14 +126,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     def corrupt(what: str) -> CheckpointError:
         return CheckpointError(f"{path} has a corrupt header: {what}; download or export it again")
 
+    if not raw.strip():
+        raise corrupt("it is empty")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise corrupt(f"not valid JSON ({e})") from None
     except _DuplicateKey as e:
-        raise corrupt(f"the name '{e.key}' appears twice") from None
+        raise corrupt(f"the name '{short(e.key)}' appears twice") from None
+    except RecursionError:
+        raise corrupt("it is nested too deeply to be a list of tensors") from None
     if not isinstance(header, dict):
-        raise corrupt(f"a JSON {type(header).__name__}, not an object")
+        raise corrupt(f"it holds {_json_kind(header)}, not a list of tensors")
 
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
@@ -147,41 +150,71 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos: list[TensorInfo] = []
     for name, entry in header.items():
         if not isinstance(entry, dict):
-            raise corrupt(f"the entry of tensor '{name}' is not an object")
+            raise corrupt(f"the entry of tensor '{short(name)}' is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str):
-            raise corrupt(f"tensor '{name}' has no dtype")
+            raise corrupt(f"tensor '{short(name)}' has no dtype")
         if dtype not in DTYPES:
             raise CheckpointError(
-                f"{path}: tensor '{name}' has unknown dtype '{dtype}'; INT8 Studio cannot read it"
+                f"{path}: tensor '{short(name)}' has unknown dtype '{short(dtype)}'; INT8 Studio cannot read it"
             )
         if not is_shape(shape):
-            raise corrupt(f"tensor '{name}' has shape {shape!r}, not a list of non-negative integers")
+            raise corrupt(f"tensor '{short(name)}' has shape {short(repr(shape))}, not a list of non-negative integers")
         if not is_shape(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-            raise corrupt(f"tensor '{name}' has data_offsets {offsets!r}, not [begin, end]")
+            raise corrupt(f"tensor '{short(name)}' has data_offsets {short(repr(offsets))}, not [begin, end]")
         begin, end = offsets
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
             raise corrupt(
-                f"tensor '{name}' has {end - begin} bytes, but shape {shape} of {dtype} needs {expected}"
+                f"tensor '{short(name)}' has {end - begin} bytes, but shape {short(str(shape))} of {dtype} needs {expected}"
             )
         infos.append(TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin))
 
     infos.sort(key=lambda t: t.offset)
     data_end = max((t.offset + t.nbytes for t in infos), default=data_start)
     if data_end > size:
-        raise CheckpointError(
-            f"{path} is truncated: the header says the data ends at {format_bytes(data_end)}, "
-            f"the file has {format_bytes(size)}; download or export it again"
-        )
+        raise truncated(path, "the data ends", data_end, size)
     reach, last = 0, ""  # the furthest end so far, and whose it is
     for t in infos:
         if t.nbytes == 0:
             continue
         if t.offset < reach:
-            raise corrupt(f"tensors '{last}' and '{t.name}' overlap")
+            raise corrupt(f"tensors '{short(last)}' and '{short(t.name)}' overlap")
         reach, last = t.offset + t.nbytes, t.name
     return {t.name: t for t in infos}, metadata
+
+
+NAME_LIMIT = 80
+"""Characters of a name from a file that a message shows (a hostile header can hold megabytes)."""
+
+
+def short(text: str, limit: int = NAME_LIMIT) -> str:
+    """``text`` cut in the middle to ``limit`` characters, for messages."""
+    return text if len(text) <= limit else f"{text[: limit // 2 - 1]}…{text[-(limit - limit // 2):]}"
+
+
+def truncated(path: Path, what: str, needed: int, size: int) -> CheckpointError:
+    """The file ends before ``what`` (at byte ``needed``): sizes in bytes where rounding hides the gap."""
+    need, have = format_bytes(needed), format_bytes(size)
+    if need == have:
+        need, have = f"{needed:,} bytes", f"{size:,} bytes"
+    return CheckpointError(
+        f"{path} is truncated: the header says {what} at {need}, the file has {have}; download or export it again"
+    )
+
+
+def _regular_file(path: Path) -> os.stat_result:
+    """``path``'s status, refusing what is not a regular file (a FIFO or device would block a read)."""
+    status = path.stat()
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{path} is not a regular file; give a .safetensors file or a model folder")
+    return status
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    return {list: "a list", str: "a text", bool: "true or false", int: "a number", float: "a number"}[type(value)]
 
 
 class CheckpointReader:
@@ -222,7 +255,16 @@ class CheckpointReader:
         tensor, and pages of the file never count towards the process's resident memory.
         """
         info = self.tensors[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        free = psutil.virtual_memory().available
+        if info.nbytes > free:
+            raise CheckpointError(
+                f"tensor '{short(name)}' of {info.file} needs {format_bytes(info.nbytes)} of memory, "
+                f"{format_bytes(free)} is free: the file is damaged, or too large for this computer"
+            )
+        try:
+            buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        except RuntimeError as e:  # the allocator refused
+            raise CheckpointError(f"no memory for tensor '{short(name)}' ({format_bytes(info.nbytes)}): {e}") from None
         view = memoryview(buffer.numpy())
         done = 0
         try:

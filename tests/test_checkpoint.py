@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -321,7 +324,13 @@ def test_truncated_data(tmp_path):
 CORRUPT = {
     "not_utf8": (b"{\xff}", None),
     "not_json": ('{"a": ', None),
-    "list": ("[1, 2]", "a JSON list, not an object"),
+    "list": ("[1, 2]", "it holds a list, not a list of tensors"),
+    "null": ("null", "it holds null, not a list of tensors"),
+    "number": ("42", "it holds a number, not a list of tensors"),
+    "text": ('"weights"', "it holds a text, not a list of tensors"),
+    "empty": ("   ", "it is empty"),
+    "nested": ("[" * 100_000 + "]" * 100_000, "it is nested too deeply to be a list of tensors"),
+    "nested_object": ('{"a": ' * 50_000 + "{}" + "}" * 50_000, "it is nested too deeply to be a list of tensors"),
     "duplicate": ('{"a": {}, "a": {}}', "the name 'a' appears twice"),
     "metadata": ({"__metadata__": {"k": 3}}, "__metadata__ must map strings to strings"),
     "entry": ({"a": [1]}, "the entry of tensor 'a' is not an object"),
@@ -375,6 +384,48 @@ def test_corrupt_headers(tmp_path, case):
     else:
         assert message == prefix + what + suffix
     assert sha256(path) == digest
+
+
+def test_a_few_missing_bytes_are_counted_exactly(tmp_path):
+    """Sizes that round to the same text are given in bytes, so the message shows the difference."""
+    header = json.dumps({"a": entry("U8", [100_000], 0, 100_000)}).encode()
+    path = raw_file(tmp_path / "m.safetensors", header, bytes(99_997))
+    data_end = 8 + len(header) + 100_000
+    assert error(path) == (
+        f"{path} is truncated: the header says the data ends at {data_end:,} bytes, "
+        f"the file has {data_end - 3:,} bytes; download or export it again"
+    )
+
+
+def test_long_names_are_cut_in_messages(tmp_path):
+    name = "x" * 5000 + "END"
+    path = raw_file(tmp_path / "m.safetensors", {name: entry("F16", [2, 3], 0, 10)}, bytes(32))
+    message = error(path)
+    assert len(message) < len(str(path)) + 200 and "…" in message and "END'" in message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    assert error(fifo) == f"{fifo} is not a regular file; give a .safetensors file or a model folder"
+
+
+def test_a_tensor_larger_than_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    """A header may declare any size over a sparse file: reading checks free memory first."""
+    path = tmp_path / "sparse.safetensors"
+    header = json.dumps({"big": entry("U8", [1 << 20], 0, 1 << 20)}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + (1 << 20))  # a hole, not written bytes
+    free = 1 << 19
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
+    with CheckpointReader(path) as reader, pytest.raises(CheckpointError) as e:
+        reader.get("big")
+    assert str(e.value) == (
+        f"tensor 'big' of {path} needs {format_bytes(1 << 20)} of memory, {format_bytes(free)} is free: "
+        "the file is damaged, or too large for this computer"
+    )
 
 
 def test_unknown_dtype(tmp_path):
