@@ -17,7 +17,8 @@ import time
 import torch
 from torch import nn
 
-from engine.bench import DTYPE, SEED, compile_blocks, to_device
+from engine.bench import SEED
+from engine.bench_measure import DTYPE, compile_blocks, to_device
 from engine.int8.apply import quantize_model
 from engine.models.build import named_config, random_model
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.bench import DTYPE, SEED, BenchRequest, Fp8Linear, compile_blocks, run_bench, to_device
+from engine.bench import SEED, BenchRequest, run_bench
+from engine.bench_measure import DTYPE, Fp8Linear, compile_blocks, to_device
 from engine.int8.linear import Int8Linear
 from engine.int8.apply import quantize_model
 from engine.models.build import named_config, random_model, replace_linears

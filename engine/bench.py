@@ -22,19 +22,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import math
 import re
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from engine.bench_measure import (
+    DTYPE,
+    Fp8Linear,
+    compile_blocks,
+    device_name,
+    fp8_unsupported,
+    free_memory,
+    measure,
+    to_device,
+    versions,
+)
+from engine.bench_result import BenchResult, FormatResult
 from engine.checkpoint import CheckpointReader
 from engine.int8.apply import Int8Layers, quantizer
 from engine.int8.ops import describe_backend
@@ -55,9 +63,6 @@ from engine.models.layers import Inputs
 from engine.models.spec import Architecture, Config
 
 FORMATS = ("bf16", "bf16+compile", "fp8", "int8", "int8+compile")
-DTYPE = torch.bfloat16
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
 SEED = 0
 CPU_MAX_PARAMS = 1e9  # a full-size model on the CPU would take hours per step
 
@@ -91,163 +96,6 @@ CPU_DEFAULTS = BenchRequest("flux2-tiny", resolution=256, steps=3, formats=("bf1
 def bench_defaults(gpu: bool) -> BenchRequest:
     """The benchmark the app's form starts from and ``int8-studio bench`` runs without a model."""
     return GPU_DEFAULTS if gpu else CPU_DEFAULTS
-
-
-@dataclass(frozen=True)
-class FormatResult:
-    format: str
-    seconds_per_step: float | None = None  # median of the timed steps; None: not run (see note)
-    speedup: float | None = None  # against bf16 with the same compile setting
-    compile_seconds: float | None = None  # first call minus a step: compilation and autotuning
-    peak_vram_gb: float | None = None  # weights + activations while stepping (GPU only)
-    relative_error: float | None = None  # ‖out − out_bf16‖ / ‖out_bf16‖
-    cosine: float | None = None
-    note: str = ""
-    launch_bound: bool | None = None  # the GPU waited for the host to enqueue the step (None: on the CPU)
-
-
-@dataclass(frozen=True)
-class BenchResult:
-    model: str  # "Flux.2 Klein 9B (random weights)"
-    device: str
-    versions: dict[str, str]
-    resolution: int
-    batch: int
-    steps: int
-    image_tokens: int
-    text_tokens: int
-    scheme: str
-    quantized_layers: int  # linear layers in int8/fp8 (the rest stay bf16)
-    linear_layers: int
-    cuda_graphs: bool = False
-    int8_backend: str = ""  # ops.describe_backend: what the int8 rows ran on ("" when none ran)
-    rows: tuple[FormatResult, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BenchResult:
-        """The result back from :meth:`to_dict` (the app keeps results between runs); keys this
-        version does not know are left out."""
-        rows = tuple(FormatResult(**_known(FormatResult, row)) for row in data.get("rows", ()))
-        return cls(**{**_known(cls, data), "rows": rows})
-
-    def header(self) -> list[str]:
-        """What was measured, on what, and how: the table's three first lines, the app's run summary."""
-        shape = f"{self.resolution}×{self.resolution}, batch {self.batch}"
-        tokens = f"{self.image_tokens} image + {self.text_tokens} text tokens"
-        versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
-        layers = f"{self.quantized_layers} of {self.linear_layers} linear layers quantized"
-        gemm = f"; int8 GEMM: {self.int8_backend}" if self.int8_backend else ""
-        steps = f"median of {self.steps} steps" + (", replayed from a CUDA graph" if self.cuda_graphs else "")
-        return [
-            f"{self.model}: {shape} ({tokens}), {steps}",
-            f"{self.device}; {versions}",
-            f"{layers} ({self.scheme} int8 weight scales, per-token activation scales){gemm}",
-        ]
-
-    def table(self) -> str:
-        """The result as text: the :meth:`header`, one row per format, a footnote."""
-        head = [*self.header(), ""]
-        lines = [COLUMNS, *(cells(r) for r in self.rows)]
-        bound = any(r.launch_bound for r in self.rows)
-        # a row that did not run holds its note in the second column: it sets no width
-        widths = [max(len(line[i]) for line in lines if i == 0 or len(line) > 2) for i in range(len(COLUMNS))]
-        body = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-        foot = [
-            "",
-            (
-                "speed-up: against bf16 with the same compile setting; errors: against bf16 eager "
-                "(run one block at a time where it does not fit)"
-            ),
-            *[LAUNCH_BOUND_NOTE] * bound,
-        ]
-        return "\n".join(head + body + foot)
-
-
-COLUMNS = ("format", "s/step", "speed-up", "first call", "peak VRAM", "rel. error", "cosine")
-LAUNCH_BOUND = 0.95
-"""A step the host took this share of its time to enqueue kept the GPU waiting for it (Klein 9B at 512²
-on an H200 machine: int8 steps 100%, GPU-bound steps 30–70%; PERFORMANCE.md)."""
-LAUNCH_BOUND_NOTE = (
-    "*: launch-bound, the GPU waited for the CPU to enqueue the step's kernels (--cuda-graphs shows the GPU's "
-    "own speed)"
-)
-
-
-def _known(cls: type, data: dict) -> dict:
-    return {f.name: data[f.name] for f in fields(cls) if f.name in data}
-
-
-def cells(r: FormatResult) -> tuple[str, ...]:
-    """A row's cells under :data:`COLUMNS`, in the CLI's table and the app's; a format that did not run
-    has two, its name and its note."""
-    if r.seconds_per_step is None:
-        return (r.format, r.note or "not run")
-
-    def cell(value: float | None, fmt: str) -> str:
-        return "—" if value is None else fmt.format(value)
-
-    return (
-        r.format,
-        f"{r.seconds_per_step:.3f}" + "*" * bool(r.launch_bound),
-        cell(r.speedup, "{:.2f}×"),
-        cell(r.compile_seconds, "{:.1f} s"),
-        cell(r.peak_vram_gb, "{:.1f} GB"),
-        cell(r.relative_error, "{:.2%}"),
-        cell(r.cosine, "{:.5f}"),
-    )
-
-
-# --- the comparison format: row-wise fp8 ---------------------------------------------------------
-
-
-class Fp8Linear(nn.Module):
-    """fp8 (e4m3) W8A8 through ``torch._scaled_mm``: per-row weight scales, per-token activation
-    scales computed on the fly. The fastest format cuBLAS offers on sm89+; here only to compare."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        w = linear.weight.float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-        self.register_buffer("weight", (w / scale).to(FP8))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        q = (x2 / x_scale).to(FP8)
-        y = torch._scaled_mm(
-            q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
-        )
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def to_device(inputs: Inputs, device: torch.device) -> Inputs:
-    """Inputs on ``device``, floating-point ones in bf16 (the dtype every format computes in)."""
-    return {k: v.to(device, DTYPE) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
-
-
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """``torch.compile`` each repeated block in place (the elements of every ``nn.ModuleList``),
-    without graph breaks. Blocks of one kind share one compiled graph, so compiling takes one block's
-    time instead of the whole model's; what runs between blocks is a few small ops."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                block.compile(fullgraph=True)
-    return model
-
-
-def fp8_unsupported(device: torch.device) -> str | None:
-    """Why row-wise fp8 cannot run on ``device`` (None: it can)."""
-    if device.type != "cuda":
-        return "n/a (needs a CUDA GPU, sm89+)"
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        return "n/a (needs sm89+)"
-    return None
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -301,12 +149,12 @@ def run_bench(
     except torch.OutOfMemoryError:
         raise BenchError(
             f"out of GPU memory at {request.resolution}×{request.resolution}, batch {request.batch}: "
-            "lower --res or --batch, or close other programs using the GPU"
+            "choose a lower resolution or batch, or close other programs using the GPU"
         ) from None
     finally:
         if reader is not None:
             reader.close()
-        _free()
+        free_memory()
 
 
 def _check(request: BenchRequest) -> list[str]:
@@ -403,9 +251,11 @@ def _bench(
         return compile_blocks(model) if compiled else model
 
     def attempt(fmt: str):
-        """``_measure``'s result for ``fmt``, or None when it ran out of device memory."""
+        """``measure``'s result for ``fmt``, or None when it ran out of device memory."""
         try:
-            return _measure(build(fmt), inputs, request, device, cancel, tick, fmt)
+            return measure(
+                build(fmt), inputs, request.warmup, request.steps, request.cuda_graphs, device, cancel, tick, fmt
+            )
         except torch.OutOfMemoryError:
             return None
 
@@ -423,9 +273,9 @@ def _bench(
                 note = f"does not fit: its weights take {_size(need)} of the {_size(budget)} available"
             if note is None:
                 measured = attempt(fmt)
-                _free()
+                free_memory()
                 if measured is None:
-                    note = f"out of GPU memory (weights {_size(need)} of {_size(budget)}): lower --res or --batch"
+                    note = f"out of GPU memory (weights {_size(need)} of {_size(budget)}): try a lower resolution or batch"
             if note:
                 tick(f"{fmt}: {note}", before + calls - done)
                 rows.append(FormatResult(fmt, note=note))
@@ -443,8 +293,8 @@ def _bench(
     rows = [_with_errors(r, outputs[r.format], reference) if r.format in outputs else r for r in rows]
     return BenchResult(
         model=source.label,
-        device=_device_name(device),
-        versions=_versions(device),
+        device=device_name(device),
+        versions=versions(device),
         resolution=request.resolution,
         batch=request.batch,
         steps=request.steps,
@@ -468,7 +318,7 @@ def _reference(source: _Source, inputs: Inputs, device: torch.device, fits: bool
                 return source.model(device)(**inputs).float().cpu()
             except torch.OutOfMemoryError:
                 pass
-            _free()
+            free_memory()
         model = build_model(source.arch, source.config)
         with streamed_blocks(model, source.filler(device, False, None)) as model:
             return model(**inputs).float().cpu()
@@ -502,84 +352,12 @@ def _memory_limit(request: BenchRequest, device: torch.device):
         return
     index = torch.cuda.current_device() if device.index is None else device.index
     total = torch.cuda.get_device_properties(index).total_memory
-    _free()  # the cap counts what this process's allocator holds, cached blocks included
+    free_memory()  # the cap counts what this process's allocator holds, cached blocks included
     torch.cuda.set_per_process_memory_fraction(min(1.0, request.max_vram_gb * 1e9 / total), index)
     try:
         yield
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
-
-
-class _Measured(NamedTuple):
-    seconds: float  # median per step
-    first: float  # the first call
-    out: torch.Tensor  # the last step's output, float32 on the CPU
-    peak_gb: float | None
-    launch_bound: bool | None  # the host took LAUNCH_BOUND of the step to enqueue it (GPU only)
-
-
-def _measure(
-    model: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    request: BenchRequest,
-    device: torch.device,
-    cancel: CancelToken,
-    tick: Callable[[str], None],
-    fmt: str,
-) -> _Measured:
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    run = functools.partial(model, **inputs)
-
-    def call() -> tuple[float, float, torch.Tensor]:
-        """``(seconds, seconds until the host had enqueued the step, output)``."""
-        cancel.check()
-        start = time.perf_counter()
-        out = run()
-        enqueued = time.perf_counter() - start
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, enqueued, out
-
-    with torch.no_grad():
-        first, _, _ = call()
-        tick(f"{fmt}: warm-up")
-        for _ in range(request.warmup - 1):
-            call()
-            tick(f"{fmt}: warm-up")
-        if request.cuda_graphs:
-            run = captured(run, device)
-        times, enqueued = [], []
-        for step in range(request.steps):
-            seconds, host, out = call()
-            times.append(seconds)
-            enqueued.append(host)
-            tick(f"{fmt}: step {step + 1}/{request.steps}")
-    seconds = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
-    bound = statistics.median(enqueued) >= LAUNCH_BOUND * seconds if cuda else None
-    return _Measured(seconds, first, out.float().cpu(), peak, bound)
-
-
-def captured(step: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
-    """``step`` captured into a CUDA graph: a function that replays it and returns its (static) output.
-    The step must have run before (compiled, tuned), and must not synchronize with the host."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # allocations of a first run on the capturing stream
-        step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
 
 
 def _scheme_label(request: BenchRequest) -> str:
@@ -599,31 +377,3 @@ def _with_speedups(rows: list[FormatResult]) -> list[FormatResult]:
     return out
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm{major}{minor})"
-    if not torch.cuda.is_available():
-        return "CPU — no CUDA GPU found: int8 runs its reference CPU path, times are not representative"
-    return "CPU"
-
-
-def _versions(device: torch.device) -> dict[str, str]:
-    versions = {"torch": torch.__version__.split("+")[0]}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        versions["CUDA"] = str(torch.version.cuda)
-    return versions
-
-
-def _free() -> None:
-    """Release the last model: compiled graphs, Python references, cached device memory."""
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -18,7 +18,8 @@ from app.settings import Settings
 from app.ui.main_window import MainWindow
 from app.ui.theme import DARK, LIGHT
 from app.workers import Job
-from engine.bench import LAUNCH_BOUND_NOTE, BenchResult, FormatResult, run_bench
+from engine.bench import run_bench
+from engine.bench_result import LAUNCH_BOUND_NOTE, BenchResult, FormatResult
 from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install, run_export
 from engine.convert import ConvertRequest, run_convert

@@ -10,17 +10,8 @@ import math
 import pytest
 import torch
 
-from engine.bench import (
-    FORMATS,
-    LAUNCH_BOUND_NOTE,
-    BenchError,
-    BenchRequest,
-    BenchResult,
-    FormatResult,
-    bench_defaults,
-    cells,
-    run_bench,
-)
+from engine.bench import FORMATS, BenchError, BenchRequest, bench_defaults, run_bench
+from engine.bench_result import LAUNCH_BOUND_NOTE, BenchResult, FormatResult, cells
 from engine.cli import main
 from engine.jobs import Cancelled, CancelToken, Progress
 from engine.models.build import UnknownModelNameError, named_config
@@ -326,6 +317,6 @@ def test_a_small_gpu_runs_what_fits():
     tight = {"resolution": 2048, "formats": ("int8",), "max_vram_gb": int8_gb + 0.05}
     (row,) = run_bench(BenchRequest(**{**request.__dict__, **tight})).rows
     limits = f"weights {int8_gb:.1f} GB of {int8_gb + 0.05:.1f} GB"
-    assert row.note == f"out of GPU memory ({limits}): lower --res or --batch"
+    assert row.note == f"out of GPU memory ({limits}): try a lower resolution or batch"
     x = torch.empty(int(1.5 * bf16_gb * 1e9), dtype=torch.uint8, device="cuda")  # the cap is lifted after
     del x

@@ -32,16 +32,8 @@ from app.ui.widgets import (
     table,
 )
 from app.workers import Job
-from engine.bench import (
-    COLUMNS,
-    FORMATS,
-    LAUNCH_BOUND_NOTE,
-    BenchRequest,
-    BenchResult,
-    bench_defaults,
-    cells,
-    run_bench,
-)
+from engine.bench import FORMATS, BenchRequest, bench_defaults, run_bench
+from engine.bench_result import COLUMNS, LAUNCH_BOUND_NOTE, BenchResult, cells
 from engine.models.build import model_names
 
 FORMAT_HELP = {
