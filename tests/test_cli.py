@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.cli import ProgressBar, main
+from engine.cli import main
+from engine.cli.progress import ProgressBar
 from engine.demo import DEMO_FILE, DEMO_LORA_FILE
 from engine.jobs import Progress, format_duration
 from engine.lora import inspect_lora

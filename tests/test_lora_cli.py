@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from engine.cli import lora_spec, main
+from engine.cli import main
+from engine.cli.lora import lora_spec
 from engine.lora import LoraSpec
 from tests.tiny_checkpoints import write_single_file
 from tests.tiny_loras import write_lora

@@ -1,0 +1,77 @@
+"""`bench`: seconds per step of a model in each weight format (the job is :mod:`engine.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import torch
+
+from engine.bench import FORMATS, BenchRequest, bench_defaults, run_bench
+from engine.cli.commands import command
+from engine.cli.progress import ProgressBar
+from engine.int8.quantize import SCHEMES
+from engine.int8.rotation import ROTATION_POLICIES
+
+
+@command("bench", help="seconds per step of a model in bf16, fp8 and int8, with each format's quality cost")
+def _bench_command(p: argparse.ArgumentParser) -> None:
+    gpu, cpu = bench_defaults(gpu=True), bench_defaults(gpu=False)
+    p.add_argument(
+        "source", nargs="?",
+        help="a checkpoint, or a model name with random weights: flux2-klein-9b, zimage-turbo, …; "
+        f"default: {gpu.source} on a GPU; on the CPU {cpu.source} at {cpu.resolution}×{cpu.resolution}, "
+        f"{cpu.steps} steps, formats {','.join(cpu.formats)} (unless given)",
+    )  # fmt: skip
+    p.add_argument("--res", type=int, help=f"image side in pixels (default {gpu.resolution})")
+    p.add_argument("--steps", type=int, help=f"timed steps per format, after warm-up (default {gpu.steps})")
+    p.add_argument(
+        "--formats",
+        type=lambda text: tuple(text.split(",")),
+        help=f"comma-separated, from {','.join(FORMATS)} (default: all)",
+    )
+    p.add_argument(
+        "--scheme", choices=SCHEMES, default="rowwise", help="int8 weight scales: one per weight or per row"
+    )
+    p.add_argument(
+        "--rotate", choices=ROTATION_POLICIES, default="none",
+        help="int8 formats of a float model: Hadamard-rotate no layer, the down-projections or all",
+    )  # fmt: skip
+    p.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    p.add_argument(
+        "--text-tokens", type=int, help="prompt length in tokens (default: the model's typical one)"
+    )
+    p.add_argument(
+        "--device", metavar="{cpu,cuda,cuda:N}", help="default: cuda (the first GPU) when there is a GPU"
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time replays of a CUDA graph of each step: GPU time, no launch costs",
+    )
+    p.add_argument(
+        "--max-vram",
+        type=float,
+        metavar="GB",
+        help="run as a GPU with this much memory would: formats that do not fit are reported as such",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    if args.source is None:  # what the app's form starts from on this machine
+        request = bench_defaults(gpu=args.device != "cpu" and torch.cuda.is_available())
+    else:
+        request = BenchRequest(args.source)
+    chosen = {"resolution": args.res, "steps": args.steps, "formats": args.formats}
+    request = replace(
+        request, **{k: v for k, v in chosen.items() if v is not None}, scheme=args.scheme, batch=args.batch,
+        text_tokens=args.text_tokens, device=args.device, cuda_graphs=args.cuda_graphs, rotate=args.rotate,
+        max_vram_gb=args.max_vram,
+    )  # fmt: skip
+    with ProgressBar() as bar:
+        result = run_bench(request, progress=bar)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0

@@ -1,0 +1,128 @@
+"""`convert`, `inspect` and `demo`: a checkpoint converted to INT8, and what a checkpoint holds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.checkpoint import format_bytes
+from engine.cli.commands import command
+from engine.cli.progress import ProgressBar
+from engine.convert import ConvertRequest, ConvertResult, run_convert
+from engine.demo import build_demo_lora, build_demo_model
+from engine.info import CheckpointInfo, inspect_checkpoint
+from engine.int8.quantize import SCHEMES
+from engine.int8.rotation import ROTATION_POLICIES
+
+
+@command("convert", help="convert a checkpoint (single file or diffusers folder) to an INT8 file")
+def _convert_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=Path, help=".safetensors file, diffusers model folder or its index json")
+    p.add_argument("-o", "--output", type=Path, help="default: <source>-int8-<scheme>.safetensors beside it")
+    p.add_argument("--scheme", choices=SCHEMES, default="tensorwise", help="one scale per weight or per row")
+    p.add_argument(
+        "--rotate", choices=ROTATION_POLICIES, default="none",
+        help="Hadamard-rotate no layer, the down-projections or every layer: lower int8 error, a few %% "
+        "slower; the file then needs a ComfyUI that reads the 'convrot' marker",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep", action="extend", type=comma_separated, default=[], metavar="PATTERN[,PATTERN...]",
+        help="keep these in high precision too (glob; repeat the option or separate with commas)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cast-float32", action="store_true",
+        help="write the float32 tensors that stay in high precision as bf16 (default: keep them float32)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.set_defaults(func=_run_convert, replace_flag="--force")
+
+
+def comma_separated(text: str) -> list[str]:
+    """``"a,b"`` → ``["a", "b"]``; blanks around and between the commas are dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    request = ConvertRequest(
+        args.source, args.output, args.scheme, tuple(args.keep),
+        cast_float32_to_bf16=args.cast_float32, overwrite=args.force, rotate=args.rotate,
+    )  # fmt: skip
+    with ProgressBar() as bar:
+        result = run_convert(request, progress=bar)
+    print(_converted(result))
+    return 0
+
+
+def _converted(r: ConvertResult) -> str:
+    left_out = f"; left out {r.left_out} tensors outside the diffusion model" if r.left_out else ""
+    rotated = f" ({r.rotated} Hadamard-rotated)" if r.rotated else ""
+    return (
+        f"wrote {r.output}: {r.model}, {r.quantized} layers int8 {r.scheme}{rotated}, "
+        f"{r.kept} tensors kept{left_out}; "
+        f"{format_bytes(r.bytes_in)} → {format_bytes(r.bytes_out)} in {r.seconds:.1f} s"
+    )
+
+
+@command("inspect", help="show what a checkpoint holds: model, layout, dtypes, quantization, metadata")
+def _inspect_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help=".safetensors file, diffusers model folder or its index json")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.file)
+    print(info.to_json() if args.json else describe(info))
+    return 0
+
+
+def describe(info: CheckpointInfo, value_width: int = 100) -> str:
+    """``inspect``'s readable report, one fact per line."""
+    files = f"{len(info.files)} files" if len(info.files) > 1 else "1 file"
+    lines = [f"file         {info.path} ({format_bytes(info.size)}, {files}, {info.tensors} tensors)"]
+    if info.model:
+        prefix = f", prefix '{info.prefix}'" if info.prefix else ""
+        lines.append(f"model        {info.model} ({info.architecture}), {info.layout} layout{prefix}")
+        quantized = ", ".join(f"{n} layers {fmt}" for fmt, n in info.quantized_layers.items())
+        lines.append(f"weights      {info.weight_format}" + (f" ({quantized})" if quantized else ""))
+        if info.other_tensors:
+            lines.append(f"             {info.other_tensors} tensors outside the diffusion model")
+    else:
+        lines.append(f"model        none recognised: {info.problem}")
+    dtypes = ", ".join(f"{d} {c.tensors} ({format_bytes(c.bytes)})" for d, c in info.dtypes.items())
+    lines.append(f"dtypes       {dtypes}")
+    if info.markers or info.metadata_layers is not None:
+        markers = ", ".join(f"{n} × {text}" for text, n in info.markers.items()) or "none"
+        lines.append(f"comfy_quant  {markers}")
+        if info.metadata_layers is not None:
+            bad = info.marker_mismatches
+            agree = f"disagrees on {len(bad)} layers, e.g. {bad[0]}" if bad else "agrees"
+            lines.append(f"{'':12} _quantization_metadata lists {info.metadata_layers} layers and {agree}")
+    for n, (key, value) in enumerate(sorted(info.metadata.items())):
+        if key == "_quantization_metadata":
+            value = f"({len(value)} characters)"
+        value = value if len(value) <= value_width else value[: value_width - 1] + "…"
+        lines.append(f"{'metadata' if n == 0 else '':<12} {key} = {value}")
+    return "\n".join(lines)
+
+
+@command("demo", help="build the built-in demo model and its LoRA, convert the model to INT8 and inspect it")
+def _demo_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folder", type=Path, help="where to put the demo files (default: user cache folder)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    with ProgressBar() as bar:  # each bar ends its line before anything is printed
+        model = build_demo_model(args.folder, progress=bar)
+    print(f"demo model: {model} ({format_bytes(model.stat().st_size)})")
+    with ProgressBar() as bar:
+        lora = build_demo_lora(args.folder, progress=bar)
+    print(f"demo LoRA: {lora} ({format_bytes(lora.stat().st_size)})")
+    with ProgressBar() as bar:
+        result = run_convert(ConvertRequest(model, overwrite=True), progress=bar)
+    print(_converted(result))
+    print(describe(inspect_checkpoint(result.output)))
+    merged = result.output.with_name(result.output.stem + "-lora.safetensors")
+    print(f"next, merge the demo LoRA: int8-studio lora merge {result.output} {lora} -o {merged}")
+    return 0
