@@ -21,7 +21,8 @@ from app.workers import Job
 from engine.bench import run_bench
 from engine.bench_result import LAUNCH_BOUND_NOTE, BenchResult, FormatResult
 from engine.checkpoint import CheckpointReader
-from engine.comfyui import open_install, run_export
+from engine.comfyui import open_install
+from engine.export import run_export
 from engine.convert import ConvertRequest, run_convert
 from engine.demo import DEMO_CONFIG, DEMO_FILE, DEMO_LORA_FILE, build_demo_model
 from engine.hub import plan_download, plan_summary

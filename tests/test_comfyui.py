@@ -20,16 +20,14 @@ from engine.checkpoint import CheckpointError
 from engine.cli import main
 from engine.comfyui import (
     ComfyUIError,
-    ExportError,
-    ExportRequest,
     Places,
     find_installs,
     load_install,
     open_install,
     read_extra_model_paths,
-    run_export,
 )
 from engine.convert import ConvertRequest, run_convert
+from engine.export import ExportError, ExportRequest, run_export
 from engine.jobs import Cancelled, CancelToken, OutputExistsError
 from engine.lora.files import LoraError
 from engine.models import UnknownModelError

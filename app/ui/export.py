@@ -21,14 +21,8 @@ from app.ui.jobpanel import JobPanel
 from app.ui.widgets import Card, Facts, Notice, Page, PathField, form, primary_button, require
 from app.workers import Job
 from engine.checkpoint import format_bytes
-from engine.comfyui import (
-    ComfyInstall,
-    ComfyUIError,
-    ExportRequest,
-    ExportResult,
-    find_installs,
-    run_export,
-)
+from engine.comfyui import ComfyInstall, ComfyUIError, find_installs
+from engine.export import ExportRequest, ExportResult, run_export
 from engine.library import LibraryEntry, describe_file, export_kind
 
 KINDS = {

@@ -12,15 +12,8 @@ from pathlib import Path
 from engine.checkpoint import format_bytes
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
-from engine.comfyui import (
-    EXPORT_KINDS,
-    ComfyInstall,
-    ComfyUIError,
-    ExportRequest,
-    ExportResult,
-    find_installs,
-    run_export,
-)
+from engine.comfyui import ComfyInstall, ComfyUIError, find_installs
+from engine.export import EXPORT_KINDS, ExportRequest, ExportResult, run_export
 from engine.hub import EXAMPLE_REPO, DownloadRequest, plan_download, plan_summary, run_download
 from engine.library import (
     LIBRARY_KINDS,
