@@ -18,19 +18,13 @@ from PySide6.QtWidgets import (
 from app import system
 from app.settings import Settings
 from app.ui import theme
+from app.ui.cards import Card, Notice
 from app.ui.chart import BarChart
+from app.ui.forms import form, muted, primary_button
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import (
-    Card,
-    Notice,
-    Page,
-    PathField,
-    fit_rows,
-    form,
-    muted,
-    primary_button,
-    table,
-)
+from app.ui.page import Page
+from app.ui.path_fields import PathField
+from app.ui.tables import fit_rows, table
 from app.workers import Job
 from engine.bench import FORMATS, BenchRequest, bench_defaults, run_bench
 from engine.bench_result import COLUMNS, LAUNCH_BOUND_NOTE, BenchResult, cells

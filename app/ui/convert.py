@@ -16,21 +16,11 @@ from PySide6.QtWidgets import (
 from app import system
 from app.settings import Settings
 from app.ui import dialogs, theme
+from app.ui.cards import Card, Facts, Notice, ResultCard
+from app.ui.forms import Choices, action_row, form, primary_button
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import (
-    Card,
-    Choices,
-    DropZone,
-    Facts,
-    Notice,
-    Page,
-    PathField,
-    ResultCard,
-    action_row,
-    form,
-    primary_button,
-    require,
-)
+from app.ui.page import Page, require
+from app.ui.path_fields import DropZone, PathField
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.convert import ROTATION_SUFFIX, ConvertRequest, ConvertResult, run_convert

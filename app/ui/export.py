@@ -17,8 +17,11 @@ from PySide6.QtWidgets import (
 
 from app.settings import Settings
 from app.ui import dialogs, theme
+from app.ui.cards import Card, Facts, Notice
+from app.ui.forms import form, primary_button
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import Card, Facts, Notice, Page, PathField, form, primary_button, require
+from app.ui.page import Page, require
+from app.ui.path_fields import PathField
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.comfyui import ComfyInstall, ComfyUIError, find_installs

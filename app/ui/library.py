@@ -17,20 +17,12 @@ from PySide6.QtWidgets import (
 
 from app.settings import Settings
 from app.ui import dialogs, theme
+from app.ui.cards import Card, Notice
+from app.ui.forms import form, muted, primary_button
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import (
-    Card,
-    Notice,
-    Page,
-    PathField,
-    add_remove_row,
-    fit_rows,
-    form,
-    muted,
-    path_list,
-    primary_button,
-    table,
-)
+from app.ui.page import Page
+from app.ui.path_fields import PathField, add_remove_row, path_list
+from app.ui.tables import fit_rows, table
 from app.workers import Job
 from engine.checkpoint import format_bytes
 from engine.comfyui import ComfyInstall

@@ -15,21 +15,12 @@ from PySide6.QtWidgets import (
 
 from app.settings import Settings
 from app.ui import dialogs, theme
+from app.ui.cards import Card, Facts, ResultCard
+from app.ui.forms import Choices, action_row, primary_button
 from app.ui.jobpanel import JobPanel
-from app.ui.widgets import (
-    Card,
-    Choices,
-    Facts,
-    Page,
-    PathField,
-    ResultCard,
-    action_row,
-    add_remove_row,
-    fit_rows,
-    primary_button,
-    require,
-    table,
-)
+from app.ui.page import Page, require
+from app.ui.path_fields import PathField, add_remove_row
+from app.ui.tables import fit_rows, table
 from app.workers import Job
 from engine.demo import build_demo_lora, made_from_demo
 from engine.info import CheckpointInfo, inspect_checkpoint

@@ -34,8 +34,10 @@ from app.ui.convert import ConvertPage
 from app.ui.export import ExportPage
 from app.ui.library import LibraryPage
 from app.ui.lora import LoraPage
+from app.ui.page import Page
+from app.ui.path_fields import dropped_paths
 from app.ui.settings import SettingsPage
-from app.ui.widgets import Page, dropped_paths, refit_tables
+from app.ui.tables import refit_tables
 from app.workers import Job
 from engine import __version__
 

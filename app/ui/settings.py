@@ -13,7 +13,10 @@ from PySide6.QtWidgets import (
 from app import system
 from app.settings import Settings
 from app.ui import dialogs
-from app.ui.widgets import Card, Page, PathField, add_remove_row, muted, path_list
+from app.ui.cards import Card
+from app.ui.forms import muted
+from app.ui.page import Page
+from app.ui.path_fields import PathField, add_remove_row, path_list
 from app.workers import Job
 from engine.comfyui import ComfyInstall, open_install
 
