@@ -9,15 +9,7 @@ from pathlib import Path
 from engine.checkpoint import format_bytes
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
-from engine.lora import (
-    MODES,
-    LoraInfo,
-    LoraMergeRequest,
-    LoraSpec,
-    MergeStats,
-    inspect_lora,
-    run_lora_merge,
-)
+from engine.lora import MODES, LoraInfo, LoraMergeRequest, LoraSpec, MergeStats, inspect_lora, run_lora_merge
 
 
 @command("lora", help="merge LoRAs into a model (INT8 or float), or show what a LoRA file is")
