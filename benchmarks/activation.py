@@ -1,10 +1,10 @@
 """The activation fused into the down-projections' activation quantization: what it saves per call.
 
 For the down-projection inputs of Flux.2 Klein 9B and Z-Image at 1024² (M = 4608 tokens), times
-``kernels.quantize_rows`` of the activation computed in PyTorch first (what a layer did before:
+``kernels.quantize_tokens`` of the activation computed in PyTorch first (what a layer did before:
 SwiGLU or GELU in bf16, a concatenation with the attention output in Flux single blocks, then the
 quantization kernel) against the same quantization given the activation's inputs
-(``ops.ActivatedInput``), with and without the Hadamard rotation. Run on a GPU machine:
+(``engine.fusion.ActivatedInput``), with and without the Hadamard rotation. Run on a GPU machine:
 
     PYTHONPATH=. python3 benchmarks/activation.py [--out DIR]
 """
@@ -19,7 +19,7 @@ import torch
 import triton.testing
 
 from engine.int8 import kernels
-from engine.int8.ops import ActivatedInput
+from engine.fusion import ActivatedInput
 from engine.int8.rotation import hadamard
 
 TOKENS = 4608
@@ -44,12 +44,11 @@ def activated_input(activation: str, width: int, prefix: int, source: int) -> Ac
 def times(x: ActivatedInput) -> dict[str, float]:
     """µs per call: unfused and fused, plain and rotated."""
     h16 = hadamard(16, "cuda", torch.bfloat16)
-    act = kernels.Activated(x.activation, x.a, x.b)
     calls = {
-        "unfused": lambda: kernels.quantize_rows(x.materialize()),
-        "fused": lambda: kernels.quantize_rows(x.prefix, act),
-        "unfused, rotated": lambda: kernels.quantize_rotated_rows(x.materialize(), h16),
-        "fused, rotated": lambda: kernels.quantize_rotated_rows(x.prefix, h16, act),
+        "unfused": lambda: kernels.quantize_tokens(x.materialize()),
+        "fused": lambda: kernels.quantize_tokens(x),
+        "unfused, rotated": lambda: kernels.quantize_rotated_tokens(x.materialize(), h16),
+        "fused, rotated": lambda: kernels.quantize_rotated_tokens(x, h16),
     }
     return {name: triton.testing.do_bench(call) * 1e3 for name, call in calls.items()}
 

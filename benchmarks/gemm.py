@@ -34,7 +34,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from engine.fusion import ActivatedInput
 from engine.int8 import kernels
+from engine.int8.operands import Epilogue, Int8Weight
 from engine.int8.ops import LoraFactors, int8_linear
 from engine.int8.quantize import quantize_weight
 
@@ -74,7 +76,7 @@ class Problem:
         q, scale = quantize_weight(w, "rowwise")
         self.w_int8, self.w_scale = q.cuda(), scale.cuda()
         self.w_scale_flat = self.w_scale.reshape(-1).contiguous()
-        self.q, self.x_scale = kernels.quantize_rows(self.x)
+        self.q, self.x_scale = kernels.quantize_tokens(self.x)
         fp8 = torch.float8_e4m3fn
         fmax = torch.finfo(fp8).max
         x_amax = self.x.float().abs().amax(1, keepdim=True).clamp(min=1e-12)
@@ -86,7 +88,7 @@ class Problem:
         return F.linear(self.x, self.w_bf16)
 
     def int_mm(self):
-        q, x_scale = kernels.quantize_rows(self.x)
+        q, x_scale = kernels.quantize_tokens(self.x)
         acc = torch._int_mm(q, self.w_int8.t())
         return (acc.float() * x_scale[:, None] * self.w_scale_flat).to(torch.bfloat16)
 
@@ -98,10 +100,10 @@ class Problem:
         return int8_linear(self.x, self.w_int8, self.w_scale)  # what Int8Linear runs in eager mode
 
     def quant(self):
-        return kernels.quantize_rows(self.x)
+        return kernels.quantize_tokens(self.x)
 
     def gemm(self):
-        return kernels.scaled_mm(self.q, self.x_scale, self.w_int8, self.w_scale_flat, None, torch.bfloat16)
+        return kernels.scaled_mm(self.q, self.x_scale, self.w_int8, self.w_scale_flat, torch.bfloat16)
 
     def tops(self, us: float) -> float:
         return 2 * self.m * self.n * self.k / us / 1e6
@@ -215,18 +217,18 @@ def sweep() -> str:
         p = Problem(m, n, k)
         bf16 = bench(p.bf16)
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        rows = torch.arange(0, m, 97, device="cuda")
-        expected = kernels.reference_rows(rows, p.q, p.x_scale, p.w_int8, p.w_scale_flat)
+        tokens = torch.arange(0, m, 97, device="cuda")
+        expected = kernels.reference_output(tokens, p.q, p.x_scale, p.w_int8, p.w_scale_flat)
         results = []
         for c in configs:
-            run = functools.partial(kernels.launch_scaled_mm, c, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, out,
-                                    kernels.TUNER.num_sms(out.device))
+            run = functools.partial(kernels.launch_scaled_mm, c, p.q, p.x_scale, p.w_int8, p.w_scale_flat, out,
+                                    Epilogue(), kernels.TUNER.num_sms(out.device))
             try:
                 us = bench(run)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
                 print(f"  {c}: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            if kernels.agrees(out[rows], expected):
+            if kernels.agrees(out[tokens], expected):
                 results.append((us, c))
             else:  # session 5 timed a miscompiled kernel for a while: never rank wrong values
                 print(f"  {c}: WRONG VALUES ({us:.1f} µs)")
@@ -237,7 +239,7 @@ def sweep() -> str:
         print("\n".join(lines[-9:]), flush=True)
     for m, k in ((4608, 3072), (4608, 4096), (4608, 12288), (4608, 16384), (16896, 4096)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        us = bench(functools.partial(kernels.quantize_rows, x))
+        us = bench(functools.partial(kernels.quantize_tokens, x))
         floor_us = m * k * 3 / 3.0e12 * 1e6
         lines.append(f"quant {m}×{k}: {us:.1f} µs (one read of x, one write of q at 3 TB/s: {floor_us:.1f})")
         print(lines[-1], flush=True)
@@ -245,7 +247,7 @@ def sweep() -> str:
 
 
 GATED = {"Klein 9B mlp.0 / linear1": (12288, 4096), "Klein 4B mlp.0 / linear1": (9216, 3072), "Z-Image w1/w3": (10240, 3840)}
-"""(hidden, K) of the SwiGLU in-projections: two products of ``hidden`` rows each."""
+"""(hidden, K) of the SwiGLU in-projections: two products of ``hidden`` channels each."""
 
 
 def gated(resolution: str = "1024²") -> str:
@@ -257,17 +259,16 @@ def gated(resolution: str = "1024²") -> str:
              "|---|---|---|---|"]
     for name, (hidden, k) in GATED.items():
         p = Problem(m, 2 * hidden, k)
-        first, second = p.w_int8[:hidden], p.w_int8[hidden:]
-        scales = p.w_scale_flat[:hidden], p.w_scale_flat[hidden:]
-        gate = kernels.Gate(second, scales[1])
+        gate, gate_scale = p.w_int8[:hidden], p.w_scale_flat[:hidden]
+        swiglu = Epilogue(up=Int8Weight(p.w_int8[hidden:], p.w_scale_flat[hidden:]))
 
         def separate():
-            y = kernels.scaled_mm(p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16)
-            return kernels.quantize_rows(None, kernels.Activated("swiglu", y[:, :hidden], y[:, hidden:]))
+            y = kernels.scaled_mm(p.q, p.x_scale, p.w_int8, p.w_scale_flat, torch.bfloat16)
+            return kernels.quantize_tokens(ActivatedInput("swiglu", y[:, :hidden], y[:, hidden:]))
 
         def fused():
-            y = kernels.scaled_mm(p.q, p.x_scale, first, scales[0], None, torch.bfloat16, gate=gate)
-            return kernels.quantize_rows(None, kernels.Activated("identity", y))
+            y = kernels.scaled_mm(p.q, p.x_scale, gate, gate_scale, torch.bfloat16, swiglu)
+            return kernels.quantize_tokens(ActivatedInput("identity", y))
 
         (q_sep, s_sep), (q_fused, s_fused) = separate(), fused()  # also tunes both
         diff = q_sep.float() * s_sep[:, None] - q_fused.float() * s_fused[:, None]
@@ -299,19 +300,19 @@ def host_overhead(profile: bool = False, rounds: int = 5) -> str:
     rank = 32
     lora = LoraFactors(torch.randn(rank, p.k, device="cuda", dtype=torch.bfloat16),
                        torch.randn(p.n, rank, device="cuda", dtype=torch.bfloat16), torch.rand(rank, device="cuda"))
-    gate = kernels.Gate(p.w_int8, p.w_scale_flat)
-    calls = {"F.linear": p.bf16, "int8_linear": p.ours, "quantize_rows": p.quant, "kernels.scaled_mm (tuned)": p.gemm,
+    swiglu = Epilogue(up=Int8Weight(p.w_int8, p.w_scale_flat))
+    calls = {"F.linear": p.bf16, "int8_linear": p.ours, "quantize_tokens": p.quant, "kernels.scaled_mm (tuned)": p.gemm,
              "torch.ops.int8_studio.scaled_mm": lambda: torch.ops.int8_studio.scaled_mm(
                  p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16, None, None, None),
              "int8_linear + LoRA r32": lambda: int8_linear(p.x, p.w_int8, p.w_scale, lora=lora)}
     sm90 = kernels.arch_of(torch.device("cuda")) == "sm90"
     for kind, config in HOST_CONFIGS.items() if sm90 else list(HOST_CONFIGS.items())[:1]:
         calls[f"kernels.scaled_mm, {kind}"] = functools.partial(
-            kernels.scaled_mm, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16, config
+            kernels.scaled_mm, p.q, p.x_scale, p.w_int8, p.w_scale_flat, torch.bfloat16, Epilogue(), config
         )
         calls[f"kernels.scaled_mm, {kind}, gated"] = functools.partial(
-            kernels.scaled_mm, p.q, p.x_scale, p.w_int8, p.w_scale_flat, None, torch.bfloat16,
-            kernels.gated_config(config), gate=gate,
+            kernels.scaled_mm, p.q, p.x_scale, p.w_int8, p.w_scale_flat, torch.bfloat16, swiglu,
+            kernels.gated_config(config),
         )  # fmt: skip
 
     def per_call(fn) -> float:

@@ -36,7 +36,7 @@ from engine.models.build import named_config, random_model, replace_linears
 
 # GPU kernels by name: the first category whose pattern a kernel's name holds takes its time.
 CATEGORIES = {
-    "quantization": ("_quantize_rows_kernel", "_quantize_rotated_rows_kernel"),
+    "quantization": ("_quantize_tokens_kernel", "_quantize_rotated_tokens_kernel"),
     "int8 GEMM": ("_scaled_mm_kernel",),
     "attention": ("flash", "fmha", "attention", "sdpa"),
     "bf16 GEMM": ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere_"),

@@ -32,9 +32,9 @@ def kernel_times() -> list[dict]:
         x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
         h16 = hadamard(16, "cuda", x.dtype)
         calls = {
-            "plain": lambda x=x: kernels.quantize_rows(x),
-            "fused rotation": lambda x=x, h16=h16: kernels.quantize_rotated_rows(x, h16),
-            "rotate in PyTorch, then quantize": lambda x=x: kernels.quantize_rows(rotate(x, 256)),
+            "plain": lambda x=x: kernels.quantize_tokens(x),
+            "fused rotation": lambda x=x, h16=h16: kernels.quantize_rotated_tokens(x, h16),
+            "rotate in PyTorch, then quantize": lambda x=x: kernels.quantize_tokens(rotate(x, 256)),
         }
         times = {name: triton.testing.do_bench(call) for name, call in calls.items()}
         moved = x.numel() * 3  # read bf16, write int8

@@ -3,8 +3,9 @@
 A transformer block projects its tokens to queries, keys and values in one linear layer, splits the
 result into heads, RMS-normalizes each query and key head (a QK-norm) and rotates them by the token's
 position (rotary embedding) before attention. :func:`attention_inputs` computes that chain the way the
-models compute it unfused; the int8 GEMM computes the same in its epilogue (``kernels._store_heads``), so
-that the projection's output never reaches memory in the projection's layout. This module is the
+models compute it unfused; the int8 GEMM computes the same in its epilogue
+(``engine.int8.kernels.gemm._store_heads``), so that the projection's output never reaches memory in the
+projection's layout. This module is the
 reference for that epilogue and the path of every other backend.
 """
 

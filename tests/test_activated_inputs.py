@@ -11,6 +11,7 @@ import torch
 from engine import fusion
 from engine.int8 import kernels, ops
 from engine.int8.apply import quantize_model
+from engine.int8.kernels import tokens as token_kernels
 from engine.int8.linear import Int8Linear
 from engine.int8.rotation import hadamard, rotate
 from engine.models import REGISTRY
@@ -61,9 +62,9 @@ def assert_quantized_within_half_a_step(q, scale, x: fusion.ActivatedInput) -> N
 @pytest.mark.parametrize("prefix, width", [(0, 300), (40, 300), (256, 1000)])
 @pytest.mark.parametrize("single_pass_max_k", [16384, 64])  # 64: the two-loop path; 64 straddles the prefix end
 def test_quantize_kernel_applies_the_activation(device, activation, dtype, prefix, width, single_pass_max_k, monkeypatch):
-    monkeypatch.setattr(kernels, "SINGLE_PASS_MAX_K", single_pass_max_k)
+    monkeypatch.setattr(token_kernels, "SINGLE_PASS_MAX_K", single_pass_max_k)
     x = make_input(activation, 7, width, prefix, dtype, device)
-    q, scale = kernels.quantize_rows(x.prefix, kernels.Activated(x.activation, x.a, x.b))
+    q, scale = kernels.quantize_tokens(x.flattened())
     assert_quantized_within_half_a_step(q, scale, x)
 
 
@@ -71,8 +72,8 @@ def test_quantize_kernel_applies_the_activation(device, activation, dtype, prefi
 @pytest.mark.parametrize("activation", ops.ACTIVATIONS)
 def test_float32_activation_in_the_kernel_is_torch_s_to_float32_rounding(device, activation):
     x = make_input(activation, 5, 2600, 12, torch.float32, device)
-    q, scale = kernels.quantize_rows(x.prefix, kernels.Activated(x.activation, x.a, x.b))
-    q_ref, scale_ref = ops.quantize_rows_torch(x.materialize())
+    q, scale = kernels.quantize_tokens(x.flattened())
+    q_ref, scale_ref = ops.quantize_tokens_torch(x.materialize())
     assert torch.allclose(scale, scale_ref, rtol=2**-20, atol=0)
     # a value a few ulps from a rounding boundary may land on the neighbouring step
     assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 1e-3
@@ -83,7 +84,7 @@ def test_float32_activation_in_the_kernel_is_torch_s_to_float32_rounding(device,
 @pytest.mark.parametrize("prefix", [0, 256, 100])  # 100: a group of 256 straddles the prefix's end
 def test_rotated_kernel_applies_the_activation_then_rotates(device, activation, prefix):
     x = make_input(activation, 9, 512 - prefix % 256, prefix, torch.bfloat16, device)
-    q, scale = kernels.quantize_rotated_rows(x.prefix, hadamard(16, device, torch.bfloat16), kernels.Activated(x.activation, x.a, x.b))
+    q, scale = kernels.quantize_rotated_tokens(x.flattened(), hadamard(16, device, torch.bfloat16))
     rotated = rotate(float64_rows(x), 256).double().cpu()
     ref_scale = rotated.abs().amax(dim=1) / 127
     assert torch.allclose(scale.cpu().double(), ref_scale.cpu(), rtol=0.02, atol=0)
@@ -183,8 +184,8 @@ def test_width_must_match_the_weight():
 
 def test_opcheck_of_the_activated_quantization():
     x = make_input("swiglu", 5, 40, 8, torch.bfloat16, "cpu")
-    torch.library.opcheck(ops.quantize_activated, (*x, 0))
-    torch.library.opcheck(ops.quantize_activated, ("gelu_tanh", x.a.contiguous(), None, None, 0))
+    torch.library.opcheck(ops.quantize_activated_tokens, (*x, 0))
+    torch.library.opcheck(ops.quantize_activated_tokens, ("gelu_tanh", x.a.contiguous(), None, None, 0))
 
 
 @pytest.mark.parametrize("act", [SwiGLU(), GELUTanh()])
@@ -195,7 +196,7 @@ def test_compiled_mlp_quantizes_through_the_activated_op(act):
     mlp = MLP(Int8Linear.from_float(up), act, Int8Linear.from_float(torch.nn.Linear(hidden, 64))).to(torch.bfloat16)
     explanation = torch._dynamo.explain(mlp)(torch.randn(2, 8, 64, dtype=torch.bfloat16))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    assert "int8_studio.quantize_activated" in explanation.graphs[0].code
+    assert "int8_studio.quantize_activated_tokens" in explanation.graphs[0].code
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")

@@ -1,5 +1,5 @@
 """A fused q|k|v projection's GEMM handing on attention's inputs: heads split, queries and keys
-RMS-normalized and rotated in the epilogue (``kernels.Heads``, ``ops.int8_attention_inputs``)."""
+RMS-normalized and rotated in the epilogue (``Epilogue.heads``, ``ops.int8_attention_inputs``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from engine.int8 import kernels, linear, ops
 from engine.int8.apply import quantize_model
+from engine.int8.operands import Epilogue, QKNormTables
 from engine.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
 from engine.models import REGISTRY, layers
 from tests.int8_reference import BACKENDS, DEVICES, ULP
@@ -22,6 +23,11 @@ def qk_norm(tokens: int, head: int, device, dtype=torch.float32, eps: float = 1e
     pe = layers.rope(ids, (head // 2, head // 2), 2000.0).to(device)
     weights = (torch.rand(2, head) + 0.5).to(device, dtype)
     return QKNormRope(weights[0], weights[1], eps, pe)
+
+
+def kernel_heads(norm: QKNormRope) -> QKNormTables:
+    """``norm`` as the heads epilogue reads it."""
+    return QKNormTables(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, rotation_tables(norm.rope))
 
 
 def assert_heads_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -41,15 +47,15 @@ def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, 
     weight = make_weight(3 * heads * head, k, scheme, with_bias, dtype, device)
     norm = qk_norm(tokens, head, device, dtype)
     x = torch.randn(batch * tokens, k, dtype=dtype, device=device)
-    q, x_scale = kernels.quantize_rows(x)
-    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, rotation_tables(norm.rope))
+    q, x_scale = kernels.quantize_tokens(x)
+    epilogue = Epilogue(weight.bias, heads=kernel_heads(norm))
     w_scale = weight.w_scale.reshape(-1)
     for config in configs_for(device):
-        out = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, weight.bias, dtype, config, heads=epilogue)
+        out = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, dtype, epilogue, config)
         assert out.shape == (3, batch, tokens, heads, head) and out.dtype == dtype
         out = out.transpose(2, 3)  # q, k, v [batch, heads, tokens, head]
         # the same tile storing the projection itself, then the chain the models run unfused
-        plain = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, weight.bias, dtype, kernels.heads_config(config, head))
+        plain = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, dtype, Epilogue(weight.bias), kernels.heads_config(config, head))
         want_q, want_k, want_v = attention_inputs(plain.reshape(batch, tokens, -1), norm)
         assert torch.equal(out[2], want_v), config  # values are the projection, moved into head layout
         assert_heads_close(out[0], want_q)
@@ -61,11 +67,10 @@ def test_heads_epilogue_with_real_head_size_and_several_tiles_per_program():
     head, heads, k, batch, tokens = 128, 4, 256, 2, 300
     weight = make_weight(3 * heads * head, k, "rowwise", True, torch.bfloat16, "cuda")
     norm = qk_norm(tokens, head, "cuda", torch.bfloat16)
-    q, x_scale = kernels.quantize_rows(torch.randn(batch * tokens, k, dtype=torch.bfloat16, device="cuda"))
-    epilogue = kernels.Heads(torch.stack([norm.query_weight, norm.key_weight]), norm.eps, rotation_tables(norm.rope))
+    q, x_scale = kernels.quantize_tokens(torch.randn(batch * tokens, k, dtype=torch.bfloat16, device="cuda"))
+    epilogue = Epilogue(weight.bias, heads=kernel_heads(norm))
     for config in [*configs_for("cuda"), None]:  # None: the tuner's choice
-        out = kernels.scaled_mm(q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16,
-                                config, heads=epilogue)  # fmt: skip
+        out = kernels.scaled_mm(q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), torch.bfloat16, epilogue, config)
         plain = ops.int8_linear(ops.QuantizedInput(q, x_scale, (batch, tokens), torch.bfloat16), *weight)
         for got, want in zip(out.transpose(2, 3), attention_inputs(plain, norm)):
             assert_heads_close(got, want)
@@ -106,7 +111,7 @@ def test_bad_attention_inputs_are_refused(x_shape, n, rope_tokens, message):
 def test_opcheck_of_the_heads_op():
     weight = make_weight(48, 40, "rowwise", True, torch.float32, "cpu")
     norm = qk_norm(5, 8, "cpu", torch.bfloat16)
-    q, x_scale = ops.quantize_rows_torch(torch.randn(10, 40))
+    q, x_scale = ops.quantize_tokens_torch(torch.randn(10, 40))
     weights = torch.stack([norm.query_weight, norm.key_weight])
     tables = rotation_tables(norm.rope)
     args = (q, x_scale, weight.w_int8, weight.w_scale.reshape(-1), weight.bias, torch.bfloat16, weights, 1e-6, tables)
@@ -171,5 +176,7 @@ def test_heads_configs_are_one_head_wide_and_have_their_own_tuning_key():
     assert len(set(candidates)) == len(candidates)
     norm = torch.ones(2, 128)
     w = torch.zeros(3 * 128, 16, dtype=torch.int8)
-    assert kernels.epilogue_kind(w, None, kernels.Heads(norm, 1e-6, torch.zeros(2, 5, 64))) == "heads128"
-    assert kernels.GemmTuner._key(4608, 12288, 4096, 2, 0, "heads128") == "8192,12288,4096,heads128"
+    epilogue = Epilogue(heads=QKNormTables(norm, 1e-6, torch.zeros(2, 5, 64)))
+    assert kernels.epilogue_kind(w, epilogue) == "heads128"
+    # the key in users' cache files (gemm-configs.json)
+    assert kernels.GemmTuner._key(4608, 12288, 4096, 2, kernels.epilogue_key(w, epilogue)) == "8192,12288,4096,heads128"

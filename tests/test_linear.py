@@ -103,7 +103,7 @@ def test_lora_term_is_added(use_float):
     [
         (torch.zeros(4, 8), torch.ones(()), None, r"Int8Linear weight must be a 2-D int8 tensor, got torch.float32 \[4, 8\]"),
         (torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), None,
-         r"weight_scale has shape \[3\] but the weight has 4 rows: expected \[\], \[1\], \[4\] or \[4, 1\]; re-convert the checkpoint"),
+         r"weight_scale has shape \[3\] but the weight has 4 output channels: expected \[\], \[1\], \[4\] or \[4, 1\]; re-convert the checkpoint"),
         (torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 2), None, r"weight_scale has shape \[4, 2\]"),
         (torch.zeros(4, 8, dtype=torch.int8), torch.tensor([1.0, 0.0, 1.0, 1.0]), None,
          "weight_scale holds zero, negative or non-finite values: the checkpoint is damaged; re-convert it"),

@@ -63,7 +63,7 @@ def float64_rows(x: fusion.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("parts", ["weight,scale,shift", "scale", ""])
 def test_normed_quantization_against_float64(device, norm, dtype, batch, tokens, width, parts):
     x = make_input(norm, batch, tokens, width, dtype, device, *(p in parts.split(",") for p in ("weight", "scale", "shift")))
-    q, scale = kernels.quantize_normed_rows(*ops.normed_kernel_rows(x))
+    q, scale = kernels.quantize_normed_tokens(*ops.normed_tokens(x))
     ref, ulps = (t.cpu() for t in float64_rows(x))
     q, scale = q.cpu().double(), scale.cpu().double()[:, None]
     assert q.shape == ref.shape and q.abs().max() <= 127
@@ -95,10 +95,10 @@ def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
     the materialized input, exactly."""
     x = make_input("rms", 2, 7, 256, torch.bfloat16, device)
     per_token = x._replace(scale=x.scale.expand(2, 7, 256).contiguous())
-    assert ops.normed_kernel_rows(per_token) is None
+    assert ops.normed_tokens(per_token) is None
     # [2, 256] against [2, 2, 256] broadcasts per token, not per sample
-    assert ops.normed_kernel_rows(x._replace(x=x.x[:, :2], scale=x.scale[:, 0])) is None
-    assert ops.normed_kernel_rows(fusion.NormedInput(x.x[0], "rms", 1e-6, scale=x.scale.expand(2, 7, 256)[0])) is None  # 2-D, per row
+    assert ops.normed_tokens(x._replace(x=x.x[:, :2], scale=x.scale[:, 0])) is None
+    assert ops.normed_tokens(fusion.NormedInput(x.x[0], "rms", 1e-6, scale=x.scale.expand(2, 7, 256)[0])) is None  # 2-D, per row
     w_int8 = torch.randint(-127, 128, (24, 256), dtype=torch.int8, device=device)
     w_scale = torch.full((24, 1), 1e-3, device=device)
     lora = ops.LoraFactors(*(torch.randn(s, device=device, dtype=torch.bfloat16) for s in ((4, 256), (24, 4))),
@@ -136,7 +136,7 @@ def test_layers_share_a_normed_input_only_where_all_of_them_are_int8():
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, device):
     """Under torch.compile the Triton backend calls the fused kernel through its op
-    (``int8_studio::quantize_normed``), other backends materialize the input: either way the output is
+    (``int8_studio::quantize_normed_tokens``), other backends materialize the input: either way the output is
     the eager one exactly, with no graph break and no recompile for another token count."""
     torch._dynamo.reset()
     layer = Int8Linear.from_float(torch.nn.Linear(64, 16)).to(device, torch.bfloat16)
@@ -144,7 +144,7 @@ def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, dev
     with ops.use_backend(backend):
         explanation = torch._dynamo.explain(lambda x: fusion.project(layer, x))(x)
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-        fused = "int8_studio.quantize_normed" in explanation.graphs[0].code
+        fused = "int8_studio.quantize_normed_tokens" in explanation.graphs[0].code
         assert fused == (backend == "triton") and fused != ("rms_norm" in explanation.graphs[0].code)
         torch._dynamo.reset()
         counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
@@ -159,25 +159,25 @@ def test_compiled_layers_quantize_a_normed_input_as_eager_layers_do(backend, dev
 @pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("norm", ops.NORMS)
 def test_the_normed_op_on_any_backend_is_the_kernel_within_one_rounding(backend, device, norm):
-    """``int8_studio::quantize_normed`` off the Triton backend materializes the input, rounded to the
+    """``int8_studio::quantize_normed_tokens`` off the Triton backend materializes the input, rounded to the
     input dtype after the norm and after the modulation where the kernel keeps float32: int8 values
     within two steps, scales within two roundings, each up to 1.5 ulps apart (the interpreter's casts
     truncate where PyTorch rounds to nearest). ``1 + scale`` is exact here, or its rounding would be a
     third such difference."""
     x = make_input(norm, 2, 9, 200, torch.bfloat16, device)
     x = x._replace(scale=(1 + x.scale).clamp(0.5, 2) - 1)  # exact in bfloat16 (Sterbenz)
-    rows, normed = ops.normed_kernel_rows(x)
-    want_q, want_scale = kernels.quantize_normed_rows(rows, normed)
+    tokens, norm = ops.normed_tokens(x)
+    want_q, want_scale = kernels.quantize_normed_tokens(tokens, norm)
     with ops.use_backend(backend):
-        q, scale = ops.quantize_normed(rows, *normed)
-    assert q.dtype == torch.int8 and q.shape == rows.shape and scale.shape == (rows.shape[0],)
+        q, scale = ops.quantize_normed_tokens(tokens, *norm)
+    assert q.dtype == torch.int8 and q.shape == tokens.shape and scale.shape == (tokens.shape[0],)
     assert (q.int() - want_q.int()).abs().max() <= 2
     torch.testing.assert_close(scale, want_scale, rtol=3 * ULP[torch.bfloat16], atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 def test_opcheck_of_the_normed_quantization(backend):
-    rows, normed = ops.normed_kernel_rows(make_input("layer", 2, 5, 48, torch.bfloat16, "cpu"))
+    tokens, norm = ops.normed_tokens(make_input("layer", 2, 5, 48, torch.bfloat16, "cpu"))
     with ops.use_backend(backend):
-        torch.library.opcheck(ops.quantize_normed, (rows, *normed))
-        torch.library.opcheck(ops.quantize_normed, (rows, True, None, 1e-6, None, None, 5))
+        torch.library.opcheck(ops.quantize_normed_tokens, (tokens, *norm))
+        torch.library.opcheck(ops.quantize_normed_tokens, (tokens, True, None, 1e-6, None, None, 5))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch._dynamo.testing
 
-from engine.int8 import ops
+from engine.int8 import backends, ops
 from engine.int8.linear import Int8Linear
 from engine.int8.quantize import quantize_weight
 from tests.int8_reference import NEEDS_INTERPRETER, ULP, assert_within_int8_rounding
@@ -78,11 +80,43 @@ def test_out_dtype_and_default_backends():
         pass
 
 
+def test_a_forced_backend_belongs_to_its_thread():
+    """The app runs jobs on worker threads: a backend forced in one thread is not another's."""
+    x = torch.randn(3, 32)
+    seen = {}
+
+    def worker():
+        seen["worker"] = ops.backend_for(x)
+
+    with ops.use_backend("int_mm"):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        seen["caller"] = ops.backend_for(x)
+    assert seen == {"worker": "torch", "caller": "int_mm"}
+
+
+@pytest.mark.parametrize("first", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
+def test_a_compiled_layer_is_traced_again_for_another_backend(first):
+    """Dynamo guards on the forced backend: a graph traced for one backend is not reused for another (the
+    Triton backend quantizes through its op, the others in tensor ops)."""
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    second = "torch" if first == "triton" else "int_mm"
+    for backend in (first, second, first):
+        with ops.use_backend(backend):
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    assert counter.frame_count == 2
+
+
 def test_describe_backend_says_why_a_gpu_falls_back(monkeypatch):
     cuda = torch.device("cuda")
     assert ops.describe_backend(torch.device("cpu")) == "PyTorch float32 matmuls (no int8 speed-up)"
-    monkeypatch.setattr(ops, "kernels", None)
-    monkeypatch.setattr(ops, "KERNELS_MISSING", "the int8 kernels need Triton 3.4 or newer, found 3.2.0")
+    monkeypatch.setattr(backends, "kernels", None)
+    monkeypatch.setattr(backends, "KERNELS_MISSING", "the int8 kernels need Triton 3.4 or newer, found 3.2.0")
     assert ops.describe_backend(cuda) == (
         "torch._int_mm + separate dequantization, slower than the Triton kernels "
         "(the int8 kernels need Triton 3.4 or newer, found 3.2.0)"
@@ -111,11 +145,11 @@ def test_bad_inputs_are_refused(change, message):
 
 def test_opcheck_real_and_fake_implementations_agree():
     w_int8, w_scale, bias = make_layer(24, 40, (24, 1), True)
-    q, x_scale = ops.quantize_rows_torch(torch.randn(5, 40))
+    q, x_scale = ops.quantize_tokens_torch(torch.randn(5, 40))
     lora = (torch.randn(5, 3), torch.randn(24, 3), torch.rand(3))
     torch.library.opcheck(ops.scaled_mm, (q, x_scale, w_int8, w_scale, bias, torch.float32, None, None, None))
     torch.library.opcheck(ops.scaled_mm, (q, x_scale, w_int8, w_scale[0], None, torch.bfloat16, *lora))
-    torch.library.opcheck(ops.quantize_rows, (torch.randn(7, 33, dtype=torch.bfloat16),))
+    torch.library.opcheck(ops.quantize_tokens, (torch.randn(7, 33, dtype=torch.bfloat16),))
 
 
 @pytest.mark.parametrize(
@@ -170,7 +204,7 @@ def test_compiled_block_has_no_graph_breaks_and_no_recompiles(backend):
     with ops.use_backend(backend):
         explanation = torch._dynamo.explain(block)(torch.randn(2, 8, 64, dtype=torch.bfloat16))
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-        assert explanation.graphs[0].code.count("int8_studio.quantize_rows") == (2 if backend == "triton" else 0)
+        assert explanation.graphs[0].code.count("int8_studio.quantize_tokens") == (2 if backend == "triton" else 0)
 
         torch._dynamo.reset()
         counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
@@ -205,8 +239,8 @@ def test_inductor_quantizes_non_finite_rows_as_eager_code_does():
     x = torch.randn(6, 72)
     x[1, 3], x[2, 5], x[3, 7], x[4] = float("inf"), float("nan"), -float("inf"), 0
     torch._dynamo.reset()
-    q, scale = torch.compile(ops.quantize_rows_torch, fullgraph=True)(x)
-    want_q, want_scale = ops.quantize_rows_torch(x)
+    q, scale = torch.compile(ops.quantize_tokens_torch, fullgraph=True)(x)
+    want_q, want_scale = ops.quantize_tokens_torch(x)
     assert torch.isnan(scale[1:4]).all() and not q[1:4].any()
     assert torch.equal(q, want_q)
     torch.testing.assert_close(scale, want_scale, rtol=0, atol=0, equal_nan=True)

@@ -98,8 +98,8 @@ def test_rotated_layer_is_within_int8_rounding_of_the_rotated_product(backend, d
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_kernel_rounds_like_the_pytorch_path(dtype):
     x = torch.randn(37, 512, dtype=dtype)
-    q, scale = kernels.quantize_rotated_rows(x, hadamard(16, x.device, dtype))
-    expected_q, expected_scale = ops.quantize_rows_torch(rotate(x, 256))
+    q, scale = kernels.quantize_rotated_tokens(x, hadamard(16, x.device, dtype))
+    expected_q, expected_scale = ops.quantize_tokens_torch(rotate(x, 256))
     torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
     differ = (q.int() - expected_q.int()).abs()
     assert differ.max() <= 1 and differ.float().mean() < 1e-3  # float32 sums in another order
@@ -179,7 +179,7 @@ def test_compiled_rotated_layer_has_no_graph_breaks_or_recompiles():
     layer = Int8Linear.from_float(torch.nn.Linear(256, 48), "rowwise", 256).to(torch.bfloat16)
     explanation = torch._dynamo.explain(layer)(torch.randn(8, 256, dtype=torch.bfloat16))
     assert explanation.graph_break_count == 0
-    assert "int8_studio.quantize_rows" in explanation.graphs[0].code  # the rotation runs inside the op
+    assert "int8_studio.quantize_tokens" in explanation.graphs[0].code  # the rotation runs inside the op
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer, backend=counter, fullgraph=True)
@@ -200,8 +200,8 @@ def test_cuda_rotated_layer_within_int8_rounding(dtype, m):
     out = ops.int8_linear(x.cuda(), w_int8.cuda(), w_scale.cuda(), rotation=256).cpu()
     x_rotated = (x.double().reshape(m, -1, 256) @ hadamard(256, dtype=torch.float64)).reshape(m, k)
     assert_within_int8_rounding(out, x_rotated, w_int8, w_scale)
-    q, _ = kernels.quantize_rotated_rows(x.cuda(), hadamard(16, "cuda", dtype))
-    expected_q, _ = ops.quantize_rows_torch(rotate(x, 256))
+    q, _ = kernels.quantize_rotated_tokens(x.cuda(), hadamard(16, "cuda", dtype))
+    expected_q, _ = ops.quantize_tokens_torch(rotate(x, 256))
     differ = (q.cpu().int() - expected_q.int()).abs()
     assert differ.max() <= 1 and differ.float().mean() < 1e-3
 

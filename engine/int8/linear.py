@@ -20,6 +20,7 @@ from engine.int8.ops import (
     LoraFactors,
     int8_attention_inputs,
     int8_linear,
+    int8_swiglu,
     quantize_input,
 )
 from engine.int8.quantize import Scheme, dequantize_weight, quantize_weight
@@ -44,7 +45,7 @@ def normalize_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     if scale.numel() == out_features and scale.ndim in (1, 2) and scale.shape[0] == out_features:
         return scale.reshape(out_features, 1).float()
     raise QuantizedLayerError(
-        f"weight_scale has shape {list(scale.shape)} but the weight has {out_features} rows: "
+        f"weight_scale has shape {list(scale.shape)} but the weight has {out_features} output channels: "
         f"expected [], [1], [{out_features}] or [{out_features}, 1]; re-convert the checkpoint"
     )
 
@@ -58,13 +59,31 @@ def _checked_rotation(group: int, in_features: int) -> int:
     return group
 
 
+def _take_file_format(module: Int8Linear, state_dict, prefix, *args) -> None:
+    """``load_state_dict``'s pre-hook: take the file's ``comfy_quant`` marker (whether the weight is
+    rotated) out of ``state_dict``, and its ``weight_scale`` in whichever accepted kind or shape it has
+    (:func:`normalize_scale`), resizing the module's scale to match."""
+    marker = state_dict.pop(prefix + "comfy_quant", None)
+    if marker is not None:
+        try:
+            entry = parse_marker(marker, prefix + "comfy_quant")
+        except RotationError as e:
+            raise QuantizedLayerError(str(e)) from None
+        module.rotation = _checked_rotation(marker_group(entry), module.in_features)
+    key = prefix + "weight_scale"
+    if key in state_dict:
+        # a file may hold the other scale kind (or shape) than this module was built with
+        state_dict[key] = normalize_scale(state_dict[key], module.out_features)
+        module.weight_scale = torch.empty_like(state_dict[key], device=module.weight_scale.device)
+
+
 class Int8Linear(FusedLinear):
     """``y = x · (weight · weight_scale)ᵀ + bias`` through :func:`engine.int8.ops.int8_linear`.
 
     ``use_float = True`` runs the same layer as a float ``F.linear`` on the dequantized weight (no
     activation quantization), to measure what W8A8 costs in accuracy. As a
     :class:`~engine.fusion.FusedLinear` it takes inputs before their norm or activation, hands on
-    attention's inputs and runs a SwiGLU in-projection as one gated GEMM (:mod:`engine.int8.ops`). ``lora``,
+    attention's inputs and runs a SwiGLU as one gated GEMM (:func:`engine.int8.ops.int8_swiglu`). ``lora``,
     when set, is a module with ``down``, ``up`` and ``scale`` tensors
     (:class:`engine.lora.dynamic.LoraAdapter`) whose term ``(x · downᵀ · scale) · upᵀ`` is added in
     the GEMM's epilogue (dynamic LoRA). ``rotation`` is the Hadamard group size the weight is stored
@@ -97,6 +116,7 @@ class Int8Linear(FusedLinear):
         self.register_buffer("bias", bias)
         self.use_float = False
         self.lora: nn.Module | None = None
+        self.register_load_state_dict_pre_hook(_take_file_format)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, scheme: Scheme = "rowwise", rotation: int = 0) -> Int8Linear:
@@ -144,7 +164,8 @@ class Int8Linear(FusedLinear):
         self, x: Input, head: int, norm: QKNormRope | None
     ) -> tuple[torch.Tensor | Heads | None, torch.Tensor] | None:
         """The head's GEMM (handing on attention's inputs with ``norm``) and one gated GEMM for the
-        SwiGLU, on ``x`` quantized once: the SwiGLU's two halves never reach memory."""
+        SwiGLU of the rest (its first half the gate, its second the up projection), on ``x`` quantized
+        once: the SwiGLU's two halves never reach memory."""
         if self.int8_weight() is None:
             return None
         half = (self.out_features - head) // 2
@@ -153,35 +174,21 @@ class Int8Linear(FusedLinear):
             out = int8_attention_inputs(tokens, self.int8_weight(0, head), norm)
         else:
             out = int8_linear(tokens, *self.int8_weight(0, head)) if head else None
-        return out, int8_linear(tokens, *self.int8_weight(head, head + half), gate=self.int8_weight(head + half))
+        return out, int8_swiglu(tokens, self.int8_weight(head, head + half), self.int8_weight(head + half))
 
     def fused_swiglu(self, up: nn.Module, x: Input) -> torch.Tensor | None:
         gate, up_weight = self.int8_weight(), up.int8_weight() if isinstance(up, Int8Linear) else None
         if gate is None or up_weight is None:
             return None
-        return int8_linear(x, *gate, gate=up_weight)
+        return int8_swiglu(x, gate, up_weight)
 
+    # PyTorch has no public way to exempt a buffer from a module's dtype casts (.to(dtype), .half(), …)
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale
         super()._apply(fn, recurse)
         # follow device moves only: a bf16 scale would cost the layer 3 significant digits
         self.weight_scale = scale.to(self.weight_scale.device)
         return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        marker = state_dict.pop(prefix + "comfy_quant", None)
-        if marker is not None:  # the file says whether the weight is rotated
-            try:
-                entry = parse_marker(marker, prefix + "comfy_quant")
-            except RotationError as e:
-                raise QuantizedLayerError(str(e)) from None
-            self.rotation = _checked_rotation(marker_group(entry), self.in_features)
-        key = prefix + "weight_scale"
-        if key in state_dict:
-            # a file may hold the other scale kind (or shape) than this module was built with
-            state_dict[key] = normalize_scale(state_dict[key], self.out_features)
-            self.weight_scale = torch.empty_like(state_dict[key], device=self.weight_scale.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         kind = "tensorwise" if self.weight_scale.ndim == 0 else "rowwise"
