@@ -1,0 +1,8 @@
+"""INT8 Studio's ComfyUI node pack: ComfyUI's own models, samplers and model management, with the int8
+layers of INT8 files on INT8 Studio's engine (``engine.int8``). ComfyUI imports this package from
+``custom_nodes/`` and reads the two mappings below; ComfyUI's own modules are imported only when a
+node runs, so the package also imports outside ComfyUI."""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,188 @@
+"""ComfyUI's real code in this test process: the tree from ``../shared/comfyui``, imported as
+``main.py --cpu`` would, plus what tiny models need to be recognised by its detection.
+
+    tree = unpack(tmp_dir)                 # DEST/ComfyUI, once (a finished tree is reused)
+    comfy = import_comfyui(tree)           # comfy.sd, nodes, folder_paths … (ComfyUI's --cpu)
+    with tiny_detection(): ...             # ComfyUI recognises the TINY configs below
+
+Nothing here copies ComfyUI code: ComfyUI's modules are imported from the unpacked tree.
+
+torchvision and torchaudio from PyPI do not load beside the CPU torch the tests use; a few ComfyUI
+modules import them at module level (VAEs and encoders of other families) and nothing in diffusion
+model loading or sampling calls them. While ComfyUI is imported, a meta-path finder answers those
+imports with stand-in modules whose attributes are classes that raise when used; afterwards the
+finder and the stand-ins leave ``sys.modules`` again, so libraries imported later (diffusers) see the
+packages as missing, as they are. ComfyUI's folder goes at the *end* of ``sys.path``: its top-level
+``app`` and ``utils`` packages must not shadow the project's ``app``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import importlib.abc
+import importlib.machinery
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+STANDINS = ("torchvision", "torchaudio")
+
+# Tiny models of the real layouts whose shapes ComfyUI's detection reads as these families.
+# ComfyUI derives only some sizes from the tensors and hard-codes the rest to the released models'
+# (model_detection.detect_unet_config): Flux.2 and Chroma have 128-wide heads (RoPE axes summing to
+# 128), Flux.2 128 latent channels in and out and an MLP 3× the width, Chroma 64 channels in and out
+# and an MLP 4× the width, an approximator input of 64 (its forward concatenates 16 + 16 + 32
+# embedding channels); Z-Image is recognised by its width of 3840 alone, and its time embedder is
+# 256 → min(dim, 1024) → 256. The sizes below respect all of that; tiny_detection() supplies the rest.
+TINY = {
+    "flux2": {
+        "hidden": 256, "head_dim": 128, "in_channels": 128, "out_channels": 128, "text_dim": 48,
+        "mlp_hidden": 768, "double_blocks": 2, "single_blocks": 2, "guidance": False,
+    },
+    "chroma": {
+        "hidden": 256, "head_dim": 128, "in_channels": 64, "out_channels": 64, "text_dim": 48,
+        "mlp_hidden": 1024, "double_blocks": 2, "single_blocks": 2, "approximator_in": 64,
+        "approximator_hidden": 64, "approximator_layers": 2,
+    },
+    "zimage": {
+        "dim": 384, "head_dim": 128, "patch_in": 64, "cap_dim": 48, "ffn_hidden": 1024, "t_mid": 384,
+        "adaln_dim": 256, "layers": 2, "refiner_layers": 2,
+    },
+}  # fmt: skip
+LATENT_CHANNELS = {"flux2": 128, "chroma": 16, "zimage": 16}
+
+
+def unpack(dest: Path) -> Path:
+    """``dest/ComfyUI``: the shared tree, unpacked once (under a lock: sessions may share ``dest``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out = subprocess.run([str(SHARED / "unpack"), str(dest)], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+class _StandIn(types.ModuleType):
+    """A module whose every attribute is a class that raises when instantiated or called."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"{self.__name__}.{name} is a test stand-in: the package is not installed")
+
+        cls = type(name, (), {"__init__": unavailable, "__call__": unavailable})
+        setattr(self, name, cls)
+        return cls
+
+
+class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in STANDINS:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StandIn(spec.name)
+        module.__path__ = []
+        module.__version__ = "0.0.0"
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+@contextlib.contextmanager
+def _stand_ins() -> Iterator[None]:
+    finder = _StandIns()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n.split(".")[0] in STANDINS]:
+            if isinstance(sys.modules[name], _StandIn):
+                del sys.modules[name]
+
+
+def import_comfyui(tree: Path, home: Path) -> types.SimpleNamespace:
+    """ComfyUI's modules from ``tree``, set up as ``main.py --cpu`` sets them up (``home`` stands in
+    for the user's home folder while they import). Once per process: ComfyUI's modules are global."""
+    if "comfy.sd" in sys.modules:
+        loaded = Path(sys.modules["comfy"].__path__[0]).parent
+        if loaded != tree:
+            raise RuntimeError(f"ComfyUI is already imported from {loaded}")
+    else:
+        if str(tree) not in sys.path:
+            sys.path.append(str(tree))
+        saved = {k: os.environ.get(k) for k in ("HOME", "USERPROFILE", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+        os.environ.update(HOME=str(home), USERPROFILE=str(home), XDG_CONFIG_HOME=str(home / ".config"),
+                          XDG_CACHE_HOME=str(home / ".cache"))  # fmt: skip
+        try:
+            with _stand_ins():
+                import comfy.cli_args
+                import comfy.options
+
+                comfy.options.enable_args_parsing(False)
+                comfy.cli_args.args.cpu = True  # what --cpu sets, before model_management reads it
+                for name in ("comfy.model_management", "comfy.sd", "comfy.sample", "comfy.samplers", "nodes"):
+                    importlib.import_module(name)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.sd
+    import comfy.supported_models
+    import folder_paths
+    import nodes
+
+    return types.SimpleNamespace(
+        sd=comfy.sd, mm=comfy.model_management, nodes=nodes, folder_paths=folder_paths,
+        detection=comfy.model_detection, supported=comfy.supported_models,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
+    """ComfyUI recognises the TINY Chroma and Z-Image: the sizes its detection hard-codes are read
+    from the tensors instead, and its Z-Image entry matches their width. Flux.2 needs nothing."""
+    detection, zimage = comfy.detection, comfy.supported.ZImage
+    original, original_zimage = detection.detect_unet_config, zimage.unet_config
+
+    def detect(state_dict, key_prefix, metadata=None):
+        config = original(state_dict, key_prefix, metadata=metadata)
+        if config is None:
+            return None
+        shape = lambda name: tuple(state_dict[f"{key_prefix}{name}"].shape)  # noqa: E731
+        if config.get("image_model") == "chroma":
+            approximator = "distilled_guidance_layer"
+            config["in_dim"] = shape(f"{approximator}.in_proj.weight")[1]
+            config["hidden_dim"] = shape(f"{approximator}.in_proj.weight")[0]
+            config["out_dim"] = shape(f"{approximator}.out_proj.weight")[0]
+            config["n_layers"] = detection.count_blocks(list(state_dict), f"{key_prefix}{approximator}.layers.{{}}.")
+        if config.get("image_model") == "lumina2" and config["dim"] == TINY["zimage"]["dim"]:
+            dim, head = config["dim"], shape("layers.0.attention.q_norm.weight")[0]
+            config.update(
+                n_heads=dim // head, n_kv_heads=dim // head, axes_dims=[head // 4, head * 3 // 8, head * 3 // 8],
+                axes_lens=[1536, 512, 512], rope_theta=256.0, z_image_modulation=True, time_scale=1000.0,
+                ffn_dim_multiplier=shape("layers.0.feed_forward.w1.weight")[0] / dim, pad_tokens_multiple=32,
+            )  # fmt: skip
+        return config
+
+    detection.detect_unet_config = detect
+    zimage.unet_config = {**original_zimage, "dim": TINY["zimage"]["dim"]}
+    try:
+        yield
+    finally:
+        detection.detect_unet_config = original
+        zimage.unet_config = original_zimage

@@ -1,0 +1,307 @@
+"""The node pack (comfyui_nodes/) inside ComfyUI's real code, on the CPU.
+
+ComfyUI's own model classes, loader, sampler and model management run tiny Flux.2, Chroma and Z-Image
+files of the real layouts; the node is called as ComfyUI calls it (``INPUT_TYPES``, then its
+``FUNCTION``). Each int8 file runs three ways: our node, ComfyUI's own int8 path (its "Load Diffusion
+Model" node on the same file) and ComfyUI on the float original. Ours must be as close to the float
+output as ComfyUI's own int8 path is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+for _package, _why in (
+    ("einops", "ComfyUI's model code"),
+    ("torchsde", "ComfyUI's samplers"),
+    ("scipy", "ComfyUI's samplers"),
+    ("sentencepiece", "ComfyUI's text encoders (imported by comfy.sd)"),
+    ("transformers", "ComfyUI's text encoders (imported by comfy.sd)"),
+    ("av", "ComfyUI's node API (imported by nodes.py)"),
+    ("comfy_kitchen", "ComfyUI's native int8 layers (the comparison)"),
+    ("comfy_aimdo", "ComfyUI's model management"),
+):
+    pytest.importorskip(_package, reason=f"{_package} is not installed: it is needed by {_why}")
+
+from comfyui_env import LATENT_CHANNELS, SHARED, TINY, import_comfyui, tiny_detection, unpack  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tiny_checkpoints import write_single_file  # noqa: E402
+from tiny_loras import write_lora  # noqa: E402
+
+import comfyui_nodes  # noqa: E402
+from comfyui_nodes import ops as node_ops  # noqa: E402
+from comfyui_nodes.loader import int8_layers, load_diffusion_model  # noqa: E402
+from engine.convert import ConvertRequest, run_convert  # noqa: E402
+from engine.demo import random_weights  # noqa: E402
+from engine.models import REGISTRY  # noqa: E402
+
+if not (SHARED / "unpack").exists():
+    pytest.skip(f"the ComfyUI test tree is missing ({SHARED})", allow_module_level=True)
+
+NODE = "Int8StudioLoadDiffusionModel"
+ARCHS = tuple(TINY)
+TEXT_TOKENS = 7
+ALLOWED = 1.25  # ours may be this much further from the float output than ComfyUI's own int8 path
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, request):
+    """ComfyUI imported from the shared tree (unpacked once into pytest's temporary folder, kept for
+    later sessions), recognising the tiny models."""
+    base = tmp_path_factory.getbasetemp()
+    cache = base if request.config.option.basetemp else base.parent
+    tree = unpack(cache / "comfyui-4f874c5e")
+    comfy = import_comfyui(tree, home=tmp_path_factory.mktemp("home"))
+    with tiny_detection(comfy):
+        yield comfy
+    comfy.mm.unload_all_models()
+
+
+@pytest.fixture(scope="session")
+def files(comfy, tmp_path_factory):
+    """The models folder: per architecture the float original and our row-wise int8 conversion;
+    for Flux.2 also tensor-wise, Hadamard-rotated, and markers only in the header."""
+    folder = tmp_path_factory.mktemp("diffusion_models")
+    names = {}
+    for arch in ARCHS:
+        generator = torch.Generator().manual_seed(len(names))
+        tensors = dict(random_weights(REGISTRY[arch], TINY[arch], torch.bfloat16, generator))
+        source = write_single_file(folder / f"{arch}.safetensors", arch, tensors=tensors).path
+        names[arch, "float"] = source.name
+        variants = [("rowwise", "none")]
+        if arch == "flux2":
+            variants += [("tensorwise", "none"), ("rowwise", "all")]
+        for scheme, rotate in variants:
+            result = run_convert(ConvertRequest(source, scheme=scheme, rotate=rotate, device="cpu"))
+            names[arch, scheme if rotate == "none" else "rotated"] = result.output.name
+    names["flux2", "header-markers"] = _without_marker_tensors(folder / names["flux2", "rowwise"])
+    comfy.folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    return names
+
+
+def _without_marker_tensors(path: Path) -> str:
+    """A copy of an int8 file whose layers are marked only in the header's _quantization_metadata."""
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".comfy_quant")}
+        metadata = f.metadata()
+    assert json.loads(metadata["_quantization_metadata"])["layers"]
+    target = path.with_name(path.stem + "-header-markers.safetensors")
+    save_file(tensors, str(target), metadata=metadata)
+    return target.name
+
+
+def load_ours(comfy, name: str):
+    """Our node, called as ComfyUI calls it."""
+    node = comfyui_nodes.NODE_CLASS_MAPPINGS[NODE]
+    choices = node.INPUT_TYPES()["required"]["unet_name"][0]
+    assert name in choices
+    return getattr(node(), node.FUNCTION)(unet_name=name)[0]
+
+
+def load_comfy(comfy, name: str):
+    """ComfyUI's own "Load Diffusion Model" node: its native int8 path for an int8 file."""
+    node = comfy.nodes.UNETLoader
+    return getattr(node(), node.FUNCTION)(unet_name=name, weight_dtype="default")[0]
+
+
+def model_inputs(arch: str, batch: int = 2, rows: int = 9, cols: int = 13, seed: int = 0) -> tuple:
+    """(latent, sigma, keyword arguments) for ``apply_model``: a CFG-sized batch at an odd size."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, LATENT_CHANNELS[arch], rows, cols, generator=g)
+    sigma = torch.full((batch,), 0.6)
+    text_dim = TINY[arch].get("text_dim", TINY[arch].get("cap_dim"))
+    kwargs = {"c_crossattn": torch.randn(batch, TEXT_TOKENS, text_dim, generator=g)}
+    if arch == "chroma":
+        kwargs["guidance"] = torch.zeros(batch)
+    if arch == "zimage":
+        kwargs["num_tokens"] = TEXT_TOKENS
+    return x, sigma, kwargs
+
+
+def run(comfy, model, arch: str, **shape) -> torch.Tensor:
+    comfy.mm.load_models_gpu([model])
+    x, sigma, kwargs = model_inputs(arch, **shape)
+    with torch.inference_mode():
+        return model.model.apply_model(x, sigma, **kwargs).float()
+
+
+def error(a: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((a - reference).norm() / reference.norm())
+
+
+def test_node_is_declared_as_comfyui_reads_it(comfy, files):
+    assert comfyui_nodes.NODE_DISPLAY_NAME_MAPPINGS[NODE] == "Load Diffusion Model (INT8 Studio)"
+    node = comfyui_nodes.NODE_CLASS_MAPPINGS[NODE]
+    assert node.RETURN_TYPES == ("MODEL",) and callable(getattr(node, node.FUNCTION))
+    assert node.CATEGORY == comfy.nodes.UNETLoader.CATEGORY and node.DESCRIPTION
+    inputs = node.INPUT_TYPES()
+    assert set(inputs) == {"required"}
+    for name, (choices, options) in inputs["required"].items():
+        assert options["tooltip"], name
+    assert files["flux2", "rowwise"] in inputs["required"]["unet_name"][0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_is_as_close_to_float_as_comfyuis_own_int8(comfy, files, arch):
+    name = files[arch, "rowwise"]
+    reference = run(comfy, load_comfy(comfy, files[arch, "float"]), arch)
+    native = run(comfy, load_comfy(comfy, name), arch)
+    ours = run(comfy, load_ours(comfy, name), arch)
+    assert torch.isfinite(ours).all()
+    native_error, our_error = error(native, reference), error(ours, reference)
+    print(f"{arch}: ours {our_error:.3%}, ComfyUI int8 {native_error:.3%} from ComfyUI float; "
+          f"ours vs ComfyUI int8 {error(ours, native):.3%}")  # fmt: skip
+    assert 0 < our_error <= ALLOWED * native_error
+
+
+@pytest.mark.parametrize("variant", ["tensorwise", "rotated", "header-markers"])
+def test_other_int8_files(comfy, files, variant):
+    name = files["flux2", variant]
+    reference = run(comfy, load_comfy(comfy, files["flux2", "float"]), "flux2")
+    model = load_ours(comfy, name)
+    layers = int8_layers(model.model)
+    assert layers and all(bool(m.rotation) == (variant == "rotated") for m in layers.values())
+    assert all((m.weight_scale.ndim == 0) == (variant == "tensorwise") for m in layers.values())
+    ours = run(comfy, model, "flux2")
+    native = run(comfy, load_comfy(comfy, name), "flux2")
+    print(f"flux2 {variant}: ours {error(ours, reference):.3%}, ComfyUI int8 {error(native, reference):.3%}")
+    assert error(ours, reference) <= ALLOWED * error(native, reference)
+
+
+def test_a_file_comfyui_wrote(comfy, files, tmp_path):
+    """ComfyUI's own serialization of its int8 layers (its model's state dict) loads as ours."""
+    native = load_comfy(comfy, files["flux2", "rowwise"])
+    path = tmp_path / "saved-by-comfyui.safetensors"
+    state = {k: v.contiguous() for k, v in native.model.diffusion_model.state_dict().items()}
+    assert any(v.dtype == torch.int8 for v in state.values())
+    from comfy.utils import save_torch_file
+
+    save_torch_file(state, str(path))
+    saved = load_diffusion_model(path)
+    assert len(int8_layers(saved.model)) == len(int8_layers(load_ours(comfy, files["flux2", "rowwise"]).model))
+    assert torch.equal(run(comfy, saved, "flux2"), run(comfy, load_ours(comfy, files["flux2", "rowwise"]), "flux2"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_layers_are_ours_and_run_our_op(comfy, files, arch, monkeypatch):
+    """Every layer the file stores in int8 is our layer, and every one of them runs our op: the test
+    fails if ComfyUI built its own layers or ran them some other way."""
+    name = files[arch, "rowwise"]
+    model = load_ours(comfy, name)
+    path = comfy.folder_paths.get_full_path_or_raise("diffusion_models", name)
+    with safe_open(path, "pt") as f:
+        stored = {k.removesuffix(".weight") for k in f.keys() if k.endswith(".weight") and f.get_slice(k).get_dtype() == "I8"}
+    layers = int8_layers(model.model.diffusion_model)
+    assert stored and set(layers) == stored
+    assert all(type(m).__qualname__.endswith("Int8StudioOperations.Linear") for m in layers.values())
+    assert all(m.weight.dtype == torch.int8 and m.weight_scale.dtype == torch.float32 for m in layers.values())
+    # the float layers are ComfyUI's, kept in the dtype its own int8 path keeps them in
+    native = load_comfy(comfy, name).model.diffusion_model.named_parameters()
+    floats = {n: p.dtype for n, p in native if n.rsplit(".", 1)[0] not in stored}
+    assert floats == {n: p.dtype for n, p in model.model.diffusion_model.named_parameters() if n in floats}
+
+    calls, ran = [], set()
+    original = node_ops.int8_linear
+    monkeypatch.setattr(node_ops, "int8_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    handles = [m.register_forward_hook(lambda m, *_, n=n: ran.add(n)) for n, m in layers.items()]
+    try:
+        run(comfy, model, arch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == stored and len(calls) == len(ran)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_sampling_steps_with_cfg(comfy, files, arch):
+    """ComfyUI's KSampler node, 2 steps at CFG 3.5 (the model sees a batch of 2), an odd size."""
+    text_dim = TINY[arch].get("text_dim", TINY[arch].get("cap_dim"))
+    g = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, TEXT_TOKENS, text_dim, generator=g), {}]]
+    negative = [[torch.randn(1, TEXT_TOKENS, text_dim, generator=g), {}]]
+    latent = {"samples": torch.zeros(1, LATENT_CHANNELS[arch], 11, 7)}
+    sampler = comfy.nodes.KSampler()
+
+    def sample(model):
+        (out,) = sampler.sample(model, 3, 2, 3.5, "euler", "simple", positive, negative, latent, denoise=1.0)
+        return out["samples"].float()
+
+    reference = sample(load_comfy(comfy, files[arch, "float"]))
+    native = sample(load_comfy(comfy, files[arch, "rowwise"]))
+    ours = sample(load_ours(comfy, files[arch, "rowwise"]))
+    print(f"{arch} sampled: ours {error(ours, reference):.3%}, ComfyUI int8 {error(native, reference):.3%}")
+    assert torch.isfinite(ours).all() and 0 < error(ours, reference) <= ALLOWED * error(native, reference)
+
+
+def test_any_resolution_and_batch(comfy, files):
+    model = load_ours(comfy, files["zimage", "rowwise"])
+    for batch, rows, cols in ((1, 2, 2), (3, 5, 17), (2, 16, 6)):
+        out = run(comfy, model, "zimage", batch=batch, rows=rows, cols=cols)
+        assert out.shape == (batch, LATENT_CHANNELS["zimage"], rows, cols) and torch.isfinite(out).all()
+
+
+def test_low_vram_loading_and_offloading(comfy, files):
+    """ComfyUI's partial loading (every layer left offloaded, cast at run time), then unloading and
+    loading again: the same output as a full load."""
+    model = load_ours(comfy, files["flux2", "rowwise"])
+    full = run(comfy, model, "flux2")
+    comfy.mm.unload_all_models()
+    device = comfy.mm.get_torch_device()
+    model.patch_model(device_to=device, lowvram_model_memory=1)  # nothing fits: all layers offloaded
+    try:
+        layers = int8_layers(model.model)
+        assert model.model.model_lowvram and all(m.comfy_cast_weights for m in layers.values())
+        x, sigma, kwargs = model_inputs("flux2")
+        with torch.inference_mode():
+            partial = model.model.apply_model(x, sigma, **kwargs).float()
+    finally:
+        model.unpatch_model(device_to=model.offload_device)
+    assert not any(m.comfy_cast_weights for m in int8_layers(model.model).values())
+    assert torch.equal(partial, full)
+    assert torch.equal(run(comfy, model, "flux2"), full)
+
+
+def test_comfyuis_lora_loader(comfy, files, tmp_path):
+    """ComfyUI's own LoRA loader on our model: merged into the int8 weights at load (full load), applied
+    at run time (partial load), and removed again when the LoRA is gone."""
+    lora = write_lora(tmp_path / "style.safetensors", "flux2", fmt="comfyui", config=TINY["flux2"])
+    comfy.folder_paths.add_model_folder_path("loras", str(tmp_path))
+    loader = comfy.nodes.LoraLoaderModelOnly()
+    with_lora = lambda model: loader.load_lora_model_only(model, lora.path.name, 4.0)[0]  # noqa: E731
+
+    float_model = load_comfy(comfy, files["flux2", "float"])
+    reference = run(comfy, with_lora(float_model), "flux2")
+    change = reference - run(comfy, float_model, "flux2")
+    native = run(comfy, with_lora(load_comfy(comfy, files["flux2", "rowwise"])), "flux2")
+    ours_model = load_ours(comfy, files["flux2", "rowwise"])
+    before = run(comfy, ours_model, "flux2")
+    stored = {n: m.weight.clone() for n, m in int8_layers(ours_model.model).items()}
+    patched = with_lora(ours_model)
+    ours = run(comfy, patched, "flux2")
+    merged = int8_layers(patched.model)
+    assert merged and all(not torch.equal(m.weight, stored[n]) for n, m in merged.items())
+    print(f"flux2 + LoRA: ours {error(ours, reference):.3%}, ComfyUI int8 {error(native, reference):.3%}, "
+          f"LoRA's change kept {1 - error(ours - before, change):.1%}")  # fmt: skip
+    assert error(ours, reference) <= ALLOWED * error(native, reference)
+    assert error(ours - before, change) < 0.3
+
+    comfy.mm.unload_all_models()  # the LoRA leaves the weights: the model without it is as before
+    assert all(torch.equal(m.weight, stored[n]) for n, m in int8_layers(ours_model.model).items())
+    assert torch.equal(run(comfy, ours_model, "flux2"), before)
+
+    comfy.mm.unload_all_models()
+    patched.patch_model(device_to=comfy.mm.get_torch_device(), lowvram_model_memory=1)
+    try:
+        assert any(m.weight_function for m in int8_layers(patched.model).values())
+        x, sigma, kwargs = model_inputs("flux2")
+        with torch.inference_mode():
+            partial = patched.model.apply_model(x, sigma, **kwargs).float()
+    finally:
+        patched.unpatch_model(device_to=patched.offload_device)
+    print(f"flux2 + LoRA, partial load: {error(partial, reference):.3%}")
+    assert error(partial, reference) <= ALLOWED * error(native, reference)
