@@ -8,8 +8,9 @@ import os
 
 import torch
 
-from .ops import int8_operations
 from engine.int8.ops import describe_backend
+
+from .ops import int8_operations
 
 log = logging.getLogger("int8_studio")
 

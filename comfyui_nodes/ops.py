@@ -32,17 +32,18 @@ ComfyUI's modules are bound when :func:`int8_operations` is called, inside Comfy
 
 from __future__ import annotations
 
-import json
 import logging
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.convert import comfy_quant_entry, json_bytes
 from engine.int8.linear import Int8Linear, QuantizedLayerError
 from engine.int8.ops import int8_linear
 from engine.int8.quantize import dequantize_weight
-from engine.int8.rotation import RotationError, marker_fields, marker_group, parse_marker, rotate
+from engine.int8.rotation import RotationError, marker_group, parse_marker, rotate
 from engine.lora.merge import _stochastic_round
 
 log = logging.getLogger("int8_studio")
@@ -52,11 +53,9 @@ INT8_FORMATS = ("int8_tensorwise", "int8_rowwise")
 second is what some other tools write: the scale's shape says the granularity either way)."""
 
 
-class _QuantizedModelConfig:
-    """What ``comfy.ops.pick_operations`` reads of a model config to choose its mixed-precision
-    operations: that the model has per-layer quantization."""
-
-    quant_config = {"mixed_ops": True}
+_QUANTIZED_MODEL = types.SimpleNamespace(quant_config={"mixed_ops": True})
+"""What ``comfy.ops.pick_operations`` reads of a model config to choose its mixed-precision
+operations: that the model has per-layer quantization."""
 
 
 def int8_operations(load_device: torch.device | None = None) -> type:
@@ -72,7 +71,7 @@ def int8_operations(load_device: torch.device | None = None) -> type:
 
     if load_device is None:
         load_device = comfy.model_management.get_torch_device()
-    base = comfy.ops.pick_operations(None, None, load_device, model_config=_QuantizedModelConfig)
+    base = comfy.ops.pick_operations(None, None, load_device, model_config=_QUANTIZED_MODEL)
 
     class Int8StudioOperations(base):
         @staticmethod
@@ -104,8 +103,7 @@ def int8_operations(load_device: torch.device | None = None) -> type:
                 sd[f"{prefix}weight_scale"] = self.weight_scale
                 if self.bias is not None:
                     sd[f"{prefix}bias"] = self.bias
-                entry = {"format": "int8_tensorwise", **marker_fields(self.rotation)}
-                sd[f"{prefix}comfy_quant"] = torch.tensor(list(json.dumps(entry).encode("utf-8")), dtype=torch.uint8)
+                sd[f"{prefix}comfy_quant"] = json_bytes(comfy_quant_entry(self.rotation))
                 return sd
 
             def forward(self, input, *args, **kwargs):

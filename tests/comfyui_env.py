@@ -163,7 +163,7 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
         config = original(state_dict, key_prefix, metadata=metadata)
         if config is None:
             return None
-        shape = lambda name: tuple(state_dict[f"{key_prefix}{name}"].shape)  # noqa: E731
+        shape = lambda name: tuple(state_dict[f"{key_prefix}{name}"].shape)
         if config.get("image_model") == "chroma":
             approximator = "distilled_guidance_layer"
             config["in_dim"] = shape(f"{approximator}.in_proj.weight")[1]

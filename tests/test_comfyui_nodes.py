@@ -27,18 +27,18 @@ for _package, _why in (
 ):
     pytest.importorskip(_package, reason=f"{_package} is not installed: it is needed by {_why}")
 
-from comfyui_env import LATENT_CHANNELS, SHARED, TINY, import_comfyui, tiny_detection, unpack  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tiny_checkpoints import write_single_file  # noqa: E402
-from tiny_loras import write_lora  # noqa: E402
+from comfyui_env import LATENT_CHANNELS, SHARED, TINY, import_comfyui, tiny_detection, unpack
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_checkpoints import write_single_file
+from tiny_loras import write_lora
 
-import comfyui_nodes  # noqa: E402
-from comfyui_nodes import ops as node_ops  # noqa: E402
-from comfyui_nodes.loader import int8_layers, load_diffusion_model  # noqa: E402
-from engine.convert import ConvertRequest, run_convert  # noqa: E402
-from engine.demo import random_weights  # noqa: E402
-from engine.models import REGISTRY  # noqa: E402
+import comfyui_nodes
+from comfyui_nodes import ops as node_ops
+from comfyui_nodes.loader import Int8LoadError, int8_layers, load_diffusion_model
+from engine.convert import ConvertRequest, run_convert
+from engine.demo import random_weights
+from engine.models import REGISTRY
 
 if not (SHARED / "unpack").exists():
     pytest.skip(f"the ComfyUI test tree is missing ({SHARED})", allow_module_level=True)
@@ -187,6 +187,25 @@ def test_a_file_comfyui_wrote(comfy, files, tmp_path):
     assert torch.equal(run(comfy, saved, "flux2"), run(comfy, load_ours(comfy, files["flux2", "rowwise"]), "flux2"))
 
 
+def test_our_model_saves_as_comfyui_reads_it(comfy, files, tmp_path):
+    """Our layers' state dict is the file format: ComfyUI's own loader reads it back natively."""
+    ours = load_ours(comfy, files["flux2", "rowwise"])
+    path = tmp_path / "saved-from-ours.safetensors"
+    state = {k: v.contiguous() for k, v in ours.model.diffusion_model.state_dict().items()}
+    assert any(k.endswith(".comfy_quant") for k in state)
+    from comfy.utils import save_torch_file
+
+    save_torch_file(state, str(path))
+    comfy.folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    assert torch.equal(run(comfy, load_comfy(comfy, path.name), "flux2"), run(comfy, load_comfy(comfy, files["flux2", "rowwise"]), "flux2"))
+
+
+def test_a_file_that_is_no_diffusion_model(comfy, tmp_path):
+    lora = write_lora(tmp_path / "a-lora.safetensors", "flux2", fmt="comfyui", config=TINY["flux2"])
+    with pytest.raises(Int8LoadError, match="does not recognise the diffusion model in a-lora.safetensors"):
+        load_diffusion_model(lora.path)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int8_layers_are_ours_and_run_our_op(comfy, files, arch, monkeypatch):
     """Every layer the file stores in int8 is our layer, and every one of them runs our op: the test
@@ -272,7 +291,7 @@ def test_comfyuis_lora_loader(comfy, files, tmp_path):
     lora = write_lora(tmp_path / "style.safetensors", "flux2", fmt="comfyui", config=TINY["flux2"])
     comfy.folder_paths.add_model_folder_path("loras", str(tmp_path))
     loader = comfy.nodes.LoraLoaderModelOnly()
-    with_lora = lambda model: loader.load_lora_model_only(model, lora.path.name, 4.0)[0]  # noqa: E731
+    with_lora = lambda model: loader.load_lora_model_only(model, lora.path.name, 4.0)[0]
 
     float_model = load_comfy(comfy, files["flux2", "float"])
     reference = run(comfy, with_lora(float_model), "flux2")
