@@ -79,18 +79,28 @@ def files(comfy, tmp_path_factory):
         for scheme, rotate in variants:
             result = run_convert(ConvertRequest(source, scheme=scheme, rotate=rotate, device="cpu"))
             names[arch, scheme if rotate == "none" else "rotated"] = result.output.name
-    names["flux2", "header-markers"] = _without_marker_tensors(folder / names["flux2", "rowwise"])
+    names["flux2", "header-markers"] = _rewritten(folder / names["flux2", "rowwise"], "header-markers")
+    names["flux2", "1-d-scales"] = _rewritten(folder / names["flux2", "rowwise"], "1-d-scales")
+    names["flux2", "no-markers"] = _rewritten(folder / names["flux2", "rowwise"], "no-markers")
     comfy.folder_paths.add_model_folder_path("diffusion_models", str(folder))
     return names
 
 
-def _without_marker_tensors(path: Path) -> str:
-    """A copy of an int8 file whose layers are marked only in the header's _quantization_metadata."""
+def _rewritten(path: Path, variant: str) -> str:
+    """A copy of our row-wise int8 file as other tools write it: its layers marked only in the header's
+    _quantization_metadata ("header-markers"), not marked at all ("no-markers": an int8 weight beside
+    its weight_scale), or with row scales of shape [out] ("1-d-scales")."""
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".comfy_quant")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         metadata = f.metadata()
     assert json.loads(metadata["_quantization_metadata"])["layers"]
-    target = path.with_name(path.stem + "-header-markers.safetensors")
+    if variant in ("header-markers", "no-markers"):
+        tensors = {k: t for k, t in tensors.items() if not k.endswith(".comfy_quant")}
+    if variant == "no-markers":
+        metadata = {k: v for k, v in metadata.items() if k != "_quantization_metadata"}
+    else:
+        tensors = {k: t.flatten() if k.endswith(".weight_scale") else t for k, t in tensors.items()}
+    target = path.with_name(f"{path.stem}-{variant}.safetensors")
     save_file(tensors, str(target), metadata=metadata)
     return target.name
 
@@ -159,7 +169,7 @@ def test_output_is_as_close_to_float_as_comfyuis_own_int8(comfy, files, arch):
     assert 0 < our_error <= ALLOWED * native_error
 
 
-@pytest.mark.parametrize("variant", ["tensorwise", "rotated", "header-markers"])
+@pytest.mark.parametrize("variant", ["tensorwise", "rotated", "header-markers", "1-d-scales", "no-markers"])
 def test_other_int8_files(comfy, files, variant):
     name = files["flux2", variant]
     reference = run(comfy, load_comfy(comfy, files["flux2", "float"]), "flux2")
@@ -170,6 +180,9 @@ def test_other_int8_files(comfy, files, variant):
     ours = run(comfy, model, "flux2")
     native = run(comfy, load_comfy(comfy, name), "flux2")
     print(f"flux2 {variant}: ours {error(ours, reference):.3%}, ComfyUI int8 {error(native, reference):.3%}")
+    if variant == "no-markers":  # ComfyUI takes unmarked int8 weights for float ones (unscaled): garbage
+        assert error(native, reference) > 0.2
+        native = run(comfy, load_comfy(comfy, files["flux2", "rowwise"]), "flux2")
     assert error(ours, reference) <= ALLOWED * error(native, reference)
 
 
@@ -214,7 +227,7 @@ def test_int8_layers_are_ours_and_run_our_op(comfy, files, arch, monkeypatch):
     model = load_ours(comfy, name)
     path = comfy.folder_paths.get_full_path_or_raise("diffusion_models", name)
     with safe_open(path, "pt") as f:
-        stored = {k.removesuffix(".weight") for k in f.keys() if k.endswith(".weight") and f.get_slice(k).get_dtype() == "I8"}
+        stored = {k.removesuffix(".weight") for k in f.keys() if k.endswith(".weight") and f.get_slice(k).get_dtype() == "I8"}  # noqa: SIM118
     layers = int8_layers(model.model.diffusion_model)
     assert stored and set(layers) == stored
     assert all(type(m).__qualname__.endswith("Int8StudioOperations.Linear") for m in layers.values())
