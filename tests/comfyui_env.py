@@ -12,8 +12,9 @@ modules import them at module level (VAEs and encoders of other families) and no
 model loading or sampling calls them. While ComfyUI is imported, a meta-path finder answers those
 imports with stand-in modules whose attributes are classes that raise when used; afterwards the
 finder and the stand-ins leave ``sys.modules`` again, so libraries imported later (diffusers) see the
-packages as missing, as they are. ComfyUI's folder goes at the *end* of ``sys.path``: its top-level
-``app`` and ``utils`` packages must not shadow the project's ``app``.
+packages as missing, as they are. ComfyUI's folder goes at the *end* of ``sys.path``, and the
+project's ``app`` is imported first: ComfyUI's top-level ``app`` package must not shadow it in later
+tests.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def import_comfyui(tree: Path, home: Path) -> types.SimpleNamespace:
         if loaded != tree:
             raise RuntimeError(f"ComfyUI is already imported from {loaded}")
     else:
+        # ComfyUI's folder has top-level packages named like the project's (app): the project's
+        # come first, and stay bound once imported whatever order sys.path finds things in later
+        with contextlib.suppress(ImportError):
+            importlib.import_module("app")
         if str(tree) not in sys.path:
             sys.path.append(str(tree))
         saved = {k: os.environ.get(k) for k in ("HOME", "USERPROFILE", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
