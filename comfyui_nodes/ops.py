@@ -23,8 +23,9 @@ How an int8 layer cooperates with ComfyUI's model management:
   ``convert_weight`` (the float weight the layer stands for, un-rotated) and ``set_weight`` (back onto
   the layer's own int8 grid, stochastically rounded with ComfyUI's per-key seed). The scale never
   changes, so ComfyUI's restore of the backed-up int8 weight alone is exact. Patches applied at run
-  time (low-VRAM ``weight_function``s) run on the dequantized weight as a float product, as ComfyUI
-  does for its own quantized layers.
+  time (low-VRAM ``weight_function``s, dynamic VRAM's ``weight_lowvram_function``) run on the
+  dequantized weight as a float product: correct, not fast (ComfyUI's own int8 layers requantize the
+  patched weight in dynamic VRAM instead; the LoRA nodes of a later version will do better).
 
 Nothing here imports ComfyUI at module level: the package imports outside ComfyUI (tests, tools), and
 ComfyUI's modules are bound when :func:`int8_operations` is called, inside ComfyUI.
