@@ -301,6 +301,7 @@ def test_low_vram_loading_and_offloading(comfy, files):
 def test_comfyuis_lora_loader(comfy, files, tmp_path):
     """ComfyUI's own LoRA loader on our model: merged into the int8 weights at load (full load), applied
     at run time (partial load), and removed again when the LoRA is gone."""
+    torch.manual_seed(0)  # the LoRA's random factors
     lora = write_lora(tmp_path / "style.safetensors", "flux2", fmt="comfyui", config=TINY["flux2"])
     comfy.folder_paths.add_model_folder_path("loras", str(tmp_path))
     loader = comfy.nodes.LoraLoaderModelOnly()
