@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import psutil
 import torch
 
-from engine.jobs import JobError
+from engine.jobs import JobError, short
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -182,15 +182,6 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise corrupt(f"tensors '{short(last)}' and '{short(t.name)}' overlap")
         reach, last = t.offset + t.nbytes, t.name
     return {t.name: t for t in infos}, metadata
-
-
-NAME_LIMIT = 80
-"""Characters of a name from a file that a message shows (a hostile header can hold megabytes)."""
-
-
-def short(text: str, limit: int = NAME_LIMIT) -> str:
-    """``text`` cut in the middle to ``limit`` characters, for messages."""
-    return text if len(text) <= limit else f"{text[: limit // 2 - 1]}…{text[-(limit - limit // 2):]}"
 
 
 def truncated(path: Path, what: str, needed: int, size: int) -> CheckpointError:

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import torch
 
 from engine.checkpoint import DTYPE_NAMES, CheckpointError, CheckpointReader, format_bytes, is_shape
-from engine.jobs import OutputExistsError
+from engine.jobs import TEMPORARY_FILES, OutputExistsError, check_name, temporary_name
 
 Layout = Mapping[str, tuple[torch.dtype, Sequence[int]]]
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space left, or over quota
@@ -61,10 +61,12 @@ class CheckpointWriter:
         free = shutil.disk_usage(folder).free
         if free < self.size:
             raise self._no_space(free)
-        self.partial = folder / f".{self.target.name}.partial-{secrets.token_hex(4)}"
+        self.partial = folder / temporary_name(self.target.name, secrets.token_hex(4))
+        TEMPORARY_FILES.add(self.partial)  # before it exists: a stop request in between finds it there
         try:
             self._file = open(self.partial, "xb", buffering=0)  # noqa: SIM115 (closed by commit or abort)
         except OSError as e:
+            TEMPORARY_FILES.discard(self.partial)
             raise CheckpointError(f"cannot write to {folder}: {e.strerror or e}") from e
         self._cleanup = weakref.finalize(self, _discard, self._file, self.partial)
         self._pending = iter(self._layout.items())
@@ -117,6 +119,7 @@ class CheckpointWriter:
             self._verify()
             self._check_target()
             os.replace(self.partial, self.target)
+            TEMPORARY_FILES.discard(self.partial)
         except OSError as e:
             self.abort()
             raise CheckpointError(f"cannot write {self.target}: {e.strerror or e}") from e
@@ -161,6 +164,7 @@ class CheckpointWriter:
         )
 
     def _check_target(self) -> None:
+        check_name(self.target)
         if self.target.is_dir():
             raise CheckpointError(f"output {self.target} is a folder; give a file name")
         if self.target.exists() and not self.overwrite:
@@ -215,7 +219,11 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 def _discard(file: BinaryIO, path: Path) -> None:
     """Close and remove the temporary file of a writer that did not commit."""
     file.close()
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        return  # a folder made read-only meanwhile: the sweep on the way out tries again
+    TEMPORARY_FILES.discard(path)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -18,7 +18,16 @@ from engine.checkpoint import CheckpointReader, format_bytes
 from engine.comfyui import MODEL_EXTENSIONS
 from engine.info import QUANT_METADATA, listed_layers
 from engine.int8.rotation import RotationError, check_group, marker_group, parse_marker
-from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
+from engine.jobs import (
+    TEMPORARY_FILES,
+    CancelToken,
+    JobError,
+    OutputExistsError,
+    ProgressFn,
+    Reporter,
+    check_name,
+    temporary_name,
+)
 from engine.lora.files import LoraFile
 from engine.models import detect
 
@@ -172,6 +181,7 @@ def run_export(
     name = request.name or Path(request.source).name
     if Path(name).name != name or not name.lower().endswith(MODEL_EXTENSIONS):
         raise ExportError(f"'{name}' is not a file name ending in .safetensors; choose another name")
+    check_name(Path(name))
     description = verify_export(Path(request.source), request.kind)  # fail before writing anything
     source = Path(request.source).resolve()  # a hub cache entry is a link into its blobs/: export the file
     target, size = Path(request.folder) / name, source.stat().st_size
@@ -179,8 +189,9 @@ def run_export(
         return ExportResult(target, description, size, linked=False, already_there=True)
     _refuse_to_overwrite(target, request.overwrite)
     _make_folder(target.parent)
-    temp = target.with_name(f".{name}.partial-{secrets.token_hex(4)}")
+    temp = target.with_name(temporary_name(name, secrets.token_hex(4)))
     report = Reporter(progress, "export", size)
+    TEMPORARY_FILES.add(temp)  # before it exists: a stop request in between finds it there
     try:
         linked = request.link and _try_link(source, temp)
         if linked:
@@ -199,8 +210,18 @@ def run_export(
     except OSError as e:
         raise ExportError(f"cannot write {target}: {e.strerror or e}") from e
     finally:
-        temp.unlink(missing_ok=True)
+        _remove(temp)
     return ExportResult(target, description, size, linked)
+
+
+def _remove(temp: Path) -> None:
+    """Remove the temporary file if it is there; a folder that refuses even that leaves nothing to
+    remove (the file could not have been created), or leaves it to the sweep on the way out."""
+    try:
+        temp.unlink(missing_ok=True)
+    except OSError:
+        return
+    TEMPORARY_FILES.discard(temp)
 
 
 def _refuse_to_overwrite(target: Path, overwrite: bool) -> None:

@@ -8,6 +8,7 @@ signals.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,53 @@ class CancelToken:
         """Raise :class:`Cancelled` if cancellation was requested."""
         if self._event.is_set():
             raise Cancelled()
+
+
+TEMPORARY_FILES: set[Path] = set()
+"""The temporary files (``.name.partial-*``) jobs of this process are writing: the writers remove their
+own when they fail or are stopped; :func:`remove_temporary_files` sweeps whatever a stop request
+caught between creating a file and taking charge of it."""
+
+NAME_MAX = 255
+"""The longest file name, in bytes, of the file systems INT8 Studio writes to (ext4, NTFS, APFS)."""
+
+
+def temporary_name(name: str, token: str) -> str:
+    """``.NAME.partial-TOKEN``, the name cut short so that the result fits :data:`NAME_MAX` bytes."""
+    room = NAME_MAX - len(f"..partial-{token}".encode())
+    encoded = os.fsencode(name)
+    if len(encoded) > room:
+        name = os.fsdecode(encoded[:room])
+    return f".{name}.partial-{token}"
+
+
+def check_name(path: Path) -> None:
+    """Refuse an output name longer than :data:`NAME_MAX` bytes (the file system would refuse it)."""
+    size = len(os.fsencode(Path(path).name))
+    if size > NAME_MAX:
+        raise JobError(
+            f"the output name {short(Path(path).name)} is {size} bytes long, over the {NAME_MAX}-byte "
+            "limit of file names; choose a shorter name"
+        )
+
+
+NAME_LIMIT = 80
+"""Characters of a name from a file that a message shows (a hostile header can hold megabytes)."""
+
+
+def short(text: str, limit: int = NAME_LIMIT) -> str:
+    """``text`` cut in the middle to ``limit`` characters, for messages."""
+    return text if len(text) <= limit else f"{text[: limit // 2 - 1]}…{text[-(limit - limit // 2):]}"
+
+
+def remove_temporary_files() -> None:
+    """Remove every temporary file still registered (a stopped process calls this on its way out)."""
+    for path in list(TEMPORARY_FILES):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        TEMPORARY_FILES.discard(path)
 
 
 @dataclass(frozen=True)

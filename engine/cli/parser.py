@@ -1,8 +1,6 @@
-"""`int8-studio`: the command-line face of the engine. With no arguments it opens the desktop app.
+"""The parser: every command module registers its subcommands; :func:`run` parses and runs one.
 
-Exit status: 0 success, 2 bad input or user error (one line on stderr), 1 internal error,
-130 cancelled (Ctrl-C).
-"""
+Imported by :func:`engine.cli.main` only once its stop handlers are in place (this imports torch)."""
 
 from __future__ import annotations
 
@@ -17,8 +15,11 @@ from engine.jobs import Cancelled, JobError, OutputExistsError
 GROUPS = (convert, bench, lora, desktop, comfyui)
 """The command modules (importing one registers its commands), in the order ``--help`` lists them."""
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="int8-studio", description=__doc__.splitlines()[0])
+    from engine.cli import DESCRIPTION
+
+    parser = argparse.ArgumentParser(prog="int8-studio", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"int8-studio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     order = {group.__name__: n for n, group in enumerate(GROUPS)}
@@ -27,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command; a :class:`JobError` is one line on stderr and status 2."""
     if not argv:
         return desktop.open_app()
     args = build_parser().parse_args(argv)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (Cancelled, KeyboardInterrupt):
+    except Cancelled:
         print("int8-studio: cancelled", file=sys.stderr)
         return 130
     except JobError as exc:

@@ -1,0 +1,97 @@
+"""`int8-studio`: the command-line face of the engine. With no arguments it opens the desktop app.
+
+Exit status: 0 success, 2 bad input or user error (one line on stderr), 1 internal error, 128 + the
+signal's number when asked to stop (130 Ctrl-C / SIGINT, 143 SIGTERM, 129 SIGHUP: whatever was being
+written is removed first), 141 when the reader of the output went away (``| head``; quietly).
+
+This module imports nothing heavy: :func:`main` puts its stop handlers in place before torch is
+imported, so a stop request during start-up ends as quietly as one during a job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+DESCRIPTION = __doc__.splitlines()[0]
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+"""The signals that ask the process to stop: Ctrl-C, ``kill``, a closed terminal."""
+BROKEN_PIPE_STATUS = 128 + 13  # as a Unix tool killed by SIGPIPE
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by a stop signal: it unwinds like Ctrl-C, so every writer's ``with``
+    block and ``finally`` removes its temporary file."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signal.Signals(signo).name)
+        self.signo = signo
+
+
+_stopping: list[int] = []  # the first stop signal received (0: main() is returning)
+
+
+def _on_stop(signo: int, _frame: object) -> None:
+    if _stopping:  # already unwinding: let the clean-up finish
+        return
+    _stopping.append(signo)
+    raise Stopped(signo)
+
+
+def install_stop_handlers() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` (once: later ones wait for the clean-up)."""
+    _stopping.clear()
+    for signo in STOP_SIGNALS:
+        signal.signal(signo, _on_stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (tests may run us elsewhere)
+    previous = {signo: signal.getsignal(signo) for signo in STOP_SIGNALS} if in_main_thread else {}
+    try:
+        if in_main_thread:
+            install_stop_handlers()
+        for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is shown, not a traceback
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
+        from engine.cli.parser import run
+
+        return run(argv)
+    except KeyboardInterrupt as stop:
+        signo = getattr(stop, "signo", signal.SIGINT)  # a plain KeyboardInterrupt: Ctrl-C
+        from engine.jobs import remove_temporary_files
+
+        remove_temporary_files()
+        what = "cancelled" if signo == signal.SIGINT else f"stopped by {signal.Signals(signo).name}"
+        _say(f"int8-studio: {what}")
+        return 128 + signo
+    except BrokenPipeError:
+        _quiet_stdout()
+        return BROKEN_PIPE_STATUS
+    finally:
+        _stopping.append(0)  # done: a signal from here on has nothing left to stop
+        for signo, handler in previous.items():
+            if handler is not None:
+                signal.signal(signo, handler)
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+    except (OSError, ValueError):
+        pass  # no stderr left to tell
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at the null device: the reader is gone, and Python's final flush must not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
