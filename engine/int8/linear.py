@@ -59,6 +59,27 @@ def _checked_rotation(group: int, in_features: int) -> int:
     return group
 
 
+def check_int8_tensors(
+    weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None, rotation: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """An int8 layer's tensors checked and normalised: ``(weight, scale, rotation)`` with the scale
+    float32 ``[]`` or ``[out, 1]`` on the weight's device (:func:`normalize_scale`), or a
+    :class:`QuantizedLayerError` saying what does not fit (dtype, shape, scale values, rotation)."""
+    if weight.dtype != torch.int8 or weight.ndim != 2:
+        raise QuantizedLayerError(
+            f"Int8Linear weight must be a 2-D int8 tensor, got {weight.dtype} {list(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    scale = normalize_scale(weight_scale, out_features)
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise QuantizedLayerError(
+            "weight_scale holds zero, negative or non-finite values: the checkpoint is damaged; re-convert it"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise QuantizedLayerError(f"Int8Linear bias has shape {list(bias.shape)}; expected [{out_features}]")
+    return weight, scale.to(weight.device), _checked_rotation(rotation, in_features)
+
+
 def _take_file_format(module: Int8Linear, state_dict, prefix, *args) -> None:
     """``load_state_dict``'s pre-hook: take the file's ``comfy_quant`` marker (whether the weight is
     rotated) out of ``state_dict``, and its ``weight_scale`` in whichever accepted kind or shape it has
@@ -98,21 +119,10 @@ class Int8Linear(FusedLinear):
         rotation: int = 0,
     ):
         super().__init__()
-        if weight.dtype != torch.int8 or weight.ndim != 2:
-            raise QuantizedLayerError(
-                f"Int8Linear weight must be a 2-D int8 tensor, got {weight.dtype} {list(weight.shape)}"
-            )
+        weight, scale, self.rotation = check_int8_tensors(weight, weight_scale, bias, rotation)
         self.out_features, self.in_features = weight.shape
-        scale = normalize_scale(weight_scale, self.out_features)
-        if not (torch.isfinite(scale).all() and (scale > 0).all()):
-            raise QuantizedLayerError(
-                "weight_scale holds zero, negative or non-finite values: the checkpoint is damaged; re-convert it"
-            )
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise QuantizedLayerError(f"Int8Linear bias has shape {list(bias.shape)}; expected [{self.out_features}]")
-        self.rotation = _checked_rotation(rotation, self.in_features)
         self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", scale.to(weight.device))
+        self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
         self.use_float = False
         self.lora: nn.Module | None = None

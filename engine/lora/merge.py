@@ -129,21 +129,54 @@ def merge_int8(
     q, scale = q.to(device), scale.to(device)
     original = dequantize_weight(q, scale)
     change = _change(original, applied, rotation)
-    merged = original + change
+    generator = torch.Generator(device).manual_seed(_layer_seed(seed, name))
+    rounded = round_change(q, scale, change, mode, generator, original)
+    stats.clipped += rounded.clipped
+    stats.add(name, rounded.mode, rounded.error_sq, rounded.change_sq, rounded.kept_dot)
+    return rounded.q.cpu(), rounded.scale.cpu()
+
+
+@dataclass(frozen=True)
+class Rounded:
+    """An int8 weight with a change merged in (:func:`round_change`), measured against the float merge."""
+
+    q: torch.Tensor  # int8, the input's shape
+    scale: torch.Tensor  # the input scale's shape; the input scale itself in stochastic mode
+    mode: str  # the mode used: "requant" or "stochastic"
+    error_sq: float  # Σ (merged int8 dequantized − float merge)²
+    change_sq: float  # Σ change²
+    kept_dot: float  # Σ (merged int8 dequantized − original)·change
+    clipped: int  # stochastic mode: values clamped at ±127
+
+
+def round_change(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    change: torch.Tensor,
+    mode: Mode,
+    generator: torch.Generator,
+    original: torch.Tensor | None = None,
+) -> Rounded:
+    """``q × scale + change`` back on an int8 grid by ``mode`` (module docstring): ``requant`` with a
+    fresh scale of the same kind, ``stochastic`` on the existing grid (:func:`stochastic_requantize`,
+    drawing from ``generator``), ``auto`` requant where it keeps :data:`AUTO_KEEPS` of the change.
+
+    ``change`` is float32 in the basis the weight is stored in (rotated like it); it is not modified.
+    ``original`` is ``q × scale`` when the caller has it already."""
+    original = dequantize_weight(q, scale) if original is None else original
     change_sq = float(change.square().sum())
+    if mode not in MODES:
+        raise ValueError(f"unknown merge mode {mode!r}; choose {', '.join(MODES)}")
     if mode != "stochastic":
         scheme = "tensorwise" if scale.numel() == 1 else "rowwise"
-        new_q, new_scale = (t.to(device) for t in quantize_weight(merged, scheme, device))
-        new_scale, used = new_scale.reshape(scale.shape), "requant"
+        new_q, new_scale = (t.to(q.device) for t in quantize_weight(original + change, scheme, q.device))
+        new_scale = new_scale.reshape(scale.shape)
         error_sq, kept_dot = _against(new_q, new_scale, original, change)
-    if mode == "stochastic" or (mode == "auto" and _kept(kept_dot, change_sq) < AUTO_KEEPS):
-        generator = torch.Generator(device).manual_seed(_layer_seed(seed, name))
-        new_q, clipped = _stochastic_round(q, scale, change.clone(), generator)
-        new_scale, used = scale, "stochastic"
-        stats.clipped += clipped
-        error_sq, kept_dot = _against(new_q, new_scale, original, change)
-    stats.add(name, used, error_sq, change_sq, kept_dot)
-    return new_q.cpu(), new_scale.cpu()
+        if mode == "requant" or _kept(kept_dot, change_sq) >= AUTO_KEEPS:
+            return Rounded(new_q, new_scale, "requant", error_sq, change_sq, kept_dot, 0)
+    new_q, clipped = stochastic_requantize(q, scale, change.clone(), generator)
+    error_sq, kept_dot = _against(new_q, scale, original, change)
+    return Rounded(new_q, scale, "stochastic", error_sq, change_sq, kept_dot, clipped)
 
 
 def _change(stored: torch.Tensor, applied: Sequence[Applied], rotation: int) -> torch.Tensor:
@@ -173,11 +206,12 @@ def _kept(kept_dot: float, change_sq: float) -> float:
     return kept_dot / change_sq if change_sq else 1.0
 
 
-def _stochastic_round(
+def stochastic_requantize(
     q: torch.Tensor, scale: torch.Tensor, change: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, int]:
-    """``q + floor(change / scale + u)`` clamped to ±127 (u uniform in [0, 1): unbiased rounding, and a
-    zero change leaves ``q`` exactly), and how many values were clamped. ``change`` is consumed."""
+    """Fixed-grid stochastic requantization: ``q + floor(change / scale + u)`` clamped to ±127 (u
+    uniform in [0, 1): unbiased rounding, and a zero change leaves ``q`` exactly), and how many values
+    were clamped. ``change`` is consumed."""
     steps = change.div_(_per_row(scale))
     steps.add_(torch.rand(steps.shape, generator=generator, device=steps.device)).floor_().add_(q)
     clipped = int((steps.abs() > QMAX).sum())
