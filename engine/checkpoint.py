@@ -194,6 +194,22 @@ def truncated(path: Path, what: str, needed: int, size: int) -> CheckpointError:
     )
 
 
+def available_memory() -> int:
+    """Bytes of memory the process can still allocate without swapping."""
+    return psutil.virtual_memory().available
+
+
+def check_memory(what: str, nbytes: int) -> None:
+    """Refuse, before allocating, work on ``what`` that needs ``nbytes`` of memory than is free (a
+    header may declare a huge tensor over a sparse file)."""
+    free = available_memory()
+    if nbytes > free:
+        raise CheckpointError(
+            f"{what} needs {format_bytes(nbytes)} of memory, {format_bytes(free)} is free: "
+            "the file is damaged, or too large for this computer"
+        )
+
+
 def _regular_file(path: Path) -> os.stat_result:
     """``path``'s status, refusing what is not a regular file (a FIFO or device would block a read)."""
     status = path.stat()
@@ -218,7 +234,10 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        entry = _resolve(self.path)
+        try:
+            entry = _resolve(self.path)
+        except OSError as e:  # a name over the length limit, a folder that cannot be listed, …
+            raise CheckpointError(f"cannot open {short(str(self.path))}: {e.strerror or e}") from None
         weight_map = _load_index(entry) if entry.name.endswith(INDEX_SUFFIX) else None
         self.files = [entry] if weight_map is None else _shard_files(entry, weight_map)
         self.tensors: dict[str, TensorInfo] = {}
@@ -246,12 +265,7 @@ class CheckpointReader:
         tensor, and pages of the file never count towards the process's resident memory.
         """
         info = self.tensors[name]
-        free = psutil.virtual_memory().available
-        if info.nbytes > free:
-            raise CheckpointError(
-                f"tensor '{short(name)}' of {info.file} needs {format_bytes(info.nbytes)} of memory, "
-                f"{format_bytes(free)} is free: the file is damaged, or too large for this computer"
-            )
+        check_memory(f"tensor '{short(name)}' of {info.file}", info.nbytes)
         try:
             buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         except RuntimeError as e:  # the allocator refused

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from engine import __version__
-from engine.checkpoint import CheckpointError, CheckpointReader
+from engine.checkpoint import CheckpointError, CheckpointReader, check_memory
 from engine.checkpoint_writer import CheckpointWriter
 from engine.int8.apply import rotation_group
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
 from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy, marker_fields
-from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter
+from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter, check_name, display_name
 from engine.models import DetectedModel, OutputTensor, detect
 from engine.models.spec import natural_key
 
@@ -204,6 +204,7 @@ def _check_output(request: ConvertRequest, model: DetectedModel, reader: Checkpo
     output = Path(request.output or default_output(model, reader, request.scheme, request.rotate))
     if output.suffix != ".safetensors":
         raise ConvertError(f"the output {output.name} must be a .safetensors file")
+    check_name(output)
     if any(output.resolve() == f.resolve() for f in reader.files):
         raise ConvertError(f"the output {output} is the source itself; choose another output name")
     if not output.parent.is_dir():
@@ -278,7 +279,7 @@ def _metadata(
         "scheme": request.scheme,
         "architecture": model.arch.name,
         "variant": model.variant,
-        "source_name": source_root(model, reader).name,
+        "source_name": display_name(source_root(model, reader).name),
         "source_format": model.source_format,
     }
     if request.keep:
@@ -313,6 +314,21 @@ def _source_bytes(model: DetectedModel, reader: CheckpointReader, tensor: Output
     return sum(reader.tensors[s].nbytes for t in tensors for s in t.sources)
 
 
+def finite(tensor: torch.Tensor) -> bool:
+    """True unless a float tensor holds NaN or Inf (one-byte floats are widened to be checked)."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor if tensor.dtype.itemsize > 1 else tensor.float()).all())
+
+
+def working_bytes(reader: CheckpointReader, t: OutputTensor, quantize: bool) -> int:
+    """Memory building ``t`` takes at most: its sources, the tensor itself and, to quantize it, a
+    float32 copy and its int8 result."""
+    sources = sum(reader.tensors[s].nbytes for s in t.sources)
+    numel = t.nbytes // t.dtype.itemsize
+    return sources + t.nbytes + (numel * 5 if quantize else 0)
+
+
 def _write(
     reader: CheckpointReader,
     model: DetectedModel,
@@ -327,22 +343,29 @@ def _write(
     bytes hashed."""
     device = torch.device(request.device) if request.device else None
     done = 0
+
+    def not_finite() -> ConvertError:
+        return ConvertError(
+            f"{source_root(model, reader).name}: tensor '{model.prefix}{t.name}' has NaN or Inf "
+            "values (the file is corrupt); download or export it again"
+        )
+
     for t in model.tensors:
         cancel.check()
+        check_memory(f"tensor '{model.prefix}{t.name}'", working_bytes(reader, t, t.name in quantized))
         tensor = t.build([reader.get(s) for s in t.sources])
         if t.name in quantized:
             layer = t.name.removesuffix(".weight")
             try:
                 q, scale = quantize_weight(tensor, request.scheme, device, quantized[t.name])
             except ValueError as e:
-                raise ConvertError(
-                    f"{source_root(model, reader).name}: tensor '{model.prefix}{t.name}' has NaN or Inf "
-                    "values (the file is corrupt); download or export it again"
-                ) from e
+                raise not_finite() from e
             writer.write(t.name, q)
             writer.write(f"{layer}.weight_scale", scale)
             writer.write(f"{layer}.comfy_quant", json_bytes(comfy_quant_entry(quantized[t.name])))
         else:
+            if not finite(tensor):
+                raise not_finite()
             writer.write(t.name, tensor.to(_kept_dtype(t, request.cast_float32_to_bf16)))
         del tensor
         done += _source_bytes(model, reader, t)

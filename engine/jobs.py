@@ -79,6 +79,18 @@ def temporary_name(name: str, token: str) -> str:
     return f".{name}.partial-{token}"
 
 
+def display_name(name: str) -> str:
+    """A file name as text that can be written anywhere (JSON, UTF-8): bytes of a name that are not
+    UTF-8 (kept by Python as surrogates) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def os_error_message(e: OSError) -> str:
+    """``cannot open PATH: No such file or directory``: an OSError in a user's words."""
+    what = f" {short(os.fsdecode(e.filename))}" if e.filename is not None else ""
+    return f"cannot use{what}: {e.strerror or e}"
+
+
 def check_name(path: Path) -> None:
     """Refuse an output name longer than :data:`NAME_MAX` bytes (the file system would refuse it)."""
     size = len(os.fsencode(Path(path).name))

@@ -145,7 +145,8 @@ def write_diffusers(
     config = arch.tiny[variant]
     single = tensors or random_tensors(arch, variant, dtype)
     tensors = to_diffusers(arch, single, config)
-    reference = {n: t for n, t in single.items() if arch.diffusers_pieces(n, config)}
+    # what the diffusers layout does not hold (Z-Image's unused norm_final) the plan fills with ones
+    reference = {n: t if arch.diffusers_pieces(n, config) else torch.ones_like(t) for n, t in single.items()}
     transformer = Path(folder) / "transformer"
     transformer.mkdir(parents=True, exist_ok=True)
     (transformer / "config.json").write_text(

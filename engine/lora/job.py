@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointReader
+from engine.checkpoint import CheckpointReader, check_memory
 from engine.checkpoint_writer import CheckpointWriter
-from engine.convert import METADATA_PREFIX
+from engine.convert import METADATA_PREFIX, finite, working_bytes
 from engine.int8.quantize import default_device
-from engine.jobs import CancelToken, ProgressFn, Reporter
+from engine.jobs import CancelToken, ProgressFn, Reporter, display_name
 from engine.lora.files import LoraError, LoraFile
 from engine.lora.mapping import LoraMatch, match_model
 from engine.lora.merge import MODES, Applied, MergeStats, Mode, merge_float, merge_int8
@@ -94,7 +94,17 @@ def run_lora_merge(
         by_name = {t.name: t for t in plan}
 
         def build(name: str) -> torch.Tensor:
-            return by_name[name].build([reader.get(s) for s in by_name[name].sources])
+            t = by_name[name]
+            # the sources, the tensor, and for a merge float32 copies: the weight, the change, the result
+            merging = 4 * 4 * (t.nbytes // t.dtype.itemsize) if name in applied else 0
+            check_memory(f"tensor '{model.prefix}{name}'", working_bytes(reader, t, False) + merging)
+            tensor = t.build([reader.get(s) for s in t.sources])
+            if not finite(tensor):
+                raise LoraError(
+                    f"{reader.path.name}: tensor '{model.prefix}{name}' has NaN or Inf values (the file is "
+                    "corrupt); download or export it again"
+                )
+            return tensor
 
         rotations = layer_rotations(reader, model)
         stats = MergeStats()
@@ -165,7 +175,7 @@ def _metadata(source: Mapping[str, str], request: LoraMergeRequest) -> dict[str,
         merged = None
     if not isinstance(merged, list):  # not ours: a list of what we merged is all the key may hold
         merged = []
-    merged += [{"name": spec.path.name, "strength": spec.strength} for spec in request.loras]
+    merged += [{"name": display_name(spec.path.name), "strength": spec.strength} for spec in request.loras]
     kept = {k: v for k, v in source.items() if k.startswith(METADATA_PREFIX) or not _is_hash(k)}
     return {**kept, LORAS_METADATA: json.dumps(merged)}
 

@@ -10,6 +10,7 @@ q/k/v, half swap, fp8 dequantization). Conversion needs nothing else.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -108,6 +109,7 @@ def detect_tensors(
             )
         plan = _from_diffusers(arch, plan)
     plan = [replace(t, quantize=_quantizable(arch, t)) for t in plan]
+    _check_ranks(arch, plan, prefix)
     shapes = {t.name: t.shape for t in plan}
     try:
         model_config = arch.config_from_shapes(shapes)
@@ -118,6 +120,7 @@ def detect_tensors(
         raise ModelLayoutError(
             f"{arch.label} model without tensor {prefix}{name}: the file is incomplete"
         ) from None
+    plan = _check_shapes(arch, model_config, plan, prefix, layout)
     return DetectedModel(
         arch=arch,
         variant=arch.variant_of(model_config),
@@ -129,6 +132,98 @@ def detect_tensors(
         layer_formats={layer: fmt for layer, (fmt, _) in layers.items()},
         other_tensors=tuple(n for n in tensors if not n.startswith(prefix)),
     )
+
+
+# --- shapes against the architecture ------------------------------------------------------------
+
+MISMATCHES_SHOWN = 4
+"""Tensors a shape error names before it counts the rest."""
+
+
+def _generic(name: str) -> str:
+    """``layers.7.attention.qkv.weight`` → ``layers.N.attention.qkv.weight``: a name of any block."""
+    return re.sub(r"\.\d+\.", ".N.", name, count=1)
+
+
+def _ranks(arch: Architecture) -> dict[str, int]:
+    """Every tensor of ``arch``'s tiny configs, and every family (block index as N) whose members
+    agree, → its number of dimensions (the same whatever the config)."""
+    exact: dict[str, int] = {}
+    for config in arch.tiny.values():
+        exact |= {n: len(s) for n, s in arch.tensor_shapes(config).items()}
+    generic: dict[str, set[int]] = {}
+    for name, rank in exact.items():
+        generic.setdefault(_generic(name), set()).add(rank)
+    return {**{n: r.pop() for n, r in generic.items() if len(r) == 1}, **exact}
+
+
+def _shape_text(shape: Shape) -> str:
+    return f"{len(shape)}-D {list(shape)}" if len(shape) != 2 else str(list(shape))
+
+
+def _fail(arch: Architecture, problems: list[str], what: str) -> ModelLayoutError:
+    more = f" and {len(problems) - MISMATCHES_SHOWN} more" if len(problems) > MISMATCHES_SHOWN else ""
+    return ModelLayoutError(
+        f"{arch.label} model whose tensors do not fit its architecture ({what}): "
+        f"{'; '.join(problems[:MISMATCHES_SHOWN])}{more}: the file is damaged or not a {arch.label} model"
+    )
+
+
+def _check_ranks(arch: Architecture, plan: list[OutputTensor], prefix: str) -> None:
+    """Each tensor has the number of dimensions its family has, and none is empty (before the config
+    is read off the shapes: a 1-D tensor where a matrix belongs must be a message, not an IndexError)."""
+    ranks, problems = _ranks(arch), []
+    for t in plan:
+        rank = ranks.get(t.name, ranks.get(_generic(t.name)))
+        if rank is not None and len(t.shape) != rank:
+            kind = {0: "a number", 1: "a vector", 2: "a matrix"}.get(rank, f"{rank}-D")
+            problems.append(f"{prefix}{t.name} is {_shape_text(t.shape)}, not {kind}")
+        elif rank and 0 in t.shape:
+            problems.append(f"{prefix}{t.name} is empty ({list(t.shape)})")
+    if problems:
+        raise _fail(arch, problems, "wrong number of dimensions" if "not" in problems[0] else "empty tensors")
+
+
+def _check_shapes(
+    arch: Architecture, config: Mapping[str, int | bool], plan: list[OutputTensor], prefix: str, layout: str
+) -> list[OutputTensor]:
+    """Every tensor the architecture has for ``config`` (read off the file's own shapes) is there with
+    its shape; each one that is not is named. Returns the plan with the tensors the diffusers layout
+    does not hold (Z-Image's unused ``norm_final``) added, at their module's initial value, so that
+    the single file written is complete."""
+    expected = arch.tensor_shapes(config)
+    found = {t.name: t for t in plan}
+    problems = [
+        f"{prefix}{name} is {_shape_text(found[name].shape)}, expected {_shape_text(shape)}"
+        for name, shape in expected.items()
+        if name in found and tuple(found[name].shape) != tuple(shape)
+    ]
+    if problems:
+        raise _fail(arch, problems, "wrong shapes")
+    absent = [n for n in expected if n not in found]
+    filled = [n for n in absent if layout == "diffusers" and not arch.diffusers_pieces(n, config)]
+    missing = [n for n in absent if n not in filled]
+    if missing:
+        more = f" and {len(missing) - MISMATCHES_SHOWN} more" if len(missing) > MISMATCHES_SHOWN else ""
+        names = ", ".join(prefix + n for n in missing[:MISMATCHES_SHOWN])
+        noun = "tensor" if len(missing) == 1 else "tensors"
+        raise ModelLayoutError(f"{arch.label} model without {noun} {names}{more}: the file is incomplete")
+    if not filled:
+        return plan
+    dtype = next((t.dtype for t in plan if t.dtype.is_floating_point and len(t.shape) == 1), DEQUANTIZED_DTYPE)
+    added = [_initial(name, expected[name], dtype) for name in filled]
+    return sorted([*plan, *added], key=lambda t: natural_key(t.name))
+
+
+def _initial(name: str, shape: Shape, dtype: torch.dtype) -> OutputTensor:
+    """A tensor the source does not hold, at its module's initial value: a norm's scale, ones."""
+    if len(shape) != 1 or not name.endswith(".weight"):
+        raise ModelLayoutError(f"the model lacks {name}, which INT8 Studio cannot fill in")
+
+    def build(_: list[torch.Tensor]) -> torch.Tensor:
+        return torch.ones(shape, dtype=dtype)
+
+    return OutputTensor(name, dtype, tuple(shape), (), build)
 
 
 # --- architecture and layout -------------------------------------------------------------------
