@@ -39,11 +39,18 @@ BACKENDS: tuple[Backend, ...] = ("triton", "int_mm", "torch")
 EXACT_K_CHUNK = 1024
 """127² · 1024 < 2²⁴: float32 sums of this many int8 products are exact integers."""
 
-_FORCED = threading.local()
-"""The backend :func:`use_backend` forces in this thread (attribute ``backend``, absent: none). Not a
-``ContextVar``: dynamo cannot trace ``ContextVar.get`` (a graph break in every compiled int8 layer),
-while it reads this attribute and guards on it, so a graph traced for one backend is traced again for
-another."""
+class _Forced(threading.local):
+    """The backend :func:`use_backend` forces in this thread (``None``: none). Not a ``ContextVar``:
+    dynamo cannot trace ``ContextVar.get`` (a graph break in every compiled int8 layer), while it reads
+    this attribute and guards on it, so a graph traced for one backend is traced again for another. Set
+    in ``__init__``, which runs once in each thread: dynamo guards an attribute of the instance, not a
+    class default, and a missing attribute would cost every call an exception."""
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+
+
+_FORCED = _Forced()
 
 
 @contextlib.contextmanager
@@ -52,7 +59,7 @@ def use_backend(backend: Backend | None) -> Iterator[None]:
     Other threads (the app's jobs) keep their own choice."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    previous = getattr(_FORCED, "backend", None)
+    previous = _FORCED.backend
     _FORCED.backend = backend
     try:
         yield
@@ -65,7 +72,7 @@ def backend_for(x: torch.Tensor) -> Backend:
 
 
 def backend_on(device: torch.device) -> Backend:
-    forced = getattr(_FORCED, "backend", None)
+    forced = _FORCED.backend
     if forced is not None:
         return forced
     if device.type == "cuda":
