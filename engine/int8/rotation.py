@@ -1,8 +1,8 @@
 """Hadamard rotation of int8 layers ("ConvRot", the convention ComfyUI's INT8 layers read).
 
-Each row of a weight is cut into groups of ``group`` input channels and every group is multiplied by
-``H``, the normalized *regular* Hadamard matrix of that order (Kronecker powers of the 4×4 regular
-Hadamard matrix, divided by √group): ``W_rot = W·Hᵀ``. At run time the activations get the same
+Each output channel of a weight is cut into groups of ``group`` input channels and every group is
+multiplied by ``H``, the normalized *regular* Hadamard matrix of that order (Kronecker powers of the 4×4
+regular Hadamard matrix, divided by √group): ``W_rot = W·Hᵀ``. At run time the activations get the same
 treatment, ``x_rot = x·H``, so ``x_rot·W_rotᵀ = x·H·Hᵀ·Wᵀ = x·Wᵀ``. The rotation spreads a few large
 channels over the whole group: heavy-tailed inputs (the GELU/SiLU-gated inputs of down-projections)
 lose most of their outliers before per-token int8 quantization, and their int8 error drops by half or
