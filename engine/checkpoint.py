@@ -368,6 +368,7 @@ def _shard_files(index: Path, weight_map: dict[str, str]) -> list[Path]:
 
 def _load_index(index: Path) -> dict[str, str]:
     try:
+        _regular_file(index)  # a FIFO would block the read
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None

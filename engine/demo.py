@@ -126,7 +126,12 @@ def _write_once(
     """Write ``tensors`` to ``path`` (atomically, with ``recipe`` in the metadata) unless it holds them."""
     if _holds(path, recipe):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CheckpointError(f"{path.parent} is a file, not a folder; give a folder for the demo files")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {path.parent}: {e.strerror or e}") from None
     report = Reporter(progress, stage, len(layout))
     with CheckpointWriter(path, dict(layout), {"format": "pt", RECIPE_KEY: recipe}, overwrite=True) as writer:
         for done, (name, tensor) in enumerate(tensors, 1):

@@ -17,7 +17,7 @@ from engine.checkpoint import CheckpointError, TensorInfo, read_header
 from engine.comfyui import MODEL_EXTENSIONS, ComfyInstall
 from engine.info import listed_layers
 from engine.int8.rotation import RotationError, parse_marker
-from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
+from engine.jobs import CancelToken, JobError, ProgressFn, Reporter, os_error_message
 from engine.lora.files import KIND_LABELS, SUFFIXES
 from engine.models import detect_tensors
 
@@ -82,7 +82,10 @@ def run_library_scan(
     entries = []
     for done, path in enumerate(files, 1):
         cancel.check()
-        entries.append(describe_file(path))
+        try:
+            entries.append(describe_file(path))
+        except OSError as e:  # gone or unreadable since the folder was listed: one row says so
+            entries.append(LibraryEntry(path, "unreadable", 0, 0.0, note=os_error_message(e)))
         report(done, path.name)
     return LibraryResult(entries, missing)
 

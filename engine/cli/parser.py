@@ -10,7 +10,7 @@ import sys
 from engine import __version__
 from engine.cli import bench, comfyui, convert, desktop, lora
 from engine.cli.commands import COMMANDS
-from engine.jobs import Cancelled, JobError, OutputExistsError
+from engine.jobs import Cancelled, JobError, OutputExistsError, os_error_message
 
 GROUPS = (convert, bench, lora, desktop, comfyui)
 """The command modules (importing one registers its commands), in the order ``--help`` lists them."""
@@ -45,4 +45,9 @@ def run(argv: list[str]) -> int:
         flag = getattr(args, "replace_flag", None)  # the engine's "… or replace it" names no switch
         how = f" with {flag}" if flag and isinstance(exc, OutputExistsError) else ""
         print(f"int8-studio: error: {exc}{how}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        raise  # the reader of our output went away: main() ends quietly
+    except OSError as exc:  # the file system refused something the job did not foresee: not a bug
+        print(f"int8-studio: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
