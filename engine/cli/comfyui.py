@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engine.checkpoint import format_bytes
+from engine.cli import node_pack
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
 from engine.comfyui import ComfyInstall, ComfyUIError, find_installs
@@ -26,13 +27,14 @@ from engine.library import (
 )
 
 
-@command("comfyui", help="ComfyUI installs: 'comfyui find' lists them and their model folders")
+@command("comfyui", help="ComfyUI installs: 'comfyui find' lists them; 'comfyui install-node' adds our nodes")
 def _comfyui_command(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     find = actions.add_parser("find", help="list the ComfyUI installs found, with their model folders")
     find.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="ComfyUI folders to add")
     find.add_argument("--json", action="store_true", help="print JSON instead of text")
     find.set_defaults(func=_run_comfyui_find)
+    node_pack.add_actions(actions)  # install-node, remove-node, node-status
 
 
 def _run_comfyui_find(args: argparse.Namespace) -> int:
