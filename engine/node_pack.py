@@ -71,7 +71,7 @@ class PackSource:
         spec = importlib.util.find_spec("comfyui_nodes")
         if spec is None or not spec.submodule_search_locations:
             raise NodePackError("this INT8 Studio has no comfyui_nodes package: reinstall INT8 Studio")
-        return cls(Path(list(spec.submodule_search_locations)[0]), Path(__file__).resolve().parent)
+        return cls(Path(next(iter(spec.submodule_search_locations))), Path(__file__).resolve().parent)
 
     def files(self) -> dict[str, Path]:
         """The installed folder's files (relative POSIX path → source file), in a stable order."""
@@ -279,7 +279,7 @@ def probe_python(python: ComfyPython) -> PythonInfo:
     command = [str(python.executable), "-c", PROBE, json.dumps(MODULES)]
     try:
         out = subprocess.run(
-            command, capture_output=True, text=True, timeout=PROBE_TIMEOUT, stdin=subprocess.DEVNULL, env=_env()
+            command, check=False, capture_output=True, text=True, timeout=PROBE_TIMEOUT, stdin=subprocess.DEVNULL, env=_env()
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NodePackError(f"cannot run ComfyUI's Python {python.executable} ({python.how}): {e}") from None
@@ -497,7 +497,7 @@ def _verify(folder: Path, info: PythonInfo, report: Reporter, cancel: CancelToke
     command = [str(info.python.executable), "-B", "-c", VERIFY, str(folder)]
     try:
         out = subprocess.run(
-            command, capture_output=True, text=True, timeout=VERIFY_TIMEOUT, stdin=subprocess.DEVNULL, env=_env()
+            command, check=False, capture_output=True, text=True, timeout=VERIFY_TIMEOUT, stdin=subprocess.DEVNULL, env=_env()
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NodePackError(f"cannot verify the nodes with {info.python.executable}: {e}") from None
