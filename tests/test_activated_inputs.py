@@ -25,16 +25,16 @@ from tests.int8_reference import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, in the interpreter
-def make_input(activation, rows, width, prefix, dtype, device) -> fusion.ActivatedInput:
+def make_input(activation, tokens, width, prefix, dtype, device) -> fusion.ActivatedInput:
     """Strided views, as a model produces them: a and b are the halves of one wider tensor."""
-    spread = torch.rand(rows, 1) * 8 + 0.1  # rows of very different magnitudes
-    h = (torch.randn(rows, 2 * width + 3) * spread).to(dtype).to(device)
+    spread = torch.rand(tokens, 1) * 8 + 0.1  # tokens of very different magnitudes
+    h = (torch.randn(tokens, 2 * width + 3) * spread).to(dtype).to(device)
     b = h[:, width : 2 * width] if activation == "swiglu" else None
-    p = (torch.randn(rows, prefix) * spread).to(dtype).to(device) if prefix else None
+    p = (torch.randn(tokens, prefix) * spread).to(dtype).to(device) if prefix else None
     return fusion.ActivatedInput(activation, h[:, :width], b, p)
 
 
-def float64_rows(x: fusion.ActivatedInput) -> torch.Tensor:
+def float64_tokens(x: fusion.ActivatedInput) -> torch.Tensor:
     a = x.a.double()
     if x.activation == "swiglu":
         y = a * torch.sigmoid(a) * x.b.double()
@@ -46,7 +46,7 @@ def float64_rows(x: fusion.ActivatedInput) -> torch.Tensor:
 
 
 def assert_quantized_within_half_a_step(q, scale, x: fusion.ActivatedInput) -> None:
-    ref = float64_rows(x).cpu()
+    ref = float64_tokens(x).cpu()
     q, scale = q.cpu().double(), scale.cpu().double()[:, None]
     assert q.shape == ref.shape and q.abs().max() <= 127
     assert torch.allclose(scale, ref.abs().amax(dim=1, keepdim=True) / 127, rtol=2 * ULP[x.a.dtype], atol=0)
@@ -85,7 +85,7 @@ def test_float32_activation_in_the_kernel_is_torch_s_to_float32_rounding(device,
 def test_rotated_kernel_applies_the_activation_then_rotates(device, activation, prefix):
     x = make_input(activation, 9, 512 - prefix % 256, prefix, torch.bfloat16, device)
     q, scale = kernels.quantize_rotated_tokens(x.flattened(), hadamard(16, device, torch.bfloat16))
-    rotated = rotate(float64_rows(x), 256).double().cpu()
+    rotated = rotate(float64_tokens(x), 256).double().cpu()
     ref_scale = rotated.abs().amax(dim=1) / 127
     assert torch.allclose(scale.cpu().double(), ref_scale.cpu(), rtol=0.02, atol=0)
     err = (q.cpu().double() * scale.cpu().double()[:, None] - rotated.cpu()).abs()
@@ -107,11 +107,11 @@ def test_int8_linear_of_an_activated_input_is_within_int8_rounding(backend, devi
         out = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32, rotation=rotation)
     assert out.shape == (19, n)
     # the layer's float input: the activation rounded to bf16, as the kernel and materialize() both round it
-    rows = float64_rows(x).to(torch.bfloat16)
+    tokens = float64_tokens(x).to(torch.bfloat16)
     if rotation:  # the stored weight is rotated: the layer computes rotate(x) · w_storedᵀ
-        assert_within_int8_rounding(out, rotate(rows.double(), rotation).float(), w_int8, w_scale, bias)
+        assert_within_int8_rounding(out, rotate(tokens.double(), rotation).float(), w_int8, w_scale, bias)
     else:
-        assert_within_int8_rounding(out, rows.float(), w_int8, w_scale, bias)
+        assert_within_int8_rounding(out, tokens.float(), w_int8, w_scale, bias)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -145,7 +145,7 @@ def test_the_float_switch_takes_lazy_inputs_too(lazy_input):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("backend, device", BACKENDS)
-def test_non_finite_activations_poison_only_their_row(backend, device):
+def test_non_finite_activations_poison_only_their_output_row(backend, device):
     x = make_input("swiglu", 6, 128, 0, torch.bfloat16, device)
     x.a[1, 5] = float("nan")
     x.a[2, 9] = float("-inf")  # silu(-inf) = -inf · 0: NaN

@@ -36,8 +36,8 @@ def make_input(norm, batch, tokens, width, dtype, device, weight=True, scale=Tru
     )  # fmt: skip
 
 
-def float64_rows(x: fusion.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input's rows in float64, rounded to its dtype where the unfused ops round (after the norm and
+def float64_tokens(x: fusion.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input's tokens in float64, rounded to its dtype where the unfused ops round (after the norm and
     after the modulation), and the size of each value's rounding error in ulps of the dtype (a rounding
     of the norm's output is scaled by ``1 + scale``, itself rounded to the scale's dtype)."""
     v = x.x.double()
@@ -64,7 +64,7 @@ def float64_rows(x: fusion.NormedInput) -> tuple[torch.Tensor, torch.Tensor]:
 def test_normed_quantization_against_float64(device, norm, dtype, batch, tokens, width, parts):
     x = make_input(norm, batch, tokens, width, dtype, device, *(p in parts.split(",") for p in ("weight", "scale", "shift")))
     q, scale = kernels.quantize_normed_tokens(*ops.normed_tokens(x))
-    ref, ulps = (t.cpu() for t in float64_rows(x))
+    ref, ulps = (t.cpu() for t in float64_tokens(x))
     q, scale = q.cpu().double(), scale.cpu().double()[:, None]
     assert q.shape == ref.shape and q.abs().max() <= 127
     # two roundings to the input dtype, each off by up to a full ulp (the interpreter truncates its casts;
@@ -86,7 +86,7 @@ def test_int8_linear_of_a_normed_input_is_within_int8_rounding(backend, device, 
     with ops.use_backend(backend):
         out = ops.int8_linear(x, w_int8, w_scale, bias, out_dtype=torch.float32)
     assert out.shape == (2, 9, n)
-    assert_within_int8_rounding(out.reshape(-1, n), float64_rows(x)[0].float(), w_int8, w_scale, bias)
+    assert_within_int8_rounding(out.reshape(-1, n), float64_tokens(x)[0].float(), w_int8, w_scale, bias)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -112,7 +112,7 @@ def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("backend, device", BACKENDS)
-def test_non_finite_rows_poison_only_their_row(backend, device):
+def test_non_finite_tokens_poison_only_their_output_row(backend, device):
     x = make_input("layer", 1, 6, 128, torch.bfloat16, device, weight=False, shift=False)
     x.x[0, 1, 5] = float("nan")
     x.x[0, 2, 9] = float("inf")

@@ -53,7 +53,7 @@ def test_backends_agree_with_the_torch_path(backend):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")  # numpy in the interpreter
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_zero_rows_give_the_bias_and_non_finite_rows_give_nan(backend):
+def test_zero_tokens_give_the_bias_and_non_finite_tokens_give_nan(backend):
     w_int8, w_scale, bias = make_layer(24, 64, (24, 1), True)
     x = torch.randn(6, 64, dtype=torch.bfloat16)
     x[1] = 0
@@ -233,9 +233,9 @@ def test_cuda_backends_within_int8_rounding_and_agree(scale_shape, with_bias, dt
         assert (diff <= outs["torch"].double().abs() * ULP[dtype] + 1e-5).all(), backend
 
 
-def test_inductor_quantizes_non_finite_rows_as_eager_code_does():
-    """Inductor folds ``x * 0`` to 0, so a finiteness test built on it let ±Inf rows through as Inf
-    scales and -128 values; compiled, such rows must still get a NaN scale and zeros."""
+def test_inductor_quantizes_non_finite_tokens_as_eager_code_does():
+    """Inductor folds ``x * 0`` to 0, so a finiteness test built on it let ±Inf tokens through as Inf
+    scales and -128 values; compiled, such tokens must still get a NaN scale and zeros."""
     x = torch.randn(6, 72)
     x[1, 3], x[2, 5], x[3, 7], x[4] = float("inf"), float("nan"), -float("inf"), 0
     torch._dynamo.reset()
@@ -247,7 +247,7 @@ def test_inductor_quantizes_non_finite_rows_as_eager_code_does():
 
 
 @pytest.mark.gpu
-def test_cuda_edge_rows_and_compile_with_inductor():
+def test_cuda_edge_tokens_and_compile_with_inductor():
     w_int8, w_scale, bias = make_layer(64, 128, (64, 1), True, device="cuda")
     x = torch.randn(40, 128, dtype=torch.bfloat16, device="cuda")
     x[3] = 0

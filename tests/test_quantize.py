@@ -18,7 +18,7 @@ def test_dequantized_weight_within_half_a_step(scheme, shape):
     assert (err <= scale.double() * (0.5 + 2 * 127 * 2**-24)).all()
 
 
-def test_rowwise_scale_is_each_rows_absmax():
+def test_rowwise_scale_is_each_channels_absmax():
     w = torch.randn(9, 31)
     q, scale = quantize_weight(w, "rowwise")
     torch.testing.assert_close(scale.squeeze(1), w.abs().amax(1) / 127)
@@ -26,7 +26,7 @@ def test_rowwise_scale_is_each_rows_absmax():
 
 
 @pytest.mark.parametrize("scheme", ["tensorwise", "rowwise"])
-def test_zero_rows_keep_zero_and_scale_one(scheme):
+def test_zero_channels_keep_zero_and_scale_one(scheme):
     w = torch.randn(4, 8)
     w[2] = 0
     if scheme == "tensorwise":

@@ -107,7 +107,7 @@ def test_fused_kernel_rounds_like_the_pytorch_path(dtype):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")  # numpy in the interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_and_non_finite_rows_stay_in_their_row(backend):
+def test_zero_and_non_finite_tokens_stay_in_their_output_row(backend):
     w_int8, w_scale = quantize_weight(torch.randn(24, 256), "rowwise", rotation=256)
     bias = torch.randn(24)
     x = torch.randn(5, 256)
