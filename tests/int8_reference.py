@@ -35,7 +35,7 @@ def float_reference(x, w_int8, w_scale, bias=None) -> torch.Tensor:
 
 
 def activation_rounding_bound(x, w_int8, w_scale) -> torch.Tensor:
-    """Largest error that rounding each row of x to its int8 grid can cause: (s_x / 2) · Σ_k |w[n, k]|."""
+    """Largest error that rounding each token of x to its int8 grid can cause: (s_x / 2) · Σ_k |w[n, k]|."""
     x_scale = x.double().abs().amax(dim=-1, keepdim=True) / 127
     return x_scale / 2 * dequantize_weight(w_int8, w_scale, torch.float64).abs().sum(dim=1)
 
