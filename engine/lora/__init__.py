@@ -11,14 +11,28 @@
 - :mod:`engine.lora.info`: ``inspect_lora``, what a file is and what it covers.
 """
 
-from engine.lora.files import LoraError, LoraFile, LoraLayer
+from engine.lora.files import (
+    STRENGTH_LIMIT,
+    LoraError,
+    LoraFile,
+    LoraLayer,
+    check_strength,
+)
 from engine.lora.info import LoraInfo, inspect_lora
 from engine.lora.job import LoraMergeRequest, LoraMergeResult, LoraSpec, run_lora_merge
-from engine.lora.mapping import Guess, LoraMatch, Patch, Segment, guess_target, match_model
+from engine.lora.mapping import (
+    Guess,
+    LoraMatch,
+    Patch,
+    Segment,
+    guess_target,
+    match_model,
+)
 from engine.lora.merge import MODES, LayerStats, MergeStats, Mode
 
 __all__ = [
     "MODES",
+    "STRENGTH_LIMIT",
     "Guess",
     "LayerStats",
     "LoraError",
@@ -33,6 +47,7 @@ __all__ = [
     "Mode",
     "Patch",
     "Segment",
+    "check_strength",
     "guess_target",
     "inspect_lora",
     "match_model",

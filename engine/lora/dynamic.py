@@ -23,7 +23,7 @@ from torch import nn
 
 from engine.int8.linear import Int8Linear
 from engine.lora.delta import factor
-from engine.lora.files import LoraError
+from engine.lora.files import LoraError, check_strength
 from engine.lora.mapping import LoraMatch
 
 
@@ -119,6 +119,7 @@ class DynamicLoras:
     def add_factors(self, name: str, factors: Mapping[str, Factors], strength: float = 1.0) -> str:
         """Add a LoRA given as factors per layer (module name → :class:`Factors`)."""
         base, n = name, 1
+        strength = check_strength(strength, name)
         while name in self.strengths:
             n += 1
             name = f"{base} #{n}"
@@ -133,6 +134,7 @@ class DynamicLoras:
             raise LoraError(
                 f"no LoRA named {name!r} is applied; applied: {', '.join(self.strengths) or 'none'}"
             )
+        strength = check_strength(strength, name)
         for adapter in self.adapters.values():
             if name in adapter.blocks:
                 adapter.set_strength(name, strength)

@@ -34,6 +34,28 @@ class LoraError(JobError):
     """A LoRA file that cannot be read, does not fit the model, or cannot be applied."""
 
 
+STRENGTH_LIMIT = 100.0
+"""The largest strength (either sign) a LoRA is applied at: 1 is as trained; past a few the change
+swamps the weights, and far past this it only multiplies rounding noise or overflows."""
+
+
+def check_strength(strength: float, name: str) -> float:
+    """``strength`` as a float, or a LoraError saying why it cannot be one LoRA ``name`` is applied at:
+    the one check of a strength, for the CLI, the app and run-time LoRAs alike."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise LoraError(f"strength {strength!r} of {name} is not a number") from None
+    if not math.isfinite(value):
+        raise LoraError(f"strength {value} of {name} is not a number; give one between -100 and 100")
+    if abs(value) > STRENGTH_LIMIT:
+        raise LoraError(
+            f"strength {value:g} of {name} is outside -{STRENGTH_LIMIT:g}…{STRENGTH_LIMIT:g}; 1 applies the LoRA "
+            "as trained"
+        )
+    return value
+
+
 # Key suffix → (kind, role). kind None: an extra that goes with any kind (alpha, DoRA magnitude,
 # bias diff). Tucker factors only exist for convolutions, which diffusion transformers do not have.
 SUFFIXES: dict[str, tuple[str | None, str]] = {
@@ -61,6 +83,7 @@ _SUFFIX_RE = re.compile(r"^(?P<stem>.+?)\.(?P<suffix>" + "|".join(map(re.escape,
 KIND_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "diff": "full diff"}
 REQUIRED = {"lora": ("up", "down"), "loha": ("w1_a", "w1_b", "w2_a", "w2_b"), "diff": ("diff",)}
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata key (JSON LoraConfig)
+PEFT_FACTORED = ("LOHA", "LOKR")  # PEFT adapter types whose config names the alpha "alpha"
 PEFT_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside adapter_model.safetensors
 
 
@@ -206,6 +229,8 @@ def _layer(
         raise fail(str(e)) from None
     _check_extras(shapes, shape, fail)
     alpha = _alpha(reader, file, stem, keys, peft) if kind in ("lora", "loha", "lokr") else None
+    if alpha is not None and "alpha" not in keys and kind in ("loha", "lokr"):
+        rank = _peft_rank(stem, peft) or rank  # PEFT scales by alpha / its r, whatever the factors' shapes
     scale = 1.0
     if rank and alpha is not None:
         scale = alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
@@ -273,14 +298,21 @@ def _alpha(reader: CheckpointReader, file: str, stem: str, keys: dict[str, str],
             raise LoraError(f"{file}: layer '{stem}' has alpha {alpha}: the file is corrupt")
         return alpha
     patterns = peft.get("alpha_pattern") or {}
-    alpha = next(
-        (a for p, a in patterns.items() if re.fullmatch(rf"(?:.*\.)?(?:{p})", stem)), peft.get("lora_alpha")
-    )
+    # PEFT's LoRA config says "lora_alpha"; its LoHa and LoKr configs say "alpha"
+    default = peft.get("alpha") if peft.get("peft_type") in PEFT_FACTORED else peft.get("lora_alpha")
+    alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(?:.*\.)?(?:{p})", stem)), default)
     if alpha is None:
         return None
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise LoraError(f"{file}: its PEFT config gives layer '{stem}' alpha {alpha!r}, not a number")
     return float(alpha)
+
+
+def _peft_rank(stem: str, peft: dict) -> int | None:
+    """The rank PEFT's config gives layer ``stem``: its rank_pattern, else r (None without a config)."""
+    patterns = peft.get("rank_pattern") or {}
+    rank = next((r for p, r in patterns.items() if re.fullmatch(rf"(?:.*\.)?(?:{p})", stem)), peft.get("r"))
+    return rank if isinstance(rank, int) and rank > 0 else None
 
 
 def _peft_config(reader: CheckpointReader, path: Path) -> dict:

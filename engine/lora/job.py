@@ -9,7 +9,6 @@ largest weight and its float32 temporaries are in memory at any time.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ import torch
 from engine.checkpoint import CheckpointReader, check_memory
 from engine.checkpoint_writer import CheckpointWriter
 from engine.convert import METADATA_PREFIX, finite, working_bytes
+from engine.int8.apply import layer_rotations
 from engine.int8.quantize import default_device
 from engine.jobs import CancelToken, ProgressFn, Reporter, display_name
-from engine.lora.files import LoraError, LoraFile
+from engine.lora.files import LoraError, LoraFile, check_strength
 from engine.lora.mapping import LoraMatch, match_model
 from engine.lora.merge import MODES, Applied, MergeStats, Mode, merge_float, merge_int8
 from engine.models import DetectedModel, OutputTensor, detect
-from engine.int8.apply import layer_rotations
 
 LORAS_METADATA = METADATA_PREFIX + "loras"  # JSON list of {"name", "strength"}, oldest merge first
 WARN_KEPT = 0.5  # below this fraction of the LoRAs' change kept, the result carries a warning
@@ -135,8 +134,7 @@ def _check(request: LoraMergeRequest) -> None:
     if request.mode not in MODES:
         raise LoraError(f"unknown merge mode {request.mode!r}; use {', '.join(MODES)}")
     for spec in request.loras:
-        if not math.isfinite(spec.strength):
-            raise LoraError(f"strength {spec.strength} of {spec.path.name} is not a number")
+        check_strength(spec.strength, spec.path.name)
     if Path(request.output).resolve() == Path(request.model).resolve():
         raise LoraError(
             f"the output {request.output} is the model itself; write the merged model to a new file"
