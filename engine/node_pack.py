@@ -179,7 +179,7 @@ def _venv_python(venv: Path, platform: str) -> Path | None:
 def find_comfy_python(
     install: ComfyInstall,
     platform: str = sys.platform,
-    which: Callable[[str], str | None] = shutil.which,
+    which: Callable[[str], str | None] | None = None,
 ) -> ComfyPython:
     """The Python that runs ``install``: the portable build's ``python_embeded``, ComfyUI Desktop's
     ``.venv``, a virtual environment in or beside the ComfyUI folder (git checkouts, Stability Matrix
@@ -198,7 +198,7 @@ def find_comfy_python(
         if python is not None:
             return ComfyPython(python, how)
     for name in ("python", "python3") if platform != "win32" else ("python",):
-        found = which(name)
+        found = (which or shutil.which)(name)
         if found:
             return ComfyPython(Path(found), f"the {name} on PATH")
     raise NodePackError(
@@ -306,7 +306,7 @@ def probe_python(python: ComfyPython) -> PythonInfo:
     )  # fmt: skip
 
 
-def install_command(info: PythonInfo, specs: Sequence[str], which: Callable[[str], str | None] = shutil.which) -> list[str]:
+def install_command(info: PythonInfo, specs: Sequence[str], which: Callable[[str], str | None] | None = None) -> list[str]:
     """The command that installs ``specs`` into ComfyUI's Python: its pip (``-s``: the portable build's
     embedded Python must not see the user's site-packages, as ComfyUI's own instructions run it), else
     uv's pip aimed at it (ComfyUI Desktop's environment is made by uv, without pip)."""
@@ -314,7 +314,7 @@ def install_command(info: PythonInfo, specs: Sequence[str], which: Callable[[str
     if info.has_pip:
         flags = ["-s"] if "python_embeded" in info.python.how else []
         return [python, *flags, "-m", "pip", "install", *specs]
-    uv = which("uv")
+    uv = (which or shutil.which)("uv")
     if uv:
         return [uv, "pip", "install", "--python", python, *specs]
     raise NodePackError(
