@@ -459,6 +459,19 @@ def fake_comfyui(root: Path) -> Path:
     return root
 
 
+def test_tests_never_see_the_real_home(qtbot):
+    """A ComfyUI install, settings or a cache in the real home must not change what a test finds
+    (tests/conftest.py points HOME and every per-user folder into a temporary folder)."""
+    from engine.comfyui import Places, find_installs
+    from engine.paths import cache_dir
+    fake_home = Path(os.environ["INT8_STUDIO_TESTS_HOME"])
+    places = Places.here()
+    assert places.home == fake_home and places.roaming.is_relative_to(fake_home)
+    assert cache_dir().is_relative_to(fake_home)
+    assert Path(Settings().store.fileName()).is_relative_to(fake_home)
+    assert find_installs() == []  # nothing in the fake home: a real install is never listed
+
+
 @pytest.fixture
 def comfy_window(qtbot, settings, tmp_path):
     comfy = fake_comfyui(tmp_path / "ComfyUI")
