@@ -186,7 +186,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path, argv):
 @posix
 def test_the_library_lists_every_other_file_beside_bad_ones(tmp_path, capsys):
     good = write_single_file(tmp_path / "good.safetensors", "flux2").path
-    lora = write_lora(tmp_path / "lora.safetensors", "flux2").path
+    write_lora(tmp_path / "lora.safetensors", "flux2")
     write_diffusers(tmp_path / "diffusers-folder", "zimage")
     os.mkfifo(tmp_path / "fifo.safetensors")  # not a regular file: not listed, not read
     nested = tmp_path / "nested.safetensors"

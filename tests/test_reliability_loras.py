@@ -7,7 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.lora import STRENGTH_LIMIT, LoraError, LoraMergeRequest, LoraSpec, check_strength, run_lora_merge
+from engine.lora import (
+    STRENGTH_LIMIT,
+    LoraError,
+    LoraMergeRequest,
+    LoraSpec,
+    check_strength,
+    run_lora_merge,
+)
 from engine.models import REGISTRY
 from tests.reliability import refused
 from tests.tiny_checkpoints import write_single_file
