@@ -41,6 +41,9 @@ PACK_FOLDER = "int8_studio"
 """The pack's folder under ``custom_nodes/`` (also the name ComfyUI lists it by)."""
 MANIFEST = "int8_studio.json"
 VENDOR = "vendor"
+PACKAGES_STAGE = "Installing packages"
+"""The progress stage of a package install into ComfyUI's Python: its messages are the command (first,
+after ``$ ``) and then each line of its output, which the CLI and the app show whole."""
 NODE = "Int8StudioLoadDiffusionModel"
 """A node the installed pack must register (the verification imports the pack and looks for it)."""
 
@@ -415,7 +418,7 @@ def run_install_node(
     if specs:
         command = install_command(info, specs)
         commands.append(show_command(command))
-        run_streamed(command, Reporter(progress, "Installing packages", 0), cancel)
+        run_streamed(command, Reporter(progress, PACKAGES_STAGE, 0), cancel)
         info = probe_python(python)
         still = info.missing()
         if still:

@@ -20,6 +20,7 @@ from app.ui import dialogs, theme
 from app.ui.cards import Card, Facts, Notice
 from app.ui.forms import form, primary_button
 from app.ui.jobpanel import JobPanel
+from app.ui.node_pack import NodePackRow
 from app.ui.page import Page, require
 from app.ui.path_fields import PathField
 from app.workers import Job
@@ -128,6 +129,8 @@ class ExportPage(Page):
         self.panel = JobPanel()
         target.body.addLayout(actions)
         target.body.addWidget(self.panel)
+        self.node_pack = NodePackRow()  # the INT8 Studio nodes in the chosen install: status, one button
+        target.body.addWidget(self.node_pack)
 
         self.result_notice = Notice("", "success")
         self.result_notice.hide()
@@ -175,6 +178,8 @@ class ExportPage(Page):
 
     def _update_target(self) -> None:
         install = self.current_install()
+        if install is not self.node_pack.install:
+            self.node_pack.show_install(install)
         self.folder.clear()
         self.folder.setToolTip("")
         if install is not None:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from engine.cli.progress import ProgressBar
 from engine.jobs import Progress
-
-PACKAGES_STAGE = "Installing packages"
+from engine.node_pack import PACKAGES_STAGE
 
 
 def add_actions(actions: argparse._SubParsersAction) -> None:
