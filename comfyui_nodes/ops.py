@@ -25,7 +25,13 @@ How an int8 layer cooperates with ComfyUI's model management:
   changes, so ComfyUI's restore of the backed-up int8 weight alone is exact. Patches applied at run
   time (low-VRAM ``weight_function``s, dynamic VRAM's ``weight_lowvram_function``) run on the
   dequantized weight as a float product: correct, not fast (ComfyUI's own int8 layers requantize the
-  patched weight in dynamic VRAM instead; the LoRA nodes of a later version will do better).
+  patched weight in dynamic VRAM instead).
+* INT8 LoRA (merged) (:mod:`comfyui_nodes.lora`) uses the same patches, and sets per model clone (an
+  object patch) the layer's ``merge_mode``: ``set_weight`` then rounds by the engine's modes
+  (``engine.lora.merge.round_change``); a requantized weight's new scale goes through
+  ``set_weight_scale``, the node having patched the scale key so that ComfyUI backs it up too.
+* INT8 LoRA (dynamic) sets the layer's ``int8_lora`` (an object patch): its low-rank term is added in
+  the int8 GEMM's epilogue (``int8_linear(..., lora=...)``), or beside a float layer's product.
 
 Nothing here imports ComfyUI at module level: the package imports outside ComfyUI (tests, tools), and
 ComfyUI's modules are bound when :func:`int8_operations` is called, inside ComfyUI.
@@ -41,11 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.convert import comfy_quant_entry, json_bytes
-from engine.int8.linear import Int8Linear, QuantizedLayerError
+from engine.int8.linear import QuantizedLayerError, check_int8_tensors
 from engine.int8.ops import int8_linear
 from engine.int8.quantize import dequantize_weight
 from engine.int8.rotation import RotationError, marker_group, parse_marker, rotate
-from engine.lora.merge import _stochastic_round
+from engine.lora.merge import round_change
 
 log = logging.getLogger("int8_studio")
 
@@ -83,6 +89,12 @@ def int8_operations(load_device: torch.device | None = None) -> type:
         class Linear(base.Linear):
             int8 = False  # True once an int8 weight is loaded
             rotation = 0  # the Hadamard group size the int8 weight is stored rotated with (0: none)
+            # how set_weight rounds a patched weight ("auto", "requant", "stochastic"): set per model
+            # clone by the INT8 LoRA (merged) node as an object patch; None (ComfyUI's own LoRA
+            # loaders): stochastic, on the layer's grid
+            merge_mode = None
+            int8_lora = None  # the unmerged LoRAs' factors (a DynamicLora, from INT8 LoRA (dynamic))
+            _pending_scale = None  # a requantized weight's new scale, until set_weight_scale stores it
 
             def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
                 if base._compute_dtype is None and dtype is not None:
@@ -108,11 +120,14 @@ def int8_operations(load_device: torch.device | None = None) -> type:
                 return sd
 
             def forward(self, input, *args, **kwargs):
+                lora = self.int8_lora
                 if not self.int8:
-                    return super().forward(input, *args, **kwargs)
+                    out = super().forward(input, *args, **kwargs)
+                    return out if lora is None else out + lora.term(input)
                 comfy.ops.run_every_op()
                 if _patched(self):
                     return self._forward_patched(input)
+                factors = None if lora is None else lora.factors()
                 weight, bias = self.weight, self.bias
                 offloaded = (
                     self.comfy_cast_weights
@@ -123,12 +138,12 @@ def int8_operations(load_device: torch.device | None = None) -> type:
                 if not offloaded:
                     if bias is not None and bias.dtype != input.dtype:
                         bias = bias.to(input.dtype)
-                    return int8_linear(input, weight, self.weight_scale, bias, rotation=self.rotation)
+                    return int8_linear(input, weight, self.weight_scale, bias, lora=factors, rotation=self.rotation)
                 weight, bias, stream = comfy.ops.cast_bias_weight(
                     self, None, dtype=torch.int8, device=input.device, bias_dtype=input.dtype, offloadable=True
                 )
                 scale = self.weight_scale.to(input.device, non_blocking=True)
-                out = int8_linear(input, weight, scale, bias, rotation=self.rotation)
+                out = int8_linear(input, weight, scale, bias, lora=factors, rotation=self.rotation)
                 comfy.ops.uncast_bias_weight(self, weight, bias, stream)
                 return out
 
@@ -143,7 +158,8 @@ def int8_operations(load_device: torch.device | None = None) -> type:
                     bias = comfy.model_management.cast_to_device(bias, device, input.dtype, copy=True)
                 weight = _with_patches(self, "weight", weight)
                 bias = None if bias is None else _with_patches(self, "bias", bias)
-                return F.linear(input, weight.to(input.dtype), None if bias is None else bias.to(input.dtype))
+                out = F.linear(input, weight.to(input.dtype), None if bias is None else bias.to(input.dtype))
+                return out if self.int8_lora is None else out + self.int8_lora.term(input)
 
             def convert_weight(self, weight, inplace=False, **kwargs):
                 """The float32 weight this layer stands for, from ``weight`` (its int8 values, in any
@@ -155,9 +171,13 @@ def int8_operations(load_device: torch.device | None = None) -> type:
 
             def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
                 """Store a patched float weight (from :meth:`convert_weight` plus ComfyUI's patches) on
-                this layer's int8 grid: the change is rounded stochastically (unbiased; a value that
-                did not change keeps its int8 value exactly) with the scale kept, so ComfyUI's restore
-                of the original int8 weight alone undoes it."""
+                an int8 grid, by the layer's ``merge_mode`` (``engine.lora.merge.round_change``):
+                stochastic rounding of the change on the layer's own grid by default (unbiased; a value
+                that did not change keeps its int8 value exactly, and ComfyUI's restore of the
+                original int8 weight alone undoes it), or requantized with a fresh scale, which
+                :meth:`set_weight_scale` stores next (the INT8 LoRA (merged) node patches the scale
+                key too, so ComfyUI backs it up and restores it). ``return_weight`` asks for a weight
+                beside the current scale: stochastic then."""
                 if not self.int8:
                     return super().set_weight(weight, inplace_update=inplace_update, seed=seed, return_weight=return_weight, **kwargs)
                 q = self.weight.to(weight.device)
@@ -166,16 +186,32 @@ def int8_operations(load_device: torch.device | None = None) -> type:
                 if self.rotation:
                     change = rotate(change, self.rotation)
                 generator = torch.Generator(weight.device).manual_seed(int(seed or 0) & (2**63 - 1))
-                new_q, clipped = _stochastic_round(q, scale, change, generator)
-                if clipped:
-                    log.info("INT8 Studio: %d values of a patched int8 weight were clamped to ±127", clipped)
-                new_q = new_q.to(self.weight.device)
+                mode = "stochastic" if return_weight or self.merge_mode is None else self.merge_mode
+                rounded = round_change(q, scale, change, mode, generator)
+                if rounded.clipped:
+                    log.info("INT8 Studio: %d values of a patched int8 weight were clamped to ±127", rounded.clipped)
+                new_q = rounded.q.to(self.weight.device)
                 if return_weight:
                     return new_q
+                self._pending_scale = None if rounded.scale is scale else rounded.scale
                 if inplace_update:
                     self.weight.data.copy_(new_q)
                 else:
                     self.weight = nn.Parameter(new_q, requires_grad=False)
+
+            def set_weight_scale(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+                """ComfyUI storing the scale key of a patched layer: the scale :meth:`set_weight` chose
+                for the weight it just stored, else the layer's own scale unchanged (never ``weight``,
+                which ComfyUI cast to its LoRA dtype on the way)."""
+                scale = self._pending_scale if self._pending_scale is not None else self.weight_scale
+                self._pending_scale = None
+                scale = scale.to(device=weight.device, dtype=torch.float32)
+                if return_weight:
+                    return scale
+                if inplace_update:
+                    self.weight_scale.data.copy_(scale)
+                else:
+                    self.weight_scale = nn.Parameter(scale, requires_grad=False)
 
             def _apply(self, fn, recurse=True):
                 if not self.int8:
@@ -252,7 +288,8 @@ def _holds_int8(state_dict: dict, prefix: str) -> bool:
 
 
 def _load_int8(layer: nn.Module, state_dict: dict, prefix: str, missing_keys: list) -> None:
-    """Take an int8 layer's tensors out of ``state_dict`` into ``layer`` (checked by ``Int8Linear``)."""
+    """Take an int8 layer's tensors out of ``state_dict`` into ``layer`` (checked by
+    ``engine.int8.linear.check_int8_tensors``)."""
     entry = _marker(state_dict, prefix)
     state_dict.pop(f"{prefix}comfy_quant", None)
     weight = state_dict.pop(f"{prefix}weight")
@@ -266,15 +303,18 @@ def _load_int8(layer: nn.Module, state_dict: dict, prefix: str, missing_keys: li
             f"[{layer.out_features}, {layer.in_features}]"
         )
     bias = state_dict.pop(f"{prefix}bias", None)
+    # a static activation scale some int8 tools write (the seed node's files among them): activations
+    # are quantized per token here, as in the tools that read those files
+    state_dict.pop(f"{prefix}input_scale", None)
     try:
-        checked = Int8Linear(weight, scale, None, marker_group(entry))
+        weight, scale, rotation = check_int8_tensors(weight, scale, None, marker_group(entry))
     except (QuantizedLayerError, RotationError) as e:
         raise QuantizedLayerError(f"{name}: {e}") from None
     device = layer.factory_kwargs.get("device")
     dtype = layer.factory_kwargs.get("dtype")
-    layer.weight = nn.Parameter(checked.weight.to(device=device), requires_grad=False)
-    layer.weight_scale = nn.Parameter(checked.weight_scale.to(device=device), requires_grad=False)
-    layer.rotation = checked.rotation
+    layer.weight = nn.Parameter(weight.to(device=device), requires_grad=False)
+    layer.weight_scale = nn.Parameter(scale.to(device=device), requires_grad=False)
+    layer.rotation = rotation
     layer.int8 = True
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype or bias.dtype), requires_grad=False)
