@@ -18,6 +18,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from os import stat_result
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -210,7 +211,7 @@ def check_memory(what: str, nbytes: int) -> None:
         )
 
 
-def _regular_file(path: Path) -> os.stat_result:
+def _regular_file(path: Path) -> stat_result:
     """``path``'s status, refusing what is not a regular file (a FIFO or device would block a read)."""
     status = path.stat()
     if not stat.S_ISREG(status.st_mode):

@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 
-
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 

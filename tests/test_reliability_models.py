@@ -65,8 +65,10 @@ CASES = {
     ),
     "transposed weight, Flux.2": (
         flux2_case(_set("single_blocks.1.linear2.weight", lambda w: w.T)),
-        "Flux.2 model whose tensors do not fit its architecture (wrong shapes): single_blocks.1.linear2.weight "
-        f"is [256, 64], expected [64, 256]: {DAMAGE.format('Flux.2')}",
+        (
+            "Flux.2 model whose tensors do not fit its architecture (wrong shapes): "
+            f"single_blocks.1.linear2.weight is [256, 64], expected [64, 256]: {DAMAGE.format('Flux.2')}"
+        ),
     ),
     "fused qkv with rows missing": (
         zimage_case(_set("layers.0.attention.qkv.weight", lambda w: w[:-8])),
@@ -79,8 +81,10 @@ CASES = {
     ),
     "two blocks missing layers": (
         zimage_case(_drop("layers.1.feed_forward.w3.weight", "noise_refiner.0.attention.out.weight")),
-        "Z-Image model without tensors noise_refiner.0.attention.out.weight, layers.1.feed_forward.w3.weight: "
-        "the file is incomplete",
+        (
+            "Z-Image model without tensors noise_refiner.0.attention.out.weight, "
+            "layers.1.feed_forward.w3.weight: the file is incomplete"
+        ),
     ),
     "a vector where a matrix belongs": (
         zimage_case(_set("layers.0.attention.out.weight", lambda w: w[0])),
@@ -89,8 +93,10 @@ CASES = {
     ),
     "a vector where a matrix belongs, Flux.2": (
         flux2_case(_set("double_blocks.0.img_attn.qkv.weight", lambda w: w[:, 0])),
-        "Flux.2 model whose tensors do not fit its architecture (wrong number of dimensions): "
-        f"double_blocks.0.img_attn.qkv.weight is 1-D [192], not a matrix: {DAMAGE.format('Flux.2')}",
+        (
+            "Flux.2 model whose tensors do not fit its architecture (wrong number of dimensions): "
+            f"double_blocks.0.img_attn.qkv.weight is 1-D [192], not a matrix: {DAMAGE.format('Flux.2')}"
+        ),
     ),
     "a number where a vector belongs": (
         zimage_case(_set("layers.0.attention_norm1.weight", lambda w: w[0])),
