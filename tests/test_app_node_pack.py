@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QMessageBox
 from app.settings import Settings
 from app.ui.main_window import MainWindow
 from app.workers import Job
-from engine.node_pack import PACK_FOLDER, PackSource
+from engine.node_pack_status import PACK_FOLDER, PackSource
 from tests.test_node_pack import fake_comfyui, fake_python, fake_state
 
 WAIT = 30_000  # ms; generous for 2-core CI machines

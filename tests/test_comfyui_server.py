@@ -51,15 +51,8 @@ from engine.comfyui import open_install
 from engine.convert import ConvertRequest, run_convert
 from engine.demo import random_weights
 from engine.models import REGISTRY
-from engine.node_pack import (
-    MANIFEST,
-    PACK_FOLDER,
-    NodePackRequest,
-    PackSource,
-    node_pack_status,
-    run_install_node,
-    run_remove_node,
-)
+from engine.node_pack import NodePackRequest, run_install_node, run_remove_node
+from engine.node_pack_status import MANIFEST, PACK_FOLDER, PackSource, node_pack_status
 
 if not (SHARED / "unpack").exists():
     pytest.skip(f"the ComfyUI test tree is missing ({SHARED})", allow_module_level=True)

@@ -20,17 +20,19 @@ from engine.cli import main
 from engine.comfyui import ComfyInstall, open_install
 from engine.jobs import Progress
 from engine.node_pack import (
+    NodePackRequest,
+    find_comfy_python,
+    run_install_node,
+    run_remove_node,
+    triton_spec,
+)
+from engine.node_pack_status import (
     MANIFEST,
     NODE,
     PACK_FOLDER,
     NodePackError,
-    NodePackRequest,
     PackSource,
-    find_comfy_python,
     node_pack_status,
-    run_install_node,
-    run_remove_node,
-    triton_spec,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,11 +27,10 @@ from engine.node_pack import (
     PACKAGES_STAGE,
     NodePackRequest,
     NodePackResult,
-    PackStatus,
-    node_pack_status,
     run_install_node,
     run_remove_node,
 )
+from engine.node_pack_status import PackStatus, node_pack_status
 
 
 class NodePackRow(QWidget):

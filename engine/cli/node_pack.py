@@ -75,7 +75,7 @@ def _run_remove(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from engine.node_pack import node_pack_status
+    from engine.node_pack_status import node_pack_status
 
     install = _install(args)
     status = node_pack_status(install)
