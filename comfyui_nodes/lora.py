@@ -416,7 +416,16 @@ def _lora_path(lora_name: str) -> str:
     return folder_paths.get_full_path_or_raise("loras", lora_name)
 
 
-class Int8LoraMerged:
+class _LoraNode:
+    """What the two LoRA nodes share: a MODEL in, the model with one more LoRA out (chainable)."""
+
+    CATEGORY = "loaders"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA, for a sampler or another LoRA node.",)
+    FUNCTION = "apply"
+
+
+class Int8LoraMerged(_LoraNode):
     """One LoRA merged into the int8 weights when ComfyUI loads the model; chain nodes for several."""
 
     DESCRIPTION = (
@@ -424,11 +433,6 @@ class Int8LoraMerged:
         "they are summed and rounded to int8 once). The model runs at full int8 speed. Removing or "
         "changing the LoRA restores the weights from memory, without reloading the model file."
     )
-    CATEGORY = "loaders"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the LoRA, for a sampler or another LoRA node.",)
-    FUNCTION = "apply"
-
     @classmethod
     def INPUT_TYPES(cls):
         inputs = _lora_inputs(
@@ -453,7 +457,7 @@ class Int8LoraMerged:
         return (apply_merged(model, _lora_path(lora_name), strength, merge_mode),)
 
 
-class Int8LoraDynamic:
+class Int8LoraDynamic(_LoraNode):
     """One LoRA run beside the int8 weights (unmerged); chain nodes for several."""
 
     DESCRIPTION = (
@@ -462,11 +466,6 @@ class Int8LoraDynamic:
         "recompile; a little slower per step than a merged LoRA. Plain LoRAs only (use INT8 LoRA (merged) "
         "for LoHa, LoKr, DoRA or full diffs)."
     )
-    CATEGORY = "loaders"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the LoRA, for a sampler or another LoRA node.",)
-    FUNCTION = "apply"
-
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": _lora_inputs("How strongly the LoRA changes the model (1.0: as trained); "
