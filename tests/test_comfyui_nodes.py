@@ -30,7 +30,7 @@ for _package, _why in (
 from comfyui_env import LATENT_CHANNELS, SHARED, TINY, import_comfyui, tiny_detection, unpack
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_checkpoints import write_single_file
+from tiny_checkpoints import write_diffusers, write_single_file
 from tiny_loras import write_lora
 
 import comfyui_nodes
@@ -198,6 +198,30 @@ def test_a_file_comfyui_wrote(comfy, files, tmp_path):
     saved = load_diffusion_model(path)
     assert len(int8_layers(saved.model)) == len(int8_layers(load_ours(comfy, files["flux2", "rowwise"]).model))
     assert torch.equal(run(comfy, saved, "flux2"), run(comfy, load_ours(comfy, files["flux2", "rowwise"]), "flux2"))
+
+
+def test_zimage_from_a_diffusers_folder_runs_in_comfyui(comfy, tmp_path):
+    """A Z-Image diffusers folder converts to a complete file (its norm_final, which the diffusers layout
+    lacks and the model never uses, at the module's ones) that ComfyUI's own loader runs, with the
+    output of the same weights converted from a single file; our node runs it too."""
+    arch, config = REGISTRY["zimage"], TINY["zimage"]
+    tensors = dict(random_weights(arch, config, torch.bfloat16, torch.Generator().manual_seed(23)))
+    tensors["norm_final.weight"] = torch.ones_like(tensors["norm_final.weight"])
+    folder = tmp_path / "models"
+    folder.mkdir()
+    single = write_single_file(tmp_path / "zimage-single.safetensors", arch, tensors=tensors).path
+    diffusers = write_diffusers(tmp_path / "zimage-diffusers", arch, tensors=tensors, config=config).path
+    names = []
+    for source in (single, diffusers):
+        output = folder / f"{source.stem}-int8.safetensors"
+        result = run_convert(ConvertRequest(source, output=output, scheme="rowwise", device="cpu"))
+        with safe_open(str(result.output), "pt") as f:
+            assert "norm_final.weight" in f.keys()  # noqa: SIM118 (not a dict)
+        names.append(output.name)
+    comfy.folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    from_single, from_diffusers = (run(comfy, load_comfy(comfy, name), "zimage") for name in names)
+    assert torch.isfinite(from_diffusers).all() and torch.equal(from_diffusers, from_single)
+    assert torch.equal(run(comfy, load_ours(comfy, names[1]), "zimage"), run(comfy, load_ours(comfy, names[0]), "zimage"))
 
 
 def test_our_model_saves_as_comfyui_reads_it(comfy, files, tmp_path):

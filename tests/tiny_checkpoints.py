@@ -136,13 +136,15 @@ def write_diffusers(
     dtype: torch.dtype = torch.bfloat16,
     shards: int = 2,
     tensors: dict[str, torch.Tensor] | None = None,
+    config: Config | None = None,
 ) -> TinyCheckpoint:
     """``folder/transformer/`` with config.json and ``shards`` safetensors shards plus their index.
 
-    ``tensors`` are single-file tensors (default: fresh :func:`random_tensors`), split and renamed.
+    ``tensors`` are single-file tensors (default: fresh :func:`random_tensors`), split and renamed;
+    ``config`` is theirs when they are not of a tiny variant.
     """
     arch = architecture(arch)
-    config = arch.tiny[variant]
+    config = config or arch.tiny[variant]
     single = tensors or random_tensors(arch, variant, dtype)
     tensors = to_diffusers(arch, single, config)
     # what the diffusers layout does not hold (Z-Image's unused norm_final) the plan fills with ones
