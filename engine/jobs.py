@@ -42,6 +42,22 @@ class Cancelled(JobError):
         super().__init__(message)
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop request from outside the process (Ctrl-C, ``kill``, a closed terminal: the CLI's signal
+    handlers raise it in the main thread). It unwinds like Ctrl-C, so every writer's ``with`` block and
+    ``finally`` removes its temporary file."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(f"signal {signo}")
+        self.signo = signo
+
+
+STOP_REQUESTS: list[int] = []
+"""The stop signals this process received. A signal handler's exception can land where Python swallows
+it (a weakref callback, a ``__del__``): :meth:`CancelToken.check` raises it again at the job's next
+check, so a stop request is never lost."""
+
+
 class CancelToken:
     """Set from any thread; the job polls it between units of work and stops."""
 
@@ -56,7 +72,10 @@ class CancelToken:
         return self._event.is_set()
 
     def check(self) -> None:
-        """Raise :class:`Cancelled` if cancellation was requested."""
+        """Raise :class:`Cancelled` if cancellation was requested, :class:`Stopped` if the process was
+        asked to stop (in the main thread: where the signal handlers raise it)."""
+        if STOP_REQUESTS and threading.current_thread() is threading.main_thread():
+            raise Stopped(STOP_REQUESTS[0])
         if self._event.is_set():
             raise Cancelled()
 

@@ -191,7 +191,7 @@ def test_missing_tensor_is_named(tmp_path):
     with pytest.raises(ModelLayoutError) as err:
         load(ckpt.path)
     assert str(err.value) == (
-        "Flux.2 custom without tensor diffusion_model.double_blocks.1.img_mlp.0.weight: the file is incomplete"
+        "Flux.2 model without tensor diffusion_model.double_blocks.1.img_mlp.0.weight: the file is incomplete"
     )
 
 
@@ -213,8 +213,8 @@ def test_inconsistent_shape_is_named(tmp_path):
     with pytest.raises(ModelLayoutError) as err:
         load(ckpt.path)
     assert str(err.value) == (
-        "Z-Image custom: tensor layers.2.attention.out.weight has shape [64, 32], the model expects [64, 64]: "
-        "the file is inconsistent"
+        "Z-Image model whose tensors do not fit its architecture (wrong shapes): layers.2.attention.out.weight "
+        "is [64, 32], expected [64, 64]: the file is damaged or not a Z-Image model"
     )
 
 

@@ -15,21 +15,14 @@ import signal
 import sys
 import threading
 
+from engine.jobs import STOP_REQUESTS, Stopped  # light: no torch before the handlers are in place
+
 DESCRIPTION = __doc__.splitlines()[0]
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
 """The signals that ask the process to stop: Ctrl-C, ``kill``, a closed terminal."""
 BROKEN_PIPE_STATUS = 128 + 13  # as a Unix tool killed by SIGPIPE
-
-
-class Stopped(KeyboardInterrupt):
-    """Raised in the main thread by a stop signal: it unwinds like Ctrl-C, so every writer's ``with``
-    block and ``finally`` removes its temporary file."""
-
-    def __init__(self, signo: int) -> None:
-        super().__init__(signal.Signals(signo).name)
-        self.signo = signo
 
 
 _stopping: list[int] = []  # the first stop signal received (0: main() is returning)
@@ -39,12 +32,27 @@ def _on_stop(signo: int, _frame: object) -> None:
     if _stopping:  # already unwinding: let the clean-up finish
         return
     _stopping.append(signo)
+    STOP_REQUESTS.append(signo)
     raise Stopped(signo)
 
 
+def _unraisable(hook):
+    """``sys.unraisablehook`` that stays silent about a :class:`~engine.jobs.Stopped` Python swallowed
+    (raised in a weakref callback or a ``__del__``): the job's next cancel check raises it again."""
+
+    def quiet(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):
+            hook(unraisable)
+
+    return quiet
+
+
 def install_stop_handlers() -> None:
-    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` (once: later ones wait for the clean-up)."""
+    """Make SIGINT, SIGTERM and SIGHUP raise :class:`~engine.jobs.Stopped` (once: later ones wait for the
+    clean-up)."""
     _stopping.clear()
+    STOP_REQUESTS.clear()
+    sys.unraisablehook = _unraisable(sys.__unraisablehook__)
     for signo in STOP_SIGNALS:
         signal.signal(signo, _on_stop)
 
