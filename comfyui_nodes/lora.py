@@ -40,7 +40,7 @@ from engine.checkpoint import CheckpointReader
 from engine.int8.ops import LoraFactors
 from engine.lora import LoraError, LoraFile, LoraMatch, Patch, match_model
 from engine.lora.delta import factor
-from engine.lora.merge import patch_
+from engine.lora.merge import MODES, patch_
 from engine.models import detect
 from engine.models.spec import natural_key
 
@@ -48,7 +48,6 @@ from .loader import int8_layers, load_diffusion_model
 
 log = logging.getLogger("int8_studio")
 
-MERGE_MODES = {"auto": "auto", "requantize": "requant", "stochastic": "stochastic"}
 """The node's merge modes (the words a user reads) → the engine's (``engine.lora.merge``)."""
 DYNAMIC_PATCH = "int8_studio_lora"
 """The name :class:`DynamicLoras` is registered under in ComfyUI's ``transformer_options["patches"]``."""
@@ -240,13 +239,11 @@ def merged_patches(
 
 
 def apply_merged(model, path: str | os.PathLike, strength: float, mode: str):
-    """A clone of ``model`` with the LoRA in ``path`` merged at ``strength`` (``mode``: one of
-    :data:`MERGE_MODES`' keys or values) when ComfyUI loads it (module docstring)."""
-    engine_mode = MERGE_MODES.get(mode, mode)
-    if engine_mode not in MERGE_MODES.values():
-        raise Int8LoraError(
-            f"unknown merge mode {mode!r}; choose {', '.join(MERGE_MODES)}"
-        )
+    """A clone of ``model`` with the LoRA in ``path`` merged at ``strength`` (``mode``: one of the
+    engine's merge modes, ``engine.lora.merge.MODES``, as ``int8-studio lora merge --mode`` names them)
+    when ComfyUI loads it (module docstring)."""
+    if mode not in MODES:
+        raise Int8LoraError(f"unknown merge mode {mode!r}; choose {', '.join(MODES)}")
     match, tensors = match_lora(model, path)
     clone = model.clone()
     patches = merged_patches(match, tensors)
@@ -262,8 +259,8 @@ def apply_merged(model, path: str | os.PathLike, strength: float, mode: str):
     int8 = int8_layers(clone.model)
     layers = sorted({k.rsplit(".", 1)[0] for k in added} & set(int8), key=natural_key)
     for layer in layers:
-        clone.add_object_patch(f"{layer}.merge_mode", engine_mode)
-    if engine_mode != "stochastic":
+        clone.add_object_patch(f"{layer}.merge_mode", mode)
+    if mode != "stochastic":
         clone.add_patches(
             {f"{layer}.weight_scale": KeepScale() for layer in layers}, 1.0
         )
@@ -439,13 +436,13 @@ class Int8LoraMerged(_LoraNode):
             "How strongly the LoRA changes the model (1.0: as trained; negative values invert it)."
         )
         inputs["merge_mode"] = (
-            list(MERGE_MODES),
+            list(MODES),
             {
                 "default": "auto",
-                "tooltip": "How the merged weights go back to int8. requantize: new scales, rounded to "
+                "tooltip": "How the merged weights go back to int8. requant: new scales, rounded to "
                 "nearest (most accurate for strong LoRAs, but changes under half an int8 step are lost); "
                 "stochastic: the existing scales, rounded at random without bias (small changes survive "
-                "on average, with some noise); auto: requantize where it keeps 90% of a layer's change, "
+                "on average, with some noise); auto: requant where it keeps 90% of a layer's change, "
                 "stochastic elsewhere.",
             },
         )

@@ -181,7 +181,7 @@ def test_nodes_are_declared_as_comfyui_reads_them(comfy, loras):
         "required"
     ]
     assert (
-        merged["merge_mode"][0] == ["auto", "requantize", "stochastic"]
+        merged["merge_mode"][0] == ["auto", "requant", "stochastic"]
         and merged["merge_mode"][1]["default"] == "auto"
     )
     loader = comfyui_nodes.NODE_CLASS_MAPPINGS[
@@ -317,7 +317,7 @@ def test_merged_lora_against_the_float_merge(comfy, files, loras, arch, variant)
     base = load_ours(comfy, files[arch, variant])
     before = weights(loaded(comfy, base))
     results = {}
-    for mode in ("auto", "requantize", "stochastic"):
+    for mode in ("auto", "requant", "stochastic"):
         after = weights(loaded(comfy, merged_node(base, loras[arch], mode=mode)))
         results[mode] = against_float_merge(before, after, loras[arch])
     print(
@@ -327,7 +327,7 @@ def test_merged_lora_against_the_float_merge(comfy, files, loras, arch, variant)
     for mode, (err, kept) in results.items():
         assert 0.9 < kept < 1.1, mode
         assert err < (
-            0.75 if mode != "requantize" or variant != "tensorwise" else 1.0
+            0.75 if mode != "requant" or variant != "tensorwise" else 1.0
         ), mode
     assert unchanged(
         before, weights(loaded(comfy, base))
@@ -338,11 +338,11 @@ def test_merged_lora_chain_change_and_removal_restore_exactly(comfy, files, lora
     base = load_ours(comfy, files["flux2", "rowwise"])
     before = weights(loaded(comfy, base))
     out_before = run(comfy, base, "flux2")
-    one = merged_node(base, loras["flux2"], mode="requantize")
+    one = merged_node(base, loras["flux2"], mode="requant")
     one_weights = weights(loaded(comfy, one))
     assert not unchanged(before, one_weights)
     two = merged_node(
-        one, loras["flux2-diffusers"], strength=2.0, mode="requantize"
+        one, loras["flux2-diffusers"], strength=2.0, mode="requant"
     )  # chained: summed, rounded once
     both = loras["flux2"].merged(
         {n: w for n, w in before.items() if not n.endswith(".q")}, STRENGTH
@@ -367,7 +367,7 @@ def test_merged_lora_chain_change_and_removal_restore_exactly(comfy, files, lora
     print(f"two LoRAs chained: error {(err / change) ** 0.5:.1%} of the change")
     assert (err / change) ** 0.5 < 0.5
     weaker = merged_node(
-        base, loras["flux2"], strength=1.0, mode="requantize"
+        base, loras["flux2"], strength=1.0, mode="requant"
     )  # a changed strength
     assert not unchanged(one_weights, weights(loaded(comfy, weaker)))
     again = weights(loaded(comfy, one))  # back to the first: the same weights again
@@ -434,7 +434,7 @@ def test_comfyuis_own_lora_loader_on_each_family(comfy, files, loras, arch, vari
 def test_dynamic_lora_matches_the_merged_one(comfy, files, loras, arch):
     base = load_ours(comfy, files[arch, "rowwise"])
     plain = run(comfy, base, arch)
-    float_merge = run(comfy, merged_node(base, loras[arch], mode="requantize"), arch)
+    float_merge = run(comfy, merged_node(base, loras[arch], mode="requant"), arch)
     dynamic = dynamic_node(base, loras[arch])
     out = run(comfy, dynamic, arch)
     assert unchanged(
