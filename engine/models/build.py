@@ -22,25 +22,14 @@ from engine.jobs import CancelToken, JobError
 from engine.models.detect import DetectedModel, ModelLayoutError, detect
 from engine.models.spec import REGISTRY, Architecture, Config
 
-KNOWN_MODELS: dict[str, tuple[str, str]] = {
-    "flux2-klein-4b": ("flux2", "Klein 4B"),
-    "flux2-klein-9b": ("flux2", "Klein 9B"),
-    "flux2-dev": ("flux2", "dev"),
-    "chroma1-hd": ("chroma", "Chroma1-HD"),
-    "zimage-turbo": ("zimage", "Turbo/Base"),
-    "zimage-base": ("zimage", "Turbo/Base"),
-}
-"""Names a user can give instead of a file: released configs, built with random weights."""
-
-
 class UnknownModelNameError(JobError):
     """Neither a checkpoint file nor one of the known model names."""
 
 
 def model_names() -> dict[str, tuple[Architecture, str]]:
-    """Every name :func:`named_config` accepts: the released models, then each family's tiny configs
-    (``flux2-tiny``, …: real layouts at toy sizes, for CPU runs and tests)."""
-    names = {name: (REGISTRY[arch], variant) for name, (arch, variant) in KNOWN_MODELS.items()}
+    """Every name :func:`named_config` accepts: the released models (``Architecture.model_names``), then
+    each family's tiny configs (``flux2-tiny``, …: real layouts at toy sizes, for CPU runs and tests)."""
+    names = {name: (arch, variant) for arch in REGISTRY.values() for name, variant in arch.model_names.items()}
     for arch in REGISTRY.values():
         if arch.runnable:
             names |= {f"{arch.name}-{variant}": (arch, variant) for variant in arch.tiny}

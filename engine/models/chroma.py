@@ -51,6 +51,7 @@ class Chroma(Architecture):
     high_precision = (f"{APPROXIMATOR}.*", "img_in.*", "txt_in.*", "final_layer.*", "nerf_*")
     down_projections = FLUX_DOWN_PROJECTIONS
     first_blocks = ("double_blocks.0.*", "single_blocks.0.*")
+    model_names = {"chroma1-hd": "Chroma1-HD"}
     rules = (
         *FLUX_BLOCK_RULES,
         Rule(f"{APPROXIMATOR}.in_proj.{{p}}", f"{APPROXIMATOR}.in_proj.{{p}}"),

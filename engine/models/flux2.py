@@ -73,6 +73,7 @@ class Flux2(Architecture):
     high_precision += tuple(f"{m}.*" for m in MODULATIONS)
     down_projections = FLUX_DOWN_PROJECTIONS
     first_blocks = ("double_blocks.0.*", "single_blocks.0.*")
+    model_names = {"flux2-klein-4b": "Klein 4B", "flux2-klein-9b": "Klein 9B", "flux2-dev": "dev"}
     rules = (
         Rule("img_in.{p}", "x_embedder.{p}"),
         Rule("txt_in.{p}", "context_embedder.{p}"),

@@ -142,6 +142,8 @@ class Architecture:
       activation: the most heavy-tailed inputs, where a Hadamard rotation cuts the int8 error most.
     - ``first_blocks``: glob patterns of the first block of each stack of repeated blocks, which a
       cautious conversion keeps in high precision too (the app's "first block of each stack" preset).
+    - ``model_names``: names a user can give instead of a file (``flux2-klein-9b``) → their variant,
+      built with random weights (benchmarks without a download).
     """
 
     name: str
@@ -154,6 +156,7 @@ class Architecture:
     high_precision: tuple[str, ...]
     down_projections: tuple[str, ...] = ()
     first_blocks: tuple[str, ...] = ()
+    model_names: dict[str, str] = {}
     rules: tuple[Rule, ...]
 
     def config_from_shapes(self, shapes: Mapping[str, Shape]) -> dict[str, int | bool]:

@@ -81,6 +81,7 @@ class ZImage(Architecture):
     )  # fmt: skip
     down_projections = ("layers.*.feed_forward.w2.weight",)
     first_blocks = ("layers.0.*",)  # the refiners stay in high precision anyway
+    model_names = {"zimage-turbo": "Turbo/Base", "zimage-base": "Turbo/Base"}
     rules = (
         Rule("x_embedder.{p}", f"all_x_embedder.{PATCH}.{{p}}"),
         Rule("final_layer.{name}", f"all_final_layer.{PATCH}.{{name}}"),
