@@ -30,14 +30,18 @@ def sources(folder: str) -> list[Path]:
     return sorted((ROOT / folder).rglob("*.py"))
 
 
+COMFYUI = ("comfy", "comfy_extras", "comfy_kitchen", "comfy_aimdo", "folder_paths", "comfyui_nodes")
+"""ComfyUI's packages, and our node pack that runs inside it."""
+
 FORBIDDEN = {
-    "engine/models": ("engine.int8", "app", "PySide6", "comfy"),
-    "engine/int8": ("app", "PySide6", "comfy"),
-    "engine": ("app", "PySide6", "comfy"),
-    "app": ("comfy", "comfyui_nodes"),
+    "engine/models": ("engine.int8", "app", "PySide6", *COMFYUI),
+    "engine": ("app", "PySide6", *COMFYUI),
+    "app": COMFYUI,
+    "comfyui_nodes": ("app", "PySide6"),
 }
-"""Package → the modules none of its files may import (``engine/models``: model files are plain PyTorch;
-the engine never imports Qt; nothing but the node pack runs inside ComfyUI)."""
+"""Package → the modules none of its files may import, with their submodules (``engine/models``: model
+files are plain PyTorch; the engine never imports Qt; nothing but the node pack runs inside ComfyUI, and
+the pack never imports our ``app``: ComfyUI has a top-level ``app`` package of its own)."""
 
 EXCEPTIONS = {"engine/cli/desktop.py": {"app.__main__"}}
 """The console script opens the app when asked (a lazy import inside that one command)."""
@@ -46,26 +50,33 @@ SEAM = ("engine/fusion.py", "engine/heads.py")
 """The model↔int8 seam: plain PyTorch that both sides import, importing neither."""
 
 
+def within(module: str, packages) -> bool:
+    """``module`` is one of ``packages`` or inside one (``app.ui`` is in ``app``; ``appdirs`` is not)."""
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
 @pytest.mark.parametrize("package", FORBIDDEN)
 def test_packages_import_only_what_the_design_allows(package):
     for path in sources(package):
         allowed = EXCEPTIONS.get(str(path.relative_to(ROOT)), set())
-        imported = {m for m in imported_modules(path) if not any(m.startswith(a) for a in allowed)}
-        bad = {m for m in imported if m.split(".")[0] in FORBIDDEN[package] or m.startswith(FORBIDDEN[package])}
+        bad = {m for m in imported_modules(path) if within(m, FORBIDDEN[package]) and not within(m, allowed)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_checks_see_a_forbidden_import(tmp_path):
+    """The import scan itself: a model file importing int8 code is caught, in either import form, and
+    a module that only shares a prefix is not."""
+    path = tmp_path / "model.py"
+    path.write_text("import torch\nfrom engine.int8 import ops\nimport engine.int8.linear as l\nimport appdirs\n")
+    found = imported_modules(path)
+    assert {"engine.int8", "engine.int8.ops", "engine.int8.linear"} <= found
+    assert within("engine.int8.ops", FORBIDDEN["engine/models"]) and not within("appdirs", ("app",))
 
 
 @pytest.mark.parametrize("path", SEAM)
 def test_the_seam_imports_neither_side(path):
-    bad = {m for m in imported_modules(ROOT / path) if m.startswith(("engine.int8", "engine.models"))}
+    bad = {m for m in imported_modules(ROOT / path) if within(m, ("engine.int8", "engine.models"))}
     assert not bad, f"{path} imports {sorted(bad)}"
-
-
-def test_the_checks_see_a_forbidden_import(tmp_path):
-    """The import scan itself: a model file importing int8 code is caught, in either import form."""
-    path = tmp_path / "model.py"
-    path.write_text("import torch\nfrom engine.int8 import ops\nimport engine.int8.linear as l\n")
-    assert {"engine.int8", "engine.int8.ops", "engine.int8.linear"} <= imported_modules(path)
 
 
 def family_words() -> set[str]:
