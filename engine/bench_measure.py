@@ -23,8 +23,8 @@ DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 LAUNCH_BOUND = 0.95
-"""A step the host took this share of its time to enqueue kept the GPU waiting for it (Klein 9B at 512²
-on an H200 machine: int8 steps 100%, GPU-bound steps 30–70%; PERFORMANCE.md)."""
+"""A step the host took this share of its time to enqueue kept the GPU waiting for it: GPU-bound steps
+stay well below, launch-bound ones reach it (docs/PERFORMANCE.md, "512²")."""
 
 
 # --- the comparison format: row-wise fp8 ---------------------------------------------------------
