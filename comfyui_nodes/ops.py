@@ -46,11 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.convert import comfy_quant_entry, json_bytes
 from engine.int8.linear import QuantizedLayerError, check_int8_tensors
 from engine.int8.ops import int8_linear
 from engine.int8.quantize import dequantize_weight
-from engine.int8.rotation import RotationError, marker_group, parse_marker, rotate
+from engine.int8.rotation import (
+    RotationError,
+    comfy_quant_entry,
+    json_bytes,
+    marker_group,
+    parse_marker,
+    rotate,
+)
 from engine.lora.merge import round_change
 
 log = logging.getLogger("int8_studio")

@@ -23,13 +23,24 @@ from engine.checkpoint import CheckpointError, CheckpointReader, check_memory
 from engine.checkpoint_writer import CheckpointWriter
 from engine.int8.apply import rotation_group
 from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
-from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy, marker_fields
-from engine.jobs import CancelToken, JobError, OutputExistsError, ProgressFn, Reporter, check_name, display_name
+from engine.int8.rotation import (
+    ROTATION_POLICIES,
+    RotationPolicy,
+    comfy_quant_entry,
+    json_bytes,
+)
+from engine.jobs import (
+    CancelToken,
+    JobError,
+    OutputExistsError,
+    ProgressFn,
+    Reporter,
+    check_name,
+    display_name,
+)
 from engine.models import DetectedModel, OutputTensor, detect
 from engine.models.spec import natural_key
 
-INT8_FORMAT = "int8_tensorwise"
-"""The comfy_quant format of both schemes: ComfyUI reads the granularity off the scale's shape."""
 METADATA_PREFIX = "int8_studio."
 SHA256_KEY = METADATA_PREFIX + "source_sha256"
 ROTATION_SUFFIX = {"none": "", "down": "-rotdown", "all": "-rotated"}
@@ -65,16 +76,6 @@ class ConvertResult:
     bytes_in: int
     bytes_out: int
     seconds: float
-
-
-def comfy_quant_entry(rotation: int = 0) -> dict[str, object]:
-    """A layer's format marker; a rotated layer's also names its Hadamard group size."""
-    return {"format": INT8_FORMAT, **marker_fields(rotation)}
-
-
-def json_bytes(entry: dict) -> torch.Tensor:
-    """The uint8 tensor of a ``comfy_quant`` marker: the bytes of ``json.dumps(entry)``."""
-    return torch.tensor(list(json.dumps(entry).encode("utf-8")), dtype=torch.uint8)
 
 
 def source_root(model: DetectedModel, reader: CheckpointReader) -> Path:

@@ -9,7 +9,8 @@ lose most of their outliers before per-token int8 quantization, and their int8 e
 more; Gaussian-like inputs gain nothing and lose nothing.
 
 ``H`` is symmetric and orthogonal, so it is its own inverse: :func:`rotate` also un-rotates. A file
-marks a rotated layer with ``"convrot": true, "convrot_groupsize": G`` in its ``comfy_quant`` entry.
+marks a rotated layer with ``"convrot": true, "convrot_groupsize": G`` in its ``comfy_quant`` entry;
+this module reads and writes those markers (:func:`parse_marker`, :func:`comfy_quant_entry`).
 """
 
 from __future__ import annotations
@@ -107,3 +108,17 @@ def marker_group(entry: object) -> int:
 def marker_fields(group: int) -> dict[str, object]:
     """What a rotated layer adds to its ``comfy_quant`` entry."""
     return {"convrot": True, "convrot_groupsize": group} if group else {}
+
+
+INT8_FORMAT = "int8_tensorwise"
+"""The comfy_quant format of both schemes: ComfyUI reads the granularity off the scale's shape."""
+
+
+def comfy_quant_entry(rotation: int = 0) -> dict[str, object]:
+    """An int8 layer's ``comfy_quant`` marker; a rotated layer's also names its Hadamard group size."""
+    return {"format": INT8_FORMAT, **marker_fields(rotation)}
+
+
+def json_bytes(entry: dict) -> torch.Tensor:
+    """The uint8 tensor of a ``comfy_quant`` marker: the bytes of ``json.dumps(entry)``."""
+    return torch.tensor(list(json.dumps(entry).encode("utf-8")), dtype=torch.uint8)
