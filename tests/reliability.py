@@ -28,3 +28,12 @@ def refused(capsys, folder: Path, *argv: object, status: int = 2) -> str:
     assert err.startswith("int8-studio: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert digests(folder) == before  # inputs unchanged, no output, no temporary file
     return err.removeprefix("int8-studio: error: ").rstrip("\n")
+
+
+def comfyui(root: Path) -> Path:
+    """The least a folder needs to be a ComfyUI checkout to export into."""
+    (root / "comfy").mkdir(parents=True)
+    (root / "main.py").write_text("import folder_paths\n")
+    (root / "folder_paths.py").write_text("")
+    (root / "models" / "diffusion_models").mkdir(parents=True)
+    return root

@@ -18,20 +18,12 @@ from safetensors import safe_open
 from engine.checkpoint import CheckpointReader
 from engine.cli import main
 from engine.jobs import NAME_MAX
-from tests.reliability import digests, refused
+from tests.reliability import comfyui, digests, refused
 from tests.tiny_checkpoints import write_diffusers, write_single_file
 from tests.tiny_loras import write_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 posix = pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and byte file names are POSIX")
-
-
-def comfyui(root: Path) -> Path:
-    (root / "comfy").mkdir(parents=True)
-    (root / "main.py").write_text("import folder_paths\n")
-    (root / "folder_paths.py").write_text("")
-    (root / "models" / "diffusion_models").mkdir(parents=True)
-    return root
 
 
 @posix

@@ -3,7 +3,6 @@ writing, leaves its inputs as they were, prints one line and exits with 128 + th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability import comfyui, digests
 from tests.test_hub import REPO, FakeHub, hub, safetensors_bytes  # noqa: F401 (hub: the fixture)
 from tests.tiny_checkpoints import write_single_file
 from tests.tiny_loras import write_lora
@@ -25,23 +25,6 @@ INTERRUPTIONS = 30  # per job and signal
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="signals and fork are POSIX")
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def comfyui(root: Path) -> Path:
-    """The least a folder needs to be a ComfyUI checkout to export into."""
-    (root / "comfy").mkdir(parents=True)
-    (root / "main.py").write_text("import folder_paths\n")
-    (root / "folder_paths.py").write_text("")
-    (root / "models" / "diffusion_models").mkdir(parents=True)
-    return root
 
 
 def env() -> dict[str, str]:
