@@ -362,3 +362,21 @@ def test_comfyuis_lora_loader(comfy, files, tmp_path):
         patched.unpatch_model(device_to=patched.offload_device)
     print(f"flux2 + LoRA, partial load: {error(partial, reference):.3%}")
     assert error(partial, reference) <= ALLOWED * error(native, reference)
+
+
+def test_compiles_without_graph_breaks(comfy, files, monkeypatch):
+    """What ComfyUI's TorchCompileModel compiles (the diffusion model) traces as one graph with our int8
+    layers in it, given an attention that compiles (PyTorch's SDPA, what ComfyUI picks on a GPU); the
+    int8 op is in that graph, not run beside it."""
+    from comfy.ldm.flux import math as flux_math
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    monkeypatch.setattr(flux_math, "optimized_attention", attention_pytorch)
+    model = load_ours(comfy, files["flux2", "rowwise"])
+    comfy.mm.load_models_gpu([model])
+    x, sigma, kwargs = model_inputs("flux2", batch=1)
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(model.model.apply_model)(x, sigma, **kwargs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    assert "int8_studio" in explanation.graphs[0].code
