@@ -26,6 +26,7 @@ import psutil
 import torch
 
 from engine.jobs import JobError, short
+from engine.units import format_bytes  # noqa: F401  (where the engine and the app import it from)
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -61,17 +62,6 @@ DIFFUSERS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mod
 
 class CheckpointError(JobError):
     """A checkpoint that cannot be read or written; the message names the file."""
-
-
-def format_bytes(n: float) -> str:
-    """Human size with decimal units, as file managers and download pages show them: "9.2 GB"."""
-    if abs(n) < 1000:
-        return f"{int(n)} bytes"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1000
-        if abs(n) < 999.95 or unit == "TB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,14 @@ def _one(job: dict, signo: int | None, delay: float, log: str) -> dict:
 
 
 def main() -> None:
-    import engine.cli.parser  # noqa: F401 (everything a job imports, once, before the forks)
+    # everything a job imports, once, before the forks (the CLI itself imports each job only when it runs)
+    import engine.cli.parser  # noqa: F401
+    import engine.convert  # noqa: F401
+    import engine.demo  # noqa: F401
+    import engine.export  # noqa: F401
+    import engine.info  # noqa: F401
+    import engine.library  # noqa: F401
+    import engine.lora  # noqa: F401
 
     plan = json.load(sys.stdin)
     log = os.path.join(plan["scratch"], "child.log")

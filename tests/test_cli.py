@@ -227,3 +227,30 @@ def test_progress_bar_draws_on_a_terminal_only():
     assert re.search(r" 50%  ETA 1[0-2] s  t50", draws[1])  # 10 s for half: about 10 s left
     assert "100%" in draws[2] and "ETA" not in draws[2]
     assert lines[1].startswith("\rverifying [") and "100%" in lines[1]
+
+
+def test_help_imports_no_torch_triton_qt_or_hub():
+    """`int8-studio --help` starts in a fraction of a second: the parser and the command modules import
+    the heavy packages only inside the command that needs them (timings: benchmarks/startup.py)."""
+    heavy = ("torch", "triton", "PySide6", "huggingface_hub", "yaml")
+    code = (
+        "import sys\nfrom engine.cli.parser import build_parser\nbuild_parser('').format_help()\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_every_subcommand_still_builds_its_full_parser(capsys):
+    """Only the command being run gets its arguments; each one still parses them."""
+    from engine.cli.parser import build_parser, command_name
+
+    assert command_name(["--version"]) is None and command_name(["lora", "merge", "-o", "x"]) == "lora"
+    full = build_parser()
+    for name in ("convert", "inspect", "bench", "lora", "comfyui", "export", "library", "download", "app"):
+        with pytest.raises(SystemExit):
+            build_parser(name).parse_args([name, "--help"])
+        alone = capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            full.parse_args([name, "--help"])
+        assert capsys.readouterr().out == alone

@@ -6,17 +6,16 @@ import argparse
 import json
 from dataclasses import replace
 
-import torch
-
-from engine.bench import FORMATS, BenchRequest, bench_defaults, run_bench
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
-from engine.int8.quantize import SCHEMES
-from engine.int8.rotation import ROTATION_POLICIES
 
 
 @command("bench", help="seconds per step of a model in bf16, fp8 and int8, with each format's quality cost")
 def _bench_command(p: argparse.ArgumentParser) -> None:
+    from engine.bench import FORMATS, bench_defaults  # torch and Triton: only when `bench` is asked for
+    from engine.int8.quantize import SCHEMES
+    from engine.int8.rotation import ROTATION_POLICIES
+
     gpu, cpu = bench_defaults(gpu=True), bench_defaults(gpu=False)
     p.add_argument(
         "source", nargs="?",
@@ -61,6 +60,10 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.bench import BenchRequest, bench_defaults, run_bench
+
     if args.source is None:  # what the app's form starts from on this machine
         request = bench_defaults(gpu=args.device != "cpu" and torch.cuda.is_available())
     else:

@@ -8,23 +8,17 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.checkpoint import format_bytes
 from engine.cli import node_pack
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
-from engine.comfyui import ComfyInstall, ComfyUIError, find_installs
-from engine.export import EXPORT_KINDS, ExportRequest, ExportResult, run_export
-from engine.hub import EXAMPLE_REPO, DownloadRequest, plan_download, plan_summary, run_download
-from engine.library import (
-    LIBRARY_KINDS,
-    MODEL_KINDS,
-    LibraryRequest,
-    LibraryResult,
-    comfyui_folders,
-    export_kind,
-    run_library_scan,
-)
+from engine.units import format_bytes
+
+if TYPE_CHECKING:  # the jobs import huggingface_hub, yaml, torch: each command imports its own when it runs
+    from engine.comfyui import ComfyInstall
+    from engine.export import ExportResult
+    from engine.library import LibraryResult
 
 
 @command("comfyui", help="ComfyUI installs: 'comfyui find' lists them; 'comfyui install-node' adds our nodes")
@@ -38,6 +32,8 @@ def _comfyui_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_comfyui_find(args: argparse.Namespace) -> int:
+    from engine.comfyui import ComfyUIError, find_installs
+
     installs = find_installs(args.paths)
     if not installs:
         raise ComfyUIError("no ComfyUI install found in the usual places; give its folder: comfyui find PATH")
@@ -50,10 +46,14 @@ def _run_comfyui_find(args: argparse.Namespace) -> int:
 
 
 def _export_folders(install: ComfyInstall) -> dict[str, str]:
+    from engine.export import EXPORT_KINDS
+
     return {} if install.problems else {kind: str(install.export_folder(kind)) for kind in EXPORT_KINDS}
 
 
 def _describe_install(install: ComfyInstall) -> str:
+    from engine.library import LIBRARY_KINDS
+
     lines = [install.label]
     for kind, folder in _export_folders(install).items():
         lines.append(f"  {'export ' + kind:<24} {folder}")
@@ -70,6 +70,8 @@ def _describe_install(install: ComfyInstall) -> str:
 
 def _choose_install(path: Path | None) -> ComfyInstall:
     """The install a command means: the one given, else the only one found."""
+    from engine.comfyui import ComfyUIError, find_installs
+
     if path is not None:
         return find_installs([path])[0]
     installs = find_installs()
@@ -83,6 +85,8 @@ def _choose_install(path: Path | None) -> ComfyInstall:
 
 @command("export", help="put a converted or merged file into a ComfyUI models folder, verified")
 def _export_command(p: argparse.ArgumentParser) -> None:
+    from engine.export import EXPORT_KINDS
+
     p.add_argument("file", type=Path, help="the .safetensors file to export")
     p.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI folder (default: the one found)")
     p.add_argument(
@@ -106,6 +110,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _export(path: Path, install: ComfyInstall, kind: str | None, progress: ProgressBar, **options) -> ExportResult:
     """Export ``path`` into ``install``'s folder for ``kind`` (default: the file's own, as the app chooses)."""
+    from engine.export import ExportRequest, run_export
+    from engine.library import export_kind
+
     kind = kind or export_kind(path)
     request = ExportRequest(path, install.export_folder(kind), kind, **options)
     return run_export(request, progress=progress)
@@ -122,6 +129,9 @@ def _library_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_library(args: argparse.Namespace) -> int:
+    from engine.comfyui import ComfyUIError, find_installs
+    from engine.library import LibraryRequest, comfyui_folders, run_library_scan
+
     folders = [p for p in args.paths if not p.is_file()] if args.paths else comfyui_folders(find_installs())
     if not args.paths and not folders:
         raise ComfyUIError("no ComfyUI install found in the usual places; give the folders to scan")
@@ -136,6 +146,8 @@ def _run_library(args: argparse.Namespace) -> int:
 
 
 def _library_table(result: LibraryResult) -> str:
+    from engine.library import MODEL_KINDS
+
     lines = [f"{'kind':<16}{'model':<26}{'format':<28}{'size':>9}  {'date':<11}file"]
     for e in result.entries:
         what = e.model if e.kind in (*MODEL_KINDS, "LoRA") else e.note
@@ -147,6 +159,9 @@ def _library_table(result: LibraryResult) -> str:
 
 @command("download", help="download a model from the Hugging Face hub (sizes first, resumable, cancellable)")
 def _download_command(p: argparse.ArgumentParser) -> None:
+    from engine.export import EXPORT_KINDS
+    from engine.hub import EXAMPLE_REPO
+
     p.add_argument("repo", help=f"the repo, e.g. {EXAMPLE_REPO}")
     p.add_argument("files", nargs="*", metavar="FILE", help="files or patterns (default: the repo's model)")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
@@ -164,6 +179,9 @@ def _download_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from engine.comfyui import ComfyUIError
+    from engine.hub import DownloadRequest, plan_download, plan_summary, run_download
+
     request = DownloadRequest(args.repo, tuple(args.files), args.revision, folder=args.to, offline=args.offline)
     plan = plan_download(request)
     if args.comfyui is not None and any(f.name.endswith(".safetensors.index.json") for f in plan):

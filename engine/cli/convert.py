@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.checkpoint import format_bytes
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
-from engine.convert import ConvertRequest, ConvertResult, run_convert
-from engine.demo import build_demo_lora, build_demo_model
-from engine.info import CheckpointInfo, inspect_checkpoint
-from engine.int8.quantize import SCHEMES
-from engine.int8.rotation import ROTATION_POLICIES
+from engine.units import format_bytes
+
+if TYPE_CHECKING:  # the jobs import torch: each command imports its own when it runs
+    from engine.convert import ConvertResult
+    from engine.info import CheckpointInfo
 
 
 @command("convert", help="convert a checkpoint (single file or diffusers folder) to an INT8 file")
 def _convert_command(p: argparse.ArgumentParser) -> None:
+    from engine.int8.quantize import SCHEMES
+    from engine.int8.rotation import ROTATION_POLICIES
+
     p.add_argument("source", type=Path, help=".safetensors file, diffusers model folder or its index json")
     p.add_argument("-o", "--output", type=Path, help="default: <source>-int8-<scheme>.safetensors beside it")
     p.add_argument("--scheme", choices=SCHEMES, default="tensorwise", help="one scale per weight or per row")
@@ -43,6 +46,8 @@ def comma_separated(text: str) -> list[str]:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from engine.convert import ConvertRequest, run_convert
+
     request = ConvertRequest(
         args.source, args.output, args.scheme, tuple(args.keep),
         cast_float32_to_bf16=args.cast_float32, overwrite=args.force, rotate=args.rotate,
@@ -71,6 +76,8 @@ def _inspect_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from engine.info import inspect_checkpoint
+
     info = inspect_checkpoint(args.file)
     print(info.to_json() if args.json else describe(info))
     return 0
@@ -113,6 +120,10 @@ def _demo_command(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from engine.convert import ConvertRequest, run_convert
+    from engine.demo import build_demo_lora, build_demo_model
+    from engine.info import inspect_checkpoint
+
     with ProgressBar() as bar:  # each bar ends its line before anything is printed
         model = build_demo_model(args.folder, progress=bar)
     print(f"demo model: {model} ({format_bytes(model.stat().st_size)})")

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.checkpoint import format_bytes
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
-from engine.lora import MODES, LoraInfo, LoraMergeRequest, LoraSpec, MergeStats, inspect_lora, run_lora_merge
+from engine.units import format_bytes
+
+if TYPE_CHECKING:  # engine.lora imports torch: each command imports it when it runs
+    from engine.lora import LoraInfo, LoraSpec, MergeStats
 
 
 @command("lora", help="merge LoRAs into a model (INT8 or float), or show what a LoRA file is")
 def _lora_command(p: argparse.ArgumentParser) -> None:
+    from engine.lora import MODES
+
     sub = p.add_subparsers(dest="lora_command", metavar="COMMAND", required=True)
     merge = sub.add_parser("merge", help="merge LoRAs into a model and write a new file of the same format")
     merge.add_argument("model", type=Path, help="the model: INT8 or float .safetensors, or a diffusers folder")
@@ -43,6 +48,8 @@ def _lora_command(p: argparse.ArgumentParser) -> None:
 
 def lora_spec(text: str) -> LoraSpec:
     """``style.safetensors:0.8`` → (path, 0.8); a colon not followed by a number is part of the path."""
+    from engine.lora import LoraSpec
+
     path, colon, strength = text.rpartition(":")
     try:
         return LoraSpec(Path(path), float(strength)) if colon and path else LoraSpec(Path(text))
@@ -53,6 +60,8 @@ def lora_spec(text: str) -> LoraSpec:
 
 
 def _run_lora_merge(args: argparse.Namespace) -> int:
+    from engine.lora import LoraMergeRequest, run_lora_merge
+
     request = LoraMergeRequest(args.model, tuple(args.loras), args.output, args.mode, args.seed, args.force)
     with ProgressBar() as bar:
         r = run_lora_merge(request, progress=bar)
@@ -82,6 +91,8 @@ def describe_int8_merge(mode: str, stats: MergeStats) -> str:
 
 
 def _run_lora_inspect(args: argparse.Namespace) -> int:
+    from engine.lora import inspect_lora
+
     info = inspect_lora(args.lora, args.model)
     print(info.to_json() if args.json else describe_lora(info))
     return 0

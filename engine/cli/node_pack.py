@@ -10,7 +10,6 @@ from pathlib import Path
 
 from engine.cli.progress import ProgressBar
 from engine.jobs import Progress
-from engine.node_pack import PACKAGES_STAGE
 
 
 def add_actions(actions: argparse._SubParsersAction) -> None:
@@ -42,6 +41,8 @@ class _Streamed:
         self.bar = bar
 
     def __call__(self, p: Progress) -> None:
+        from engine.node_pack import PACKAGES_STAGE
+
         if p.stage == PACKAGES_STAGE:
             if p.message:
                 print(p.message, file=sys.stderr, flush=True)

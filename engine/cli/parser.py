@@ -1,6 +1,9 @@
 """The parser: every command module registers its subcommands; :func:`run` parses and runs one.
 
-Imported by :func:`engine.cli.main` only once its stop handlers are in place (this imports torch)."""
+Imported by :func:`engine.cli.main` once its stop handlers are in place. Light: the command modules
+import torch, Triton, Qt and the hub client only inside the command that needs them, and only the
+subcommand being run gets its full parser (a builder may import a job for its choices), so ``--help``
+and ``inspect`` start in a fraction of a second (benchmarks/startup.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ GROUPS = (convert, bench, lora, desktop, comfyui)
 """The command modules (importing one registers its commands), in the order ``--help`` lists them."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand, with its full arguments for ``command`` only (all of them when None, none when
+    ``""``: the top-level ``--help`` lists the commands' names and help lines only)."""
     from engine.cli import DESCRIPTION
 
     parser = argparse.ArgumentParser(prog="int8-studio", description=DESCRIPTION)
@@ -24,17 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     order = {group.__name__: n for n, group in enumerate(GROUPS)}
     for name, (help_text, build) in sorted(COMMANDS.items(), key=lambda item: order[item[1][1].__module__]):
-        build(sub.add_parser(name, help=help_text, description=help_text))
+        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or name == command:
+            build(subparser)
     return parser
+
+
+def command_name(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` runs: its first word that is not an option (the top level has only
+    ``--help`` and ``--version``, which take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def run(argv: list[str]) -> int:
     """Parse ``argv`` and run its command; a :class:`JobError` is one line on stderr and status 2."""
     if not argv:
         return desktop.open_app()
-    args = build_parser().parse_args(argv)
+    parser = build_parser(command_name(argv) or "")
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        build_parser().print_help()
+        parser.print_help()
         return 2
     try:
         return args.func(args) or 0
