@@ -27,7 +27,6 @@ def run(args: argparse.Namespace) -> int:
 
     from app.settings import Settings
     from app.ui import theme
-    from app.ui.main_window import MainWindow
     from engine import __version__
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
@@ -35,15 +34,25 @@ def run(args: argparse.Namespace) -> int:
     app.setApplicationName("INT8 Studio")
     app.setApplicationVersion(__version__)
     app.setWindowIcon(theme.icon("logo", "#000000"))
-    window = MainWindow(Settings())
+    window = open_window(args, Settings())  # noqa: F841  (kept alive until the app quits)
+    return app.exec()
+
+
+def open_window(args: argparse.Namespace, settings):
+    """The main window, shown: on the page for ``args.file`` (not the page last used), on Convert with
+    the demo model for ``--demo``, else on the page last used."""
+    from app.ui.main_window import MainWindow
+
+    window = MainWindow(settings)
     window.show()
     if args.file:
-        window.open_path(None, args.file)
+        from app.ui.library import page_for_path
+
+        window.open_path(page_for_path(args.file), args.file)
     elif args.demo:
         window.show_page("convert")
         window.pages["convert"].use_demo()
-    return app.exec()
-
+    return window
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -690,3 +690,23 @@ def test_status_bar_shows_hardware(window):
     else:
         assert text == "CPU only: INT8 speed-up needs an NVIDIA GPU"
     assert window.ram_label.text().startswith("RAM ") and " free of " in window.ram_label.text()
+
+
+def test_app_file_opens_on_the_page_for_that_file(qtbot, settings, demo, demo_int8, tmp_path):
+    """`int8-studio app FILE`: a float model on Convert, an INT8 one on Export, a LoRA on LoRA, whichever
+    page was used last."""
+    import argparse
+
+    from app.__main__ import open_window
+
+    lora = write_lora(tmp_path / "style.safetensors", "flux2", "kohya", config=DEMO_CONFIG).path
+    for path, page, field in ((demo, "convert", "source"), (demo_int8, "export", "source"), (lora, "lora", None)):
+        settings.page = "benchmark"
+        window = open_window(argparse.Namespace(file=path, demo=False), settings)
+        qtbot.addWidget(window)
+        assert window.current_page().key == page, path
+        if field:
+            assert getattr(window.pages[page], field).path() == path
+        for job in Job.active():
+            job.cancel()
+        qtbot.waitUntil(lambda: not Job.active(), timeout=WAIT)

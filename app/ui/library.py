@@ -41,6 +41,7 @@ from engine.library import (
     LibraryRequest,
     LibraryResult,
     comfyui_folders,
+    describe_file,
     run_library_scan,
 )
 
@@ -347,12 +348,8 @@ class LibraryPage(Page):
     def _open_default(self) -> None:
         """Double-click: convert a source model, export an INT8 one, stack a LoRA."""
         entry = self.selected()
-        if entry is None or entry.kind not in (*MODEL_KINDS, "LoRA"):
-            return
-        if entry.kind == "LoRA":
-            self._send("lora")
-        else:
-            self._send("export" if entry.format.startswith("int8") else "convert")
+        if entry is not None and entry.kind in (*MODEL_KINDS, "LoRA"):
+            self._send(page_for(entry))
 
     def _send(self, page: str) -> None:
         entry = self.selected()
@@ -363,3 +360,19 @@ class LibraryPage(Page):
 def _found(result: LibraryResult, folders: int) -> str:
     text = f"{len(result.entries)} files in {folders} folders."
     return text + (f" Not found: {', '.join(map(str, result.missing))}." if result.missing else "")
+
+
+def page_for(entry: LibraryEntry) -> str:
+    """The page a file opens on by default: a LoRA on LoRA, an INT8 model on Export, anything else
+    (a float model, a diffusers folder, a file that cannot be read: the page says why) on Convert."""
+    if entry.kind == "LoRA":
+        return "lora"
+    return "export" if entry.kind in MODEL_KINDS and entry.format.startswith("int8") else "convert"
+
+
+def page_for_path(path: Path) -> str:
+    """:func:`page_for` of a file on disk, from its header (a folder: Convert)."""
+    try:
+        return "convert" if path.is_dir() else page_for(describe_file(path))
+    except OSError:
+        return "convert"
