@@ -10,10 +10,12 @@ imported, so a stop request during start-up ends as quietly as one during a job.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 from engine.jobs import STOP_REQUESTS, Stopped  # light: no torch before the handlers are in place
 
@@ -57,16 +59,31 @@ def install_stop_handlers() -> None:
         signal.signal(signo, _on_stop)
 
 
+@contextlib.contextmanager
+def _held(signals) -> Iterator[None]:
+    """Hold ``signals`` back (POSIX) while the handlers and the output streams are set up: a stop that
+    landed inside ``reconfigure`` could leave stderr unable to say why the process ended."""
+    if not signals or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     in_main_thread = threading.current_thread() is threading.main_thread()  # (tests may run us elsewhere)
     previous = {signo: signal.getsignal(signo) for signo in STOP_SIGNALS} if in_main_thread else {}
     try:
-        if in_main_thread:
-            install_stop_handlers()
-        for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is shown, not a traceback
-            if hasattr(stream, "reconfigure"):
-                stream.reconfigure(errors="backslashreplace")
+        with _held(STOP_SIGNALS if in_main_thread else ()):  # a stop now is taken once both are done
+            if in_main_thread:
+                install_stop_handlers()
+            for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8 is shown, not a traceback
+                if hasattr(stream, "reconfigure"):
+                    stream.reconfigure(errors="backslashreplace")
         from engine.cli.parser import run
 
         return run(argv)
