@@ -106,10 +106,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
+    """``line`` on stderr, straight to the file descriptor if Python's stream cannot take it."""
     try:
-        print(line, file=sys.stderr)
+        print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):
-        pass  # no stderr left to tell
+        try:
+            os.write(2, f"{line}\n".encode(errors="backslashreplace"))
+        except OSError:
+            pass  # no stderr left to tell
 
 
 def _quiet_stdout() -> None:
