@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.qt_libraries import check_qt_platform
+
+    problem = check_qt_platform()
+    if problem:  # Qt would abort the process with a message that names no library
+        print(problem, file=sys.stderr)
+        return 2
     from PySide6.QtWidgets import QApplication
 
     from app.settings import Settings
