@@ -39,7 +39,7 @@ import torch
 from engine.checkpoint import CheckpointReader
 from engine.int8.ops import LoraFactors
 from engine.lora import LoraError, LoraFile, LoraMatch, Patch, match_model
-from engine.lora.delta import factor
+from engine.lora.dynamic import layer_factors
 from engine.lora.merge import MODES, patch_
 from engine.models import detect
 from engine.models.spec import natural_key
@@ -327,36 +327,19 @@ class DynamicLoras:
 
 def dynamic_factors(match: LoraMatch, tensors: Mapping[str, torch.Tensor], strength: float,
                     shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, DynamicLora]:  # fmt: skip
-    """Layer name (ComfyUI's) → the LoRA's factors at ``strength``; split q/k/v land on their rows of a
-    fused weight through zero rows in ``up``. Only plain low-rank layers can run unmerged."""
-    lora = _Tensors(match.lora.name, tensors)
-    by_layer: dict[str, list[Patch]] = {}
-    for patch in match.patches:
-        if patch.part != "weight" or patch.layer.kind != "lora" or patch.layer.dora:
-            raise Int8LoraError(
-                f"{match.lora.name} has {patch.layer.label} layers ('{patch.layer.stem}'), which only work "
-                "merged: use 'INT8 LoRA (merged)' for it"
-            )
-        by_layer.setdefault(patch.target.removesuffix(".weight"), []).append(patch)
-    cpu = torch.device("cpu")
-    out = {}
-    for layer, patches in by_layer.items():
-        downs, ups, scales = [], [], []
-        for patch in patches:
-            down = factor(lora, patch.layer, "down", cpu)
-            rows = factor(lora, patch.layer, "up", cpu)
-            up = rows.new_zeros(shapes[f"{layer}.weight"][0], down.shape[0])
-            for s in patch.segments:
-                up[s.dst : s.dst + s.length] = rows[s.src : s.src + s.length]
-            downs.append(down)
-            ups.append(up)
-            scales.append(torch.full((down.shape[0],), patch.layer.scale * strength))
-        out[PREFIX + layer] = DynamicLora(
-            torch.cat(downs).to(dtype),
-            torch.cat(ups, dim=1).to(dtype),
-            torch.cat(scales),
-        )
-    return out
+    """Layer name (ComfyUI's) → the LoRA's factors at ``strength`` (``engine.lora.dynamic.layer_factors``:
+    split q/k/v through zero rows in ``up``; only plain low-rank layers can run unmerged)."""
+    try:
+        factors = layer_factors(
+            match, _Tensors(match.lora.name, tensors), lambda layer: shapes[f"{layer}.weight"][0],
+            merged_instead="use 'INT8 LoRA (merged)' for it",
+        )  # fmt: skip
+    except LoraError as e:
+        raise Int8LoraError(str(e)) from None
+    return {
+        PREFIX + layer: DynamicLora(f.down.to(dtype), f.up.to(dtype), f.unit * strength)
+        for layer, f in factors.items()
+    }
 
 
 def apply_dynamic(model, path: str | os.PathLike, strength: float):

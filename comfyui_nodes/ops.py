@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.linear import QuantizedLayerError, check_int8_tensors
+from engine.int8.linear import QuantizedLayerError, check_int8_tensors, int8_kind
 from engine.int8.ops import int8_linear
 from engine.int8.quantize import dequantize_weight
 from engine.int8.rotation import (
@@ -240,9 +240,7 @@ def int8_operations(load_device: torch.device | None = None) -> type:
             def extra_repr(self):
                 if not self.int8:
                     return super().extra_repr()
-                kind = "tensorwise" if self.weight_scale.ndim == 0 else "rowwise"
-                if self.rotation:
-                    kind += f", rotated by {self.rotation}"
+                kind = int8_kind(self.weight_scale, self.rotation)
                 return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 {kind} (INT8 Studio)"
 
     return Int8StudioOperations

@@ -80,6 +80,12 @@ def check_int8_tensors(
     return weight, scale.to(weight.device), _checked_rotation(rotation, in_features)
 
 
+def int8_kind(weight_scale: torch.Tensor, rotation: int) -> str:
+    """An int8 layer's kind in words, for reprs: its scheme ("rowwise", "tensorwise") and rotation."""
+    kind = "tensorwise" if weight_scale.ndim == 0 else "rowwise"
+    return f"{kind}, rotated by {rotation}" if rotation else kind
+
+
 def _take_file_format(module: Int8Linear, state_dict, prefix, *args) -> None:
     """``load_state_dict``'s pre-hook: take the file's ``comfy_quant`` marker (whether the weight is
     rotated) out of ``state_dict``, and its ``weight_scale`` in whichever accepted kind or shape it has
@@ -201,7 +207,5 @@ class Int8Linear(FusedLinear):
         return self
 
     def extra_repr(self) -> str:
-        kind = "tensorwise" if self.weight_scale.ndim == 0 else "rowwise"
-        if self.rotation:
-            kind += f", rotated by {self.rotation}"
+        kind = int8_kind(self.weight_scale, self.rotation)
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kind}"

@@ -15,7 +15,7 @@ DoRA and bias diffs change the weight in ways two thin matmuls cannot express, a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,42 @@ class LoraAdapter(nn.Module):
         return f"rank={self.down.shape[0]}, loras={list(self.blocks)}"
 
 
+def layer_factors(
+    match: LoraMatch,
+    lora,
+    out_features: Callable[[str], int],
+    merged_instead: str = "merge it into the model instead",
+) -> dict[str, Factors]:
+    """Each adapted layer's factors (module name → :class:`Factors`, float32 on the CPU) of ``match``,
+    the tensors read from ``lora`` (a ``LoraFile``, or anything with its ``name`` and ``get(key)``).
+    Split q/k/v land on their rows of a fused weight (``out_features(layer)`` rows) through zero rows
+    in ``up``. Only plain low-rank layers run unmerged: others are a :class:`LoraError` that ends with
+    ``merged_instead``, what to do instead."""
+    by_layer: dict[str, list] = {}
+    for patch in match.patches:
+        if patch.part != "weight" or patch.layer.kind != "lora" or patch.layer.dora:
+            layer = patch.layer
+            raise LoraError(
+                f"{lora.name} has {layer.label} layers ('{layer.stem}'), which only work merged: {merged_instead}"
+            )
+        by_layer.setdefault(patch.target.removesuffix(".weight"), []).append(patch)
+    cpu = torch.device("cpu")
+    factors = {}
+    for layer, patches in by_layer.items():
+        downs, ups, units = [], [], []
+        for patch in patches:
+            down = factor(lora, patch.layer, "down", cpu)
+            up_rows = factor(lora, patch.layer, "up", cpu)
+            up = up_rows.new_zeros(out_features(layer), down.shape[0])  # zero rows: what it does not adapt
+            for s in patch.segments:
+                up[s.dst : s.dst + s.length] = up_rows[s.src : s.src + s.length]
+            downs.append(down)
+            ups.append(up)
+            units.append(torch.full((down.shape[0],), patch.layer.scale))
+        factors[layer] = Factors(torch.cat(downs), torch.cat(ups, dim=1), torch.cat(units))
+    return factors
+
+
 def _add_adapter(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     return output + module.lora_adapter(inputs[0])
 
@@ -89,31 +125,7 @@ class DynamicLoras:
 
     def add(self, match: LoraMatch, strength: float = 1.0, name: str | None = None) -> str:
         """Add a LoRA matched onto this model (``match_model``); returns the name it goes by."""
-        by_layer: dict[str, list] = {}
-        for patch in match.patches:
-            if patch.part != "weight" or patch.layer.kind != "lora" or patch.layer.dora:
-                layer = patch.layer
-                raise LoraError(
-                    f"{match.lora.name} has {layer.label} layers ('{layer.stem}'), which only work merged: "
-                    "merge it into the model instead"
-                )
-            by_layer.setdefault(patch.target.removesuffix(".weight"), []).append(patch)
-        factors = {}
-        for layer, patches in by_layer.items():
-            weight = self._layer(layer).weight
-            downs, ups, units = [], [], []
-            for patch in patches:
-                down = factor(match.lora, patch.layer, "down", weight.device)
-                up_rows = factor(match.lora, patch.layer, "up", weight.device)
-                up = up_rows.new_zeros(
-                    weight.shape[0], down.shape[0]
-                )  # zero rows: the parts it does not adapt
-                for s in patch.segments:
-                    up[s.dst : s.dst + s.length] = up_rows[s.src : s.src + s.length]
-                downs.append(down)
-                ups.append(up)
-                units.append(torch.full((down.shape[0],), patch.layer.scale))
-            factors[layer] = Factors(torch.cat(downs), torch.cat(ups, dim=1), torch.cat(units))
+        factors = layer_factors(match, match.lora, lambda layer: self._layer(layer).weight.shape[0])
         return self.add_factors(name or match.lora.name, factors, strength)
 
     def add_factors(self, name: str, factors: Mapping[str, Factors], strength: float = 1.0) -> str:
