@@ -66,7 +66,7 @@ def needs_conversion(path: Path) -> bool:
             model = detect(reader)
         except JobError:
             return False  # not a model the converter knows: ComfyUI loads it as it is (or says why not)
-        return not any(fmt.startswith("int8") for fmt in model.layer_formats.values())
+        return not model.int8_layers
 
 
 def cache_key(path: Path, scheme: str, rotate: str) -> str:

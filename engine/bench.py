@@ -208,7 +208,7 @@ def _source(request: BenchRequest, reader: CheckpointReader | None) -> _Source:
         lambda device, keep_int8, make: checkpoint_filler(
             reader, detected, device, DTYPE, make=make, stored=Int8Layers(reader, detected, DTYPE, not keep_int8)
         ),
-        frozenset(f"{layer}.weight" for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")),
+        frozenset(f"{layer}.weight" for layer in detected.int8_layers),
     )
 
 

@@ -58,7 +58,7 @@ class Int8Layers:
     holding the dequantized weight in ``dtype``."""
 
     def __init__(self, reader: CheckpointReader, detected: DetectedModel, dtype: torch.dtype, dequantize: bool = False):
-        self.layers = {layer for layer, fmt in detected.layer_formats.items() if fmt.startswith("int8")}
+        self.layers = set(detected.int8_layers)
         self.rotations = layer_rotations(reader, detected)
         self.dtype, self.dequantize = dtype, dequantize
 
@@ -84,9 +84,7 @@ def layer_rotations(reader: CheckpointReader, detected: DetectedModel) -> dict[s
     markers = {t.name: t for t in detected.tensors if t.name.endswith(".comfy_quant")}
     listed = listed_layers(reader.metadata) or {}
     groups = {}
-    for layer, fmt in detected.layer_formats.items():
-        if not fmt.startswith("int8"):
-            continue
+    for layer in detected.int8_layers:
         marker = markers.get(f"{layer}.comfy_quant")
         if marker is not None:
             entry = parse_marker(marker.build([reader.get(s) for s in marker.sources]), marker.sources[0])

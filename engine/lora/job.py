@@ -143,11 +143,7 @@ def _check(request: LoraMergeRequest) -> None:
 
 def _int8_scales(model: DetectedModel) -> dict[str, str]:
     """int8 weight name → its scale's name."""
-    return {
-        f"{layer}.weight": f"{layer}.weight_scale"
-        for layer, fmt in model.layer_formats.items()
-        if fmt.startswith("int8")
-    }
+    return {f"{layer}.weight": f"{layer}.weight_scale" for layer in model.int8_layers}
 
 
 def _scales_after_weights(plan: list[OutputTensor], scales: Mapping[str, str]) -> list[OutputTensor]:

@@ -77,6 +77,11 @@ class DetectedModel:
     other_tensors: tuple[str, ...] = ()  # reader keys outside the prefix (a full checkpoint's VAE, …)
 
     @property
+    def int8_layers(self) -> list[str]:
+        """The layers the source stores in int8 (row-wise or tensor-wise), in its order."""
+        return [layer for layer, fmt in self.layer_formats.items() if fmt.startswith("int8")]
+
+    @property
     def label(self) -> str:
         return f"{self.arch.label} {self.variant}"
 
