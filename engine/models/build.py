@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -97,18 +97,20 @@ def random_filler(
     def fill(model: nn.Module, wanted: Callable[[str], bool]) -> None:
         for name, param in list(model.named_parameters()):
             if wanted(name) and param.is_meta:
-                generator = torch.Generator(device).manual_seed(_tensor_seed(seed, name))
-                _assign(model, name, _random_tensor(name, param.shape, generator, device, dtype))
+                _assign(model, name, random_tensor(name, param.shape, device, dtype, seed))
                 _replace_when_complete(model, arch, name, make)
 
     return fill
 
 
-def _random_tensor(
-    name: str, shape: torch.Size, generator: torch.Generator, device: torch.device, dtype: torch.dtype
+def random_tensor(
+    name: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> torch.Tensor:
-    """Weights that keep activations at unit scale (std 1/√in), norm scales near 1, small biases."""
-    t = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    """The tensor ``name`` of a random model, drawn with a generator of its own (seeded from ``seed``
+    and the name): weights that keep activations at unit scale (std 1/√in), norm scales near 1, small
+    biases."""
+    generator = torch.Generator(device).manual_seed(_tensor_seed(seed, name))
+    t = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     if len(shape) == 2 and name.endswith(".weight"):
         return t.mul_(1 / math.sqrt(shape[1]))
     if name.endswith(".bias"):
