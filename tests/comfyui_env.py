@@ -84,8 +84,11 @@ class _StandIn(types.ModuleType):
 
 
 class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, packages: tuple[str, ...]) -> None:
+        self.packages = packages
+
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in STANDINS:
+        if name.split(".")[0] in self.packages:
             return importlib.machinery.ModuleSpec(name, self, is_package=True)
         return None
 
@@ -100,21 +103,25 @@ class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 @contextlib.contextmanager
-def _stand_ins() -> Iterator[None]:
-    finder = _StandIns()
+def _stand_ins(packages: tuple[str, ...]) -> Iterator[None]:
+    finder = _StandIns(packages)
     sys.meta_path.insert(0, finder)
     try:
         yield
     finally:
         sys.meta_path.remove(finder)
-        for name in [n for n in sys.modules if n.split(".")[0] in STANDINS]:
+        for name in [n for n in sys.modules if n.split(".")[0] in packages]:
             if isinstance(sys.modules[name], _StandIn):
                 del sys.modules[name]
 
 
-def import_comfyui(tree: Path, home: Path) -> types.SimpleNamespace:
-    """ComfyUI's modules from ``tree``, set up as ``main.py --cpu`` sets them up (``home`` stands in
-    for the user's home folder while they import). Once per process: ComfyUI's modules are global."""
+def import_comfyui(
+    tree: Path, home: Path, cpu: bool = True, stand_ins: tuple[str, ...] = STANDINS
+) -> types.SimpleNamespace:
+    """ComfyUI's modules from ``tree``, set up as ``main.py --cpu`` sets them up (``cpu=False``: as
+    ``main.py`` on the GPU; ``home`` stands in for the user's home folder while they import), the
+    packages in ``stand_ins`` answered by stand-in modules. Once per process: ComfyUI's modules are
+    global."""
     if "comfy.sd" in sys.modules:
         loaded = Path(sys.modules["comfy"].__path__[0]).parent
         if loaded != tree:
@@ -130,12 +137,12 @@ def import_comfyui(tree: Path, home: Path) -> types.SimpleNamespace:
         os.environ.update(HOME=str(home), USERPROFILE=str(home), XDG_CONFIG_HOME=str(home / ".config"),
                           XDG_CACHE_HOME=str(home / ".cache"))  # fmt: skip
         try:
-            with _stand_ins():
+            with _stand_ins(stand_ins):
                 import comfy.cli_args
                 import comfy.options
 
                 comfy.options.enable_args_parsing(False)
-                comfy.cli_args.args.cpu = True  # what --cpu sets, before model_management reads it
+                comfy.cli_args.args.cpu = cpu  # what --cpu sets, before model_management reads it
                 for name in ("comfy.model_management", "comfy.sd", "comfy.sample", "comfy.samplers", "nodes"):
                     importlib.import_module(name)
         finally:
