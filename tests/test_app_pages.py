@@ -11,7 +11,7 @@ import pytest
 import torch
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QPalette
-from PySide6.QtWidgets import QApplication, QLabel, QMessageBox
+from PySide6.QtWidgets import QApplication, QLabel, QMessageBox, QPushButton
 
 from app import system
 from app.settings import Settings
@@ -157,22 +157,21 @@ def test_cancel_mid_conversion_leaves_nothing_behind(qtbot, window, demo):
     assert page.convert_button.isEnabled()
 
 
-def test_unreadable_file_shows_the_engines_message(qtbot, window, tmp_path):
+def test_unreadable_file_shows_the_engines_message_once(qtbot, window, tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(random.randbytes(random.randint(1, 4000)))
     with pytest.raises(JobError) as expected:
         inspect_checkpoint(bad)
     page = window.pages["convert"]
     page.open_path(bad)
-    box = message_box(qtbot, window, "jobError")
-    assert box.text() == str(expected.value)
-    assert box.windowTitle() == "Reading the checkpoint failed"
-    assert page.source_problem.isVisible() and not page.convert_button.isEnabled()
-    box.button(QMessageBox.StandardButton.Ok).click()
+    qtbot.waitUntil(lambda: page.source_problem.isVisible(), timeout=WAIT)
+    assert page.source_problem.label.text() == str(expected.value)
+    assert not page.convert_button.isEnabled()
+    assert window.findChild(QMessageBox) is None  # shown once: beside the field, not also in a dialog
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "settings.ini"]
 
 
-def test_existing_output_is_refused_in_a_dialog(qtbot, window, demo):
+def test_existing_output_is_refused_in_place(qtbot, window, demo):
     output = demo.with_name("taken.safetensors")
     original = random.randbytes(100)
     output.write_bytes(original)
@@ -181,9 +180,11 @@ def test_existing_output_is_refused_in_a_dialog(qtbot, window, demo):
     page.output.set_path(output)
     with pytest.raises(JobError) as expected:
         run_convert(page.request())
+    assert str(expected.value) == f"{output} already exists; choose another name or replace it"
     page.convert()
-    box = message_box(qtbot, window, "jobError")
-    assert box.text() == str(expected.value) == f"{output} already exists; choose another name or replace it"
+    qtbot.waitUntil(lambda: page.panel.problem.isVisible(), timeout=WAIT)
+    assert page.panel.problem.label.text() == f"taken.safetensors already exists in {demo.parent}."
+    assert window.findChild(QMessageBox) is None
     assert output.read_bytes() == original
     assert sorted(p.name for p in demo.parent.iterdir()) == sorted([DEMO_FILE, output.name])
 
@@ -260,9 +261,11 @@ def test_a_merge_that_rounds_the_lora_away_shows_a_warning(qtbot, window, demo_i
     assert page.result_card.warning.label.text().startswith("requant rounded away")
 
     page.modes.set_value("auto")
-    page.overwrite.setChecked(True)
     qtbot.mouseClick(page.merge_button, Qt.MouseButton.LeftButton)
     assert not page.result_card.isVisible()
+    qtbot.waitUntil(lambda: page.panel.problem.isVisible(), timeout=WAIT)  # the output exists: replace it
+    replace = next(b for b in page.panel.problem.findChildren(QPushButton) if b.text() == "Replace")
+    qtbot.mouseClick(replace, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
     assert page.result.stats.modes["stochastic"] > 0 and page.result.warnings == []
     assert not page.result_card.warning.isVisibleTo(page.result_card)
@@ -444,7 +447,8 @@ def test_benchmark_settings_errors_come_from_the_engine(qtbot, window):
     with pytest.raises(JobError) as expected:
         run_bench(page.request())
     page.run()
-    assert message_box(qtbot, window, "jobError").text() == str(expected.value)
+    qtbot.waitUntil(lambda: page.panel.problem.isVisibleTo(page), timeout=WAIT)
+    assert page.panel.problem.label.text() == f"Benchmarking failed: {expected.value}"
 
 
 # --- Library and Export ----------------------------------------------------------------------------
@@ -570,12 +574,17 @@ def test_export_into_a_comfyui_folder(qtbot, comfy_window, demo_int8):
     assert page.result_notice.label.text() == "E" + page.result.summary[1:] + ". Refresh ComfyUI to see it."
     assert page.result_notice.label.text().startswith(f"Exported {target} (copy, ")  # the CLI's words
 
-    with pytest.raises(JobError) as expected:
+    with pytest.raises(JobError):
         run_export(page.request())
-    page.export()
-    box = message_box(qtbot, window, "jobError")
-    assert box.text() == str(expected.value) and str(target) in box.text()
-    assert sorted(p.name for p in target.parent.iterdir()) == [name]
+    page.export()  # the name is taken: keep both
+    qtbot.waitUntil(lambda: page.panel.problem.isVisible(), timeout=WAIT)
+    assert page.panel.problem.label.text() == f"{name} already exists in {target.parent}."
+    keep = next(b for b in page.panel.problem.findChildren(QPushButton) if b.text() == "Keep both")
+    qtbot.mouseClick(keep, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page.result_notice.isVisible(), timeout=WAIT)
+    second = target.with_name(target.stem + "-2.safetensors")
+    assert page.result.path == second and second.read_bytes() == target.read_bytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([name, second.name])
 
 
 def test_a_lora_is_exported_to_the_lora_folder(qtbot, comfy_window, tmp_path):

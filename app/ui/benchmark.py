@@ -20,7 +20,7 @@ from app.settings import Settings
 from app.ui import theme
 from app.ui.cards import Card, Notice
 from app.ui.chart import BarChart
-from app.ui.forms import form, muted, primary_button
+from app.ui.forms import action_row, form, muted, primary_button
 from app.ui.jobpanel import JobPanel
 from app.ui.page import Page
 from app.ui.path_fields import PathField
@@ -117,13 +117,10 @@ class BenchmarkPage(Page):
             "times say nothing about GPU speed. It still shows the quality of each format."
         )
         setup.body.addWidget(self.cpu_note)
-        actions = QHBoxLayout()
-        actions.addStretch(1)
         self.run_button = primary_button("Run benchmark", "play")
         self.run_button.setToolTip("Measure every ticked format, one after the other.")
         self.run_button.clicked.connect(self.run)
-        actions.addWidget(self.run_button)
-        setup.body.addLayout(actions)
+        setup.body.addLayout(action_row(self.run_button))
         self.panel = JobPanel()
         setup.body.addWidget(self.panel)
 
@@ -200,12 +197,7 @@ class BenchmarkPage(Page):
         )
 
     def run(self) -> Job:
-        return self.start(
-            Job("Benchmarking", run_bench, self.request()),
-            self.panel,
-            self.run_button,
-            self._on_result,
-        )
+        return self.start("Benchmarking", run_bench, self.request(), self.panel, self.run_button, self._on_result)
 
     def update_ready(self) -> None:
         self.run_button.setEnabled(not self.panel.running)

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
 
 from app import system
 from app.settings import Settings
-from app.ui import dialogs, theme
+from app.ui import theme
 from app.ui.cards import Card, Facts, Notice, ResultCard
 from app.ui.forms import Choices, action_row, form, primary_button
 from app.ui.jobpanel import JobPanel
@@ -144,16 +144,13 @@ class ConvertPage(Page):
             "Leave empty to save next to the source. Written to a temporary file first, then "
             "renamed: never half a file."
         )
+        self.output.changed.connect(lambda _: self._forget_result())
         self._suggest_output()
-        self.overwrite = QCheckBox("Replace the output if it already exists")
-        self.overwrite.setToolTip(
-            "Off: an existing file is never touched and you are told instead."
-        )
         self.convert_button = primary_button("Convert to INT8", "convert")
         self.convert_button.clicked.connect(self.convert)
         self.panel = JobPanel()
         output.body.addWidget(self.output)
-        output.body.addLayout(action_row(self.overwrite, self.convert_button))
+        output.body.addLayout(action_row(self.convert_button))
         output.body.addWidget(self.panel)
 
         self.result_card = ResultCard(
@@ -197,10 +194,16 @@ class ConvertPage(Page):
         job.succeeded.connect(lambda path: self.open_path(Path(path)))
         self.demo_panel.run(job)
 
+    def _forget_result(self) -> None:
+        """The last conversion's result and outcome belong to the input it had: gone when that changes."""
+        self.result_card.hide()
+        self.panel.clear()
+
     def _inspect(self, path: Path | None) -> None:
         self.info = None
         self.facts.show_facts([])
         self.source_problem.hide()
+        self._forget_result()
         self.update_ready()
         if path is None:
             return
@@ -209,7 +212,6 @@ class ConvertPage(Page):
         job.succeeded.connect(lambda info: self._on_inspected(job, info))
         job.failed.connect(lambda error: self._on_inspect_failed(job, str(error)))
         job.crashed.connect(lambda summary, _: self._on_inspect_failed(job, summary))
-        dialogs.report_errors(job, self)
         job.start(self)
 
     def _on_inspected(self, job: Job, info: CheckpointInfo) -> None:
@@ -293,14 +295,14 @@ class ConvertPage(Page):
             rotate=self.rotations.value(),
             keep=self.keep(),
             cast_float32_to_bf16=self.cast_float32.isChecked(),
-            overwrite=self.overwrite.isChecked(),
             device=system.device(self.settings.gpu_index),
         )
 
     def convert(self) -> Job:
         self.result_card.hide()
-        job = Job("Converting", run_convert, self.request())
-        return self.start(job, self.panel, self.convert_button, self._on_converted)
+        return self.start(
+            "Converting", run_convert, self.request(), self.panel, self.convert_button, self._on_converted
+        )
 
     def _on_converted(self, result: ConvertResult) -> None:
         self.result = result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from PySide6.QtCore import Signal
@@ -18,7 +19,7 @@ from PySide6.QtWidgets import (
 from app.settings import Settings
 from app.ui import dialogs, theme
 from app.ui.cards import Card, Facts, Notice
-from app.ui.forms import form, primary_button
+from app.ui.forms import action_row, form, primary_button
 from app.ui.jobpanel import JobPanel
 from app.ui.node_pack import NodePackRow
 from app.ui.page import Page, require
@@ -115,19 +116,13 @@ class ExportPage(Page):
             "On the same disk the file appears in ComfyUI at once and takes no extra space; "
             "elsewhere it is copied. Either way it is verified before it gets its name."
         )
-        self.overwrite = QCheckBox("Replace a file of that name")
-        self.overwrite.setToolTip("Off: an existing file in ComfyUI is never touched.")
         fields.addRow("", self.link)
-        fields.addRow("", self.overwrite)
         target.body.addWidget(self.none_found)
         target.body.addLayout(fields)
-        actions = QHBoxLayout()
-        actions.addStretch(1)
         self.export_button = primary_button("Export to ComfyUI", "export")
         self.export_button.clicked.connect(self.export)
-        actions.addWidget(self.export_button)
         self.panel = JobPanel()
-        target.body.addLayout(actions)
+        target.body.addLayout(action_row(self.export_button))
         target.body.addWidget(self.panel)
         self.node_pack = NodePackRow()  # the INT8 Studio nodes in the chosen install: status, one button
         target.body.addWidget(self.node_pack)
@@ -196,6 +191,8 @@ class ExportPage(Page):
     def _on_source(self, path: Path | None) -> None:
         self.entry = None
         self.source_facts.show_facts([])
+        self.result_notice.hide()  # the last export's outcome belongs to the file it had
+        self.panel.clear()
         self.update_ready()
         if path is None:
             return
@@ -229,7 +226,6 @@ class ExportPage(Page):
             folder=Path(self.folder.text()),
             kind=self.kind(),
             name=self.name.text().strip() or None,
-            overwrite=self.overwrite.isChecked(),
             link=self.link.isChecked(),
         )
 
@@ -243,8 +239,12 @@ class ExportPage(Page):
 
     def export(self) -> Job:
         self.result_notice.hide()
-        job = Job("Exporting", run_export, self.request())
-        return self.start(job, self.panel, self.export_button, self._on_exported)
+        return self.start(
+            "Exporting", run_export, self.request(), self.panel, self.export_button, self._on_exported
+        )
+
+    def renamed(self, request: ExportRequest, output: Path) -> ExportRequest:
+        return dataclasses.replace(request, name=output.name)
 
     def _on_exported(self, result: ExportResult) -> None:
         self.result = result

@@ -97,10 +97,9 @@ def primary_button(text: str, icon_name: str = "") -> QPushButton:
     return button
 
 
-def action_row(option: QWidget, button: QPushButton) -> QHBoxLayout:
-    """An option on the left, the card's primary button on the right."""
+def action_row(button: QPushButton) -> QHBoxLayout:
+    """The card's primary button, on the right."""
     row = QHBoxLayout()
-    row.addWidget(option)
     row.addStretch(1)
     row.addWidget(button)
     return row

@@ -7,7 +7,6 @@ from pathlib import Path
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
-    QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
     QTableWidgetItem,
@@ -128,12 +127,11 @@ class LoraPage(Page):
             "Written to a temporary file first, then renamed: never half a file."
         )
         self.output.changed.connect(lambda _: self.update_ready())
-        self.overwrite = QCheckBox("Replace the output if it already exists")
         self.merge_button = primary_button("Merge and save", "lora")
         self.merge_button.clicked.connect(self.merge)
         self.panel = JobPanel()
         options.body.addWidget(self.output)
-        options.body.addLayout(action_row(self.overwrite, self.merge_button))
+        options.body.addLayout(action_row(self.merge_button))
         options.body.addWidget(self.panel)
 
         self.result_card = ResultCard(
@@ -156,9 +154,15 @@ class LoraPage(Page):
 
     # --- model -----------------------------------------------------------------------------------
 
+    def _forget_result(self) -> None:
+        """The last merge's result and outcome belong to the model and stack it had."""
+        self.result_card.hide()
+        self.panel.clear()
+
     def _on_model(self, path: Path | None) -> None:
         self.model_info = None
         self.model_facts.show_facts([])
+        self._forget_result()
         self.update_ready()
         if path is None:
             return
@@ -216,6 +220,7 @@ class LoraPage(Page):
         self.table.setItem(row, COVERAGE, QTableWidgetItem("waiting for the model…"))
         fit_rows(self.table, least=2, most=8)
         self._check_coverage(row)
+        self._forget_result()
         self.update_ready()
 
     def stack(self) -> list[tuple[Path, float]]:
@@ -259,6 +264,7 @@ class LoraPage(Page):
         for row in sorted({i.row() for i in self.table.selectedIndexes()}, reverse=True):
             self.table.removeRow(row)
         fit_rows(self.table, least=2, most=8)
+        self._forget_result()
         self.update_ready()
 
     # --- merge -----------------------------------------------------------------------------------
@@ -272,7 +278,6 @@ class LoraPage(Page):
             loras=tuple(LoraSpec(path, strength) for path, strength in self.stack()),
             output=self.output.path(),
             mode=self.mode(),
-            overwrite=self.overwrite.isChecked(),
         )
 
     def update_ready(self) -> None:
@@ -289,8 +294,9 @@ class LoraPage(Page):
 
     def merge(self) -> Job:
         self.result_card.hide()
-        job = Job("Merging LoRAs", run_lora_merge, self.request())
-        return self.start(job, self.panel, self.merge_button, self._on_merged)
+        return self.start(
+            "Merging LoRAs", run_lora_merge, self.request(), self.panel, self.merge_button, self._on_merged
+        )
 
     def _on_merged(self, result: LoraMergeResult) -> None:
         self.result = result

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QTimer, Signal
-from PySide6.QtWidgets import QFrame, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QFrame,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from app.settings import Settings
-from app.ui.jobpanel import JobPanel
+from app.ui.jobpanel import JobPanel, free_name
 from app.workers import Job
+from engine.jobs import OutputExistsError
 
 
 class Page(QWidget):
@@ -68,13 +77,40 @@ class Page(QWidget):
         """Turn the page's main button on once it has what its job needs (pages with one override)."""
 
     def start(
-        self, job: Job, panel: JobPanel, button: QPushButton, done: Callable[[Any], None]
+        self,
+        title: str,
+        fn: Callable[..., Any],
+        request: Any,
+        panel: JobPanel,
+        button: QPushButton,
+        done: Callable[[Any], None],
     ) -> Job:
-        """Run ``job`` in ``panel`` with ``button`` off until it ends; ``done(result)`` on success."""
+        """Run the job ``fn(request)`` in ``panel`` with ``button`` off until it ends; ``done(result)``
+        on success.
+
+        If the output exists, the panel asks: Replace runs this request again with ``overwrite``,
+        Keep both with the first free name (:meth:`renamed`). The answer applies to that one run: the
+        next job asks again.
+        """
+        job = Job(title, fn, request)
         job.succeeded.connect(done)
         job.finished.connect(self.update_ready)
         button.setEnabled(False)
-        return panel.run(job)
+
+        def again(error: OutputExistsError, replace: bool) -> None:
+            changed = (
+                dataclasses.replace(request, overwrite=True)
+                if replace
+                else self.renamed(request, free_name(error.path))
+            )
+            self.start(title, fn, changed, panel, button, done)
+
+        return panel.run(job, exists=again)
+
+    def renamed(self, request: Any, output: Path) -> Any:
+        """``request`` writing to ``output`` instead (pages whose request names its output otherwise
+        override this)."""
+        return dataclasses.replace(request, output=output)
 
     def reveal(self, widget: QWidget) -> None:
         """Scroll ``widget`` (a result that just appeared) into view once the layout has settled."""
