@@ -46,8 +46,7 @@ from engine.bench_result import BenchResult, FormatResult
 from engine.checkpoint import CheckpointReader
 from engine.int8.apply import Int8Layers, quantizer
 from engine.int8.ops import describe_backend
-from engine.int8.quantize import SCHEMES, Scheme
-from engine.int8.rotation import ROTATION_POLICIES, RotationPolicy
+from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES, RotationPolicy, Scheme
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.models.build import (
     Fill,
@@ -77,7 +76,7 @@ class BenchRequest:
     resolution: int = 1024
     steps: int = 10
     formats: tuple[str, ...] = FORMATS
-    scheme: Scheme = "rowwise"
+    scheme: Scheme = DEFAULT_SCHEME
     batch: int = 1
     warmup: int = 2  # untimed calls per format; the first one compiles and autotunes
     text_tokens: int | None = None  # default: the model's typical prompt length

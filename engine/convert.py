@@ -22,13 +22,9 @@ from engine import __version__
 from engine.checkpoint import CheckpointError, CheckpointReader, check_memory
 from engine.checkpoint_writer import CheckpointWriter
 from engine.int8.apply import rotation_group
-from engine.int8.quantize import SCHEMES, Scheme, quantize_weight
-from engine.int8.rotation import (
-    ROTATION_POLICIES,
-    RotationPolicy,
-    comfy_quant_entry,
-    json_bytes,
-)
+from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES, RotationPolicy, Scheme
+from engine.int8.quantize import quantize_weight
+from engine.int8.rotation import comfy_quant_entry, json_bytes
 from engine.jobs import (
     CancelToken,
     JobError,
@@ -56,7 +52,7 @@ class ConvertError(JobError):
 class ConvertRequest:
     source: Path
     output: Path | None = None  # default: <stem>-int8-<scheme>.safetensors beside the source
-    scheme: Scheme = "tensorwise"
+    scheme: Scheme = DEFAULT_SCHEME
     keep: tuple[str, ...] = ()  # fnmatch patterns of single-file names kept in high precision
     cast_float32_to_bf16: bool = False  # high-precision float32 tensors are written as bf16
     overwrite: bool = False

@@ -1,4 +1,4 @@
-"""`int8-studio convert / inspect / demo`: exit codes, messages, --force, and the progress bar."""
+"""`int8-studio convert / inspect / demo`: exit codes, messages, defaults, --overwrite, and the progress bar."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_keep_repeats_splits_on_commas_and_never_takes_the_source(tmp_path, caps
     code, _, err = run(capsys, "convert", "--keep", "layers.0.*", "--keep", "layers.2.*, noise_refiner.*", ckpt.path)
     assert (code, err) == (0, "")
     patterns = ["layers.0.*", "layers.2.*", "noise_refiner.*"]
-    with safe_open(str(tmp_path / "m-int8-tensorwise.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "m-int8-rowwise.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["int8_studio.keep"]) == patterns
         int8 = [n for n in f.keys() if f.get_slice(n).get_dtype() == "I8"]  # noqa: SIM118
     assert any(n.startswith("layers.1.") for n in int8)
@@ -87,18 +87,44 @@ def test_cast_float32_writes_the_kept_float32_tensors_as_bf16(tmp_path, capsys):
     assert kept_dtypes == {"plain": {torch.float32}, "cast": {torch.bfloat16}}
 
 
-def test_convert_never_overwrites_without_force(tmp_path, capsys):
+def test_convert_never_overwrites_without_overwrite(tmp_path, capsys):
     ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"keep me")
     code, out, err = run(capsys, "convert", ckpt.path, "-o", target)
     assert (code, out) == (2, "")
-    assert error_line(err) == f"{target} already exists; choose another name or replace it with --force"
+    assert error_line(err) == f"{target} already exists; choose another name or replace it with --overwrite"
     assert target.read_bytes() == b"keep me"
-    code, out, err = run(capsys, "convert", ckpt.path, "-o", target, "--force")
-    assert (code, err) == (0, "") and out.startswith(f"wrote {target}:")
-    with safe_open(str(target), "pt") as f:
-        assert f.metadata()["int8_studio.architecture"] == "flux2"
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "out.safetensors"]
+    for flag in ("--overwrite", "--force"):  # --force: the earlier name, still taken
+        code, out, err = run(capsys, "convert", ckpt.path, "-o", target, flag)
+        assert (code, err) == (0, "") and out.startswith(f"wrote {target}:")
+        with safe_open(str(target), "pt") as f:
+            assert f.metadata()["int8_studio.architecture"] == "flux2"
+
+
+@pytest.mark.parametrize("command", [("convert",), ("lora", "merge"), ("export",)])
+def test_every_command_that_replaces_a_file_says_overwrite(capsys, command):
+    """One name for one switch: `--overwrite` in every command's help; `--force` is not listed."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    help_text = capsys.readouterr().out
+    assert "--overwrite" in help_text and "--force" not in help_text
+
+
+def test_convert_is_rowwise_by_default_and_says_why(tmp_path, capsys):
+    """The app's default too: the lower error (docs/PERFORMANCE.md), said in the help."""
+    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
+    code, out, err = run(capsys, "convert", ckpt.path)
+    output = tmp_path / "m-int8-rowwise.safetensors"
+    assert (code, err) == (0, "") and out.startswith(f"wrote {output}: ") and "int8 rowwise" in out
+    with safe_open(str(output), "pt") as f:
+        assert f.metadata()["int8_studio.scheme"] == "rowwise"
+        assert f.get_slice("double_blocks.0.img_attn.qkv.weight_scale").get_shape()[1:] == [1]
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: rowwise, the lower error, for a few KB per layer)" in help_text
 
 
 @pytest.mark.parametrize(
@@ -128,7 +154,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
 def test_inspect_text_and_json(tmp_path, capsys):
     ckpt = write_single_file(tmp_path / "m.safetensors", "chroma", prefix="model.diffusion_model.")
     run(capsys, "convert", ckpt.path)
-    output = tmp_path / "m-int8-tensorwise.safetensors"
+    output = tmp_path / "m-int8-rowwise.safetensors"
     code, out, err = run(capsys, "inspect", output)
     assert (code, err) == (0, "")
     assert "model        Chroma " in out and "single-file layout" in out
@@ -138,7 +164,7 @@ def test_inspect_text_and_json(tmp_path, capsys):
     info = json.loads(out)
     assert (info["architecture"], info["layout"], info["marker_mismatches"]) == ("chroma", "single-file", [])
     n = info["metadata_layers"]
-    assert n > 0 and info["quantized_layers"] == {"int8_tensorwise": n}
+    assert n > 0 and info["quantized_layers"] == {"int8_rowwise": n}
     assert info["markers"] == {'{"format": "int8_tensorwise"}': n}
     assert info["dtypes"]["I8"]["tensors"] == n
 
@@ -166,7 +192,7 @@ def test_demo_builds_converts_and_inspects_once(tmp_path, capsys):
     model, lora = tmp_path / DEMO_FILE, tmp_path / DEMO_LORA_FILE
     assert out.startswith(f"demo model: {model} (")
     assert out.splitlines()[1].startswith(f"demo LoRA: {lora} (") and lora.is_file()
-    assert "int8 tensorwise" in out and "model        Flux.2 " in out
+    assert "int8 rowwise" in out and "model        Flux.2 " in out
     built = model.stat().st_mtime_ns
     lora_built = lora.stat().st_mtime_ns
     code, out2, _ = run(capsys, "demo", "--folder", tmp_path)

@@ -23,6 +23,7 @@ from engine.checkpoint import (
 )
 from engine.checkpoint_writer import CheckpointWriter
 from engine.convert import ConvertError, ConvertRequest, default_output, run_convert
+from engine.int8.choices import DEFAULT_SCHEME
 from engine.int8.rotation import hadamard
 from engine.info import inspect_checkpoint
 from engine.jobs import Cancelled, CancelToken, OutputExistsError, Progress
@@ -153,7 +154,7 @@ def test_keep_patterns_stay_in_high_precision(tmp_path):
     ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
     keep = ("double_blocks.*", "single_blocks.0.linear1.weight")
     result = run_convert(ConvertRequest(ckpt.path, keep=keep))
-    quantized = assert_faithful(ckpt, result.output, "tensorwise", keep)
+    quantized = assert_faithful(ckpt, result.output, DEFAULT_SCHEME, keep)
     assert quantized and all(layer.startswith("single_blocks.") for layer in quantized)
     _, metadata = load(result.output)
     assert json.loads(metadata["int8_studio.keep"]) == list(keep)
@@ -177,7 +178,7 @@ def test_first_blocks_keep_the_first_block_of_every_stack(tmp_path, arch):
     ckpt = write_single_file(tmp_path / "m.safetensors", arch)
     keep = ckpt.arch.first_blocks
     result = run_convert(ConvertRequest(ckpt.path, keep=keep))
-    quantized = assert_faithful(ckpt, result.output, "tensorwise", keep)
+    quantized = assert_faithful(ckpt, result.output, DEFAULT_SCHEME, keep)
     eligible = [n for n, r in ckpt.reference.items() if not ckpt.arch.keeps_high_precision(n, tuple(r.shape))]
     kept = {n.removesuffix(".weight") for n in eligible} - quantized
     assert keep and all(any(fnmatchcase(f"{layer}.weight", p) for layer in kept) for p in keep)
@@ -212,14 +213,14 @@ def test_source_metadata_that_still_holds_is_kept(tmp_path):
         "modelspec.title": "Z-Image test",
         "modelspec.hash_sha256": "0x1234",
         "_quantization_metadata": json.dumps({"layers": {}}),
-        "int8_studio.scheme": "rowwise",
+        "int8_studio.scheme": "tensorwise",
     }
     save_file({n: t.contiguous() for n, t in ckpt.tensors.items()}, str(ckpt.path), metadata=source)
     result = run_convert(ConvertRequest(ckpt.path))
     _, metadata = load(result.output)
     assert metadata["modelspec.title"] == "Z-Image test" and metadata["format"] == "pt"
     assert "modelspec.hash_sha256" not in metadata
-    assert metadata["int8_studio.scheme"] == "tensorwise"
+    assert metadata["int8_studio.scheme"] == DEFAULT_SCHEME == "rowwise"
     assert json.loads(metadata["_quantization_metadata"])["layers"]
 
 
@@ -232,7 +233,7 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     assert str(e.value) == f"{target} already exists; choose another name or replace it"
     assert target.read_bytes() == b"precious"
     run_convert(ConvertRequest(ckpt.path, output=target, overwrite=True))
-    assert_faithful(ckpt, target, "tensorwise")
+    assert_faithful(ckpt, target, DEFAULT_SCHEME)
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "out.safetensors"]
 
 

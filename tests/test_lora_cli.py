@@ -109,16 +109,17 @@ def test_merge_errors_are_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "z.safetensors"]
 
 
-def test_merge_names_force_when_the_output_exists(tmp_path, capsys):
+def test_merge_names_overwrite_when_the_output_exists(tmp_path, capsys):
     model = write_single_file(tmp_path / "m.safetensors", "flux2")
     lora = write_lora(tmp_path / "a.safetensors", "flux2", "kohya")
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"keep me")
     code, out, err = run(capsys, "lora", "merge", model.path, lora.path, "-o", taken)
     assert (code, out) == (2, "")
-    assert err == f"int8-studio: error: {taken} already exists; choose another name or replace it with --force\n"
+    assert err == f"int8-studio: error: {taken} already exists; choose another name or replace it with --overwrite\n"
     assert taken.read_bytes() == b"keep me"
-    assert run(capsys, "lora", "merge", model.path, lora.path, "-o", taken, "--force")[0] == 0
+    assert run(capsys, "lora", "merge", model.path, lora.path, "-o", taken, "--overwrite")[0] == 0
+    assert run(capsys, "lora", "merge", model.path, lora.path, "-o", taken, "--force")[0] == 0  # the earlier name
 
 
 def test_inspect_without_and_with_a_model(tmp_path, capsys):

@@ -65,7 +65,7 @@ def test_names_that_are_not_utf8_work(tmp_path, capsys, raw):
     before = digests(tmp_path)
     assert main(["convert", str(source)]) == 0
     out, err = capsys.readouterr()
-    output = source.with_name(source.name.removesuffix(".safetensors") + "-int8-tensorwise.safetensors")
+    output = source.with_name(source.name.removesuffix(".safetensors") + "-int8-rowwise.safetensors")
     assert err == "" and out.startswith("wrote ") and "\\udc" in out  # the odd bytes shown, escaped
     with CheckpointReader(output) as reader:  # (safetensors itself cannot open such a name)
         assert "\ufffd" in reader.metadata["int8_studio.source_name"]  # metadata is text: U+FFFD
@@ -82,7 +82,7 @@ def test_names_at_the_length_limit(tmp_path, capsys):
     output name past the limit, or a given one, is refused in words; an input past it too."""
     stem = "a" * (NAME_MAX - len(".safetensors"))
     source = write_single_file(tmp_path / f"{stem}.safetensors", "flux2").path
-    default = f"{stem}-int8-tensorwise.safetensors"
+    default = f"{stem}-int8-rowwise.safetensors"
     assert refused(capsys, tmp_path, "convert", source) == (
         f"the output name {default[:39]}…{default[-40:]} is {len(default)} bytes long, over the 255-byte limit "
         "of file names; choose a shorter name"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.cli import node_pack
-from engine.cli.commands import command
+from engine.cli.commands import add_overwrite, command
 from engine.cli.progress import ProgressBar
 from engine.units import format_bytes
 
@@ -93,9 +93,9 @@ def _export_command(p: argparse.ArgumentParser) -> None:
         "--kind", choices=EXPORT_KINDS, help="which models folder (default: loras for a LoRA, else diffusion_models)"
     )
     p.add_argument("--name", help="file name in the folder (default: the file's own)")
-    p.add_argument("--overwrite", action="store_true", help="replace a file of that name")
+    add_overwrite(p, "a file of that name")
     p.add_argument("--copy", action="store_true", help="copy even where a hard link would do")
-    p.set_defaults(func=_run_export, replace_flag="--overwrite")
+    p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.cli.commands import command
+from engine.cli.commands import add_overwrite, command
 from engine.cli.progress import ProgressBar
+from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES
 from engine.units import format_bytes
 
 if TYPE_CHECKING:  # the jobs import torch: each command imports its own when it runs
@@ -17,12 +18,13 @@ if TYPE_CHECKING:  # the jobs import torch: each command imports its own when it
 
 @command("convert", help="convert a checkpoint (single file or diffusers folder) to an INT8 file")
 def _convert_command(p: argparse.ArgumentParser) -> None:
-    from engine.int8.quantize import SCHEMES
-    from engine.int8.rotation import ROTATION_POLICIES
-
     p.add_argument("source", type=Path, help=".safetensors file, diffusers model folder or its index json")
     p.add_argument("-o", "--output", type=Path, help="default: <source>-int8-<scheme>.safetensors beside it")
-    p.add_argument("--scheme", choices=SCHEMES, default="tensorwise", help="one scale per weight or per row")
+    p.add_argument(
+        "--scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
+        help=f"int8 weight scales: rowwise = one per output row, tensorwise = one per weight (default: "
+        f"{DEFAULT_SCHEME}, the lower error, for a few KB per layer)",
+    )  # fmt: skip
     p.add_argument(
         "--rotate", choices=ROTATION_POLICIES, default="none",
         help="Hadamard-rotate no layer, the down-projections or every layer: lower int8 error, a few %% "
@@ -36,8 +38,8 @@ def _convert_command(p: argparse.ArgumentParser) -> None:
         "--cast-float32", action="store_true",
         help="write the float32 tensors that stay in high precision as bf16 (default: keep them float32)",
     )  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
-    p.set_defaults(func=_run_convert, replace_flag="--force")
+    add_overwrite(p)
+    p.set_defaults(func=_run_convert)
 
 
 def comma_separated(text: str) -> list[str]:
@@ -50,7 +52,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     request = ConvertRequest(
         args.source, args.output, args.scheme, tuple(args.keep),
-        cast_float32_to_bf16=args.cast_float32, overwrite=args.force, rotate=args.rotate,
+        cast_float32_to_bf16=args.cast_float32, overwrite=args.overwrite, rotate=args.rotate,
     )  # fmt: skip
     with ProgressBar() as bar:
         result = run_convert(request, progress=bar)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.cli.commands import command
+from engine.cli.commands import add_overwrite, command
 from engine.cli.progress import ProgressBar
 from engine.units import format_bytes
 
@@ -37,8 +37,8 @@ def _lora_command(p: argparse.ArgumentParser) -> None:
     merge.add_argument(
         "--seed", type=int, default=0, help="stochastic rounding: the same seed gives the same file"
     )
-    merge.add_argument("--force", action="store_true", help="replace the output file if it exists")
-    merge.set_defaults(func=_run_lora_merge, replace_flag="--force")
+    add_overwrite(merge)
+    merge.set_defaults(func=_run_lora_merge)
     inspect = sub.add_parser("inspect", help="format, rank, target architecture and key coverage of a LoRA")
     inspect.add_argument("lora", type=Path, help="the LoRA .safetensors file")
     inspect.add_argument("--model", type=Path, help="measure coverage on this model (default: the best guess)")
@@ -62,7 +62,7 @@ def lora_spec(text: str) -> LoraSpec:
 def _run_lora_merge(args: argparse.Namespace) -> int:
     from engine.lora import LoraMergeRequest, run_lora_merge
 
-    request = LoraMergeRequest(args.model, tuple(args.loras), args.output, args.mode, args.seed, args.force)
+    request = LoraMergeRequest(args.model, tuple(args.loras), args.output, args.mode, args.seed, args.overwrite)
     with ProgressBar() as bar:
         r = run_lora_merge(request, progress=bar)
     loras = f"{len(r.matches)} LoRA{'s' if len(r.matches) > 1 else ''}"

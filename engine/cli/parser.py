@@ -12,7 +12,7 @@ import sys
 
 from engine import __version__
 from engine.cli import bench, comfyui, convert, desktop, lora
-from engine.cli.commands import COMMANDS
+from engine.cli.commands import COMMANDS, OVERWRITE
 from engine.jobs import Cancelled, JobError, OutputExistsError, os_error_message
 
 GROUPS = (convert, bench, lora, desktop, comfyui)
@@ -56,8 +56,8 @@ def run(argv: list[str]) -> int:
         print("int8-studio: cancelled", file=sys.stderr)
         return 130
     except JobError as exc:
-        flag = getattr(args, "replace_flag", None)  # the engine's "… or replace it" names no switch
-        how = f" with {flag}" if flag and isinstance(exc, OutputExistsError) else ""
+        replaceable = isinstance(exc, OutputExistsError) and hasattr(args, "overwrite")
+        how = f" with {OVERWRITE}" if replaceable else ""  # the engine's "… or replace it" names no switch
         print(f"int8-studio: error: {exc}{how}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -16,8 +16,8 @@ from torch import nn
 from engine.checkpoint import CheckpointReader
 from engine.info import listed_layers
 from engine.int8.linear import Int8Linear
-from engine.int8.quantize import Scheme
-from engine.int8.rotation import GROUP_SIZE, RotationPolicy, can_rotate, marker_group, parse_marker
+from engine.int8.choices import DEFAULT_SCHEME, RotationPolicy, Scheme
+from engine.int8.rotation import GROUP_SIZE, can_rotate, marker_group, parse_marker
 from engine.models.build import Make, replace_linears
 from engine.models.detect import DetectedModel
 from engine.models.spec import Architecture, Shape
@@ -34,7 +34,7 @@ def rotation_group(arch: Architecture, name: str, shape: Shape, policy: Rotation
     return GROUP_SIZE
 
 
-def quantizer(arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none") -> Make:
+def quantizer(arch: Architecture, scheme: Scheme = DEFAULT_SCHEME, rotate: RotationPolicy = "none") -> Make:
     """``make`` turning a float linear into an ``Int8Linear`` (``scheme`` weight scales, per-token int8
     activations, Hadamard-rotated as ``rotate`` says)."""
 
@@ -45,7 +45,7 @@ def quantizer(arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPo
 
 
 def quantize_model(
-    model: nn.Module, arch: Architecture, scheme: Scheme = "rowwise", rotate: RotationPolicy = "none"
+    model: nn.Module, arch: Architecture, scheme: Scheme = DEFAULT_SCHEME, rotate: RotationPolicy = "none"
 ) -> int:
     """Replace the eligible float linears by ``Int8Linear`` (:func:`quantizer`). Returns the number of
     layers quantized."""

@@ -10,14 +10,11 @@ temporaries stay small whatever the size of the weight.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
+from engine.int8.choices import SCHEMES, Scheme
 from engine.int8.rotation import check_group, rotate
 
-Scheme = Literal["tensorwise", "rowwise"]
-SCHEMES: tuple[Scheme, ...] = ("tensorwise", "rowwise")
 QMAX = 127
 MIN_ABSMAX = 2.0**-100
 """Tokens (activations) are quantized with ``absmax`` clamped to at least this: an all-zero token gets

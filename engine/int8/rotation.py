@@ -19,16 +19,11 @@ import functools
 import json
 import math
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 
+from engine.int8.choices import ROTATION_POLICIES, RotationPolicy  # noqa: F401  (the node pack imports them here)
 from engine.jobs import JobError
-
-RotationPolicy = Literal["none", "down", "all"]
-ROTATION_POLICIES: tuple[RotationPolicy, ...] = ("none", "down", "all")
-"""Which int8 layers a conversion rotates: none, the down-projections (inputs after GELU/SiLU, see
-``Architecture.down_projections``) or all (each only where the group divides its input width)."""
 
 GROUP_SIZE = 256
 """The group size we write (and ComfyUI's default): 4⁴, so ``H`` = H₁₆ ⊗ H₁₆ with entries ±1/16."""
