@@ -82,12 +82,17 @@ def source_root(model: DetectedModel, reader: CheckpointReader) -> Path:
     return first.parent.parent if first.parent.name == "transformer" else first.parent
 
 
-def default_output(model: DetectedModel, reader: CheckpointReader, scheme: str, rotate: str = "none") -> Path:
-    """``<stem>-int8-<scheme>[-rotated|-rotdown].safetensors`` beside the source file, or beside a
-    diffusers model folder."""
+def named_beside(model: DetectedModel, reader: CheckpointReader, suffix: str) -> Path:
+    """``<stem><suffix>.safetensors`` beside the source file, or beside a diffusers model folder: where
+    the jobs put what they make from a source when no output is given."""
     root = source_root(model, reader)
     stem = root.name.removesuffix(".safetensors") if root.is_file() else root.name
-    return root.parent / f"{stem}-int8-{scheme}{ROTATION_SUFFIX[rotate]}.safetensors"
+    return root.parent / f"{stem}{suffix}.safetensors"
+
+
+def default_output(model: DetectedModel, reader: CheckpointReader, scheme: str, rotate: str = "none") -> Path:
+    """``<stem>-int8-<scheme>[-rotated|-rotdown].safetensors`` beside the source."""
+    return named_beside(model, reader, f"-int8-{scheme}{ROTATION_SUFFIX[rotate]}")
 
 
 def run_convert(

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from engine.cli import main
 from engine.cli.lora import lora_spec
 from engine.lora import LoraSpec
-from tests.tiny_checkpoints import write_single_file
+from tests.tiny_checkpoints import write_diffusers, write_single_file
 from tests.tiny_loras import write_lora
 
 
@@ -120,6 +120,41 @@ def test_merge_names_overwrite_when_the_output_exists(tmp_path, capsys):
     assert taken.read_bytes() == b"keep me"
     assert run(capsys, "lora", "merge", model.path, lora.path, "-o", taken, "--overwrite")[0] == 0
     assert run(capsys, "lora", "merge", model.path, lora.path, "-o", taken, "--force")[0] == 0  # the earlier name
+
+
+def test_merge_without_output_writes_beside_the_model(tmp_path, capsys):
+    """No ``-o``: ``<model>-<lora>[-<lora>…].safetensors`` beside the model (a diffusers folder's too),
+    as ``convert`` names its output; never replaced unless asked."""
+    model = write_single_file(tmp_path / "m.safetensors", "flux2", fmt="int8_rowwise")
+    (tmp_path / "loras").mkdir()
+    a = write_lora(tmp_path / "loras" / "a.safetensors", "flux2", "kohya")
+    b = write_lora(tmp_path / "loras" / "b.safetensors", "flux2", "comfyui")
+    code, out, err = run(capsys, "lora", "merge", model.path, f"{a.path}:0.5", b.path)
+    merged = tmp_path / "m-a-b.safetensors"
+    assert (code, err) == (0, "") and out.startswith(f"wrote {merged}: Flux.2 custom + 2 LoRAs, ")
+    before = merged.read_bytes()
+    code, out, err = run(capsys, "lora", "merge", model.path, f"{a.path}:0.5", b.path)
+    assert (code, out) == (2, "")
+    assert err == f"int8-studio: error: {merged} already exists; choose another name or replace it with --overwrite\n"
+    assert merged.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loras", "m-a-b.safetensors", "m.safetensors"]
+
+    folder = write_diffusers(tmp_path / "klein", "flux2")
+    code, out, err = run(capsys, "lora", "merge", folder.path, a.path)
+    assert (code, err) == (0, "") and out.startswith(f"wrote {tmp_path / 'klein-a.safetensors'}: ")
+
+
+def test_merge_never_writes_over_the_model(tmp_path, capsys):
+    model = write_single_file(tmp_path / "m.safetensors", "flux2")
+    lora = write_lora(tmp_path / "a.safetensors", "flux2", "kohya")
+    before = model.path.read_bytes()
+    code, out, err = run(capsys, "lora", "merge", model.path, lora.path, "-o", model.path, "--overwrite")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"int8-studio: error: the output {model.path} is the model itself; write the merged model to a new file\n"
+    )
+    assert model.path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "m.safetensors"]
 
 
 def test_inspect_without_and_with_a_model(tmp_path, capsys):

@@ -136,6 +136,5 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = run_convert(ConvertRequest(model, overwrite=True), progress=bar)
     print(_converted(result))
     print(describe(inspect_checkpoint(result.output)))
-    merged = result.output.with_name(result.output.stem + "-lora.safetensors")
-    print(f"next, merge the demo LoRA: int8-studio lora merge {result.output} {lora} -o {merged}")
+    print(f"next, merge the demo LoRA: int8-studio lora merge {result.output} {lora}")
     return 0

@@ -25,7 +25,9 @@ def _lora_command(p: argparse.ArgumentParser) -> None:
     merge.add_argument(
         "loras", nargs="+", type=lora_spec, metavar="LORA[:STRENGTH]", help="LoRA files, strength 1 by default"
     )
-    merge.add_argument("-o", "--output", type=Path, required=True, help="the merged model's file")
+    merge.add_argument(
+        "-o", "--output", type=Path, help="the merged model's file (default: <model>-<lora>.safetensors beside it)"
+    )
     merge.add_argument(
         "--mode", choices=MODES, default="auto",
         help="int8 weights: auto (default, recommended) = requant where that keeps the LoRAs' change, "

@@ -18,7 +18,7 @@ import torch
 
 from engine.checkpoint import CheckpointReader, check_memory
 from engine.checkpoint_writer import CheckpointWriter
-from engine.convert import METADATA_PREFIX, finite, working_bytes
+from engine.convert import METADATA_PREFIX, finite, named_beside, working_bytes
 from engine.int8.apply import layer_rotations
 from engine.int8.quantize import default_device
 from engine.jobs import CancelToken, ProgressFn, Reporter, display_name
@@ -41,7 +41,7 @@ class LoraSpec:
 class LoraMergeRequest:
     model: Path
     loras: tuple[LoraSpec, ...]
-    output: Path
+    output: Path | None = None  # default: <model>-<lora>[-<lora>…].safetensors beside the model
     mode: Mode = "auto"
     seed: int = 0  # stochastic rounding: the same seed gives the same file
     overwrite: bool = False
@@ -82,6 +82,7 @@ def run_lora_merge(
     device = default_device()
     with CheckpointReader(request.model) as reader, ExitStack() as opened:
         model = detect(reader)
+        output = _check_output(request.output or default_output(model, reader, request.loras), request)
         loras = [opened.enter_context(LoraFile(spec.path)) for spec in request.loras]
         matches = tuple(match_model(lora, model) for lora in loras)
         applied: dict[str, list[Applied]] = {}
@@ -111,7 +112,7 @@ def run_lora_merge(
         report = Reporter(progress, "merge", len(plan))
         layout = {t.name: (t.dtype, t.shape) for t in plan}
         metadata = _metadata(reader.metadata, request)
-        with CheckpointWriter(request.output, layout, metadata, overwrite=request.overwrite) as writer:
+        with CheckpointWriter(output, layout, metadata, overwrite=request.overwrite) as writer:
             for done, t in enumerate(plan):
                 cancel.check()
                 tensor = pending.pop(t.name) if t.name in pending else build(t.name)
@@ -135,10 +136,17 @@ def _check(request: LoraMergeRequest) -> None:
         raise LoraError(f"unknown merge mode {request.mode!r}; use {', '.join(MODES)}")
     for spec in request.loras:
         check_strength(spec.strength, spec.path.name)
-    if Path(request.output).resolve() == Path(request.model).resolve():
-        raise LoraError(
-            f"the output {request.output} is the model itself; write the merged model to a new file"
-        )
+
+
+def default_output(model: DetectedModel, reader: CheckpointReader, loras: tuple[LoraSpec, ...]) -> Path:
+    """``<model>-<lora>[-<lora>…].safetensors`` beside the model, named as ``convert`` names its output."""
+    return named_beside(model, reader, "".join(f"-{s.path.name.removesuffix('.safetensors')}" for s in loras))
+
+
+def _check_output(output: Path, request: LoraMergeRequest) -> Path:
+    if Path(output).resolve() == Path(request.model).resolve():
+        raise LoraError(f"the output {output} is the model itself; write the merged model to a new file")
+    return Path(output)
 
 
 def _int8_scales(model: DetectedModel) -> dict[str, str]:
