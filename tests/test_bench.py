@@ -275,6 +275,25 @@ def test_cli_without_a_model_runs_the_engines_defaults(capsys):
     assert bench_defaults(gpu=True) == BenchRequest(bench_defaults(gpu=True).source)  # the request's defaults
 
 
+def test_cli_a_file_on_the_cpu_is_a_quick_run_that_says_how_to_ask_for_more(tmp_path, capsys):
+    """`bench FILE` without a GPU measures the CPU's defaults (not 1024², 10 steps, every format: tens of
+    minutes) and says so after the table; options given still apply, and all three given ask for no note."""
+    cpu = bench_defaults(gpu=False)
+    ckpt = write_single_file(tmp_path / "m.safetensors", "zimage")
+    args = ["bench", str(ckpt.path), "--device", "cpu", "--steps", "1", "--text-tokens", "8"]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert (result["resolution"], result["steps"]) == (cpu.resolution, 1)
+    assert tuple(r["format"] for r in result["rows"]) == cpu.formats
+    assert err == (
+        f"int8-studio: on the CPU, a quick run: {cpu.resolution}×{cpu.resolution}, 1 steps, bf16,int8; "
+        "ask for more with --res, --steps and --formats\n"
+    )
+    assert main([*args, "--res", "64", "--formats", "int8"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replays_give_the_eager_outputs():
     request = BenchRequest("flux2-tiny", resolution=128, steps=2, formats=FORMATS, device="cuda")

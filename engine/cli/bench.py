@@ -4,34 +4,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from engine.cli.commands import command
 from engine.cli.progress import ProgressBar
+
+if TYPE_CHECKING:  # torch and Triton: only when `bench` runs
+    from engine.bench import BenchRequest
 
 
 @command("bench", help="seconds per step of a model in bf16, fp8 and int8, with each format's quality cost")
 def _bench_command(p: argparse.ArgumentParser) -> None:
     from engine.bench import FORMATS, bench_defaults  # torch and Triton: only when `bench` is asked for
-    from engine.int8.quantize import SCHEMES
-    from engine.int8.rotation import ROTATION_POLICIES
+    from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES
 
     gpu, cpu = bench_defaults(gpu=True), bench_defaults(gpu=False)
     p.add_argument(
         "source", nargs="?",
         help="a checkpoint, or a model name with random weights: flux2-klein-9b, zimage-turbo, …; "
-        f"default: {gpu.source} on a GPU; on the CPU {cpu.source} at {cpu.resolution}×{cpu.resolution}, "
-        f"{cpu.steps} steps, formats {','.join(cpu.formats)} (unless given)",
+        f"default: {gpu.source} on a GPU, {cpu.source} on the CPU. On the CPU every run is a quick one "
+        "unless --res, --steps and --formats ask for more",
     )  # fmt: skip
-    p.add_argument("--res", type=int, help=f"image side in pixels (default {gpu.resolution})")
-    p.add_argument("--steps", type=int, help=f"timed steps per format, after warm-up (default {gpu.steps})")
     p.add_argument(
-        "--formats",
-        type=lambda text: tuple(text.split(",")),
-        help=f"comma-separated, from {','.join(FORMATS)} (default: all)",
+        "--res", type=int, help=f"image side in pixels (default {gpu.resolution}; on the CPU {cpu.resolution})"
     )
     p.add_argument(
-        "--scheme", choices=SCHEMES, default="rowwise", help="int8 weight scales: one per weight or per row"
+        "--steps", type=int,
+        help=f"timed steps per format, after warm-up (default {gpu.steps}; on the CPU {cpu.steps})",
+    )  # fmt: skip
+    p.add_argument(
+        "--formats", type=lambda text: tuple(text.split(",")),
+        help=f"comma-separated, from {','.join(FORMATS)} (default: all; on the CPU {','.join(cpu.formats)})",
+    )  # fmt: skip
+    p.add_argument(
+        "--scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
+        help=f"int8 weight scales: one per output row or per weight (default: {DEFAULT_SCHEME})",
     )
     p.add_argument(
         "--rotate", choices=ROTATION_POLICIES, default="none",
@@ -62,12 +71,11 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.bench import BenchRequest, bench_defaults, run_bench
+    from engine.bench import bench_defaults, run_bench
 
-    if args.source is None:  # what the app's form starts from on this machine
-        request = bench_defaults(gpu=args.device != "cpu" and torch.cuda.is_available())
-    else:
-        request = BenchRequest(args.source)
+    gpu = args.device != "cpu" and torch.cuda.is_available()
+    defaults = bench_defaults(gpu)  # what the app's form starts from on this machine
+    request = replace(defaults, source=args.source) if args.source else defaults
     chosen = {"resolution": args.res, "steps": args.steps, "formats": args.formats}
     request = replace(
         request, **{k: v for k, v in chosen.items() if v is not None}, scheme=args.scheme, batch=args.batch,
@@ -77,4 +85,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     with ProgressBar() as bar:
         result = run_bench(request, progress=bar)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    if not gpu and None in chosen.values():
+        print(f"int8-studio: {quick_run(request)}", file=sys.stderr)
     return 0
+
+
+def quick_run(r: BenchRequest) -> str:
+    """What a CPU run measured when not told otherwise, and how to ask for more."""
+    return (
+        f"on the CPU, a quick run: {r.resolution}×{r.resolution}, {r.steps} steps, {','.join(r.formats)}; "
+        "ask for more with --res, --steps and --formats"
+    )
