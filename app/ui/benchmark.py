@@ -63,7 +63,7 @@ class BenchmarkPage(Page):
             self.model.addItem(f"{arch.label} {variant} ({kind})", name)
         self.model.addItem("A file…", None)
         self.model.currentIndexChanged.connect(self._on_model)
-        self.file = PathField("open", "A .safetensors model")
+        self.file = PathField("model", "A .safetensors model or a diffusers folder")
         self.file.setAccessibleName("Model file to benchmark")
         self.file.hide()
         self.resolution = QComboBox()

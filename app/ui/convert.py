@@ -89,7 +89,7 @@ class ConvertPage(Page):
             "Drop a .safetensors file or a diffusers folder anywhere on this card"
         )
         self.drop_zone.dropped.connect(self.open_path)
-        self.source = PathField("open", "Drop a checkpoint here, or browse")
+        self.source = PathField("model", "Drop a checkpoint here, or browse")
         self.source.setAccessibleName("Source checkpoint")
         self.source.setToolTip("bf16, fp16, fp32 or fp8 checkpoints; diffusers folders work too.")
         self.source.set_history(settings.recent_files)

@@ -17,6 +17,7 @@ from app.ui import dialogs, theme
 from app.ui.cards import Card, Facts, ResultCard
 from app.ui.forms import Choices, action_row, primary_button
 from app.ui.jobpanel import JobPanel
+from app.ui.library import page_for_path
 from app.ui.page import Page, require
 from app.ui.path_fields import PathField, add_remove_row
 from app.ui.tables import fit_rows, table
@@ -92,7 +93,7 @@ class LoraPage(Page):
         self.model_info: CheckpointInfo | None = None
 
         model = Card("Model", "The INT8 model to merge into (a bf16 model works too).", "file")
-        self.model = PathField("open", "Drop a model here or browse")
+        self.model = PathField("model", "Drop a model here or browse")
         self.model.setAccessibleName("Model file")
         self.model.set_history(settings.recent_files)
         self.model.changed.connect(self._on_model)
@@ -143,13 +144,13 @@ class LoraPage(Page):
         self.update_ready()
 
     def open_path(self, path: Path) -> bool:
-        """The first file becomes the model, later ones join the stack as LoRAs."""
+        """A LoRA joins the stack; a model (or a diffusers folder) becomes the model."""
         if path.suffix != ".safetensors" and not path.is_dir():
             return False
-        if self.model.path() is None:
-            self.model.set_path(path)
-        else:
+        if page_for_path(path) == "lora":
             self.add_lora(path)
+        else:
+            self.model.set_path(path)
         return True
 
     # --- model -----------------------------------------------------------------------------------

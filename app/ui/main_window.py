@@ -32,7 +32,7 @@ from app.ui import dialogs, theme
 from app.ui.benchmark import BenchmarkPage
 from app.ui.convert import ConvertPage
 from app.ui.export import ExportPage
-from app.ui.library import LibraryPage
+from app.ui.library import LibraryPage, page_for_path
 from app.ui.lora import LoraPage
 from app.ui.page import Page
 from app.ui.path_fields import dropped_paths
@@ -194,9 +194,11 @@ class MainWindow(QMainWindow):
         return self.stack.currentWidget()
 
     def open_path(self, key: str | None, path: Path) -> None:
-        """Hand ``path`` to page ``key`` (or the current page, falling back to Convert) and show it."""
-        for candidate in (key, None if key else self.current_page().key, "convert"):
-            if candidate and self.pages[candidate].open_path(Path(path)):
+        """Hand ``path`` to page ``key``, or else the current page, or else the page for that file
+        (:func:`page_for_path`), and show the page that took it."""
+        path = Path(path)
+        for candidate in (key, self.current_page().key, page_for_path(path)):
+            if candidate and self.pages[candidate].open_path(path):
                 self.show_page(candidate)
                 return
 
@@ -212,7 +214,9 @@ class MainWindow(QMainWindow):
             event.acceptProposedAction()
 
     def dropEvent(self, event: QDropEvent) -> None:
-        for path in dropped_paths(event)[:1]:
+        """Files dropped anywhere outside a path field: each to the page that takes it (a model and
+        its LoRAs dropped together on the LoRA page fill the model and the stack)."""
+        for path in dropped_paths(event):
             self.open_path(None, path)
         event.acceptProposedAction()
 

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
     QListWidget,
+    QMenu,
     QPushButton,
     QSizePolicy,
     QVBoxLayout,
@@ -27,7 +28,9 @@ from app.ui.forms import muted
 class PathField(QWidget):
     """An editable path with a Browse button, a drop-down of recent choices, and drag-and-drop.
 
-    ``mode`` is "open" (a file, or a folder by drop or typing), "folder" or "save".
+    ``mode`` is "open" (a file), "model" (a file or a diffusers folder: Browse offers both), "folder"
+    or "save". A drop puts the dropped file's local path in the field (the text field inside would
+    insert its ``file://`` URL: it takes no drops of its own).
     """
 
     changed = Signal(object)  # Path | None
@@ -36,7 +39,7 @@ class PathField(QWidget):
         self, mode: str, placeholder: str, file_filter: str = "Safetensors (*.safetensors)"
     ) -> None:
         super().__init__()
-        self.mode, self.file_filter = mode, file_filter
+        self.file_filter = file_filter
         self.start_dir = ""
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -46,13 +49,21 @@ class PathField(QWidget):
         self.combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
         self.combo.lineEdit().setPlaceholderText(placeholder)
         self.combo.lineEdit().setClearButtonEnabled(True)
+        self.combo.lineEdit().setAcceptDrops(False)
+        self.combo.setAcceptDrops(False)
         self.combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.combo.setMinimumContentsLength(30)
         self.combo.lineEdit().editingFinished.connect(self._emit)
         self.combo.activated.connect(lambda _: self._emit())
         self.browse = QPushButton("Browse…")
         theme.bind_icon(self.browse, "folder")
-        self.browse.clicked.connect(self._browse)
+        if mode == "model":
+            menu = QMenu(self.browse)
+            menu.addAction("A .safetensors file…", lambda: self._browse("open"))
+            menu.addAction("A diffusers folder…", lambda: self._browse("folder"))
+            self.browse.setMenu(menu)
+        else:
+            self.browse.clicked.connect(lambda: self._browse(mode))
         layout.addWidget(self.combo, 1)
         layout.addWidget(self.browse)
         self.setAcceptDrops(True)
@@ -92,11 +103,11 @@ class PathField(QWidget):
             self._last = path
             self.changed.emit(path)
 
-    def _browse(self) -> None:
+    def _browse(self, mode: str) -> None:
         start = str(self.path() or self.start_dir)
-        if self.mode == "folder":
+        if mode == "folder":
             chosen = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
-        elif self.mode == "save":
+        elif mode == "save":
             chosen, _ = QFileDialog.getSaveFileName(self, "Save as", start, self.file_filter)
         else:
             chosen, _ = QFileDialog.getOpenFileName(self, "Open", start, self.file_filter)
