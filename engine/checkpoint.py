@@ -7,10 +7,14 @@ and reads one tensor at a time.
 The safetensors format: an 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the
 data area; offsets are relative to its start.
+
+Headers are read without torch (dtypes are safetensors' names), so that ``inspect`` and the library
+start in a fraction of a second; torch is imported when a tensor is read (benchmarks/startup.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import stat
@@ -20,38 +24,48 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from os import stat_result
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psutil
-import torch
 
 from engine.jobs import JobError, short
 from engine.units import format_bytes  # noqa: F401  (where the engine and the app import it from)
 
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "U16": torch.uint16,
-    "I16": torch.int16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "U32": torch.uint32,
-    "I32": torch.int32,
-    "F32": torch.float32,
-    "U64": torch.uint64,
-    "I64": torch.int64,
-    "F64": torch.float64,
-    "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
-"""safetensors dtype name → torch dtype, for every whole-byte dtype both know."""
+if TYPE_CHECKING:
+    import torch
 
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "U16": ("uint16", 2),
+    "I16": ("int16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "U32": ("uint32", 4),
+    "I32": ("int32", 4),
+    "F32": ("float32", 4),
+    "U64": ("uint64", 8),
+    "I64": ("int64", 8),
+    "F64": ("float64", 8),
+    "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+}
+"""safetensors dtype name → (torch's name for it, bytes per element), for every whole-byte dtype both
+know: names, so that reading a header needs no torch."""
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name → torch dtype (imports torch)."""
+    import torch
+
+    return {name: getattr(torch, attr) for name, (attr, _) in DTYPES.items()}
+
 
 MAX_HEADER_BYTES = 100_000_000
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -77,7 +91,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtypes()[self.dtype]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -154,7 +168,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if not is_shape(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
             raise corrupt(f"tensor '{short(name)}' has data_offsets {short(repr(offsets))}, not [begin, end]")
         begin, end = offsets
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        expected = math.prod(shape) * DTYPES[dtype][1]
         if end - begin != expected:
             raise corrupt(
                 f"tensor '{short(name)}' has {end - begin} bytes, but shape {short(str(shape))} of {dtype} needs {expected}"
@@ -255,13 +269,27 @@ class CheckpointReader:
         A positioned read into fresh memory rather than an mmap view: the caller owns a writable
         tensor, and pages of the file never count towards the process's resident memory.
         """
+        import torch
+
         info = self.tensors[name]
         check_memory(f"tensor '{short(name)}' of {info.file}", info.nbytes)
         try:
             buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         except RuntimeError as e:  # the allocator refused
             raise CheckpointError(f"no memory for tensor '{short(name)}' ({format_bytes(info.nbytes)}): {e}") from None
-        view = memoryview(buffer.numpy())
+        self._read_into(info, memoryview(buffer.numpy()))
+        return buffer.view(info.torch_dtype).reshape(info.shape)
+
+    def get_bytes(self, name: str) -> bytes:
+        """The raw bytes of tensor ``name``, read without torch (a ``comfy_quant`` marker's JSON)."""
+        info = self.tensors[name]
+        check_memory(f"tensor '{short(name)}' of {info.file}", info.nbytes)
+        data = bytearray(info.nbytes)
+        self._read_into(info, memoryview(data))
+        return bytes(data)
+
+    def _read_into(self, info: TensorInfo, view: memoryview) -> None:
+        name = info.name
         done = 0
         try:
             with self._lock:
@@ -274,7 +302,6 @@ class CheckpointReader:
                     done += n
         except OSError as e:
             raise CheckpointError(f"cannot read '{name}' from {info.file}: {e.strerror or e}") from e
-        return buffer.view(info.torch_dtype).reshape(info.shape)
 
     def _handle(self, file: Path) -> BinaryIO:
         if file not in self._handles:

@@ -19,11 +19,13 @@ from typing import Any, BinaryIO
 
 import torch
 
-from engine.checkpoint import DTYPE_NAMES, CheckpointError, CheckpointReader, format_bytes, is_shape
+from engine.checkpoint import CheckpointError, CheckpointReader, format_bytes, is_shape, torch_dtypes
 from engine.jobs import TEMPORARY_FILES, OutputExistsError, check_name, temporary_name
 
 Layout = Mapping[str, tuple[torch.dtype, Sequence[int]]]
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space left, or over quota
+DTYPE_NAMES = {dtype: name for name, dtype in torch_dtypes().items()}
+"""torch dtype → safetensors dtype name."""
 
 
 class CheckpointWriter:

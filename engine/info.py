@@ -102,9 +102,7 @@ def _markers(reader: CheckpointReader) -> dict[str, object]:
     tensors: dict[str, str] = {}
     for name in reader:
         if name.endswith(".comfy_quant"):
-            tensors[name.removesuffix(".comfy_quant")] = bytes(reader.get(name).tolist()).decode(
-                "utf-8", "replace"
-            )
+            tensors[name.removesuffix(".comfy_quant")] = reader.get_bytes(name).decode("utf-8", "replace")
     counts: dict[str, int] = {}
     for text in tensors.values():
         counts[text] = counts.get(text, 0) + 1

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.checkpoint import DTYPES
+from engine.checkpoint import torch_dtypes
 from engine.jobs import JobError
 from engine.models.spec import REGISTRY, Architecture, Rule, Shape, natural_key, supported_text
 
@@ -356,7 +356,7 @@ def _source_tensors(
             plan.append(OutputTensor(name, DEQUANTIZED_DTYPE, tuple(header.shape), sources, _dequantize_fp8))
         else:
             plan.append(
-                OutputTensor(name, DTYPES[header.dtype], tuple(header.shape), (prefix + name,), _only)
+                OutputTensor(name, torch_dtypes()[header.dtype], tuple(header.shape), (prefix + name,), _only)
             )
     return plan
 
