@@ -42,7 +42,13 @@ from app.workers import Job
 from engine import __version__
 
 DEFAULT_SIZE = QSize(1200, 800)
-MINIMUM_SIZE = QSize(900, 600)
+MINIMUM_SIZE = QSize(900, 600)  # fits a 1280×720 screen, at 100 % or 1920×1080 at 150 %, with a taskbar
+
+
+def first_size(available: QSize) -> QSize:
+    """The window's size on its first start: the default, shrunk to the screen's free area (never
+    below the minimum: the pages scroll)."""
+    return DEFAULT_SIZE.boundedTo(available).expandedTo(MINIMUM_SIZE)
 
 
 class MainWindow(QMainWindow):
@@ -90,7 +96,7 @@ class MainWindow(QMainWindow):
         self.apply_theme()
         self.show_page(settings.page if settings.page in self.pages else "convert")
         if settings.geometry is None or not self.restoreGeometry(settings.geometry):
-            self.resize(DEFAULT_SIZE)
+            self.resize(first_size(self.screen().availableGeometry().size()))
 
     # --- layout ----------------------------------------------------------------------------------
 
