@@ -289,7 +289,7 @@ def test_other_models_get_no_demo_lora(qtbot, window, tmp_path):
     assert page.table.rowCount() == 0 and not (tmp_path / "cache" / "demo").exists()
 
 
-def test_a_lora_for_another_model_is_flagged_in_its_row(qtbot, window, demo_int8, tmp_path):
+def test_a_lora_for_another_model_is_flagged_and_merge_says_why_it_is_off(qtbot, window, demo_int8, tmp_path):
     page = window.pages["lora"]
     lora = write_lora(tmp_path / "zimage.safetensors", "zimage", "kohya").path
     with pytest.raises(LoraError) as expected:
@@ -298,6 +298,15 @@ def test_a_lora_for_another_model_is_flagged_in_its_row(qtbot, window, demo_int8
     page.open_path(lora)
     qtbot.waitUntil(lambda: page.coverage_text(0) == str(expected.value), timeout=WAIT)
     assert "Z-Image" in page.coverage_text(0)
+
+    reason = f"zimage.safetensors does not fit this model: {expected.value}. Remove it from the stack to merge."
+    assert not page.merge_button.isEnabled()  # off, and why, before anyone clicks
+    assert page.merge_button.toolTip() == reason
+    assert page.unfit.isVisibleTo(page) and page.unfit.label.text() == reason
+
+    page.table.selectRow(0)
+    next(b for b in page.findChildren(QPushButton) if b.text() == "Remove").click()
+    assert not page.unfit.isVisibleTo(page) and page.merge_button.toolTip() == "First choose at least one LoRA."
 
 
 # --- Benchmark -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
 
 from app.settings import Settings
 from app.ui import dialogs, theme
-from app.ui.cards import Card, Facts, ResultCard
+from app.ui.cards import Card, Facts, Notice, ResultCard
 from app.ui.forms import Choices, action_row, primary_button
 from app.ui.jobpanel import JobPanel
 from app.ui.library import page_for_path
@@ -116,7 +116,11 @@ class LoraPage(Page):
             self._choose_loras,
             self._remove_selected,
         )
+        self.unfit = Notice("", "warning")  # why Merge is off, before anyone clicks it
+        self.unfit.setAccessibleName("LoRAs that do not fit")
+        self.unfit.hide()
         stack.body.addWidget(self.table)
+        stack.body.addWidget(self.unfit)
         stack.body.addLayout(buttons)
 
         options = Card("Merge", icon_name="convert")
@@ -244,15 +248,28 @@ class LoraPage(Page):
         cell = self.table.item(row, COVERAGE)
         cell.setText("checking…")
         job = Job.call("Checking the LoRA", inspect_lora, lora, model)
+        cell.setData(Qt.ItemDataRole.UserRole, None)  # fits: unknown until checked
         job.succeeded.connect(lambda info: self._show_coverage(cell, coverage(info), True))
         job.failed.connect(lambda error: self._show_coverage(cell, str(error), False))
         job.crashed.connect(lambda summary, _: self._show_coverage(cell, summary, False))
         job.start(self)
 
     def _show_coverage(self, cell: QTableWidgetItem, text: str, ok: bool) -> None:
+        if self.table.row(cell) < 0:
+            return  # removed from the stack meanwhile
         cell.setText(text)
         cell.setToolTip(text)
+        cell.setData(Qt.ItemDataRole.UserRole, ok)
         cell.setForeground(QBrush(QColor(theme.current()["text" if ok else "danger"])))
+        self.update_ready()
+
+    def unfit_loras(self) -> list[str]:
+        """A sentence for each LoRA in the stack that its check found not to fit the model."""
+        return [
+            f"{self.table.item(row, FILE).text()} does not fit this model: {self.coverage_text(row)}."
+            for row in range(self.table.rowCount())
+            if self.table.item(row, COVERAGE).data(Qt.ItemDataRole.UserRole) is False
+        ]
 
     def _choose_loras(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(
@@ -282,6 +299,11 @@ class LoraPage(Page):
         )
 
     def update_ready(self) -> None:
+        problems = self.unfit_loras()
+        if problems:
+            problems.append(f"Remove {'it' if len(problems) == 1 else 'them'} from the stack to merge.")
+        self.unfit.set(" ".join(problems), "warning")
+        self.unfit.setVisible(bool(problems))
         require(
             self.merge_button,
             [
@@ -291,6 +313,7 @@ class LoraPage(Page):
             ],
             "Merge the stack and save the result.",
             self.panel.running,
+            problems,
         )
 
     def merge(self) -> Job:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +117,19 @@ class Page(QWidget):
         QTimer.singleShot(50, lambda: self.scroll.ensureWidgetVisible(widget, 0, 24))
 
 
-def require(button: QPushButton, needs: list[tuple[str, bool]], ready: str, busy: bool) -> None:
-    """Enable ``button`` when every ``(what, met)`` need is met and no job runs; otherwise its
-    tooltip says what is missing. ``ready`` is its tooltip when it is on."""
+def require(
+    button: QPushButton,
+    needs: list[tuple[str, bool]],
+    ready: str,
+    busy: bool,
+    problems: Sequence[str] = (),
+) -> None:
+    """Enable ``button`` when every ``(what, met)`` need is met, nothing is wrong and no job runs;
+    otherwise its tooltip says what is missing, or the ``problems`` (sentences) that keep it off.
+    ``ready`` is its tooltip when it is on."""
     missing = [what for what, met in needs if not met]
-    button.setEnabled(not missing and not busy)
-    button.setToolTip(f"First choose {' and '.join(missing)}." if missing else ready)
+    button.setEnabled(not missing and not problems and not busy)
+    if missing:
+        button.setToolTip(f"First choose {' and '.join(missing)}.")
+    else:
+        button.setToolTip(" ".join(problems) or ready)
