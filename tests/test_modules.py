@@ -354,7 +354,7 @@ def test_compiles_without_graph_breaks(arch):
 
 def test_zimage_rope_tables_are_built_once_per_shape():
     from engine.models.layers import position_ids, rope
-    from engine.models.zimage import ROTATIONS_KEPT
+    from engine.models.zimage_module import ROTATIONS_KEPT
 
     model = random_model(REGISTRY["zimage"], tiny("zimage"), CPU, torch.float32, seed=seed())
     x = inputs(model)

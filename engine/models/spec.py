@@ -4,6 +4,9 @@ layers stay in high precision.
 Names are always the single-file (ComfyUI/BFL) names without a prefix. The diffusers layout is
 described by :class:`Rule` s, one per single-file tensor family, so the same table serves conversion
 (diffusers → single-file), LoRA key mapping and loading diffusers weights into our own modules.
+
+Plain Python: detection needs no torch. Each family's runnable ``nn.Module`` lives in its own
+``<family>_module.py``, imported by :meth:`Architecture.build_module` when a model is built.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from engine.jobs import JobError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 Shape = tuple[int, ...]
 Config = Mapping[str, int | bool]
@@ -106,6 +111,8 @@ class Rule:
 
     def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The single-file tensor from this rule's diffusers tensors, in template order."""
+        import torch
+
         if self.swap:
             scale, shift = parts[0].chunk(2, dim=0)
             return torch.cat([shift, scale])
