@@ -1,4 +1,5 @@
-"""The main window: a sidebar of pages, the page area, and a status bar with the GPU and RAM."""
+"""The main window: a sidebar of pages, the page area, and a status bar with the GPU, the running jobs
+and RAM."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from PySide6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QMainWindow,
+    QSizePolicy,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
@@ -32,6 +34,8 @@ from app.ui import dialogs, theme
 from app.ui.benchmark import BenchmarkPage
 from app.ui.convert import ConvertPage
 from app.ui.export import ExportPage
+from app.ui.jobpanel import JobPanel
+from app.ui.jobs_indicator import JobsIndicator
 from app.ui.library import LibraryPage, page_for_path
 from app.ui.lora import LoraPage
 from app.ui.page import Page
@@ -148,9 +152,15 @@ class MainWindow(QMainWindow):
         self.ram_label.setAccessibleName("System memory")
         theme.bind_icon(self.gpu_icon, "gpu", "muted", 14)
         theme.bind_icon(self.ram_icon, "memory", "muted", 14)
-        for widget in (self.gpu_icon, self.gpu_label):
-            bar.addWidget(widget)
-        for widget in (self.ram_icon, self.ram_label):
+        self.gpu_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        bar.addWidget(self.gpu_icon)
+        bar.addWidget(self.gpu_label, 1)  # what is left of the bar; cut short on a small window
+        self.jobs = JobsIndicator()
+        self.jobs.show_page.connect(self.show_page)
+        for page in self.pages.values():
+            for panel in page.findChildren(JobPanel):
+                panel.started.connect(lambda job, key=page.key: self.jobs.track(job, key))
+        for widget in (self.jobs, self.ram_icon, self.ram_label):
             bar.addPermanentWidget(widget)
         self.gpus: list[system.Gpu] = []
         QTimer.singleShot(0, self.refresh_hardware)  # after the window is up: torch loads slowly
