@@ -57,6 +57,8 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 """safetensors dtype name → (torch's name for it, bytes per element), for every whole-byte dtype both
 know: names, so that reading a header needs no torch."""
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
+"""The floating-point ones (torch's ``is_floating_point``)."""
 
 
 @functools.cache

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,23 @@ def test_the_checks_see_a_forbidden_import(tmp_path):
 def test_the_seam_imports_neither_side(path):
     bad = {m for m in imported_modules(ROOT / path) if within(m, ("engine.int8", "engine.models"))}
     assert not bad, f"{path} imports {sorted(bad)}"
+
+
+def test_inspect_and_convert_help_import_no_torch(tmp_path):
+    """``inspect`` (header reading, detection, the architecture specs) and ``convert --help`` (the int8
+    choices) run without torch, so they start in a fraction of a second (benchmarks/startup.py); each
+    family's ``nn.Module`` is imported only when a model is built."""
+    from tests.tiny_checkpoints import write_single_file
+
+    path = write_single_file(tmp_path / "m.safetensors", "flux2", fmt="int8_rowwise").path
+    code = (
+        "import contextlib, io, sys\nfrom engine.cli import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()) as out:\n    main(['inspect', {str(path)!r}])\n"
+        "    with contextlib.suppress(SystemExit):\n        main(['convert', '--help'])\n"
+        "print('torch' in sys.modules, 'Flux.2' in out.getvalue(), '--scheme' in out.getvalue())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.split() == ["False", "True", "True"], done.stdout + done.stderr
 
 
 def family_words() -> set[str]:

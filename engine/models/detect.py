@@ -13,13 +13,14 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from engine.checkpoint import torch_dtypes
+from engine.checkpoint import DTYPES, FLOAT_DTYPES, torch_dtypes
 from engine.jobs import JobError
 from engine.models.spec import REGISTRY, Architecture, Rule, Shape, natural_key, supported_text
+
+if TYPE_CHECKING:  # the plan is made without torch; its build functions run with it
+    import torch
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FLOAT_FORMATS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
@@ -28,7 +29,7 @@ FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 FP8_SCALES = ("weight_scale", "scale_weight")  # new (comfy_quant) and old (scaled_fp8) conventions
 FP8_AUXILIARY = (*FP8_SCALES, "input_scale", "scale_input", "comfy_quant")
 SCALED_FP8_MARKER = "scaled_fp8"
-DEQUANTIZED_DTYPE = torch.bfloat16  # what ComfyUI computes with when it runs an fp8 file
+DEQUANTIZED_DTYPE = "BF16"  # what ComfyUI computes with when it runs an fp8 file
 
 
 class UnknownModelError(JobError):
@@ -53,15 +54,20 @@ class OutputTensor:
     """
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # safetensors name, "BF16"
     shape: Shape
     sources: tuple[str, ...]
     build: Callable[[list[torch.Tensor]], torch.Tensor] = field(repr=False)
     quantize: bool = False
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch: the plan is made without it)."""
+        return torch_dtypes()[self.dtype_name]
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * DTYPES[self.dtype_name][1]
 
 
 @dataclass(frozen=True)
@@ -215,18 +221,20 @@ def _check_shapes(
         raise ModelLayoutError(f"{arch.label} model without {noun} {names}{more}: the file is incomplete")
     if not filled:
         return plan
-    dtype = next((t.dtype for t in plan if t.dtype.is_floating_point and len(t.shape) == 1), DEQUANTIZED_DTYPE)
+    dtype = next((t.dtype_name for t in plan if t.dtype_name in FLOAT_DTYPES and len(t.shape) == 1), DEQUANTIZED_DTYPE)
     added = [_initial(name, expected[name], dtype) for name in filled]
     return sorted([*plan, *added], key=lambda t: natural_key(t.name))
 
 
-def _initial(name: str, shape: Shape, dtype: torch.dtype) -> OutputTensor:
+def _initial(name: str, shape: Shape, dtype: str) -> OutputTensor:
     """A tensor the source does not hold, at its module's initial value: a norm's scale, ones."""
     if len(shape) != 1 or not name.endswith(".weight"):
         raise ModelLayoutError(f"the model lacks {name}, which INT8 Studio cannot fill in")
 
     def build(_: list[torch.Tensor]) -> torch.Tensor:
-        return torch.ones(shape, dtype=dtype)
+        import torch
+
+        return torch.ones(shape, dtype=torch_dtypes()[dtype])
 
     return OutputTensor(name, dtype, tuple(shape), (), build)
 
@@ -336,7 +344,7 @@ def _dequantize_fp8(tensors: list[torch.Tensor]) -> torch.Tensor:
     if len(tensors) > 1:
         scale = tensors[1].float()
         weight = weight * (scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1))
-    return weight.to(DEQUANTIZED_DTYPE)
+    return weight.to(torch_dtypes()[DEQUANTIZED_DTYPE])
 
 
 def _source_tensors(
@@ -356,13 +364,13 @@ def _source_tensors(
             plan.append(OutputTensor(name, DEQUANTIZED_DTYPE, tuple(header.shape), sources, _dequantize_fp8))
         else:
             plan.append(
-                OutputTensor(name, torch_dtypes()[header.dtype], tuple(header.shape), (prefix + name,), _only)
+                OutputTensor(name, header.dtype, tuple(header.shape), (prefix + name,), _only)
             )
     return plan
 
 
 def _quantizable(arch: Architecture, t: OutputTensor) -> bool:
-    return t.dtype.is_floating_point and not arch.keeps_high_precision(t.name, t.shape)
+    return t.dtype_name in FLOAT_DTYPES and not arch.keeps_high_precision(t.name, t.shape)
 
 
 # --- diffusers → single-file -------------------------------------------------------------------
@@ -390,8 +398,8 @@ def _combine(name: str, rule: Rule, parts: dict[int, OutputTensor]) -> OutputTen
             f"diffusers tensor {missing[0]!r} is missing (it is part of {name!r}): the model is incomplete"
         )
     ordered = [parts[k] for k in range(len(rule.diffusers))]
-    if len({(p.dtype, p.shape[1:]) for p in ordered}) > 1:
-        found = ", ".join(f"{p.name} {str(p.dtype).removeprefix('torch.')} {list(p.shape)}" for p in ordered)
+    if len({(p.dtype_name, p.shape[1:]) for p in ordered}) > 1:
+        found = ", ".join(f"{p.name} {DTYPES[p.dtype_name][0]} {list(p.shape)}" for p in ordered)
         raise ModelLayoutError(f"the parts of {name!r} do not fit together: {found}")
     if len(ordered) == 1 and not rule.swap:
         return replace(ordered[0], name=name)
@@ -404,7 +412,7 @@ def _combine(name: str, rule: Rule, parts: dict[int, OutputTensor]) -> OutputTen
 
     return OutputTensor(
         name=name,
-        dtype=ordered[0].dtype,
+        dtype_name=ordered[0].dtype_name,
         shape=rule.assembled_shape([p.shape for p in ordered]),
         sources=tuple(s for p in ordered for s in p.sources),
         build=build,
