@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QUrl
-from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -17,6 +15,7 @@ from app import system
 from app.settings import Settings
 from app.ui import theme
 from app.ui.cards import Card, Facts, Notice, ResultCard
+from app.ui.file_actions import show_in_folder
 from app.ui.forms import Choices, action_row, form, primary_button
 from app.ui.jobpanel import JobPanel
 from app.ui.page import Page, require
@@ -155,7 +154,7 @@ class ConvertPage(Page):
 
         self.result_card = ResultCard(
             [
-                ("Show in folder", "folder", self._show_folder),
+                ("Show in folder", "folder", lambda: show_in_folder(self.result.output)),
                 (
                     "Export to ComfyUI",
                     "export",
@@ -320,6 +319,3 @@ class ConvertPage(Page):
             facts.append(("Left out", f"{result.left_out} tensors outside the diffusion model"))
         self.result_card.show_result(text, facts)
         self.reveal(self.result_card)
-
-    def _show_folder(self) -> None:
-        QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.result.output.parent)))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QFileDialog,
     QHBoxLayout,
+    QHeaderView,
     QLineEdit,
+    QMenu,
     QPushButton,
     QTableWidgetItem,
 )
@@ -18,6 +21,7 @@ from PySide6.QtWidgets import (
 from app.settings import Settings
 from app.ui import dialogs, theme
 from app.ui.cards import Card, Notice
+from app.ui.file_actions import copy_path, show_in_folder
 from app.ui.forms import form, muted, primary_button
 from app.ui.jobpanel import JobPanel
 from app.ui.page import Page
@@ -46,6 +50,8 @@ from engine.library import (
 )
 
 COLUMNS = ["Name", "Kind", "Model", "Format", "Size", "Modified", "Folder"]
+NAME, FOLDER = 0, len(COLUMNS) - 1
+NAME_WIDTH = 280  # px: the name keeps this much (elided in the middle); the folder takes what is left
 
 
 class SortItem(QTableWidgetItem):
@@ -105,8 +111,12 @@ class LibraryPage(Page):
             "Nothing here yet. Add a folder, drop a .safetensors file on this page, or try the demo "
             "model on the Convert page."
         )
-        self.table = table(COLUMNS, "Models and LoRAs", stretch=0)
+        self.table = table(COLUMNS, "Models and LoRAs", stretch=FOLDER)
+        self.table.horizontalHeader().setSectionResizeMode(NAME, QHeaderView.ResizeMode.Interactive)
+        self.table.horizontalHeader().resizeSection(NAME, NAME_WIDTH)
         self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.table.customContextMenuRequested.connect(self._context_menu)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
         self.table.itemSelectionChanged.connect(self._update_actions)
@@ -123,6 +133,14 @@ class LibraryPage(Page):
             button.clicked.connect(lambda _=False, page=page: self._send(page))
             actions.addWidget(button)
         actions.addStretch(1)
+        self.file_actions = {
+            "Show in folder": (QPushButton("Show in folder"), show_in_folder),
+            "Copy path": (QPushButton("Copy path"), copy_path),
+        }
+        for button, act in self.file_actions.values():
+            button.clicked.connect(lambda _=False, act=act: self._on_selected(act))
+            actions.addWidget(button)
+        theme.bind_icon(self.file_actions["Show in folder"][0], "folder")
         models.body.addWidget(self.panel)
         models.body.addWidget(self.empty)
         models.body.addWidget(self.table)
@@ -252,7 +270,6 @@ class LibraryPage(Page):
         self.table.setRowCount(len(entries))
         for row, entry in enumerate(entries):
             name = SortItem(entry.path.name, entry.path.name.lower())
-            name.setToolTip(str(entry.path))
             name.setData(Qt.ItemDataRole.UserRole, row)
             cells = [
                 name,
@@ -265,10 +282,9 @@ class LibraryPage(Page):
                 ),
                 QTableWidgetItem("/".join(entry.path.parent.parts[-2:])),
             ]
-            if entry.note:
-                for cell in cells[1:]:
-                    cell.setToolTip(entry.note)
+            tip = "\n".join(filter(None, [str(entry.path), entry.note]))
             for column, cell in enumerate(cells):
+                cell.setToolTip(tip)
                 self.table.setItem(row, column, cell)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(
@@ -344,6 +360,26 @@ class LibraryPage(Page):
         self.actions["export"].setEnabled(model or lora)
         self.actions["lora"].setEnabled(model or lora)
         self.actions["benchmark"].setEnabled(model)
+        for button, _ in self.file_actions.values():
+            button.setEnabled(entry is not None)
+
+    def _context_menu(self, point: QPoint) -> None:
+        """Right-click on a file: what the buttons under the table do, for that file."""
+        if self.table.itemAt(point) is None:
+            return
+        self.table.selectRow(self.table.itemAt(point).row())
+        menu = QMenu(self.table)
+        for label, (_, act) in self.file_actions.items():
+            menu.addAction(label, lambda act=act: self._on_selected(act))
+        menu.addSeparator()
+        for page, button in self.actions.items():
+            menu.addAction(button.text(), lambda page=page: self._send(page)).setEnabled(button.isEnabled())
+        menu.popup(self.table.viewport().mapToGlobal(point))
+
+    def _on_selected(self, act: Callable[[Path], None]) -> None:
+        entry = self.selected()
+        if entry is not None:
+            act(entry.path)
 
     def _open_default(self) -> None:
         """Double-click: convert a source model, export an INT8 one, stack a LoRA."""
