@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def open_window(args: argparse.Namespace, settings):
-    """The main window, shown: on the page for ``args.file`` (not the page last used), on Convert with
-    the demo model for ``--demo``, else on the page last used."""
+    """The main window, shown: on the page for ``args.file`` (not the page last used); for ``--demo``
+    on Convert with the demo model, which is also the LoRA page's model with its demo LoRA in the
+    stack; else on the page last used."""
     from app.ui.main_window import MainWindow
 
     window = MainWindow(settings)
@@ -57,7 +58,8 @@ def open_window(args: argparse.Namespace, settings):
         window.open_path(page_for_path(args.file), args.file)
     elif args.demo:
         window.show_page("convert")
-        window.pages["convert"].use_demo()
+        demo = window.pages["convert"].use_demo()
+        demo.succeeded.connect(lambda path: window.pages["lora"].open_path(Path(path)))
     return window
 
 if __name__ == "__main__":

@@ -728,3 +728,22 @@ def test_app_file_opens_on_the_page_for_that_file(qtbot, settings, demo, demo_in
         for job in Job.active():
             job.cancel()
         qtbot.waitUntil(lambda: not Job.active(), timeout=WAIT)
+
+
+def test_app_demo_fills_convert_and_the_lora_page(qtbot, settings):
+    """`int8-studio app --demo`: the demo model on Convert, and on the LoRA page with its demo LoRA."""
+    import argparse
+
+    from app.__main__ import open_window
+
+    window = open_window(argparse.Namespace(file=None, demo=True), settings)
+    qtbot.addWidget(window)
+    demo = Path(settings.cache_folder) / "demo" / DEMO_FILE
+    lora = window.pages["lora"]
+    qtbot.waitUntil(lambda: lora.table.rowCount() == 1 and "layers" in lora.coverage_text(0), timeout=WAIT)
+    assert window.current_page().key == "convert" and window.pages["convert"].source.path() == demo
+    assert lora.model.path() == demo
+    assert lora.stack() == [(demo.with_name(DEMO_LORA_FILE), 1.0)] and lora.merge_button.isEnabled()
+    for job in Job.active():
+        job.cancel()
+    qtbot.waitUntil(lambda: not Job.active(), timeout=WAIT)

@@ -187,11 +187,11 @@ class ConvertPage(Page):
         self.source.set_path(path)
         return True
 
-    def use_demo(self) -> None:
+    def use_demo(self) -> Job:
         """Build the built-in demo model (once) and take it as the source."""
         job = Job("Preparing the demo model", build_demo_model, self.settings.cache_dir() / "demo")
         job.succeeded.connect(lambda path: self.open_path(Path(path)))
-        self.demo_panel.run(job)
+        return self.demo_panel.run(job)
 
     def _forget_result(self) -> None:
         """The last conversion's result and outcome belong to the input it had: gone when that changes."""
