@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -147,11 +150,12 @@ class Bench:
             self.call["num_tokens"] = TEXT_TOKENS[family]
         self.x = torch.randn(1, channels, side, side, generator=g)
 
-    def step_ms(self, model) -> list[float]:
-        """Wall milliseconds of each sampling step after the warm-up."""
+    def step_ms(self, model) -> tuple[float, list[float]]:
+        """Seconds to the end of the first sampling step (loading, compiling), and wall milliseconds
+        of each step after the warm-up."""
         import comfy.sample
 
-        marks = []
+        marks = [time.perf_counter()]
 
         def callback(step, x0, x, total):
             if self.device.type == "cuda":
@@ -162,9 +166,9 @@ class Bench:
             model, self.noise, WARMUP + self.steps, 1.0, "euler", "simple", self.positive, self.positive,
             self.latent, callback=callback, disable_pbar=True, seed=SEED,
         )  # fmt: skip
-        return [
+        return marks[1] - marks[0], [
             (b - a) * 1e3
-            for a, b in zip(marks[WARMUP - 1 : -1], marks[WARMUP:], strict=True)
+            for a, b in zip(marks[WARMUP:-1], marks[WARMUP + 1 :], strict=True)
         ]
 
     def output(self, model) -> torch.Tensor:
@@ -190,22 +194,22 @@ def compiled(model):
     return TorchCompileModel.execute(model=model, backend="inductor").result[0]
 
 
-def native_kernels(bench: Bench, model) -> list[str]:
-    """The five longest GPU kernels of one eager step of ComfyUI's native int8 model."""
+def top_kernels(run, calls: int, n: int) -> list[str]:
+    """The ``n`` longest GPU kernels of ``run()`` (which makes ``calls`` model calls): ms per call."""
     from torch.profiler import ProfilerActivity, profile
 
-    bench.output(model)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        bench.output(model)
+        run()
     kernels = [
         e
         for e in prof.key_averages()
         if e.device_type == torch.autograd.DeviceType.CUDA
     ]
     kernels.sort(key=lambda e: -e.self_device_time_total)
-    return [
-        f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}×  {e.key[:100]}"
-        for e in kernels[:5]
+    total = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+    return [f"{'GPU total':>10} {total:8.2f} ms"] + [
+        f"{e.self_device_time_total / 1e3 / calls:8.2f} ms {e.count // calls:4d}×  {e.key[:100]}"
+        for e in kernels[:n]
     ]
 
 
@@ -272,7 +276,7 @@ def run(args) -> dict:
         ("native int8", ("native int8", "native int8+compile")),
     ):  # fmt: skip
         wanted = [r for r in names if r in rows]
-        if not wanted and not (source == "bf16" and rows):
+        if not wanted and not (source == "bf16" and args.errors):
             continue
         if source == "bf16":
             model = comfy.sd.load_diffusion_model_state_dict(dict(bf16))
@@ -282,12 +286,16 @@ def run(args) -> dict:
             # from a file, as the node loads it: the LoRA nodes read the model's file header
             model = load_diffusion_model(int8_file)
             result["node_int8_layers"] = len(int8_layers(model.model))
-        out = bench.output(model)
-        if source == "bf16":
-            reference = out
-        error = float((out - reference).norm() / reference.norm())
+        error = None
+        if args.errors:
+            out = bench.output(model)
+            reference = out if source == "bf16" else reference
+            error = float((out - reference).norm() / reference.norm())
         if source == "native int8" and device.type == "cuda":
-            result["native_kernels"] = native_kernels(bench, model)
+            bench.output(model)
+            result["native_kernels"] = top_kernels(
+                functools.partial(bench.output, model), 1, 5
+            )
         for row in wanted:
             target = model
             if "LoRA" in row:
@@ -300,13 +308,19 @@ def run(args) -> dict:
                 if "inductor" in row
                 else contextlib.nullcontext()
             ):
-                times = bench.step_ms(target)
+                first, times = bench.step_ms(target)
             total = time.perf_counter() - start
             row_error = (
                 None if "LoRA" in row else error
             )  # the LoRA changes the output on purpose
             result["rows"][row] = {"ms": statistics.median(times), "all_ms": times, "error": row_error,
-                                   "wall_s": total}  # fmt: skip
+                                   "first_step_s": first, "wall_s": total}  # fmt: skip
+            if args.profile and device.type == "cuda":
+                profiled = top_kernels(
+                    functools.partial(bench.step_ms, target), WARMUP + args.steps, 12
+                )
+                result["rows"][row]["kernels"] = profiled
+                print("\n".join(profiled))
             print(
                 f"{row:<42} {statistics.median(times):8.1f} ms/step  ({total:.0f} s)",
                 flush=True,
@@ -318,6 +332,33 @@ def run(args) -> dict:
         del model
         free(comfy)
     return result
+
+
+def restarts(args) -> dict[str, dict[str, float]]:
+    """Seconds to the end of the first step of each compiled row in ``--rows``, in two fresh processes
+    sharing one empty compile cache: the first compiles, the second is a ComfyUI restart (PyTorch's
+    caches of compiled graphs can hit only where the weights are plain tensors)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()}
+    out = {}
+    for row in [r for r in args.rows.split(",") if "compile" in r]:
+        for start in ("cold", "warm"):
+            folder = tempfile.mkdtemp()
+            command = [sys.executable, __file__, args.model, "--comfyui", args.comfyui, "--res", str(args.res),
+                       "--steps", "1", "--rows", row, "--no-errors", "--device", args.device,
+                       "--stand-ins", args.stand_ins, "--out", folder]  # fmt: skip
+            if args.depth:
+                command += [
+                    "--depth",
+                    ",".join(f"{k}={v}" for k, v in args.depth.items()),
+                ]
+            subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+            result = json.loads(next(Path(folder).glob("*.json")).read_text())
+            out.setdefault(row, {})[start] = result["rows"][row]["first_step_s"]
+            print(
+                f"{row:<42} first step, {start} cache: {out[row][start]:6.1f} s",
+                flush=True,
+            )
+    return out
 
 
 def table(result: dict) -> str:
@@ -356,9 +397,21 @@ def main() -> None:
     parser.add_argument(
         "--depth", type=depth_overrides, default={}, metavar="KEY=N[,KEY=N]"
     )
+    parser.add_argument(
+        "--no-errors", dest="errors", action="store_false", help="skip the error column"
+    )
+    parser.add_argument(
+        "--restarts", action="store_true",
+        help="only the first step of each compiled row, compiling, then after a restart on a warm cache",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.restarts:
+        (args.out / f"comfyui-restarts-{args.model}-{args.res}.json").write_text(
+            json.dumps(restarts(args), indent=2)
+        )
+        return
     result = run(args)
     (args.out / f"comfyui-{args.model}-{args.res}.json").write_text(
         json.dumps(result, indent=2)
