@@ -561,8 +561,28 @@ def test_download_errors_come_from_the_engine(qtbot, window, tmp_path):
     with pytest.raises(JobError) as expected:
         plan_download(page.download_request())
     page.check_download()
-    assert message_box(qtbot, window, "jobError").text() == str(expected.value)
-    assert not page.plan_label.text()
+    qtbot.waitUntil(lambda: page.plan_problem.isVisibleTo(page), timeout=WAIT)
+    assert page.plan_problem.label.text() == str(expected.value)
+    assert not page.plan_label.text() and window.findChild(QMessageBox) is None
+    page.repo.setText("someone/another")
+    assert not page.plan_problem.isVisibleTo(page)
+
+
+def test_a_repository_without_a_model_says_what_it_has(qtbot, window, tmp_path):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    for name in ("README.md", "config.json"):
+        (folder / name).write_text("{}")
+    page = window.pages["library"]
+    page.repo.setText("someone/no-model")
+    page.into.set_path(folder)
+    page.offline.setChecked(True)
+    with pytest.raises(JobError) as expected:
+        plan_download(page.download_request())
+    page.check_download()
+    qtbot.waitUntil(lambda: page.plan_problem.isVisibleTo(page), timeout=WAIT)
+    assert page.plan_problem.label.text() == str(expected.value)
+    assert "someone/no-model" in page.plan_problem.label.text() and ".safetensors" in page.plan_problem.label.text()
 
 
 def test_export_into_a_comfyui_folder(qtbot, comfy_window, demo_int8):

@@ -161,7 +161,7 @@ class LibraryPage(Page):
         self.repo = QLineEdit()
         self.repo.setPlaceholderText(EXAMPLE_REPO)
         self.repo.setAccessibleName("Hugging Face repository")
-        self.repo.textChanged.connect(lambda: self.plan_label.clear())
+        self.repo.textChanged.connect(self._forget_plan)
         self.files = QLineEdit()
         self.files.setPlaceholderText(
             "Empty: the model. Or file names and patterns, e.g. *.safetensors"
@@ -194,6 +194,9 @@ class LibraryPage(Page):
         actions.addWidget(self.check_button)
         actions.addWidget(self.download_button)
         card.body.addLayout(actions)
+        self.plan_problem = Notice("", "warning")  # why the repository gives nothing to download
+        self.plan_problem.hide()
+        card.body.addWidget(self.plan_problem)
         self.download_panel = JobPanel()
         card.body.addWidget(self.download_panel)
         self.downloaded = Notice("", "success")
@@ -314,15 +317,32 @@ class LibraryPage(Page):
         )
 
     def check_download(self) -> Job:
+        """List what would be downloaded, or say here (not also in a dialog) why nothing would be."""
+        self.plan_label.clear()
+        self.plan_problem.hide()
         job = Job.call("Checking the download", plan_download, self.download_request())
         job.succeeded.connect(self._show_plan)
-        dialogs.report_errors(job, self)
+        job.failed.connect(lambda error: self._show_plan_problem(str(error)))
+        job.crashed.connect(
+            lambda summary, details: dialogs.show_bug(self.window(), f"{job.title} stopped", summary, details)
+        )
         return job.start(self)
+
+    def _show_plan_problem(self, message: str) -> None:
+        self.plan_problem.set(message, "warning")
+        self.plan_problem.show()
 
     def _show_plan(self, plan: list[RemoteFile]) -> None:
         names = ", ".join(f.label for f in plan[:4])
         more = f" and {len(plan) - 4} more" if len(plan) > 4 else ""
         self.plan_label.setText(f"{plan_summary(plan)}\n{names}{more}.")
+
+    def _forget_plan(self) -> None:
+        """A plan, its problem and the last download's outcome belong to the repository they were for."""
+        self.plan_label.clear()
+        self.plan_problem.hide()
+        self.downloaded.hide()
+        self.download_panel.clear()
 
     def download(self) -> Job:
         self.downloaded.hide()
