@@ -241,9 +241,10 @@ def free(comfy) -> None:
     comfy.mm.soft_empty_cache()
 
 
-def run(args) -> dict:
+def run(args, scratch: Path) -> dict:
+    """The rows of ``args.rows`` (files and ComfyUI's home go to ``scratch``)."""
     device = torch.device(args.device)
-    comfy = import_comfyui(Path(args.comfyui), Path(tempfile.mkdtemp()), cpu=device.type == "cpu",
+    comfy = import_comfyui(Path(args.comfyui), scratch / "home", cpu=device.type == "cpu",
                            stand_ins=tuple(filter(None, args.stand_ins.split(","))))  # fmt: skip
     import comfy_kitchen
 
@@ -255,7 +256,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     bf16 = bf16_tensors(arch, config, device)
     int8 = int8_tensors(arch, bf16, device)
-    folder = Path(tempfile.mkdtemp())
+    folder = scratch
     int8_file = folder / f"{args.model}-int8-rowwise.safetensors"
     save_file(int8, str(int8_file))
     print(
@@ -334,15 +335,15 @@ def run(args) -> dict:
     return result
 
 
-def restarts(args) -> dict[str, dict[str, float]]:
+def restarts(args, scratch: Path) -> dict[str, dict[str, float]]:
     """Seconds to the end of the first step of each compiled row in ``--rows``, in two fresh processes
     sharing one empty compile cache: the first compiles, the second is a ComfyUI restart (PyTorch's
     caches of compiled graphs can hit only where the weights are plain tensors)."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "compile-cache")}
     out = {}
     for row in [r for r in args.rows.split(",") if "compile" in r]:
         for start in ("cold", "warm"):
-            folder = tempfile.mkdtemp()
+            folder = scratch / f"{len(out)}-{start}"
             command = [sys.executable, __file__, args.model, "--comfyui", args.comfyui, "--res", str(args.res),
                        "--steps", "1", "--rows", row, "--no-errors", "--device", args.device,
                        "--stand-ins", args.stand_ins, "--out", folder]  # fmt: skip
@@ -407,16 +408,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.restarts:
-        (args.out / f"comfyui-restarts-{args.model}-{args.res}.json").write_text(
-            json.dumps(restarts(args), indent=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.restarts:
+            (args.out / f"comfyui-restarts-{args.model}-{args.res}.json").write_text(
+                json.dumps(restarts(args, Path(scratch)), indent=2)
+            )
+            return
+        result = run(args, Path(scratch))
+        (args.out / f"comfyui-{args.model}-{args.res}.json").write_text(
+            json.dumps(result, indent=2)
         )
-        return
-    result = run(args)
-    (args.out / f"comfyui-{args.model}-{args.res}.json").write_text(
-        json.dumps(result, indent=2)
-    )
-    print(table(result))
+        print(table(result))
 
 
 if __name__ == "__main__":
