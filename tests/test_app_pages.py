@@ -30,7 +30,9 @@ from engine.info import inspect_checkpoint
 from engine.jobs import JobError
 from engine.library import describe_file
 from engine.lora import MODES, LoraError, LoraSpec, inspect_lora
+from engine.lora.job import default_output
 from engine.models.build import model_names, named_config
+from engine.models.detect import detect
 from engine.models.spec import Architecture, NoModuleError
 from tests.tiny_checkpoints import write_single_file
 from tests.tiny_loras import write_lora
@@ -228,7 +230,7 @@ def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_pat
         window.open_path("lora", lora)
     qtbot.waitUntil(lambda: page.model_info is not None, timeout=WAIT)
     qtbot.waitUntil(lambda: all("layers" in page.coverage_text(r) for r in range(2)), timeout=WAIT)
-    assert page.output.path() == demo_int8.with_name("demo-int8-lora.safetensors")
+    assert page.output.path() is None  # the engine names it, as `lora merge` without -o does
     strengths = [round(random.uniform(-1.5, 1.5), 2) for _ in loras]
     for row, strength in enumerate(strengths):
         page.table.cellWidget(row, 1).setValue(strength)
@@ -239,7 +241,9 @@ def test_merge_a_lora_stack_into_the_int8_demo(qtbot, window, demo_int8, tmp_pat
 
     qtbot.mouseClick(page.merge_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
-    assert page.result.output == page.output.path()
+    with CheckpointReader(demo_int8) as reader:
+        assert page.result.output == default_output(detect(reader), reader, page.request().loras)
+    assert page.result.output.name == f"demo-int8-{formats[0]}-{formats[1]}.safetensors"
     assert inspect_checkpoint(page.result.output).weight_format == "int8_rowwise"
     assert page.result.tensors_changed > 0
     assert f"Tensors changed: {page.result.tensors_changed}" in page.result_card.facts.text()

@@ -126,10 +126,13 @@ class LoraPage(Page):
         options = Card("Merge", icon_name="convert")
         self.modes = Choices(MERGE_MODES, "Merge mode")
         options.body.addWidget(self.modes)
-        self.output = PathField("save", "Where to save the merged model")
+        self.output = PathField(
+            "save", "Automatic: next to the model, as <model>-<LoRA>[-<LoRA>…].safetensors"
+        )
         self.output.setAccessibleName("Output file")
         self.output.setToolTip(
-            "Written to a temporary file first, then renamed: never half a file."
+            "Written to a temporary file first, then renamed: never half a file. Left empty, the "
+            "merge names it after the model and its LoRAs."
         )
         self.output.changed.connect(lambda _: self.update_ready())
         self.merge_button = primary_button("Merge and save", "lora")
@@ -186,9 +189,6 @@ class LoraPage(Page):
                 ("Weights", info.weight_format or "—"),
             ]
         )
-        if self.output.path() is None and info.model:
-            stem = info.path.name.removesuffix(".safetensors")
-            self.output.set_path(info.path.parent / f"{stem}-lora.safetensors", emit=False)
         for row in range(self.table.rowCount()):
             self._check_coverage(row)
         if made_from_demo(info.metadata) and self.table.rowCount() == 0:
@@ -309,7 +309,6 @@ class LoraPage(Page):
             [
                 ("a model", bool(self.model_info and self.model_info.model)),
                 ("at least one LoRA", self.table.rowCount() > 0),
-                ("an output file", self.output.path() is not None),
             ],
             "Merge the stack and save the result.",
             self.panel.running,
