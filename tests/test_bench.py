@@ -44,7 +44,7 @@ def check_rows(result, formats):
     return rows
 
 
-@pytest.mark.parametrize("name", ["flux2-tiny", "chroma-tiny", "zimage-tiny"])
+@pytest.mark.parametrize("name", ["flux2-tiny", "chroma-tiny", "zimage-tiny", "flux1-tiny"])
 def test_bench_a_named_model(name):
     reports: list[Progress] = []
     result = run_bench(BenchRequest(name, formats=("int8", "fp8", "bf16"), **SMALL), progress=reports.append)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from engine.models.flux_blocks import FLUX_BLOCK_RULES, FLUX_DOWN_PROJECTIONS, flux_block_config, flux_block_shapes
 from engine.models.spec import Architecture, Config, Rule, Shape, linear, register
+
+if TYPE_CHECKING:  # the runnable module: engine.models.flux1_module
+    from torch import nn
 
 FLUX1_DEV: Config = {
     "hidden": 3072, "head_dim": 128, "in_channels": 64, "out_channels": 64, "text_dim": 4096,
     "vec_dim": 768, "mlp_hidden": 12288, "double_blocks": 19, "single_blocks": 38, "guidance": True,
 }  # fmt: skip
 
+# head_dim 32: RoPE gives the three axes 1/8, 7/16, 7/16 of it, in channel pairs
 TINY_DEV: Config = {
-    "hidden": 64, "head_dim": 16, "in_channels": 16, "out_channels": 16, "text_dim": 48, "vec_dim": 24,
+    "hidden": 64, "head_dim": 32, "in_channels": 16, "out_channels": 16, "text_dim": 48, "vec_dim": 24,
     "mlp_hidden": 256, "double_blocks": 2, "single_blocks": 3, "guidance": True,
 }  # fmt: skip
 
@@ -34,6 +39,7 @@ class Flux1(Architecture):
     high_precision = ("img_in.*", "txt_in.*", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*")
     down_projections = FLUX_DOWN_PROJECTIONS
     first_blocks = ("double_blocks.0.*", "single_blocks.0.*")
+    model_names = {"flux1-dev": "dev", "flux1-schnell": "schnell"}
     rules = (
         *FLUX_BLOCK_RULES,
         *(
@@ -50,6 +56,11 @@ class Flux1(Architecture):
         Rule("single_blocks.{i}.modulation.lin.{p}", "single_transformer_blocks.{i}.norm.linear.{p}"),
         Rule("final_layer.adaLN_modulation.1.{p}", "norm_out.linear.{p}", swap=True),
     )
+
+    def build_module(self, config: Config) -> nn.Module:
+        from engine.models.flux1_module import Flux1Model  # torch: only when a model is built
+
+        return Flux1Model(config)
 
     def config_from_shapes(self, shapes: Mapping[str, Shape]) -> dict[str, int | bool]:
         return {

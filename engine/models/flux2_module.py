@@ -4,46 +4,22 @@ is built (:meth:`engine.models.flux2.Flux2.build_module`), so that detection nee
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.models.flux2 import MODULATIONS
 from engine.models.layers import (
     DoubleBlock,
     Inputs,
+    LastLayer,
     MLPEmbedder,
-    Modulation,
+    ModulationVectors,
     SingleBlock,
     SwiGLU,
-    modulate,
     position_ids,
     rope,
     timestep_embedding,
 )
 from engine.models.spec import Config
-
-
-class SharedModulation(nn.Module):
-    """``lin(silu(vec))`` split into ``n`` vectors of [batch, 1, hidden] (shift, scale, gate, …)."""
-
-    def __init__(self, hidden: int, n: int) -> None:
-        super().__init__()
-        self.n = n
-        self.lin = nn.Linear(hidden, n * hidden, bias=False)
-
-    def forward(self, vec: torch.Tensor) -> Modulation:
-        return self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)
-
-
-class LastLayer(nn.Module):
-    def __init__(self, hidden: int, out: int) -> None:
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False))
-        self.linear = nn.Linear(hidden, out, bias=False)
-
-    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
-        return self.linear(modulate(x, shift, scale))
 
 
 class Flux2Model(nn.Module):
@@ -66,14 +42,14 @@ class Flux2Model(nn.Module):
         self.time_in = MLPEmbedder(256, h, bias=False)
         self.guidance_in = MLPEmbedder(256, h, bias=False) if config["guidance"] else None
         for name, n in MODULATIONS.items():
-            self.add_module(name, SharedModulation(h, n))
+            self.add_module(name, ModulationVectors(h, n, bias=False))
         self.double_blocks = nn.ModuleList(
             DoubleBlock(h, hd, 2 * m, m, SwiGLU(), bias=False) for _ in range(int(config["double_blocks"]))
         )
         self.single_blocks = nn.ModuleList(
             SingleBlock(h, hd, 2 * m, m, SwiGLU(), bias=False) for _ in range(int(config["single_blocks"]))
         )
-        self.final_layer = LastLayer(h, int(config["out_channels"]))
+        self.final_layer = LastLayer(h, int(config["out_channels"]), bias=False)
 
     def forward(
         self,

@@ -127,6 +127,33 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
+class ModulationVectors(nn.Module):
+    """``lin(silu(vec))`` split into ``n`` vectors of [batch, 1, hidden] (shift, scale, gate, …): the
+    adaLN modulation of Flux.1's blocks (one per block) and Flux.2's (shared by all blocks)."""
+
+    def __init__(self, hidden: int, n: int, bias: bool) -> None:
+        super().__init__()
+        self.n = n
+        self.lin = nn.Linear(hidden, n * hidden, bias=bias)
+
+    def forward(self, vec: torch.Tensor) -> Modulation:
+        return self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)
+
+
+class LastLayer(nn.Module):
+    """Flux.1 and Flux.2's final layer: modulated by ``vec`` through its own adaLN linear, projected to
+    the output channels."""
+
+    def __init__(self, hidden: int, out: int, bias: bool) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=bias))
+        self.linear = nn.Linear(hidden, out, bias=bias)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, scale))
+
+
 class Activation(nn.Module):
     """An MLP activation by name (:data:`engine.fusion.ACTIVATIONS`); a gated one takes two halves."""
 
@@ -169,8 +196,9 @@ class FluxAttention(nn.Module):
 class DoubleBlock(nn.Module):
     """Flux double-stream block: image and text tokens keep their own weights and attend jointly.
 
-    Modulation comes from outside (Flux.2: shared modulation layers; Chroma: the approximator), as
-    (shift, scale, gate) for attention and again for the MLP, per stream.
+    Modulation comes from outside (Flux.2: shared modulation layers; Chroma: the approximator; Flux.1:
+    its subclass adds one linear per stream), as (shift, scale, gate) for attention and again for the
+    MLP, per stream.
     """
 
     def __init__(self, hidden: int, head_dim: int, mlp_in: int, mlp_hidden: int, act: nn.Module, bias: bool):
