@@ -29,7 +29,7 @@ from engine.models.spec import Architecture, NoModuleError
 from tests.test_models import diffusers_kwargs
 from tests.tiny_checkpoints import random_tensors, to_diffusers, write_diffusers, write_single_file
 
-RUNNABLE = ("flux2", "chroma", "zimage", "flux1")
+RUNNABLE = ("flux2", "chroma", "zimage", "flux1", "qwen_image")
 CPU = torch.device("cpu")
 DEQUANTIZED = functools.partial(Int8Layers, dequantize=True)
 # Z-Image's diffusers class fixes the time MLP width (1024), the adaLN width (min(dim, 256)) and the
@@ -85,7 +85,7 @@ def test_state_dict_is_the_single_file_layout(arch):
 
 def test_full_size_models_have_their_published_sizes():
     billions = {"flux2-klein-4b": 3.88, "flux2-klein-9b": 9.08, "chroma1-hd": 8.90, "zimage-turbo": 6.15,
-                "flux1-dev": 11.90, "flux1-schnell": 11.89}
+                "flux1-dev": 11.90, "flux1-schnell": 11.89, "qwen-image": 20.43}
     for name, size in billions.items():
         arch, config, _ = named_config(name)
         params = sum(p.numel() for p in build_model(arch, config).parameters())

@@ -1,0 +1,86 @@
+"""Qwen-Image in our engine: the module against diffusers' QwenImageTransformer2DModel, its RoPE
+positions, int8 conversion and the CPU benchmark of the tiny model (what every runnable family must do
+is in test_modules.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.bench import BenchRequest, run_bench
+from engine.convert import ConvertRequest, run_convert
+from engine.int8.linear import Int8Linear
+from engine.models import REGISTRY
+from engine.models.build import random_model
+from engine.models.layers import position_ids, rope
+from tests.test_models import diffusers_kwargs
+from tests.test_modules import CPU, load, rel_error, run, seed
+from tests.tiny_checkpoints import to_diffusers, write_single_file
+
+QWEN = REGISTRY["qwen_image"]
+TINY = QWEN.tiny["tiny"]
+
+
+def diffusers_output(reference, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """diffusers' output for our inputs: it takes the latents packed (2×2 patches, channel-major, as
+    its pipeline packs them) with each image's (frames, rows, columns)."""
+    batch, channels, height, width = x["x"].shape
+    rows, cols = height // 2, width // 2
+    packed = x["x"].view(batch, channels, rows, 2, cols, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, -1)
+    with torch.no_grad():
+        out = reference(hidden_states=packed, encoder_hidden_states=x["txt"], timestep=x["t"],
+                        img_shapes=[(1, rows, cols)] * batch, return_dict=False)[0]  # fmt: skip
+    return out.view(batch, rows, cols, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(x["x"].shape)
+
+
+@pytest.mark.parametrize("height,width,text", [(10, 10, 40), (6, 14, 7), (16, 4, 1)])
+def test_output_matches_diffusers(height, width, text):
+    """Even and odd patch grids (5 × 5 is centred differently by ComfyUI: we follow diffusers), wide
+    and tall images, short and long prompts, a different time per sample."""
+    import diffusers
+
+    ours = random_model(QWEN, TINY, CPU, torch.float32, seed=seed())
+    reference = diffusers.QwenImageTransformer2DModel(**diffusers_kwargs("qwen_image", TINY)).eval()
+    # the diffusers weights are ours through the architecture's rule table (identical names)
+    reference.load_state_dict(to_diffusers(QWEN, ours.state_dict(), TINY), strict=True)
+    g = torch.Generator().manual_seed(seed())
+    channels = TINY["in_channels"] // 4
+    x = {"x": torch.randn(2, channels, height, width, generator=g), "t": torch.rand(2, generator=g),
+         "txt": torch.randn(2, text, TINY["text_dim"], generator=g)}  # fmt: skip
+    expected, actual = diffusers_output(reference, x), run(ours, x)
+    assert actual.shape == expected.shape and expected.std() > 0.1
+    assert rel_error(actual, expected) < 1e-5
+
+
+def test_rope_positions():
+    """Image patches at (0, row, column) centred on 0, text at max(rows, columns) // 2 onwards on all
+    three axes; head_dim / 8, 7/16, 7/16 channels per axis."""
+    model = random_model(QWEN, TINY, CPU, torch.float32, seed=seed())
+    assert model.axes_dims == (4, 14, 14)
+    img_pe, txt_pe = model.rotations(3, 6, 5, CPU)
+    assert torch.equal(img_pe, rope(position_ids(1, range(-2, 1), range(-3, 3)), model.axes_dims, model.theta))
+    assert torch.equal(txt_pe, rope(torch.arange(3, 8)[:, None].expand(-1, 3), model.axes_dims, model.theta))
+
+
+def test_converted_file_runs_in_int8(tmp_path):
+    """``convert`` of a bf16 single file, loaded into our module: every block linear int8 but the
+    modulation, the output close to the float model's."""
+    source = write_single_file(tmp_path / "qwen.safetensors", "qwen_image")
+    result = run_convert(ConvertRequest(source.path, scheme="rowwise", device="cpu"))
+    model = load(result.output)
+    int8 = {n for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert int8 == {n.removesuffix(".weight") for n, s in QWEN.tensor_shapes(TINY).items()
+                    if n.startswith("transformer_blocks.") and len(s) == 2 and "_mod." not in n}  # fmt: skip
+    reference = load(source.path)
+    x = reference.random_inputs(2, 80, text=40, seed=seed())
+    assert rel_error(run(model, x), run(reference, x)) < 0.06
+
+
+def test_bench_on_the_cpu():
+    result = run_bench(BenchRequest("qwen_image-tiny", resolution=64, steps=1, warmup=1, formats=("bf16", "int8"),
+                                    text_tokens=24, device="cpu"))  # fmt: skip
+    rows = {row.format: row for row in result.rows}
+    assert list(rows) == ["bf16", "int8"] and result.model == "Qwen-Image tiny (random weights)"
+    assert (result.image_tokens, result.text_tokens) == (16, 24)
+    assert all(row.seconds_per_step > 0 for row in rows.values())
+    assert 1e-4 < rows["int8"].relative_error < 0.06 and rows["int8"].cosine > 0.998
