@@ -346,7 +346,7 @@ def restarts(args, scratch: Path) -> dict[str, dict[str, float]]:
             folder = scratch / f"{len(out)}-{start}"
             command = [sys.executable, __file__, args.model, "--comfyui", args.comfyui, "--res", str(args.res),
                        "--steps", "1", "--rows", row, "--no-errors", "--device", args.device,
-                       "--stand-ins", args.stand_ins, "--out", folder]  # fmt: skip
+                       "--stand-ins", args.stand_ins, "--out", str(folder)]  # fmt: skip
             if args.depth:
                 command += [
                     "--depth",
@@ -398,6 +398,7 @@ def main() -> None:
     parser.add_argument(
         "--depth", type=depth_overrides, default={}, metavar="KEY=N[,KEY=N]"
     )
+    parser.add_argument("--profile", action="store_true", help="print each row's longest GPU kernels")
     parser.add_argument(
         "--no-errors", dest="errors", action="store_false", help="skip the error column"
     )
