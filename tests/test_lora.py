@@ -87,7 +87,7 @@ def test_every_format_merges_like_the_float_reference(tmp_path, arch, fmt):
             assert torch.equal(tensor, model.reference[name]), name
 
 
-@pytest.mark.parametrize("arch", ["flux2", "chroma"])
+@pytest.mark.parametrize("arch", ["flux2", "chroma", "qwen_image"])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_a_peft_lora_merges_like_peft(tmp_path, arch, dora):
     """peft trains the LoRA on diffusers' own module; diffusers saves it; peft's merge is the reference."""
@@ -110,6 +110,8 @@ def test_a_peft_lora_merges_like_peft(tmp_path, arch, dora):
         "norm_out.linear",
         "linear_in",
         "to_out.0",
+        "img_mod.1",
+        "txt_mlp.net.2",
     ]
     lora_config = LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora

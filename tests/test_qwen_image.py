@@ -1,11 +1,12 @@
 """Qwen-Image in our engine: the module against diffusers' QwenImageTransformer2DModel, its RoPE
-positions, int8 conversion and the CPU benchmark of the tiny model (what every runnable family must do
-is in test_modules.py)."""
+positions, int8 conversion, the CPU benchmark of the tiny model and the LoRA layouts published for it
+(what every runnable family must do is in test_modules.py, every LoRA format in test_lora.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from engine.bench import BenchRequest, run_bench
 from engine.convert import ConvertRequest, run_convert
@@ -13,9 +14,11 @@ from engine.int8.linear import Int8Linear
 from engine.models import REGISTRY
 from engine.models.build import random_model
 from engine.models.layers import position_ids, rope
+from tests.test_lora import merge, strength, tiny_model
 from tests.test_models import diffusers_kwargs
 from tests.test_modules import CPU, load, rel_error, run, seed
 from tests.tiny_checkpoints import to_diffusers, write_single_file
+from tests.tiny_loras import write_lora
 
 QWEN = REGISTRY["qwen_image"]
 TINY = QWEN.tiny["tiny"]
@@ -84,3 +87,36 @@ def test_bench_on_the_cpu():
     assert (result.image_tokens, result.text_tokens) == (16, 24)
     assert all(row.seconds_per_step > 0 for row in rows.values())
     assert 1e-4 < rows["int8"].relative_error < 0.06 and rows["int8"].cosine > 0.998
+
+
+# Qwen-Image LoRAs as published, made from the tiny LoRA writer's formats by renaming their prefix:
+# layout → (writer format, its prefix, the published prefix, what the report calls it). Qwen-Image's
+# single files use diffusers' names, so the ComfyUI and ai-toolkit layouts are the same.
+LORA_LAYOUTS = {
+    "musubi-tuner / kohya": ("kohya", "lora_unet_", "lora_unet_", "kohya LoRA"),
+    "diffusers / PEFT": ("diffusers", "transformer.", "transformer.", "diffusers/PEFT LoRA"),
+    "ComfyUI / ai-toolkit": ("comfyui_ab", "diffusion_model.", "diffusion_model.", "ComfyUI LoRA"),
+    "Lightning (no prefix)": ("comfyui", "diffusion_model.", "", "ComfyUI LoRA"),
+    "SimpleTuner LyCORIS": ("kohya", "lora_unet_", "lycoris_", "LyCORIS LoRA"),
+}
+
+
+@pytest.mark.parametrize("layout", LORA_LAYOUTS)
+def test_published_lora_layouts_merge_like_the_float_reference(tmp_path, layout):
+    fmt, prefix, published, label = LORA_LAYOUTS[layout]
+    model = tiny_model(tmp_path, "qwen_image")
+    lora = write_lora(tmp_path / "lora.safetensors", "qwen_image", fmt)
+    if published != prefix:
+        lora.tensors = {published + k.removeprefix(prefix): t for k, t in lora.tensors.items()}
+        save_file(lora.tensors, str(lora.path))
+    s = strength()
+    result, merged = merge(tmp_path, model, (lora, s))
+    (report,) = result.matches
+    assert (report.format, report.unmatched, report.matched_keys) == (label, (), len(lora.tensors))
+    expected = lora.merged(model.reference, s)
+    assert result.tensors_changed == len(expected) == 14 * TINY["layers"] + 6  # every linear
+    for name, tensor in merged.items():
+        if name in expected:
+            torch.testing.assert_close(tensor.double(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(tensor, model.reference[name]), name
