@@ -39,7 +39,8 @@ STANDINS = ("torchvision", "torchaudio")
 # (model_detection.detect_unet_config): Flux.2 and Chroma have 128-wide heads (RoPE axes summing to
 # 128), Flux.2 128 latent channels in and out and an MLP 3× the width, Chroma 64 channels in and out
 # and an MLP 4× the width, an approximator input of 64 (its forward concatenates 16 + 16 + 32
-# embedding channels); Z-Image is recognised by its width of 3840 alone, and its time embedder is
+# embedding channels); Flux.1 has 128-wide heads, 16 latent channels in 2×2 patches (64 in and out)
+# and an MLP 4× the width; Z-Image is recognised by its width of 3840 alone, and its time embedder is
 # 256 → min(dim, 1024) → 256. The sizes below respect all of that; tiny_detection() supplies the rest.
 TINY = {
     "flux2": {
@@ -51,12 +52,16 @@ TINY = {
         "mlp_hidden": 1024, "double_blocks": 2, "single_blocks": 2, "approximator_in": 64,
         "approximator_hidden": 64, "approximator_layers": 2,
     },
+    "flux1": {
+        "hidden": 256, "head_dim": 128, "in_channels": 64, "out_channels": 64, "text_dim": 48, "vec_dim": 24,
+        "mlp_hidden": 1024, "double_blocks": 2, "single_blocks": 2, "guidance": True,
+    },
     "zimage": {
         "dim": 384, "head_dim": 128, "patch_in": 64, "cap_dim": 48, "ffn_hidden": 1024, "t_mid": 384,
         "adaln_dim": 256, "layers": 2, "refiner_layers": 2,
     },
 }  # fmt: skip
-LATENT_CHANNELS = {"flux2": 128, "chroma": 16, "zimage": 16}
+LATENT_CHANNELS = {"flux2": 128, "chroma": 16, "flux1": 16, "zimage": 16}
 
 
 def unpack(dest: Path) -> Path:
