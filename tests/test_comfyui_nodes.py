@@ -128,6 +128,9 @@ def model_inputs(arch: str, batch: int = 2, rows: int = 9, cols: int = 13, seed:
     kwargs = {"c_crossattn": torch.randn(batch, TEXT_TOKENS, text_dim, generator=g)}
     if arch == "chroma":
         kwargs["guidance"] = torch.zeros(batch)
+    if arch == "flux1":  # CLIP's pooled prompt and dev's guidance
+        kwargs["y"] = torch.randn(batch, TINY[arch]["vec_dim"], generator=g)
+        kwargs["guidance"] = torch.full((batch,), 3.5)
     if arch == "zimage":
         kwargs["num_tokens"] = TEXT_TOKENS
     return x, sigma, kwargs
@@ -142,6 +145,22 @@ def run(comfy, model, arch: str, **shape) -> torch.Tensor:
 
 def error(a: torch.Tensor, reference: torch.Tensor) -> float:
     return float((a - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("guidance,expected", [(True, "Flux"), (False, "FluxSchnell")])
+def test_comfyui_detects_our_flux1(comfy, tmp_path, prefix, guidance, expected):
+    """ComfyUI's own detection reads our tiny Flux.1 file as Flux.1 dev or schnell, with our sizes."""
+    config = {**TINY["flux1"], "guidance": guidance}
+    tensors = dict(random_weights(REGISTRY["flux1"], config, torch.bfloat16, torch.Generator().manual_seed(5)))
+    path = write_single_file(tmp_path / "flux1.safetensors", "flux1", prefix=prefix, tensors=tensors).path
+    from comfy.utils import load_torch_file
+
+    model_config = comfy.detection.model_config_from_unet(load_torch_file(str(path)), prefix)
+    assert type(model_config).__name__ == expected
+    unet = model_config.unet_config
+    assert (unet["hidden_size"], unet["num_heads"], unet["vec_in_dim"], unet["context_in_dim"]) == (256, 2, 24, 48)
+    assert (unet["depth"], unet["depth_single_blocks"], unet["guidance_embed"]) == (2, 2, guidance)
 
 
 def test_node_is_declared_as_comfyui_reads_it(comfy, files):
