@@ -68,7 +68,8 @@ def strength() -> float:
 @pytest.mark.parametrize(
     "arch,fmt",
     [("flux2", fmt) for fmt in FORMATS]
-    + [(a, f) for a in ARCHS if a != "flux2" for f in ("kohya", "diffusers")],
+    + [(a, f) for a in ARCHS if a != "flux2" for f in ("kohya", "diffusers")]
+    + [("flux1", f) for f in ("comfyui", "ai-toolkit")],
 )
 def test_every_format_merges_like_the_float_reference(tmp_path, arch, fmt):
     model = tiny_model(tmp_path, arch)
@@ -87,7 +88,7 @@ def test_every_format_merges_like_the_float_reference(tmp_path, arch, fmt):
             assert torch.equal(tensor, model.reference[name]), name
 
 
-@pytest.mark.parametrize("arch", ["flux2", "chroma", "qwen_image"])
+@pytest.mark.parametrize("arch", ["flux2", "chroma", "qwen_image", "flux1"])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_a_peft_lora_merges_like_peft(tmp_path, arch, dora):
     """peft trains the LoRA on diffusers' own module; diffusers saves it; peft's merge is the reference."""
