@@ -62,7 +62,7 @@ from engine.models.build import named_config, random_tensor
 
 ROWS = (
     "bf16", "bf16+compile", "node int8", "node int8+compile", "native int8", "native int8+compile",
-    "node int8+LoRA+compile", "node int8+compile, inductor quantization",
+    "node int8+LoRA+compile", "node int8+compile (inductor quantization)",
 )  # fmt: skip
 TEXT_TOKENS = {"flux2": 512, "chroma": 512, "zimage": 256}
 LATENT = {
@@ -273,7 +273,7 @@ def run(args, scratch: Path) -> dict:
     for source, names in (
         ("bf16", ("bf16", "bf16+compile")),
         ("node int8", ("node int8", "node int8+compile", "node int8+LoRA+compile",
-                       "node int8+compile, inductor quantization")),
+                       "node int8+compile (inductor quantization)")),
         ("native int8", ("native int8", "native int8+compile")),
     ):  # fmt: skip
         wanted = [r for r in names if r in rows]
