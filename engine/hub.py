@@ -205,8 +205,14 @@ def choose_files(request: DownloadRequest, files: list[RemoteFile]) -> list[Remo
         sizes = ", ".join(f"{f.name} ({_size(f.size)})" for f in top)
         raise HubError(f"{request.repo_id} has {len(top)} models: {sizes}; name the one you want")
     models = [f for f in files if f.name.endswith(MODEL_SUFFIX)]
-    hint = f"; name the files you want, e.g. {_names(models)}" if models else ": it has no .safetensors files"
-    raise HubError(f"{request.repo_id} has no single model file or transformer/ folder{hint}")
+    if models:
+        raise HubError(
+            f"{request.repo_id} has no single model file or transformer/ folder; name the files you want, "
+            f"e.g. {_names(models)}"
+        )
+    raise HubError(
+        f"{request.repo_id} has no .safetensors model file or transformer/ folder (found: {_names(files)})"
+    )
 
 
 def plan_download(request: DownloadRequest) -> list[RemoteFile]:

@@ -228,8 +228,9 @@ def test_choose_errors():
         f"{REPO} has no single model file or transformer/ folder; name the files you want, "
         "e.g. split_files/diffusion_models/a.safetensors"
     )
-    with pytest.raises(HubError, match="it has no .safetensors files$"):
-        choose_files(DownloadRequest(REPO), remote(("README.md", 1)))
+    with pytest.raises(HubError) as e:
+        choose_files(DownloadRequest(REPO), [])
+    assert str(e.value) == f"{REPO} has no .safetensors model file or transformer/ folder (found: no files)"
 
 
 # --- against a hub on loopback ------------------------------------------------------------------
@@ -442,6 +443,10 @@ def test_hub_errors(hub, cache):
     with pytest.raises(HubError) as e:
         plan_download(DownloadRequest(REPO, revision="v9", cache_dir=cache, endpoint=hub.url))
     assert str(e.value) == f"{REPO} has no branch, tag or commit 'v9'"
+    hub.add("someone/x", {"README.md": b"# x", "config.json": b"{}"})
+    with pytest.raises(HubError) as e:
+        plan_download(DownloadRequest("someone/x", cache_dir=cache, endpoint=hub.url))
+    assert str(e.value) == "someone/x has no .safetensors model file or transformer/ folder (found: README.md, config.json)"
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
