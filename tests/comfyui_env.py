@@ -41,7 +41,8 @@ STANDINS = ("torchvision", "torchaudio")
 # and an MLP 4× the width, an approximator input of 64 (its forward concatenates 16 + 16 + 32
 # embedding channels); Flux.1 has 128-wide heads, 16 latent channels in 2×2 patches (64 in and out)
 # and an MLP 4× the width; Z-Image is recognised by its width of 3840 alone, and its time embedder is
-# 256 → min(dim, 1024) → 256. The sizes below respect all of that; tiny_detection() supplies the rest.
+# 256 → min(dim, 1024) → 256; Qwen-Image has 128-wide heads, 16 latent channels in 2×2 patches and an
+# MLP 4× the width. The sizes below respect all of that; tiny_detection() supplies the rest.
 TINY = {
     "flux2": {
         "hidden": 256, "head_dim": 128, "in_channels": 128, "out_channels": 128, "text_dim": 48,
@@ -60,8 +61,12 @@ TINY = {
         "dim": 384, "head_dim": 128, "patch_in": 64, "cap_dim": 48, "ffn_hidden": 1024, "t_mid": 384,
         "adaln_dim": 256, "layers": 2, "refiner_layers": 2,
     },
+    "qwen_image": {
+        "hidden": 256, "head_dim": 128, "in_channels": 64, "out_channels": 64, "text_dim": 48,
+        "mlp_hidden": 1024, "layers": 2,
+    },
 }  # fmt: skip
-LATENT_CHANNELS = {"flux2": 128, "chroma": 16, "flux1": 16, "zimage": 16}
+LATENT_CHANNELS = {"flux2": 128, "chroma": 16, "flux1": 16, "zimage": 16, "qwen_image": 16}
 
 
 def unpack(dest: Path) -> Path:
@@ -171,8 +176,8 @@ def import_comfyui(
 
 @contextlib.contextmanager
 def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
-    """ComfyUI recognises the TINY Chroma and Z-Image: the sizes its detection hard-codes are read
-    from the tensors instead, and its Z-Image entry matches their width. Flux.2 needs nothing."""
+    """ComfyUI recognises the TINY Chroma, Z-Image and Qwen-Image: the sizes its detection hard-codes
+    are read from the tensors instead, and its Z-Image entry matches their width. Flux.2 needs nothing."""
     detection, zimage = comfy.detection, comfy.supported.ZImage
     original, original_zimage = detection.detect_unet_config, zimage.unet_config
 
@@ -187,6 +192,9 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
             config["hidden_dim"] = shape(f"{approximator}.in_proj.weight")[0]
             config["out_dim"] = shape(f"{approximator}.out_proj.weight")[0]
             config["n_layers"] = detection.count_blocks(list(state_dict), f"{key_prefix}{approximator}.layers.{{}}.")
+        if config.get("image_model") == "qwen_image":
+            config["num_attention_heads"] = shape("img_in.weight")[0] // shape("transformer_blocks.0.attn.norm_q.weight")[0]
+            config["joint_attention_dim"] = shape("txt_norm.weight")[0]
         if config.get("image_model") == "lumina2" and config["dim"] == TINY["zimage"]["dim"]:
             dim, head = config["dim"], shape("layers.0.attention.q_norm.weight")[0]
             config.update(

@@ -133,6 +133,8 @@ def model_inputs(arch: str, batch: int = 2, rows: int = 9, cols: int = 13, seed:
         kwargs["guidance"] = torch.full((batch,), 3.5)
     if arch == "zimage":
         kwargs["num_tokens"] = TEXT_TOKENS
+    if arch == "qwen_image":  # ComfyUI's Qwen-Image takes video latents (Wan 2.1's format): one frame
+        x = x[:, :, None]
     return x, sigma, kwargs
 
 
@@ -161,6 +163,53 @@ def test_comfyui_detects_our_flux1(comfy, tmp_path, prefix, guidance, expected):
     unet = model_config.unet_config
     assert (unet["hidden_size"], unet["num_heads"], unet["vec_in_dim"], unet["context_in_dim"]) == (256, 2, 24, 48)
     assert (unet["depth"], unet["depth_single_blocks"], unet["guidance_embed"]) == (2, 2, guidance)
+
+
+# What two Qwen-Image releases add to its layout, and what ComfyUI's detection makes of each.
+QWEN_RELEASES = {
+    "20B": ({}, {"default_ref_method": None, "use_additional_t_cond": None}),
+    "Edit 2511": ({"__index_timestep_zero__": torch.empty(0, dtype=torch.bfloat16)},
+                  {"default_ref_method": "index_timestep_zero", "use_additional_t_cond": None}),
+    "Layered": ({"time_text_embed.addition_t_embedding.weight": torch.zeros(2, 256, dtype=torch.bfloat16)},
+                {"default_ref_method": "negative_index", "use_additional_t_cond": True}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("release", QWEN_RELEASES)
+def test_comfyui_detects_our_qwen_image_and_its_int8_conversion(comfy, tmp_path, prefix, release):
+    """ComfyUI's own detection reads our tiny Qwen-Image file, and our int8 conversion of it, as
+    Qwen-Image with our sizes; the tensors by which it tells Edit 2511 and Layered apart pass through."""
+    extra, expected = QWEN_RELEASES[release]
+    generator = torch.Generator().manual_seed(6)
+    tensors = dict(random_weights(REGISTRY["qwen_image"], TINY["qwen_image"], torch.bfloat16, generator)) | extra
+    source = write_single_file(tmp_path / "qwen.safetensors", "qwen_image", prefix=prefix, tensors=tensors).path
+    converted = run_convert(ConvertRequest(source, scheme="rowwise", device="cpu")).output
+    from comfy.utils import load_torch_file
+
+    for path, key_prefix in ((source, prefix), (converted, "")):
+        model_config = comfy.detection.model_config_from_unet(load_torch_file(str(path)), key_prefix)
+        assert type(model_config).__name__ == "QwenImage"
+        unet = model_config.unet_config
+        assert (unet["in_channels"], unet["num_layers"], unet["num_attention_heads"], unet["joint_attention_dim"]) == (64, 2, 2, 48)
+        assert {k: unet.get(k) for k in expected} == expected
+
+
+def test_our_qwen_image_module_matches_comfyuis(comfy, files):
+    """Our engine's Qwen-Image and ComfyUI's, on one file, give one output on an even patch grid (on
+    an odd one ComfyUI centres RoPE's positions one higher than diffusers, which ours follows)."""
+    from engine.checkpoint import CheckpointReader
+    from engine.models.build import load_model
+
+    name = files["qwen_image", "float"]
+    model = load_comfy(comfy, name)
+    comfy.mm.load_models_gpu([model])
+    x, sigma, kwargs = model_inputs("qwen_image", rows=8, cols=12)
+    with CheckpointReader(comfy.folder_paths.get_full_path_or_raise("diffusion_models", name)) as reader:
+        ours = load_model(reader, torch.device("cpu"), torch.float32)[0]
+    with torch.inference_mode():
+        theirs = model.model.diffusion_model(x, sigma, kwargs["c_crossattn"]).float()[:, :, 0]
+        assert error(ours(x[:, :, 0], sigma, kwargs["c_crossattn"]), theirs) < 1e-5
 
 
 def test_node_is_declared_as_comfyui_reads_it(comfy, files):
