@@ -27,7 +27,8 @@ class JobError(Exception):
 class OutputExistsError(JobError):
     """The output file exists and the request does not allow replacing it.
 
-    The message names no switch: the CLI adds its own flag, the app shows its replace checkbox.
+    The message names no switch: the CLI adds its own flag (``--overwrite``); the app asks Replace /
+    Keep both / Cancel in that job's panel, for that one job.
     """
 
     def __init__(self, path: Path) -> None:
