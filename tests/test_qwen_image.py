@@ -4,20 +4,23 @@ positions, int8 conversion, the CPU benchmark of the tiny model and the LoRA lay
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from engine.bench import BenchRequest, run_bench
+from engine.checkpoint import CheckpointReader
 from engine.convert import ConvertRequest, run_convert
 from engine.int8.linear import Int8Linear
-from engine.models import REGISTRY
+from engine.models import REGISTRY, ModelLayoutError, detect
 from engine.models.build import random_model
 from engine.models.layers import position_ids, rope
 from tests.test_lora import merge, strength, tiny_model
 from tests.test_models import diffusers_kwargs
 from tests.test_modules import CPU, load, rel_error, run, seed
-from tests.tiny_checkpoints import to_diffusers, write_single_file
+from tests.tiny_checkpoints import random_tensors, to_diffusers, write_diffusers, write_single_file
 from tests.tiny_loras import write_lora
 
 QWEN = REGISTRY["qwen_image"]
@@ -77,6 +80,38 @@ def test_converted_file_runs_in_int8(tmp_path):
     reference = load(source.path)
     x = reference.random_inputs(2, 80, text=40, seed=seed())
     assert rel_error(run(model, x), run(reference, x)) < 0.06
+
+
+def test_a_diffusers_file_alone_or_in_its_folder(tmp_path):
+    """diffusers' transformer saved as one file: beside its config.json a diffusers model, alone a
+    single file (the names are the same); either way the same model and tensors."""
+    tensors = random_tensors("qwen_image")
+    folder = write_diffusers(tmp_path / "model", "qwen_image", tensors=tensors, shards=1).path
+    (inside,) = (folder / "transformer").glob("*.safetensors")
+    alone = shutil.copy(inside, tmp_path / "qwen-image.safetensors")
+    for path, layout in ((inside, "diffusers"), (alone, "single-file")):
+        with CheckpointReader(path) as reader:
+            model = detect(reader)
+            built = {t.name: t.build([reader.get(s) for s in t.sources]) for t in model.tensors}
+        assert (model.arch, model.layout, model.config) == (QWEN, layout, TINY)
+        assert built.keys() == tensors.keys() and all(torch.equal(built[n], t) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize("extra", ["__index_timestep_zero__", "time_text_embed.addition_t_embedding.weight"])
+def test_edit_2511_and_layered_convert_but_do_not_run(tmp_path, extra):
+    """Their extra tensor (Edit 2511's marker, Layered's second time condition) is kept by conversion,
+    so ComfyUI tells them apart (test_comfyui_nodes); our module has no place for it."""
+    shape = (0,) if extra.startswith("__") else (2, TINY["hidden"])
+    tensors = random_tensors("qwen_image") | {extra: torch.zeros(shape, dtype=torch.bfloat16)}
+    source = write_single_file(tmp_path / "qwen.safetensors", "qwen_image", tensors=tensors)
+    output = run_convert(ConvertRequest(source.path, scheme="rowwise", device="cpu")).output
+    with CheckpointReader(output) as reader:
+        assert reader.tensors[extra].dtype == "BF16" and tuple(reader.tensors[extra].shape) == shape
+    with pytest.raises(ModelLayoutError) as err:
+        load(output)
+    assert str(err.value) == (
+        f"Qwen-Image custom: tensor {extra} has no place in the Qwen-Image module: this variant cannot be run"
+    )
 
 
 def test_bench_on_the_cpu():

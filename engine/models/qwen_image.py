@@ -1,6 +1,9 @@
 """Qwen-Image (20B MMDiT; Image, Edit and later releases share the layout).
 
-Single files use the diffusers names, so both layouts are the same.
+Single files use the diffusers names, so both layouts are the same. Two releases add a tensor,
+which detection passes through to the converted file (ComfyUI tells those releases apart by it) and
+our module has no place for: Edit 2511's empty ``__index_timestep_zero__`` marker (its reference
+images get time 0), Layered's ``time_text_embed.addition_t_embedding``.
 
 High precision beyond the embedders and the final layer: each block's modulation (``img_mod``,
 ``txt_mod``, a third of the weights). Both run on one token per sample, so int8 would save memory
