@@ -54,3 +54,64 @@ def _no_real_home():
     """Each test runs with the session's fake home (a test that moves HOME gets it back)."""
     assert Path.home() == FAKE_HOME, f"a test left HOME at {Path.home()}"
     yield
+
+
+# --- the app's tests: the demo model and a window (Qt and the app imported only when a test asks) ---
+
+
+@pytest.fixture(scope="session")
+def demo_master(tmp_path_factory) -> Path:
+    from engine.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_int8_master(demo_master, tmp_path_factory) -> Path:
+    from engine.convert import ConvertRequest, run_convert
+
+    output = tmp_path_factory.mktemp("demo-int8") / "demo-int8.safetensors"
+    return run_convert(ConvertRequest(demo_master, output, scheme="rowwise")).output
+
+
+def _linked(master: Path, folder: Path) -> Path:
+    """``master`` alone in a fresh ``folder`` (a hard link: the engine never writes to its input)."""
+    folder.mkdir()
+    os.link(master, folder / master.name)
+    return folder / master.name
+
+
+@pytest.fixture
+def demo(demo_master, tmp_path) -> Path:
+    return _linked(demo_master, tmp_path / "models")
+
+
+@pytest.fixture
+def demo_int8(demo_int8_master, tmp_path) -> Path:
+    return _linked(demo_int8_master, tmp_path / "int8")
+
+
+@pytest.fixture
+def settings(tmp_path):
+    """The app's settings in a file of the test's own, with a cache folder of its own."""
+    from app.settings import Settings
+
+    settings = Settings(tmp_path / "settings.ini")
+    settings.cache_folder = str(tmp_path / "cache")
+    return settings
+
+
+@pytest.fixture
+def window(qtbot, settings):
+    """The main window, shown; jobs still running at the end are cancelled and waited for."""
+    from app.ui.main_window import MainWindow
+    from app.workers import Job
+    from tests.app_helpers import WAIT
+
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    yield window
+    for job in Job.active():
+        job.cancel()
+    qtbot.waitUntil(lambda: not Job.active(), timeout=WAIT)

@@ -13,14 +13,7 @@ from PySide6.QtWidgets import QApplication, QWidget
 from app.ui.path_fields import PathField
 from app.workers import Job
 from engine.demo import DEMO_CONFIG
-from tests.test_app_pages import (  # noqa: F401
-    WAIT,
-    demo_int8,
-    demo_int8_master,
-    demo_master,
-    settings,
-    window,
-)
+from tests.app_helpers import WAIT
 from tests.tiny_loras import write_lora
 
 

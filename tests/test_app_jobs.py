@@ -9,7 +9,7 @@ from PySide6.QtWidgets import QWidget
 
 from app.ui import jobs_indicator
 from engine.demo import DEMO_FILE
-from tests.test_app_pages import WAIT, demo, demo_master, pick_source, settings, window  # noqa: F401
+from tests.app_helpers import WAIT, pick_source
 
 
 def test_the_running_job_is_shown_and_cancelled_from_another_page(qtbot, window, demo):

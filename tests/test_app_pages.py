@@ -22,9 +22,9 @@ from engine.bench import run_bench
 from engine.bench_result import LAUNCH_BOUND_NOTE, BenchResult, FormatResult
 from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install
+from engine.convert import run_convert
+from engine.demo import DEMO_CONFIG, DEMO_FILE, DEMO_LORA_FILE
 from engine.export import run_export
-from engine.convert import ConvertRequest, run_convert
-from engine.demo import DEMO_CONFIG, DEMO_FILE, DEMO_LORA_FILE, build_demo_model
 from engine.hub import plan_download, plan_summary
 from engine.info import inspect_checkpoint
 from engine.jobs import JobError
@@ -34,66 +34,14 @@ from engine.lora.job import default_output
 from engine.models.build import model_names, named_config
 from engine.models.detect import detect
 from engine.models.spec import Architecture, NoModuleError
+from tests.app_helpers import WAIT, pick_source
 from tests.tiny_checkpoints import write_single_file
 from tests.tiny_loras import write_lora
-
-WAIT = 30_000  # ms; generous for 2-core CI machines
-
-
-@pytest.fixture(scope="session")
-def demo_master(tmp_path_factory) -> Path:
-    return build_demo_model(tmp_path_factory.mktemp("demo"))
-
-
-@pytest.fixture(scope="session")
-def demo_int8_master(demo_master, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("demo-int8") / "demo-int8.safetensors"
-    return run_convert(ConvertRequest(demo_master, output, scheme="rowwise")).output
-
-
-@pytest.fixture
-def demo_int8(demo_int8_master, tmp_path) -> Path:
-    folder = tmp_path / "int8"
-    folder.mkdir()
-    os.link(demo_int8_master, folder / demo_int8_master.name)
-    return folder / demo_int8_master.name
-
-
-@pytest.fixture
-def demo(demo_master, tmp_path) -> Path:
-    """The demo model alone in a fresh folder (a hard link: the engine never writes to its input)."""
-    folder = tmp_path / "models"
-    folder.mkdir()
-    os.link(demo_master, folder / DEMO_FILE)
-    return folder / DEMO_FILE
-
-
-@pytest.fixture
-def settings(tmp_path) -> Settings:
-    settings = Settings(tmp_path / "settings.ini")
-    settings.cache_folder = str(tmp_path / "cache")
-    return settings
-
-
-@pytest.fixture
-def window(qtbot, settings):
-    window = MainWindow(settings)
-    qtbot.addWidget(window)
-    window.show()
-    yield window
-    for job in Job.active():
-        job.cancel()
-    qtbot.waitUntil(lambda: not Job.active(), timeout=WAIT)
 
 
 def message_box(qtbot, window, name: str) -> QMessageBox:
     qtbot.waitUntil(lambda: window.findChild(QMessageBox, name) is not None, timeout=WAIT)
     return window.findChild(QMessageBox, name)
-
-
-def pick_source(qtbot, page, path: Path) -> None:
-    page.open_path(path)
-    qtbot.waitUntil(lambda: page.info is not None or page.source_problem.isVisible(), timeout=WAIT)
 
 
 # --- Convert ---------------------------------------------------------------------------------------

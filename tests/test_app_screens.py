@@ -9,7 +9,7 @@ from PySide6.QtCore import QPoint, QRect, QSize
 from PySide6.QtWidgets import QAbstractButton
 
 from app.ui.main_window import MINIMUM_SIZE, MainWindow, first_size
-from tests.test_app_pages import WAIT, demo, demo_master, pick_source, settings, window  # noqa: F401
+from tests.app_helpers import WAIT, pick_source
 
 SMALL_SCREEN = QSize(1280, 720)
 

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QMessageBox, QPushButton
 from app.ui.jobpanel import status_line
 from engine.demo import DEMO_FILE
 from engine.jobs import Progress
-from tests.test_app_pages import WAIT, demo, demo_master, pick_source, settings, window  # noqa: F401
+from tests.app_helpers import WAIT, pick_source
 
 
 def answer(qtbot, panel, choice: str) -> None:
