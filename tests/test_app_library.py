@@ -10,7 +10,7 @@ from PySide6.QtGui import QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QMenu
 
 from app.ui.library import NAME, NAME_WIDTH
-from tests.test_app_pages import WAIT, demo, demo_master, settings, window  # noqa: F401
+from tests.app_helpers import WAIT
 
 
 class Opened(QObject):
@@ -33,11 +33,15 @@ def listed(qtbot, window, path: Path) -> int:
     return next(r for r in range(page.table.rowCount()) if page.table.item(r, NAME).text() == path.name)
 
 
-def test_names_keep_their_width_and_every_cell_has_the_path(qtbot, window, demo):
+def test_names_take_the_spare_width_and_every_cell_has_the_path(qtbot, window, demo):
     window.resize(1280, 720)
     page = window.pages["library"]
     row = listed(qtbot, window, demo)
     assert page.table.columnWidth(NAME) >= NAME_WIDTH
+    header = page.table.horizontalHeader()
+    window.resize(1920, 1080)
+    qtbot.waitUntil(lambda: header.length() == page.table.viewport().width(), timeout=WAIT)
+    assert page.table.columnWidth(NAME) > NAME_WIDTH
     assert all(page.table.item(row, c).toolTip().startswith(str(demo)) for c in range(page.table.columnCount()))
 
 

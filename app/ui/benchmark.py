@@ -124,7 +124,7 @@ class BenchmarkPage(Page):
         self.panel = JobPanel()
         setup.body.addWidget(self.panel)
 
-        results = Card("Results", "Shorter bars are faster. Results stay here between runs.")
+        self.results = results = Card("Results", "Shorter bars are faster. Results stay here between runs.")
         self.run_picker = QComboBox()
         self.run_picker.setAccessibleName("Benchmark run")
         self.run_picker.setMinimumWidth(320)
@@ -209,6 +209,7 @@ class BenchmarkPage(Page):
         runs = [*self.settings.benchmark_results, {"title": title, "result": result.to_dict()}]
         self.settings.benchmark_results = runs[-KEPT_RUNS:]
         self._load_runs()
+        self.reveal(self.results)
 
     def _load_runs(self) -> None:
         runs = self.settings.benchmark_results

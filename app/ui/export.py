@@ -253,3 +253,4 @@ class ExportPage(Page):
             text += " Refresh ComfyUI to see it."
         self.result_notice.set(text, "success")
         self.result_notice.show()
+        self.reveal(self.result_notice)

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import QPoint, Qt
+from PySide6.QtCore import QEvent, QObject, QPoint, Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -50,8 +50,8 @@ from engine.library import (
 )
 
 COLUMNS = ["Name", "Kind", "Model", "Format", "Size", "Modified", "Folder"]
-NAME, FOLDER = 0, len(COLUMNS) - 1
-NAME_WIDTH = 280  # px: the name keeps this much (elided in the middle); the folder takes what is left
+NAME = 0
+NAME_WIDTH = 280  # px: the name takes the spare width but never less (elided in the middle)
 
 
 class SortItem(QTableWidgetItem):
@@ -111,9 +111,11 @@ class LibraryPage(Page):
             "Nothing here yet. Add a folder, drop a .safetensors file on this page, or try the demo "
             "model on the Convert page."
         )
-        self.table = table(COLUMNS, "Models and LoRAs", stretch=FOLDER)
-        self.table.horizontalHeader().setSectionResizeMode(NAME, QHeaderView.ResizeMode.Interactive)
-        self.table.horizontalHeader().resizeSection(NAME, NAME_WIDTH)
+        self.table = table(COLUMNS, "Models and LoRAs", stretch=None)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Interactive)
+        header.sectionResized.connect(lambda column, *_: column != NAME and self._fit_names())
+        self.table.viewport().installEventFilter(self)
         self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.table.customContextMenuRequested.connect(self._context_menu)
@@ -299,6 +301,18 @@ class LibraryPage(Page):
         self.table.setVisible(bool(entries))
         self._filter(self.search.text())
         self._update_actions()
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if watched is self.table.viewport() and event.type() == QEvent.Type.Resize:
+            self._fit_names()
+        return False
+
+    def _fit_names(self) -> None:
+        """The name column takes what the other columns (fitted to their contents) leave, and at least
+        ``NAME_WIDTH`` (the table scrolls sideways then): a Stretch column would shrink to nothing."""
+        header = self.table.horizontalHeader()
+        others = sum(header.sectionSize(column) for column in range(NAME + 1, len(COLUMNS)))
+        header.resizeSection(NAME, max(NAME_WIDTH, self.table.viewport().width() - others))
 
     def _filter(self, text: str) -> None:
         words = text.lower().split()

@@ -6,9 +6,9 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QHeaderView, QTableWidget, QWidget
 
 
-def table(columns: list[str], name: str, stretch: int = 0) -> QTableWidget:
+def table(columns: list[str], name: str, stretch: int | None = 0) -> QTableWidget:
     """A read-only table with whole-row selection, left-aligned headers and column ``stretch`` taking
-    the spare width."""
+    the spare width (None: the columns fit their contents)."""
     view = QTableWidget(0, len(columns))
     view.setHorizontalHeaderLabels(columns)
     view.setAccessibleName(name)
@@ -21,7 +21,8 @@ def table(columns: list[str], name: str, stretch: int = 0) -> QTableWidget:
     header = view.horizontalHeader()
     header.setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
     header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-    header.setSectionResizeMode(stretch, QHeaderView.ResizeMode.Stretch)
+    if stretch is not None:
+        header.setSectionResizeMode(stretch, QHeaderView.ResizeMode.Stretch)
     header.setHighlightSections(False)
     view.verticalHeader().setDefaultSectionSize(32)
     return view
