@@ -4,6 +4,7 @@ positions, int8 conversion, the CPU benchmark of the tiny model and the LoRA lay
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -112,6 +113,19 @@ def test_edit_2511_and_layered_convert_but_do_not_run(tmp_path, extra):
     assert str(err.value) == (
         f"Qwen-Image custom: tensor {extra} has no place in the Qwen-Image module: this variant cannot be run"
     )
+
+
+def test_a_diffusers_edit_2511_converts_with_comfyuis_marker(tmp_path):
+    """diffusers tells Edit 2511 by ``zero_cond_t`` in config.json, ComfyUI by an empty tensor: the
+    converted file gets the tensor, so ComfyUI runs its reference images as 2511 wants."""
+    folder = write_diffusers(tmp_path / "model", "qwen_image").path
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"zero_cond_t": True}))
+    output = run_convert(ConvertRequest(folder, output=tmp_path / "edit-2511.safetensors", device="cpu")).output
+    with CheckpointReader(output) as reader:
+        marker = reader.tensors["__index_timestep_zero__"]
+        assert (marker.dtype, tuple(marker.shape)) == ("F32", (0,))
+        assert reader.get("__index_timestep_zero__").numel() == 0
 
 
 def test_bench_on_the_cpu():

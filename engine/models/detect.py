@@ -118,7 +118,7 @@ def detect_tensors(
             raise ModelLayoutError(
                 "int8 weights in the diffusers layout are not supported; use a single-file int8 model"
             )
-        plan = _from_diffusers(arch, plan)
+        plan = _from_diffusers(arch, plan) + [_marker(name) for name in arch.diffusers_markers(config or {})]
     plan = [replace(t, quantize=_quantizable(arch, t)) for t in plan]
     _check_ranks(arch, plan, prefix)
     shapes = {t.name: t.shape for t in plan}
@@ -224,6 +224,17 @@ def _check_shapes(
     dtype = next((t.dtype_name for t in plan if t.dtype_name in FLOAT_DTYPES and len(t.shape) == 1), DEQUANTIZED_DTYPE)
     added = [_initial(name, expected[name], dtype) for name in filled]
     return sorted([*plan, *added], key=lambda t: natural_key(t.name))
+
+
+def _marker(name: str) -> OutputTensor:
+    """An empty float32 tensor (:meth:`Architecture.diffusers_markers`)."""
+
+    def build(_: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        return torch.empty(0)
+
+    return OutputTensor(name, "F32", (0,), (), build)
 
 
 def _initial(name: str, shape: Shape, dtype: str) -> OutputTensor:

@@ -22,6 +22,11 @@ if TYPE_CHECKING:  # the runnable module: engine.models.qwen_image_module
     from torch import nn
 
 
+TIMESTEP_ZERO = "__index_timestep_zero__"
+"""Edit 2511's marker: ComfyUI gives its reference images time 0 where a file holds it (diffusers:
+``zero_cond_t`` in config.json, for which a diffusers model converts with the marker)."""
+
+
 class QwenImage(Architecture):
     name = "qwen_image"
     label = "Qwen-Image"
@@ -45,6 +50,9 @@ class QwenImage(Architecture):
     first_blocks = ("transformer_blocks.0.*",)
     model_names = {"qwen-image": "20B"}
     rules = (Rule("{name}", "{name}"),)
+
+    def diffusers_markers(self, diffusers_config: Mapping[str, object]) -> tuple[str, ...]:
+        return (TIMESTEP_ZERO,) if diffusers_config.get("zero_cond_t") else ()
 
     def build_module(self, config: Config) -> nn.Module:
         from engine.models.qwen_image_module import QwenImageModel  # torch: only when a model is built

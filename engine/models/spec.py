@@ -174,6 +174,11 @@ class Architecture:
         """Every single-file tensor of a model with ``config``, name → shape, in module order."""
         raise NotImplementedError
 
+    def diffusers_markers(self, diffusers_config: Mapping[str, object]) -> tuple[str, ...]:
+        """Empty single-file tensors standing for what a diffusers model says in its config.json rather
+        than in its weights (ComfyUI reads such a marker where diffusers reads the config)."""
+        return ()
+
     def build_module(self, config: Config) -> nn.Module:
         """The runnable transformer of ``config`` (parameter names = :meth:`tensor_shapes` names),
         built on the current default device: under ``torch.device("meta")`` it allocates nothing."""
