@@ -1,0 +1,109 @@
+"""The int8 error of each Linear of a model on its real widths, and what the high-precision rule buys.
+
+    PYTHONPATH=. python3 benchmarks/layer_error.py flux1-dev --blocks 1 --res 256 --text 128
+
+The named model (``int8-studio bench``'s names) is built at its real widths with ``--blocks`` blocks per
+stack, its weights drawn as the benchmark draws them (``random_tensor``: std 1/√in, so activations keep
+unit scale), and one step runs in float32 with each Linear's input recorded. Each Linear then runs in
+int8 (``Int8Linear``: ``--scheme`` weight scales, per-token activations) on its own recorded input; its
+error is ‖int8 − float‖ / ‖float‖ of the layer's output. Last, the whole model's output error with the
+architecture's high-precision rule, with it and each ``--keep`` glob (and its first-blocks preset) kept in
+float too, and with every Linear quantized. Fits a CPU (Flux.1 dev, one block
+per stack: ~0.7B parameters, float32). Random weights give each layer realistic inputs only as far as
+the model's own norms and activations shape them: trained checkpoints have outlier channels these lack.
+"""
+
+from __future__ import annotations
+
+import argparse
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from engine.bench import SEED
+from engine.int8.linear import Int8Linear
+from engine.models.build import named_config, random_model
+from engine.models.spec import MIN_QUANT_DIM, Architecture
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def recorded_inputs(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's output and every Linear's input, by layer name (the last call's for a shared layer)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0].detach()))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    with torch.no_grad():
+        out = model(**inputs)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def quantize_all(model: nn.Module, scheme: str, keep) -> None:
+    """Every Linear whose weight ``keep`` does not keep becomes an ``Int8Linear``."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and not keep(f"{name}.weight", tuple(m.weight.shape)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Int8Linear.from_float(m, scheme))
+
+
+def kept_with(arch: Architecture, globs: tuple[str, ...]):
+    """The architecture's high-precision rule, with the weights ``globs`` match kept too."""
+    return lambda name, shape: arch.keeps_high_precision(name, shape) or any(fnmatchcase(name, g) for g in globs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a known model name, e.g. flux1-dev, flux2-klein-4b, zimage-turbo")
+    parser.add_argument("--blocks", type=int, default=1, help="blocks per stack (default 1)")
+    parser.add_argument("--res", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--text", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--scheme", choices=("rowwise", "tensorwise"), default="rowwise")
+    parser.add_argument("--keep", action="append", default=[], metavar="GLOB",
+                        help="also measure the rule with these weights kept (repeatable), e.g. '*_mod.lin.*'")
+    args = parser.parse_args()
+
+    arch, config, label = named_config(args.model)
+    config = {**config, **{k: min(args.blocks, int(config[k])) for k in arch.depth_keys}}
+    cpu = torch.device("cpu")
+    model = random_model(arch, config, cpu, torch.float32, SEED).eval()
+    inputs = model.random_inputs(1, args.res, args.text, SEED)
+    reference, seen = recorded_inputs(model, inputs)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    blocks = ", ".join(f"{k} {config[k]}" for k in arch.depth_keys)
+    print(f"{label} at its widths, {blocks} ({params:.2f}B parameters), {args.res}², {args.text} text tokens, "
+          f"{args.scheme} int8, float32 on the CPU\n")  # fmt: skip
+    print(f"{'layer':48} {'[out, in]':>14} {'tokens':>7} {'error':>7}  kept by rule")
+    for name, x in seen.items():
+        linear = model.get_submodule(name)
+        shape = tuple(linear.weight.shape)
+        with torch.no_grad():
+            error = rel_error(Int8Linear.from_float(linear, args.scheme)(x), linear(x))
+        kept = "yes" if arch.keeps_high_precision(f"{name}.weight", shape) else ""
+        tokens = x.reshape(-1, x.shape[-1]).shape[0]
+        print(f"{name:48} {str(list(shape)):>14} {tokens:>7} {error:7.3%}  {kept}")
+
+    print()
+    for what, keep in (
+        ("the architecture's rule", arch.keeps_high_precision),
+        (f"the rule, first blocks kept ({', '.join(arch.first_blocks)})", kept_with(arch, arch.first_blocks)),
+        *((f"the rule, {glob} kept", kept_with(arch, (glob,))) for glob in args.keep),
+        ("every Linear", lambda _name, shape: min(shape) < MIN_QUANT_DIM),
+    ):
+        quantized = random_model(arch, config, cpu, torch.float32, SEED).eval()
+        quantize_all(quantized, args.scheme, keep)
+        with torch.no_grad():
+            out = quantized(**inputs)
+        print(f"model output error, int8 by {what}: {rel_error(out, reference):.3%}")
+        del quantized  # one quantized copy at a time beside the reference
+
+
+if __name__ == "__main__":
+    main()
