@@ -23,7 +23,7 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
     gpu, cpu = bench_defaults(gpu=True), bench_defaults(gpu=False)
     p.add_argument(
         "source", nargs="?",
-        help="a checkpoint, or a model name with random weights: flux2-klein-9b, zimage-turbo, …; "
+        help="a checkpoint, or a model name with random weights: flux2-klein-9b, flux1-dev, zimage-turbo, …; "
         f"default: {gpu.source} on a GPU, {cpu.source} on the CPU. On the CPU every run is a quick one "
         "unless --res, --steps and --formats ask for more",
     )  # fmt: skip
