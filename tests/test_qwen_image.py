@@ -21,7 +21,12 @@ from engine.models.layers import position_ids, rope
 from tests.test_lora import merge, strength, tiny_model
 from tests.test_models import diffusers_kwargs
 from tests.test_modules import CPU, load, rel_error, run, seed
-from tests.tiny_checkpoints import random_tensors, to_diffusers, write_diffusers, write_single_file
+from tests.tiny_checkpoints import (
+    random_tensors,
+    to_diffusers,
+    write_diffusers,
+    write_single_file,
+)
 from tests.tiny_loras import write_lora
 
 QWEN = REGISTRY["qwen_image"]

@@ -16,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from engine.models.spec import Architecture, Config, Rule, Shape, block_count, linear, register
+from engine.models.spec import (
+    Architecture,
+    Config,
+    Rule,
+    Shape,
+    block_count,
+    linear,
+    register,
+)
 
 if TYPE_CHECKING:  # the runnable module: engine.models.qwen_image_module
     from torch import nn
@@ -55,7 +63,9 @@ class QwenImage(Architecture):
         return (TIMESTEP_ZERO,) if diffusers_config.get("zero_cond_t") else ()
 
     def build_module(self, config: Config) -> nn.Module:
-        from engine.models.qwen_image_module import QwenImageModel  # torch: only when a model is built
+        from engine.models.qwen_image_module import (
+            QwenImageModel,  # torch: only when a model is built
+        )
 
         return QwenImageModel(config)
 

@@ -17,7 +17,15 @@ from torch import nn
 
 from engine.fusion import NormedInput, in_projection, project, shared_input
 from engine.heads import Rope, apply_rope
-from engine.models.layers import Inputs, attend, modulate, modulated, position_ids, rope, timestep_embedding
+from engine.models.layers import (
+    Inputs,
+    attend,
+    modulate,
+    modulated,
+    position_ids,
+    rope,
+    timestep_embedding,
+)
 from engine.models.spec import Config
 
 EPS = 1e-6
@@ -172,7 +180,7 @@ class QwenImageModel(nn.Module):
 
     def rotations(self, rows: int, cols: int, text: int, device: torch.device) -> tuple[Rope, Rope]:
         """RoPE of the image's rows × cols patches and of ``text`` text tokens."""
-        img_ids = position_ids(1, range(-(rows - rows // 2), rows // 2), range(-(cols - cols // 2), cols // 2), device=device)
+        img_ids = position_ids(1, _centred(rows), _centred(cols), device=device)
         start = max(rows, cols) // 2
         txt_ids = torch.arange(start, start + text, device=device)[:, None].expand(-1, 3)
         return rope(img_ids, self.axes_dims, self.theta), rope(txt_ids, self.axes_dims, self.theta)
@@ -187,3 +195,8 @@ class QwenImageModel(nn.Module):
             "t": torch.full((batch,), 0.6),
             "txt": torch.randn(batch, tokens, int(c["text_dim"]), generator=generator),
         }
+
+
+def _centred(n: int) -> range:
+    """Positions of ``n`` rows (or columns) of patches centred on 0, as diffusers places them."""
+    return range(-(n - n // 2), n // 2)
