@@ -209,7 +209,7 @@ def test_compiled_mlp_quantizes_through_the_activated_op(act):
 
 
 @NEEDS_INTERPRETER
-@pytest.mark.parametrize("arch_name", ["flux2", "chroma", "zimage"])
+@pytest.mark.parametrize("arch_name", ["flux2", "chroma", "zimage", "flux1"])
 def test_quantized_models_agree_between_the_fused_kernel_and_the_torch_path(arch_name):
     """The Triton backend takes the activated inputs; the torch backend materializes them first."""
     arch = REGISTRY[arch_name]

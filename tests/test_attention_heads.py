@@ -136,6 +136,7 @@ def test_attention_inputs_compile_without_graph_breaks():
         ("flux2", lambda m: 2 * len(m.double_blocks) + len(m.single_blocks)),
         ("chroma", lambda m: 2 * len(m.double_blocks)),  # GELU single blocks project q|k|v with their MLP
         ("zimage", lambda m: len(m.layers)),  # the refiners stay bf16
+        ("flux1", lambda m: 2 * len(m.double_blocks)),  # as Chroma's
     ],
 )
 def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections, backend, monkeypatch):
