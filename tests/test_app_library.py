@@ -39,6 +39,7 @@ def test_names_take_the_spare_width_and_every_cell_has_the_path(qtbot, window, d
     row = listed(qtbot, window, demo)
     assert page.table.columnWidth(NAME) >= NAME_WIDTH
     header = page.table.horizontalHeader()
+    qtbot.waitUntil(lambda: header.length() == page.table.viewport().width(), timeout=WAIT)  # no sideways scroll
     window.resize(1920, 1080)
     qtbot.waitUntil(lambda: header.length() == page.table.viewport().width(), timeout=WAIT)
     assert page.table.columnWidth(NAME) > NAME_WIDTH

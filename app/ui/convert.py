@@ -191,7 +191,7 @@ class ConvertPage(Page):
         """Build the built-in demo model (once) and take it as the source."""
         job = Job("Preparing the demo model", build_demo_model, self.settings.cache_dir() / "demo")
         job.succeeded.connect(lambda path: self.open_path(Path(path)))
-        return self.demo_panel.run(job)
+        return self.demo_panel.run(job, lambda path: f"The demo model is ready: {path}")
 
     def _forget_result(self) -> None:
         """The last conversion's result and outcome belong to the input it had: gone when that changes."""

@@ -50,8 +50,8 @@ from engine.library import (
 )
 
 COLUMNS = ["Name", "Kind", "Model", "Format", "Size", "Modified", "Folder"]
-NAME = 0
-NAME_WIDTH = 280  # px: the name takes the spare width but never less (elided in the middle)
+NAME, FOLDER = 0, len(COLUMNS) - 1
+NAME_WIDTH, FOLDER_WIDTH = 280, 120  # px: the least each keeps (elided in the middle); names take the rest
 
 
 class SortItem(QTableWidgetItem):
@@ -113,8 +113,9 @@ class LibraryPage(Page):
         )
         self.table = table(COLUMNS, "Models and LoRAs", stretch=None)
         header = self.table.horizontalHeader()
-        header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Interactive)
-        header.sectionResized.connect(lambda column, *_: column != NAME and self._fit_names())
+        for column in (NAME, FOLDER):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+        header.sectionResized.connect(lambda column, *_: NAME < column < FOLDER and self._fit_names())
         self.table.viewport().installEventFilter(self)
         self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
@@ -301,6 +302,7 @@ class LibraryPage(Page):
         self.table.setVisible(bool(entries))
         self._filter(self.search.text())
         self._update_actions()
+        self._fit_names()
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
         if watched is self.table.viewport() and event.type() == QEvent.Type.Resize:
@@ -308,11 +310,15 @@ class LibraryPage(Page):
         return False
 
     def _fit_names(self) -> None:
-        """The name column takes what the other columns (fitted to their contents) leave, and at least
-        ``NAME_WIDTH`` (the table scrolls sideways then): a Stretch column would shrink to nothing."""
+        """Names take what the columns between (fitted to their contents) and the folder leave; when
+        that is short, the folder gives way first, down to ``FOLDER_WIDTH``, then the names, down to
+        ``NAME_WIDTH`` (a Stretch column would shrink to nothing)."""
         header = self.table.horizontalHeader()
-        others = sum(header.sectionSize(column) for column in range(NAME + 1, len(COLUMNS)))
-        header.resizeSection(NAME, max(NAME_WIDTH, self.table.viewport().width() - others))
+        spare = self.table.viewport().width() - sum(header.sectionSize(c) for c in range(NAME + 1, FOLDER))
+        wanted = max(self.table.sizeHintForColumn(FOLDER), header.sectionSizeHint(FOLDER))
+        folder = max(min(wanted, spare - NAME_WIDTH), FOLDER_WIDTH)
+        header.resizeSection(FOLDER, folder)
+        header.resizeSection(NAME, max(NAME_WIDTH, spare - folder))
 
     def _filter(self, text: str) -> None:
         words = text.lower().split()
