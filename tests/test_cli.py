@@ -151,6 +151,19 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert "invalid choice: 'blockwise'" in capsys.readouterr().err
 
 
+def test_models_lists_every_family_with_its_variants_and_bench_names(capsys):
+    from engine.models import REGISTRY
+
+    code, out, err = run(capsys, "models")
+    assert (code, err) == (0, "")
+    *rows, last = [re.split(r"\s{2,}", line) for line in out.splitlines()]
+    assert rows[0] == ["family", "variants", "int8-studio bench names (random weights)"]
+    assert [row[0] for row in rows[1:]] == [a.label for a in REGISTRY.values()]
+    flux1 = ["Flux.1", "dev, schnell, Fill dev, Depth/Canny dev", "flux1-dev, flux1-schnell, flux1-tiny, flux1-tiny-schnell"]
+    assert flux1 in rows
+    assert last == ["every family: convert, inspect and lora merge"]
+
+
 def test_inspect_text_and_json(tmp_path, capsys):
     ckpt = write_single_file(tmp_path / "m.safetensors", "chroma", prefix="model.diffusion_model.")
     run(capsys, "convert", ckpt.path)

@@ -115,6 +115,31 @@ def describe(info: CheckpointInfo, value_width: int = 100) -> str:
     return "\n".join(lines)
 
 
+@command("models", help="list the model families INT8 Studio converts, their variants, and the ones it runs itself")
+def _models_command(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    print(models_table())
+    return 0
+
+
+def models_table() -> str:
+    """``models``' table: per family its variants and the names ``bench`` runs it by (random weights)."""
+    from engine.models import REGISTRY
+    from engine.models.build import model_names  # torch: only when the command runs
+
+    known = model_names()
+    rows = [("family", "variants", "int8-studio bench names (random weights)")]
+    for arch in REGISTRY.values():
+        names = [name for name, (named, _) in known.items() if named is arch]
+        rows.append((arch.label, ", ".join(arch.variants), ", ".join(names) or "none: converted, not run here"))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{family:{widths[0]}}  {variants:{widths[1]}}  {names}" for family, variants, names in rows]
+    return "\n".join([*lines, "every family: convert, inspect and lora merge"])
+
+
 @command("demo", help="build the built-in demo model and its LoRA, convert the model to INT8 and inspect it")
 def _demo_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folder", type=Path, help="where to put the demo files (default: user cache folder)")
