@@ -123,11 +123,15 @@ def test_float_source_formats(tmp_path, dtype, name):
     assert {t.dtype for t in model.tensors} == {dtype}
 
 
-def test_full_checkpoint_keeps_other_models_apart(tmp_path):
-    vae = {"first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}
-    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2", prefix="model.diffusion_model.", extra=vae)
+@pytest.mark.parametrize("arch", ["flux2", "flux1"])
+def test_full_checkpoint_keeps_other_models_apart(tmp_path, arch):
+    """A ComfyUI "checkpoint" file: the diffusion model beside its VAE and text encoders."""
+    vae = {"first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3),
+           "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.randn(8)}  # fmt: skip
+    ckpt = write_single_file(tmp_path / "m.safetensors", arch, prefix="model.diffusion_model.", extra=vae)
     model = detect_file(ckpt.path)
-    assert model.other_tensors == tuple(vae)
+    assert (model.arch.name, model.prefix) == (arch, "model.diffusion_model.")
+    assert model.other_tensors == tuple(sorted(vae))
     assert {t.name for t in model.tensors} == set(ckpt.reference)
 
 
