@@ -188,15 +188,17 @@ def test_int8_file_loads_into_int8_layers(tmp_path, arch, scheme):
     assert rel_error(run(dequantized, x), reference) < 0.06
 
 
-def test_missing_tensor_is_named(tmp_path):
-    tensors = random_tensors("flux2")
-    del tensors["double_blocks.1.img_mlp.0.weight"]
-    ckpt = write_single_file(tmp_path / "m.safetensors", "flux2", prefix="diffusion_model.", tensors=tensors)
+@pytest.mark.parametrize(
+    "arch,missing,label",
+    [("flux2", "double_blocks.1.img_mlp.0.weight", "Flux.2"), ("flux1", "single_blocks.2.modulation.lin.bias", "Flux.1")],
+)
+def test_missing_tensor_is_named(tmp_path, arch, missing, label):
+    tensors = random_tensors(arch)
+    del tensors[missing]
+    ckpt = write_single_file(tmp_path / "m.safetensors", arch, prefix="diffusion_model.", tensors=tensors)
     with pytest.raises(ModelLayoutError) as err:
         load(ckpt.path)
-    assert str(err.value) == (
-        "Flux.2 model without tensor diffusion_model.double_blocks.1.img_mlp.0.weight: the file is incomplete"
-    )
+    assert str(err.value) == f"{label} model without tensor diffusion_model.{missing}: the file is incomplete"
 
 
 def test_extra_tensor_is_named(tmp_path):
