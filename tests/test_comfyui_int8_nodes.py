@@ -187,10 +187,9 @@ def test_nodes_are_declared_as_comfyui_reads_them(comfy, loras):
     loader = comfyui_nodes.NODE_CLASS_MAPPINGS[
         "Int8StudioLoadDiffusionModel"
     ].INPUT_TYPES()["required"]
-    assert (
-        loader["scheme"][1]["default"] == "tensorwise"
-        and loader["rotation"][1]["default"] == "none"
-    )  # the CLI's
+    assert (loader["scheme"][1]["default"], loader["rotation"][1]["default"]) == (
+        "rowwise", "none"
+    )  # int8-studio convert's
 
 
 # --- convert on load -----------------------------------------------------------------------------
