@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from engine.int8.quantize import dequantize_weight
+from engine.int8.quantize import MIN_ABSMAX, QMAX, dequantize_weight
 
 NEEDS_INTERPRETER = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"
@@ -54,3 +54,27 @@ def exact_scaled_mm(q, x_scale, w_int8, w_scale, bias=None) -> torch.Tensor:
     acc = q.double() @ w_int8.double().t()
     y = acc * x_scale.double()[:, None] * w_scale.double().reshape(-1)
     return y + bias.double() if bias is not None else y
+
+
+def quantize_blocks_reference(x: torch.Tensor, block: int, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``kernels.quantize_blocks`` computes, in PyTorch: queries or keys [batch, heads, tokens, head_dim]
+    (smoothed: less their float32 mean over tokens) rounded to int8 per ``block`` tokens of a head, in the
+    kernel's float32 steps so the int8 values are the same. Returns ``(q, scale)`` in float64, the scale
+    repeated for each token [batch, heads, tokens]."""
+    B, H, N, D = x.shape
+    x32 = x.float() - x.mean(dim=2, dtype=torch.float32, keepdim=True) if smooth else x.float()
+    blocks = -(-N // block)
+    padded = torch.zeros(B, H, blocks * block, D).index_copy_(2, torch.arange(N), x32.cpu())
+    absmax = padded.unflatten(2, (blocks, block)).abs().amax(dim=(3, 4)).clamp(min=MIN_ABSMAX)
+    qmax = torch.full_like(absmax, QMAX)
+    q = torch.round(x32.cpu() * (qmax / absmax).repeat_interleave(block, 2)[:, :, :N, None]).clamp(-QMAX, QMAX)
+    return q.double(), (absmax / qmax).double().repeat_interleave(block, 2)[:, :, :N]
+
+
+def attention_reference(q, k, v, sm_scale: float, query_block: int, key_block: int, smooth_k: bool = True):
+    """8-bit attention as the kernel computes it, rounding aside: q and k quantized per block
+    (:func:`quantize_blocks_reference`), the scores dequantized, softmax and ``P V`` in float64."""
+    q8, q_scale = quantize_blocks_reference(q, query_block)
+    k8, k_scale = quantize_blocks_reference(k, key_block, smooth_k)
+    scores = (q8 @ k8.transpose(-1, -2)) * q_scale[..., :, None] * k_scale[..., None, :] * sm_scale
+    return torch.softmax(scores, dim=-1) @ v.double().cpu()

@@ -5,7 +5,8 @@
   (:class:`LowRank`), the gated product with an up weight (SwiGLU), attention's heads
   (:class:`QKNormTables`);
 * :class:`SampleNorm`: a :class:`~engine.fusion.NormedInput`'s norm and modulation as the normed
-  quantization kernel reads it.
+  quantization kernel reads it;
+* :func:`attention_output`: the buffer 8-bit attention writes, in the layout every backend gives.
 
 No Triton here: :mod:`engine.int8.ops` builds these on every backend, and the kernels
 (:mod:`engine.int8.kernels`) and the fallbacks (:mod:`engine.int8.backends`) take them as they are.
@@ -96,3 +97,15 @@ class SampleNorm(NamedTuple):
     scale: torch.Tensor | None
     shift: torch.Tensor | None
     tokens: int
+
+
+ATTENTION_HEAD_DIMS = (64, 128)
+"""The head sizes 8-bit attention is built for (the models here use 128; 64 is the common other one)."""
+
+
+def attention_output(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialized attention output for queries ``q`` [batch, heads, tokens, head_dim]: same shape and
+    dtype, tokens-major in memory ([batch, tokens, heads, head_dim], as FlashAttention writes it), so the
+    models' ``transpose(1, 2).flatten(2)`` before the output projection is a view rather than a copy."""
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, H, D).transpose(1, 2)
