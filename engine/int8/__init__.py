@@ -35,5 +35,6 @@ backend
 
 Modules: ``quantize`` (weights), ``rotation`` (Hadamard rotation), ``operands`` (what the kernels take),
 ``kernels/`` (Triton), ``backends`` (the choice and the fallbacks), ``ops`` (``int8_linear`` and the
-registered ``int8_studio::*`` ops), ``linear`` (``Int8Linear``), ``apply`` (int8 layers into a model).
+registered ``int8_studio::*`` ops), ``attention`` (``int8_attention``: attention with an int8 ``Q Kᵀ``),
+``linear`` (``Int8Linear``), ``apply`` (int8 layers into a model).
 """
