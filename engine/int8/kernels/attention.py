@@ -6,8 +6,8 @@ Two steps, each a kernel:
    one head (``absmax / 127``, the block being the attention tile's: :data:`QUERY_BLOCK` queries,
    :data:`KEY_BLOCK` keys), so a tile of scores is dequantized by two scalars. Keys are smoothed first:
    their mean over the tokens of a head is subtracted. Softmax is invariant to it (it shifts each query's
-   scores by one constant), and it takes away what all keys share, which in real models is most of their
-   range: large per-channel offsets that a shared int8 grid would otherwise spend its 255 steps on.
+   scores by one constant), and it takes away what all keys share: in real models large per-channel
+   offsets (SageAttention's finding) that a shared int8 grid would otherwise spend its steps on.
    The queries' scale carries ``sm_scale · log2(e)``, so the scores come out ready for ``exp2``.
 2. ``_attention_kernel``: one program per block of queries of one head walks the keys in blocks: int8
    ``Q Kᵀ`` with int32 accumulation, dequantized by the two block scales, online softmax in float32
