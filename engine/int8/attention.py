@@ -9,7 +9,7 @@ L2 error against exact attention on random inputs, where bfloat16 SDPA has 0.2 %
 The other backends run SDPA itself: no int8 speed-up there, and nothing to gain from imitating the
 rounding. Every backend returns the same layout (:func:`~engine.int8.operands.attention_output`).
 
-The op is registered like the GEMM's (:func:`engine.int8.ops._register`: a fake implementation for
+The op is registered like the GEMM's (:func:`engine.int8.ops.register_op`: a fake implementation for
 tracing, no per-call Python wrapper), so compiled models call the same kernel as eager ones without a
 graph break.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from engine.int8.backends import backend_for, kernels
 from engine.int8.operands import ATTENTION_HEAD_DIMS, attention_output
-from engine.int8.ops import _register
+from engine.int8.ops import register_op
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: floa
     return attention_output(q).copy_(F.scaled_dot_product_attention(q, k, v, scale=sm_scale))
 
 
-attention = _register(
+attention = register_op(
     "attention(Tensor q, Tensor k, Tensor v, float sm_scale) -> Tensor",
     _attention,
     lambda q, k, v, sm_scale: attention_output(q),

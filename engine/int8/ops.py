@@ -106,7 +106,7 @@ def _quantize(x: torch.Tensor | ActivatedInput, rotation: int) -> tuple[torch.Te
 _LIBRARY = torch.library.Library("int8_studio", "DEF")
 
 
-def _register(schema: str, impl, fake) -> torch._ops.OpOverload:
+def register_op(schema: str, impl, fake) -> torch._ops.OpOverload:
     """Define ``int8_studio::<schema>`` with ``impl`` for every device and ``fake`` for tracing.
 
     A plain ``Library`` registration rather than ``torch.library.custom_op``: that one runs Python
@@ -125,7 +125,7 @@ def _quantized_like(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Te
     return x.new_empty(x.shape[0], width, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-quantize_tokens = _register(
+quantize_tokens = register_op(
     "quantize_tokens(Tensor x, int rotation=0) -> (Tensor, Tensor)",
     lambda x, rotation=0: _quantize(x, rotation),
     lambda x, rotation=0: _quantized_like(x, x.shape[1]),
@@ -133,7 +133,7 @@ quantize_tokens = _register(
 """Per-token int8 quantization of 2-D float tokens, rotated first by groups of ``rotation`` channels
 when it is not 0 (:mod:`engine.int8.rotation`): ``(q int8 [M, K], scale float32 [M])``."""
 
-quantize_activated_tokens = _register(
+quantize_activated_tokens = register_op(
     "quantize_activated_tokens(str activation, Tensor a, Tensor? b, Tensor? prefix, int rotation=0) -> (Tensor, Tensor)",
     lambda activation, a, b, prefix, rotation=0: _quantize(ActivatedInput(activation, a, b, prefix), rotation),
     lambda activation, a, b, prefix, rotation=0: _quantized_like(
@@ -151,7 +151,7 @@ def _quantize_normed(x, rms: bool, weight, eps: float, scale, shift, tokens: int
     return quantize_tokens_torch(NormedInput(x, "rms" if rms else "layer", eps, weight, *per_token).materialize())
 
 
-quantize_normed_tokens = _register(
+quantize_normed_tokens = register_op(
     "quantize_normed_tokens(Tensor x, bool rms, Tensor? weight, float eps, Tensor? scale, Tensor? shift, "
     "SymInt tokens) -> (Tensor, Tensor)",
     _quantize_normed,
@@ -306,7 +306,7 @@ def _scaled_mm(
     return fallback_scaled_mm(backend, q, x_scale, w_int8, w_scale, out_dtype, Epilogue(bias, lora, up))
 
 
-scaled_mm = _register(
+scaled_mm = register_op(
     "scaled_mm(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
     "Tensor? lora_x, Tensor? lora_up, Tensor? lora_scale, Tensor? up_w=None, Tensor? up_scale=None, "
     "Tensor? up_bias=None) -> Tensor",
@@ -332,7 +332,7 @@ def _scaled_mm_heads(q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, 
     return torch.stack([t.transpose(1, 2) for t in attention_inputs(qkv, QKNormRope(*norm, eps, rope_of(tables)))])
 
 
-scaled_mm_heads = _register(
+scaled_mm_heads = register_op(
     "scaled_mm_heads(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
     "Tensor norm, float eps, Tensor tables) -> Tensor",
     _scaled_mm_heads,
