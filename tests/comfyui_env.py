@@ -94,7 +94,7 @@ class _StandIn(types.ModuleType):
 
 
 class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, packages: tuple[str, ...]) -> None:
+    def __init__(self, packages: tuple[str, ...] = STANDINS) -> None:
         self.packages = packages
 
     def find_spec(self, name, path, target=None):
