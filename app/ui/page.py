@@ -113,8 +113,9 @@ class Page(QWidget):
         return dataclasses.replace(request, output=output)
 
     def reveal(self, widget: QWidget) -> None:
-        """Scroll ``widget`` (a result that just appeared) into view once the layout has settled."""
-        QTimer.singleShot(50, lambda: self.scroll.ensureWidgetVisible(widget, 0, 24))
+        """Scroll ``widget`` (a result that just appeared) into view once the layout has settled (not at
+        all if the page or the widget is gone by then: the timer belongs to the widget)."""
+        QTimer.singleShot(50, widget, lambda: self.scroll.ensureWidgetVisible(widget, 0, 24))
 
 
 def require(
