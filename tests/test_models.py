@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import CheckpointReader
+from engine.checkpoint import CheckpointError, CheckpointReader, format_bytes
 from engine.models import (
     REGISTRY,
     DetectedModel,
@@ -30,7 +32,8 @@ from tests.tiny_checkpoints import (
 PREFIXES = ("", "diffusion_model.", "model.diffusion_model.")
 SUPPORTED = (
     "supported: Flux.2 (Klein 4B, Klein 9B, dev), Chroma (Chroma1-HD), Z-Image (Turbo/Base), "
-    "Flux.1 (dev, schnell, Fill dev, Depth/Canny dev), Qwen-Image (20B)"
+    "Flux.1 (dev, schnell, Fill dev, Depth/Canny dev), Qwen-Image (20B), Wan (2.1 T2V 1.3B, "
+    "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B)"
 )
 # The blocks whose 2-D weights are quantized; everything else stays in high precision.
 QUANTIZED_BLOCKS = {
@@ -39,6 +42,7 @@ QUANTIZED_BLOCKS = {
     "flux1": ("double_blocks.", "single_blocks."),
     "zimage": ("layers.",),
     "qwen_image": ("transformer_blocks.",),
+    "wan": ("blocks.",),
 }
 
 
@@ -169,6 +173,53 @@ def test_diffusers_names_in_a_lone_file_are_detected(tmp_path, arch):
         model = detect(reader)
         assert_same(built(model, reader), ckpt.reference)
     assert (model.arch.name, model.layout) == (arch, "diffusers")
+
+
+WAN_QUANTIZED = r"blocks\.\d+\.((self|cross)_attn\.(q|k|v|o|k_img|v_img)|ffn\.(0|2))\.weight"
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("variant", ["tiny", "tiny-i2v"])
+def test_wan_files_are_read_and_only_block_linears_quantized(tmp_path, prefix, variant):
+    """A Wan file (ComfyUI/original names): its config from the shapes, the CLIP image embedder and
+    FLF2V's frame positions told apart, and int8 for the blocks' attention and FFN linears alone (the
+    Conv3d patch embedding, the embedders, the time projection and the head stay)."""
+    ckpt = write_single_file(tmp_path / "wan.safetensors", "wan", variant, prefix=prefix)
+    model = detect_file(ckpt.path)
+    assert (model.arch.name, model.prefix, model.config) == ("wan", prefix, REGISTRY["wan"].tiny[variant])
+    quantized = {t.name for t in model.tensors if t.quantize}
+    assert quantized == {n for n in ckpt.reference if re.fullmatch(WAN_QUANTIZED, n)}
+    assert any("k_img" in n for n in quantized) == (variant == "tiny-i2v")
+
+
+def test_wan_releases_are_told_apart():
+    """What tells the releases apart, as ComfyUI tells them: width, latent channels (the 5B's 48, an
+    image-to-video model's 36) and Wan 2.1's CLIP image embedder."""
+    wan = REGISTRY["wan"]
+    found = {detect_tensors(headers(wan.tensor_shapes(c), "model.diffusion_model.")).variant for c in wan.variants.values()}
+    assert found == set(wan.variants)
+    expert = {**wan.variants["2.2 I2V A14B"], "layers": 20}
+    assert detect_tensors(headers(wan.tensor_shapes(expert))).variant == "2.2 I2V A14B with 20 layers"
+
+
+def test_a_truncated_wan_file_says_so(tmp_path):
+    ckpt = write_single_file(tmp_path / "wan.safetensors", "wan")
+    size = ckpt.path.stat().st_size
+    os.truncate(ckpt.path, size - 100)
+    with pytest.raises(CheckpointError) as err:
+        detect_file(ckpt.path)
+    assert str(err.value) == (
+        f"{ckpt.path} is truncated: the header says the data ends at {format_bytes(size)}, "
+        f"the file has {format_bytes(size - 100)}; download or export it again"
+    )
+
+
+def test_a_wan_file_without_its_head():
+    wan = REGISTRY["wan"]
+    shapes = {n: s for n, s in wan.tensor_shapes(wan.tiny["tiny"]).items() if n != "head.head.weight"}
+    with pytest.raises(ModelLayoutError) as err:
+        detect_tensors(headers(shapes, "model.diffusion_model."))
+    assert str(err.value) == "Wan model without tensor model.diffusion_model.head.head.weight: the file is incomplete"
 
 
 # --- high precision ---------------------------------------------------------------------------
@@ -444,6 +495,13 @@ def test_split_matches_the_diffusers_converter(arch, converter):
 
 def diffusers_kwargs(arch: str, c) -> dict:
     """The diffusers constructor arguments of one of our configs."""
+    if arch == "wan":
+        return dict(
+            num_attention_heads=c["dim"] // 128, attention_head_dim=128, in_channels=c["in_channels"],
+            out_channels=c["out_channels"], text_dim=c["text_dim"], ffn_dim=c["ffn_dim"], num_layers=c["layers"],
+            image_dim=c["image_dim"] or None, added_kv_proj_dim=c["dim"] if c["image_dim"] else None,
+            pos_embed_seq_len=c["image_tokens"] or None,
+        )  # fmt: skip
     heads = c.get("hidden", c.get("dim", 0)) // c["head_dim"]
     rope3 = (c["head_dim"] // 8, c["head_dim"] * 7 // 16, c["head_dim"] * 7 // 16)
     flux = dict(
