@@ -69,7 +69,8 @@ def strength() -> float:
     "arch,fmt",
     [("flux2", fmt) for fmt in FORMATS]
     + [(a, f) for a in ARCHS if a != "flux2" for f in ("kohya", "diffusers")]
-    + [("flux1", f) for f in ("comfyui", "ai-toolkit")],
+    + [("flux1", f) for f in ("comfyui", "ai-toolkit")]
+    + [("wan", f) for f in ("comfyui", "comfyui_ab")],  # kohya is musubi-tuner's Wan layout
 )
 def test_every_format_merges_like_the_float_reference(tmp_path, arch, fmt):
     model = tiny_model(tmp_path, arch)
