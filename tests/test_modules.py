@@ -231,9 +231,11 @@ def test_model_without_module_is_refused():
     with pytest.raises(NoModuleError) as err:
         Unrunnable().build_module({})
     # the registry's runnable families, in detection order (later ones may follow)
-    assert str(err.value).startswith(
-        "Unrunnable models cannot be run yet; models that can: Flux.2, Chroma, Z-Image, Flux.1"
+    message = str(err.value)
+    assert message.startswith(
+        "Unrunnable models cannot be run by INT8 Studio's engine (models that can: Flux.2, Chroma, Z-Image, Flux.1"
     )
+    assert message.endswith("; they run in ComfyUI with INT8 Studio's node pack")
 
 
 def test_unknown_model_name():

@@ -25,7 +25,8 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
         "source", nargs="?",
         help="a checkpoint, or a model name with random weights: flux2-klein-9b, flux1-dev, zimage-turbo, …; "
         f"default: {gpu.source} on a GPU, {cpu.source} on the CPU. On the CPU every run is a quick one "
-        "unless --res, --steps and --formats ask for more",
+        "unless --res, --steps and --formats ask for more. Families INT8 Studio's engine does not run "
+        "(Wan) are converted here and run in ComfyUI with INT8 Studio's node pack",
     )  # fmt: skip
     p.add_argument(
         "--res", type=int, help=f"image side in pixels (default {gpu.resolution}; on the CPU {cpu.resolution})"

@@ -183,7 +183,10 @@ class Architecture:
         """The runnable transformer of ``config`` (parameter names = :meth:`tensor_shapes` names),
         built on the current default device: under ``torch.device("meta")`` it allocates nothing."""
         runnable = ", ".join(a.label for a in REGISTRY.values() if a.runnable)
-        raise NoModuleError(f"{self.label} models cannot be run yet; models that can: {runnable}")
+        raise NoModuleError(
+            f"{self.label} models cannot be run by INT8 Studio's engine (models that can: {runnable}); "
+            "they run in ComfyUI with INT8 Studio's node pack"
+        )
 
     @property
     def runnable(self) -> bool:
