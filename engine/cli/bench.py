@@ -65,13 +65,18 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
         metavar="GB",
         help="run as a GPU with this much memory would: formats that do not fit are reported as such",
     )
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--advise", action="store_true",
+        help="end with which format to run on this GPU and model, from the numbers just measured",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (--advise: an advice field)")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from engine.advice import advise
     from engine.bench import bench_defaults, run_bench
 
     gpu = args.device != "cpu" and torch.cuda.is_available()
@@ -85,7 +90,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     with ProgressBar() as bar:
         result = run_bench(request, progress=bar)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    advice = advise(result) if args.advise else None
+    if args.json:
+        print(json.dumps(result.to_dict() | ({"advice": advice.to_dict()} if advice else {}), indent=2))
+    else:
+        print("\n\n".join([result.table(), *(["\n".join(advice.lines())] if advice else [])]))
     if not gpu and None in chosen.values():
         print(f"int8-studio: {quick_run(request)}", file=sys.stderr)
     return 0
