@@ -167,6 +167,7 @@ def write_diffusers(
     return TinyCheckpoint(Path(folder), arch, config, tensors, reference)
 
 
-def every_tiny_variant() -> list[tuple[str, str]]:
-    """(architecture name, tiny variant) for every tiny config, for parametrized tests."""
-    return [(a.name, v) for a in REGISTRY.values() for v in a.tiny]
+def every_tiny_variant(diffusers: bool = False) -> list[tuple[str, str]]:
+    """(architecture name, tiny variant) for every tiny config, for parametrized tests (``diffusers``:
+    only the families that have a diffusers layout)."""
+    return [(a.name, v) for a in REGISTRY.values() if a.diffusers_class or not diffusers for v in a.tiny]

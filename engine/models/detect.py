@@ -267,7 +267,7 @@ def _architecture(
     for arch in REGISTRY.values():
         if all(n in names for n in arch.signature):
             return arch, "single-file"
-        if all(n in names for n in arch.diffusers_signature):
+        if arch.diffusers_signature and all(n in names for n in arch.diffusers_signature):
             return arch, "diffusers"
     raise UnknownModelError(describe_unknown(all_names))
 

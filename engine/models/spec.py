@@ -196,7 +196,9 @@ class Architecture:
 
     @property
     def diffusers_signature(self) -> tuple[str, ...]:
-        return tuple(self.diffusers_names(n)[0] for n in self.signature)
+        """The signature's diffusers names; empty for a family without a diffusers layout."""
+        names = [self.diffusers_names(n) for n in self.signature]
+        return tuple(n[0] for n in names) if all(names) else ()
 
     def variant_of(self, config: Config) -> str:
         """The released variant with this config; "custom" for sizes no release has."""
