@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from engine.bench_result import gpu_device
 from engine.jobs import CancelToken
 from engine.models.layers import Inputs
 
@@ -162,8 +163,7 @@ def captured(step: Callable[[], torch.Tensor], device: torch.device) -> Callable
 def device_name(device: torch.device) -> str:
     """The device as the result names it: the GPU and its compute capability, or the CPU."""
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm{major}{minor})"
+        return gpu_device(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
     if not torch.cuda.is_available():
         return "CPU — no CUDA GPU found: int8 runs its reference CPU path, times are not representative"
     return "CPU"

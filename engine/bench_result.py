@@ -87,6 +87,11 @@ LAUNCH_BOUND_NOTE = (
 )
 
 
+def gpu_device(name: str, capability: tuple[int, int]) -> str:
+    """How a result names a GPU (:attr:`BenchResult.device`): the app finds a GPU's kept runs by it."""
+    return f"{name} (sm{capability[0]}{capability[1]})"
+
+
 def _known(cls: type, data: dict) -> dict:
     return {f.name: data[f.name] for f in fields(cls) if f.name in data}
 

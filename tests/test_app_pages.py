@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from app.settings import Settings
 from app.ui.main_window import MainWindow
 from app.ui.theme import DARK, LIGHT
 from app.workers import Job
-from engine.bench import run_bench
-from engine.bench_result import LAUNCH_BOUND_NOTE, BenchResult, FormatResult
+from engine.advice import advise
+from engine.bench import BenchRequest, run_bench
+from engine.bench_result import LAUNCH_BOUND_NOTE, BenchResult, FormatResult, gpu_device
 from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install
 from engine.convert import run_convert
@@ -281,6 +283,10 @@ def test_benchmark_runs_and_keeps_its_results(qtbot, window, settings):
     assert [name for name, _ in page.chart.bars] == ["bf16", "int8"]
     assert page.run_facts.text() == "\n".join(BenchResult.from_dict(result).header())
     assert page.run_facts.text().endswith("int8 GEMM: PyTorch float32 matmuls (no int8 speed-up)")
+    advice = advise(BenchResult.from_dict(result))  # the same words as `int8-studio bench --advise`
+    assert [page.advice.text(), page.advice_basis.text()] == advice.lines()
+    assert page.advice.text().startswith("Advice: On the CPU, for ") and page.advice.isVisible()
+    assert window.gpu_label.text() == system.CPU_ONLY  # a CPU's times advise no GPU
 
     again = MainWindow(Settings(Path(settings.store.fileName())))
     qtbot.addWidget(again)
@@ -349,7 +355,36 @@ def test_gpu_verdicts(monkeypatch):
     assert ampere.verdict == (
         "INT8 tensor cores, but no Triton 3.4+ for the INT8 kernels: INT8 runs on a slower fallback"
     )
-    assert system.gpu_summary([pascal, ampere], 0).endswith("INT8 runs on a slower fallback")
+    summary = system.gpu_summary([pascal, ampere], 0)
+    assert summary.endswith("INT8 runs on a slower fallback (a guess: not measured yet)")
+
+
+def test_the_gpu_line_says_the_last_advice_for_this_gpu(qtbot, window, settings, monkeypatch):
+    """The status bar's GPU line (and the settings') is the compute-capability guess until a benchmark
+    ran on that GPU, then that run's advice; another GPU's runs are not used, clearing brings the guess
+    back. The runs are real (tiny, on the CPU) results as that GPU would have named them."""
+    gpu = system.Gpu(0, "NVIDIA GeForce RTX 4090", 24 * 10**9, (8, 9))
+    other = system.Gpu(1, "B", 8 << 30, (8, 6))
+    monkeypatch.setattr(system, "gpus", lambda: [gpu, other])
+    window.refresh_hardware()
+    guess = f"NVIDIA GeForce RTX 4090 · 24.0 GB VRAM · sm89 · {gpu.verdict} (a guess: not measured yet)"
+    assert window.gpu_label.text() == guess
+    assert window.gpu_label.toolTip().endswith("Run a benchmark to measure it on this GPU.")
+    tiny = BenchRequest("flux2-tiny", resolution=64, steps=1, formats=("bf16", "int8"), device="cpu")
+    cpu_run = run_bench(tiny)
+    page = window.pages["benchmark"]
+    page._on_result(replace(cpu_run, device=gpu_device(other.name, other.capability)))  # the job's success
+    assert window.gpu_label.text() == guess
+    ours = replace(cpu_run, device=gpu_device(gpu.name, gpu.capability))
+    page._on_result(ours)
+    advice = advise(ours)
+    assert advice.text.startswith("On this NVIDIA GeForce RTX 4090, for Flux.2 tiny at 64², ")
+    assert window.gpu_label.text() == f"NVIDIA GeForce RTX 4090 · 24.0 GB VRAM · sm89 · {advice.text}"
+    assert [page.advice.text(), page.advice_basis.text()] == advice.lines()
+    assert window.gpu_label.toolTip() == "\n".join(advice.lines())
+    assert window.pages["settings"].gpu_note.text() == window.gpu_label.text()
+    page.clear_button.click()
+    assert window.gpu_label.text() == guess
 
 
 def test_benchmark_keeps_a_form_changed_before_the_gpu_check_finished(window):

@@ -1,15 +1,17 @@
-"""Benchmark page: seconds per step of each format on this machine, as a chart and a table, kept
-between runs so they can be compared."""
+"""Benchmark page: seconds per step of each format on this machine, as a chart and a table ending with
+the advice of which format to use (:mod:`engine.advice`), kept between runs so they can be compared."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QHBoxLayout,
+    QLabel,
     QPushButton,
     QSpinBox,
     QTableWidgetItem,
@@ -26,6 +28,7 @@ from app.ui.page import Page
 from app.ui.path_fields import PathField
 from app.ui.tables import fit_rows, table
 from app.workers import Job
+from engine.advice import advise
 from engine.bench import FORMATS, BenchRequest, bench_defaults, run_bench
 from engine.bench_result import COLUMNS, LAUNCH_BOUND_NOTE, BenchResult, cells
 from engine.models.build import model_names
@@ -47,6 +50,8 @@ class BenchmarkPage(Page):
     subtitle = (
         "Seconds per step for each format on your GPU, with the quality cost next to each speed."
     )
+
+    results_changed = Signal()  # a run was kept or the kept runs cleared: the GPU's advice may change
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -139,10 +144,17 @@ class BenchmarkPage(Page):
         self.chart = BarChart(unit=COLUMNS[1])  # "s/step", as in the table
         self.table = table(HEADINGS, "Benchmark results", stretch=len(COLUMNS) - 1)
         self.empty = Notice("No results yet.")
+        self.advice = QLabel()
+        self.advice.setAccessibleName("Advice")
+        self.advice.setWordWrap(True)
+        self.advice.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.advice_basis = muted("")
         results.body.addWidget(self.empty)
         results.body.addWidget(self.run_facts)
         results.body.addWidget(self.chart)
         results.body.addWidget(self.table)
+        results.body.addWidget(self.advice)
+        results.body.addWidget(self.advice_basis)
 
         self.add(setup, results, stretch=True)
         self.set_preset(has_gpu=False)
@@ -210,6 +222,7 @@ class BenchmarkPage(Page):
         self.settings.benchmark_results = runs[-KEPT_RUNS:]
         self._load_runs()
         self.reveal(self.results)
+        self.results_changed.emit()
 
     def _load_runs(self) -> None:
         runs = self.settings.benchmark_results
@@ -226,7 +239,7 @@ class BenchmarkPage(Page):
         kept = self.run_picker.currentData()
         result = BenchResult.from_dict(kept) if kept else None
         rows = result.rows if result else ()
-        for widget in (self.run_facts, self.chart, self.table):
+        for widget in (self.run_facts, self.chart, self.table, self.advice, self.advice_basis):
             widget.setVisible(bool(rows))
         self.empty.setVisible(not rows)
         if not rows:
@@ -246,8 +259,12 @@ class BenchmarkPage(Page):
             if row.seconds_per_step is None:  # the note spans the number columns, setting no width
                 self.table.setSpan(r, 1, 1, len(COLUMNS) - 1)
         fit_rows(self.table)
+        text, basis = advise(result).lines()
+        self.advice.setText(text)
+        self.advice_basis.setText(basis)
 
     def _clear(self) -> None:
         self.settings.benchmark_results = []
         self._load_runs()
+        self.results_changed.emit()
 

@@ -78,6 +78,7 @@ class MainWindow(QMainWindow):
         settings_page, export = self.pages["settings"], self.pages["export"]
         settings_page.theme_changed.connect(self.apply_theme)
         settings_page.comfyui_changed.connect(export.find)
+        self.pages["benchmark"].results_changed.connect(self.show_gpu)
         export.add_install.clicked.connect(settings_page.choose_comfyui)
         export.installs_found.connect(self.pages["library"].set_installs)
         export.installs_found.connect(settings_page.set_installs)
@@ -185,15 +186,25 @@ class MainWindow(QMainWindow):
 
     def refresh_hardware(self) -> None:
         self.gpus = system.gpus()
-        self.gpu_label.setText(system.gpu_summary(self.gpus, self.settings.gpu_index))
-        self.gpu_label.setToolTip(
-            "INT8 W8A8 runs on INT8 tensor cores: NVIDIA Turing (RTX 20) and newer — Ampere, Ada, "
-            "Hopper, Blackwell. Older GPUs and CPUs can still convert and run INT8 files; they just "
-            "won't be faster than bf16."
-        )
-        self.pages["settings"].set_gpus(self.gpus)
+        self.show_gpu()
         self.pages["benchmark"].hardware_found(has_gpu=bool(self.gpus))
         self._refresh_ram()
+
+    def show_gpu(self) -> None:
+        """The status bar's GPU line, and the settings' list: the last benchmark's advice for this GPU,
+        else the guess (the tooltip holds the whole advice and what it rests on: the line is cut short on
+        a small window)."""
+        self.pages["settings"].set_gpus(self.gpus)
+        runs = self.settings.benchmark_results
+        self.gpu_label.setText(system.gpu_summary(self.gpus, self.settings.gpu_index, runs))
+        gpu = system.selected_gpu(self.gpus, self.settings.gpu_index)
+        advice = gpu.advice(runs) if gpu else None
+        self.gpu_label.setToolTip(
+            "\n".join(advice.lines()) if advice else
+            "INT8 W8A8 runs on INT8 tensor cores: NVIDIA Turing (RTX 20) and newer — Ampere, Ada, "
+            "Hopper, Blackwell. Older GPUs and CPUs can still convert and run INT8 files; they just "
+            "won't be faster than bf16. Run a benchmark to measure it on this GPU."
+        )  # fmt: skip
 
     def _refresh_ram(self) -> None:
         self.ram_label.setText(system.ram_summary())

@@ -107,7 +107,7 @@ class SettingsPage(Page):
         self.gpu_combo.setCurrentIndex(max(0, index))
         self.gpu_combo.setEnabled(len(gpus) > 1)
         self.gpu_combo.blockSignals(False)
-        self.gpu_note.setText(system.gpu_summary(gpus, self.settings.gpu_index))
+        self.gpu_note.setText(system.gpu_summary(gpus, self.settings.gpu_index, self.settings.benchmark_results))
 
     def _on_theme(self) -> None:
         self.settings.theme = self.theme_combo.currentData()
