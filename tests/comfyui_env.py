@@ -24,6 +24,7 @@ import fcntl
 import importlib
 import importlib.abc
 import importlib.machinery
+import math
 import os
 import subprocess
 import sys
@@ -41,8 +42,9 @@ STANDINS = ("torchvision", "torchaudio")
 # and an MLP 4× the width, an approximator input of 64 (its forward concatenates 16 + 16 + 32
 # embedding channels); Flux.1 has 128-wide heads, 16 latent channels in 2×2 patches (64 in and out)
 # and an MLP 4× the width; Z-Image is recognised by its width of 3840 alone, and its time embedder is
-# 256 → min(dim, 1024) → 256; Qwen-Image has 128-wide heads, 16 latent channels in 2×2 patches and an
-# MLP 4× the width. The sizes below respect all of that; tiny_detection() supplies the rest.
+# 256 → min(dim, 1024) → 256; Chroma Radiance has 3 pixel channels and a pixel head 64 wide, 4 deep,
+# 8 DCT frequencies, MLP ratio 4 (tiny_detection reads them off the tensors); Qwen-Image has
+# 128-wide heads, 16 latent channels in 2×2 patches and an MLP 4× the width. The sizes below respect all of that; tiny_detection() supplies the rest.
 TINY = {
     "flux2": {
         "hidden": 256, "head_dim": 128, "in_channels": 128, "out_channels": 128, "text_dim": 48,
@@ -52,6 +54,11 @@ TINY = {
         "hidden": 256, "head_dim": 128, "in_channels": 64, "out_channels": 64, "text_dim": 48,
         "mlp_hidden": 1024, "double_blocks": 2, "single_blocks": 2, "approximator_in": 64,
         "approximator_hidden": 64, "approximator_layers": 2,
+    },
+    "chroma_radiance": {
+        "hidden": 256, "head_dim": 128, "in_channels": 3, "text_dim": 48, "mlp_hidden": 1024, "double_blocks": 2,
+        "single_blocks": 2, "approximator_in": 64, "approximator_hidden": 64, "approximator_layers": 2, "patch": 2,
+        "nerf_hidden": 16, "nerf_mlp_ratio": 2, "nerf_depth": 2, "nerf_freqs": 4, "nerf_conv": True,
     },
     "flux1": {
         "hidden": 256, "head_dim": 128, "in_channels": 64, "out_channels": 64, "text_dim": 48, "vec_dim": 24,
@@ -66,7 +73,7 @@ TINY = {
         "mlp_hidden": 1024, "layers": 2,
     },
 }  # fmt: skip
-LATENT_CHANNELS = {"flux2": 128, "chroma": 16, "flux1": 16, "zimage": 16, "qwen_image": 16}
+LATENT_CHANNELS = {"flux2": 128, "chroma": 16, "chroma_radiance": 3, "flux1": 16, "zimage": 16, "qwen_image": 16}
 
 
 def unpack(dest: Path) -> Path:
@@ -176,8 +183,8 @@ def import_comfyui(
 
 @contextlib.contextmanager
 def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
-    """ComfyUI recognises the TINY Chroma, Z-Image and Qwen-Image: the sizes its detection hard-codes
-    are read from the tensors instead, and its Z-Image entry matches their width. Flux.2 needs nothing."""
+    """ComfyUI recognises the TINY Chroma, Radiance, Z-Image and Qwen-Image: the sizes its detection
+    hard-codes are read from the tensors instead, and its Z-Image entry matches their width. Flux.2 needs nothing."""
     detection, zimage = comfy.detection, comfy.supported.ZImage
     original, original_zimage = detection.detect_unet_config, zimage.unet_config
 
@@ -186,12 +193,17 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
         if config is None:
             return None
         shape = lambda name: tuple(state_dict[f"{key_prefix}{name}"].shape)
-        if config.get("image_model") == "chroma":
+        if config.get("image_model") in ("chroma", "chroma_radiance"):
             approximator = "distilled_guidance_layer"
             config["in_dim"] = shape(f"{approximator}.in_proj.weight")[1]
             config["hidden_dim"] = shape(f"{approximator}.in_proj.weight")[0]
             config["out_dim"] = shape(f"{approximator}.out_proj.weight")[0]
             config["n_layers"] = detection.count_blocks(list(state_dict), f"{key_prefix}{approximator}.layers.{{}}.")
+        if config.get("image_model") == "chroma_radiance":  # its pixel head's sizes (nerf_*)
+            nerf_hidden, nerf_in = shape("nerf_image_embedder.embedder.0.weight")
+            config["nerf_hidden_size"], config["nerf_max_freqs"] = nerf_hidden, math.isqrt(nerf_in - 3)
+            config["nerf_depth"] = detection.count_blocks(list(state_dict), f"{key_prefix}nerf_blocks.{{}}.")
+            config["nerf_mlp_ratio"] = shape("nerf_blocks.0.param_generator.weight")[0] // (3 * nerf_hidden**2)
         if config.get("image_model") == "qwen_image":
             config["num_attention_heads"] = shape("img_in.weight")[0] // shape("transformer_blocks.0.attn.norm_q.weight")[0]
             config["joint_attention_dim"] = shape("txt_norm.weight")[0]

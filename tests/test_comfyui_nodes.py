@@ -126,7 +126,7 @@ def model_inputs(arch: str, batch: int = 2, rows: int = 9, cols: int = 13, seed:
     sigma = torch.full((batch,), 0.6)
     text_dim = TINY[arch].get("text_dim", TINY[arch].get("cap_dim"))
     kwargs = {"c_crossattn": torch.randn(batch, TEXT_TOKENS, text_dim, generator=g)}
-    if arch == "chroma":
+    if arch.startswith("chroma"):
         kwargs["guidance"] = torch.zeros(batch)
     if arch == "flux1":  # CLIP's pooled prompt and dev's guidance
         kwargs["y"] = torch.randn(batch, TINY[arch]["vec_dim"], generator=g)
