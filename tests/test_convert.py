@@ -160,6 +160,23 @@ def test_keep_patterns_stay_in_high_precision(tmp_path):
     assert json.loads(metadata["int8_studio.keep"]) == list(keep)
 
 
+def test_zimage_edits_image_prompt_path_stays_in_high_precision(tmp_path):
+    """Z-Image Omni/Edit files add a SigLIP embedder and refiner blocks (ComfyUI tells them by
+    ``siglip_embedder.0.weight``): carried through as they are, none of their linears made int8."""
+    siglip = {
+        "siglip_embedder.0.weight": torch.randn(32),
+        "siglip_embedder.1.weight": torch.randn(64, 32).bfloat16(),
+        "siglip_refiner.0.attention.qkv.weight": torch.randn(192, 64).bfloat16(),
+        "siglip_refiner.0.feed_forward.w2.weight": torch.randn(64, 160).bfloat16(),
+        "siglip_pad_token": torch.randn(1, 64).bfloat16(),
+    }
+    ckpt = write_single_file(tmp_path / "m.safetensors", "zimage", extra=siglip)
+    tensors, _ = load(run_convert(ConvertRequest(ckpt.path)).output)
+    for name, t in siglip.items():
+        assert tensors[name].dtype == t.dtype and torch.equal(tensors[name], t), name
+    assert any(t.dtype == torch.int8 for t in tensors.values())
+
+
 def test_keep_pattern_that_matches_nothing_is_refused(tmp_path):
     ckpt = write_single_file(tmp_path / "m.safetensors", "flux2")
     with pytest.raises(ConvertError) as e:

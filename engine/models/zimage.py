@@ -67,6 +67,7 @@ class ZImage(Architecture):
     high_precision = (
         "x_embedder.*", "t_embedder.*", "cap_embedder.*", "final_layer.*", "x_pad_token", "cap_pad_token",
         "*.adaLN_modulation.*", "noise_refiner.*", "context_refiner.*",
+        "siglip_*",  # Z-Image Omni/Edit's image-prompt embedder and refiner, kept like the other refiners
     )  # fmt: skip
     down_projections = ("layers.*.feed_forward.w2.weight",)
     first_blocks = ("layers.0.*",)  # the refiners stay in high precision anyway
