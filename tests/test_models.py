@@ -34,7 +34,7 @@ SUPPORTED = (
     "supported: Flux.2 (Klein 4B, Klein 9B, dev), Chroma (Chroma1-HD), Chroma Radiance (Radiance), "
     "Z-Image (Turbo/Base), "
     "Flux.1 (dev, schnell, Fill dev, Depth/Canny dev), Qwen-Image (20B), Wan (2.1 T2V 1.3B, "
-    "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B)"
+    "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B), LTX-2 (19B (dev, distilled))"
 )
 # The blocks whose 2-D weights are quantized; everything else stays in high precision.
 QUANTIZED_BLOCKS = {
@@ -45,6 +45,7 @@ QUANTIZED_BLOCKS = {
     "zimage": ("layers.",),
     "qwen_image": ("transformer_blocks.",),
     "wan": ("blocks.",),
+    "ltx2": ("transformer_blocks.",),
 }
 
 
@@ -204,6 +205,28 @@ def test_wan_releases_are_told_apart():
     assert found == set(wan.variants)
     expert = {**wan.variants["2.2 I2V A14B"], "layers": 20}
     assert detect_tensors(headers(wan.tensor_shapes(expert))).variant == "2.2 I2V A14B with 20 layers"
+
+
+LTX2_QUANTIZED = (
+    r"transformer_blocks\.\d+\.((audio_)?attn[12]|audio_to_video_attn|video_to_audio_attn)\.(to_[qkv]|to_out\.0)\.weight"
+    r"|transformer_blocks\.\d+\.(audio_)?ff\.net\.(0\.proj|2)\.weight"
+)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_ltx2_files_are_read_and_only_block_linears_quantized(tmp_path, prefix):
+    """An LTX-2 file (ComfyUI names): its config from the shapes, and int8 for the blocks' six
+    attentions and two FFNs alone (patchifiers, adaLN-singles, caption projections, text connectors
+    and output heads stay); the release's shapes read as the 19B."""
+    ckpt = write_single_file(tmp_path / "ltx2.safetensors", "ltx2", prefix=prefix)
+    model = detect_file(ckpt.path)
+    assert (model.arch.name, model.prefix, model.config) == ("ltx2", prefix, REGISTRY["ltx2"].tiny["tiny"])
+    quantized = {t.name for t in model.tensors if t.quantize}
+    assert quantized == {n for n in ckpt.reference if re.fullmatch(LTX2_QUANTIZED, n)}
+    assert len(quantized) == 2 * (6 * 4 + 2 * 2)
+    ltx2 = REGISTRY["ltx2"]
+    release = ltx2.tensor_shapes(ltx2.variants["19B (dev, distilled)"])
+    assert detect_tensors(headers(release, "model.diffusion_model.")).variant == "19B (dev, distilled)"
 
 
 def test_a_truncated_wan_file_says_so(tmp_path):
