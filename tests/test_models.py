@@ -35,6 +35,7 @@ SUPPORTED = (
     "Z-Image (Turbo/Base), "
     "Flux.1 (dev, schnell, Fill dev, Depth/Canny dev), Qwen-Image (20B), Wan (2.1 T2V 1.3B, "
     "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B), LTX-2 (19B (dev, distilled))"
+    ", Krea 2 (Raw / Turbo)"
 )
 # The blocks whose 2-D weights are quantized; everything else stays in high precision.
 QUANTIZED_BLOCKS = {
@@ -46,6 +47,7 @@ QUANTIZED_BLOCKS = {
     "qwen_image": ("transformer_blocks.",),
     "wan": ("blocks.",),
     "ltx2": ("transformer_blocks.",),
+    "krea2": ("blocks.",),
 }
 
 

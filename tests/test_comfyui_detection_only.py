@@ -1,0 +1,84 @@
+"""Issue 26's detection-only families in ComfyUI's real code, on the CPU (they do not run in our
+engine): ComfyUI's own detection reads our tiny files and their int8 conversions as the family, with
+our sizes, and the node pack's loader runs each int8 conversion in ComfyUI's model with our int8
+Linear exactly where the file stores int8, one step as close to ComfyUI's bf16 output as ComfyUI's
+own int8 path is (as test_comfyui_wan.py does for Wan).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_comfyui_nodes import comfy, error  # noqa: F401  (the session fixture: ComfyUI imported)
+from tiny_checkpoints import write_single_file
+
+from comfyui_nodes.loader import int8_layers, load_diffusion_model
+from engine.convert import ConvertRequest, run_convert
+from engine.demo import random_weights
+from engine.models import REGISTRY
+
+ALLOWED = 1.25  # ours may be this much further from the float output than ComfyUI's own int8 path
+KREA2 = REGISTRY["krea2"].tiny["tiny"]
+
+# family → (ComfyUI's class, what its detection must read: unet_config key → our size)
+DETECTED = {
+    "krea2": ("Krea2", {
+        "features": KREA2["features"], "heads": KREA2["heads"], "kvheads": KREA2["kv_heads"],
+        "layers": KREA2["layers"], "channels": KREA2["channels"], "txtdim": KREA2["text_dim"],
+        "txtlayers": KREA2["text_layers"],
+    }),
+}  # fmt: skip
+
+
+def model_inputs(arch: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A latent and the text conditioning each family's model takes."""
+    g = torch.Generator().manual_seed(0)
+    if arch == "krea2":  # twelve (here: text_layers) Qwen3-VL layers side by side
+        return torch.randn(2, 16, 6, 10, generator=g), {
+            "c_crossattn": torch.randn(2, 7, KREA2["text_layers"] * KREA2["text_dim"], generator=g)
+        }
+    raise ValueError(arch)
+
+
+def tiny_file(path, arch: str, prefix: str = ""):
+    """A tiny file of ``arch`` and our row-wise int8 conversion of it."""
+    a = REGISTRY[arch]
+    tensors = dict(random_weights(a, a.tiny["tiny"], torch.bfloat16, torch.Generator().manual_seed(7)))
+    source = write_single_file(path, a, prefix=prefix, tensors=tensors).path
+    return source, run_convert(ConvertRequest(source, scheme="rowwise", device="cpu")).output
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("arch", DETECTED)
+def test_comfyui_detects_our_file_and_its_int8_conversion(comfy, tmp_path, arch, prefix):  # noqa: F811
+    from comfy.utils import load_torch_file
+
+    expected_class, sizes = DETECTED[arch]
+    source, converted = tiny_file(tmp_path / f"{arch}.safetensors", arch, prefix)
+    for path, key_prefix in ((source, prefix), (converted, "")):
+        model_config = comfy.detection.model_config_from_unet(load_torch_file(str(path)), key_prefix)
+        assert type(model_config).__name__ == expected_class
+        assert {k: model_config.unet_config[k] for k in sizes} == sizes
+
+
+@pytest.mark.parametrize("arch", DETECTED)
+def test_our_int8_conversion_runs_in_comfyuis_model(comfy, tmp_path, arch):  # noqa: F811
+    source, converted = tiny_file(tmp_path / f"{arch}.safetensors", arch)
+    ours = load_diffusion_model(converted)
+    with safe_open(str(converted), "pt") as f:
+        stored = {k.removesuffix(".weight") for k in f.keys() if f.get_slice(k).get_dtype() == "I8"}  # noqa: SIM118
+    assert set(int8_layers(ours.model.diffusion_model)) == stored and stored
+
+    x, kwargs = model_inputs(arch)
+
+    def run(model) -> torch.Tensor:
+        comfy.mm.load_models_gpu([model])
+        with torch.inference_mode():
+            return model.model.apply_model(x, torch.full((2,), 0.6), **kwargs).float()
+
+    reference = run(comfy.sd.load_diffusion_model(str(source)))
+    native = run(comfy.sd.load_diffusion_model(str(converted)))
+    output = run(ours)
+    assert output.shape == x.shape and torch.isfinite(output).all()
+    assert 0 < error(output, reference) <= ALLOWED * error(native, reference)
