@@ -34,7 +34,7 @@ ADALN_SINGLES = (
 )
 TINY: Config = {
     "dim": 256, "audio_dim": 128, "in_channels": 128, "audio_in_channels": 128, "caption_channels": 64,
-    "connector_layers": 1, "registers": 8, "layers": 2,
+    "connector_layers": 1, "registers": 128, "layers": 2,  # 128 registers: ComfyUI hard-codes them
 }  # fmt: skip
 
 
