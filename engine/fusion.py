@@ -10,6 +10,9 @@ be fused into the linear that follows it, the model does not compute it but decl
   QK-norm and rotary embedding (:class:`~engine.heads.QKNormRope`);
 * :func:`in_projection`, :func:`swiglu`: an MLP's in-projection followed by its activation.
 
+Attention itself goes through :func:`attention` too: SDPA, unless an implementation was installed on
+the model (:func:`install_attention`; ``engine.int8.attention.use_attention`` installs 8-bit attention).
+
 A plain ``nn.Linear`` gets each of these computed the usual way (:meth:`NormedInput.materialize`, …).
 A :class:`FusedLinear` (the int8 layers: ``engine.int8.linear.Int8Linear``) takes them as they are and
 computes the norm, the activation or attention's inputs inside its own kernels, or says it cannot
@@ -19,6 +22,7 @@ does to a model (``engine.int8.apply``), as in torchao's ``quantize_``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -35,6 +39,10 @@ ACTIVATIONS = ("swiglu", "gelu_tanh", "identity")
 
 Heads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """Attention's inputs q, k, v [batch, heads, tokens, head]."""
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""An attention implementation: ``softmax(q kᵀ / √head) v`` of q, k, v [batch, heads, tokens, head]."""
+ATTENTION_ATTRIBUTE = "attention_implementation"
+"""The module attribute :func:`install_attention` sets and :func:`attention` reads."""
 
 
 class ActivatedInput(NamedTuple):
@@ -178,3 +186,26 @@ def swiglu(gate: nn.Module, up: nn.Module, x: torch.Tensor | NormedInput) -> Act
         return ActivatedInput("identity", fused)
     x = shared_input(x, gate, up)
     return ActivatedInput("swiglu", gate(x), up(x))
+
+
+def attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of q, k, v [batch, heads, tokens, head] for the block ``module`` of a model: the
+    implementation installed on the model (:func:`install_attention`), else SDPA."""
+    implementation = getattr(module, ATTENTION_ATTRIBUTE, None)
+    return F.scaled_dot_product_attention(q, k, v) if implementation is None else implementation(q, k, v)
+
+
+def install_attention(model: nn.Module, implementation: Attention | None) -> None:
+    """Run ``model``'s attention with ``implementation`` (None: SDPA again), set before it runs.
+
+    An attribute of each of the model's modules, which the blocks that call :func:`attention` pass in,
+    rather than a global or a ``ContextVar``: it holds for this model only, whatever thread runs it
+    (two models, two choices, no lock); dynamo reads and guards a module's attribute, so a compiled
+    block calls the implementation in its graph (a ``ContextVar.get`` would break the graph) and is
+    traced again if the choice changes. Set on every module, so a family's blocks need no base class.
+    """
+    for module in model.modules():
+        if implementation is None:
+            module.__dict__.pop(ATTENTION_ATTRIBUTE, None)
+        else:
+            setattr(module, ATTENTION_ATTRIBUTE, implementation)

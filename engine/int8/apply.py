@@ -15,8 +15,9 @@ from torch import nn
 
 from engine.checkpoint import CheckpointReader
 from engine.info import listed_layers
+from engine.int8.attention import use_attention
+from engine.int8.choices import DEFAULT_ATTENTION, DEFAULT_SCHEME, AttentionChoice, RotationPolicy, Scheme
 from engine.int8.linear import Int8Linear
-from engine.int8.choices import DEFAULT_SCHEME, RotationPolicy, Scheme
 from engine.int8.rotation import GROUP_SIZE, can_rotate, marker_group, parse_marker
 from engine.models.build import Make, replace_linears
 from engine.models.detect import DetectedModel
@@ -45,10 +46,16 @@ def quantizer(arch: Architecture, scheme: Scheme = DEFAULT_SCHEME, rotate: Rotat
 
 
 def quantize_model(
-    model: nn.Module, arch: Architecture, scheme: Scheme = DEFAULT_SCHEME, rotate: RotationPolicy = "none"
+    model: nn.Module,
+    arch: Architecture,
+    scheme: Scheme = DEFAULT_SCHEME,
+    rotate: RotationPolicy = "none",
+    attention: AttentionChoice = DEFAULT_ATTENTION,
 ) -> int:
-    """Replace the eligible float linears by ``Int8Linear`` (:func:`quantizer`). Returns the number of
-    layers quantized."""
+    """Replace the eligible float linears by ``Int8Linear`` (:func:`quantizer`) and run attention as
+    ``attention`` says (:func:`~engine.int8.attention.use_attention`). Returns the number of layers
+    quantized."""
+    use_attention(model, attention)
     return replace_linears(model, arch, quantizer(arch, scheme, rotate))
 
 

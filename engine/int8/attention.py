@@ -11,15 +11,18 @@ rounding. Every backend returns the same layout (:func:`~engine.int8.operands.at
 
 The op is registered like the GEMM's (:func:`engine.int8.ops.register_op`: a fake implementation for
 tracing, no per-call Python wrapper), so compiled models call the same kernel as eager ones without a
-graph break.
+graph break. :func:`use_attention` makes a model's attention run it (:func:`engine.fusion.attention`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from engine.fusion import install_attention
 from engine.int8.backends import backend_for, kernels
+from engine.int8.choices import ATTENTIONS, AttentionChoice
 from engine.int8.operands import ATTENTION_HEAD_DIMS, attention_output
 from engine.int8.ops import register_op
 
@@ -53,3 +56,18 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
             f"{k.dtype} {tuple(k.shape)}, {v.dtype} {tuple(v.shape)}"
         )
     return attention(q, k, v, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+
+
+def use_attention(model: nn.Module, attention: AttentionChoice) -> None:
+    """Run ``model``'s attention in ``"bf16"`` (SDPA, the model's own) or ``"int8"`` (:func:`int8_attention`)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choose {' or '.join(ATTENTIONS)}")
+    install_attention(model, _model_attention if attention == "int8" else None)
+
+
+def _model_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_attention` where its kernel takes the head dim (every released model's is 128), SDPA
+    where it does not (the tiny test models' 16 and 32), so any model runs with the option on."""
+    if q.shape[-1] in ATTENTION_HEAD_DIMS:
+        return int8_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)

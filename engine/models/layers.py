@@ -3,7 +3,7 @@
 Attribute names follow the single-file (BFL/ComfyUI) layout, so a module's ``state_dict()`` keys are
 exactly :meth:`Architecture.tensor_shapes` and a checkpoint loads without renaming. Everything that
 runs once per token goes through ``nn.Linear`` (or a layer that replaces it), attention through
-``F.scaled_dot_product_attention``; norms and rotary embeddings compute in float32 and return the input
+:func:`engine.fusion.attention` (SDPA unless the model was given another implementation); norms and rotary embeddings compute in float32 and return the input
 dtype. Norms, activations and attention's heads that follow or precede a linear are declared through
 :mod:`engine.fusion`, so a fused layer can compute them in its own kernels.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fusion import NormedInput, activated, attention_heads, in_projection, project
+from engine.fusion import NormedInput, activated, attention, attention_heads, in_projection, project
 from engine.heads import QKNormRope, Rope
 
 Modulation = tuple[torch.Tensor, ...]  # per-sample vectors [batch, 1, hidden]
@@ -110,9 +110,10 @@ def _rope_frequencies(axes_dims: tuple[int, ...], theta: float, device: torch.de
         return axis, torch.cat(freqs).to(device)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Self-attention over [batch, heads, tokens, head_dim] → [batch, tokens, heads·head_dim]."""
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+def attend(block: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Self-attention over [batch, heads, tokens, head_dim] → [batch, tokens, heads·head_dim], as
+    ``block``'s model runs it (:func:`engine.fusion.attention`)."""
+    return attention(block, q, k, v).transpose(1, 2).flatten(2)
 
 
 class MLPEmbedder(nn.Module):
@@ -214,7 +215,7 @@ class DoubleBlock(nn.Module):
         text = txt.shape[1]  # text tokens come first in the joint sequence and in pe
         txt_qkv = self._qkv(self.txt_attn, txt, txt_mod, pe[:text])
         img_qkv = self._qkv(self.img_attn, img, img_mod, pe[text:])
-        out = attend(*(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv)))
+        out = attend(self, *(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv)))
         txt_out, img_out = out.split([text, img.shape[1]], dim=1)
         img = self._rest(self.img_attn, self.img_mlp, img, img_out, img_mod)
         txt = self._rest(self.txt_attn, self.txt_mlp, txt, txt_out, txt_mod)
@@ -248,5 +249,5 @@ class SingleBlock(nn.Module):
         shift, scale, gate = mod
         attention_input = self.norm.rotating(pe)
         (q, k, v), mlp = in_projection(self.linear1, self.act.name, modulated(x, shift, scale), self.split[0], attention_input)
-        out = project(self.linear2, mlp._replace(prefix=attend(q, k, v)))
+        out = project(self.linear2, mlp._replace(prefix=attend(self, q, k, v)))
         return torch.addcmul(x, gate, out)

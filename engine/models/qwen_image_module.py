@@ -51,7 +51,7 @@ class Attention(nn.Module):
         txt_heads = _heads(
             txt, (self.add_q_proj, self.add_k_proj, self.add_v_proj), (self.norm_added_q, self.norm_added_k), txt_pe
         )
-        out = attend(*(torch.cat(pair, dim=2) for pair in zip(txt_heads, img_heads)))  # text first
+        out = attend(self, *(torch.cat(pair, dim=2) for pair in zip(txt_heads, img_heads)))  # text first
         txt_out, img_out = out.split([txt_pe.shape[0], img_pe.shape[0]], dim=1)
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 

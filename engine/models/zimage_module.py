@@ -26,7 +26,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor | NormedInput, pe: Rope) -> torch.Tensor:
         norm = QKNormRope(self.q_norm.weight, self.k_norm.weight, NORM_EPS, pe)
-        return self.out(attend(*attention_heads(self.qkv, x, norm)))
+        return self.out(attend(self, *attention_heads(self.qkv, x, norm)))
 
 
 class FeedForward(nn.Module):
