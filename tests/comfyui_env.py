@@ -183,7 +183,7 @@ def import_comfyui(
 
 @contextlib.contextmanager
 def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
-    """ComfyUI recognises the TINY Chroma, Radiance, Z-Image and Qwen-Image: the sizes its detection
+    """ComfyUI recognises the TINY Chroma, Radiance, Z-Image, Qwen-Image and ERNIE-Image: the sizes its detection
     hard-codes are read from the tensors instead, and its Z-Image entry matches their width. Flux.2 needs nothing."""
     detection, zimage = comfy.detection, comfy.supported.ZImage
     original, original_zimage = detection.detect_unet_config, zimage.unet_config
@@ -213,6 +213,14 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
                 audio_attention_head_dim=shape("audio_patchify_proj.weight")[0] // 32, caption_channels=caption,
                 audio_cross_attention_dim=shape("transformer_blocks.0.audio_attn2.to_k.weight")[1],
                 connector_num_attention_heads=caption // 32, connector_attention_head_dim=32,
+            )  # fmt: skip
+        if config.get("image_model") == "ernie":  # its detection reads no size at all
+            hidden, in_channels, patch, _ = shape("x_embedder.proj.weight")
+            config.update(
+                hidden_size=hidden, num_attention_heads=hidden // shape("layers.0.self_attention.norm_q.weight")[0],
+                num_layers=detection.count_blocks(list(state_dict), f"{key_prefix}layers.{{}}."), in_channels=in_channels,
+                ffn_hidden_size=shape("layers.0.mlp.gate_proj.weight")[0], patch_size=patch,
+                out_channels=shape("final_linear.weight")[0] // patch**2, text_in_dim=shape("text_proj.weight")[1],
             )  # fmt: skip
         if config.get("image_model") == "lumina2" and config["dim"] == TINY["zimage"]["dim"]:
             dim, head = config["dim"], shape("layers.0.attention.q_norm.weight")[0]

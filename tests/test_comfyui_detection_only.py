@@ -19,7 +19,7 @@ from engine.demo import random_weights
 from engine.models import REGISTRY
 
 ALLOWED = 1.25  # ours may be this much further from the float output than ComfyUI's own int8 path
-KREA2 = REGISTRY["krea2"].tiny["tiny"]
+KREA2, ERNIE = REGISTRY["krea2"].tiny["tiny"], REGISTRY["ernie"].tiny["tiny"]
 
 # family → (ComfyUI's class, what its detection must read: unet_config key → our size)
 DETECTED = {
@@ -27,6 +27,10 @@ DETECTED = {
         "features": KREA2["features"], "heads": KREA2["heads"], "kvheads": KREA2["kv_heads"],
         "layers": KREA2["layers"], "channels": KREA2["channels"], "txtdim": KREA2["text_dim"],
         "txtlayers": KREA2["text_layers"],
+    }),
+    "ernie": ("ErnieImage", {  # read by tiny_detection (ComfyUI hard-codes the 8B's sizes)
+        "hidden_size": ERNIE["hidden"], "num_attention_heads": ERNIE["heads"], "num_layers": ERNIE["layers"],
+        "ffn_hidden_size": ERNIE["ffn"], "in_channels": ERNIE["in_channels"], "text_in_dim": ERNIE["text_dim"],
     }),
 }  # fmt: skip
 
@@ -38,6 +42,8 @@ def model_inputs(arch: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return torch.randn(2, 16, 6, 10, generator=g), {
             "c_crossattn": torch.randn(2, 7, KREA2["text_layers"] * KREA2["text_dim"], generator=g)
         }
+    if arch == "ernie":  # Flux.2's 128 latent channels, Ministral 3B's hidden states
+        return torch.randn(2, 128, 4, 6, generator=g), {"c_crossattn": torch.randn(2, 7, ERNIE["text_dim"], generator=g)}
     raise ValueError(arch)
 
 

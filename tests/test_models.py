@@ -35,7 +35,7 @@ SUPPORTED = (
     "Z-Image (Turbo/Base), "
     "Flux.1 (dev, schnell, Fill dev, Depth/Canny dev), Qwen-Image (20B), Wan (2.1 T2V 1.3B, "
     "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B), LTX-2 (19B (dev, distilled))"
-    ", Krea 2 (Raw / Turbo)"
+    ", Krea 2 (Raw / Turbo), ERNIE-Image (8B / Turbo)"
 )
 # The blocks whose 2-D weights are quantized; everything else stays in high precision.
 QUANTIZED_BLOCKS = {
@@ -48,6 +48,7 @@ QUANTIZED_BLOCKS = {
     "wan": ("blocks.",),
     "ltx2": ("transformer_blocks.",),
     "krea2": ("blocks.",),
+    "ernie": ("layers.",),
 }
 
 
@@ -530,6 +531,11 @@ def diffusers_kwargs(arch: str, c) -> dict:
             out_channels=c["out_channels"], text_dim=c["text_dim"], ffn_dim=c["ffn_dim"], num_layers=c["layers"],
             image_dim=c["image_dim"] or None, added_kv_proj_dim=c["dim"] if c["image_dim"] else None,
             pos_embed_seq_len=c["image_tokens"] or None,
+        )  # fmt: skip
+    if arch == "ernie":
+        return dict(
+            hidden_size=c["hidden"], num_attention_heads=c["heads"], num_layers=c["layers"], ffn_hidden_size=c["ffn"],
+            in_channels=c["in_channels"], out_channels=c["out_channels"], patch_size=c["patch"], text_in_dim=c["text_dim"],
         )  # fmt: skip
     heads = c.get("hidden", c.get("dim", 0)) // c["head_dim"]
     rope3 = (c["head_dim"] // 8, c["head_dim"] * 7 // 16, c["head_dim"] * 7 // 16)

@@ -1,4 +1,4 @@
-"""Detection-only families of issue 26 (Krea 2, …): tiny files of the real single-file layout, bare and
+"""Detection-only families of issue 26 (Krea 2, ERNIE-Image, …): tiny files of the real single-file layout, bare and
 ComfyUI-prefixed, are read with their config and variant, and a conversion quantizes exactly the
 blocks' attention and MLP linears (the generic layout tests in test_models.py run on them too)."""
 
@@ -18,6 +18,7 @@ from tests.tiny_checkpoints import write_single_file
 # Per family: the int8 weights a conversion writes (every other tensor stays as the file has it).
 QUANTIZED = {
     "krea2": r"blocks\.\d+\.(attn\.(wq|wk|wv|gate|wo)|mlp\.(gate|up|down))\.weight",
+    "ernie": r"layers\.\d+\.(self_attention\.(to_q|to_k|to_v|to_out\.0)|mlp\.(gate_proj|up_proj|linear_fc2))\.weight",
 }
 
 
