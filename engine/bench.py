@@ -9,7 +9,8 @@ cosine similarity of the model's output against bf16 eager.
 
 Formats: ``bf16``; ``bf16+compile`` (regional: see :func:`compile_blocks`); ``fp8`` (e4m3 weights with per-row scales and per-token activation
 scales through ``torch._scaled_mm``, sm89+ only); ``int8`` (W8A8 through :class:`Int8Linear`); and
-``int8+compile``. Quantized formats replace the layers the architecture allows (see
+``int8+compile``; the int8 formats' attention runs in bf16 or int8 (``BenchRequest.attention``, else
+as the file says). Quantized formats replace the layers the architecture allows (see
 ``Architecture.keeps_high_precision``).
 
 ``cuda_graphs``: every format's step is captured once into a CUDA graph after its warm-up and the
@@ -44,9 +45,20 @@ from engine.bench_measure import (
 )
 from engine.bench_result import BenchResult, FormatResult
 from engine.checkpoint import CheckpointReader
+from engine.convert import ATTENTION_KEY
 from engine.int8.apply import Int8Layers, quantizer
+from engine.int8.attention import use_attention
 from engine.int8.ops import describe_backend
-from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES, RotationPolicy, Scheme
+from engine.int8.choices import (
+    ATTENTIONS,
+    DEFAULT_ATTENTION,
+    DEFAULT_SCHEME,
+    ROTATION_POLICIES,
+    SCHEMES,
+    AttentionChoice,
+    RotationPolicy,
+    Scheme,
+)
 from engine.jobs import CancelToken, JobError, ProgressFn, Reporter
 from engine.models.build import (
     Fill,
@@ -84,6 +96,7 @@ class BenchRequest:
     cuda_graphs: bool = False  # time replays of a captured step (GPU only; module docstring)
     rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
     max_vram_gb: float | None = None  # run as on a GPU with this much memory (default: the device's own)
+    attention: AttentionChoice | None = None  # the int8 formats' attention; None: the file's (ATTENTION_KEY), else bf16
 
 
 GPU_DEFAULTS = BenchRequest("flux2-klein-9b")
@@ -107,6 +120,7 @@ class _Source:
     label: str
     filler: Callable[[torch.device, bool, Make | None], Fill]  # (device, keep int8 layers, make)
     int8_weights: frozenset[str] = frozenset()  # weights the file holds in int8 (used as they are)
+    attention: AttentionChoice = DEFAULT_ATTENTION  # what the file asks for (convert --attention)
 
     def model(self, device: torch.device, keep_int8: bool = False, make: Make | None = None) -> nn.Module:
         model = build_model(self.arch, self.config)
@@ -183,6 +197,8 @@ def _check(request: BenchRequest) -> list[str]:
         raise BenchError(f"unknown scheme {request.scheme!r}; choose from {', '.join(SCHEMES)}")
     if request.rotate not in ROTATION_POLICIES:
         raise BenchError(f"unknown rotation {request.rotate!r}; choose from {', '.join(ROTATION_POLICIES)}")
+    if request.attention not in (None, *ATTENTIONS):
+        raise BenchError(f"unknown attention {request.attention!r}; choose from {', '.join(ATTENTIONS)}")
     if request.max_vram_gb is not None and not request.max_vram_gb > 0:
         raise BenchError(f"max VRAM must be a positive number of GB, got {request.max_vram_gb:g}")
     if request.cuda_graphs and (request.device == "cpu" or not torch.cuda.is_available()):
@@ -208,6 +224,7 @@ def _source(request: BenchRequest, reader: CheckpointReader | None) -> _Source:
             reader, detected, device, DTYPE, make=make, stored=Int8Layers(reader, detected, DTYPE, not keep_int8)
         ),
         frozenset(f"{layer}.weight" for layer in detected.int8_layers),
+        reader.metadata.get(ATTENTION_KEY, DEFAULT_ATTENTION),
     )
 
 
@@ -220,6 +237,7 @@ def _bench(
     cancel: CancelToken,
 ) -> BenchResult:
     arch = source.arch
+    attention = request.attention or source.attention
     params = sum(math.prod(s) for s in source.shapes.values())
     if device.type == "cpu" and params > CPU_MAX_PARAMS:
         tiny = ", ".join(f"{arch.name}-{v}" for v in arch.tiny)
@@ -247,6 +265,8 @@ def _bench(
         elif base == "fp8":
             make = lambda _, linear: Fp8Linear(linear)
         model = source.model(device, base == "int8", make)
+        if base == "int8":
+            use_attention(model, attention)
         return compile_blocks(model) if compiled else model
 
     def attempt(fmt: str):
@@ -299,7 +319,8 @@ def _bench(
         steps=request.steps,
         image_tokens=(request.resolution // 16) ** 2,  # every family: 16× fewer tokens per side than pixels
         text_tokens=text_tokens,
-        scheme="as in the file" if source.int8_weights else _scheme_label(request),
+        scheme=("as in the file" if source.int8_weights else _scheme_label(request))
+        + (", int8 attention" if attention == "int8" else ""),
         quantized_layers=len(source.int8_weights or source.quantizable),
         linear_layers=len(source.linears),
         cuda_graphs=request.cuda_graphs,

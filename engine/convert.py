@@ -22,7 +22,16 @@ from engine import __version__
 from engine.checkpoint import CheckpointError, CheckpointReader, check_memory
 from engine.checkpoint_writer import CheckpointWriter
 from engine.int8.apply import rotation_group
-from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES, RotationPolicy, Scheme
+from engine.int8.choices import (
+    ATTENTIONS,
+    DEFAULT_ATTENTION,
+    DEFAULT_SCHEME,
+    ROTATION_POLICIES,
+    SCHEMES,
+    AttentionChoice,
+    RotationPolicy,
+    Scheme,
+)
 from engine.int8.quantize import quantize_weight
 from engine.int8.rotation import comfy_quant_entry, json_bytes
 from engine.jobs import (
@@ -39,6 +48,8 @@ from engine.models.spec import natural_key
 
 METADATA_PREFIX = "int8_studio."
 SHA256_KEY = METADATA_PREFIX + "source_sha256"
+ATTENTION_KEY = METADATA_PREFIX + "attention"
+"""How our engine runs the file's attention: ``bf16`` or ``int8`` (``engine.int8.attention.use_attention``)."""
 ROTATION_SUFFIX = {"none": "", "down": "-rotdown", "all": "-rotated"}
 """What each rotation policy adds to the default output name."""
 HASH_CHUNK = 8 << 20
@@ -58,6 +69,7 @@ class ConvertRequest:
     overwrite: bool = False
     device: str | None = None  # where quantization runs; None: the GPU when there is one
     rotate: RotationPolicy = "none"  # which int8 layers are Hadamard-rotated (engine.int8.rotation)
+    attention: AttentionChoice = DEFAULT_ATTENTION  # recorded for our engine (ATTENTION_KEY)
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,8 @@ def run_convert(
         raise ConvertError(f"unknown scheme '{request.scheme}'; choose {' or '.join(SCHEMES)}")
     if request.rotate not in ROTATION_POLICIES:
         raise ConvertError(f"unknown rotation '{request.rotate}'; choose {', '.join(ROTATION_POLICIES)}")
+    if request.attention not in ATTENTIONS:
+        raise ConvertError(f"unknown attention '{request.attention}'; choose {' or '.join(ATTENTIONS)}")
     with CheckpointReader(request.source) as reader:
         model = detect(reader)
         _refuse_int8(model, reader)
@@ -283,6 +297,7 @@ def _metadata(
         "variant": model.variant,
         "source_name": display_name(source_root(model, reader).name),
         "source_format": model.source_format,
+        "attention": request.attention,
     }
     if request.keep:
         ours["keep"] = json.dumps(list(request.keep))

@@ -1,18 +1,26 @@
 """The attention option through the seam: a model given int8 attention (``use_attention``,
 ``quantize_model(..., attention=)``) runs ``int8_attention`` in every block, a model without it runs SDPA
-bit for bit, and compiled blocks call the op in their graph without a break."""
+bit for bit, and compiled blocks call the op in their graph without a break; convert records the choice,
+bench follows it unless told otherwise."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from engine.cli import main
+from engine.convert import ATTENTION_KEY, ConvertRequest, run_convert
 from engine.int8 import ops
 from engine.int8.apply import quantize_model
 from engine.int8.attention import use_attention
+from engine.int8.choices import DEFAULT_ATTENTION
 from engine.models.build import named_config, random_model
 from tests.int8_reference import NEEDS_INTERPRETER
+from tests.tiny_checkpoints import write_single_file
 
 CPU = torch.device("cpu")
 MODELS = ("flux2-tiny", "chroma-tiny", "zimage-tiny", "flux1-tiny", "qwen_image-tiny")
@@ -83,3 +91,26 @@ def test_compiled_blocks_call_int8_attention_without_a_graph_break(name):
     torch.testing.assert_close(step(model, inputs), eager, rtol=0, atol=0)
     assert any("int8_studio.attention" in code for code in graphs)
     assert not any("scaled_dot_product_attention" in code for code in graphs)
+
+
+def test_convert_records_the_choice_and_bench_follows_it_unless_told_otherwise(tmp_path, capsys):
+    source = write_single_file(tmp_path / "z.safetensors", "zimage").path
+    out = tmp_path / "z-int8.safetensors"
+    assert main(["convert", str(source), "-o", str(out), "--attention", "int8"]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()[ATTENTION_KEY] == "int8"
+
+    def bench_scheme(*flags: str) -> str:
+        capsys.readouterr()
+        argv = ["bench", str(out), "--formats", "int8", "--res", "64", "--steps", "1", "--json", *flags]
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)["scheme"]
+
+    assert bench_scheme() == "as in the file, int8 attention"
+    assert bench_scheme("--attention", "bf16") == "as in the file"
+
+
+def test_convert_defaults_to_bf16_attention(tmp_path):
+    result = run_convert(ConvertRequest(write_single_file(tmp_path / "f.safetensors", "flux2").path))
+    with safe_open(str(result.output), "pt") as f:
+        assert f.metadata()[ATTENTION_KEY] == DEFAULT_ATTENTION == "bf16"

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch and Triton: only when `bench` runs
 @command("bench", help="seconds per step of a model in bf16, fp8 and int8, with each format's quality cost")
 def _bench_command(p: argparse.ArgumentParser) -> None:
     from engine.bench import FORMATS, bench_defaults  # torch and Triton: only when `bench` is asked for
-    from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES
+    from engine.int8.choices import ATTENTION_HELP, ATTENTIONS, DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES
 
     gpu, cpu = bench_defaults(gpu=True), bench_defaults(gpu=False)
     p.add_argument(
@@ -46,6 +46,10 @@ def _bench_command(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rotate", choices=ROTATION_POLICIES, default="none",
         help="int8 formats of a float model: Hadamard-rotate no layer, the down-projections or all",
+    )  # fmt: skip
+    p.add_argument(
+        "--attention", choices=ATTENTIONS,
+        help=f"the int8 formats' attention, overriding an int8 file's (convert --attention): {ATTENTION_HELP}",
     )  # fmt: skip
     p.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
     p.add_argument(
@@ -86,7 +90,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     request = replace(
         request, **{k: v for k, v in chosen.items() if v is not None}, scheme=args.scheme, batch=args.batch,
         text_tokens=args.text_tokens, device=args.device, cuda_graphs=args.cuda_graphs, rotate=args.rotate,
-        max_vram_gb=args.max_vram,
+        max_vram_gb=args.max_vram, attention=args.attention,
     )  # fmt: skip
     with ProgressBar() as bar:
         result = run_bench(request, progress=bar)

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 
 from engine.cli.commands import add_overwrite, command
 from engine.cli.progress import ProgressBar
-from engine.int8.choices import DEFAULT_SCHEME, ROTATION_POLICIES, SCHEMES
+from engine.int8.choices import (
+    ATTENTION_HELP,
+    ATTENTIONS,
+    DEFAULT_ATTENTION,
+    DEFAULT_SCHEME,
+    ROTATION_POLICIES,
+    SCHEMES,
+)
 from engine.units import format_bytes
 
 if TYPE_CHECKING:  # the jobs import torch: each command imports its own when it runs
@@ -29,6 +36,10 @@ def _convert_command(p: argparse.ArgumentParser) -> None:
         "--rotate", choices=ROTATION_POLICIES, default="none",
         help="Hadamard-rotate no layer, the down-projections or every layer: lower int8 error, a few %% "
         "slower; the file then needs a ComfyUI that reads the 'convrot' marker",
+    )  # fmt: skip
+    p.add_argument(
+        "--attention", choices=ATTENTIONS, default=DEFAULT_ATTENTION,
+        help=f"recorded in the file for INT8 Studio's engine (bench): {ATTENTION_HELP}",
     )  # fmt: skip
     p.add_argument(
         "--keep", action="extend", type=comma_separated, default=[], metavar="PATTERN[,PATTERN...]",
@@ -53,6 +64,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     request = ConvertRequest(
         args.source, args.output, args.scheme, tuple(args.keep),
         cast_float32_to_bf16=args.cast_float32, overwrite=args.overwrite, rotate=args.rotate,
+        attention=args.attention,
     )  # fmt: skip
     with ProgressBar() as bar:
         result = run_convert(request, progress=bar)
