@@ -24,7 +24,7 @@ from engine.bench import BenchRequest, run_bench
 from engine.bench_result import LAUNCH_BOUND_NOTE, BenchResult, FormatResult, gpu_device
 from engine.checkpoint import CheckpointReader
 from engine.comfyui import open_install
-from engine.convert import run_convert
+from engine.convert import ATTENTION_KEY, run_convert
 from engine.demo import DEMO_CONFIG, DEMO_FILE, DEMO_LORA_FILE
 from engine.export import run_export
 from engine.hub import plan_download, plan_summary
@@ -91,6 +91,20 @@ def test_keep_presets_reach_the_engine(qtbot, window, demo):
     kept = [n for n in dtypes if n.startswith(("double_blocks.1.", "single_blocks.3."))]
     assert kept and all(dtypes[n] != "I8" for n in kept)
     assert any(d == "I8" for n, d in dtypes.items() if n.startswith("double_blocks.0."))
+
+
+def test_attention_choice_reaches_the_converted_file(qtbot, window, demo):
+    page = window.pages["convert"]
+    assert page.attention.currentData() == "bf16" and page.request().attention == "bf16"
+    assert page.attention.toolTip().startswith("Attention in bf16 (SDPA) or int8")
+    pick_source(qtbot, page, demo)
+    page.attention.setCurrentIndex(page.attention.findData("int8"))
+    assert page.request().attention == "int8"
+
+    page.convert()
+    qtbot.waitUntil(lambda: page.result_card.isVisible(), timeout=WAIT)
+    with CheckpointReader(page.result.output) as reader:
+        assert reader.metadata[ATTENTION_KEY] == "int8"
 
 
 def test_cancel_mid_conversion_leaves_nothing_behind(qtbot, window, demo):
@@ -331,6 +345,9 @@ def test_benchmark_int8_options_reach_the_request(window):
     assert page.request().rotate == "none"
     page.rotation.setCurrentIndex(page.rotation.findData("all"))
     assert page.request().rotate == "all"
+    assert page.request().attention == "bf16"
+    page.attention.setCurrentIndex(page.attention.findData("int8"))
+    assert page.request().attention == "int8"
     page.set_preset(has_gpu=True)
     page.cuda_graphs.setChecked(True)
     assert page.cuda_graphs.isEnabled() and page.request().cuda_graphs is True

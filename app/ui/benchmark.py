@@ -22,7 +22,7 @@ from app.settings import Settings
 from app.ui import theme
 from app.ui.cards import Card, Notice
 from app.ui.chart import BarChart
-from app.ui.forms import action_row, form, muted, primary_button
+from app.ui.forms import action_row, attention_choice, form, muted, primary_button
 from app.ui.jobpanel import JobPanel
 from app.ui.page import Page
 from app.ui.path_fields import PathField
@@ -108,6 +108,9 @@ class BenchmarkPage(Page):
         int8_options = QHBoxLayout()
         int8_options.setSpacing(18)
         int8_options.addWidget(self.rotation)
+        self.attention = attention_choice()
+        int8_options.addWidget(QLabel("Attention"))
+        int8_options.addWidget(self.attention)
         int8_options.addWidget(self.cuda_graphs)
         int8_options.addStretch(1)
         fields.addRow("Model", self.model)
@@ -204,6 +207,7 @@ class BenchmarkPage(Page):
             steps=self.steps.value(),
             formats=tuple(f for f, box in self.format_boxes.items() if box.isChecked()),
             rotate=self.rotation.currentData(),
+            attention=self.attention.currentData(),
             cuda_graphs=self.cuda_graphs.isChecked(),
             device=system.device(self.settings.gpu_index),
         )

@@ -16,7 +16,7 @@ from app.settings import Settings
 from app.ui import theme
 from app.ui.cards import Card, Facts, Notice, ResultCard
 from app.ui.file_actions import show_in_folder
-from app.ui.forms import Choices, action_row, form, primary_button
+from app.ui.forms import Choices, action_row, attention_choice, form, primary_button
 from app.ui.jobpanel import JobPanel
 from app.ui.page import Page, require
 from app.ui.path_fields import DropZone, PathField
@@ -110,6 +110,8 @@ class ConvertPage(Page):
         self.rotations = Choices(ROTATIONS, "Hadamard rotation")
         self.rotations.changed.connect(lambda _: self._suggest_output())
         fields.addRow("Rotation", self.rotations)
+        self.attention = attention_choice()
+        fields.addRow("Attention", self.attention)
 
         self.keep_preset = QComboBox()
         self.keep_preset.setAccessibleName("Layers kept in high precision")
@@ -292,6 +294,7 @@ class ConvertPage(Page):
             output=self.output.path(),
             scheme=self.scheme(),
             rotate=self.rotations.value(),
+            attention=self.attention.currentData(),
             keep=self.keep(),
             cast_float32_to_bf16=self.cast_float32.isChecked(),
             device=system.device(self.settings.gpu_index),

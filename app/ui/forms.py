@@ -5,6 +5,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QButtonGroup,
+    QComboBox,
     QFormLayout,
     QFrame,
     QHBoxLayout,
@@ -16,6 +17,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.ui import theme
+from engine.int8.choices import ATTENTION_HELP, ATTENTIONS, DEFAULT_ATTENTION
 
 
 def form() -> QFormLayout:
@@ -110,3 +112,14 @@ def muted(text: str) -> QLabel:
     label.setProperty("muted", True)
     label.setWordWrap(True)
     return label
+
+
+def attention_choice() -> QComboBox:
+    """Attention: bf16 | int8, the CLI's ``--attention`` words and help; the engine's default chosen."""
+    box = QComboBox()
+    box.setAccessibleName("Attention")
+    box.setToolTip(ATTENTION_HELP[0].upper() + ATTENTION_HELP[1:] + ".")
+    for word in ATTENTIONS:
+        box.addItem(word, word)
+    box.setCurrentIndex(box.findData(DEFAULT_ATTENTION))
+    return box
