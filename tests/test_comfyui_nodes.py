@@ -35,7 +35,7 @@ from tiny_loras import write_lora
 
 import comfyui_nodes
 from comfyui_nodes import ops as node_ops
-from comfyui_nodes.loader import Int8LoadError, int8_layers, load_diffusion_model
+from comfyui_nodes.loader import OVERRIDE, Int8LoadError, comfy_int8_attention, int8_layers, load_diffusion_model
 from engine.convert import ConvertRequest, run_convert
 from engine.demo import random_weights
 from engine.models import REGISTRY
@@ -448,3 +448,48 @@ def test_compiles_without_graph_breaks(comfy, files, monkeypatch):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     assert "int8_studio" in explanation.graphs[0].code
+
+
+def test_int8_attention_runs_through_comfyuis_override(comfy, files):
+    """attention="int8" puts our attention in ComfyUI's per-model override, which ComfyUI's sampler calls
+    for every attention of the model: each runs our registered op (counted by the profiler; on the CPU
+    the op computes SDPA, in bf16 for ComfyUI's float32, so the samples stay close to ComfyUI's)."""
+    node = comfyui_nodes.NODE_CLASS_MAPPINGS[NODE]
+    assert node.INPUT_TYPES()["required"]["attention"][1]["default"] == "bf16"
+    load = getattr(node(), node.FUNCTION)
+    name = files["flux2", "rowwise"]
+    assert OVERRIDE not in load(unet_name=name)[0].model_options["transformer_options"]
+    assert load(unet_name=name, attention="int8")[0].model_options["transformer_options"][OVERRIDE] is comfy_int8_attention
+
+    g = torch.Generator().manual_seed(2)
+    positive = [[torch.randn(1, TEXT_TOKENS, TINY["flux2"]["text_dim"], generator=g), {}]]
+    latent = {"samples": torch.zeros(1, LATENT_CHANNELS["flux2"], 8, 8)}
+    path = comfy.folder_paths.get_full_path_or_raise("diffusion_models", name)
+
+    def sample(attention):
+        model = load_diffusion_model(path, attention=attention)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            (out,) = comfy.nodes.KSampler().sample(model, 3, 2, 1.0, "euler", "simple", positive, positive, latent)
+        return out["samples"], sum(e.count for e in profile.key_averages() if e.key == "int8_studio::attention")
+
+    (ours, ran), (comfys, none) = sample("int8"), sample("bf16")
+    blocks = TINY["flux2"]["double_blocks"] + TINY["flux2"]["single_blocks"]
+    assert (ran, none) == (2 * blocks, 0)  # 2 steps, every block's attention
+    assert 0 < error(ours, comfys) < 0.02
+
+
+def test_comfy_int8_attention_is_int8_attention_where_the_kernel_runs(comfy):
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    from engine.int8.attention import int8_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 24, 3 * 128, generator=g).bfloat16() for _ in range(3))
+    heads = [t.view(2, 24, 3, 128).transpose(1, 2) for t in (q, k, v)]
+    expected = int8_attention(*heads).transpose(1, 2).reshape(2, 24, 3 * 128)
+    assert torch.equal(comfy_int8_attention(attention_pytorch, q, k, v, 3), expected)
+    assert torch.equal(comfy_int8_attention(attention_pytorch, *heads, 3, skip_reshape=True, skip_output_reshape=True),
+                       int8_attention(*heads))  # fmt: skip
+    mask = torch.zeros(24, 24, dtype=torch.bfloat16)  # a mask: ComfyUI's own attention
+    assert torch.equal(comfy_int8_attention(attention_pytorch, q, k, v, 3, mask=mask),
+                       attention_pytorch(q, k, v, 3, mask=mask))  # fmt: skip
