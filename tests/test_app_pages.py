@@ -345,6 +345,9 @@ def test_benchmark_int8_options_reach_the_request(window):
     assert page.request().rotate == "none"
     page.rotation.setCurrentIndex(page.rotation.findData("all"))
     assert page.request().rotate == "all"
+    assert page.request().attention is None  # as in the file, as `bench` without --attention
+    assert page.attention.currentText() == "as in the file"
+    page.attention.setCurrentIndex(page.attention.findData("bf16"))
     assert page.request().attention == "bf16"
     page.attention.setCurrentIndex(page.attention.findData("int8"))
     assert page.request().attention == "int8"

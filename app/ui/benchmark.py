@@ -108,7 +108,7 @@ class BenchmarkPage(Page):
         int8_options = QHBoxLayout()
         int8_options.setSpacing(18)
         int8_options.addWidget(self.rotation)
-        self.attention = attention_choice()
+        self.attention = attention_choice(as_in_file=True)
         int8_options.addWidget(QLabel("Attention"))
         int8_options.addWidget(self.attention)
         int8_options.addWidget(self.cuda_graphs)

@@ -114,12 +114,16 @@ def muted(text: str) -> QLabel:
     return label
 
 
-def attention_choice() -> QComboBox:
-    """Attention: bf16 | int8, the CLI's ``--attention`` words and help; the engine's default chosen."""
+def attention_choice(as_in_file: bool = False) -> QComboBox:
+    """Attention: bf16 | int8, the CLI's ``--attention`` words and help; the engine's default chosen.
+    ``as_in_file`` puts first, and chooses, "as in the file" (data None): what ``bench`` does without
+    ``--attention``, following an int8 file's own choice."""
     box = QComboBox()
     box.setAccessibleName("Attention")
     box.setToolTip(ATTENTION_HELP[0].upper() + ATTENTION_HELP[1:] + ".")
+    if as_in_file:
+        box.addItem("as in the file", None)
     for word in ATTENTIONS:
         box.addItem(word, word)
-    box.setCurrentIndex(box.findData(DEFAULT_ATTENTION))
+    box.setCurrentIndex(0 if as_in_file else box.findData(DEFAULT_ATTENTION))
     return box
