@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
-from test_comfyui_nodes import comfy, error  # noqa: F401  (the session fixture: ComfyUI imported)
+from test_comfyui_nodes import assert_as_close_as_native, comfy  # noqa: F401  (the session fixture: ComfyUI imported)
 from tiny_checkpoints import write_single_file
 
 from comfyui_nodes.loader import int8_layers, load_diffusion_model
@@ -18,7 +18,6 @@ from engine.convert import ConvertRequest, run_convert
 from engine.demo import random_weights
 from engine.models import REGISTRY
 
-ALLOWED = 1.25  # ours may be this much further from the float output than ComfyUI's own int8 path
 KREA2, ERNIE = REGISTRY["krea2"].tiny["tiny"], REGISTRY["ernie"].tiny["tiny"]
 
 # family → (ComfyUI's class, what its detection must read: unet_config key → our size)
@@ -77,14 +76,4 @@ def test_our_int8_conversion_runs_in_comfyuis_model(comfy, tmp_path, arch):  # n
     assert set(int8_layers(ours.model.diffusion_model)) == stored and stored
 
     x, kwargs = model_inputs(arch)
-
-    def run(model) -> torch.Tensor:
-        comfy.mm.load_models_gpu([model])
-        with torch.inference_mode():
-            return model.model.apply_model(x, torch.full((2,), 0.6), **kwargs).float()
-
-    reference = run(comfy.sd.load_diffusion_model(str(source)))
-    native = run(comfy.sd.load_diffusion_model(str(converted)))
-    output = run(ours)
-    assert output.shape == x.shape and torch.isfinite(output).all()
-    assert 0 < error(output, reference) <= ALLOWED * error(native, reference)
+    assert_as_close_as_native(comfy, source, converted, ours, x, kwargs)

@@ -149,6 +149,22 @@ def error(a: torch.Tensor, reference: torch.Tensor) -> float:
     return float((a - reference).norm() / reference.norm())
 
 
+def assert_as_close_as_native(comfy, source, converted, ours, x: torch.Tensor, kwargs: dict) -> None:
+    """``ours`` (our node's model of the int8 file ``converted``) is at most ALLOWED times further from
+    ComfyUI's float load of ``source`` than ComfyUI's own load of ``converted``, on one ``apply_model``."""
+
+    def run(model) -> torch.Tensor:
+        comfy.mm.load_models_gpu([model])
+        with torch.inference_mode():
+            return model.model.apply_model(x, torch.full((x.shape[0],), 0.6), **kwargs).float()
+
+    reference = run(comfy.sd.load_diffusion_model(str(source)))
+    native = run(comfy.sd.load_diffusion_model(str(converted)))
+    output = run(ours)
+    assert output.shape == x.shape and torch.isfinite(output).all()
+    assert 0 < error(output, reference) <= ALLOWED * error(native, reference)
+
+
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 @pytest.mark.parametrize("guidance,expected", [(True, "Flux"), (False, "FluxSchnell")])
 def test_comfyui_detects_our_flux1(comfy, tmp_path, prefix, guidance, expected):
