@@ -19,7 +19,8 @@ import triton.testing
 
 from engine.bench import BenchRequest, run_bench
 from engine.int8 import kernels
-from engine.int8.rotation import ROTATION_POLICIES, hadamard, rotate
+from engine.int8.choices import ROTATION_POLICIES
+from engine.int8.rotation import hadamard, rotate
 
 WIDTHS = (3072, 4096, 12288, 16384)
 TOKENS = 4608

@@ -3,9 +3,7 @@ call :mod:`comfyui_nodes.loader`, which calls ComfyUI and the engine."""
 
 from __future__ import annotations
 
-from engine.int8.choices import ATTENTIONS, DEFAULT_ATTENTION
-from engine.int8.quantize import SCHEMES
-from engine.int8.rotation import ROTATION_POLICIES
+from engine.int8.choices import ATTENTIONS, DEFAULT_ATTENTION, ROTATION_POLICIES, SCHEMES
 
 from . import convert_cache
 from .loader import load_diffusion_model

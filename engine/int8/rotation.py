@@ -22,7 +22,6 @@ from collections.abc import Mapping
 
 import torch
 
-from engine.int8.choices import ROTATION_POLICIES, RotationPolicy  # noqa: F401  (the node pack imports them here)
 from engine.jobs import JobError
 
 GROUP_SIZE = 256
