@@ -17,8 +17,9 @@ from tests.app_helpers import WAIT, pick_source
 def answer(qtbot, panel, choice: str) -> None:
     """Press ``choice`` (Replace, Keep both, Cancel) on the panel's output-exists question."""
     qtbot.waitUntil(lambda: panel.problem.isVisible(), timeout=WAIT)
-    button = next(b for b in panel.problem.findChildren(QPushButton) if b.text() == choice)
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+    buttons = panel.problem.findChildren(QPushButton)
+    assert [b.text() for b in buttons] == ["Replace", "Keep both", "Cancel"]  # none left from a question before
+    qtbot.mouseClick(next(b for b in buttons if b.text() == choice), Qt.MouseButton.LeftButton)
 
 
 def converted(qtbot, page) -> None:

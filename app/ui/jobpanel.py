@@ -159,8 +159,10 @@ class JobPanel(QWidget):
 
     def _show_problem(self, text: str, choices: Sequence[tuple[str, str, Callable[[], None]]] = ()) -> None:
         """``text`` as a warning, with ``choices`` (label, tooltip, action) as buttons that answer it."""
-        while self.problem.actions.count():
-            self.problem.actions.takeAt(0).widget().deleteLater()
+        while self.problem.actions.count():  # detached now: an old answer must never be found again
+            old = self.problem.actions.takeAt(0).widget()
+            old.setParent(None)
+            old.deleteLater()
         for label, tip, action in choices:
             button = QPushButton(label)
             button.setToolTip(tip)
