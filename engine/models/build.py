@@ -107,12 +107,12 @@ def random_tensor(
     name: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> torch.Tensor:
     """The tensor ``name`` of a random model, drawn with a generator of its own (seeded from ``seed``
-    and the name): weights that keep activations at unit scale (std 1/√in), norm scales near 1, small
-    biases."""
+    and the name): weights that keep activations at unit scale (std 1/√in; a convolution's input is
+    its channels times its kernel), norm scales near 1, small biases."""
     generator = torch.Generator(device).manual_seed(_tensor_seed(seed, name))
     t = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    if len(shape) == 2 and name.endswith(".weight"):
-        return t.mul_(1 / math.sqrt(shape[1]))
+    if len(shape) >= 2 and name.endswith(".weight"):
+        return t.mul_(1 / math.sqrt(math.prod(shape[1:])))
     if name.endswith(".bias"):
         return t.mul_(0.02)
     if len(shape) == 1:  # norm scales
