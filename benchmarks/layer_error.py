@@ -16,6 +16,8 @@ the model's own norms and activations shape them: trained checkpoints have outli
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 import torch
@@ -31,8 +33,8 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def recorded_inputs(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model's output and every Linear's input, by layer name (the last call's for a shared layer)."""
+def recorded_inputs(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``run()``'s output and every Linear's input in it, by layer name (the last call's for a shared layer)."""
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0].detach()))
@@ -40,18 +42,32 @@ def recorded_inputs(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[
         if isinstance(m, nn.Linear)
     ]
     with torch.no_grad():
-        out = model(**inputs)
+        out = run()
     for h in hooks:
         h.remove()
     return out, seen
 
 
-def quantize_all(model: nn.Module, scheme: str, keep) -> None:
-    """Every Linear whose weight ``keep`` does not keep becomes an ``Int8Linear``."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and not keep(f"{name}.weight", tuple(m.weight.shape)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Int8Linear.from_float(m, scheme))
+@contextmanager
+def quantized(model: nn.Module, scheme: str, keep) -> Iterator[None]:
+    """Every Linear whose weight ``keep`` does not keep is an ``Int8Linear`` inside the block, the float
+    layer again after it."""
+    swapped = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not keep(f"{name}.weight", tuple(m.weight.shape))
+    ]  # fmt: skip
+    for name, m in swapped:
+        _set(model, name, Int8Linear.from_float(m, scheme))
+    try:
+        yield
+    finally:
+        for name, m in swapped:
+            _set(model, name, m)
+
+
+def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
 
 
 def kept_with(arch: Architecture, globs: tuple[str, ...]):
@@ -59,50 +75,59 @@ def kept_with(arch: Architecture, globs: tuple[str, ...]):
     return lambda name, shape: arch.keeps_high_precision(name, shape) or any(fnmatchcase(name, g) for g in globs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a known model name, e.g. flux1-dev, flux2-klein-4b, zimage-turbo")
-    parser.add_argument("--blocks", type=int, default=1, help="blocks per stack (default 1)")
-    parser.add_argument("--res", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--text", type=int, default=128, help="prompt tokens (default 128)")
-    parser.add_argument("--scheme", choices=("rowwise", "tensorwise"), default="rowwise")
-    parser.add_argument("--keep", action="append", default=[], metavar="GLOB",
-                        help="also measure the rule with these weights kept (repeatable), e.g. '*_mod.lin.*'")
-    args = parser.parse_args()
-
-    arch, config, label = named_config(args.model)
-    config = {**config, **{k: min(args.blocks, int(config[k])) for k in arch.depth_keys}}
-    cpu = torch.device("cpu")
-    model = random_model(arch, config, cpu, torch.float32, SEED).eval()
-    inputs = model.random_inputs(1, args.res, args.text, SEED)
-    reference, seen = recorded_inputs(model, inputs)
-    params = sum(p.numel() for p in model.parameters()) / 1e9
-    blocks = ", ".join(f"{k} {config[k]}" for k in arch.depth_keys)
-    print(f"{label} at its widths, {blocks} ({params:.2f}B parameters), {args.res}², {args.text} text tokens, "
-          f"{args.scheme} int8, float32 on the CPU\n")  # fmt: skip
+def print_errors(
+    model: nn.Module, run: Callable[[], torch.Tensor], arch: Architecture, scheme: str, keep: tuple[str, ...] = ()
+) -> None:
+    """The per-layer table, then the output error of each rule: ``run()`` runs ``model`` once."""
+    reference, seen = recorded_inputs(model, run)
     print(f"{'layer':48} {'[out, in]':>14} {'tokens':>7} {'error':>7}  kept by rule")
     for name, x in seen.items():
         linear = model.get_submodule(name)
         shape = tuple(linear.weight.shape)
         with torch.no_grad():
-            error = rel_error(Int8Linear.from_float(linear, args.scheme)(x), linear(x))
+            error = rel_error(Int8Linear.from_float(linear, scheme)(x), linear(x))
         kept = "yes" if arch.keeps_high_precision(f"{name}.weight", shape) else ""
         tokens = x.reshape(-1, x.shape[-1]).shape[0]
-        print(f"{name:48} {str(list(shape)):>14} {tokens:>7} {error:7.3%}  {kept}")
+        print(f"{name:48} {str(list(shape)):>14} {tokens:>7} {error:7.3%}  {kept}", flush=True)
+    del seen
 
     print()
-    for what, keep in (
+    for what, rule in (
         ("the architecture's rule", arch.keeps_high_precision),
         (f"the rule, first blocks kept ({', '.join(arch.first_blocks)})", kept_with(arch, arch.first_blocks)),
-        *((f"the rule, {glob} kept", kept_with(arch, (glob,))) for glob in args.keep),
+        *((f"the rule, {glob} kept", kept_with(arch, (glob,))) for glob in keep),
         ("every Linear", lambda _name, shape: min(shape) < MIN_QUANT_DIM),
     ):
-        quantized = random_model(arch, config, cpu, torch.float32, SEED).eval()
-        quantize_all(quantized, args.scheme, keep)
-        with torch.no_grad():
-            out = quantized(**inputs)
-        print(f"model output error, int8 by {what}: {rel_error(out, reference):.3%}")
-        del quantized  # one quantized copy at a time beside the reference
+        with quantized(model, scheme, rule), torch.no_grad():
+            out = run()
+        print(f"model output error, int8 by {what}: {rel_error(out, reference):.3%}", flush=True)
+
+
+def arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options both this benchmark and ``layer_error_comfyui.py`` take."""
+    parser.add_argument("--blocks", type=int, default=1, help="blocks per stack (default 1)")
+    parser.add_argument("--text", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--scheme", choices=("rowwise", "tensorwise"), default="rowwise")
+    parser.add_argument("--keep", action="append", default=[], metavar="GLOB",
+                        help="also measure the rule with these weights kept (repeatable), e.g. '*_mod.lin.*'")
+    return parser
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a known model name, e.g. flux1-dev, flux2-klein-4b, zimage-turbo")
+    parser.add_argument("--res", type=int, default=256, help="image side in pixels (default 256)")
+    args = arguments(parser).parse_args()
+
+    arch, config, label = named_config(args.model)
+    config = {**config, **{k: min(args.blocks, int(config[k])) for k in arch.depth_keys}}
+    model = random_model(arch, config, torch.device("cpu"), torch.float32, SEED).eval()
+    inputs = model.random_inputs(1, args.res, args.text, SEED)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    blocks = ", ".join(f"{k} {config[k]}" for k in arch.depth_keys)
+    print(f"{label} at its widths, {blocks} ({params:.2f}B parameters), {args.res}², {args.text} text tokens, "
+          f"{args.scheme} int8, float32 on the CPU\n")  # fmt: skip
+    print_errors(model, lambda: model(**inputs), arch, args.scheme, tuple(args.keep))
 
 
 if __name__ == "__main__":
