@@ -1,4 +1,5 @@
-"""float64 references for the int8 kernels and ops tests."""
+"""References for the int8 kernels and ops tests: float64 ones, and :func:`attention_emulation`, the attention
+kernel's own rounding in PyTorch (which ``benchmarks/attention_error.py`` runs in models on the CPU)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,52 @@ def attention_reference(q, k, v, sm_scale: float, query_block: int, key_block: i
     k8, k_scale = quantize_blocks_reference(k, key_block, smooth_k)
     scores = (q8 @ k8.transpose(-1, -2)) * q_scale[..., :, None] * k_scale[..., None, :] * sm_scale
     return torch.softmax(scores, dim=-1) @ v.double().cpu()
+
+
+def attention_emulation(q, k, v, sm_scale: float, heads: int = 4, to_half=None) -> torch.Tensor:
+    """``kernels.quantized_attention`` in PyTorch, rounding included, for float16 or bfloat16 q, k, v
+    [batch, heads, tokens, head_dim] on the CPU: where the Triton interpreter is far too slow for the models'
+    4–17k tokens. The kernel's steps in its float32 arithmetic: q and k quantized per block as it does
+    (:func:`quantize_blocks_reference`; the int8 products are exact in float32), the scores in log2 units,
+    the online softmax over the kernel's blocks of keys (each block's P rounded to half precision against
+    the running maximum of that step, as the kernel's ``P V`` takes it), the output rounded to q's dtype.
+    It departs from the GPU only in float32 summation order and ``exp2``'s last bits. ``heads`` heads at a
+    time keep memory at a few hundred MB. ``to_half`` rounds float32 to q's dtype: by default to nearest, as
+    the GPU does (:func:`interpreter_bfloat16` is the Triton interpreter's way)."""
+    from engine.int8.kernels.attention import KEY_BLOCK, LOG2E, QUERY_BLOCK  # Triton: not on every platform
+
+    out = torch.empty_like(q)
+    to_half = to_half or (lambda t: t.to(q.dtype))
+    q_factor = torch.tensor(sm_scale * LOG2E, dtype=torch.float32)  # the kernel's float32 scalar argument
+    for b in range(q.shape[0]):
+        for h in range(0, q.shape[1], heads):
+            part = slice(h, h + heads)
+            out[b, part] = _emulated_heads(q[b, part], k[b, part], v[b, part], q_factor, QUERY_BLOCK, KEY_BLOCK, to_half)
+    return out
+
+
+def _emulated_heads(q, k, v, q_factor, query_block: int, key_block: int, to_half) -> torch.Tensor:
+    """:func:`attention_emulation` of q, k, v [heads, tokens, head_dim]."""
+    q8, q_scale = (t[0].float() for t in quantize_blocks_reference(q[None], query_block))
+    k8, k_scale = (t[0].float() for t in quantize_blocks_reference(k[None], key_block, smooth=True))
+    q_scale = q_scale * q_factor
+    heads, tokens, dim = q.shape
+    m = torch.full((heads, tokens), float("-inf"))  # running maximum of each query's scores
+    l = torch.zeros(heads, tokens)  # running sum of exp2(score - m)
+    acc = torch.zeros(heads, tokens, dim)
+    for start in range(0, tokens, key_block):
+        keys = slice(start, start + key_block)
+        scale = q_scale[:, :, None] * k_scale[:, None, keys]  # one value per pair of blocks, as in the kernel
+        s = torch.bmm(q8, k8[:, keys].transpose(1, 2)).mul_(scale)
+        m_new = torch.maximum(m, s.amax(dim=2))
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(s.sub_(m_new[:, :, None]))
+        l = l * alpha + p.sum(dim=2)
+        acc = torch.baddbmm(acc * alpha[:, :, None], to_half(p).float(), v[:, keys].float())
+        m = m_new
+    return to_half(acc / l[:, :, None])
+
+
+def interpreter_bfloat16(t: torch.Tensor) -> torch.Tensor:
+    """float32 ``t`` to bfloat16 as Triton's interpreter casts it: truncated, not rounded (see :data:`ULP`)."""
+    return (t.view(torch.int32) & -(2**16)).view(torch.float32).to(torch.bfloat16)
