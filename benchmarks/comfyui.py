@@ -74,10 +74,10 @@ WARMUP = 2
 SEED = 0
 
 
-def bf16_tensors(arch, config, device: torch.device) -> dict[str, torch.Tensor]:
-    """The bf16 single file's tensors (on the CPU, where ComfyUI's loader takes them from)."""
+def float_tensors(arch, config, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The single file's tensors in ``dtype`` (on the CPU, where ComfyUI's loader takes them from)."""
     return {
-        name: random_tensor(name, shape, device, torch.bfloat16, SEED).cpu()
+        name: random_tensor(name, shape, device, dtype, SEED).cpu()
         for name, shape in arch.tensor_shapes(config).items()
     }
 
@@ -254,7 +254,7 @@ def run(args, scratch: Path) -> dict:
     bench = Bench(comfy, arch.name, text_dim, args.res, args.steps, device)
     rows = [r for r in ROWS if r in args.rows.split(",")]
     t0 = time.perf_counter()
-    bf16 = bf16_tensors(arch, config, device)
+    bf16 = float_tensors(arch, config, device)
     int8 = int8_tensors(arch, bf16, device)
     folder = scratch
     int8_file = folder / f"{args.model}-int8-rowwise.safetensors"

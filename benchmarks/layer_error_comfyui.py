@@ -1,0 +1,141 @@
+"""layer_error.py for the families that run only in ComfyUI: the int8 error of each Linear of ComfyUI's
+own model at the real widths, and what the family's high-precision rule buys.
+
+    PYTHONPATH=. python3 benchmarks/layer_error_comfyui.py wan2.2-14b --comfyui /tmp/cu/ComfyUI --blocks 2
+
+Wan, LTX-2, Krea 2, ERNIE-Image and Chroma Radiance have no module in our engine, so layer_error.py cannot
+build them. Here the single file's tensors at the real widths with ``--blocks`` blocks per stack (``--depth``
+sets any other config key, e.g. LTX-2's ``connector_layers``) are drawn as ``benchmarks/comfyui.py`` draws
+them (``random_tensor``: std 1/√in), in float32, and loaded by ComfyUI's own loader as that benchmark does;
+one ``apply_model`` on ``--tokens`` image or video tokens (video: ``--frames`` latent frames; LTX-2 also a
+quarter as many audio tokens) and ``--text`` prompt tokens records each Linear's input, and the rest is
+layer_error.py's measurement (``print_errors``): each Linear as an ``Int8Linear`` on its own input, then the
+model's output with the family's rule, with its first blocks kept too, and with every Linear int8. LTX-2's
+text connectors run in the measured call (ComfyUI runs them once per prompt, in ``extra_conds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.comfyui import SEED, float_tensors, import_comfyui  # puts tests/ on the path
+from benchmarks.layer_error import arguments, print_errors
+from benchmarks.model import depth_overrides
+from comfyui_env import tiny_detection
+from engine.models import REGISTRY
+
+Inputs = Callable[[torch.Generator, int, int, int], tuple[torch.Tensor, dict]]
+"""``(generator, patch rows and columns per frame, frames, text tokens)`` → a latent and its conditioning."""
+
+
+def video(channels: int) -> Inputs:
+    """Wan: ``channels`` latent channels, 1×2×2 patches, umT5's 4096-wide text."""
+    return lambda g, side, frames, text: (
+        torch.randn(1, channels, frames, 2 * side, 2 * side, generator=g),
+        {"c_crossattn": torch.randn(1, text, 4096, generator=g)},
+    )
+
+
+def image(channels: int, patch: int, text_dim: int, **extra) -> Inputs:
+    return lambda g, side, frames, text: (
+        torch.randn(1, channels, patch * side, patch * side, generator=g),
+        {"c_crossattn": torch.randn(1, text, text_dim, generator=g), **extra},
+    )
+
+
+def audio_video(g: torch.Generator, side: int, frames: int, text: int) -> tuple[torch.Tensor, dict]:
+    """LTX-2: 128-channel video latents (1×1 patches) and 8×16 audio latents packed into one tensor as
+    ComfyUI's sampler packs them; Gemma 3's 3840-wide text, before the connectors."""
+    from comfy.utils import pack_latents
+
+    latents = [torch.randn(1, 128, frames, side, side, generator=g),
+               torch.randn(1, 8, frames * side * side // 4, 16, generator=g)]  # fmt: skip
+    x, shapes = pack_latents(latents)
+    return x, {"latent_shapes": shapes, "c_crossattn": torch.randn(1, text, 3840, generator=g)}
+
+
+@dataclass(frozen=True)
+class Measured:
+    arch: str
+    variant: str
+    inputs: Inputs
+    video: bool = False
+    detection_metadata: Callable[[dict], dict] | None = None
+    """The release file's metadata ComfyUI's detection reads, for a reduced config; without it,
+    ``tiny_detection`` makes ComfyUI read the sizes it would hard-code off the tensors."""
+
+
+MODELS = {
+    "wan2.2-5b": Measured("wan", "2.2 TI2V 5B", video(48), video=True),
+    "wan2.2-14b": Measured("wan", "2.1 T2V 14B / 2.2 T2V A14B", video(16), video=True),
+    "ltx2-19b": Measured(
+        "ltx2", "19B (dev, distilled)", audio_video, video=True,
+        detection_metadata=lambda c: {"config": json.dumps({"transformer": {"connector_num_layers": c["connector_layers"]}})},
+    ),  # fmt: skip
+    "krea2": Measured("krea2", "Raw / Turbo", image(16, 2, 12 * 2560)),
+    "ernie-image": Measured("ernie", "8B / Turbo", image(128, 1, 3072)),
+    "chroma-radiance": Measured("chroma_radiance", "Radiance", image(3, 16, 4096, guidance=torch.zeros(1))),
+}
+
+
+def load(comfy, m: Measured, config: dict) -> object:
+    """ComfyUI's model of ``config`` with random float32 weights."""
+    arch = REGISTRY[m.arch]
+    tensors = float_tensors(arch, config, torch.device("cpu"), torch.float32)
+    options = {"dtype": torch.float32}
+    if m.detection_metadata:
+        return comfy.sd.load_diffusion_model_state_dict(tensors, options, metadata=m.detection_metadata(config))
+    with tiny_detection(comfy):
+        return comfy.sd.load_diffusion_model_state_dict(tensors, options)
+
+
+def measure(args, home: Path) -> None:
+    m = MODELS[args.model]
+    arch = REGISTRY[m.arch]
+    config = arch.variants[m.variant]
+    config = {**config, **{k: min(args.blocks, int(config[k])) for k in arch.depth_keys}, **args.depth}
+    frames = args.frames if m.video else 1
+    side = math.isqrt(args.tokens // frames)
+    comfy = import_comfyui(Path(args.comfyui), home, cpu=True, stand_ins=tuple(args.stand_ins.split(",")))
+    patcher = load(comfy, m, config)
+    model = patcher.model.diffusion_model
+    x, kwargs = m.inputs(torch.Generator().manual_seed(SEED), side, frames, args.text)
+    sigma = torch.full((1,), 0.6)
+    text = kwargs.pop("c_crossattn")
+    prepare = getattr(model, "preprocess_text_embeds", lambda context: context)
+
+    def run() -> torch.Tensor:
+        return patcher.model.apply_model(x, sigma, c_crossattn=prepare(text), **kwargs)
+
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    depth = ", ".join(f"{k} {config[k]}" for k in (*arch.depth_keys, *args.depth))
+    grid = f"{frames}×{side}×{side}" if m.video else f"{side}×{side}"
+    print(f"{arch.label} {m.variant} in ComfyUI's {type(patcher.model).__name__}, {depth} ({params:.2f}B parameters), "
+          f"{grid} tokens, {args.text} text tokens, {args.scheme} int8, float32 on the CPU, torch {torch.__version__}\n")  # fmt: skip
+    print_errors(model, run, arch, args.scheme, tuple(args.keep))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=MODELS)
+    parser.add_argument("--comfyui", required=True, help="ComfyUI's unpacked tree")
+    parser.add_argument("--tokens", type=int, default=256, help="image or video tokens (default 256)")
+    parser.add_argument("--frames", type=int, default=4, help="latent frames of a video model (default 4)")
+    parser.add_argument("--depth", type=depth_overrides, default={}, metavar="KEY=N[,KEY=N]")
+    parser.add_argument("--stand-ins", default="torchvision,torchaudio",
+                        help="packages ComfyUI imports that are missing (default torchvision,torchaudio)")
+    args = arguments(parser).parse_args()
+    with tempfile.TemporaryDirectory() as home:  # ComfyUI's user folders
+        measure(args, Path(home))
+
+
+if __name__ == "__main__":
+    main()
