@@ -183,10 +183,15 @@ def import_comfyui(
 
 @contextlib.contextmanager
 def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
-    """ComfyUI recognises the TINY Chroma, Radiance, Z-Image, Qwen-Image and ERNIE-Image: the sizes its detection
-    hard-codes are read from the tensors instead, and its Z-Image entry matches their width. Flux.2 needs nothing."""
+    """ComfyUI recognises the TINY Chroma, Radiance, Z-Image, Qwen-Image, ERNIE-Image, HiDream-O1 and Anima: the
+    sizes its detection hard-codes are read from the tensors instead, and its Z-Image entry matches their width.
+    Flux.2 needs nothing. Anima's text adapter, which ComfyUI builds at the release's sizes whatever the file
+    holds, is built at the sizes of the file last detected."""
+    import comfy.ldm.anima.model as anima_model
+
     detection, zimage = comfy.detection, comfy.supported.ZImage
     original, original_zimage = detection.detect_unet_config, zimage.unet_config
+    original_adapter, adapter_sizes = anima_model.LLMAdapter, {}
 
     def detect(state_dict, key_prefix, metadata=None):
         config = original(state_dict, key_prefix, metadata=metadata)
@@ -222,6 +227,35 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
                 ffn_hidden_size=shape("layers.0.mlp.gate_proj.weight")[0], patch_size=patch,
                 out_channels=shape("final_linear.weight")[0] // patch**2, text_in_dim=shape("text_proj.weight")[1],
             )  # fmt: skip
+        if config.get("image_model") == "hidream_o1":  # its detection reads no size: Qwen3-VL-8B's are defaults
+            vocab, hidden = shape("language_model.embed_tokens.weight")
+            head = shape("language_model.layers.0.self_attn.q_norm.weight")[0]
+            config["text_config_overrides"] = dict(
+                vocab_size=vocab, hidden_size=hidden, head_dim=head,
+                num_hidden_layers=detection.count_blocks(list(state_dict), f"{key_prefix}language_model.layers.{{}}."),
+                num_attention_heads=shape("language_model.layers.0.self_attn.q_proj.weight")[0] // head,
+                num_key_value_heads=shape("language_model.layers.0.self_attn.k_proj.weight")[0] // head,
+                intermediate_size=shape("language_model.layers.0.mlp.gate_proj.weight")[0],
+            )  # fmt: skip
+            config["vision_config_overrides"] = dict(
+                hidden_size=shape("visual.patch_embed.proj.weight")[0],
+                intermediate_size=shape("visual.blocks.0.mlp.linear_fc1.weight")[0],
+                depth=detection.count_blocks(list(state_dict), f"{key_prefix}visual.blocks.{{}}."),
+                num_position_embeddings=shape("visual.pos_embed.weight")[0],
+            )  # fmt: skip
+        if config.get("image_model") == "anima":  # sizes hard-coded for the 2B (and Cosmos' 14B) only
+            adapter, head = "llm_adapter.blocks.0", shape("blocks.0.self_attn.q_norm.weight")[0]
+            config.update(
+                num_blocks=detection.count_blocks(list(state_dict), f"{key_prefix}blocks.{{}}."),
+                num_heads=config["model_channels"] // head,
+                crossattn_emb_channels=shape("blocks.0.cross_attn.k_proj.weight")[1],
+            )  # fmt: skip
+            width = shape(f"{adapter}.self_attn.q_proj.weight")[0]
+            adapter_sizes.update(
+                source_dim=shape(f"{adapter}.cross_attn.k_proj.weight")[1], target_dim=width, model_dim=width,
+                num_layers=detection.count_blocks(list(state_dict), f"{key_prefix}llm_adapter.blocks.{{}}."),
+                num_heads=width // shape(f"{adapter}.self_attn.q_norm.weight")[0],
+            )  # fmt: skip
         if config.get("image_model") == "lumina2" and config["dim"] == TINY["zimage"]["dim"]:
             dim, head = config["dim"], shape("layers.0.attention.q_norm.weight")[0]
             config.update(
@@ -233,8 +267,10 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
 
     detection.detect_unet_config = detect
     zimage.unet_config = {**original_zimage, "dim": TINY["zimage"]["dim"]}
+    anima_model.LLMAdapter = lambda **kwargs: original_adapter(**{**kwargs, **adapter_sizes})
     try:
         yield
     finally:
         detection.detect_unet_config = original
         zimage.unet_config = original_zimage
+        anima_model.LLMAdapter = original_adapter

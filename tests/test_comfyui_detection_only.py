@@ -1,8 +1,8 @@
-"""Issue 26's detection-only families in ComfyUI's real code, on the CPU (they do not run in our
-engine): ComfyUI's own detection reads our tiny files and their int8 conversions as the family, with
-our sizes, and the node pack's loader runs each int8 conversion in ComfyUI's model with our int8
-Linear exactly where the file stores int8, one step as close to ComfyUI's bf16 output as ComfyUI's
-own int8 path is (as test_comfyui_wan.py does for Wan).
+"""Issue 26's detection-only families (Krea 2, ERNIE-Image, HiDream-O1, Anima) in ComfyUI's real code, on
+the CPU (they do not run in our engine): ComfyUI's own detection reads our tiny files and their int8
+conversions as the family, with our sizes, and the node pack's loader runs each int8 conversion in
+ComfyUI's model with our int8 Linear exactly where the file stores int8, one step as close to ComfyUI's
+bf16 output as ComfyUI's own int8 path is (as test_comfyui_wan.py does for Wan).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from engine.demo import random_weights
 from engine.models import REGISTRY
 
 KREA2, ERNIE = REGISTRY["krea2"].tiny["tiny"], REGISTRY["ernie"].tiny["tiny"]
+HIDREAM_O1, ANIMA = REGISTRY["hidream_o1"].tiny["tiny"], REGISTRY["anima"].tiny["tiny"]
 
 # family → (ComfyUI's class, what its detection must read: unet_config key → our size)
 DETECTED = {
@@ -30,6 +31,17 @@ DETECTED = {
     "ernie": ("ErnieImage", {  # read by tiny_detection (ComfyUI hard-codes the 8B's sizes)
         "hidden_size": ERNIE["hidden"], "num_attention_heads": ERNIE["heads"], "num_layers": ERNIE["layers"],
         "ffn_hidden_size": ERNIE["ffn"], "in_channels": ERNIE["in_channels"], "text_in_dim": ERNIE["text_dim"],
+    }),
+    "hidream_o1": ("HiDreamO1", {  # the decoder's sizes read by tiny_detection (ComfyUI hard-codes Qwen3-VL-8B's)
+        "text_config_overrides": {
+            "vocab_size": HIDREAM_O1["vocab"], "hidden_size": HIDREAM_O1["hidden"], "head_dim": HIDREAM_O1["head_dim"],
+            "num_hidden_layers": HIDREAM_O1["layers"], "num_attention_heads": HIDREAM_O1["heads"],
+            "num_key_value_heads": HIDREAM_O1["kv_heads"], "intermediate_size": HIDREAM_O1["ffn"],
+        },
+    }),
+    "anima": ("Anima", {  # ComfyUI reads the width and channels, tiny_detection the depth and heads
+        "model_channels": ANIMA["dim"], "in_channels": ANIMA["in_channels"], "num_blocks": ANIMA["layers"],
+        "num_heads": ANIMA["heads"], "crossattn_emb_channels": ANIMA["text_dim"],
     }),
 }  # fmt: skip
 
@@ -43,6 +55,19 @@ def model_inputs(arch: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         }
     if arch == "ernie":  # Flux.2's 128 latent channels, Ministral 3B's hidden states
         return torch.randn(2, 128, 4, 6, generator=g), {"c_crossattn": torch.randn(2, 7, ERNIE["text_dim"], generator=g)}
+    if arch == "hidream_o1":  # RGB pixels and the prompt's token ids, laid out by ComfyUI's own conditioning
+        from comfy.ldm.hidream_o1.conditioning import build_extra_conds
+
+        x = torch.randn(2, 3, 64, 64, generator=g)  # 2×2 patches of 32×32 pixels
+        # ids of the tiny vocabulary: the timestep's special token (151673) is beyond it, so here the
+        # decoder runs without the timestep
+        conds = build_extra_conds(torch.randint(0, HIDREAM_O1["vocab"], (1, 7), generator=g), x)
+        return x, {k: conds[k] for k in ("input_ids", "position_ids", "vinput_mask", "ar_len")}
+    if arch == "anima":  # a Wan 2.1 video latent of one frame; Qwen3's hidden states and the prompt's T5 ids
+        return torch.randn(2, 16, 1, 8, 8, generator=g), {
+            "c_crossattn": torch.randn(2, 7, ANIMA["llm_dim"], generator=g),
+            "t5xxl_ids": torch.randint(0, 32128, (2, 7), generator=g),
+        }
     raise ValueError(arch)
 
 
@@ -54,8 +79,10 @@ def tiny_file(path, arch: str, prefix: str = ""):
     return source, run_convert(ConvertRequest(source, scheme="rowwise", device="cpu")).output
 
 
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
-@pytest.mark.parametrize("arch", DETECTED)
+@pytest.mark.parametrize(
+    "arch,prefix",  # Anima's original file is under Cosmos' net.
+    [(a, p) for a in DETECTED for p in ("", "model.diffusion_model.")] + [("anima", "net.")],
+)
 def test_comfyui_detects_our_file_and_its_int8_conversion(comfy, tmp_path, arch, prefix):  # noqa: F811
     from comfy.utils import load_torch_file
 

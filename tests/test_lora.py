@@ -71,7 +71,7 @@ def strength() -> float:
     + [(a, f) for a in ARCHS if a != "flux2" for f in ("kohya", "diffusers") if f == "kohya" or REGISTRY[a].rules]
     + [("flux1", f) for f in ("comfyui", "ai-toolkit")]
     + [("wan", f) for f in ("comfyui", "comfyui_ab")]  # kohya is musubi-tuner's Wan layout
-    + [(a, "comfyui") for a in ("ltx2", "krea2", "ernie")],
+    + [(a, "comfyui") for a in ("ltx2", "krea2", "ernie", "hidream_o1", "anima")],
 )
 def test_every_format_merges_like_the_float_reference(tmp_path, arch, fmt):
     model = tiny_model(tmp_path, arch)

@@ -35,7 +35,7 @@ SUPPORTED = (
     "Z-Image (Turbo/Base), "
     "Flux.1 (dev, schnell, Fill dev, Depth/Canny dev), Qwen-Image (20B), Wan (2.1 T2V 1.3B, "
     "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B), LTX-2 (19B (dev, distilled))"
-    ", Krea 2 (Raw / Turbo), ERNIE-Image (8B / Turbo)"
+    ", Krea 2 (Raw / Turbo), ERNIE-Image (8B / Turbo), HiDream-O1 (8B (Image, Image-Dev)), Anima (2B (preview))"
 )
 # The blocks whose 2-D weights are quantized; everything else stays in high precision.
 QUANTIZED_BLOCKS = {
@@ -49,6 +49,8 @@ QUANTIZED_BLOCKS = {
     "ltx2": ("transformer_blocks.",),
     "krea2": ("blocks.",),
     "ernie": ("layers.",),
+    "hidream_o1": ("language_model.layers.",),
+    "anima": ("blocks.",),
 }
 
 
@@ -267,7 +269,7 @@ def test_only_block_linears_are_quantized(arch):
             n
             for n, s in shapes.items()
             if n.startswith(QUANTIZED_BLOCKS[arch]) and n.endswith(".weight") and len(s) == 2
-            and ".adaLN_modulation." not in n and "_mod." not in n and ".modulation." not in n
+            and ".adaln_modulation" not in n.lower() and "_mod." not in n and ".modulation." not in n
         }  # fmt: skip
         assert quantized == expected
         assert not any(n.endswith(".bias") or len(shapes[n]) != 2 for n in quantized)

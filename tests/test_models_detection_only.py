@@ -1,6 +1,7 @@
-"""Detection-only families of issue 26 (Krea 2, ERNIE-Image, …): tiny files of the real single-file layout, bare and
-ComfyUI-prefixed, are read with their config and variant, and a conversion quantizes exactly the
-blocks' attention and MLP linears (the generic layout tests in test_models.py run on them too)."""
+"""Detection-only families of issue 26 (Krea 2, ERNIE-Image, HiDream-O1, Anima, …): tiny files of the real
+single-file layout, bare and ComfyUI-prefixed, are read with their config and variant, and a conversion
+quantizes exactly the blocks' attention and MLP linears (the generic layout tests in test_models.py run on
+them too)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ from tests.tiny_checkpoints import write_single_file
 QUANTIZED = {
     "krea2": r"blocks\.\d+\.(attn\.(wq|wk|wv|gate|wo)|mlp\.(gate|up|down))\.weight",
     "ernie": r"layers\.\d+\.(self_attention\.(to_q|to_k|to_v|to_out\.0)|mlp\.(gate_proj|up_proj|linear_fc2))\.weight",
+    "hidream_o1": r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight",
+    "anima": r"blocks\.\d+\.((self|cross)_attn\.(q|k|v|output)_proj|mlp\.layer[12])\.weight",
 }
+# Prefixes a family's releases use beyond ComfyUI's (Anima's original file is under net., as Cosmos').
+RELEASE_PREFIXES = {"anima": ("net.",)}
 
 
 def int8_weights(path) -> set[str]:
@@ -27,8 +32,10 @@ def int8_weights(path) -> set[str]:
         return {k for k in f.keys() if f.get_slice(k).get_dtype() == "I8"}  # noqa: SIM118
 
 
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
-@pytest.mark.parametrize("arch", QUANTIZED)
+@pytest.mark.parametrize(
+    "arch,prefix",
+    [(a, p) for a in QUANTIZED for p in ("", "model.diffusion_model.", *RELEASE_PREFIXES.get(a, ()))],
+)
 def test_files_are_read_and_only_block_linears_converted_to_int8(tmp_path, arch, prefix):
     ckpt = write_single_file(tmp_path / f"{arch}.safetensors", arch, prefix=prefix)
     model = detect_file(ckpt.path)
@@ -54,3 +61,34 @@ def test_krea2_released_size():
     shapes = krea2.tensor_shapes(krea2.variants["Raw / Turbo"])
     assert round(sum(torch.Size(s).numel() for s in shapes.values()) / 1e9, 1) == 12.8
     assert (shapes["blocks.0.attn.wk.weight"], shapes["blocks.27.mlp.down.weight"]) == ((1536, 6144), (6144, 16384))
+
+
+@pytest.mark.parametrize("arch,billions", [("hidream_o1", 8.1), ("anima", 2.1)])
+def test_released_sizes(arch, billions):
+    """HiDream-O1 is Qwen3-VL-8B with its pixel heads; Anima is Cosmos-Predict2-2B with its adapter."""
+    a = REGISTRY[arch]
+    (config,) = a.variants.values()
+    assert round(sum(torch.Size(s).numel() for s in a.tensor_shapes(config).values()) / 1e9, 1) == billions
+
+
+def test_anima_diffusers_names_are_the_diffusers_classes():
+    """The names an Anima LoRA trained with diffusers uses: CosmosTransformer3DModel's (``transformer.``)
+    and AnimaTextConditioner's (``text_conditioner.``), shapes included."""
+    from diffusers import CosmosTransformer3DModel
+    from diffusers.models.condition_embedders.condition_embedder_anima import AnimaTextConditioner
+
+    anima = REGISTRY["anima"]
+    c = anima.variants["2B (preview)"]
+    with torch.device("meta"):
+        transformer = CosmosTransformer3DModel(
+            in_channels=c["in_channels"], out_channels=c["out_channels"], num_attention_heads=c["heads"],
+            attention_head_dim=c["dim"] // c["heads"], num_layers=c["layers"], text_embed_dim=c["text_dim"],
+            rope_scale=(1.0, 4.0, 4.0), extra_pos_embed_type=None,
+        )  # fmt: skip
+        conditioner = AnimaTextConditioner(
+            source_dim=c["llm_dim"], target_dim=c["text_dim"], model_dim=c["text_dim"],
+            num_layers=c["adapter_layers"], num_attention_heads=c["adapter_heads"],
+        )  # fmt: skip
+    expected = {n: tuple(t.shape) for n, t in transformer.state_dict().items()}
+    expected |= {f"text_conditioner.{n}": tuple(t.shape) for n, t in conditioner.state_dict().items()}
+    assert anima.diffusers_shapes(c) == expected

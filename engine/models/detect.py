@@ -22,7 +22,7 @@ from engine.models.spec import REGISTRY, Architecture, Rule, Shape, natural_key,
 if TYPE_CHECKING:  # the plan is made without torch; its build functions run with it
     import torch
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net.")  # net.: Cosmos-based releases (Anima)
 FLOAT_FORMATS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 # Per-layer tensors of ComfyUI's fp8 conventions, dropped once the weight is dequantized.
@@ -75,7 +75,7 @@ class DetectedModel:
     arch: Architecture
     variant: str  # "Klein 9B", "custom" (sizes no release has), "Klein 9B with 8 double blocks, …"
     layout: str  # "single-file" | "diffusers"
-    prefix: str  # "", "diffusion_model." or "model.diffusion_model." (stripped from output names)
+    prefix: str  # one of PREFIXES or "" (stripped from output names)
     source_format: str  # bf16 fp16 fp32 fp8 fp8_scaled int8_tensorwise int8_rowwise mixed
     config: dict[str, int | bool]
     tensors: list[OutputTensor]
