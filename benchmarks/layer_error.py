@@ -8,9 +8,10 @@ unit scale), and one step runs in float32 with each Linear's input recorded. Eac
 int8 (``Int8Linear``: ``--scheme`` weight scales, per-token activations) on its own recorded input; its
 error is ‖int8 − float‖ / ‖float‖ of the layer's output. Last, the whole model's output error with the
 architecture's high-precision rule, with it and each ``--keep`` glob (and its first-blocks preset) kept in
-float too, and with every Linear quantized. Fits a CPU (Flux.1 dev, one block
-per stack: ~0.7B parameters, float32). Random weights give each layer realistic inputs only as far as
-the model's own norms and activations shape them: trained checkpoints have outlier channels these lack.
+float too, with the kept weights each ``--int8`` glob matches in int8, and with every Linear quantized.
+Fits a CPU (Flux.1 dev, one block per stack: ~0.7B parameters, float32). Random weights give each layer
+realistic inputs only as far as the model's own norms and activations shape them: trained checkpoints
+have outlier channels these lack. ``layer_error_comfyui.py`` measures the families only ComfyUI runs.
 """
 
 from __future__ import annotations
@@ -75,17 +76,23 @@ def kept_with(arch: Architecture, globs: tuple[str, ...]):
     return lambda name, shape: arch.keeps_high_precision(name, shape) or any(fnmatchcase(name, g) for g in globs)
 
 
-def print_errors(
-    model: nn.Module, run: Callable[[], torch.Tensor], arch: Architecture, scheme: str, keep: tuple[str, ...] = ()
-) -> None:
-    """The per-layer table, then the output error of each rule: ``run()`` runs ``model`` once."""
+def int8_with(arch: Architecture, globs: tuple[str, ...]):
+    """The architecture's high-precision rule, with the weights ``globs`` match in int8 all the same."""
+    return lambda name, shape: arch.keeps_high_precision(name, shape) and (
+        min(shape) < MIN_QUANT_DIM or not any(fnmatchcase(name, g) for g in globs)
+    )
+
+
+def print_errors(model: nn.Module, run: Callable[[], torch.Tensor], arch: Architecture, args) -> None:
+    """The per-layer table, then the output error of each rule (``args``: :func:`arguments`' options):
+    ``run()`` runs ``model`` once."""
     reference, seen = recorded_inputs(model, run)
     print(f"{'layer':48} {'[out, in]':>14} {'tokens':>7} {'error':>7}  kept by rule")
     for name, x in seen.items():
         linear = model.get_submodule(name)
         shape = tuple(linear.weight.shape)
         with torch.no_grad():
-            error = rel_error(Int8Linear.from_float(linear, scheme)(x), linear(x))
+            error = rel_error(Int8Linear.from_float(linear, args.scheme)(x), linear(x))
         kept = "yes" if arch.keeps_high_precision(f"{name}.weight", shape) else ""
         tokens = x.reshape(-1, x.shape[-1]).shape[0]
         print(f"{name:48} {str(list(shape)):>14} {tokens:>7} {error:7.3%}  {kept}", flush=True)
@@ -95,10 +102,11 @@ def print_errors(
     for what, rule in (
         ("the architecture's rule", arch.keeps_high_precision),
         (f"the rule, first blocks kept ({', '.join(arch.first_blocks)})", kept_with(arch, arch.first_blocks)),
-        *((f"the rule, {glob} kept", kept_with(arch, (glob,))) for glob in keep),
+        *((f"the rule, {glob} kept", kept_with(arch, (glob,))) for glob in args.keep),
+        *((f"the rule, {glob} int8", int8_with(arch, (glob,))) for glob in args.int8),
         ("every Linear", lambda _name, shape: min(shape) < MIN_QUANT_DIM),
     ):
-        with quantized(model, scheme, rule), torch.no_grad():
+        with quantized(model, args.scheme, rule), torch.no_grad():
             out = run()
         print(f"model output error, int8 by {what}: {rel_error(out, reference):.3%}", flush=True)
 
@@ -110,6 +118,8 @@ def arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--scheme", choices=("rowwise", "tensorwise"), default="rowwise")
     parser.add_argument("--keep", action="append", default=[], metavar="GLOB",
                         help="also measure the rule with these weights kept (repeatable), e.g. '*_mod.lin.*'")
+    parser.add_argument("--int8", action="append", default=[], metavar="GLOB",
+                        help="also measure the rule with these kept weights int8 (repeatable), e.g. 'time_projection.*'")
     return parser
 
 
@@ -127,7 +137,7 @@ def main() -> None:
     blocks = ", ".join(f"{k} {config[k]}" for k in arch.depth_keys)
     print(f"{label} at its widths, {blocks} ({params:.2f}B parameters), {args.res}², {args.text} text tokens, "
           f"{args.scheme} int8, float32 on the CPU\n")  # fmt: skip
-    print_errors(model, lambda: model(**inputs), arch, args.scheme, tuple(args.keep))
+    print_errors(model, lambda: model(**inputs), arch, args)
 
 
 if __name__ == "__main__":

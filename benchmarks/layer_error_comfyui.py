@@ -120,7 +120,7 @@ def measure(args, home: Path) -> None:
     grid = f"{frames}×{side}×{side}" if m.video else f"{side}×{side}"
     print(f"{arch.label} {m.variant} in ComfyUI's {type(patcher.model).__name__}, {depth} ({params:.2f}B parameters), "
           f"{grid} tokens, {args.text} text tokens, {args.scheme} int8, float32 on the CPU, torch {torch.__version__}\n")  # fmt: skip
-    print_errors(model, run, arch, args.scheme, tuple(args.keep))
+    print_errors(model, run, arch, args)
 
 
 def main() -> None:
