@@ -3,8 +3,8 @@ own model at the real widths, and what the family's high-precision rule buys.
 
     PYTHONPATH=. python3 benchmarks/layer_error_comfyui.py wan2.2-14b --comfyui /tmp/cu/ComfyUI --blocks 2
 
-Wan, LTX-2, Krea 2, ERNIE-Image and Chroma Radiance have no module in our engine, so layer_error.py cannot
-build them. Here the single file's tensors at the real widths with ``--blocks`` blocks per stack (``--depth``
+Wan, LTX-2, Krea 2, ERNIE-Image, Chroma Radiance, HiDream-O1 and Anima have no module in our engine, so
+layer_error.py cannot build them. Here the single file's tensors at the real widths with ``--blocks`` blocks per stack (``--depth``
 sets any other config key, e.g. LTX-2's ``connector_layers``) are drawn as ``benchmarks/comfyui.py`` draws
 them (``random_tensor``: std 1/√in), in float32, and loaded by ComfyUI's own loader as that benchmark does;
 one ``apply_model`` on ``--tokens`` image or video tokens (video: ``--frames`` latent frames; LTX-2 also a
@@ -44,7 +44,27 @@ def video(channels: int) -> Inputs:
     )
 
 
+def anima(g: torch.Generator, side: int, frames: int, text: int) -> tuple[torch.Tensor, dict]:
+    """Anima: a one-frame Wan 2.1 latent (2×2 patches); Qwen3 0.6B's hidden states and the prompt's T5 ids,
+    which its adapter turns into the context inside the call."""
+    return torch.randn(1, 16, 1, 2 * side, 2 * side, generator=g), {
+        "c_crossattn": torch.randn(1, text, 1024, generator=g),
+        "t5xxl_ids": torch.randint(0, 32128, (1, text), generator=g),
+    }
+
+
+def hidream(g: torch.Generator, side: int, frames: int, text: int) -> tuple[torch.Tensor, dict]:
+    """HiDream-O1: RGB pixels (32×32 patches) and the prompt's token ids, laid out by ComfyUI's own
+    conditioning."""
+    from comfy.ldm.hidream_o1.conditioning import build_extra_conds
+
+    x = torch.randn(1, 3, 32 * side, 32 * side, generator=g)
+    conds = build_extra_conds(torch.randint(0, 151936, (1, text), generator=g), x)
+    return x, {k: conds[k] for k in ("input_ids", "position_ids", "vinput_mask", "ar_len")}
+
+
 def image(channels: int, patch: int, text_dim: int, **extra) -> Inputs:
+    """An image model: ``channels`` latent channels in ``patch``×``patch`` patches, ``text_dim``-wide text."""
     return lambda g, side, frames, text: (
         torch.randn(1, channels, patch * side, patch * side, generator=g),
         {"c_crossattn": torch.randn(1, text, text_dim, generator=g), **extra},
@@ -68,6 +88,9 @@ class Measured:
     variant: str
     inputs: Inputs
     video: bool = False
+    text_once: bool = False
+    """The model makes its context from the text once per prompt, in ComfyUI's ``extra_conds`` (LTX-2's
+    connectors): the measured call does it too."""
     detection_metadata: Callable[[dict], dict] | None = None
     """The release file's metadata ComfyUI's detection reads, for a reduced config; without it,
     ``tiny_detection`` makes ComfyUI read the sizes it would hard-code off the tensors."""
@@ -77,12 +100,14 @@ MODELS = {
     "wan2.2-5b": Measured("wan", "2.2 TI2V 5B", video(48), video=True),
     "wan2.2-14b": Measured("wan", "2.1 T2V 14B / 2.2 T2V A14B", video(16), video=True),
     "ltx2-19b": Measured(
-        "ltx2", "19B (dev, distilled)", audio_video, video=True,
+        "ltx2", "19B (dev, distilled)", audio_video, video=True, text_once=True,
         detection_metadata=lambda c: {"config": json.dumps({"transformer": {"connector_num_layers": c["connector_layers"]}})},
     ),  # fmt: skip
     "krea2": Measured("krea2", "Raw / Turbo", image(16, 2, 12 * 2560)),
     "ernie-image": Measured("ernie", "8B / Turbo", image(128, 1, 3072)),
     "chroma-radiance": Measured("chroma_radiance", "Radiance", image(3, 16, 4096, guidance=torch.zeros(1))),
+    "hidream-o1": Measured("hidream_o1", "8B (Image, Image-Dev)", hidream),
+    "anima": Measured("anima", "2B (preview)", anima),
 }
 
 
@@ -109,11 +134,11 @@ def measure(args, home: Path) -> None:
     model = patcher.model.diffusion_model
     x, kwargs = m.inputs(torch.Generator().manual_seed(SEED), side, frames, args.text)
     sigma = torch.full((1,), 0.6)
-    text = kwargs.pop("c_crossattn")
-    prepare = getattr(model, "preprocess_text_embeds", lambda context: context)
 
     def run() -> torch.Tensor:
-        return patcher.model.apply_model(x, sigma, c_crossattn=prepare(text), **kwargs)
+        if m.text_once:
+            return patcher.model.apply_model(x, sigma, **{**kwargs, "c_crossattn": model.preprocess_text_embeds(kwargs["c_crossattn"])})
+        return patcher.model.apply_model(x, sigma, **kwargs)
 
     params = sum(p.numel() for p in model.parameters()) / 1e9
     depth = ", ".join(f"{k} {config[k]}" for k in (*arch.depth_keys, *args.depth))
