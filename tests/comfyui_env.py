@@ -212,12 +212,15 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
         if config.get("image_model") == "qwen_image":
             config["num_attention_heads"] = shape("img_in.weight")[0] // shape("transformer_blocks.0.attn.norm_q.weight")[0]
             config["joint_attention_dim"] = shape("txt_norm.weight")[0]
-        if config.get("image_model") == "ltxav":  # LTX-2's audio, caption and text-connector widths
+        if config.get("image_model") == "ltxav" and "config" not in (metadata or {}):  # LTX-2's metadata sizes
             caption = shape("caption_projection.linear_1.weight")[1]
             config.update(
                 audio_attention_head_dim=shape("audio_patchify_proj.weight")[0] // 32, caption_channels=caption,
                 audio_cross_attention_dim=shape("transformer_blocks.0.audio_attn2.to_k.weight")[1],
                 connector_num_attention_heads=caption // 32, connector_attention_head_dim=32,
+                connector_num_layers=detection.count_blocks(
+                    list(state_dict), f"{key_prefix}video_embeddings_connector.transformer_1d_blocks.{{}}."
+                ),
             )  # fmt: skip
         if config.get("image_model") == "ernie":  # its detection reads no size at all
             hidden, in_channels, patch, _ = shape("x_embedder.proj.weight")

@@ -34,7 +34,7 @@ SUPPORTED = (
     "supported: Flux.2 (Klein 4B, Klein 9B, dev), Chroma (Chroma1-HD), Chroma Radiance (Radiance), "
     "Z-Image (Turbo/Base), "
     "Flux.1 (dev, schnell, Fill dev, Depth/Canny dev), Qwen-Image (20B), Wan (2.1 T2V 1.3B, "
-    "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B), LTX-2 (19B (dev, distilled))"
+    "2.1 T2V 14B / 2.2 T2V A14B, 2.1 I2V 14B, 2.1 FLF2V 14B, 2.2 I2V A14B, 2.2 TI2V 5B), LTX-2 (19B (dev, distilled), 2.3 22B (dev, distilled))"
     ", Krea 2 (Raw / Turbo), ERNIE-Image (8B / Turbo), HiDream-O1 (8B (Image, Image-Dev)), Anima (2B (preview))"
 )
 # The blocks whose 2-D weights are quantized; everything else stays in high precision.
@@ -219,19 +219,20 @@ LTX2_QUANTIZED = (
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
-def test_ltx2_files_are_read_and_only_block_linears_quantized(tmp_path, prefix):
-    """An LTX-2 file (ComfyUI names): its config from the shapes, and int8 for the blocks' six
-    attentions and two FFNs alone (patchifiers, adaLN-singles, caption projections, text connectors
-    and output heads stay); the release's shapes read as the 19B."""
-    ckpt = write_single_file(tmp_path / "ltx2.safetensors", "ltx2", prefix=prefix)
+@pytest.mark.parametrize("variant", ["tiny", "tiny-2.3"])
+def test_ltx2_files_are_read_and_only_block_linears_quantized(tmp_path, prefix, variant):
+    """An LTX-2 or LTX-2.3 file (ComfyUI names): its config from the shapes, and int8 for the blocks' six
+    attentions and two FFNs alone (patchifiers, adaLN-singles, caption projections, text connectors,
+    2.3's attention gates and output heads stay); the releases' shapes read as the 19B and the 2.3 22B."""
+    ckpt = write_single_file(tmp_path / "ltx2.safetensors", "ltx2", variant, prefix=prefix)
     model = detect_file(ckpt.path)
-    assert (model.arch.name, model.prefix, model.config) == ("ltx2", prefix, REGISTRY["ltx2"].tiny["tiny"])
+    assert (model.arch.name, model.prefix, model.config) == ("ltx2", prefix, REGISTRY["ltx2"].tiny[variant])
     quantized = {t.name for t in model.tensors if t.quantize}
     assert quantized == {n for n in ckpt.reference if re.fullmatch(LTX2_QUANTIZED, n)}
     assert len(quantized) == 2 * (6 * 4 + 2 * 2)
     ltx2 = REGISTRY["ltx2"]
-    release = ltx2.tensor_shapes(ltx2.variants["19B (dev, distilled)"])
-    assert detect_tensors(headers(release, "model.diffusion_model.")).variant == "19B (dev, distilled)"
+    for name, config in ltx2.variants.items():
+        assert detect_tensors(headers(ltx2.tensor_shapes(config), "model.diffusion_model.")).variant == name
 
 
 def test_a_truncated_wan_file_says_so(tmp_path):
@@ -270,6 +271,7 @@ def test_only_block_linears_are_quantized(arch):
             for n, s in shapes.items()
             if n.startswith(QUANTIZED_BLOCKS[arch]) and n.endswith(".weight") and len(s) == 2
             and ".adaln_modulation" not in n.lower() and "_mod." not in n and ".modulation." not in n
+            and ".to_gate_logits." not in n  # LTX-2.3's per-head gates: one output per head
         }  # fmt: skip
         assert quantized == expected
         assert not any(n.endswith(".bias") or len(shapes[n]) != 2 for n in quantized)

@@ -92,3 +92,24 @@ def test_anima_diffusers_names_are_the_diffusers_classes():
     expected = {n: tuple(t.shape) for n, t in transformer.state_dict().items()}
     expected |= {f"text_conditioner.{n}": tuple(t.shape) for n, t in conditioner.state_dict().items()}
     assert anima.diffusers_shapes(c) == expected
+
+
+@pytest.mark.parametrize("variant", ["19B (dev, distilled)", "2.3 22B (dev, distilled)"])
+def test_ltx2_diffusers_names_are_the_diffusers_class(variant):
+    """The names an LTX-2 LoRA trained with diffusers uses: LTX2VideoTransformer3DModel's, shapes
+    included (the text connectors are another diffusers model, so they have none)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    ltx2 = REGISTRY["ltx2"]
+    c = ltx2.variants[variant]
+    v2_3 = bool(c["v2_3"])
+    with torch.device("meta"):
+        transformer = LTX2VideoTransformer3DModel(
+            in_channels=c["in_channels"], out_channels=c["in_channels"], num_attention_heads=32,
+            attention_head_dim=c["dim"] // 32, cross_attention_dim=c["dim"], audio_in_channels=c["audio_in_channels"],
+            audio_out_channels=c["audio_in_channels"], audio_num_attention_heads=32,
+            audio_attention_head_dim=c["audio_dim"] // 32, audio_cross_attention_dim=c["audio_dim"],
+            num_layers=c["layers"], caption_channels=c["caption_channels"] or 3840, gated_attn=v2_3,
+            audio_gated_attn=v2_3, cross_attn_mod=v2_3, audio_cross_attn_mod=v2_3, use_prompt_embeddings=not v2_3,
+        )  # fmt: skip
+    assert ltx2.diffusers_shapes(c) == {n: tuple(t.shape) for n, t in transformer.state_dict().items()}

@@ -116,16 +116,18 @@ def write_single_file(
     fmt: str = "float",
     extra: dict[str, torch.Tensor] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> TinyCheckpoint:
     """A single-file checkpoint of ``tensors`` (default: fresh :func:`random_tensors`).
 
-    ``extra`` tensors (e.g. a VAE's) are written as they are, beside the prefixed model.
+    ``extra`` tensors (e.g. a VAE's) are written as they are, beside the prefixed model; ``metadata``
+    goes into the header (e.g. the ``config`` a release file carries).
     """
     arch = architecture(arch)
     written, reference = quantize(arch, tensors or random_tensors(arch, variant, dtype), fmt)
     written = {prefix + n: t for n, t in written.items()} | (extra or {})
     path = Path(path)
-    save_file({n: t.contiguous() for n, t in written.items()}, str(path), metadata={"format": "pt"})
+    save_file({n: t.contiguous() for n, t in written.items()}, str(path), metadata={"format": "pt", **(metadata or {})})
     return TinyCheckpoint(path, arch, arch.tiny[variant], written, reference)
 
 
