@@ -9,6 +9,7 @@ import os
 import torch
 
 from engine.int8.attention import int8_attention
+from engine.int8 import graph_fusion
 from engine.int8.choices import ATTENTIONS, DEFAULT_ATTENTION, AttentionChoice
 from engine.int8.operands import ATTENTION_HEAD_DIMS
 from engine.int8.ops import describe_backend
@@ -31,7 +32,8 @@ def load_diffusion_model(
 
     ``model_options`` are ComfyUI's (``dtype``, ``load_device``, …); ``custom_operations`` is ours.
     ``attention``: ``"int8"`` runs the model's attention on :func:`int8_attention` (:func:`use_attention`).
-    A file without int8 layers loads as ComfyUI loads it (a warning says so).
+    A file without int8 layers loads as ComfyUI loads it (a warning says so). Compiled later (ComfyUI's
+    TorchCompileModel), its graphs get :mod:`engine.int8.graph_fusion`'s fusions around the int8 ops.
     """
     import comfy.model_management
     import comfy.sd
@@ -61,6 +63,8 @@ def load_diffusion_model(
             options["custom_operations"].float_dtype(), compute,
         )
     layers = int8_layers(model.model)
+    if layers:
+        graph_fusion.install()
     name = os.path.basename(path)
     if not layers:
         log.warning("INT8 Studio: %s has no int8 layers; it runs as ComfyUI runs it", name)

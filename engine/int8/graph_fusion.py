@@ -1,0 +1,338 @@
+"""Fusions around the int8 ops in compiled graphs of model code that is not ours (ComfyUI's).
+
+Our own models hand their int8 layers fused inputs (:mod:`engine.fusion`). Model code that is not ours
+calls one int8 layer per Linear with finished tensors, and inductor cannot fuse across our ops (custom
+ops, opaque to it), so a compiled ComfyUI model writes out what ours never do. :class:`Int8GraphFusion`,
+an inductor post-grad pass that only touches ``int8_studio::*`` nodes and what lies between them,
+rewrites the graph:
+
+* **one quantization** per tensor: ``quantize_tokens`` of a tensor already quantized the same way reuses
+  that result (Z-Image's ``to_q``/``to_k``/``to_v`` and ``w1``/``w3`` take one input);
+* **gated GEMM**: ``silu(A) · B``, where A and B are equally wide channel ranges of int8 GEMMs on one
+  quantized input, becomes one gated ``scaled_mm`` on those rows of the weights: the two products are
+  never written out (Flux.2's fused gate|up in-projection, Z-Image's ``w1``/``w3``);
+* **narrowing**: a GEMM whose output is read only in some channel ranges computes those alone, one
+  GEMM per range (a Flux.2 single block's ``linear1`` once its MLP half runs gated);
+* **prefix**: quantizing ``cat([P, G], -1)`` quantizes P and G where they are
+  (``quantize_activated_tokens("identity", G, prefix=P)``): the concatenation is never written out (a
+  single block's ``linear2`` input).
+
+The int8 products are the same; the gated epilogue rounds once where ``silu(a) · b`` in bf16 rounds twice.
+Weight rows are sliced as views of the layer's own int8 weight (contiguous: whole rows), so nothing is
+copied. Nodes a rewrite makes get their fake values at once, so inductor lowers them like traced ones.
+:func:`install` puts the pass in inductor's config (the node pack does on loading a model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import engine.int8.ops  # noqa: F401 (defines the int8_studio ops the pass matches)
+
+log = logging.getLogger("int8_studio")
+
+aten, prims, int8 = torch.ops.aten, torch.ops.prims, torch.ops.int8_studio
+VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+CASTS = (prims.convert_element_type.default,)
+
+
+def _call(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _uncast(node: fx.Node) -> fx.Node:
+    while _call(node, *CASTS):
+        node = node.args[0]
+    return node
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["val"].shape)
+
+
+def _plain_gemm(node) -> bool:
+    """A ``scaled_mm`` without a LoRA term or a gate: one product, whose channels may be split."""
+    return (
+        _call(node, int8.scaled_mm.default)
+        and all(a is None for a in node.args[6:])
+        and all(v is None for v in node.kwargs.values())
+    )
+
+
+class Channels(NamedTuple):
+    """Output channels ``[lo, hi)`` of the int8 GEMM ``gemm`` (2-D), in the leading shape ``sizes``
+    (a view's size argument, whose last entry is ignored; None: the GEMM's own [tokens, channels])."""
+
+    gemm: fx.Node
+    lo: int
+    hi: int
+    sizes: list | None
+
+
+def _last_dim(node: fx.Node, dim: int) -> bool:
+    return dim in (-1, len(_shape(node)) - 1)
+
+
+def channels(node: fx.Node) -> Channels | None:
+    """The channels of a plain int8 GEMM that ``node`` is, through views that keep the last dimension
+    and slices or splits of it; None if it is anything else."""
+    if "val" not in node.meta or not isinstance(_shape(node)[-1], int):
+        return None
+    node, offset, width, sizes = _uncast(node), 0, _shape(node)[-1], None
+    while True:
+        if _plain_gemm(node):
+            return Channels(node, offset, offset + width, sizes)
+        if _call(node, *VIEWS) and _shape(node)[-1] == _shape(node.args[0])[-1]:
+            sizes = node.args[1] if sizes is None else sizes
+            node = node.args[0]
+        elif _call(node, aten.slice.Tensor) and _last_dim(node.args[0], node.args[1]) and node.args[4:] in ((), (1,)):
+            offset += _start(node)
+            node = node.args[0]
+        elif _call(node, operator.getitem) and _call(node.args[0], aten.split.Tensor, aten.split_with_sizes.default):
+            split, index = node.args
+            if not _last_dim(split.args[0], split.args[2] if len(split.args) > 2 else 0):
+                return None
+            offset += sum(_sizes(split)[:index])
+            node = split.args[0]
+        else:
+            return None
+
+
+def _start(slice_node: fx.Node) -> int:
+    start = slice_node.args[2] if len(slice_node.args) > 2 and slice_node.args[2] is not None else 0
+    return start + _shape(slice_node.args[0])[-1] if start < 0 else start
+
+
+def _sizes(split: fx.Node) -> list[int]:
+    width, size = _shape(split.args[0])[-1], split.args[1]
+    if isinstance(size, int):
+        return [min(size, width - i) for i in range(0, width, size)]
+    return list(size)
+
+
+def _silu_input(node: fx.Node) -> fx.Node | None:
+    """x where ``node`` computes ``silu(x)``: the op itself or its decompositions, in any dtype."""
+    node = _uncast(node)
+    if _call(node, aten.silu.default):
+        return node.args[0]
+    if _call(node, aten.mul.Tensor):  # x · sigmoid(x)
+        for x, s in (node.args, node.args[::-1]):
+            if _call(s, aten.sigmoid.default) and _uncast(s.args[0]) is _uncast(x):
+                return x
+    if _call(node, aten.div.Tensor):  # x / (1 + exp(-x))
+        x, d = node.args
+        one = _call(d, aten.add.Tensor) and 1 in d.args
+        e = next((a for a in d.args if _call(a, aten.exp.default)), None) if one else None
+        if e is not None and _call(e.args[0], aten.neg.default) and _uncast(e.args[0].args[0]) is _uncast(x):
+            return x
+    return None
+
+
+class _Builder:
+    """New nodes with their fake values, so inductor lowers them as it lowers traced ones."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+
+    def __call__(self, target, *args) -> fx.Node:
+        node = self.graph.call_function(target, args)
+        with self.fake_mode:
+            node.meta["val"] = target(*fx.node.map_arg(args, lambda a: a.meta["val"]))
+        return node
+
+    def rows(self, tensor: fx.Node | None, lo: int, hi: int) -> fx.Node | None:
+        """Rows ``[lo, hi)`` of a weight, its scale (unless one for the tensor) or bias: a view."""
+        if tensor is None or tensor.meta["val"].numel() == 1:
+            return tensor
+        return self(aten.slice.Tensor, tensor, 0, lo, hi)
+
+    def gemm(self, part: Channels, up: Channels | None = None) -> fx.Node:
+        """The plain GEMM of ``part`` alone, or gated with ``up`` as its up product."""
+        q, x_scale, w, w_scale, bias, dtype = part.gemm.args[:6]
+        args = [q, x_scale, self.rows(w, part.lo, part.hi), self.rows(w_scale, part.lo, part.hi),
+                self.rows(bias, part.lo, part.hi), dtype, None, None, None]  # fmt: skip
+        if up is not None:
+            _, _, up_w, up_scale, up_bias = up.gemm.args[:5]
+            args += [self.rows(up_w, up.lo, up.hi), self.rows(up_scale, up.lo, up.hi), self.rows(up_bias, up.lo, up.hi)]
+        return self(int8.scaled_mm.default, *args)
+
+    def like(self, value: fx.Node, node: fx.Node, part: Channels) -> fx.Node:
+        """``value``, a GEMM's output for ``part``, in ``node``'s shape and dtype (its leading shape from
+        the view the graph made, whose sizes may be symbolic)."""
+        if part.sizes is not None:
+            value = self(aten.reshape.default, value, [*part.sizes[:-1], _shape(value)[-1]])
+        dtype = node.meta["val"].dtype
+        return value if value.meta["val"].dtype == dtype else self(prims.convert_element_type.default, value, dtype)
+
+
+def _scale_kind(gemm: fx.Node) -> bool:
+    return gemm.args[3].meta["val"].numel() == 1
+
+
+def _gateable(gate: Channels | None, up: Channels | None) -> bool:
+    """Whether one gated GEMM can compute both: one quantized input, equal widths, alike scales and biases."""
+    if gate is None or up is None:
+        return False
+    a, b = gate.gemm, up.gemm
+    return (
+        a.args[0] is b.args[0] and a.args[1] is b.args[1] and a.args[5] == b.args[5]
+        and gate.hi - gate.lo == up.hi - up.lo and _scale_kind(a) == _scale_kind(b)
+        and (a.args[4] is None) == (b.args[4] is None)
+    )  # fmt: skip
+
+
+def share_quantizations(graph: fx.Graph) -> int:
+    """Make each ``quantize_tokens`` of a tensor already quantized the same way use that result."""
+    seen: dict[tuple, fx.Node] = {}
+    shared = 0
+    for node in list(graph.nodes):
+        if not _call(node, int8.quantize_tokens.default):
+            continue
+        x = node.args[0]
+        base = x.args[0] if _call(x, *VIEWS) else x
+        shape = tuple(map(str, _shape(x)))  # symbolic sizes as expressions: a SymInt has no hash
+        key = (base, shape, tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
+        if key in seen:  # its (q, scale) items become the first one's
+            first = {item.args[1]: item for item in seen[key].users if _call(item, operator.getitem)}
+            for item in [u for u in node.users if _call(u, operator.getitem)]:
+                if item.args[1] in first:
+                    item.replace_all_uses_with(first[item.args[1]])
+                else:
+                    item.replace_input_with(node, seen[key])
+            if not node.users:
+                graph.erase_node(node)
+            shared += 1
+        else:
+            seen[key] = node
+    return shared
+
+
+def gate_products(graph: fx.Graph, build: _Builder) -> int:
+    """``silu(A) · B`` of channels of int8 GEMMs on one input → one gated GEMM."""
+    gated = 0
+    for node in list(graph.nodes):
+        if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
+            continue
+        for s, b in (node.args, node.args[::-1]):
+            a = _silu_input(s) if isinstance(s, fx.Node) else None
+            gate, up = (channels(a), channels(b)) if a is not None and isinstance(b, fx.Node) else (None, None)
+            if _gateable(gate, up):
+                with graph.inserting_before(node):
+                    node.replace_all_uses_with(build.like(build.gemm(gate, up), node, gate))
+                gated += 1
+                break
+    return gated
+
+
+def _channel_uses(gemm: fx.Node) -> list[tuple[fx.Node, Channels]] | None:
+    """The nodes that read ``gemm``'s output as channel ranges (views, slices and splits followed to the
+    first node that is none of them), or None if a use reads all of it."""
+    uses, todo = [], [gemm]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if _call(user, *VIEWS, aten.slice.Tensor) and channels(user) is not None:
+                todo.append(user)
+            elif _call(user, aten.split.Tensor, aten.split_with_sizes.default):
+                parts = list(user.users)
+                if any(channels(p) is None for p in parts):
+                    return None
+                todo.extend(parts)
+            elif node is gemm:
+                return None
+            elif all(u is not node for u, _ in uses):
+                uses.append((node, channels(node)))
+    return uses
+
+
+def narrow_gemms(graph: fx.Graph, build: _Builder) -> int:
+    """A GEMM read only in some disjoint channel ranges → one GEMM per range."""
+    narrowed = 0
+    for gemm in list(graph.nodes):
+        if not _plain_gemm(gemm):
+            continue
+        uses = _channel_uses(gemm)
+        if not uses:
+            continue
+        ranges = sorted((c.lo, c.hi) for _, c in uses)
+        used = sum(hi - lo for lo, hi in ranges)
+        disjoint = all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        if not disjoint or used >= _shape(gemm)[-1]:
+            continue
+        for node, part in uses:
+            with graph.inserting_before(node):
+                node.replace_all_uses_with(build.like(build.gemm(part), node, part))
+        narrowed += 1
+    return narrowed
+
+
+def quantize_prefixed(graph: fx.Graph, build: _Builder) -> int:
+    """``quantize_tokens(cat([P, G], -1))`` → ``quantize_activated_tokens("identity", G, prefix=P)``."""
+    fused = 0
+    for node in list(graph.nodes):
+        if not _call(node, int8.quantize_tokens.default):
+            continue
+        x = node.args[0]
+        cat = x.args[0] if _call(x, *VIEWS) else x
+        if not (_call(cat, aten.cat.default) and len(cat.args[0]) == 2 and _last_dim(cat, cat.args[1] if len(cat.args) > 1 else 0)):
+            continue
+        prefix, y = cat.args[0]
+        if not all(isinstance(_shape(t)[-1], int) for t in (prefix, y)):
+            continue
+        rotation = node.args[1] if len(node.args) > 1 else node.kwargs.get("rotation", 0)
+        with graph.inserting_before(node):
+            flat = [build(aten.reshape.default, t, [-1, _shape(t)[-1]]) for t in (y, prefix)]
+            quantized = build(int8.quantize_activated_tokens.default, "identity", flat[0], None, flat[1], rotation)
+        node.replace_all_uses_with(quantized)
+        graph.erase_node(node)
+        fused += 1
+    return fused
+
+
+class Int8GraphFusion(CustomGraphPass):
+    """The post-grad pass (module docstring). ``counts`` holds what the last graph it ran on got."""
+
+    counts: dict[str, int] = {}
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if not any(_call(n, int8.scaled_mm.default) for n in graph.nodes):
+            return
+        build = _Builder(graph)
+        counts = {"shared quantizations": share_quantizations(graph), "gated GEMMs": gate_products(graph, build)}
+        graph.eliminate_dead_code()
+        counts["narrowed GEMMs"] = narrow_gemms(graph, build)
+        graph.eliminate_dead_code()
+        counts["prefixed quantizations"] = quantize_prefixed(graph, build)
+        graph.eliminate_dead_code()
+        graph.lint()
+        type(self).counts = counts
+        log.debug("INT8 Studio graph fusion: %s", counts)
+
+    def uuid(self) -> bytes:
+        """This file's hash: compiled graphs cached with another version of the pass are not reused."""
+        return hashlib.sha256(Path(__file__).read_bytes()).digest()
+
+
+def install() -> bool:
+    """Run :class:`Int8GraphFusion` in inductor's later compilations of this process. False (and a log
+    line) where another post-grad pass is installed already: it is left alone, and the fusions are off."""
+    import torch._inductor.config as config
+
+    current = config.post_grad_custom_post_pass
+    if isinstance(current, Int8GraphFusion):
+        return True
+    if current is not None:
+        log.info("INT8 Studio: another inductor post-grad pass is installed; compiled int8 graphs run unfused")
+        return False
+    config.post_grad_custom_post_pass = Int8GraphFusion()
+    return True

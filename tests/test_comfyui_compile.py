@@ -1,0 +1,63 @@
+"""Our node's model under ComfyUI's own TorchCompileModel node, on the CPU: inductor compiles ComfyUI's
+Flux.2 code with our int8 ops in it, :mod:`engine.int8.graph_fusion` fuses around them (the MLPs' gates,
+the single blocks' concatenation), and the compiled model samples what the eager one does. The Triton
+kernels run in the interpreter, as they run compiled on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._inductor.config
+from comfyui_env import LATENT_CHANNELS
+from test_comfyui_nodes import TEXT_TOKENS, TINY, comfy, files, load_ours  # noqa: F401 (session fixtures)
+
+from engine.int8.backends import use_backend
+from engine.int8.graph_fusion import Int8GraphFusion
+from tests.int8_reference import NEEDS_INTERPRETER
+
+FLUX2 = TINY["flux2"]
+FUSED = {  # each double block's two MLPs (gate|up in one layer), each single block's linear1 and linear2
+    "shared quantizations": 0,
+    "gated GEMMs": 2 * FLUX2["double_blocks"] + FLUX2["single_blocks"],
+    "narrowed GEMMs": FLUX2["single_blocks"],
+    "prefixed quantizations": FLUX2["single_blocks"],
+}
+
+
+@NEEDS_INTERPRETER
+def test_torch_compile_model_node_runs_our_flux2_fused(comfy, files):
+    """(Z-Image's shared quantization and gate: tests/test_graph_fusion.py's ForeignBlock has its layout.)"""
+    from comfy.ldm.flux import math as flux_math
+    from comfy.ldm.modules import attention
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    model = load_ours(comfy, files["flux2", "rowwise"])
+    assert isinstance(torch._inductor.config.post_grad_custom_post_pass, Int8GraphFusion)  # the loader put it there
+    compiled = TorchCompileModel.execute(model=model, backend="inductor").result[0]
+    positive = [[torch.randn(1, TEXT_TOKENS, FLUX2["text_dim"], generator=torch.Generator().manual_seed(1)), {}]]
+    latent = {"samples": torch.zeros(1, LATENT_CHANNELS["flux2"], 11, 7)}
+    seen = []
+
+    class Recorded(Int8GraphFusion):  # the pass, remembering what it did to each graph
+        def __call__(self, graph):
+            super().__call__(graph)
+            seen.append(self.counts)
+
+    def sample(model):  # ComfyUI's KSampler node, one step at CFG 1
+        (out,) = comfy.nodes.KSampler().sample(model, 3, 1, 1.0, "euler", "simple", positive, positive, latent)
+        return out["samples"].double()
+
+    # PyTorch's SDPA, as ComfyUI picks on a GPU (its CPU default splits attention into graph breaks)
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        torch._inductor.config.patch(post_grad_custom_post_pass=Recorded(), force_disable_caches=True),
+        use_backend("triton"),
+    ):
+        patch.setattr(flux_math, "optimized_attention", attention.attention_pytorch)
+        patch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+        torch._dynamo.reset()
+        eager, fused = sample(model), sample(compiled)
+    assert {key: sum(counts[key] for counts in seen) for key in FUSED} == FUSED
+    # the same int8 products: compiled float ops (and a gate that rounds once) move a few activations by one
+    # int8 step (0.2% here); a product on the wrong weight rows would be off by the order of the output
+    assert float((fused - eager).norm() / eager.norm()) < 1e-2

@@ -1,0 +1,146 @@
+"""The fusions around the int8 ops in compiled graphs of model code that is not ours
+(:mod:`engine.int8.graph_fusion`): what they rewrite, what they leave, and that the output stays the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch._inductor.config
+import torch.nn.functional as F
+
+from engine.int8 import graph_fusion
+from engine.int8.backends import use_backend
+from engine.int8.graph_fusion import Int8GraphFusion
+from engine.int8.ops import LoraFactors, int8_linear
+from engine.int8.quantize import quantize_weight
+from tests.int8_reference import DEVICES
+
+WIDTH, HIDDEN = 64, 48  # the block's width and its MLP's
+
+
+def int8_layer(n: int, k: int, device: str, scheme: str = "rowwise") -> torch.nn.ParameterList:
+    """An int8 weight and its scale as parameters, as the node pack's layers hold them (dynamo keeps the
+    shapes of parameters static)."""
+    w_int8, w_scale = quantize_weight(torch.randn(n, k) / k**0.5, scheme)
+    return torch.nn.ParameterList(torch.nn.Parameter(t.to(device), requires_grad=False) for t in (w_int8, w_scale))
+
+
+class ForeignBlock(torch.nn.Module):
+    """Model code as ComfyUI writes it: one int8 layer per Linear, finished tensors between them. A Flux.2
+    double block's MLP (a fused gate|up layer, chunked), Z-Image's (``w1``, ``w3`` on one input) and a
+    single block's (``linear1`` = q|k|v and the MLP's gate|up; ``linear2`` on the attention's output
+    concatenated with the gated MLP)."""
+
+    def __init__(self, device: str, tensorwise_w3: bool = False) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleDict({
+            "gate_up": int8_layer(2 * HIDDEN, WIDTH, device),
+            "down": int8_layer(WIDTH, HIDDEN, device),
+            "w1": int8_layer(HIDDEN, WIDTH, device),
+            "w3": int8_layer(HIDDEN, WIDTH, device, "tensorwise" if tensorwise_w3 else "rowwise"),
+            "linear1": int8_layer(3 * WIDTH + 2 * HIDDEN, WIDTH, device),
+            "linear2": int8_layer(WIDTH, WIDTH + HIDDEN, device),
+        })  # fmt: skip
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, *self.layers[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.linear("gate_up", x).chunk(2, dim=-1)
+        double = self.linear("down", F.silu(a) * b)
+        zimage = F.silu(self.linear("w1", x)) * self.linear("w3", x)
+        qkv, mlp = torch.split(self.linear("linear1", x), [3 * WIDTH, 2 * HIDDEN], dim=-1)
+        attention = qkv[..., :WIDTH] * qkv[..., 2 * WIDTH :].sigmoid()  # reads q and v, not k
+        mlp = F.silu(mlp[..., HIDDEN:]) * mlp[..., :HIDDEN]  # the gate second, as Flux.2's "yak" MLP has it
+        single = self.linear("linear2", torch.cat([attention, mlp], dim=-1))
+        return torch.cat([double, zimage, single], dim=-1)
+
+
+def compiled_with_fusion(fn, **compile_options):
+    """``fn`` compiled by inductor with the pass, its graphs never taken from a cache (so the pass runs)."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, **compile_options)
+    return compiled, counter
+
+
+@pytest.fixture()
+def fusion_pass():
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Int8GraphFusion(), force_disable_caches=True):
+        yield
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_foreign_block_runs_fused_with_the_same_output(fusion_pass, device, dtype):
+    block = ForeignBlock(device)
+    x = torch.randn(2, 37, WIDTH, device=device, dtype=dtype)
+    with use_backend("triton"), torch.inference_mode():
+        eager = block(x)
+        compiled, _ = compiled_with_fusion(block)
+        fused = compiled(x)
+    assert Int8GraphFusion.counts == {
+        "shared quantizations": 3,  # x once for gate_up, w1, w3 and linear1
+        "gated GEMMs": 3,
+        "narrowed GEMMs": 1,  # linear1: q|k|v alone, its MLP half gated
+        "prefixed quantizations": 1,  # linear2's input, never concatenated
+    }
+    # the same int8 products; the gate rounds once where silu(a) · b rounds twice
+    assert relative(fused, eager) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fusions_hold_for_any_token_count(fusion_pass, device):
+    block = ForeignBlock(device)
+    with use_backend("triton"), torch.inference_mode():
+        compiled, counter = compiled_with_fusion(block, dynamic=True)
+        for tokens in (37, 53):
+            x = torch.randn(2, tokens, WIDTH, device=device)
+            assert relative(compiled(x), block(x)) < 1e-5
+    assert counter.frame_count == 1
+    assert Int8GraphFusion.counts["gated GEMMs"] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_what_is_not_one_gated_product_stays(fusion_pass, device):
+    """No gate for: products with a LoRA term, products of different inputs, a tensor-wise layer beside a
+    row-wise one (their scales differ in kind)."""
+    block = ForeignBlock(device, tensorwise_w3=True)
+    lora = LoraFactors(*(torch.randn(s, device=device) for s in ((4, WIDTH), (2 * HIDDEN, 4), (4,))))
+
+    def forward(x, y):
+        a, b = int8_linear(x, *block.layers["gate_up"], lora=lora).chunk(2, dim=-1)
+        other_inputs = F.silu(block.linear("w1", x)) * block.linear("w1", y)
+        kinds = F.silu(block.linear("w1", x)) * block.linear("w3", x)
+        return torch.cat([F.silu(a) * b, other_inputs, kinds], dim=-1)
+
+    x, y = (torch.randn(37, WIDTH, device=device) for _ in range(2))
+    with use_backend("triton"), torch.inference_mode():
+        compiled, _ = compiled_with_fusion(forward)
+        assert relative(compiled(x, y), forward(x, y)) < 1e-5
+    assert Int8GraphFusion.counts["gated GEMMs"] == 0
+
+
+def test_install_puts_the_pass_in_inductors_config_once():
+    with torch._inductor.config.patch(post_grad_custom_post_pass=None):
+        assert graph_fusion.install()
+        installed = torch._inductor.config.post_grad_custom_post_pass
+        assert isinstance(installed, Int8GraphFusion)
+        assert graph_fusion.install() and torch._inductor.config.post_grad_custom_post_pass is installed
+    other = Int8GraphFusion.__mro__[1]  # another pass (any CustomGraphPass) is left where it is
+
+    class Other(other):
+        def __call__(self, graph):
+            pass
+
+        def uuid(self):
+            return b"other"
+
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Other()):
+        assert not graph_fusion.install()
+        assert isinstance(torch._inductor.config.post_grad_custom_post_pass, Other)
