@@ -186,12 +186,15 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
     """ComfyUI recognises the TINY Chroma, Radiance, Z-Image, Qwen-Image, ERNIE-Image, HiDream-O1 and Anima: the
     sizes its detection hard-codes are read from the tensors instead, and its Z-Image entry matches their width.
     Flux.2 needs nothing. Anima's text adapter, which ComfyUI builds at the release's sizes whatever the file
-    holds, is built at the sizes of the file last detected."""
+    holds, is built at the sizes of the file last detected; HiDream-O1's timestep token, whose id ComfyUI
+    hard-codes, is the last of a tiny vocabulary."""
     import comfy.ldm.anima.model as anima_model
+    import comfy.ldm.hidream_o1.model as hidream_o1_model
 
     detection, zimage = comfy.detection, comfy.supported.ZImage
     original, original_zimage = detection.detect_unet_config, zimage.unet_config
     original_adapter, adapter_sizes = anima_model.LLMAdapter, {}
+    original_tms = hidream_o1_model.TMS_TOKEN_ID
 
     def detect(state_dict, key_prefix, metadata=None):
         config = original(state_dict, key_prefix, metadata=metadata)
@@ -232,6 +235,7 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
             )  # fmt: skip
         if config.get("image_model") == "hidream_o1":  # its detection reads no size: Qwen3-VL-8B's are defaults
             vocab, hidden = shape("language_model.embed_tokens.weight")
+            hidream_o1_model.TMS_TOKEN_ID = original_tms if vocab > original_tms else vocab - 1
             head = shape("language_model.layers.0.self_attn.q_norm.weight")[0]
             config["text_config_overrides"] = dict(
                 vocab_size=vocab, hidden_size=hidden, head_dim=head,
@@ -277,3 +281,4 @@ def tiny_detection(comfy: types.SimpleNamespace) -> Iterator[None]:
         detection.detect_unet_config = original
         zimage.unet_config = original_zimage
         anima_model.LLMAdapter = original_adapter
+        hidream_o1_model.TMS_TOKEN_ID = original_tms

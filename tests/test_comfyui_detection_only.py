@@ -59,9 +59,9 @@ def model_inputs(arch: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from comfy.ldm.hidream_o1.conditioning import build_extra_conds
 
         x = torch.randn(2, 3, 64, 64, generator=g)  # 2×2 patches of 32×32 pixels
-        # ids of the tiny vocabulary: the timestep's special token (151673) is beyond it, so here the
-        # decoder runs without the timestep
-        conds = build_extra_conds(torch.randint(0, HIDREAM_O1["vocab"], (1, 7), generator=g), x)
+        # the prompt ends with the timestep's token: the tiny vocabulary's last (comfyui_env.tiny_detection)
+        tms = torch.tensor([[HIDREAM_O1["vocab"] - 1]])
+        conds = build_extra_conds(torch.cat([torch.randint(0, tms.item(), (1, 6), generator=g), tms], 1), x)
         return x, {k: conds[k] for k in ("input_ids", "position_ids", "vinput_mask", "ar_len")}
     if arch == "anima":  # a Wan 2.1 video latent of one frame; Qwen3's hidden states and the prompt's T5 ids
         return torch.randn(2, 16, 1, 8, 8, generator=g), {
