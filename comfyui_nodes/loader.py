@@ -31,7 +31,7 @@ def load_diffusion_model(
     ``comfy.sd.load_diffusion_model`` makes it, with the int8 layers running on INT8 Studio's op.
 
     ``model_options`` are ComfyUI's (``dtype``, ``load_device``, …); ``custom_operations`` is ours.
-    ``attention``: ``"int8"`` runs the model's attention on :func:`int8_attention` (:func:`use_attention`).
+    ``attention``: ``"int8"`` runs the model's attention on :func:`int8_attention` (:func:`override_attention`).
     A file without int8 layers loads as ComfyUI loads it (a warning says so). Compiled later (ComfyUI's
     TorchCompileModel), its graphs get :mod:`engine.int8.graph_fusion`'s fusions around the int8 ops.
     """
@@ -54,7 +54,7 @@ def load_diffusion_model(
             "is it a diffusion model (not a LoRA, text encoder or VAE) of a family this ComfyUI supports?"
         )
     model.cached_patcher_init = (load_diffusion_model, (path, model_options, attention))
-    use_attention(model, attention)
+    override_attention(model, attention)
     compute = model.model.manual_cast_dtype
     if compute is not None and compute != options["custom_operations"].float_dtype():
         # ComfyUI would have kept float layers in its compute dtype; they run in it either way
@@ -87,7 +87,7 @@ OVERRIDE = "optimized_attention_override"
 """The key of ComfyUI's per-model attention override in ``model_options["transformer_options"]``."""
 
 
-def use_attention(model, attention: AttentionChoice) -> None:
+def override_attention(model, attention: AttentionChoice) -> None:
     """Run the ``ModelPatcher``'s attention in ComfyUI's own (``"bf16"``) or on :func:`int8_attention`
     (``"int8"``), through ComfyUI's per-model override: its sampler hands it to every attention call."""
     if attention not in ATTENTIONS:
