@@ -12,7 +12,10 @@ bf16                      ComfyUI's loader on the bf16 tensors
 native int8               ComfyUI's loader on the int8 tensors (comfy-kitchen's int8 op)
 node int8                 our loader (``comfyui_nodes.loader``): INT8 Studio's int8 op
 node int8 + LoRA          + INT8 LoRA (dynamic), rank ``--rank`` on every int8 layer
-``… + compile``           the same model through ComfyUI's TorchCompileModel node (inductor)
+``… + compile``           the same model through ComfyUI's TorchCompileModel node (inductor), with
+                          ``engine.int8.graph_fusion``'s fusions (the loader installs them)
+``(unfused)``             experiment: compiled without those fusions
+``(inductor …)``          experiment: narrow inputs quantized in inductor-fused PyTorch ops
 ========================  ================================================================
 
 Time: the step's wall time (the sampler's callback, synchronized), median of ``--steps`` steps after
@@ -48,6 +51,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -62,7 +66,7 @@ from engine.models.build import named_config, random_tensor
 
 ROWS = (
     "bf16", "bf16+compile", "node int8", "node int8+compile", "native int8", "native int8+compile",
-    "node int8+LoRA+compile", "node int8+compile (inductor quantization)",
+    "node int8+LoRA+compile", "node int8+compile (unfused)", "node int8+compile (inductor quantization)",
 )  # fmt: skip
 TEXT_TOKENS = {"flux2": 512, "chroma": 512, "zimage": 256}
 LATENT = {
@@ -234,6 +238,14 @@ def inductor_quantization():
         ops.quantize_tokens = kernel
 
 
+def experiment(row: str):
+    """What an experiment row changes while it compiles and runs: the graph fusions off ("unfused", to
+    measure what :mod:`engine.int8.graph_fusion` gains), or :func:`inductor_quantization`."""
+    if "unfused" in row:
+        return torch._inductor.config.patch(post_grad_custom_post_pass=None)
+    return inductor_quantization() if "inductor" in row else contextlib.nullcontext()
+
+
 def free(comfy) -> None:
     comfy.mm.unload_all_models()
     torch._dynamo.reset()
@@ -272,7 +284,7 @@ def run(args, scratch: Path) -> dict:
     reference = None
     for source, names in (
         ("bf16", ("bf16", "bf16+compile")),
-        ("node int8", ("node int8", "node int8+compile", "node int8+LoRA+compile",
+        ("node int8", ("node int8", "node int8+compile", "node int8+LoRA+compile", "node int8+compile (unfused)",
                        "node int8+compile (inductor quantization)")),
         ("native int8", ("native int8", "native int8+compile")),
     ):  # fmt: skip
@@ -304,11 +316,7 @@ def run(args, scratch: Path) -> dict:
             if "compile" in row:
                 target = compiled(target)
             start = time.perf_counter()
-            with (
-                inductor_quantization()
-                if "inductor" in row
-                else contextlib.nullcontext()
-            ):
+            with experiment(row):
                 first, times = bench.step_ms(target)
             total = time.perf_counter() - start
             row_error = (
