@@ -46,9 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.int8.linear import QuantizedLayerError, check_int8_tensors, int8_kind
+from engine.int8.linear import QuantizedLayerError, check_int8_tensors, float_weight, int8_kind
 from engine.int8.ops import int8_linear
-from engine.int8.quantize import dequantize_weight
 from engine.int8.rotation import (
     RotationError,
     comfy_quant_entry,
@@ -172,8 +171,7 @@ def int8_operations(load_device: torch.device | None = None) -> type:
                 dtype and on any device): ComfyUI's LoRA merge patches this."""
                 if not self.int8:
                     return super().convert_weight(weight, inplace=inplace, **kwargs)
-                w = dequantize_weight(weight, self.weight_scale.to(weight.device))
-                return rotate(w, self.rotation) if self.rotation else w
+                return float_weight(weight, self.weight_scale.to(weight.device), self.rotation)
 
             def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
                 """Store a patched float weight (from :meth:`convert_weight` plus ComfyUI's patches) on

@@ -80,6 +80,13 @@ def check_int8_tensors(
     return weight, scale.to(weight.device), _checked_rotation(rotation, in_features)
 
 
+def float_weight(weight: torch.Tensor, weight_scale: torch.Tensor, rotation: int = 0) -> torch.Tensor:
+    """The float32 weight an int8 layer stands for: its int8 values times their scale, rotated back when
+    the layer stores them rotated by groups of ``rotation`` input channels."""
+    w = dequantize_weight(weight, weight_scale)
+    return rotate(w, rotation) if rotation else w
+
+
 def int8_kind(weight_scale: torch.Tensor, rotation: int) -> str:
     """An int8 layer's kind in words, for reprs: its scheme ("rowwise", "tensorwise") and rotation."""
     kind = "tensorwise" if weight_scale.ndim == 0 else "rowwise"
@@ -145,8 +152,7 @@ class Int8Linear(FusedLinear):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the layer stands for (rotated back when it is stored rotated)."""
-        w = dequantize_weight(self.weight, self.weight_scale)
-        return (rotate(w, self.rotation) if self.rotation else w).to(dtype)
+        return float_weight(self.weight, self.weight_scale, self.rotation).to(dtype)
 
     def forward(self, x: Input) -> torch.Tensor:
         lora = self.lora
