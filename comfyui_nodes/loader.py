@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from engine.int8.attention import int8_attention
 from engine.int8 import graph_fusion
+from engine.int8.attention import int8_attention
 from engine.int8.choices import ATTENTIONS, DEFAULT_ATTENTION, AttentionChoice
 from engine.int8.operands import ATTENTION_HEAD_DIMS
 from engine.int8.ops import describe_backend

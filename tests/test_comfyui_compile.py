@@ -25,7 +25,7 @@ FUSED = {  # each double block's two MLPs (gate|up in one layer), each single bl
 
 
 @NEEDS_INTERPRETER
-def test_torch_compile_model_node_runs_our_flux2_fused(comfy, files):
+def test_torch_compile_model_node_runs_our_flux2_fused(comfy, files):  # noqa: F811
     """(Z-Image's shared quantization and gate: tests/test_graph_fusion.py's ForeignBlock has its layout.)"""
     from comfy.ldm.flux import math as flux_math
     from comfy.ldm.modules import attention
