@@ -12,6 +12,9 @@ quarter as many audio tokens) and ``--text`` prompt tokens records each Linear's
 layer_error.py's measurement (``print_errors``): each Linear as an ``Int8Linear`` on its own input, then the
 model's output with the family's rule, with its first blocks kept too, and with every Linear int8. LTX-2's
 text connectors run in the measured call (ComfyUI runs them once per prompt, in ``extra_conds``).
+``random_tensor`` draws a 1-D tensor as a norm scale (near 1) and a table with std 1; ``--offsets GLOB`` draws
+the additive modulation offsets it matches small instead (std 0.02), to see how much of an output error
+comes from that draw (Krea 2's ``blocks.*.mod.lin``, near 1 in every channel, shifts every token alike).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -111,10 +115,13 @@ MODELS = {
 }
 
 
-def load(comfy, m: Measured, config: dict) -> object:
-    """ComfyUI's model of ``config`` with random float32 weights."""
+def load(comfy, m: Measured, config: dict, offsets: tuple[str, ...]) -> object:
+    """ComfyUI's model of ``config`` with random float32 weights, the tensors ``offsets`` match drawn small."""
     arch = REGISTRY[m.arch]
     tensors = float_tensors(arch, config, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(SEED)
+    for name in sorted(n for n in tensors if any(fnmatchcase(n, glob) for glob in offsets)):
+        tensors[name] = torch.randn(tensors[name].shape, generator=g) * 0.02
     options = {"dtype": torch.float32}
     if m.detection_metadata:
         return comfy.sd.load_diffusion_model_state_dict(tensors, options, metadata=m.detection_metadata(config))
@@ -130,7 +137,7 @@ def measure(args, home: Path) -> None:
     frames = args.frames if m.video else 1
     side = math.isqrt(args.tokens // frames)
     comfy = import_comfyui(Path(args.comfyui), home, cpu=True, stand_ins=tuple(args.stand_ins.split(",")))
-    patcher = load(comfy, m, config)
+    patcher = load(comfy, m, config, tuple(args.offsets))
     model = patcher.model.diffusion_model
     x, kwargs = m.inputs(torch.Generator().manual_seed(SEED), side, frames, args.text)
     sigma = torch.full((1,), 0.6)
@@ -155,6 +162,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="image or video tokens (default 256)")
     parser.add_argument("--frames", type=int, default=4, help="latent frames of a video model (default 4)")
     parser.add_argument("--depth", type=depth_overrides, default={}, metavar="KEY=N[,KEY=N]")
+    parser.add_argument("--offsets", action="append", default=[], metavar="GLOB",
+                        help="draw these tensors as additive offsets, std 0.02 (repeatable): random_tensor draws a 1-D "
+                             "tensor as a norm scale near 1 and a table with std 1, e.g. Krea 2's 'blocks.*.mod.lin'")
     parser.add_argument("--stand-ins", default="torchvision,torchaudio",
                         help="packages ComfyUI imports that are missing (default torchvision,torchaudio)")
     args = arguments(parser).parse_args()
