@@ -10,7 +10,7 @@ ways, each compared with the first (relative L2 of the output):
 - reference: float32 linears, float32 SDPA;
 - int8 attention: q, k, v rounded to bfloat16 and attended as the int8 kernel does, its output in bfloat16
   (``tests.int8_reference.attention_emulation``: the Triton kernel's rounding in PyTorch, checked against
-  the kernel in ``tests/test_int8_attention.py``; the interpreter would take days at these token counts);
+  the kernel in ``tests/test_int8_attention.py``; the interpreter would take hours per call here);
 - int8 linears: the architecture's high-precision rule, row-wise weights, per-token activations; SDPA;
 - both.
 
