@@ -20,7 +20,7 @@ FUSED = {  # each double block's two MLPs (gate|up in one layer), each single bl
     "shared quantizations": 0,
     "gated GEMMs": 2 * FLUX2["double_blocks"] + FLUX2["single_blocks"],
     "narrowed GEMMs": FLUX2["single_blocks"],
-    "prefixed quantizations": FLUX2["single_blocks"],
+    "fused quantizations": FLUX2["single_blocks"],
 }
 
 

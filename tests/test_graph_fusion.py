@@ -28,9 +28,9 @@ def int8_layer(n: int, k: int, device: str, scheme: str = "rowwise") -> torch.nn
 
 class ForeignBlock(torch.nn.Module):
     """Model code as ComfyUI writes it: one int8 layer per Linear, finished tensors between them. A Flux.2
-    double block's MLP (a fused gate|up layer, chunked), Z-Image's (``w1``, ``w3`` on one input) and a
+    double block's MLP (a fused gate|up layer, chunked), Z-Image's (``w1``, ``w3`` on one input), a Flux.2
     single block's (``linear1`` = q|k|v and the MLP's gate|up; ``linear2`` on the attention's output
-    concatenated with the gated MLP)."""
+    concatenated with the gated MLP), and Chroma's GELU MLPs (a double block's, a single block's)."""
 
     def __init__(self, device: str, tensorwise_w3: bool = False) -> None:
         super().__init__()
@@ -41,6 +41,10 @@ class ForeignBlock(torch.nn.Module):
             "w3": int8_layer(HIDDEN, WIDTH, device, "tensorwise" if tensorwise_w3 else "rowwise"),
             "linear1": int8_layer(3 * WIDTH + 2 * HIDDEN, WIDTH, device),
             "linear2": int8_layer(WIDTH, WIDTH + HIDDEN, device),
+            "fc1": int8_layer(HIDDEN, WIDTH, device),
+            "fc2": int8_layer(WIDTH, HIDDEN, device),
+            "gelu_linear1": int8_layer(3 * WIDTH + HIDDEN, WIDTH, device),
+            "gelu_linear2": int8_layer(WIDTH, WIDTH + HIDDEN, device),
         })  # fmt: skip
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +58,11 @@ class ForeignBlock(torch.nn.Module):
         attention = qkv[..., :WIDTH] * qkv[..., 2 * WIDTH :].sigmoid()  # reads q and v, not k
         mlp = F.silu(mlp[..., HIDDEN:]) * mlp[..., :HIDDEN]  # the gate second, as Flux.2's "yak" MLP has it
         single = self.linear("linear2", torch.cat([attention, mlp], dim=-1))
-        return torch.cat([double, zimage, single], dim=-1)
+        gelu_double = self.linear("fc2", F.gelu(self.linear("fc1", x), approximate="tanh"))
+        qkv, mlp = torch.split(self.linear("gelu_linear1", x), [3 * WIDTH, HIDDEN], dim=-1)
+        mlp = F.gelu(mlp, approximate="tanh")
+        gelu_single = self.linear("gelu_linear2", torch.cat([qkv.unflatten(-1, (3, WIDTH)).sum(-2), mlp], -1))
+        return torch.cat([double, zimage, single, gelu_double, gelu_single], dim=-1)
 
 
 def compiled_with_fusion(fn, **compile_options):
@@ -85,10 +93,10 @@ def test_foreign_block_runs_fused_with_the_same_output(fusion_pass, device, dtyp
         compiled, _ = compiled_with_fusion(block)
         fused = compiled(x)
     assert Int8GraphFusion.counts == {
-        "shared quantizations": 3,  # x once for gate_up, w1, w3 and linear1
+        "shared quantizations": 5,  # x quantized once for gate_up, w1, w3, linear1, fc1 and gelu_linear1
         "gated GEMMs": 3,
         "narrowed GEMMs": 1,  # linear1: q|k|v alone, its MLP half gated
-        "prefixed quantizations": 1,  # linear2's input, never concatenated
+        "fused quantizations": 3,  # linear2 and gelu_linear2 (never concatenated), fc2 (GELU on the way in)
     }
     # the same int8 products; the gate rounds once where silu(a) · b rounds twice
     assert relative(fused, eager) < (1e-5 if dtype == torch.float32 else 1e-2)

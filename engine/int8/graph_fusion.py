@@ -13,9 +13,10 @@ rewrites the graph:
   never written out (Flux.2's fused gate|up in-projection, Z-Image's ``w1``/``w3``);
 * **narrowing**: a GEMM whose output is read only in some channel ranges computes those alone, one
   GEMM per range (a Flux.2 single block's ``linear1`` once its MLP half runs gated);
-* **prefix**: quantizing ``cat([P, G], -1)`` quantizes P and G where they are
-  (``quantize_activated_tokens("identity", G, prefix=P)``): the concatenation is never written out (a
-  single block's ``linear2`` input).
+* **activation and prefix in the quantization**: quantizing ``activation(A)`` or ``cat([P, activation(A)],
+  -1)`` (GELU-tanh, a SwiGLU left ungated, or none) reads A and P where they are and applies the
+  activation on the way in (``quantize_activated_tokens``): neither is written out (the MLP
+  down-projections of Chroma and Flux.1, every single block's ``linear2`` input).
 
 The int8 products are the same; the gated epilogue rounds once where ``silu(a) · b`` in bf16 rounds twice.
 Weight rows are sliced as views of the layer's own int8 weight (contiguous: whole rows), so nothing is
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import operator
 from pathlib import Path
 from typing import NamedTuple
@@ -276,23 +278,77 @@ def narrow_gemms(graph: fx.Graph, build: _Builder) -> int:
     return narrowed
 
 
-def quantize_prefixed(graph: fx.Graph, build: _Builder) -> int:
-    """``quantize_tokens(cat([P, G], -1))`` → ``quantize_activated_tokens("identity", G, prefix=P)``."""
+def _constant(node, value: float) -> bool:
+    return isinstance(node, float) and abs(node - value) < 1e-6 * abs(value)
+
+
+def _scaled(node, value: float) -> fx.Node | None:
+    """x where ``node`` is ``x · value``."""
+    if _call(node, aten.mul.Tensor):
+        x, c = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
+        return x if _constant(c, value) else None
+    return None
+
+
+def _gelu_tanh_input(node: fx.Node) -> fx.Node | None:
+    """x where ``node`` computes ``gelu(x, approximate="tanh")`` as its decomposition does:
+    ``x/2 · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))``."""
+    node = _uncast(node)
+    if _call(node, aten.gelu.default) and node.kwargs.get("approximate", "none") == "tanh":
+        return node.args[0]
+    if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
+        return None
+    for half, one_plus in (node.args, node.args[::-1]):
+        x = _scaled(half, 0.5)
+        if x is None or not (_call(one_plus, aten.add.Tensor) and 1 in one_plus.args):
+            continue
+        tanh = next((a for a in one_plus.args if _call(a, aten.tanh.default)), None)
+        inner = _scaled(tanh.args[0], (2 / math.pi) ** 0.5) if tanh is not None else None
+        if _call(inner, aten.add.Tensor) and x in inner.args:
+            cubic = _scaled(next(a for a in inner.args if a is not x), 0.044715)
+            if _call(cubic, aten.mul.Tensor) and x in cubic.args:
+                return x
+    return None
+
+
+def _activation(y: fx.Node) -> tuple[str, fx.Node, fx.Node | None]:
+    """``y`` as an activation the quantization kernel applies: ``(name, a, b)`` (``identity`` if none)."""
+    a = _gelu_tanh_input(y)
+    if a is not None:
+        return "gelu_tanh", _uncast(a), None  # the kernel reads bf16 itself: no float32 copy
+    if _call(y, aten.mul.Tensor) and len(y.args) == 2:
+        for s, b in (y.args, y.args[::-1]):
+            a = _silu_input(s) if isinstance(s, fx.Node) else None
+            if a is not None and isinstance(b, fx.Node) and _same_shape(a, b):
+                return "swiglu", _uncast(a), _uncast(b)
+    return "identity", y, None
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    return tuple(map(str, _shape(a))) == tuple(map(str, _shape(b)))  # symbolic sizes compared as expressions
+
+
+def quantize_activated(graph: fx.Graph, build: _Builder) -> int:
+    """``quantize_tokens`` of ``activation(a, b)``, or of ``cat([P, activation(a, b)], -1)`` (any activation,
+    identity too) → ``quantize_activated_tokens(activation, a, b, prefix=P)``: what the kernel applies on
+    the way in is never written out."""
     fused = 0
     for node in list(graph.nodes):
         if not _call(node, int8.quantize_tokens.default):
             continue
         x = node.args[0]
-        cat = x.args[0] if _call(x, *VIEWS) else x
-        if not (_call(cat, aten.cat.default) and len(cat.args[0]) == 2 and _last_dim(cat, cat.args[1] if len(cat.args) > 1 else 0)):
-            continue
-        prefix, y = cat.args[0]
-        if not all(isinstance(_shape(t)[-1], int) for t in (prefix, y)):
+        y = _uncast(x.args[0] if _call(x, *VIEWS) else x)
+        prefix = None
+        if _call(y, aten.cat.default) and len(y.args[0]) == 2 and _last_dim(y, y.args[1] if len(y.args) > 1 else 0):
+            prefix, y = y.args[0]
+        activation, a, b = _activation(_uncast(y))
+        parts = [t for t in (a, b, prefix) if t is not None]
+        if (prefix is None and activation == "identity") or not all(isinstance(_shape(t)[-1], int) for t in parts):
             continue
         rotation = node.args[1] if len(node.args) > 1 else node.kwargs.get("rotation", 0)
         with graph.inserting_before(node):
-            flat = [build(aten.reshape.default, t, [-1, _shape(t)[-1]]) for t in (y, prefix)]
-            quantized = build(int8.quantize_activated_tokens.default, "identity", flat[0], None, flat[1], rotation)
+            a, b, prefix = (None if t is None else build(aten.reshape.default, t, [-1, _shape(t)[-1]]) for t in (a, b, prefix))
+            quantized = build(int8.quantize_activated_tokens.default, activation, a, b, prefix, rotation)
         node.replace_all_uses_with(quantized)
         graph.erase_node(node)
         fused += 1
@@ -312,7 +368,7 @@ class Int8GraphFusion(CustomGraphPass):
         graph.eliminate_dead_code()
         counts["narrowed GEMMs"] = narrow_gemms(graph, build)
         graph.eliminate_dead_code()
-        counts["prefixed quantizations"] = quantize_prefixed(graph, build)
+        counts["fused quantizations"] = quantize_activated(graph, build)
         graph.eliminate_dead_code()
         graph.lint()
         type(self).counts = counts
