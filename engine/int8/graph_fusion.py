@@ -96,29 +96,37 @@ def channels(node: fx.Node) -> Channels | None:
         if _call(node, *VIEWS) and _shape(node)[-1] == _shape(node.args[0])[-1]:
             sizes = node.args[1] if sizes is None else sizes
             node = node.args[0]
-        elif _call(node, aten.slice.Tensor) and _last_dim(node.args[0], node.args[1]) and node.args[4:] in ((), (1,)):
+        elif _call(node, aten.slice.Tensor) and _last_dim(node.args[0], _arg(node, 1, 0)) and _arg(node, 4, 1) == 1:
             offset += _start(node)
             node = node.args[0]
         elif _call(node, operator.getitem) and _call(node.args[0], aten.split.Tensor, aten.split_with_sizes.default):
             split, index = node.args
-            if not _last_dim(split.args[0], split.args[2] if len(split.args) > 2 else 0):
+            sizes_of_parts = _sizes(split)
+            if sizes_of_parts is None or not _last_dim(split.args[0], _arg(split, 2, 0)):
                 return None
-            offset += sum(_sizes(split)[:index])
+            offset += sum(sizes_of_parts[:index])
             node = split.args[0]
         else:
             return None
 
 
+def _arg(node: fx.Node, index: int, default):
+    """``node``'s positional argument ``index``, or ``default`` where it is left out (or None)."""
+    value = node.args[index] if len(node.args) > index else None
+    return default if value is None else value
+
+
 def _start(slice_node: fx.Node) -> int:
-    start = slice_node.args[2] if len(slice_node.args) > 2 and slice_node.args[2] is not None else 0
+    start = _arg(slice_node, 2, 0)
     return start + _shape(slice_node.args[0])[-1] if start < 0 else start
 
 
-def _sizes(split: fx.Node) -> list[int]:
+def _sizes(split: fx.Node) -> list[int] | None:
+    """The widths of a split's parts, or None where they are symbolic."""
     width, size = _shape(split.args[0])[-1], split.args[1]
-    if isinstance(size, int):
+    if isinstance(size, int) and isinstance(width, int):
         return [min(size, width - i) for i in range(0, width, size)]
-    return list(size)
+    return list(size) if isinstance(size, (list, tuple)) and all(isinstance(n, int) for n in size) else None
 
 
 def _silu_input(node: fx.Node) -> fx.Node | None:
