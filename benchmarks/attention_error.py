@@ -72,9 +72,13 @@ def per_call(calls: list[Call]) -> str:
     spans = []
     for tokens in sorted({c[0] for c in calls}, reverse=True):
         int8, bf16 = zip(*((c[1], c[2]) for c in calls if c[0] == tokens))
-        span = lambda xs: f"{min(xs):.2%}" + (f"–{max(xs):.2%}" if max(xs) - min(xs) >= 5e-5 else "")
-        spans.append(f"{tokens}: {span(int8)} ({span(bf16)})")
+        spans.append(f"{tokens}: {_span(int8)} ({_span(bf16)})")
     return ", ".join(spans)
+
+
+def _span(errors: tuple[float, ...]) -> str:
+    low, high = min(errors), max(errors)
+    return f"{low:.2%}" + (f"–{high:.2%}" if high - low >= 5e-5 else "")
 
 
 def main() -> None:
