@@ -1,6 +1,6 @@
 """Detection-only families of issue 26 (Krea 2, ERNIE-Image, HiDream-O1, Anima, …): tiny files of the real
 single-file layout, bare and ComfyUI-prefixed, are read with their config and variant, and a conversion
-quantizes exactly the blocks' attention and MLP linears (the generic layout tests in test_models.py run on
+quantizes exactly the blocks' attention and MLP linears (the generic layout tests in test_models*.py run on
 them too)."""
 
 from __future__ import annotations

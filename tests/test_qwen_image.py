@@ -106,7 +106,7 @@ def test_a_diffusers_file_alone_or_in_its_folder(tmp_path):
 @pytest.mark.parametrize("extra", ["__index_timestep_zero__", "time_text_embed.addition_t_embedding.weight"])
 def test_edit_2511_and_layered_convert_but_do_not_run(tmp_path, extra):
     """Their extra tensor (Edit 2511's marker, Layered's second time condition) is kept by conversion,
-    so ComfyUI tells them apart (test_comfyui_nodes); our module has no place for it."""
+    so ComfyUI tells them apart (test_comfyui_detection); our module has no place for it."""
     shape = (0,) if extra.startswith("__") else (2, TINY["hidden"])
     tensors = random_tensors("qwen_image") | {extra: torch.zeros(shape, dtype=torch.bfloat16)}
     source = write_single_file(tmp_path / "qwen.safetensors", "qwen_image", tensors=tensors)
