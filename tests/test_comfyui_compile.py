@@ -1,7 +1,7 @@
 """Our node's model under ComfyUI's own TorchCompileModel node, on the CPU: inductor compiles ComfyUI's
-Flux.2 code with our int8 ops in it, :mod:`engine.int8.graph_fusion` fuses around them (the MLPs' gates,
-the single blocks' concatenation), and the compiled model samples what the eager one does. The Triton
-kernels run in the interpreter, as they run compiled on a GPU."""
+Flux.2 code with our int8 ops in it, :mod:`engine.int8.graph_fusion` fuses around them (norms and
+modulation, the MLPs' gates, the single blocks' concatenation), and the compiled model samples what the
+eager one does. The Triton kernels run in the interpreter, as they run compiled on a GPU."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ FUSED = {  # each double block's two MLPs (gate|up in one layer), each single bl
     "shared quantizations": 0,
     "gated GEMMs": 2 * FLUX2["double_blocks"] + FLUX2["single_blocks"],
     "narrowed GEMMs": FLUX2["single_blocks"],
-    "fused quantizations": FLUX2["single_blocks"],
+    # the inputs after a norm and modulation (four per double block, one per single block); linear2's
+    "fused quantizations": 4 * FLUX2["double_blocks"] + 2 * FLUX2["single_blocks"],
 }
 
 

@@ -30,7 +30,8 @@ class ForeignBlock(torch.nn.Module):
     """Model code as ComfyUI writes it: one int8 layer per Linear, finished tensors between them. A Flux.2
     double block's MLP (a fused gate|up layer, chunked), Z-Image's (``w1``, ``w3`` on one input), a Flux.2
     single block's (``linear1`` = q|k|v and the MLP's gate|up; ``linear2`` on the attention's output
-    concatenated with the gated MLP), and Chroma's GELU MLPs (a double block's, a single block's)."""
+    concatenated with the gated MLP), Chroma's GELU MLPs (a double block's, a single block's), and a layer
+    on a layer norm modulated per sample (ComfyUI's ``addcmul``)."""
 
     def __init__(self, device: str, tensorwise_w3: bool = False) -> None:
         super().__init__()
@@ -45,12 +46,13 @@ class ForeignBlock(torch.nn.Module):
             "fc2": int8_layer(WIDTH, HIDDEN, device),
             "gelu_linear1": int8_layer(3 * WIDTH + HIDDEN, WIDTH, device),
             "gelu_linear2": int8_layer(WIDTH, WIDTH + HIDDEN, device),
+            "modulated": int8_layer(WIDTH, WIDTH, device),
         })  # fmt: skip
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, *self.layers[name])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         a, b = self.linear("gate_up", x).chunk(2, dim=-1)
         double = self.linear("down", F.silu(a) * b)
         zimage = F.silu(self.linear("w1", x)) * self.linear("w3", x)
@@ -62,7 +64,9 @@ class ForeignBlock(torch.nn.Module):
         qkv, mlp = torch.split(self.linear("gelu_linear1", x), [3 * WIDTH, HIDDEN], dim=-1)
         mlp = F.gelu(mlp, approximate="tanh")
         gelu_single = self.linear("gelu_linear2", torch.cat([qkv.unflatten(-1, (3, WIDTH)).sum(-2), mlp], -1))
-        return torch.cat([double, zimage, single, gelu_double, gelu_single], dim=-1)
+        shift, scale = vec[:, None].chunk(2, dim=-1)
+        modulated = self.linear("modulated", torch.addcmul(shift, F.layer_norm(x, (WIDTH,), eps=1e-6), 1 + scale))
+        return torch.cat([double, zimage, single, gelu_double, gelu_single, modulated], dim=-1)
 
 
 def compiled_with_fusion(fn, **compile_options):
@@ -88,15 +92,17 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_foreign_block_runs_fused_with_the_same_output(fusion_pass, device, dtype):
     block = ForeignBlock(device)
     x = torch.randn(2, 37, WIDTH, device=device, dtype=dtype)
+    vec = torch.randn(2, 2 * WIDTH, device=device, dtype=dtype) / 4
     with use_backend("triton"), torch.inference_mode():
-        eager = block(x)
+        eager = block(x, vec)
         compiled, _ = compiled_with_fusion(block)
-        fused = compiled(x)
+        fused = compiled(x, vec)
     assert Int8GraphFusion.counts == {
         "shared quantizations": 5,  # x quantized once for gate_up, w1, w3, linear1, fc1 and gelu_linear1
         "gated GEMMs": 3,
         "narrowed GEMMs": 1,  # linear1: q|k|v alone, its MLP half gated
-        "fused quantizations": 3,  # linear2 and gelu_linear2 (never concatenated), fc2 (GELU on the way in)
+        # linear2 and gelu_linear2 (never concatenated), fc2 (GELU on the way in), modulated (normalized)
+        "fused quantizations": 4,
     }
     # the same int8 products; the gate rounds once where silu(a) · b rounds twice
     assert relative(fused, eager) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -108,8 +114,8 @@ def test_fusions_hold_for_any_token_count(fusion_pass, device):
     with use_backend("triton"), torch.inference_mode():
         compiled, counter = compiled_with_fusion(block, dynamic=True)
         for tokens in (37, 53):
-            x = torch.randn(2, tokens, WIDTH, device=device)
-            assert relative(compiled(x), block(x)) < 1e-5
+            x, vec = torch.randn(2, tokens, WIDTH, device=device), torch.randn(2, 2 * WIDTH, device=device) / 4
+            assert relative(compiled(x, vec), block(x, vec)) < 1e-5
     assert counter.frame_count == 1
     assert Int8GraphFusion.counts["gated GEMMs"] == 3
 

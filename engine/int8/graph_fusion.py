@@ -6,6 +6,9 @@ ops, opaque to it), so a compiled ComfyUI model writes out what ours never do. :
 an inductor post-grad pass that only touches ``int8_studio::*`` nodes and what lies between them,
 rewrites the graph:
 
+* **norm and modulation in the quantization**: quantizing ``layer_norm(x) · (1 + scale) + shift`` (one
+  scale and shift per sample: Flux's and Chroma's blocks) normalizes in the quantization kernel
+  (``quantize_normed_tokens``): the normalized tokens are never written out;
 * **one quantization** per tensor: ``quantize_tokens`` of a tensor already quantized the same way reuses
   that result (Z-Image's ``to_q``/``to_k``/``to_v`` and ``w1``/``w3`` take one input);
 * **gated GEMM**: ``silu(A) · B``, where A and B are equally wide channel ranges of int8 GEMMs on one
@@ -39,6 +42,7 @@ from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import engine.int8.ops  # noqa: F401 (defines the int8_studio ops the pass matches)
+from engine.int8.backends import kernels
 
 log = logging.getLogger("int8_studio")
 
@@ -363,6 +367,73 @@ def quantize_activated(graph: fx.Graph, build: _Builder) -> int:
     return fused
 
 
+def _layer_norm(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """``(x, eps)`` where ``node`` computes ``layer_norm(x, eps)`` without a weight, as decomposed:
+    ``(x - mean) · rsqrt(var + eps)`` of ``var_mean(x)`` over the last dimension."""
+    node = _uncast(node)
+    if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
+        return None
+    for centred, r in (node.args, node.args[::-1]):
+        if not (_call(centred, aten.sub.Tensor) and _call(r, aten.rsqrt.default) and _call(r.args[0], aten.add.Tensor)):
+            continue
+        (x, mean), (var, eps) = centred.args, r.args[0].args
+        stats = var.args[0] if _call(var, operator.getitem) else None
+        if (
+            _call(stats, aten.var_mean.correction) and stats.args[0] is x and isinstance(eps, float)
+            and var.args[1] == 0 and _call(mean, operator.getitem) and mean.args == (stats, 1)
+            and list(stats.args[1]) in ([-1], [len(_shape(x)) - 1]) and stats.kwargs.get("correction") == 0
+        ):  # fmt: skip
+            return _uncast(x), eps
+    return None
+
+
+def _modulated(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(normed, scale, shift)`` where ``node`` is ``normed · (1 + scale) + shift`` (ComfyUI's
+    ``addcmul(shift, normed, 1 + scale)``, or the product and the sum)."""
+    node = _uncast(node)
+    if _call(node, aten.addcmul.default) and len(node.args) == 3 and not node.kwargs:
+        shift, normed, one_plus = node.args
+    elif _call(node, aten.add.Tensor) and _call(_uncast(node.args[0]), aten.mul.Tensor):
+        (normed, one_plus), shift = _uncast(node.args[0]).args, node.args[1]
+    else:
+        return None
+    one_plus = _uncast(one_plus)
+    if _call(one_plus, aten.add.Tensor) and one_plus.args[1] == 1 and isinstance(shift, fx.Node):
+        return normed, one_plus.args[0], shift
+    return None
+
+
+def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
+    """``quantize_tokens`` of ``layer_norm(x) · (1 + scale) + shift``, with one scale and shift per sample
+    → ``quantize_normed_tokens``: the normalized, modulated tokens are never written out."""
+    fused = 0
+    widest = kernels.SINGLE_PASS_MAX_K if kernels is not None else None
+    for node in list(graph.nodes):
+        if not _call(node, int8.quantize_tokens.default) or _arg(node, 1, 0):
+            continue
+        y = node.args[0]
+        modulated = _modulated(y.args[0] if _call(y, *VIEWS) else y)
+        norm = _layer_norm(modulated[0]) if modulated else None
+        if norm is None:
+            continue
+        (x, eps), (_, scale, shift) = norm, modulated
+        shape, width = _shape(x), _shape(x)[-1]
+        per_sample = all(
+            len(_shape(t)) == 3 and str(_shape(t)[0]) == str(shape[0]) and _shape(t)[1] == 1 and _shape(t)[2] == width
+            for t in (scale, shift)
+        )
+        if len(shape) != 3 or not per_sample or not isinstance(width, int) or (widest and width > widest):
+            continue
+        with graph.inserting_before(node):
+            tokens = shape[1] if isinstance(shape[1], int) else build(aten.sym_size.int, x, 1)
+            x2, scale, shift = (build(aten.reshape.default, t, [-1, width]) for t in (x, scale, shift))
+            quantized = build(int8.quantize_normed_tokens.default, x2, False, None, eps, scale, shift, tokens)
+        node.replace_all_uses_with(quantized)
+        graph.erase_node(node)
+        fused += 1
+    return fused
+
+
 class Int8GraphFusion(CustomGraphPass):
     """The post-grad pass (module docstring). ``counts`` holds what the last graph it ran on got."""
 
@@ -376,7 +447,7 @@ class Int8GraphFusion(CustomGraphPass):
         graph.eliminate_dead_code()
         counts["narrowed GEMMs"] = narrow_gemms(graph, build)
         graph.eliminate_dead_code()
-        counts["fused quantizations"] = quantize_activated(graph, build)
+        counts["fused quantizations"] = quantize_activated(graph, build) + quantize_normed(graph, build)
         graph.eliminate_dead_code()
         graph.lint()
         type(self).counts = counts
