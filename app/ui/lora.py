@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
@@ -260,8 +260,23 @@ class LoraPage(Page):
         cell.setText(text)
         cell.setToolTip(text)
         cell.setData(Qt.ItemDataRole.UserRole, ok)
-        cell.setForeground(QBrush(QColor(theme.current()["text" if ok else "danger"])))
+        self._tint_coverage(cell)
         self.update_ready()
+
+    def _tint_coverage(self, cell: QTableWidgetItem) -> None:
+        """A LoRA that does not fit in the theme's danger colour; one that fits in the table's own
+        text colour, so it follows the theme."""
+        if cell.data(Qt.ItemDataRole.UserRole) is False:
+            cell.setForeground(QBrush(QColor(theme.current()["danger"])))
+        else:
+            cell.setData(Qt.ItemDataRole.ForegroundRole, None)
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        table = getattr(self, "table", None)  # none yet while the page is being built
+        if event.type() == QEvent.Type.PaletteChange and table is not None:  # the theme changed
+            for row in range(table.rowCount()):
+                self._tint_coverage(table.item(row, COVERAGE))
 
     def unfit_loras(self) -> list[str]:
         """A sentence for each LoRA in the stack that its check found not to fit the model."""
