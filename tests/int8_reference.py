@@ -114,15 +114,15 @@ def _emulated_heads(q, k, v, q_factor, query_block: int, key_block: int, to_half
     acc = torch.zeros(heads, tokens, dim)
     for start in range(0, tokens, key_block):
         keys = slice(start, start + key_block)
-        scale = q_scale[:, :, None] * k_scale[:, None, keys]  # one value per pair of blocks, as in the kernel
-        s = torch.bmm(q8, k8[:, keys].transpose(1, 2)).mul_(scale)
+        scale = q_scale * k_scale[:, start, None]  # one value per pair of blocks, as in the kernel
+        s = torch.bmm(q8, k8[:, keys].transpose(1, 2)).mul_(scale[:, :, None])
         m_new = torch.maximum(m, s.amax(dim=2))
         alpha = torch.exp2(m - m_new)
-        p = torch.exp2(s.sub_(m_new[:, :, None]))
-        l = l * alpha + p.sum(dim=2)
-        acc = torch.baddbmm(acc * alpha[:, :, None], to_half(p).float(), v[:, keys].float())
+        p = s.sub_(m_new[:, :, None]).exp2_()
+        l.mul_(alpha).add_(p.sum(dim=2))
+        acc.mul_(alpha[:, :, None]).baddbmm_(to_half(p).float(), v[:, keys].float())
         m = m_new
-    return to_half(acc / l[:, :, None])
+    return to_half(acc.div_(l[:, :, None]))
 
 
 def interpreter_bfloat16(t: torch.Tensor) -> torch.Tensor:
