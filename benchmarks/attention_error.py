@@ -108,7 +108,8 @@ def main() -> None:
             with quantized(model, "rowwise", arch.keeps_high_precision):
                 linears = f"{rel_error(step(model, inputs[res]), reference[res]):.2%}"
                 both = f"{rel_error(step(model, inputs[res], emulated_int8_attention()), reference[res]):.2%}"
-        print(f"| {label} | {res}² | {int8_attention[res]:.2%} | {linears} | {both} | {per_call(calls[res])} |", flush=True)
+        row = (label, f"{res}²", f"{int8_attention[res]:.2%}", linears, both, per_call(calls[res]))
+        print(f"| {' | '.join(row)} |", flush=True)
     print(f"({time.monotonic() - started:.0f} s)")
 
 

@@ -99,7 +99,8 @@ def attention_emulation(q, k, v, sm_scale: float, heads: int = 4, to_half=None) 
     for b in range(q.shape[0]):
         for h in range(0, q.shape[1], heads):
             part = slice(h, h + heads)
-            out[b, part] = _emulated_heads(q[b, part], k[b, part], v[b, part], q_factor, QUERY_BLOCK, KEY_BLOCK, to_half)
+            qkv = (q[b, part], k[b, part], v[b, part])
+            out[b, part] = _emulated_heads(*qkv, q_factor, QUERY_BLOCK, KEY_BLOCK, to_half)
     return out
 
 
