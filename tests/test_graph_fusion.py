@@ -30,8 +30,9 @@ class ForeignBlock(torch.nn.Module):
     """Model code as ComfyUI writes it: one int8 layer per Linear, finished tensors between them. A Flux.2
     double block's MLP (a fused gate|up layer, chunked), Z-Image's (``w1``, ``w3`` on one input), a Flux.2
     single block's (``linear1`` = q|k|v and the MLP's gate|up; ``linear2`` on the attention's output
-    concatenated with the gated MLP), Chroma's GELU MLPs (a double block's, a single block's), and a layer
-    on a layer norm modulated per sample (ComfyUI's ``addcmul``)."""
+    concatenated with the gated MLP), Chroma's GELU MLPs (a double block's, a single block's), a layer on
+    a layer norm modulated per sample (ComfyUI's ``addcmul``) and one on an RMS norm scaled per sample
+    (Z-Image's)."""
 
     def __init__(self, device: str, tensorwise_w3: bool = False) -> None:
         super().__init__()
@@ -47,7 +48,9 @@ class ForeignBlock(torch.nn.Module):
             "gelu_linear1": int8_layer(3 * WIDTH + HIDDEN, WIDTH, device),
             "gelu_linear2": int8_layer(WIDTH, WIDTH + HIDDEN, device),
             "modulated": int8_layer(WIDTH, WIDTH, device),
+            "rms_modulated": int8_layer(WIDTH, WIDTH, device),
         })  # fmt: skip
+        self.rms_weight = torch.nn.Parameter(1 + torch.randn(WIDTH, device=device) / 4, requires_grad=False)
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, *self.layers[name])
@@ -66,7 +69,9 @@ class ForeignBlock(torch.nn.Module):
         gelu_single = self.linear("gelu_linear2", torch.cat([qkv.unflatten(-1, (3, WIDTH)).sum(-2), mlp], -1))
         shift, scale = vec[:, None].chunk(2, dim=-1)
         modulated = self.linear("modulated", torch.addcmul(shift, F.layer_norm(x, (WIDTH,), eps=1e-6), 1 + scale))
-        return torch.cat([double, zimage, single, gelu_double, gelu_single, modulated], dim=-1)
+        rms = F.rms_norm(x, (WIDTH,), self.rms_weight.to(x.dtype), eps=1e-5) * (1 + scale)
+        rms_modulated = self.linear("rms_modulated", rms)
+        return torch.cat([double, zimage, single, gelu_double, gelu_single, modulated, rms_modulated], dim=-1)
 
 
 def compiled_with_fusion(fn, **compile_options):
@@ -101,8 +106,8 @@ def test_foreign_block_runs_fused_with_the_same_output(fusion_pass, device, dtyp
         "shared quantizations": 5,  # x quantized once for gate_up, w1, w3, linear1, fc1 and gelu_linear1
         "gated GEMMs": 3,
         "narrowed GEMMs": 1,  # linear1: q|k|v alone, its MLP half gated
-        # linear2 and gelu_linear2 (never concatenated), fc2 (GELU on the way in), modulated (normalized)
-        "fused quantizations": 4,
+        # linear2 and gelu_linear2 (never concatenated), fc2 (GELU on the way in), the two normalized
+        "fused quantizations": 5,
     }
     # the same int8 products; the gate rounds once where silu(a) · b rounds twice
     assert relative(fused, eager) < (1e-5 if dtype == torch.float32 else 1e-2)

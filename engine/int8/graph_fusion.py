@@ -6,8 +6,9 @@ ops, opaque to it), so a compiled ComfyUI model writes out what ours never do. :
 an inductor post-grad pass that only touches ``int8_studio::*`` nodes and what lies between them,
 rewrites the graph:
 
-* **norm and modulation in the quantization**: quantizing ``layer_norm(x) · (1 + scale) + shift`` (one
-  scale and shift per sample: Flux's and Chroma's blocks) normalizes in the quantization kernel
+* **norm and modulation in the quantization**: quantizing ``norm(x) · (1 + scale) (+ shift)`` (a layer norm
+  or an RMS norm with its weight, one scale and shift per sample: the blocks of Flux, Chroma and
+  Z-Image) normalizes in the quantization kernel
   (``quantize_normed_tokens``): the normalized tokens are never written out;
 * **one quantization** per tensor: ``quantize_tokens`` of a tensor already quantized the same way reuses
   that result (Z-Image's ``to_q``/``to_k``/``to_v`` and ``w1``/``w3`` take one input);
@@ -387,25 +388,49 @@ def _layer_norm(node: fx.Node) -> tuple[fx.Node, float] | None:
     return None
 
 
-def _modulated(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+def _rms_norm(node: fx.Node) -> tuple[fx.Node, float, fx.Node | None] | None:
+    """``(x, eps, weight)`` where ``node`` computes ``rms_norm(x, eps) · weight`` (weight optional), as
+    decomposed: ``x · rsqrt(mean(x², -1) + eps)``."""
+    node, weight = _uncast(node), None
+    if _call(node, aten.mul.Tensor) and len(node.args) == 2 and not any(_call(_uncast(a), aten.rsqrt.default) for a in node.args):
+        inner, weight = node.args  # the weight's product
+        node = _uncast(inner)
+        if not isinstance(weight, fx.Node) or len(_shape(weight)) != 1:
+            return None
+    if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
+        return None
+    for x, r in (node.args, node.args[::-1]):
+        mean = _uncast(r.args[0]).args[0] if _call(r, aten.rsqrt.default) and _call(_uncast(r.args[0]), aten.add.Tensor, aten.add.Scalar) else None
+        eps = _uncast(r.args[0]).args[1] if mean is not None else None
+        square = mean.args[0] if _call(mean, aten.mean.dim) and list(mean.args[1]) in ([-1], [len(_shape(x)) - 1]) else None
+        if _call(square, aten.pow.Tensor_Scalar) and square.args == (x, 2) and isinstance(eps, float):
+            return _uncast(x), eps, None if weight is None else _uncast(weight)
+    return None
+
+
+def _modulated(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     """``(normed, scale, shift)`` where ``node`` is ``normed · (1 + scale) + shift`` (ComfyUI's
-    ``addcmul(shift, normed, 1 + scale)``, or the product and the sum)."""
-    node = _uncast(node)
+    ``addcmul(shift, normed, 1 + scale)``, or the product and the sum) or ``normed · (1 + scale)``
+    (shift None)."""
+    node, shift = _uncast(node), None
     if _call(node, aten.addcmul.default) and len(node.args) == 3 and not node.kwargs:
         shift, normed, one_plus = node.args
     elif _call(node, aten.add.Tensor) and _call(_uncast(node.args[0]), aten.mul.Tensor):
         (normed, one_plus), shift = _uncast(node.args[0]).args, node.args[1]
+    elif _call(node, aten.mul.Tensor) and len(node.args) == 2:
+        normed, one_plus = node.args
     else:
         return None
-    one_plus = _uncast(one_plus)
-    if _call(one_plus, aten.add.Tensor) and one_plus.args[1] == 1 and isinstance(shift, fx.Node):
-        return normed, one_plus.args[0], shift
+    for normed, one_plus in ((normed, one_plus), (one_plus, normed)):
+        one_plus = _uncast(one_plus)
+        if _call(one_plus, aten.add.Tensor) and one_plus.args[1] == 1 and (shift is None or isinstance(shift, fx.Node)):
+            return normed, one_plus.args[0], shift
     return None
 
 
 def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
-    """``quantize_tokens`` of ``layer_norm(x) · (1 + scale) + shift``, with one scale and shift per sample
-    → ``quantize_normed_tokens``: the normalized, modulated tokens are never written out."""
+    """``quantize_tokens`` of ``norm(x) · (1 + scale) (+ shift)``, a layer or RMS norm (with a weight), one
+    scale and shift per sample → ``quantize_normed_tokens``: the normalized tokens are never written out."""
     fused = 0
     widest = kernels.SINGLE_PASS_MAX_K if kernels is not None else None
     for node in list(graph.nodes):
@@ -413,21 +438,24 @@ def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
             continue
         y = node.args[0]
         modulated = _modulated(y.args[0] if _call(y, *VIEWS) else y)
-        norm = _layer_norm(modulated[0]) if modulated else None
-        if norm is None:
+        if modulated is None:
             continue
-        (x, eps), (_, scale, shift) = norm, modulated
+        normed, scale, shift = modulated
+        layer, rms = _layer_norm(normed), _rms_norm(normed)
+        if layer is None and rms is None:
+            continue
+        x, eps, weight = (*layer, None) if layer else rms
         shape, width = _shape(x), _shape(x)[-1]
         per_sample = all(
             len(_shape(t)) == 3 and str(_shape(t)[0]) == str(shape[0]) and _shape(t)[1] == 1 and _shape(t)[2] == width
-            for t in (scale, shift)
-        )
+            for t in (scale, shift) if t is not None
+        )  # fmt: skip
         if len(shape) != 3 or not per_sample or not isinstance(width, int) or (widest and width > widest):
             continue
         with graph.inserting_before(node):
             tokens = shape[1] if isinstance(shape[1], int) else build(aten.sym_size.int, x, 1)
-            x2, scale, shift = (build(aten.reshape.default, t, [-1, width]) for t in (x, scale, shift))
-            quantized = build(int8.quantize_normed_tokens.default, x2, False, None, eps, scale, shift, tokens)
+            x2, scale, shift = (t if t is None else build(aten.reshape.default, t, [-1, width]) for t in (x, scale, shift))
+            quantized = build(int8.quantize_normed_tokens.default, x2, layer is None, weight, eps, scale, shift, tokens)
         node.replace_all_uses_with(quantized)
         graph.erase_node(node)
         fused += 1
