@@ -4,9 +4,10 @@ own model at the real widths, and what the family's high-precision rule buys.
     PYTHONPATH=. python3 benchmarks/layer_error_comfyui.py wan2.2-14b --comfyui /tmp/cu/ComfyUI --blocks 2
 
 Wan, LTX-2, Krea 2, ERNIE-Image, Chroma Radiance, HiDream-O1 and Anima have no module in our engine, so
-layer_error.py cannot build them. Here the single file's tensors at the real widths with ``--blocks`` blocks per stack (``--depth``
-sets any other config key, e.g. LTX-2's ``connector_layers``) are drawn as ``benchmarks/comfyui.py`` draws
-them (``random_tensor``: std 1/√in), in float32, and loaded by ComfyUI's own loader as that benchmark does;
+layer_error.py cannot build them. Here the single file's tensors at the real widths with ``--blocks`` blocks
+per stack (``--depth`` sets any other config key, e.g. LTX-2's ``connector_layers``) are drawn as
+``benchmarks/comfyui.py`` draws them (``random_tensor``: std 1/√in), in float32, and loaded by ComfyUI's own
+loader as that benchmark does (``tiny_detection``: ComfyUI reads off the tensors the sizes it hard-codes);
 one ``apply_model`` on ``--tokens`` image or video tokens (video: ``--frames`` latent frames; LTX-2 also a
 quarter as many audio tokens) and ``--text`` prompt tokens records each Linear's input, and the rest is
 layer_error.py's measurement (``print_errors``): each Linear as an ``Int8Linear`` on its own input, then the
@@ -95,9 +96,9 @@ class Measured:
     text_once: bool = False
     """The model makes its context from the text once per prompt, in ComfyUI's ``extra_conds`` (LTX-2's
     connectors): the measured call does it too."""
-    detection_metadata: Callable[[dict], dict] | None = None
-    """The release file's metadata ComfyUI's detection reads, for a reduced config; without it,
-    ``tiny_detection`` makes ComfyUI read the sizes it would hard-code off the tensors."""
+    metadata: Callable[[dict], dict] | None = None
+    """The release file's metadata ComfyUI's detection reads, for a config (LTX-2's ``config``: its
+    connectors' depth; the other sizes are ComfyUI's defaults, the release's)."""
 
 
 MODELS = {
@@ -105,7 +106,7 @@ MODELS = {
     "wan2.2-14b": Measured("wan", "2.1 T2V 14B / 2.2 T2V A14B", video(16), video=True),
     "ltx2-19b": Measured(
         "ltx2", "19B (dev, distilled)", audio_video, video=True, text_once=True,
-        detection_metadata=lambda c: {"config": json.dumps({"transformer": {"connector_num_layers": c["connector_layers"]}})},
+        metadata=lambda c: {"config": json.dumps({"transformer": {"connector_num_layers": c["connector_layers"]}})},
     ),  # fmt: skip
     "krea2": Measured("krea2", "Raw / Turbo", image(16, 2, 12 * 2560)),
     "ernie-image": Measured("ernie", "8B / Turbo", image(128, 1, 3072)),
@@ -122,11 +123,9 @@ def load(comfy, m: Measured, config: dict, offsets: tuple[str, ...]) -> object:
     g = torch.Generator().manual_seed(SEED)
     for name in sorted(n for n in tensors if any(fnmatchcase(n, glob) for glob in offsets)):
         tensors[name] = torch.randn(tensors[name].shape, generator=g) * 0.02
-    options = {"dtype": torch.float32}
-    if m.detection_metadata:
-        return comfy.sd.load_diffusion_model_state_dict(tensors, options, metadata=m.detection_metadata(config))
+    metadata = m.metadata(config) if m.metadata else None
     with tiny_detection(comfy):
-        return comfy.sd.load_diffusion_model_state_dict(tensors, options)
+        return comfy.sd.load_diffusion_model_state_dict(tensors, {"dtype": torch.float32}, metadata=metadata)
 
 
 def measure(args, home: Path) -> None:
@@ -144,14 +143,16 @@ def measure(args, home: Path) -> None:
 
     def run() -> torch.Tensor:
         if m.text_once:
-            return patcher.model.apply_model(x, sigma, **{**kwargs, "c_crossattn": model.preprocess_text_embeds(kwargs["c_crossattn"])})
+            context = model.preprocess_text_embeds(kwargs["c_crossattn"])
+            return patcher.model.apply_model(x, sigma, **{**kwargs, "c_crossattn": context})
         return patcher.model.apply_model(x, sigma, **kwargs)
 
     params = sum(p.numel() for p in model.parameters()) / 1e9
     depth = ", ".join(f"{k} {config[k]}" for k in (*arch.depth_keys, *args.depth))
     grid = f"{frames}×{side}×{side}" if m.video else f"{side}×{side}"
     print(f"{arch.label} {m.variant} in ComfyUI's {type(patcher.model).__name__}, {depth} ({params:.2f}B parameters), "
-          f"{grid} tokens, {args.text} text tokens, {args.scheme} int8, float32 on the CPU, torch {torch.__version__}\n")  # fmt: skip
+          f"{grid} tokens, {args.text} text tokens, {args.scheme} int8, float32 on the CPU, "
+          f"torch {torch.__version__}\n")  # fmt: skip
     print_errors(model, run, arch, args)
 
 
