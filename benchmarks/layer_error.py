@@ -119,7 +119,7 @@ def arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--keep", action="append", default=[], metavar="GLOB",
                         help="also measure the rule with these weights kept (repeatable), e.g. '*_mod.lin.*'")
     parser.add_argument("--int8", action="append", default=[], metavar="GLOB",
-                        help="also measure the rule with these kept weights int8 (repeatable), e.g. 'time_projection.*'")
+                        help="also measure the rule with these kept weights int8 (repeatable), e.g. 'tproj.*'")
     return parser
 
 
