@@ -414,16 +414,18 @@ def _modulated(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     (shift None)."""
     node, shift = _uncast(node), None
     if _call(node, aten.addcmul.default) and len(node.args) == 3 and not node.kwargs:
-        shift, normed, one_plus = node.args
+        shift, *factors = node.args
     elif _call(node, aten.add.Tensor) and _call(_uncast(node.args[0]), aten.mul.Tensor):
-        (normed, one_plus), shift = _uncast(node.args[0]).args, node.args[1]
+        factors, shift = _uncast(node.args[0]).args, node.args[1]
     elif _call(node, aten.mul.Tensor) and len(node.args) == 2:
-        normed, one_plus = node.args
+        factors = node.args
     else:
         return None
-    for normed, one_plus in ((normed, one_plus), (one_plus, normed)):
+    if shift is not None and not isinstance(shift, fx.Node):
+        return None
+    for normed, one_plus in (factors, factors[::-1]):
         one_plus = _uncast(one_plus)
-        if _call(one_plus, aten.add.Tensor) and one_plus.args[1] == 1 and (shift is None or isinstance(shift, fx.Node)):
+        if _call(one_plus, aten.add.Tensor) and one_plus.args[1] == 1:
             return normed, one_plus.args[0], shift
     return None
 
