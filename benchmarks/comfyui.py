@@ -60,6 +60,7 @@ from comfyui_env import import_comfyui
 from benchmarks.model import depth_overrides
 from comfyui_nodes.loader import int8_layers, load_diffusion_model
 from comfyui_nodes.lora import apply_dynamic
+from engine.int8.graph_fusion import Int8GraphFusion
 from engine.int8.quantize import quantize_weight
 from engine.int8.rotation import comfy_quant_entry, json_bytes
 from engine.models.build import named_config, random_tensor
@@ -316,6 +317,7 @@ def run(args, scratch: Path) -> dict:
             if "compile" in row:
                 target = compiled(target)
             start = time.perf_counter()
+            Int8GraphFusion.totals.clear()
             with experiment(row):
                 first, times = bench.step_ms(target)
             total = time.perf_counter() - start
@@ -323,17 +325,17 @@ def run(args, scratch: Path) -> dict:
                 None if "LoRA" in row else error
             )  # the LoRA changes the output on purpose
             result["rows"][row] = {"ms": statistics.median(times), "all_ms": times, "error": row_error,
-                                   "first_step_s": first, "wall_s": total}  # fmt: skip
+                                   "first_step_s": first, "wall_s": total,
+                                   "graph_fusions": dict(Int8GraphFusion.totals)}  # fmt: skip
             if args.profile and device.type == "cuda":
                 profiled = top_kernels(
                     functools.partial(bench.step_ms, target), WARMUP + args.steps, 12
                 )
                 result["rows"][row]["kernels"] = profiled
                 print("\n".join(profiled))
-            print(
-                f"{row:<42} {statistics.median(times):8.1f} ms/step  ({total:.0f} s)",
-                flush=True,
-            )
+            line = f"{row:<42} {statistics.median(times):8.1f} ms/step  ({total:.0f} s)"
+            fusions = ", ".join(f"{n} {k}" for k, n in Int8GraphFusion.totals.items() if n)
+            print(f"{line}  graph fusions: {fusions}" if fusions else line, flush=True)
             (args.out / f"comfyui-{args.model}-{args.res}.json").write_text(
                 json.dumps(result, indent=2)
             )

@@ -34,6 +34,7 @@ import hashlib
 import logging
 import math
 import operator
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -465,9 +466,11 @@ def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
 
 
 class Int8GraphFusion(CustomGraphPass):
-    """The post-grad pass (module docstring). ``counts`` holds what the last graph it ran on got."""
+    """The post-grad pass (module docstring)."""
 
-    counts: dict[str, int] = {}
+    totals: Counter[str] = Counter()
+    """What the pass rewrote, summed over the graphs it ran on since ``totals.clear()`` (a graph inductor
+    takes from its cache is not rewritten again: it was when it was cached)."""
 
     def __call__(self, graph: fx.Graph) -> None:
         if not any(_call(n, int8.scaled_mm.default) for n in graph.nodes):
@@ -480,7 +483,7 @@ class Int8GraphFusion(CustomGraphPass):
         counts["fused quantizations"] = quantize_activated(graph, build) + quantize_normed(graph, build)
         graph.eliminate_dead_code()
         graph.lint()
-        type(self).counts = counts
+        Int8GraphFusion.totals.update(counts)
         log.debug("INT8 Studio graph fusion: %s", counts)
 
     def uuid(self) -> bytes:
