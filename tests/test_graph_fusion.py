@@ -129,7 +129,8 @@ def test_fusions_hold_for_any_token_count(fusion_pass, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_what_is_not_one_gated_product_stays(fusion_pass, device):
     """No gate for: products with a LoRA term, products of different inputs, a tensor-wise layer beside a
-    row-wise one (their scales differ in kind)."""
+    row-wise one (their scales differ in kind). No activation in the quantization of a layer whose input
+    regroups the activated channels into other tokens. Quantized the ordinary way, all of them."""
     block = ForeignBlock(device, tensorwise_w3=True)
     lora = LoraFactors(*(torch.randn(s, device=device) for s in ((4, WIDTH), (2 * HIDDEN, 4), (4,))))
 
@@ -137,13 +138,15 @@ def test_what_is_not_one_gated_product_stays(fusion_pass, device):
         a, b = int8_linear(x, *block.layers["gate_up"], lora=lora).chunk(2, dim=-1)
         other_inputs = F.silu(block.linear("w1", x)) * block.linear("w1", y)
         kinds = F.silu(block.linear("w1", x)) * block.linear("w3", x)
-        return torch.cat([F.silu(a) * b, other_inputs, kinds], dim=-1)
+        regrouped = F.gelu(block.linear("gate_up", x), approximate="tanh").reshape(-1, HIDDEN)  # 2 tokens a row
+        return torch.cat([F.silu(a) * b, other_inputs, kinds], dim=-1), block.linear("fc2", regrouped)
 
     x, y = (torch.randn(37, WIDTH, device=device) for _ in range(2))
     with use_backend("triton"), torch.inference_mode():
         compiled, _ = compiled_with_fusion(forward)
-        assert relative(compiled(x, y), forward(x, y)) < 1e-5
-    assert Int8GraphFusion.totals["gated GEMMs"] == 0
+        for fused, eager in zip(compiled(x, y), forward(x, y), strict=True):
+            assert relative(fused, eager) < 1e-5
+    assert Int8GraphFusion.totals["gated GEMMs"] == Int8GraphFusion.totals["fused quantizations"] == 0
 
 
 def test_install_puts_the_pass_in_inductors_config_once():

@@ -8,10 +8,10 @@ rewrites the graph:
 
 * **norm and modulation in the quantization**: quantizing ``norm(x) · (1 + scale) (+ shift)`` (a layer norm
   or an RMS norm with its weight, one scale and shift per sample: the blocks of Flux, Chroma and
-  Z-Image) normalizes in the quantization kernel
-  (``quantize_normed_tokens``): the normalized tokens are never written out;
+  Z-Image) normalizes in the quantization kernel (``quantize_normed_tokens``): the normalized tokens are
+  never written out;
 * **one quantization** per tensor: ``quantize_tokens`` of a tensor already quantized the same way reuses
-  that result (Z-Image's ``to_q``/``to_k``/``to_v`` and ``w1``/``w3`` take one input);
+  that result (Z-Image's ``w1`` and ``w3`` take one input);
 * **gated GEMM**: ``silu(A) · B``, where A and B are equally wide channel ranges of int8 GEMMs on one
   quantized input, becomes one gated ``scaled_mm`` on those rows of the weights: the two products are
   never written out (Flux.2's fused gate|up in-projection, Z-Image's ``w1``/``w3``);
@@ -319,7 +319,7 @@ def _gelu_tanh_input(node: fx.Node) -> fx.Node | None:
         tanh = next((a for a in one_plus.args if _call(a, aten.tanh.default)), None)
         inner = _scaled(tanh.args[0], (2 / math.pi) ** 0.5) if tanh is not None else None
         if _call(inner, aten.add.Tensor) and x in inner.args:
-            cubic = _scaled(next(a for a in inner.args if a is not x), 0.044715)
+            cubic = _scaled(next((a for a in inner.args if a is not x), None), 0.044715)
             if _call(cubic, aten.mul.Tensor) and x in cubic.args:
                 return x
     return None
@@ -342,6 +342,15 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return tuple(map(str, _shape(a))) == tuple(map(str, _shape(b)))  # symbolic sizes compared as expressions
 
 
+def _quantized(node: fx.Node) -> fx.Node | None:
+    """What a ``quantize_tokens`` node quantizes, before the view that flattens it to tokens (None where
+    that view regroups the channels)."""
+    x = node.args[0]
+    if not _call(x, *VIEWS):
+        return x
+    return x.args[0] if str(_shape(x.args[0])[-1]) == str(_shape(x)[-1]) else None
+
+
 def quantize_activated(graph: fx.Graph, build: _Builder) -> int:
     """``quantize_tokens`` of ``activation(a, b)``, or of ``cat([P, activation(a, b)], -1)`` (any activation,
     identity too) → ``quantize_activated_tokens(activation, a, b, prefix=P)``: what the kernel applies on
@@ -350,9 +359,10 @@ def quantize_activated(graph: fx.Graph, build: _Builder) -> int:
     for node in list(graph.nodes):
         if not _call(node, int8.quantize_tokens.default):
             continue
-        x = node.args[0]
-        y = _uncast(x.args[0] if _call(x, *VIEWS) else x)
-        prefix = None
+        y = _quantized(node)
+        if y is None:
+            continue
+        y, prefix = _uncast(y), None
         if _call(y, aten.cat.default) and len(y.args[0]) == 2 and _last_dim(y, y.args[1] if len(y.args) > 1 else 0):
             prefix, y = y.args[0]
         activation, a, b = _activation(_uncast(y))
@@ -439,8 +449,8 @@ def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
     for node in list(graph.nodes):
         if not _call(node, int8.quantize_tokens.default) or _arg(node, 1, 0):
             continue
-        y = node.args[0]
-        modulated = _modulated(y.args[0] if _call(y, *VIEWS) else y)
+        y = _quantized(node)
+        modulated = _modulated(y) if y is not None else None
         if modulated is None:
             continue
         normed, scale, shift = modulated
