@@ -122,7 +122,7 @@ def ui_format(graph: list) -> dict:
     for node_id, _, inputs, _ in graph:  # column = longest path from a node without link inputs
         sources = [v[0] for v in inputs.values() if isinstance(v, tuple)]
         column[node_id] = 1 + max((column[s] for s in sources), default=-1)
-    rows: dict[int, int] = {}
+    tops: dict[int, int] = {}  # per column, where its next node goes
     for order, (node_id, class_type, inputs, output_types) in enumerate(graph):
         node_inputs, widgets = [], []
         for name, value in inputs.items():
@@ -134,11 +134,12 @@ def ui_format(graph: list) -> dict:
                 widgets.append(value)
                 if (class_type, name) in SEEDED:
                     widgets.append("fixed")
-        row = rows.get(column[node_id], 0)
-        rows[column[node_id]] = row + 1
+        slots = max(len(node_inputs), len(output_types))
+        height, top = node_height(class_type, slots, len(widgets)), tops.get(column[node_id], 40)
+        tops[column[node_id]] = top + height + 70
         ui_nodes.append({
-            "id": node_id, "type": class_type, "pos": [40 + 360 * column[node_id], 40 + 200 * row],
-            "size": [320, 130 if class_type != "CLIPTextEncode" else 180], "flags": {}, "order": order, "mode": 0,
+            "id": node_id, "type": class_type, "pos": [40 + 360 * column[node_id], top],
+            "size": [320, height], "flags": {}, "order": order, "mode": 0,
             "inputs": node_inputs,
             "outputs": [{"name": t, "type": t, "links": [], "slot_index": i} for i, t in enumerate(output_types)],
             "properties": {"Node name for S&R": class_type}, "widgets_values": widgets,
@@ -149,6 +150,12 @@ def ui_format(graph: list) -> dict:
         "last_node_id": max(n["id"] for n in ui_nodes), "last_link_id": len(links), "nodes": ui_nodes,
         "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4,
     }  # fmt: skip
+
+
+def node_height(class_type: str, slots: int, widgets: int) -> int:
+    """A node's height in ComfyUI's canvas (below its title) that shows its ``slots`` rows of inputs and
+    outputs and its ``widgets`` (a prompt's text box gets more)."""
+    return 180 if class_type == "CLIPTextEncode" else 16 + 20 * slots + 24 * widgets
 
 
 def main() -> None:
