@@ -149,6 +149,28 @@ def test_what_is_not_one_gated_product_stays(fusion_pass, device):
     assert Int8GraphFusion.totals["gated GEMMs"] == Int8GraphFusion.totals["fused quantizations"] == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failing_rewrite_leaves_a_working_graph(fusion_pass, device, monkeypatch, caplog):
+    """A rewrite that fails after changing the graph (here: once it gated the products) costs its count,
+    never the compile: the graph runs, as right as before, the later rewrites still run, and a warning
+    names the one that failed."""
+
+    def gate_then_fail(graph, build):
+        original_gate(graph, build)
+        raise RuntimeError("a graph this rewrite was not written for")
+
+    original_gate = graph_fusion.gate_products
+    rewrites = [(n, gate_then_fail if f is original_gate else f) for n, f in graph_fusion.REWRITES]
+    monkeypatch.setattr(graph_fusion, "REWRITES", tuple(rewrites))
+    block = ForeignBlock(device)
+    x, vec = torch.randn(2, 37, WIDTH, device=device), torch.randn(2, 2 * WIDTH, device=device) / 4
+    with use_backend("triton"), torch.inference_mode():
+        compiled, _ = compiled_with_fusion(block)
+        assert relative(compiled(x, vec), block(x, vec)) < 1e-5
+    assert "graph fusion (gated GEMMs) failed; that part of the graph runs unfused" in caplog.text
+    assert Int8GraphFusion.totals["narrowed GEMMs"] == 1 and "gated GEMMs" not in Int8GraphFusion.totals
+
+
 def test_install_puts_the_pass_in_inductors_config_once():
     with torch._inductor.config.patch(post_grad_custom_post_pass=None):
         assert graph_fusion.install()

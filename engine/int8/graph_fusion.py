@@ -207,7 +207,7 @@ def _gateable(gate: Channels | None, up: Channels | None) -> bool:
     )  # fmt: skip
 
 
-def share_quantizations(graph: fx.Graph) -> int:
+def share_quantizations(graph: fx.Graph, build: _Builder) -> int:
     """Make each ``quantize_tokens`` of a tensor already quantized the same way use that result."""
     seen: dict[tuple, fx.Node] = {}
     shared = 0
@@ -475,6 +475,16 @@ def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
     return fused
 
 
+REWRITES = (
+    ("shared quantizations", share_quantizations),
+    ("gated GEMMs", gate_products),
+    ("narrowed GEMMs", narrow_gemms),  # after the gates: what they left of a GEMM
+    ("fused quantizations", quantize_activated),
+    ("fused quantizations", quantize_normed),
+)
+"""The rewrites, in the order they run, each under the name ``Int8GraphFusion.totals`` counts it by."""
+
+
 class Int8GraphFusion(CustomGraphPass):
     """The post-grad pass (module docstring)."""
 
@@ -483,18 +493,22 @@ class Int8GraphFusion(CustomGraphPass):
     takes from its cache is not rewritten again: it was when it was cached)."""
 
     def __call__(self, graph: fx.Graph) -> None:
+        """Each rewrite in turn. One that fails on a graph it was not written for stops there and the rest
+        of the graph stays as traced: every site it finished is whole (its new nodes replace the old ones'
+        uses last), so the compilation goes on, only less fused, and a warning says so."""
         if not any(_call(n, int8.scaled_mm.default) for n in graph.nodes):
             return
-        build = _Builder(graph)
-        counts = {"shared quantizations": share_quantizations(graph), "gated GEMMs": gate_products(graph, build)}
-        graph.eliminate_dead_code()
-        counts["narrowed GEMMs"] = narrow_gemms(graph, build)
-        graph.eliminate_dead_code()
-        counts["fused quantizations"] = quantize_activated(graph, build) + quantize_normed(graph, build)
-        graph.eliminate_dead_code()
+        build, counts = _Builder(graph), Counter()
+        for name, rewrite in REWRITES:
+            try:
+                counts[name] += rewrite(graph, build)
+            except Exception:
+                log.warning("INT8 Studio: graph fusion (%s) failed; that part of the graph runs unfused",
+                            name, exc_info=True)  # fmt: skip
+            graph.eliminate_dead_code()
         graph.lint()
         Int8GraphFusion.totals.update(counts)
-        log.debug("INT8 Studio graph fusion: %s", counts)
+        log.debug("INT8 Studio graph fusion: %s", dict(counts))
 
     def uuid(self) -> bytes:
         """This file's hash: compiled graphs cached with another version of the pass are not reused."""
