@@ -171,8 +171,11 @@ def test_a_failing_rewrite_leaves_a_working_graph(fusion_pass, device, monkeypat
     assert Int8GraphFusion.totals["narrowed GEMMs"] == 1 and "gated GEMMs" not in Int8GraphFusion.totals
 
 
-def test_install_puts_the_pass_in_inductors_config_once():
+def test_install_puts_the_pass_in_inductors_config_once(monkeypatch):
     with torch._inductor.config.patch(post_grad_custom_post_pass=None):
+        monkeypatch.setenv("INT8_STUDIO_GRAPH_FUSION", "0")  # the user's way to turn it off
+        assert not graph_fusion.install() and torch._inductor.config.post_grad_custom_post_pass is None
+        monkeypatch.delenv("INT8_STUDIO_GRAPH_FUSION")
         assert graph_fusion.install()
         installed = torch._inductor.config.post_grad_custom_post_pass
         assert isinstance(installed, Int8GraphFusion)

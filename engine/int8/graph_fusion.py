@@ -34,6 +34,7 @@ import hashlib
 import logging
 import math
 import operator
+import os
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -517,12 +518,16 @@ class Int8GraphFusion(CustomGraphPass):
 
 def install() -> bool:
     """Run :class:`Int8GraphFusion` in inductor's later compilations of this process. False (and a log
-    line) where another post-grad pass is installed already: it is left alone, and the fusions are off."""
+    line) where another post-grad pass is installed already (it is left alone), or where the environment
+    sets ``INT8_STUDIO_GRAPH_FUSION=0`` (to compare, or to rule the pass out): the fusions are off then."""
     import torch._inductor.config as config
 
     current = config.post_grad_custom_post_pass
     if isinstance(current, Int8GraphFusion):
         return True
+    if os.environ.get("INT8_STUDIO_GRAPH_FUSION") == "0":
+        log.info("INT8 Studio: INT8_STUDIO_GRAPH_FUSION=0: compiled int8 graphs run unfused")
+        return False
     if current is not None:
         log.info("INT8 Studio: another inductor post-grad pass is installed; compiled int8 graphs run unfused")
         return False
