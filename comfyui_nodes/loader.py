@@ -8,7 +8,6 @@ import os
 
 import torch
 
-from engine.int8 import graph_fusion
 from engine.int8.attention import int8_attention
 from engine.int8.choices import ATTENTIONS, DEFAULT_ATTENTION, AttentionChoice
 from engine.int8.operands import ATTENTION_HEAD_DIMS
@@ -64,6 +63,9 @@ def load_diffusion_model(
         )
     layers = int8_layers(model.model)
     if layers:
+        # imported here: it imports inductor, a second ComfyUI's start need not wait for
+        from engine.int8 import graph_fusion
+
         graph_fusion.install()
     name = os.path.basename(path)
     if not layers:
