@@ -22,6 +22,7 @@ FUSED = {  # each double block's two MLPs (gate|up in one layer), each single bl
     "narrowed GEMMs": FLUX2["single_blocks"],
     # the inputs after a norm and modulation (four per double block, one per single block); linear2's
     "fused quantizations": 4 * FLUX2["double_blocks"] + 2 * FLUX2["single_blocks"],
+    "inlined RoPE": FLUX2["double_blocks"] + FLUX2["single_blocks"],  # one per attention
 }
 
 

@@ -17,6 +17,8 @@ rewrites the graph:
   never written out (Flux.2's fused gate|up in-projection, Z-Image's ``w1``/``w3``);
 * **narrowing**: a GEMM whose output is read only in some channel ranges computes those alone, one
   GEMM per range (a Flux.2 single block's ``linear1`` once its MLP half runs gated);
+* **RoPE inlined**: comfy-kitchen's ``apply_rope`` (ComfyUI's Flux family) becomes its arithmetic in aten
+  ops, which inductor fuses with the QK norm before it (q and k are written once, not twice);
 * **activation and prefix in the quantization**: quantizing ``activation(A)`` or ``cat([P, activation(A)],
   -1)`` (GELU-tanh, a SwiGLU left ungated, or none) reads A and P where they are and applies the
   activation on the way in (``quantize_activated_tokens``): neither is written out (the MLP
@@ -476,12 +478,50 @@ def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
     return fused
 
 
+def _rope(build: _Builder, x: fx.Node, freqs: fx.Node) -> fx.Node:
+    """Interleaved RoPE in aten ops, as ComfyUI's reference computes it (``comfy.ldm.flux.math._apply_rope1``):
+    channel pairs of x [..., D] rotated by ``freqs`` [..., D/2, 2, 2] in its float32, the result in x's dtype."""
+    shape = [d if isinstance(d, int) else build(aten.sym_size.int, x, i) for i, d in enumerate(_shape(x))]
+    pairs = build(aten.reshape.default, build(prims.convert_element_type.default, x, freqs.meta["val"].dtype),
+                  [*shape[:-1], _shape(x)[-1] // 2, 1, 2])  # fmt: skip
+    terms = [build(aten.mul.Tensor, build(aten.select.int, freqs, -1, i), build(aten.select.int, pairs, -1, i))
+             for i in (0, 1)]  # fmt: skip
+    rotated = build(aten.reshape.default, build(aten.add.Tensor, *terms), shape)
+    return build(prims.convert_element_type.default, rotated, x.meta["val"].dtype)
+
+
+def inline_rope(graph: fx.Graph, build: _Builder) -> int:
+    """comfy-kitchen's ``apply_rope(q, k, freqs)`` (ComfyUI's Flux-family RoPE, a custom op inductor cannot
+    fuse) → its arithmetic in aten ops, which inductor fuses with the QK norm before it: q and k are
+    written once, not twice."""
+    rope_op = getattr(getattr(torch.ops, "comfy_kitchen", None), "apply_rope", None)
+    inlined = 0
+    for node in list(graph.nodes):
+        if rope_op is None or not _call(node, rope_op.default) or len(node.args) != 3 or node.kwargs:
+            continue
+        q, k, freqs = node.args
+        width, f = _shape(q)[-1], _shape(freqs)
+        same = [str(d) for d in _shape(q)] == [str(d) for d in _shape(k)] and len(f) == len(_shape(q)) + 2
+        if not (same and isinstance(width, int) and f[-3:] == (width // 2, 2, 2) and str(f[2]) == str(_shape(q)[2])):
+            continue
+        items = {u.args[1]: u for u in node.users if _call(u, operator.getitem)}
+        if len(items) != len(node.users):
+            continue
+        with graph.inserting_before(node):
+            rotated = [_rope(build, t, freqs) for t in (q, k)]
+        for index, item in items.items():
+            item.replace_all_uses_with(rotated[index])
+        inlined += 1
+    return inlined
+
+
 REWRITES = (
     ("shared quantizations", share_quantizations),
     ("gated GEMMs", gate_products),
     ("narrowed GEMMs", narrow_gemms),  # after the gates: what they left of a GEMM
     ("fused quantizations", quantize_activated),
     ("fused quantizations", quantize_normed),
+    ("inlined RoPE", inline_rope),
 )
 """The rewrites, in the order they run, each under the name ``Int8GraphFusion.totals`` counts it by."""
 
