@@ -37,5 +37,6 @@ Modules: ``quantize`` (weights), ``rotation`` (Hadamard rotation), ``operands`` 
 ``kernels/`` (Triton), ``backends`` (the choice and the fallbacks), ``ops`` (``int8_linear`` and the
 registered ``int8_studio::*`` ops), ``attention`` (``int8_attention``: attention with an int8 ``Q Kᵀ``),
 ``linear`` (``Int8Linear``), ``apply`` (int8 layers into a model), ``graph_fusion`` (an inductor pass that
-fuses around the ops in compiled graphs of model code that is not ours: ComfyUI's).
+fuses around the ops in compiled graphs of model code that is not ours: ComfyUI's) with ``graph_patterns``
+(what that graph's nodes compute).
 """

@@ -34,126 +34,40 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import operator
 import os
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-import engine.int8.ops  # noqa: F401 (defines the int8_studio ops the pass matches)
+from engine.int8 import graph_patterns
 from engine.int8.backends import kernels
+from engine.int8.graph_patterns import (
+    VIEWS,
+    Channels,
+    activation_of,
+    argument,
+    aten,
+    calls,
+    channels,
+    dims,
+    int8,
+    last_dim,
+    layer_norm,
+    modulated,
+    plain_gemm,
+    prims,
+    rms_norm,
+    shape_of,
+    silu_input,
+    uncast,
+)
 
 log = logging.getLogger("int8_studio")
-
-aten, prims, int8 = torch.ops.aten, torch.ops.prims, torch.ops.int8_studio
-VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
-CASTS = (prims.convert_element_type.default,)
-
-
-def _call(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _uncast(node: fx.Node) -> fx.Node:
-    while _call(node, *CASTS):
-        node = node.args[0]
-    return node
-
-
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(node.meta["val"].shape)
-
-
-def _plain_gemm(node) -> bool:
-    """A ``scaled_mm`` without a LoRA term or a gate: one product, whose channels may be split."""
-    return (
-        _call(node, int8.scaled_mm.default)
-        and all(a is None for a in node.args[6:])
-        and all(v is None for v in node.kwargs.values())
-    )
-
-
-class Channels(NamedTuple):
-    """Output channels ``[lo, hi)`` of the int8 GEMM ``gemm`` (2-D), in the leading shape ``sizes``
-    (a view's size argument, whose last entry is ignored; None: the GEMM's own [tokens, channels])."""
-
-    gemm: fx.Node
-    lo: int
-    hi: int
-    sizes: list | None
-
-
-def _last_dim(node: fx.Node, dim: int) -> bool:
-    return dim in (-1, len(_shape(node)) - 1)
-
-
-def channels(node: fx.Node) -> Channels | None:
-    """The channels of a plain int8 GEMM that ``node`` is, through views that keep the last dimension
-    and slices or splits of it; None if it is anything else."""
-    if "val" not in node.meta or not isinstance(_shape(node)[-1], int):
-        return None
-    node, offset, width, sizes = _uncast(node), 0, _shape(node)[-1], None
-    while True:
-        if _plain_gemm(node):
-            return Channels(node, offset, offset + width, sizes)
-        if _call(node, *VIEWS) and _shape(node)[-1] == _shape(node.args[0])[-1]:
-            sizes = node.args[1] if sizes is None else sizes
-            node = node.args[0]
-        elif _call(node, aten.slice.Tensor) and _last_dim(node.args[0], _arg(node, 1, 0)) and _arg(node, 4, 1) == 1:
-            offset += _start(node)
-            node = node.args[0]
-        elif _call(node, operator.getitem) and _call(node.args[0], aten.split.Tensor, aten.split_with_sizes.default):
-            split, index = node.args
-            sizes_of_parts = _sizes(split)
-            if sizes_of_parts is None or not _last_dim(split.args[0], _arg(split, 2, 0)):
-                return None
-            offset += sum(sizes_of_parts[:index])
-            node = split.args[0]
-        else:
-            return None
-
-
-def _arg(node: fx.Node, index: int, default):
-    """``node``'s positional argument ``index``, or ``default`` where it is left out (or None)."""
-    value = node.args[index] if len(node.args) > index else None
-    return default if value is None else value
-
-
-def _start(slice_node: fx.Node) -> int:
-    start = _arg(slice_node, 2, 0)
-    return start + _shape(slice_node.args[0])[-1] if start < 0 else start
-
-
-def _sizes(split: fx.Node) -> list[int] | None:
-    """The widths of a split's parts, or None where they are symbolic."""
-    width, size = _shape(split.args[0])[-1], split.args[1]
-    if isinstance(size, int) and isinstance(width, int):
-        return [min(size, width - i) for i in range(0, width, size)]
-    return list(size) if isinstance(size, (list, tuple)) and all(isinstance(n, int) for n in size) else None
-
-
-def _silu_input(node: fx.Node) -> fx.Node | None:
-    """x where ``node`` computes ``silu(x)``: the op itself or its decompositions, in any dtype."""
-    node = _uncast(node)
-    if _call(node, aten.silu.default):
-        return node.args[0]
-    if _call(node, aten.mul.Tensor):  # x · sigmoid(x)
-        for x, s in (node.args, node.args[::-1]):
-            if _call(s, aten.sigmoid.default) and _uncast(s.args[0]) is _uncast(x):
-                return x
-    if _call(node, aten.div.Tensor):  # x / (1 + exp(-x))
-        x, d = node.args
-        one = _call(d, aten.add.Tensor) and 1 in d.args
-        e = next((a for a in d.args if _call(a, aten.exp.default)), None) if one else None
-        if e is not None and _call(e.args[0], aten.neg.default) and _uncast(e.args[0].args[0]) is _uncast(x):
-            return x
-    return None
 
 
 class _Builder:
@@ -185,11 +99,15 @@ class _Builder:
             args += [self.rows(up_w, up.lo, up.hi), self.rows(up_scale, up.lo, up.hi), self.rows(up_bias, up.lo, up.hi)]
         return self(int8.scaled_mm.default, *args)
 
+    def tokens(self, tensor: fx.Node) -> fx.Node:
+        """``tensor`` [..., C] as [tokens, C], the 2-D form the quantization kernels take."""
+        return self(aten.reshape.default, tensor, [-1, shape_of(tensor)[-1]])
+
     def like(self, value: fx.Node, node: fx.Node, part: Channels) -> fx.Node:
         """``value``, a GEMM's output for ``part``, in ``node``'s shape and dtype (its leading shape from
         the view the graph made, whose sizes may be symbolic)."""
         if part.sizes is not None:
-            value = self(aten.reshape.default, value, [*part.sizes[:-1], _shape(value)[-1]])
+            value = self(aten.reshape.default, value, [*part.sizes[:-1], shape_of(value)[-1]])
         dtype = node.meta["val"].dtype
         return value if value.meta["val"].dtype == dtype else self(prims.convert_element_type.default, value, dtype)
 
@@ -215,15 +133,14 @@ def share_quantizations(graph: fx.Graph, build: _Builder) -> int:
     seen: dict[tuple, fx.Node] = {}
     shared = 0
     for node in list(graph.nodes):
-        if not _call(node, int8.quantize_tokens.default):
+        if not calls(node, int8.quantize_tokens.default):
             continue
         x = node.args[0]
-        base = x.args[0] if _call(x, *VIEWS) else x
-        shape = tuple(map(str, _shape(x)))  # symbolic sizes as expressions: a SymInt has no hash
-        key = (base, shape, tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
+        base = x.args[0] if calls(x, *VIEWS) else x
+        key = (base, dims(x), tuple(node.args[1:]), tuple(sorted(node.kwargs.items())))
         if key in seen:  # its (q, scale) items become the first one's
-            first = {item.args[1]: item for item in seen[key].users if _call(item, operator.getitem)}
-            for item in [u for u in node.users if _call(u, operator.getitem)]:
+            first = {item.args[1]: item for item in seen[key].users if calls(item, operator.getitem)}
+            for item in [u for u in node.users if calls(u, operator.getitem)]:
                 if item.args[1] in first:
                     item.replace_all_uses_with(first[item.args[1]])
                 else:
@@ -240,10 +157,10 @@ def gate_products(graph: fx.Graph, build: _Builder) -> int:
     """``silu(A) · B`` of channels of int8 GEMMs on one input → one gated GEMM."""
     gated = 0
     for node in list(graph.nodes):
-        if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
+        if not calls(node, aten.mul.Tensor) or len(node.args) != 2:
             continue
         for s, b in (node.args, node.args[::-1]):
-            a = _silu_input(s) if isinstance(s, fx.Node) else None
+            a = silu_input(s) if isinstance(s, fx.Node) else None
             gate, up = (channels(a), channels(b)) if a is not None and isinstance(b, fx.Node) else (None, None)
             if _gateable(gate, up):
                 with graph.inserting_before(node):
@@ -260,9 +177,9 @@ def _channel_uses(gemm: fx.Node) -> list[tuple[fx.Node, Channels]] | None:
     while todo:
         node = todo.pop()
         for user in node.users:
-            if _call(user, *VIEWS, aten.slice.Tensor) and channels(user) is not None:
+            if calls(user, *VIEWS, aten.slice.Tensor) and channels(user) is not None:
                 todo.append(user)
-            elif _call(user, aten.split.Tensor, aten.split_with_sizes.default):
+            elif calls(user, aten.split.Tensor, aten.split_with_sizes.default):
                 parts = list(user.users)
                 if any(channels(p) is None for p in parts):
                     return None
@@ -278,7 +195,7 @@ def narrow_gemms(graph: fx.Graph, build: _Builder) -> int:
     """A GEMM read only in some disjoint channel ranges → one GEMM per range."""
     narrowed = 0
     for gemm in list(graph.nodes):
-        if not _plain_gemm(gemm):
+        if not plain_gemm(gemm):
             continue
         uses = _channel_uses(gemm)
         if not uses:
@@ -286,7 +203,7 @@ def narrow_gemms(graph: fx.Graph, build: _Builder) -> int:
         ranges = sorted((c.lo, c.hi) for _, c in uses)
         used = sum(hi - lo for lo, hi in ranges)
         disjoint = all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-        if not disjoint or used >= _shape(gemm)[-1]:
+        if not disjoint or used >= shape_of(gemm)[-1]:
             continue
         for node, part in uses:
             with graph.inserting_before(node):
@@ -295,63 +212,13 @@ def narrow_gemms(graph: fx.Graph, build: _Builder) -> int:
     return narrowed
 
 
-def _constant(node, value: float) -> bool:
-    return isinstance(node, float) and abs(node - value) < 1e-6 * abs(value)
-
-
-def _scaled(node, value: float) -> fx.Node | None:
-    """x where ``node`` is ``x · value``."""
-    if _call(node, aten.mul.Tensor):
-        x, c = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
-        return x if _constant(c, value) else None
-    return None
-
-
-def _gelu_tanh_input(node: fx.Node) -> fx.Node | None:
-    """x where ``node`` computes ``gelu(x, approximate="tanh")`` as its decomposition does:
-    ``x/2 · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))``."""
-    node = _uncast(node)
-    if _call(node, aten.gelu.default) and node.kwargs.get("approximate", "none") == "tanh":
-        return node.args[0]
-    if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
-        return None
-    for half, one_plus in (node.args, node.args[::-1]):
-        x = _scaled(half, 0.5)
-        if x is None or not (_call(one_plus, aten.add.Tensor) and 1 in one_plus.args):
-            continue
-        tanh = next((a for a in one_plus.args if _call(a, aten.tanh.default)), None)
-        inner = _scaled(tanh.args[0], (2 / math.pi) ** 0.5) if tanh is not None else None
-        if _call(inner, aten.add.Tensor) and x in inner.args:
-            cubic = _scaled(next((a for a in inner.args if a is not x), None), 0.044715)
-            if _call(cubic, aten.mul.Tensor) and x in cubic.args:
-                return x
-    return None
-
-
-def _activation(y: fx.Node) -> tuple[str, fx.Node, fx.Node | None]:
-    """``y`` as an activation the quantization kernel applies: ``(name, a, b)`` (``identity`` if none)."""
-    a = _gelu_tanh_input(y)
-    if a is not None:
-        return "gelu_tanh", _uncast(a), None  # the kernel reads bf16 itself: no float32 copy
-    if _call(y, aten.mul.Tensor) and len(y.args) == 2:
-        for s, b in (y.args, y.args[::-1]):
-            a = _silu_input(s) if isinstance(s, fx.Node) else None
-            if a is not None and isinstance(b, fx.Node) and _same_shape(a, b):
-                return "swiglu", _uncast(a), _uncast(b)
-    return "identity", y, None
-
-
-def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    return tuple(map(str, _shape(a))) == tuple(map(str, _shape(b)))  # symbolic sizes compared as expressions
-
-
 def _quantized(node: fx.Node) -> fx.Node | None:
     """What a ``quantize_tokens`` node quantizes, before the view that flattens it to tokens (None where
     that view regroups the channels)."""
     x = node.args[0]
-    if not _call(x, *VIEWS):
+    if not calls(x, *VIEWS):
         return x
-    return x.args[0] if str(_shape(x.args[0])[-1]) == str(_shape(x)[-1]) else None
+    return x.args[0] if dims(x.args[0])[-1] == dims(x)[-1] else None
 
 
 def quantize_activated(graph: fx.Graph, build: _Builder) -> int:
@@ -360,88 +227,26 @@ def quantize_activated(graph: fx.Graph, build: _Builder) -> int:
     the way in is never written out."""
     fused = 0
     for node in list(graph.nodes):
-        if not _call(node, int8.quantize_tokens.default):
+        if not calls(node, int8.quantize_tokens.default):
             continue
         y = _quantized(node)
         if y is None:
             continue
-        y, prefix = _uncast(y), None
-        if _call(y, aten.cat.default) and len(y.args[0]) == 2 and _last_dim(y, y.args[1] if len(y.args) > 1 else 0):
+        y, prefix = uncast(y), None
+        if calls(y, aten.cat.default) and len(y.args[0]) == 2 and last_dim(y, argument(y, 1, 0)):
             prefix, y = y.args[0]
-        activation, a, b = _activation(_uncast(y))
+        activation, a, b = activation_of(uncast(y))
         parts = [t for t in (a, b, prefix) if t is not None]
-        if (prefix is None and activation == "identity") or not all(isinstance(_shape(t)[-1], int) for t in parts):
+        if (prefix is None and activation == "identity") or not all(isinstance(shape_of(t)[-1], int) for t in parts):
             continue
         rotation = node.args[1] if len(node.args) > 1 else node.kwargs.get("rotation", 0)
         with graph.inserting_before(node):
-            a, b, prefix = (None if t is None else build(aten.reshape.default, t, [-1, _shape(t)[-1]]) for t in (a, b, prefix))
+            a, b, prefix = (None if t is None else build.tokens(t) for t in (a, b, prefix))
             quantized = build(int8.quantize_activated_tokens.default, activation, a, b, prefix, rotation)
         node.replace_all_uses_with(quantized)
         graph.erase_node(node)
         fused += 1
     return fused
-
-
-def _layer_norm(node: fx.Node) -> tuple[fx.Node, float] | None:
-    """``(x, eps)`` where ``node`` computes ``layer_norm(x, eps)`` without a weight, as decomposed:
-    ``(x - mean) · rsqrt(var + eps)`` of ``var_mean(x)`` over the last dimension."""
-    node = _uncast(node)
-    if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
-        return None
-    for centred, r in (node.args, node.args[::-1]):
-        if not (_call(centred, aten.sub.Tensor) and _call(r, aten.rsqrt.default) and _call(r.args[0], aten.add.Tensor)):
-            continue
-        (x, mean), (var, eps) = centred.args, r.args[0].args
-        stats = var.args[0] if _call(var, operator.getitem) else None
-        if (
-            _call(stats, aten.var_mean.correction) and stats.args[0] is x and isinstance(eps, float)
-            and var.args[1] == 0 and _call(mean, operator.getitem) and mean.args == (stats, 1)
-            and list(stats.args[1]) in ([-1], [len(_shape(x)) - 1]) and stats.kwargs.get("correction") == 0
-        ):  # fmt: skip
-            return _uncast(x), eps
-    return None
-
-
-def _rms_norm(node: fx.Node) -> tuple[fx.Node, float, fx.Node | None] | None:
-    """``(x, eps, weight)`` where ``node`` computes ``rms_norm(x, eps) · weight`` (weight optional), as
-    decomposed: ``x · rsqrt(mean(x², -1) + eps)``."""
-    node, weight = _uncast(node), None
-    if _call(node, aten.mul.Tensor) and len(node.args) == 2 and not any(_call(_uncast(a), aten.rsqrt.default) for a in node.args):
-        inner, weight = node.args  # the weight's product
-        node = _uncast(inner)
-        if not isinstance(weight, fx.Node) or len(_shape(weight)) != 1:
-            return None
-    if not _call(node, aten.mul.Tensor) or len(node.args) != 2:
-        return None
-    for x, r in (node.args, node.args[::-1]):
-        mean = _uncast(r.args[0]).args[0] if _call(r, aten.rsqrt.default) and _call(_uncast(r.args[0]), aten.add.Tensor, aten.add.Scalar) else None
-        eps = _uncast(r.args[0]).args[1] if mean is not None else None
-        square = mean.args[0] if _call(mean, aten.mean.dim) and list(mean.args[1]) in ([-1], [len(_shape(x)) - 1]) else None
-        if _call(square, aten.pow.Tensor_Scalar) and square.args == (x, 2) and isinstance(eps, float):
-            return _uncast(x), eps, None if weight is None else _uncast(weight)
-    return None
-
-
-def _modulated(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
-    """``(normed, scale, shift)`` where ``node`` is ``normed · (1 + scale) + shift`` (ComfyUI's
-    ``addcmul(shift, normed, 1 + scale)``, or the product and the sum) or ``normed · (1 + scale)``
-    (shift None)."""
-    node, shift = _uncast(node), None
-    if _call(node, aten.addcmul.default) and len(node.args) == 3 and not node.kwargs:
-        shift, *factors = node.args
-    elif _call(node, aten.add.Tensor) and _call(_uncast(node.args[0]), aten.mul.Tensor):
-        factors, shift = _uncast(node.args[0]).args, node.args[1]
-    elif _call(node, aten.mul.Tensor) and len(node.args) == 2:
-        factors = node.args
-    else:
-        return None
-    if shift is not None and not isinstance(shift, fx.Node):
-        return None
-    for normed, one_plus in (factors, factors[::-1]):
-        one_plus = _uncast(one_plus)
-        if _call(one_plus, aten.add.Tensor) and one_plus.args[1] == 1:
-            return normed, one_plus.args[0], shift
-    return None
 
 
 def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
@@ -450,27 +255,24 @@ def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
     fused = 0
     widest = kernels.SINGLE_PASS_MAX_K if kernels is not None else None
     for node in list(graph.nodes):
-        if not _call(node, int8.quantize_tokens.default) or _arg(node, 1, 0):
+        if not calls(node, int8.quantize_tokens.default) or argument(node, 1, 0):
             continue
         y = _quantized(node)
-        modulated = _modulated(y) if y is not None else None
-        if modulated is None:
+        parts = modulated(y) if y is not None else None
+        if parts is None:
             continue
-        normed, scale, shift = modulated
-        layer, rms = _layer_norm(normed), _rms_norm(normed)
+        normed, scale, shift = parts
+        layer, rms = layer_norm(normed), rms_norm(normed)
         if layer is None and rms is None:
             continue
         x, eps, weight = (*layer, None) if layer else rms
-        shape, width = _shape(x), _shape(x)[-1]
-        per_sample = all(
-            len(_shape(t)) == 3 and str(_shape(t)[0]) == str(shape[0]) and _shape(t)[1] == 1 and _shape(t)[2] == width
-            for t in (scale, shift) if t is not None
-        )  # fmt: skip
+        shape, width = shape_of(x), shape_of(x)[-1]
+        per_sample = all(dims(t) == (dims(x)[0], "1", str(width)) for t in (scale, shift) if t is not None)
         if len(shape) != 3 or not per_sample or not isinstance(width, int) or (widest and width > widest):
             continue
         with graph.inserting_before(node):
             tokens = shape[1] if isinstance(shape[1], int) else build(aten.sym_size.int, x, 1)
-            x2, scale, shift = (t if t is None else build(aten.reshape.default, t, [-1, width]) for t in (x, scale, shift))
+            x2, scale, shift = (None if t is None else build.tokens(t) for t in (x, scale, shift))
             quantized = build(int8.quantize_normed_tokens.default, x2, layer is None, weight, eps, scale, shift, tokens)
         node.replace_all_uses_with(quantized)
         graph.erase_node(node)
@@ -481,9 +283,9 @@ def quantize_normed(graph: fx.Graph, build: _Builder) -> int:
 def _rope(build: _Builder, x: fx.Node, freqs: fx.Node) -> fx.Node:
     """Interleaved RoPE in aten ops, as ComfyUI's reference computes it (``comfy.ldm.flux.math._apply_rope1``):
     channel pairs of x [..., D] rotated by ``freqs`` [..., D/2, 2, 2] in its float32, the result in x's dtype."""
-    shape = [d if isinstance(d, int) else build(aten.sym_size.int, x, i) for i, d in enumerate(_shape(x))]
+    shape = [d if isinstance(d, int) else build(aten.sym_size.int, x, i) for i, d in enumerate(shape_of(x))]
     pairs = build(aten.reshape.default, build(prims.convert_element_type.default, x, freqs.meta["val"].dtype),
-                  [*shape[:-1], _shape(x)[-1] // 2, 1, 2])  # fmt: skip
+                  [*shape[:-1], shape_of(x)[-1] // 2, 1, 2])  # fmt: skip
     terms = [build(aten.mul.Tensor, build(aten.select.int, freqs, -1, i), build(aten.select.int, pairs, -1, i))
              for i in (0, 1)]  # fmt: skip
     rotated = build(aten.reshape.default, build(aten.add.Tensor, *terms), shape)
@@ -497,14 +299,14 @@ def inline_rope(graph: fx.Graph, build: _Builder) -> int:
     rope_op = getattr(getattr(torch.ops, "comfy_kitchen", None), "apply_rope", None)
     inlined = 0
     for node in list(graph.nodes):
-        if rope_op is None or not _call(node, rope_op.default) or len(node.args) != 3 or node.kwargs:
+        if rope_op is None or not calls(node, rope_op.default) or len(node.args) != 3 or node.kwargs:
             continue
         q, k, freqs = node.args
-        width, f = _shape(q)[-1], _shape(freqs)
-        same = [str(d) for d in _shape(q)] == [str(d) for d in _shape(k)] and len(f) == len(_shape(q)) + 2
-        if not (same and isinstance(width, int) and f[-3:] == (width // 2, 2, 2) and str(f[2]) == str(_shape(q)[2])):
+        width, f = shape_of(q)[-1], shape_of(freqs)
+        same = dims(q) == dims(k) and len(f) == len(shape_of(q)) + 2
+        if not (same and isinstance(width, int) and f[-3:] == (width // 2, 2, 2) and dims(freqs)[2] == dims(q)[2]):
             continue
-        items = {u.args[1]: u for u in node.users if _call(u, operator.getitem)}
+        items = {u.args[1]: u for u in node.users if calls(u, operator.getitem)}
         if len(items) != len(node.users):
             continue
         with graph.inserting_before(node):
@@ -537,7 +339,7 @@ class Int8GraphFusion(CustomGraphPass):
         """Each rewrite in turn. One that fails on a graph it was not written for stops there and the rest
         of the graph stays as traced: every site it finished is whole (its new nodes replace the old ones'
         uses last), so the compilation goes on, only less fused, and a warning says so."""
-        if not any(_call(n, int8.scaled_mm.default) for n in graph.nodes):
+        if not any(calls(n, int8.scaled_mm.default) for n in graph.nodes):
             return
         build, counts = _Builder(graph), Counter()
         for name, rewrite in REWRITES:
@@ -552,8 +354,10 @@ class Int8GraphFusion(CustomGraphPass):
         log.debug("INT8 Studio graph fusion: %s", dict(counts))
 
     def uuid(self) -> bytes:
-        """This file's hash: compiled graphs cached with another version of the pass are not reused."""
-        return hashlib.sha256(Path(__file__).read_bytes()).digest()
+        """The hash of the pass's two modules: compiled graphs cached with another version of the pass are
+        not reused."""
+        sources = (Path(__file__), Path(graph_patterns.__file__))
+        return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).digest()
 
 
 def install() -> bool:
