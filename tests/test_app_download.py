@@ -31,16 +31,23 @@ def test_download_offline_from_a_folder(qtbot, window, demo):
     qtbot.waitUntil(lambda: demo in {e.path for e in page.entries}, timeout=WAIT)
 
 
-def test_download_errors_come_from_the_engine(qtbot, window, tmp_path):
-    page = window.pages["library"]
-    page.repo.setText("someone/nothing-here")
-    page.into.set_path(tmp_path / "empty")
+def shown_plan_problem(qtbot, page, repo: str, folder) -> str:
+    """Plan an offline download of ``repo`` from ``folder`` on the Library page, which the engine refuses:
+    the problem the page shows, checked to be the engine's own message."""
+    page.repo.setText(repo)
+    page.into.set_path(folder)
     page.offline.setChecked(True)
     with pytest.raises(JobError) as expected:
         plan_download(page.download_request())
     page.check_download()
     qtbot.waitUntil(lambda: page.plan_problem.isVisibleTo(page), timeout=WAIT)
     assert page.plan_problem.label.text() == str(expected.value)
+    return page.plan_problem.label.text()
+
+
+def test_download_errors_come_from_the_engine(qtbot, window, tmp_path):
+    page = window.pages["library"]
+    shown_plan_problem(qtbot, page, "someone/nothing-here", tmp_path / "empty")
     assert not page.plan_label.text() and window.findChild(QMessageBox) is None
     page.repo.setText("someone/another")
     assert not page.plan_problem.isVisibleTo(page)
@@ -51,13 +58,5 @@ def test_a_repository_without_a_model_says_what_it_has(qtbot, window, tmp_path):
     folder.mkdir()
     for name in ("README.md", "config.json"):
         (folder / name).write_text("{}")
-    page = window.pages["library"]
-    page.repo.setText("someone/no-model")
-    page.into.set_path(folder)
-    page.offline.setChecked(True)
-    with pytest.raises(JobError) as expected:
-        plan_download(page.download_request())
-    page.check_download()
-    qtbot.waitUntil(lambda: page.plan_problem.isVisibleTo(page), timeout=WAIT)
-    assert page.plan_problem.label.text() == str(expected.value)
-    assert "someone/no-model" in page.plan_problem.label.text() and ".safetensors" in page.plan_problem.label.text()
+    problem = shown_plan_problem(qtbot, window.pages["library"], "someone/no-model", folder)
+    assert "someone/no-model" in problem and ".safetensors" in problem

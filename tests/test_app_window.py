@@ -20,12 +20,17 @@ from tests.app_helpers import WAIT, message_box, pick_source
 from tests.tiny_loras import write_lora
 
 
-def test_closing_during_a_job_asks_then_cancels(qtbot, window, demo):
+def close_during_a_conversion(qtbot, window, demo):
+    """Start converting ``demo``, then close the window: (the page, the job, the question asked)."""
     page = window.pages["convert"]
     pick_source(qtbot, page, demo)
     job = page.convert()
     window.close()
-    box = message_box(qtbot, window, "question")
+    return page, job, message_box(qtbot, window, "question")
+
+
+def test_closing_during_a_job_asks_then_cancels(qtbot, window, demo):
+    _, job, box = close_during_a_conversion(qtbot, window, demo)
     assert window.isVisible() and job.running
     with qtbot.waitSignal(job.finished, timeout=WAIT):
         next(b for b in box.buttons() if b.text() == "Cancel and quit").click()
@@ -34,11 +39,7 @@ def test_closing_during_a_job_asks_then_cancels(qtbot, window, demo):
 
 
 def test_keep_working_leaves_the_job_running(qtbot, window, demo):
-    page = window.pages["convert"]
-    pick_source(qtbot, page, demo)
-    job = page.convert()
-    window.close()
-    box = message_box(qtbot, window, "question")
+    page, job, box = close_during_a_conversion(qtbot, window, demo)
     next(b for b in box.buttons() if b.text() == "Keep working").click()
     qtbot.waitSignal(job.succeeded, timeout=WAIT).wait()
     assert window.isVisible() and page.result_card.isVisible()
