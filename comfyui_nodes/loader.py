@@ -63,7 +63,7 @@ def load_diffusion_model(
         )
     layers = int8_layers(model.model)
     if layers:
-        # imported here: it imports inductor, a second ComfyUI's start need not wait for
+        # imported here, not when ComfyUI loads the pack: it imports inductor (~1 s)
         from engine.int8 import graph_fusion
 
         graph_fusion.install()
