@@ -315,6 +315,8 @@ def run(args, scratch: Path) -> dict:
             if "LoRA" in row:
                 target = apply_dynamic(model, lora_file(int8, args.rank, folder), 1.0)
             if "compile" in row:
+                # else dynamo reuses the previous row's code for the same forward, fusions and all
+                torch._dynamo.reset()
                 target = compiled(target)
             start = time.perf_counter()
             Int8GraphFusion.totals.clear()
