@@ -26,11 +26,10 @@ AttentionChoice = Literal["bf16", "int8"]
 ATTENTIONS: tuple[AttentionChoice, ...] = ("bf16", "int8")
 """How a model's attention runs: SDPA in the model's dtype, or 8-bit (``engine.int8.attention``)."""
 DEFAULT_ATTENTION: AttentionChoice = "bf16"
-"""For every model, though int8 attention's quality qualifies on all five runnable families: alone it costs
-at most about a third of the int8 linears' output error (random weights, docs/PERFORMANCE.md "int8
-attention's error in the models"). Its speed against SDPA on a GPU is not measured yet, and an error for no
-speed-up is a loss."""
+"""For every model: int8 attention's quality qualifies on all five runnable families (alone it costs at most
+about a third of the int8 linears' output error, random weights), but on an H100 it is slower than SDPA on
+cuDNN (docs/PERFORMANCE.md "8-bit attention against SDPA"): an error for no speed-up."""
 ATTENTION_HELP = (
     "attention in bf16 (SDPA) or int8 (8-bit Q·Kᵀ); default bf16: int8's output error is small next to the "
-    "int8 linears' (random weights), its speed on a GPU is not measured yet"
+    "int8 linears' (random weights), but on an H100 it runs slower than bf16 SDPA"
 )
