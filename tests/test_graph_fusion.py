@@ -24,11 +24,18 @@ a value that sits on a rounding boundary by one int8 step. A product on the wron
 read at the wrong width is off by the order of the output."""
 
 
-def int8_layer(n: int, k: int, device: str, scheme: str = "rowwise") -> torch.nn.ParameterList:
+class Int8Layer(torch.nn.Module):
     """An int8 weight and its scale as parameters, as the node pack's layers hold them (dynamo keeps the
-    shapes of parameters static)."""
-    w_int8, w_scale = quantize_weight(torch.randn(n, k) / k**0.5, scheme)
-    return torch.nn.ParameterList(torch.nn.Parameter(t.to(device), requires_grad=False) for t in (w_int8, w_scale))
+    shapes of parameters static; torch 2.11's dynamo cannot unpack a ``ParameterList``)."""
+
+    def __init__(self, n: int, k: int, device: str, scheme: str = "rowwise") -> None:
+        super().__init__()
+        w_int8, w_scale = quantize_weight(torch.randn(n, k) / k**0.5, scheme)
+        self.weight = torch.nn.Parameter(w_int8.to(device), requires_grad=False)
+        self.weight_scale = torch.nn.Parameter(w_scale.to(device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, lora: LoraFactors | None = None) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, lora=lora)
 
 
 class ForeignBlock(torch.nn.Module):
@@ -36,29 +43,30 @@ class ForeignBlock(torch.nn.Module):
     double block's MLP (a fused gate|up layer, chunked), Z-Image's (``w1``, ``w3`` on one input), a Flux.2
     single block's (``linear1`` = q|k|v and the MLP's gate|up; ``linear2`` on the attention's output
     concatenated with the gated MLP), Chroma's GELU MLPs (a double block's, a single block's), a layer on
-    a layer norm modulated per sample (ComfyUI's ``addcmul``) and one on an RMS norm scaled per sample
-    (Z-Image's)."""
+    a layer norm modulated per sample (ComfyUI's ``addcmul``, and the same as torch ≤ 2.11 decomposes it)
+    and one on an RMS norm scaled per sample (Z-Image's)."""
 
     def __init__(self, device: str, tensorwise_w3: bool = False) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleDict({
-            "gate_up": int8_layer(2 * HIDDEN, WIDTH, device),
-            "down": int8_layer(WIDTH, HIDDEN, device),
-            "w1": int8_layer(HIDDEN, WIDTH, device),
-            "w3": int8_layer(HIDDEN, WIDTH, device, "tensorwise" if tensorwise_w3 else "rowwise"),
-            "linear1": int8_layer(3 * WIDTH + 2 * HIDDEN, WIDTH, device),
-            "linear2": int8_layer(WIDTH, WIDTH + HIDDEN, device),
-            "fc1": int8_layer(HIDDEN, WIDTH, device),
-            "fc2": int8_layer(WIDTH, HIDDEN, device),
-            "gelu_linear1": int8_layer(3 * WIDTH + HIDDEN, WIDTH, device),
-            "gelu_linear2": int8_layer(WIDTH, WIDTH + HIDDEN, device),
-            "modulated": int8_layer(WIDTH, WIDTH, device),
-            "rms_modulated": int8_layer(WIDTH, WIDTH, device),
+            "gate_up": Int8Layer(2 * HIDDEN, WIDTH, device),
+            "down": Int8Layer(WIDTH, HIDDEN, device),
+            "w1": Int8Layer(HIDDEN, WIDTH, device),
+            "w3": Int8Layer(HIDDEN, WIDTH, device, "tensorwise" if tensorwise_w3 else "rowwise"),
+            "linear1": Int8Layer(3 * WIDTH + 2 * HIDDEN, WIDTH, device),
+            "linear2": Int8Layer(WIDTH, WIDTH + HIDDEN, device),
+            "fc1": Int8Layer(HIDDEN, WIDTH, device),
+            "fc2": Int8Layer(WIDTH, HIDDEN, device),
+            "gelu_linear1": Int8Layer(3 * WIDTH + HIDDEN, WIDTH, device),
+            "gelu_linear2": Int8Layer(WIDTH, WIDTH + HIDDEN, device),
+            "modulated": Int8Layer(WIDTH, WIDTH, device),
+            "decomposed_modulated": Int8Layer(WIDTH, WIDTH, device),
+            "rms_modulated": Int8Layer(WIDTH, WIDTH, device),
         })  # fmt: skip
         self.rms_weight = torch.nn.Parameter(1 + torch.randn(WIDTH, device=device) / 4, requires_grad=False)
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, *self.layers[name])
+        return self.layers[name](x)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         a, b = self.linear("gate_up", x).chunk(2, dim=-1)
@@ -73,7 +81,10 @@ class ForeignBlock(torch.nn.Module):
         mlp = F.gelu(mlp, approximate="tanh")
         gelu_single = self.linear("gelu_linear2", torch.cat([qkv.unflatten(-1, (3, WIDTH)).sum(-2), mlp], -1))
         shift, scale = vec[:, None].chunk(2, dim=-1)
-        modulated = self.linear("modulated", torch.addcmul(shift, F.layer_norm(x, (WIDTH,), eps=1e-6), 1 + scale))
+        normed = F.layer_norm(x, (WIDTH,), eps=1e-6)
+        modulated = self.linear("modulated", torch.addcmul(shift, normed, 1 + scale))
+        decomposed = shift.float() + F.layer_norm(x.float(), (WIDTH,), eps=1e-6) * 1 * (1 + scale).float()
+        modulated = modulated + self.linear("decomposed_modulated", decomposed.to(x.dtype))
         rms = F.rms_norm(x, (WIDTH,), self.rms_weight.to(x.dtype), eps=1e-5) * (1 + scale)
         rms_modulated = self.linear("rms_modulated", rms)
         return torch.cat([double, zimage, single, gelu_double, gelu_single, modulated, rms_modulated], dim=-1)
@@ -112,8 +123,8 @@ def test_foreign_block_runs_fused_with_the_same_output(fusion_pass, device, dtyp
         "shared quantizations": 5,  # x quantized once for gate_up, w1, w3, linear1, fc1 and gelu_linear1
         "gated GEMMs": 3,
         "narrowed GEMMs": 1,  # linear1: q|k|v alone, its MLP half gated
-        # linear2 and gelu_linear2 (never concatenated), fc2 (GELU on the way in), the two normalized
-        "fused quantizations": 5,
+        # linear2 and gelu_linear2 (never concatenated), fc2 (GELU on the way in), the three normalized
+        "fused quantizations": 6,
         "inlined RoPE": 0,  # test_comfy_kitchens_rope_is_inlined_with_its_result
     }
     assert relative(fused, eager) < SAME[dtype]
@@ -140,7 +151,7 @@ def test_what_is_not_one_gated_product_stays(fusion_pass, device):
     lora = LoraFactors(*(torch.randn(s, device=device) for s in ((4, WIDTH), (2 * HIDDEN, 4), (4,))))
 
     def forward(x, y):
-        a, b = int8_linear(x, *block.layers["gate_up"], lora=lora).chunk(2, dim=-1)
+        a, b = block.layers["gate_up"](x, lora=lora).chunk(2, dim=-1)
         other_inputs = F.silu(block.linear("w1", x)) * block.linear("w1", y)
         kinds = F.silu(block.linear("w1", x)) * block.linear("w3", x)
         regrouped = F.gelu(block.linear("gate_up", x), approximate="tanh").reshape(-1, HIDDEN)  # 2 tokens a row
@@ -161,12 +172,12 @@ def test_comfy_kitchens_rope_is_inlined_with_its_result(fusion_pass, dtype):
     inductor fuses, computing what the op computes, for any token count."""
     pytest.importorskip("comfy_kitchen")  # registers torch.ops.comfy_kitchen
     heads, head = 4, WIDTH // 4
-    wq, wk = (int8_layer(WIDTH, WIDTH, "cpu") for _ in range(2))
+    wq, wk = (Int8Layer(WIDTH, WIDTH, "cpu") for _ in range(2))
     omega = 1 / 10_000 ** (torch.arange(head // 2) / (head // 2))
 
     def forward(x):
         tokens = x.shape[0]
-        q, k = (int8_linear(x, *w).view(1, tokens, heads, head).transpose(1, 2) for w in (wq, wk))
+        q, k = (w(x).view(1, tokens, heads, head).transpose(1, 2) for w in (wq, wk))
         angles = torch.arange(tokens, dtype=torch.float32)[:, None] * omega  # ComfyUI's [[cos, -sin], [sin, cos]]
         freqs = torch.stack([angles.cos(), -angles.sin(), angles.sin(), angles.cos()], -1)
         return torch.ops.comfy_kitchen.apply_rope(q, k, freqs.view(1, 1, tokens, head // 2, 2, 2))

@@ -228,21 +228,33 @@ def rms_norm(node: fx.Node) -> tuple[fx.Node, float, fx.Node | None] | None:
 
 def modulated(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     """``(normed, scale, shift)`` where ``node`` is ``normed · (1 + scale) + shift`` (ComfyUI's
-    ``addcmul(shift, normed, 1 + scale)``, or the product and the sum) or ``normed · (1 + scale)``
-    (shift None)."""
-    node, shift = uncast(node), None
-    if calls(node, aten.addcmul.default) and len(node.args) == 3 and not node.kwargs:
-        shift, *factors = node.args
-    elif calls(node, aten.add.Tensor) and calls(uncast(node.args[0]), aten.mul.Tensor):
-        factors, shift = uncast(node.args[0]).args, node.args[1]
-    elif calls(node, aten.mul.Tensor) and len(node.args) == 2:
-        factors = node.args
-    else:
-        return None
-    if shift is not None and not isinstance(shift, fx.Node):
-        return None
-    for normed, one_plus in (factors, factors[::-1]):
-        one_plus = uncast(one_plus)
-        if calls(one_plus, aten.add.Tensor) and one_plus.args[1] == 1:
-            return normed, one_plus.args[0], shift
+    ``addcmul(shift, normed, 1 + scale)``, or the product and the sum in either order) or ``normed · (1 +
+    scale)`` (shift None)."""
+    for factors, shift in _products(uncast(node)):
+        if shift is not None and not isinstance(shift, fx.Node):
+            continue
+        for normed, one_plus in (factors, factors[::-1]):
+            one_plus = uncast(one_plus)
+            if calls(one_plus, aten.add.Tensor) and one_plus.args[1] == 1:
+                return _times_one(normed), one_plus.args[0], shift
     return None
+
+
+def _products(node: fx.Node):
+    """``(factors, addend)`` pairs that ``node`` may be: an ``addcmul``, a product plus an addend, or a
+    product alone (addend None)."""
+    if calls(node, aten.addcmul.default) and len(node.args) == 3 and not node.kwargs:
+        yield node.args[1:], node.args[0]
+    elif calls(node, aten.add.Tensor) and len(node.args) == 2:
+        for product, addend in (node.args, node.args[::-1]):
+            if calls(uncast(product), aten.mul.Tensor):
+                yield uncast(product).args, addend
+    elif calls(node, aten.mul.Tensor) and len(node.args) == 2:
+        yield node.args, None
+
+
+def _times_one(node: fx.Node) -> fx.Node:
+    """``t`` for ``t · 1``: PyTorch ≤ 2.11 decomposes ``addcmul(s, t, m)`` as ``s + (t · 1) · m`` (its
+    ``value``), newer releases keep the ``addcmul``."""
+    inner = uncast(node)
+    return inner.args[0] if calls(inner, aten.mul.Tensor) and inner.args[1] == 1 else node
