@@ -276,9 +276,9 @@ def run(args, scratch: Path) -> dict:
         f"{label}: tensors drawn, converted and written in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
+    backends = [k for k, v in comfy_kitchen.list_backends().items() if v["available"] and not v["disabled"]]
     result = {"model": args.model, "resolution": args.res, "steps": args.steps, "device": str(device),
-              "kitchen_backends": [k for k, v in comfy_kitchen.list_backends().items() if v["available"] and not v["disabled"]],
-              "rows": {}}  # fmt: skip
+              "kitchen_backends": backends, "rows": {}}  # fmt: skip
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     result["torch"] = torch.__version__
