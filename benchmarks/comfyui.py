@@ -1,7 +1,7 @@
 """ComfyUI's own model forward per step at full size: ComfyUI bf16 and its native int8 path against
 INT8 Studio's node pack, eager and under ComfyUI's TorchCompileModel node (issue 22).
 
-For one model, the bf16 tensors of its single file (random weights, std 1/√in, drawn by name with
+For one model (Flux.2, Chroma, Z-Image, Flux.1 or Qwen-Image), the bf16 tensors of its single file (random weights, std 1/√in, drawn by name with
 ``engine.models.build.random_tensor``) and their row-wise int8 conversion (the tensors ``int8-studio
 convert`` writes: int8 weight, ``weight_scale``, ``comfy_quant`` marker, in the layers the
 architecture allows) are loaded by ComfyUI's own loader and by ours, and sampled with ComfyUI's own
@@ -69,12 +69,16 @@ ROWS = (
     "bf16", "bf16+compile", "node int8", "node int8+compile", "native int8", "native int8+compile",
     "node int8+LoRA+compile", "node int8+compile (unfused)", "node int8+compile (inductor quantization)",
 )  # fmt: skip
-TEXT_TOKENS = {"flux2": 512, "chroma": 512, "zimage": 256}
+TEXT_TOKENS = {"flux2": 512, "chroma": 512, "zimage": 256, "flux1": 512, "qwen_image": 256}
 LATENT = {
     "flux2": (128, 16),
     "chroma": (16, 8),
     "zimage": (16, 8),
+    "flux1": (16, 8),
+    "qwen_image": (16, 8),
 }  # channels, pixels per latent pixel
+FRAMED = {"qwen_image"}  # latents [batch, channels, frames, height, width] (Wan 2.1's VAE): one frame
+POOLED_DIM = 768  # Flux.1's vector input (CLIP-L)
 WARMUP = 2
 SEED = 0
 
@@ -144,16 +148,21 @@ class Bench:
         g = torch.Generator().manual_seed(SEED)
         channels, down = LATENT[family]
         side = resolution // down
-        self.latent = torch.zeros(1, channels, side, side)
-        self.noise = torch.randn(1, channels, side, side, generator=g)
+        shape = (1, channels, 1, side, side) if family in FRAMED else (1, channels, side, side)
+        self.latent = torch.zeros(shape)
+        self.noise = torch.randn(shape, generator=g)
         context = torch.randn(1, TEXT_TOKENS[family], text_dim, generator=g)
-        self.positive = [[context, {}]]
         self.call = {"c_crossattn": context}
+        extra = {}
+        if family == "flux1":  # CLIP's pooled prompt, and dev's guidance (ComfyUI's default)
+            extra = {"pooled_output": torch.randn(1, POOLED_DIM, generator=g)}
+            self.call |= {"y": extra["pooled_output"], "guidance": torch.full((1,), 3.5)}
+        self.positive = [[context, extra]]
         if family == "chroma":
             self.call["guidance"] = torch.zeros(1)
         if family == "zimage":
             self.call["num_tokens"] = TEXT_TOKENS[family]
-        self.x = torch.randn(1, channels, side, side, generator=g)
+        self.x = torch.randn(shape, generator=g)
 
     def step_ms(self, model) -> tuple[float, list[float]]:
         """Seconds to the end of the first sampling step (loading, compiling), and wall milliseconds
@@ -394,7 +403,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "model",
-        help="a known model name, e.g. flux2-klein-9b, zimage-turbo, chroma1-hd",
+        help="a known model name: flux2-klein-9b, zimage-turbo, chroma1-hd, flux1-dev, qwen-image, …",
     )
     parser.add_argument("--comfyui", required=True, help="ComfyUI's unpacked tree")
     parser.add_argument("--res", type=int, default=1024)
