@@ -1,11 +1,11 @@
 """ComfyUI's own model forward per step at full size: ComfyUI bf16 and its native int8 path against
 INT8 Studio's node pack, eager and under ComfyUI's TorchCompileModel node (issue 22).
 
-For one model (Flux.2, Chroma, Z-Image, Flux.1 or Qwen-Image), the bf16 tensors of its single file (random weights, std 1/√in, drawn by name with
-``engine.models.build.random_tensor``) and their row-wise int8 conversion (the tensors ``int8-studio
-convert`` writes: int8 weight, ``weight_scale``, ``comfy_quant`` marker, in the layers the
-architecture allows) are loaded by ComfyUI's own loader and by ours, and sampled with ComfyUI's own
-sampler (euler, CFG 1: one model call per step, batch 1). Rows:
+For one model (Flux.2, Chroma, Z-Image, Flux.1 or Qwen-Image), the bf16 tensors of its single file
+(random weights, std 1/√in, drawn by name with ``engine.models.build.random_tensor``) and their row-wise
+int8 conversion (the tensors ``int8-studio convert`` writes: int8 weight, ``weight_scale``,
+``comfy_quant`` marker, in the layers the architecture allows) are loaded by ComfyUI's own loader and by
+ours, and sampled with ComfyUI's own sampler (euler, CFG 1: one model call per step, batch 1). Rows:
 
 ========================  ================================================================
 bf16                      ComfyUI's loader on the bf16 tensors
