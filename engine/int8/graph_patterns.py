@@ -245,7 +245,7 @@ def _products(node: fx.Node):
     product alone (addend None)."""
     if calls(node, aten.addcmul.default) and len(node.args) == 3 and not node.kwargs:
         yield node.args[1:], node.args[0]
-    elif calls(node, aten.add.Tensor) and len(node.args) == 2:
+    elif calls(node, aten.add.Tensor) and len(node.args) == 2 and not node.kwargs:  # no alpha
         for product, addend in (node.args, node.args[::-1]):
             if calls(uncast(product), aten.mul.Tensor):
                 yield uncast(product).args, addend
