@@ -81,13 +81,13 @@ class ForeignBlock(torch.nn.Module):
         mlp = F.gelu(mlp, approximate="tanh")
         gelu_single = self.linear("gelu_linear2", torch.cat([qkv.unflatten(-1, (3, WIDTH)).sum(-2), mlp], -1))
         shift, scale = vec[:, None].chunk(2, dim=-1)
-        normed = F.layer_norm(x, (WIDTH,), eps=1e-6)
-        modulated = self.linear("modulated", torch.addcmul(shift, normed, 1 + scale))
+        modulated = self.linear("modulated", torch.addcmul(shift, F.layer_norm(x, (WIDTH,), eps=1e-6), 1 + scale))
         decomposed = shift.float() + F.layer_norm(x.float(), (WIDTH,), eps=1e-6) * 1 * (1 + scale).float()
-        modulated = modulated + self.linear("decomposed_modulated", decomposed.to(x.dtype))
+        decomposed_modulated = self.linear("decomposed_modulated", decomposed.to(x.dtype))
         rms = F.rms_norm(x, (WIDTH,), self.rms_weight.to(x.dtype), eps=1e-5) * (1 + scale)
         rms_modulated = self.linear("rms_modulated", rms)
-        return torch.cat([double, zimage, single, gelu_double, gelu_single, modulated, rms_modulated], dim=-1)
+        outputs = [double, zimage, single, gelu_double, gelu_single, modulated, decomposed_modulated, rms_modulated]
+        return torch.cat(outputs, dim=-1)
 
 
 def compiled_with_fusion(fn, **compile_options):

@@ -297,9 +297,11 @@ def inline_rope(graph: fx.Graph, build: _Builder) -> int:
     fuse) → its arithmetic in aten ops, which inductor fuses with the QK norm before it: q and k are
     written once, not twice."""
     rope_op = getattr(getattr(torch.ops, "comfy_kitchen", None), "apply_rope", None)
+    if rope_op is None:  # comfy-kitchen not loaded: no such op in any graph
+        return 0
     inlined = 0
     for node in list(graph.nodes):
-        if rope_op is None or not calls(node, rope_op.default) or len(node.args) != 3 or node.kwargs:
+        if not calls(node, rope_op.default) or len(node.args) != 3 or node.kwargs:
             continue
         q, k, freqs = node.args
         width, f = shape_of(q)[-1], shape_of(freqs)

@@ -133,7 +133,7 @@ def silu_input(node: fx.Node) -> fx.Node | None:
 
 
 def _constant(node, value: float) -> bool:
-    return isinstance(node, float) and abs(node - value) < 1e-6 * abs(value)
+    return isinstance(node, (int, float)) and abs(node - value) < 1e-6 * abs(value)
 
 
 def _scaled(node, value: float) -> fx.Node | None:
@@ -256,5 +256,5 @@ def _products(node: fx.Node):
 def _times_one(node: fx.Node) -> fx.Node:
     """``t`` for ``t · 1``: PyTorch ≤ 2.11 decomposes ``addcmul(s, t, m)`` as ``s + (t · 1) · m`` (its
     ``value``), newer releases keep the ``addcmul``."""
-    inner = uncast(node)
-    return inner.args[0] if calls(inner, aten.mul.Tensor) and inner.args[1] == 1 else node
+    x = _scaled(uncast(node), 1)
+    return node if x is None else x
