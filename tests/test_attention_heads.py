@@ -8,11 +8,11 @@ import torch
 
 from engine.int8 import kernels, linear, ops
 from engine.int8.apply import quantize_model
-from engine.int8.operands import Epilogue, QKNormTables
+from engine.int8.operands import Epilogue, LowRank, QKNormTables
 from engine.heads import QKNormRope, attention_inputs, rope_of, rotation_tables
 from engine.models import REGISTRY, layers
 from tests.int8_reference import BACKENDS, DEVICES, ULP
-from tests.test_gated_gemm import make_weight
+from tests.test_gated_gemm import make_weight, with_loras
 from tests.test_kernels import configs_for
 
 
@@ -41,21 +41,29 @@ def assert_heads_close(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch, tokens", [(1, 1), (2, 13), (1, 40)])
-@pytest.mark.parametrize("scheme, with_bias", [("rowwise", True), ("tensorwise", False)])
-def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, scheme, with_bias):
+@pytest.mark.parametrize(
+    "scheme, with_bias, rank", [("rowwise", True, 0), ("tensorwise", False, 0), ("rowwise", False, 5)]  # 5: a LoRA
+)
+def test_heads_epilogue_against_the_unfused_chain(device, dtype, batch, tokens, scheme, with_bias, rank):
     head, heads, k = 16, 3, 72
     weight = make_weight(3 * heads * head, k, scheme, with_bias, dtype, device)
     norm = qk_norm(tokens, head, device, dtype)
     x = torch.randn(batch * tokens, k, dtype=dtype, device=device)
     q, x_scale = kernels.quantize_tokens(x)
-    epilogue = Epilogue(weight.bias, heads=kernel_heads(norm))
+    lora = None
+    if rank:  # a dynamic LoRA's term, added to the projection before the norms
+        x_down = torch.randn(batch * tokens, rank, dtype=dtype, device=device) / 4
+        up = torch.randn(3 * heads * head, rank, dtype=dtype, device=device)
+        lora = LowRank(x_down, up, torch.rand(rank, device=device))
+    epilogue = Epilogue(weight.bias, lora, heads=kernel_heads(norm))
     w_scale = weight.w_scale.reshape(-1)
     for config in configs_for(device):
         out = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, dtype, epilogue, config)
         assert out.shape == (3, batch, tokens, heads, head) and out.dtype == dtype
         out = out.transpose(2, 3)  # q, k, v [batch, heads, tokens, head]
         # the same tile storing the projection itself, then the chain the models run unfused
-        plain = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, dtype, Epilogue(weight.bias), kernels.heads_config(config, head))
+        plain = kernels.scaled_mm(q, x_scale, weight.w_int8, w_scale, dtype, Epilogue(weight.bias, lora),
+                                  kernels.heads_config(config, head))  # fmt: skip
         want_q, want_k, want_v = attention_inputs(plain.reshape(batch, tokens, -1), norm)
         assert torch.equal(out[2], want_v), config  # values are the projection, moved into head layout
         assert_heads_close(out[0], want_q)
@@ -139,13 +147,16 @@ def test_attention_inputs_compile_without_graph_breaks():
         ("flux1", lambda m: 2 * len(m.double_blocks)),  # as Chroma's
     ],
 )
-def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections, backend, monkeypatch):
-    """Each plain int8 q|k|v projection hands on attention's inputs; the model's output is that of the
+@pytest.mark.parametrize("rank", [0, 4])  # 4: every int8 layer with a dynamic LoRA, added in the epilogue
+def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections, backend, rank, monkeypatch):
+    """Each int8 q|k|v projection hands on attention's inputs; the model's output is that of the
     unfused chain (float32: the paths differ only in the norm's and rotation's float rounding)."""
     arch = REGISTRY[arch_name]
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"])
     quantize_model(model, arch, "rowwise", "none")
+    if rank:
+        with_loras(model, rank)
     inputs = model.random_inputs(2, 64, text=8)  # two samples: tiles cross a sample boundary
     calls = []
 
@@ -157,8 +168,8 @@ def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections
         monkeypatch.setattr(linear, "int8_attention_inputs", counting)
         fused = model(**inputs).double()
         assert len(calls) == fused_projections(model)
-        monkeypatch.setattr(linear, "int8_attention_inputs", lambda x, weight, norm: attention_inputs(
-            ops.int8_linear(x, *weight), norm))  # fmt: skip
+        monkeypatch.setattr(linear, "int8_attention_inputs", lambda x, weight, norm, lora=None: attention_inputs(
+            ops.int8_linear(x, *weight, lora=lora), norm))  # fmt: skip
         unfused = model(**inputs).double()
     assert (fused - unfused).norm() / unfused.norm() < 1e-5
 

@@ -13,6 +13,7 @@ from engine.int8.kernels import entry, launcher, tiles
 from engine.int8.linear import Int8Linear
 from engine.int8.operands import Epilogue, Int8Weight, LowRank
 from engine.int8.quantize import quantize_weight
+from engine.lora.dynamic import DynamicLoras, Factors
 from engine.models import REGISTRY
 from tests.int8_reference import (
     BACKENDS,
@@ -72,6 +73,34 @@ def test_gated_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bi
         assert_swiglu_of(out, a.to(dtype).double(), u.to(dtype).double(), config)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("terms", ["gate", "up", "both", "shared"])  # shared: one x·downᵀ, one layer's halves
+def test_gated_scaled_mm_with_low_rank_terms_against_float64(device, dtype, terms):
+    m, n, k, rank = 17, 70, 256, 5
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    gate, up = (make_weight(n, k, "rowwise", True, dtype, device) for _ in range(2))
+    q, x_scale = kernels.quantize_tokens(x)
+
+    def term():  # factors whose products are exact in float32, so that only the outputs round
+        return LowRank(torch.randn(m, rank, device=device).to(dtype), torch.randn(n, rank, device=device).to(dtype),
+                       2.0 ** torch.randint(-3, 0, (rank,), device=device).float())  # fmt: skip
+
+    lora = term() if terms != "up" else None
+    up_lora = {"gate": None, "shared": lora and LowRank(lora.x, term().up, lora.scale)}.get(terms, term())
+    a, u = (exact_scaled_mm(q, x_scale, w.w_int8, w.w_scale, w.bias) for w in (gate, up))
+    for product, t in ((a, lora), (u, up_lora)):
+        if t is not None:
+            product += (t.x.double() * t.scale.double()) @ t.up.double().T
+    epilogue = Epilogue(gate.bias, lora, kernel_up(up), up_lora=up_lora)
+    for config in configs_for(device):
+        out = kernels.scaled_mm(
+            q, x_scale, gate.w_int8, gate.w_scale.reshape(-1), dtype, epilogue, config=kernels.gated_config(config)
+        )
+        assert_swiglu_of(out, a.to(dtype).double(), u.to(dtype).double(), config)
+    assert kernels.epilogue_key(gate.w_int8, epilogue).startswith(f",lora{x.element_size()},glu")
+
+
 @NEEDS_INTERPRETER
 def test_only_tma_loads_of_weights_16_bytes_apart_are_stacked(monkeypatch):
     q, x_scale = kernels.quantize_tokens(torch.randn(5, 64, dtype=torch.bfloat16))
@@ -126,6 +155,26 @@ def test_int8_swiglu_is_silu_of_the_gate_layer_times_the_up_layer(backend, devic
     torch.testing.assert_close(out, want, rtol=ULP[dtype], atol=1e-6)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])  # True: the two halves of one layer, one down factor
+def test_gated_op_with_loras_is_silu_of_the_two_layers_with_theirs(backend, device, shared):
+    n, k, dtype = 48, 136, torch.bfloat16
+    gate, up = (make_weight(n, k, "rowwise", True, dtype, device) for _ in range(2))
+    factors = [ops.LoraFactors(torch.randn(4, k, dtype=dtype, device=device) / k**0.5,
+                               torch.randn(n, 4, dtype=dtype, device=device), torch.rand(4, device=device))
+               for _ in range(2)]  # fmt: skip
+    if shared:
+        factors[1] = factors[1]._replace(down=factors[0].down, scale=factors[0].scale)
+    x = torch.randn(11, k, dtype=dtype, device=device)
+    with ops.use_backend(backend):
+        q, x_scale = ops.quantize_input(x)[:2]
+        out = ops.scaled_mm(q, x_scale, gate.w_int8, gate.w_scale.reshape(-1), gate.bias, dtype, *factors[0],
+                            up.w_int8, up.w_scale.reshape(-1), up.bias, *factors[1])  # fmt: skip
+        a, u = (ops.int8_linear(x, *w, lora=f) for w, f in zip((gate, up), factors, strict=True))
+    want = (torch.nn.functional.silu(a.float()) * u.float()).to(dtype)
+    torch.testing.assert_close(out, want, rtol=ULP[dtype], atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["int_mm", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 def test_backends_agree_on_the_gated_product(backend):
     gate, up = (make_weight(40, 256, "rowwise", True, torch.float32, "cpu") for _ in range(2))
@@ -176,13 +225,12 @@ def test_the_kernel_launch_refuses_what_a_gated_gemm_cannot_take():
     cases = [
         (config, Int8Weight(w, torch.ones(32)), None, "the same kinds of scale and bias"),  # 32 scales against 1
         (config, Int8Weight(w, torch.ones(1), torch.zeros(32)), None, "the same kinds of scale and bias"),
-        (config, Int8Weight(w, torch.ones(1)), LowRank(torch.ones(4, 2), torch.ones(32, 2), torch.ones(2)),
-         "takes no low-rank term"),
+        (config, None, LowRank(torch.ones(4, 2), torch.ones(32, 2), torch.ones(2)), "needs the gated product"),
         (specialized, Int8Weight(w, torch.ones(1)), None, "not warp-specialized"),
     ]
-    for tile, up, lora, message in cases:
+    for tile, up, up_lora, message in cases:
         with pytest.raises(ValueError, match=message):
-            kernels.launch_scaled_mm(tile, q, x_scale, w, torch.ones(1), out, Epilogue(lora=lora, up=up))
+            kernels.launch_scaled_mm(tile, q, x_scale, w, torch.ones(1), out, Epilogue(up=up, up_lora=up_lora))
 
 
 def test_opcheck_of_the_gated_op():
@@ -314,15 +362,29 @@ def test_int8_weight_slices_are_views_of_a_plain_int8_layer():
     assert Int8Linear.from_float(torch.nn.Linear(32, 12), rotation=16).int8_weight() is None
 
 
+def with_loras(model: torch.nn.Module, rank: int) -> None:
+    """A dynamic LoRA of ``rank`` on every int8 layer of ``model`` (float32), its term about a tenth of
+    the layer's output."""
+    factors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            n, k = module.weight.shape
+            factors[name] = Factors(torch.randn(rank, k) / k**0.5, torch.randn(n, rank) / 10, torch.full((rank,), 0.5))
+    DynamicLoras(model, torch.float32).add_factors("random", factors)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 @pytest.mark.parametrize("arch_name, gated_layers", [("flux2", 2 * 2 + 3), ("zimage", 3)])  # Z-Image: refiners stay bf16
-def test_models_run_their_swiglu_mlps_as_gated_gemms(arch_name, gated_layers, backend, monkeypatch):
+@pytest.mark.parametrize("rank", [0, 4])  # 4: every int8 layer with a dynamic LoRA, added in the gated GEMM
+def test_models_run_their_swiglu_mlps_as_gated_gemms(arch_name, gated_layers, backend, rank, monkeypatch):
     """Flux.2's MLP in-projections and linear1, Z-Image's w1/w3: one gated GEMM each, with the output of
     the separate layers (float32: the two paths differ only where an int8 rounding flips)."""
     arch = REGISTRY[arch_name]
     torch.manual_seed(0)
     model = arch.build_module(arch.tiny["tiny"])
     quantize_model(model, arch, "rowwise", "none")
+    if rank:
+        with_loras(model, rank)
     inputs = model.random_inputs(1, 64)
     gated = []
 

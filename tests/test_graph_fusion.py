@@ -26,16 +26,21 @@ read at the wrong width is off by the order of the output."""
 
 class Int8Layer(torch.nn.Module):
     """An int8 weight and its scale as parameters, as the node pack's layers hold them (dynamo keeps the
-    shapes of parameters static; torch 2.11's dynamo cannot unpack a ``ParameterList``)."""
+    shapes of parameters static; torch 2.11's dynamo cannot unpack a ``ParameterList``), and with
+    ``rank`` a dynamic LoRA's factors (float32, as the node pack keeps them)."""
 
-    def __init__(self, n: int, k: int, device: str, scheme: str = "rowwise") -> None:
+    def __init__(self, n: int, k: int, device: str, scheme: str = "rowwise", rank: int = 0) -> None:
         super().__init__()
         w_int8, w_scale = quantize_weight(torch.randn(n, k) / k**0.5, scheme)
         self.weight = torch.nn.Parameter(w_int8.to(device), requires_grad=False)
         self.weight_scale = torch.nn.Parameter(w_scale.to(device), requires_grad=False)
+        self.lora = None
+        if rank:  # a term of about a fifth of the output
+            down, up = torch.randn(rank, k, device=device) / k**0.5, torch.randn(n, rank, device=device) / 4
+            self.lora = LoraFactors(down, up, torch.rand(rank, device=device) / rank**0.5)
 
-    def forward(self, x: torch.Tensor, lora: LoraFactors | None = None) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.weight_scale, lora=lora)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, lora=self.lora)
 
 
 class ForeignBlock(torch.nn.Module):
@@ -44,24 +49,25 @@ class ForeignBlock(torch.nn.Module):
     single block's (``linear1`` = q|k|v and the MLP's gate|up; ``linear2`` on the attention's output
     concatenated with the gated MLP), Chroma's GELU MLPs (a double block's, a single block's), a layer on
     a layer norm modulated per sample (ComfyUI's ``addcmul``, and the same as torch ≤ 2.11 decomposes it)
-    and one on an RMS norm scaled per sample (Z-Image's)."""
+    and one on an RMS norm scaled per sample (Z-Image's). With ``rank``, every layer has a dynamic LoRA."""
 
-    def __init__(self, device: str, tensorwise_w3: bool = False) -> None:
+    def __init__(self, device: str, tensorwise_w3: bool = False, rank: int = 0) -> None:
         super().__init__()
+        w3 = "tensorwise" if tensorwise_w3 else "rowwise"
         self.layers = torch.nn.ModuleDict({
-            "gate_up": Int8Layer(2 * HIDDEN, WIDTH, device),
-            "down": Int8Layer(WIDTH, HIDDEN, device),
-            "w1": Int8Layer(HIDDEN, WIDTH, device),
-            "w3": Int8Layer(HIDDEN, WIDTH, device, "tensorwise" if tensorwise_w3 else "rowwise"),
-            "linear1": Int8Layer(3 * WIDTH + 2 * HIDDEN, WIDTH, device),
-            "linear2": Int8Layer(WIDTH, WIDTH + HIDDEN, device),
-            "fc1": Int8Layer(HIDDEN, WIDTH, device),
-            "fc2": Int8Layer(WIDTH, HIDDEN, device),
-            "gelu_linear1": Int8Layer(3 * WIDTH + HIDDEN, WIDTH, device),
-            "gelu_linear2": Int8Layer(WIDTH, WIDTH + HIDDEN, device),
-            "modulated": Int8Layer(WIDTH, WIDTH, device),
-            "decomposed_modulated": Int8Layer(WIDTH, WIDTH, device),
-            "rms_modulated": Int8Layer(WIDTH, WIDTH, device),
+            "gate_up": Int8Layer(2 * HIDDEN, WIDTH, device, rank=rank),
+            "down": Int8Layer(WIDTH, HIDDEN, device, rank=rank),
+            "w1": Int8Layer(HIDDEN, WIDTH, device, rank=rank),
+            "w3": Int8Layer(HIDDEN, WIDTH, device, w3, rank=rank),
+            "linear1": Int8Layer(3 * WIDTH + 2 * HIDDEN, WIDTH, device, rank=rank),
+            "linear2": Int8Layer(WIDTH, WIDTH + HIDDEN, device, rank=rank),
+            "fc1": Int8Layer(HIDDEN, WIDTH, device, rank=rank),
+            "fc2": Int8Layer(WIDTH, HIDDEN, device, rank=rank),
+            "gelu_linear1": Int8Layer(3 * WIDTH + HIDDEN, WIDTH, device, rank=rank),
+            "gelu_linear2": Int8Layer(WIDTH, WIDTH + HIDDEN, device, rank=rank),
+            "modulated": Int8Layer(WIDTH, WIDTH, device, rank=rank),
+            "decomposed_modulated": Int8Layer(WIDTH, WIDTH, device, rank=rank),
+            "rms_modulated": Int8Layer(WIDTH, WIDTH, device, rank=rank),
         })  # fmt: skip
         self.rms_weight = torch.nn.Parameter(1 + torch.randn(WIDTH, device=device) / 4, requires_grad=False)
 
@@ -111,14 +117,22 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_foreign_block_runs_fused_with_the_same_output(fusion_pass, device, dtype):
-    block = ForeignBlock(device)
+@pytest.mark.parametrize("rank", [0, 3])  # 3: every layer with a dynamic LoRA, which keeps every fusion
+def test_foreign_block_runs_fused_with_the_same_output(fusion_pass, device, dtype, rank):
+    block = ForeignBlock(device, rank=rank)
     x = torch.randn(2, 37, WIDTH, device=device, dtype=dtype)
     vec = torch.randn(2, 2 * WIDTH, device=device, dtype=dtype) / 4
     with use_backend("triton"), torch.inference_mode():
         eager = block(x, vec)
         compiled, _ = compiled_with_fusion(block)
         fused = compiled(x, vec)
+        if rank:  # the terms count: a fusion that dropped one would be off by far more than SAME
+            loras = {name: layer.lora for name, layer in block.layers.items()}
+            for layer in block.layers.values():
+                layer.lora = None
+            assert relative(eager, block(x, vec)) > 0.05
+            for name, layer in block.layers.items():
+                layer.lora = loras[name]
     assert dict(Int8GraphFusion.totals) == {
         "shared quantizations": 5,  # x quantized once for gate_up, w1, w3, linear1, fc1 and gelu_linear1
         "gated GEMMs": 3,
@@ -144,18 +158,16 @@ def test_fusions_hold_for_any_token_count(fusion_pass, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_what_is_not_one_gated_product_stays(fusion_pass, device):
-    """No gate for: products with a LoRA term, products of different inputs, a tensor-wise layer beside a
-    row-wise one (their scales differ in kind). No activation in the quantization of a layer whose input
-    regroups the activated channels into other tokens. Quantized the ordinary way, all of them."""
+    """No gate for: products of different inputs, a tensor-wise layer beside a row-wise one (their scales
+    differ in kind). No activation in the quantization of a layer whose input regroups the activated
+    channels into other tokens. Quantized the ordinary way, all of them."""
     block = ForeignBlock(device, tensorwise_w3=True)
-    lora = LoraFactors(*(torch.randn(s, device=device) for s in ((4, WIDTH), (2 * HIDDEN, 4), (4,))))
 
     def forward(x, y):
-        a, b = block.layers["gate_up"](x, lora=lora).chunk(2, dim=-1)
         other_inputs = F.silu(block.linear("w1", x)) * block.linear("w1", y)
         kinds = F.silu(block.linear("w1", x)) * block.linear("w3", x)
         regrouped = F.gelu(block.linear("gate_up", x), approximate="tanh").reshape(-1, HIDDEN)  # 2 tokens a row
-        return torch.cat([F.silu(a) * b, other_inputs, kinds], dim=-1), block.linear("fc2", regrouped)
+        return torch.cat([other_inputs, kinds], dim=-1), block.linear("fc2", regrouped)
 
     x, y = (torch.randn(37, WIDTH, device=device) for _ in range(2))
     with use_backend("triton"), torch.inference_mode():

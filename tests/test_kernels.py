@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.int8 import kernels
-from engine.int8.backends import quantize_tokens_torch
+from engine.int8.backends import low_rank_torch, quantize_tokens_torch
 from engine.int8.kernels import entry, gemm, runtime, tuner
 from engine.int8.kernels import tokens as token_kernels
 from engine.int8.operands import Epilogue, LowRank
@@ -92,6 +92,26 @@ def test_scaled_mm_against_float64(device, dtype, m, n, k, scheme, with_bias):
         tolerance = exact.abs() * (ULP[dtype] + 2.0**-20) + 1e-6
         assert ((out.double() - exact).abs() <= tolerance).all(), config
         assert_within_int8_rounding(out, x, w_int8, w_scale, bias)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")  # numpy in the interpreter
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m, k, rank", [(1, 72, 1), (17, 300, 45), (40, 256, 70)])  # 70: two blocks of ranks
+def test_low_rank_first_factor_against_float64(device, dtype, m, k, rank):
+    q, x_scale = kernels.quantize_tokens(torch.randn(m, k, device=device) * 3)
+    x_scale[m // 2] = float("nan")  # a token that held NaN or ±Inf (its q is all zeros)
+    q[m // 2] = 0
+    down = torch.randn(rank, k, device=device).to(dtype)
+    out = kernels.low_rank(q, x_scale, down)
+    assert out.shape == (m, rank) and out.dtype == dtype
+    want = (q.double() @ down.double().T) * x_scale.double()[:, None]
+    assert torch.isnan(out[m // 2]).all()
+    ok = torch.arange(m) != m // 2
+    bound = ((q.double().abs() @ down.double().abs().T) * x_scale.double()[:, None] * (ULP[dtype] + 2**-20))[ok]
+    assert ((out[ok].double() - want[ok]).abs() <= bound + 1e-30).all()
+    fallback = low_rank_torch(q, x_scale, down)  # the other backends' (float32 all through)
+    assert ((fallback[ok].double() - want[ok]).abs() <= bound + 1e-30).all()
 
 
 @pytest.mark.gpu

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.lora.dynamic import Factors, LoraAdapter
+from engine.int8.backends import quantize_tokens_torch
 from engine.int8.linear import Int8Linear, QuantizedLayerError
 from engine.int8.quantize import dequantize_weight, quantize_weight
+from engine.lora.dynamic import Factors, LoraAdapter
 from tests.int8_reference import assert_within_int8_rounding
 
 
@@ -93,7 +94,10 @@ def test_lora_term_is_added(use_float):
     base = layer(x)
     layer.lora = LoraAdapter(16, 8, torch.device("cpu"), torch.float32)
     layer.lora.append("a", Factors(torch.randn(4, 16), torch.randn(8, 4), torch.full((4,), 0.25)), strength=2.0)
-    torch.testing.assert_close(layer(x), base + layer.lora(x))
+    # an int8 layer's LoRA sees the int8 tokens its weight sees; a float layer's, the input itself
+    q, x_scale = quantize_tokens_torch(x)
+    tokens = x if use_float else q.float() * x_scale[:, None]
+    torch.testing.assert_close(layer(x), base + layer.lora(tokens))
     layer.lora.set_strength("a", 0.0)
     assert torch.equal(layer(x), base)
 

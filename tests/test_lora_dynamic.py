@@ -10,6 +10,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointReader
+from engine.int8.backends import quantize_tokens_torch
 from engine.int8.linear import Int8Linear
 from engine.lora import LoraError, LoraFile, match_model
 from engine.lora.dynamic import DynamicLoras
@@ -45,13 +46,23 @@ def without_lora(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias)
 
 
+def seen(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a layer's LoRA term acts on, in float64: an int8 layer's int8 tokens (those its weight
+    multiplies, as when the LoRA is merged into it), a float layer's input."""
+    if not isinstance(module, Int8Linear):
+        return x.double()
+    assert not module.rotation
+    q, x_scale = quantize_tokens_torch(x)
+    return q.double() * x_scale.double()[:, None]
+
+
 def added_terms(model, lora: TinyLora, strength: float):
     """(what each adapted layer adds to its output, what the LoRA's float64 delta says it should add)."""
     for name, change in lora.changes.items():
         module = model.get_submodule(name.removesuffix(".weight"))
         x = torch.randn(7, module.weight.shape[1])
         with torch.no_grad():
-            yield name, module(x) - without_lora(module, x), x.double() @ (strength * change.delta).T
+            yield name, module(x) - without_lora(module, x), seen(module, x) @ (strength * change.delta).T
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
@@ -87,7 +98,7 @@ def test_several_loras_and_strength_changes(tmp_path):
         delta = sb * b.changes[name].delta + (sa * a.changes[name].delta if name in a.changes else 0)
         with torch.no_grad():
             actual = module(x) - without_lora(module, x)
-        torch.testing.assert_close(actual.double(), x.double() @ delta.T, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(actual.double(), seen(module, x) @ delta.T, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(LoraError) as caught:
         dynamic.set_strength("c.safetensors", 1.0)
     assert str(caught.value) == (

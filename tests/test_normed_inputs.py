@@ -91,8 +91,8 @@ def test_int8_linear_of_a_normed_input_is_within_int8_rounding(backend, device, 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
-    """LoRA, a rotated weight and a per-token modulation all take the unfused path: the same output as
-    the materialized input, exactly."""
+    """A rotated weight and a per-token modulation take the unfused path: the same output as the
+    materialized input, exactly. A LoRA does not: its term comes from the fused path's int8 tokens."""
     x = make_input("rms", 2, 7, 256, torch.bfloat16, device)
     per_token = x._replace(scale=x.scale.expand(2, 7, 256).contiguous())
     assert ops.normed_tokens(per_token) is None
@@ -104,10 +104,13 @@ def test_what_the_kernel_does_not_fuse_is_materialized_first(backend, device):
     lora = ops.LoraFactors(*(torch.randn(s, device=device, dtype=torch.bfloat16) for s in ((4, 256), (24, 4))),
                            torch.rand(4, device=device))
     with ops.use_backend(backend):
-        for given, kwargs in ((x, {"lora": lora}), (x, {"rotation": 16}), (per_token, {})):
+        for given, kwargs in ((x, {"rotation": 16}), (per_token, {})):
             fused = ops.int8_linear(given, w_int8, w_scale, **kwargs)
             plain = ops.int8_linear(given.materialize(), w_int8, w_scale, **kwargs)
             torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+        fused = ops.int8_linear(x, w_int8, w_scale, lora=lora)
+        tokens = ops.quantize_input(x)  # the fused path's
+        torch.testing.assert_close(fused, ops.int8_linear(tokens, w_int8, w_scale, lora=lora), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

@@ -214,7 +214,9 @@ def test_lora_term_of_a_rotated_layer_acts_on_the_unrotated_input(backend):
     with ops.use_backend(backend):
         plain = ops.int8_linear(x, w_int8, w_scale, rotation=256)
         out = ops.int8_linear(x, w_int8, w_scale, lora=lora, rotation=256)
-    term = (x.double() @ lora.down.double().T * lora.scale.double()) @ lora.up.double().T
+    q, x_scale = ops.quantize_tokens_torch(rotate(x, 256))  # the rotated tokens the weight sees
+    tokens = rotate(q.double() * x_scale.double()[:, None], 256).double()  # rotated back
+    term = (tokens @ lora.down.double().T * lora.scale.double()) @ lora.up.double().T
     torch.testing.assert_close(out.double(), plain.double() + term, rtol=1e-5, atol=1e-4)
 
 

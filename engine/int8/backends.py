@@ -142,6 +142,12 @@ def _exact_int_matmul(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def low_rank_torch(q: torch.Tensor, x_scale: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """:func:`engine.int8.kernels.low_rank` in tensor ops: ``(q · x_scale[:, None]) @ downᵀ`` in down's
+    dtype, computed in float32."""
+    return ((q.float() @ down.float().T) * x_scale[:, None]).to(down.dtype)
+
+
 def fallback_scaled_mm(
     backend: Backend, q, x_scale, w, w_scale, out_dtype: torch.dtype, epilogue: Epilogue = Epilogue()
 ) -> torch.Tensor:
@@ -153,5 +159,5 @@ def fallback_scaled_mm(
     up = epilogue.up
     if up is None:
         return out
-    product = _dequantize(matmul(q, up.w_int8), x_scale, up.w_scale, up.bias, out_dtype)
+    product = _dequantize(matmul(q, up.w_int8), x_scale, up.w_scale, up.bias, out_dtype, epilogue.up_lora)
     return (F.silu(out.float()) * product.float()).to(out_dtype)  # what the kernel computes

@@ -24,6 +24,8 @@ rewrites the graph:
   activation on the way in (``quantize_activated_tokens``): neither is written out (the MLP
   down-projections of Chroma and Flux.1, every single block's ``linear2`` input).
 
+Layers with a dynamic LoRA keep every fusion: ``scaled_mm`` takes the LoRA's factors and computes the
+term from the quantized tokens, so a gate or a narrowing carries each product's LoRA rows along.
 The int8 products are the same; the gated epilogue rounds once where ``silu(a) · b`` in bf16 rounds twice.
 Weight rows are sliced as views of the layer's own int8 weight (contiguous: whole rows), so nothing is
 copied. Nodes a rewrite makes get their fake values at once, so inductor lowers them like traced ones.
@@ -90,14 +92,20 @@ class _Builder:
         return self(aten.slice.Tensor, tensor, 0, lo, hi)
 
     def gemm(self, part: Channels, up: Channels | None = None) -> fx.Node:
-        """The plain GEMM of ``part`` alone, or gated with ``up`` as its up product."""
-        q, x_scale, w, w_scale, bias, dtype = part.gemm.args[:6]
-        args = [q, x_scale, self.rows(w, part.lo, part.hi), self.rows(w_scale, part.lo, part.hi),
-                self.rows(bias, part.lo, part.hi), dtype, None, None, None]  # fmt: skip
-        if up is not None:
-            _, _, up_w, up_scale, up_bias = up.gemm.args[:5]
-            args += [self.rows(up_w, up.lo, up.hi), self.rows(up_scale, up.lo, up.hi), self.rows(up_bias, up.lo, up.hi)]
-        return self(int8.scaled_mm.default, *args)
+        """The plain GEMM of ``part`` alone, or gated with ``up`` as its up product, each with its
+        LoRA term's rows."""
+        q, x_scale, dtype = part.gemm.args[0], part.gemm.args[1], part.gemm.args[5]
+        weight = self.product(part)
+        args = [q, x_scale, *weight[:3], dtype, *weight[3:]]
+        return self(int8.scaled_mm.default, *args, *(self.product(up) if up is not None else ()))
+
+    def product(self, part: Channels) -> list:
+        """``part``'s weight, scale, bias, LoRA down, up and scale, cut to its rows (weight, scale, bias
+        and LoRA up have one per output channel)."""
+        w, w_scale, bias = part.gemm.args[2:5]
+        down, up, scale = (argument(part.gemm, i, None) for i in range(6, 9))
+        rows = [self.rows(t, part.lo, part.hi) for t in (w, w_scale, bias)]
+        return [*rows, down, None if up is None else self(aten.slice.Tensor, up, 0, part.lo, part.hi), scale]
 
     def tokens(self, tensor: fx.Node) -> fx.Node:
         """``tensor`` [..., C] as [tokens, C], the 2-D form the quantization kernels take."""

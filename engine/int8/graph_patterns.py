@@ -37,11 +37,11 @@ def shape_of(node: fx.Node) -> tuple[int, ...]:
 
 
 def plain_gemm(node) -> bool:
-    """A ``scaled_mm`` without a LoRA term or a gate: one product, whose channels may be split."""
+    """A ``scaled_mm`` without a gate (with a LoRA term or not): one product, whose channels may be split."""
     return (
         calls(node, int8.scaled_mm.default)
-        and all(a is None for a in node.args[6:])
-        and all(v is None for v in node.kwargs.values())
+        and all(a is None for a in node.args[9:])
+        and all(v is None for k, v in node.kwargs.items() if k.startswith("up_"))
     )
 
 

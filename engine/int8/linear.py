@@ -161,26 +161,30 @@ class Int8Linear(FusedLinear):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = F.linear(x, self.dequantized_weight(x.dtype), bias)
             return y + lora(x) if lora is not None else y
-        return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=self._lora_factors(), rotation=self.rotation)
-
-    def _lora_factors(self) -> LoraFactors | None:
-        """The dynamic LoRA's factors, or None without one (or with rank 0)."""
-        lora = self.lora
-        return LoraFactors(lora.down, lora.up, lora.scale) if lora is not None and lora.down.shape[0] else None
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, lora=self.lora_rows(), rotation=self.rotation)
 
     def int8_weight(self, start: int = 0, stop: int | None = None) -> Int8Weight | None:
         """Output channels ``[start, stop)`` of the weight, scale and bias, for a GEMM that computes them
-        together with others (a gated product, attention's inputs); None where the layer runs anything
-        but the plain int8 product: the float switch, a LoRA, a rotated weight."""
-        if self.use_float or self.rotation or self._lora_factors() is not None:
+        together with others (a gated product, attention's inputs; with :meth:`lora_rows`); None where
+        the layer runs anything but the int8 product on unrotated tokens: the float switch, a rotated
+        weight."""
+        if self.use_float or self.rotation:
             return None
         channels = slice(start, stop)
         scale = self.weight_scale[channels] if self.weight_scale.ndim else self.weight_scale
         return Int8Weight(self.weight[channels], scale, None if self.bias is None else self.bias[channels])
 
+    def lora_rows(self, start: int = 0, stop: int | None = None) -> LoraFactors | None:
+        """The dynamic LoRA's factors for output channels ``[start, stop)`` (its up factor's rows), or None
+        without one (or with rank 0)."""
+        lora = self.lora
+        if lora is None or not lora.down.shape[0]:
+            return None
+        return LoraFactors(lora.down, lora.up[start:stop], lora.scale)
+
     def fused_heads(self, x: Input, norm: QKNormRope) -> Heads | None:
         weight = self.int8_weight()
-        return None if weight is None else int8_attention_inputs(x, weight, norm)
+        return None if weight is None else int8_attention_inputs(x, weight, norm, self.lora_rows())
 
     def fused_in_projection(
         self, x: Input, head: int, norm: QKNormRope | None
@@ -193,16 +197,18 @@ class Int8Linear(FusedLinear):
         half = (self.out_features - head) // 2
         tokens = quantize_input(x)
         if norm is not None:
-            out = int8_attention_inputs(tokens, self.int8_weight(0, head), norm)
+            out = int8_attention_inputs(tokens, self.int8_weight(0, head), norm, self.lora_rows(0, head))
         else:
-            out = int8_linear(tokens, *self.int8_weight(0, head)) if head else None
-        return out, int8_swiglu(tokens, self.int8_weight(head, head + half), self.int8_weight(head + half))
+            out = int8_linear(tokens, *self.int8_weight(0, head), lora=self.lora_rows(0, head)) if head else None
+        gate, up = self.int8_weight(head, head + half), self.int8_weight(head + half)
+        loras = self.lora_rows(head, head + half), self.lora_rows(head + half)
+        return out, int8_swiglu(tokens, gate, up, loras=loras)
 
     def fused_swiglu(self, up: nn.Module, x: Input) -> torch.Tensor | None:
         gate, up_weight = self.int8_weight(), up.int8_weight() if isinstance(up, Int8Linear) else None
         if gate is None or up_weight is None:
             return None
-        return int8_swiglu(x, gate, up_weight)
+        return int8_swiglu(x, gate, up_weight, loras=(self.lora_rows(), up.lora_rows()))
 
     # PyTorch has no public way to exempt a buffer from a module's dtype casts (.to(dtype), .half(), …)
     def _apply(self, fn, recurse=True):

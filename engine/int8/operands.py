@@ -68,21 +68,22 @@ class Epilogue(NamedTuple):
     * ``bias`` [N]: added;
     * ``lora``: a :class:`LowRank` term added (dynamic LoRA);
     * ``up``: the gated product (SwiGLU): ``w`` is then the gate's weight, and the result is
-      ``silu(gate product) · up product``, both products rounded to the output dtype first, as two
-      separate layers round them. ``up`` has ``w``'s shape, the same kind of scale, and a bias exactly
-      where ``bias`` is given;
+      ``silu(gate product) · up product``, both products (each with its bias and low-rank term:
+      ``lora``, ``up_lora``) rounded to the output dtype first, as two separate layers round them.
+      ``up`` has ``w``'s shape, the same kind of scale, and a bias exactly where ``bias`` is given;
     * ``heads``: ``w`` is a fused q|k|v projection, and the result is attention's inputs [3, batch,
       tokens, heads, head] (token-major), queries and keys RMS-normalized per head and rotated
       (:class:`QKNormTables`; :func:`engine.heads.attention_inputs`, unfused).
 
-    ``up`` and ``heads`` take no low-rank term, and not each other. The kernel's launch arguments and
-    constexprs (``engine.int8.kernels.launcher``) and the tuner's cache key
+    ``heads`` takes no gate; ``up_lora`` comes with ``up`` only. The kernel's launch
+    arguments and constexprs (``engine.int8.kernels.launcher``) and the tuner's cache key
     (``engine.int8.kernels.tuner.epilogue_key``) are derived from this one description."""
 
     bias: torch.Tensor | None = None
     lora: LowRank | None = None
     up: Int8Weight | None = None
     heads: QKNormTables | None = None
+    up_lora: LowRank | None = None
 
 
 class SampleNorm(NamedTuple):

@@ -5,7 +5,9 @@
 each token of ``x`` is quantized to int8 with its own scale (symmetric, ``absmax / 127``, round to
 nearest with ties to even), multiplied with the int8 weight in int32, and the product is rescaled by the
 token's scale and the weight scale (one scalar, or one per output channel) before the bias is added.
-An optional LoRA term ``(x · downᵀ · scale) · upᵀ`` is added in the same epilogue (dynamic LoRA).
+An optional LoRA term ``(x · downᵀ · scale) · upᵀ`` is added in the same epilogue (dynamic LoRA), its
+``x · downᵀ`` taken from the quantized tokens (:func:`engine.int8.kernels.low_rank`), so that the input
+stays fused (below) and the LoRA sees the tokens the weight sees, as when it is merged into it.
 
 The GEMM with its fused epilogue is a ``torch.library`` custom op with a fake implementation
 (``torch.ops.int8_studio.scaled_mm``), and so is the Triton token quantization
@@ -50,6 +52,7 @@ from engine.int8.backends import (
     describe_backend,
     fallback_scaled_mm,
     kernels,
+    low_rank_torch,
     quantize_tokens_torch,
     use_backend,
 )
@@ -225,6 +228,15 @@ def _check(dtype, shape, w_int8, w_scale, bias, out_dtype, lora=None) -> None:
             )
 
 
+def _lora_args(lora: LoraFactors | None, rotation: int, dtype: torch.dtype) -> tuple:
+    """``scaled_mm``'s ``(lora_down, lora_up, lora_scale)`` for ``lora`` (None: three Nones): the factors in
+    the activations' dtype, the down factor rotated as the tokens are (the LoRA acts on the unrotated x)."""
+    if lora is None:
+        return None, None, None
+    down = rotate(lora.down, rotation) if rotation else lora.down
+    return down.to(dtype), lora.up.to(dtype), lora.scale.float()
+
+
 def quantize_input(x: torch.Tensor | ActivatedInput | NormedInput, rotation: int = 0) -> QuantizedInput:
     """Per-token int8 quantization of a layer input [..., K], rotated first by groups of ``rotation``
     channels when it is not 0; :func:`int8_linear` of the result skips its own quantization, so
@@ -284,6 +296,13 @@ def _swiglu_args(gate: Int8Weight, up: Int8Weight) -> tuple:
     return _flat_scale(gate.w_scale, n), gate_bias, up.w_int8, _flat_scale(up.w_scale, n), up_bias
 
 
+def _first_factor(q: torch.Tensor, x_scale: torch.Tensor, down: torch.Tensor | None) -> torch.Tensor | None:
+    """A LoRA term's ``x · downᵀ`` [M, r] from the quantized tokens (None without a LoRA)."""
+    if down is None:
+        return None
+    return kernels.low_rank(q, x_scale, down) if backend_for(q) == "triton" else low_rank_torch(q, x_scale, down)
+
+
 def _scaled_mm(
     q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -291,52 +310,65 @@ def _scaled_mm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    lora_x: torch.Tensor | None,
+    lora_down: torch.Tensor | None,
     lora_up: torch.Tensor | None,
     lora_scale: torch.Tensor | None,
     up_w: torch.Tensor | None = None,
     up_scale: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
+    up_lora_down: torch.Tensor | None = None,
+    up_lora_up: torch.Tensor | None = None,
+    up_lora_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    lora = LowRank(lora_x, lora_up, lora_scale) if lora_x is not None else None
+    first = _first_factor(q, x_scale, lora_down)
+    up_first = first if up_lora_down is lora_down else _first_factor(q, x_scale, up_lora_down)  # one layer's halves
+    lora = LowRank(first, lora_up, lora_scale) if first is not None else None
+    up_lora = LowRank(up_first, up_lora_up, up_lora_scale) if up_first is not None else None
     up = Int8Weight(up_w, up_scale, up_bias) if up_w is not None else None
+    epilogue = Epilogue(bias, lora, up, None, up_lora)
     backend = backend_for(q)
     if backend == "triton":
-        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, out_dtype, Epilogue(bias, lora, up))
-    return fallback_scaled_mm(backend, q, x_scale, w_int8, w_scale, out_dtype, Epilogue(bias, lora, up))
+        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, out_dtype, epilogue)
+    return fallback_scaled_mm(backend, q, x_scale, w_int8, w_scale, out_dtype, epilogue)
 
 
 scaled_mm = register_op(
     "scaled_mm(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
-    "Tensor? lora_x, Tensor? lora_up, Tensor? lora_scale, Tensor? up_w=None, Tensor? up_scale=None, "
-    "Tensor? up_bias=None) -> Tensor",
+    "Tensor? lora_down, Tensor? lora_up, Tensor? lora_scale, Tensor? up_w=None, Tensor? up_scale=None, "
+    "Tensor? up_bias=None, Tensor? up_lora_down=None, Tensor? up_lora_up=None, Tensor? up_lora_scale=None) -> Tensor",
     _scaled_mm,
     lambda q, x_scale, w_int8, *rest, **up: q.new_empty(q.shape[0], w_int8.shape[0], dtype=rest[2]),
 )
-"""``(q @ w_int8ᵀ) · x_scale[:, None] · w_scale + bias (+ (lora_x · lora_scale) @ lora_upᵀ)`` in
-``out_dtype``: q int8 [M, K] with float32 token scales [M], w_int8 [N, K] with a float32 scale of 1 or N
-elements (contiguous). With ``up_w`` (a SwiGLU: ``w_int8`` is then the gate's weight): ``silu`` of that
-(rounded to ``out_dtype``) times the same product of ``up_w`` (rounded too), computed in float32; no
-LoRA term then. The op compiled graphs call; eager callers go through :func:`int8_linear` and
-:func:`int8_swiglu`."""
+"""``(q @ w_int8ᵀ) · x_scale[:, None] · w_scale + bias (+ ((q · x_scale[:, None]) @ lora_downᵀ · lora_scale)
+@ lora_upᵀ)`` in ``out_dtype``: q int8 [M, K] with float32 token scales [M], w_int8 [N, K] with a float32
+scale of 1 or N elements (contiguous); the LoRA factors down [r, K] and up [N, r] in one float dtype,
+scale float32 [r]. With ``up_w`` (a SwiGLU: ``w_int8`` is then the gate's weight): ``silu`` of that
+(rounded to ``out_dtype``) times the same product of ``up_w`` with its own bias and LoRA term (``up_*``;
+rounded too), computed in float32. The op compiled graphs call; eager callers go through
+:func:`int8_linear` and :func:`int8_swiglu`."""
 
 
-def _scaled_mm_heads(q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, norm, eps: float, tables) -> torch.Tensor:
+def _scaled_mm_heads(
+    q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, norm, eps: float, tables, *lora
+) -> torch.Tensor:
     """:data:`scaled_mm_heads`' body (tensors as its schema and docstring say)."""
     head = norm.shape[1]
     if backend_for(q) == "triton" and head >= 16 and head & (head - 1) == 0:  # a tile is one head wide
-        heads = QKNormTables(norm, eps, tables)
-        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, out_dtype, Epilogue(bias, heads=heads))
-    projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, None, None, None)
+        down, up, scale = lora or (None, None, None)
+        low_rank = LowRank(_first_factor(q, x_scale, down), up, scale) if down is not None else None
+        epilogue = Epilogue(bias, low_rank, heads=QKNormTables(norm, eps, tables))
+        return kernels.scaled_mm(q, x_scale, w_int8, w_scale, out_dtype, epilogue)
+    projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *(lora or (None, None, None)))
     qkv = projected.reshape(-1, tables.shape[1], w_int8.shape[0])
     return torch.stack([t.transpose(1, 2) for t in attention_inputs(qkv, QKNormRope(*norm, eps, rope_of(tables)))])
 
 
 scaled_mm_heads = register_op(
     "scaled_mm_heads(Tensor q, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
-    "Tensor norm, float eps, Tensor tables) -> Tensor",
+    "Tensor norm, float eps, Tensor tables, Tensor? lora_down=None, Tensor? lora_up=None, Tensor? lora_scale=None) "
+    "-> Tensor",
     _scaled_mm_heads,
-    lambda q, x_scale, w_int8, w_scale, bias, out_dtype, norm, eps, tables: q.new_empty(
+    lambda q, x_scale, w_int8, w_scale, bias, out_dtype, norm, eps, tables, *lora: q.new_empty(
         3, q.shape[0] // tables.shape[1], tables.shape[1], w_int8.shape[0] // (3 * norm.shape[1]), norm.shape[1],
         dtype=out_dtype,
     ),
@@ -344,19 +376,24 @@ scaled_mm_heads = register_op(
 """:data:`scaled_mm` of a fused q|k|v projection, handed on as attention's inputs [3, batch, tokens,
 heads, head]: queries and keys RMS-normalized per head (``norm`` [2, head]: the queries' weight,
 the keys') and rotated by the angles in ``tables`` (:func:`~engine.heads.rotation_tables`;
-:func:`engine.heads.attention_inputs`)."""
+:func:`engine.heads.attention_inputs`); the projection with its LoRA term where ``lora_*`` are given
+(:data:`scaled_mm`)."""
 
 
 def int8_attention_inputs(
-    x: torch.Tensor | NormedInput | QuantizedInput, weight: Int8Weight, norm: QKNormRope
+    x: torch.Tensor | NormedInput | QuantizedInput,
+    weight: Int8Weight,
+    norm: QKNormRope,
+    lora: LoraFactors | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [batch, heads, tokens, head] from a fused q|k|v projection of ``x`` [batch, tokens, K]:
     :func:`int8_linear` followed by :func:`~engine.heads.attention_inputs`, which the Triton GEMM
     computes in its epilogue (the projection's output never reaches memory as such). Each is stored
     token-major (a transposed view of [batch, tokens, heads, head]), so attention's output is too and
-    its rows [batch · tokens, heads · head] go to the output projection without a copy."""
+    its rows [batch · tokens, heads · head] go to the output projection without a copy. ``lora``: the
+    projection's dynamic LoRA, added before the norms."""
     dtype, shape = _described(x)
-    _check(dtype, shape, *weight, None)
+    _check(dtype, shape, *weight, None, lora)
     head, tokens = norm.query_weight.shape[0], norm.rope.shape[0]
     n = weight.w_int8.shape[0]
     if len(shape) != 3 or shape[1] != tokens or n % (3 * head) or tuple(norm.rope.shape) != (tokens, head // 2, 2, 2):
@@ -368,7 +405,7 @@ def int8_attention_inputs(
     weights = torch.stack([norm.query_weight, norm.key_weight])
     run = scaled_mm_heads if torch.compiler.is_compiling() else _scaled_mm_heads
     out = run(quantized.q, quantized.scale, weight.w_int8, _flat_scale(weight.w_scale), weight.bias, dtype, weights,
-              norm.eps, rotation_tables(norm.rope))  # fmt: skip
+              norm.eps, rotation_tables(norm.rope), *_lora_args(lora, 0, dtype))  # fmt: skip
     q, k, v = out.transpose(2, 3)
     return q, k, v
 
@@ -389,21 +426,16 @@ def int8_linear(
     w_scale: float, [] / [1] (tensor-wise) or [N] / [N, 1] (per output channel). bias: [N] or None.
     Result: [..., N] in ``out_dtype`` (default x's). ``rotation``: the Hadamard group size ``w_int8`` was
     rotated with (0: not rotated); ``x`` is rotated the same way before it is quantized. The LoRA
-    factors act on the unrotated ``x``.
+    factors act on the unrotated ``x`` (its down factor is rotated the same way, for the rotated tokens).
     """
-    if isinstance(x, QuantizedInput) and (lora is not None or x.rotation != rotation):
-        raise ValueError("a quantized input takes no LoRA term, and the rotation it was quantized with")
-    if lora is not None and not isinstance(x, torch.Tensor):  # the low-rank term needs the input itself
-        x = x.materialize()
+    if isinstance(x, QuantizedInput) and x.rotation != rotation:
+        raise ValueError("a quantized input takes the rotation it was quantized with")
     dtype, shape = _described(x)
     _check(dtype, shape, w_int8, w_scale, bias, out_dtype, lora)
-    lora_args = (None, None, None)
-    if lora is not None:
-        x2 = x.reshape(-1, shape[-1])
-        lora_args = (x2 @ lora.down.to(dtype).T, lora.up.to(dtype), lora.scale.float())
     quantized = x if isinstance(x, QuantizedInput) else _quantized_input(x, rotation, dtype, shape)
     run = scaled_mm if torch.compiler.is_compiling() else _scaled_mm
-    out = run(quantized.q, quantized.scale, w_int8, _flat_scale(w_scale), bias, out_dtype or dtype, *lora_args)
+    out = run(quantized.q, quantized.scale, w_int8, _flat_scale(w_scale), bias, out_dtype or dtype,
+              *_lora_args(lora, rotation, dtype))  # fmt: skip
     return out.reshape(*shape[:-1], w_int8.shape[0])
 
 
@@ -413,6 +445,7 @@ def int8_swiglu(
     up: Int8Weight,
     out_dtype: torch.dtype | None = None,
     rotation: int = 0,
+    loras: tuple[LoraFactors | None, LoraFactors | None] = (None, None),
 ) -> torch.Tensor:
     """SwiGLU of two layers on one input, ``silu(x · gateᵀ + gate bias) · (x · upᵀ + up bias)``, in one
     gated GEMM: the two products never reach memory. Each product is rounded to ``out_dtype`` (default
@@ -420,19 +453,20 @@ def int8_swiglu(
     rounded once.
 
     x as :func:`int8_linear` takes it; ``gate`` and ``up``: weights of one shape [N, K] (their scales
-    and biases of any kind), rotated with ``rotation`` if it is not 0. No LoRA term: a layer with one
-    runs its two products separately.
+    and biases of any kind), rotated with ``rotation`` if it is not 0. ``loras``: the gate's and the up
+    layer's dynamic LoRA factors (or None), each added to its product.
     """
     if isinstance(x, QuantizedInput) and x.rotation != rotation:
         raise ValueError("a quantized input takes the rotation it was quantized with")
     dtype, shape = _described(x)
-    _check(dtype, shape, *gate, out_dtype)
+    _check(dtype, shape, *gate, out_dtype, loras[0])
     if up.w_int8.shape != gate.w_int8.shape:
         raise ValueError(f"the up weight must have the gate's shape {tuple(gate.w_int8.shape)}, got {tuple(up.w_int8.shape)}")
-    _check(dtype, shape, *up, out_dtype)
+    _check(dtype, shape, *up, out_dtype, loras[1])
     quantized = x if isinstance(x, QuantizedInput) else _quantized_input(x, rotation, dtype, shape)
     gate_scale, gate_bias, *up_args = _swiglu_args(gate, up)
+    gate_lora, up_lora = (_lora_args(lora, rotation, dtype) for lora in loras)
     run = scaled_mm if torch.compiler.is_compiling() else _scaled_mm
-    out = run(quantized.q, quantized.scale, gate.w_int8, gate_scale, gate_bias, out_dtype or dtype, None, None, None,
-              *up_args)  # fmt: skip
+    out = run(quantized.q, quantized.scale, gate.w_int8, gate_scale, gate_bias, out_dtype or dtype, *gate_lora,
+              *up_args, *up_lora)  # fmt: skip
     return out.reshape(*shape[:-1], gate.w_int8.shape[0])

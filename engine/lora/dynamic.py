@@ -7,8 +7,9 @@ strength change needs no reload and no recompile (a compiled graph reads the buf
 bake its value in). Adding or removing a LoRA changes shapes: the next compiled call retraces.
 
 ``Int8Linear`` layers take the adapter as their ``lora`` and add its term inside the int8 GEMM's
-epilogue (one extra thin matmul ``x·downᵀ`` per layer, no [M, N] temporary); float ``nn.Linear``
-layers (those kept in high precision) through a forward hook. Split q/k/v LoRAs land on the fused weight's
+epilogue (one extra thin product ``x·downᵀ`` per layer, from the int8 tokens the GEMM multiplies, so
+the layer's input stays fused; no [M, N] temporary); float ``nn.Linear`` layers (those kept in high
+precision) through a forward hook. Split q/k/v LoRAs land on the fused weight's
 rows by zero rows in ``up``. Only plain low-rank layers can run unmerged: LoHa, LoKr, full diffs,
 DoRA and bias diffs change the weight in ways two thin matmuls cannot express, and are refused.
 """

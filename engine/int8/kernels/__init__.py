@@ -11,6 +11,7 @@
 * :mod:`.tuner`: the fastest correct config per (power-of-two bucket of M, N, K, epilogue), tuned on first
   use and kept in a JSON file in the user's cache directory, so a second run starts without tuning;
 * :mod:`.entry`: :func:`scaled_mm`, the GEMM as callers run it;
+* :mod:`.low_rank`: :func:`low_rank`, a dynamic LoRA's first product from the quantized tokens;
 * :mod:`.attention`: :func:`quantized_attention`, attention with an int8 ``Q Kᵀ`` (SageAttention's recipe).
 
 :mod:`engine.int8.ops` calls these on the Triton backend; tests and benchmarks reach the parts directly.
@@ -47,12 +48,14 @@ from engine.int8.kernels.tuner import (
     reference_output,
 )
 from engine.int8.kernels.entry import scaled_mm
+from engine.int8.kernels.low_rank import low_rank
 from engine.int8.kernels.attention import quantize_blocks, quantized_attention
 
 __all__ = [
     "ARCH_CONFIGS", "MIN_TRITON", "ROTATION_GROUP", "SINGLE_PASS_MAX_K", "TUNER", "AsyncCompileMode", "GemmTuner",
     "TileConfig", "agrees", "arch_of", "candidate_configs", "epilogue_key", "epilogue_kind", "gated_config",
-    "heads_config", "launch", "launch_scaled_mm", "m_bucket", "precompile", "projection_layout", "quantize_blocks",
+    "heads_config", "launch", "launch_scaled_mm", "low_rank", "m_bucket", "precompile", "projection_layout",
+    "quantize_blocks",
     "quantize_normed_tokens", "quantize_rotated_tokens", "quantize_tokens", "quantized_attention", "reference_output",
     "scaled_mm", "stacked_halves", "triton_release", "usable",
 ]

@@ -28,7 +28,7 @@ def scaled_mm(
     made one head wide (:func:`~engine.int8.kernels.tiles.heads_config`).
     """
     M, N = q.shape[0], w.shape[0]
-    bias, lora, up, heads = epilogue
+    up, heads = epilogue.up, epilogue.heads
     head = heads.size if heads is not None else 0
     if heads is None:
         out = torch.empty(M, N, dtype=out_dtype, device=q.device)
@@ -36,8 +36,10 @@ def scaled_mm(
         out = torch.empty(3, M // heads.tokens, heads.tokens, N // (3 * head), head, dtype=out_dtype, device=q.device)
         config = config and heads_config(config, head)
     if not q.is_cuda:  # Triton's interpreter: nothing to tune
-        if lora is not None:  # the interpreter multiplies bfloat16 tiles as if they were int16
-            epilogue = epilogue._replace(lora=LowRank(lora.x.float(), lora.up.float(), lora.scale))
+        # the interpreter multiplies bfloat16 tiles as if they were int16
+        widened = {name: LowRank(t.x.float(), t.up.float(), t.scale) for name, t in
+                   (("lora", epilogue.lora), ("up_lora", epilogue.up_lora)) if t is not None}  # fmt: skip
+        epilogue = epilogue._replace(**widened)
         config = usable(config or candidate_configs("sm80", M, gated=up is not None, head=head)[0], q, w, out, up)
         launch_scaled_mm(config, q, x_scale, w, w_scale, out, epilogue, 4)
         return out

@@ -3,10 +3,11 @@
 int32 accumulation, the dequantization fused into the epilogue so that the int32 product never reaches
 memory, and whatever else the :class:`~engine.int8.operands.Epilogue` asks for in the same pass: a bias,
 a low-rank term (dynamic LoRA: a bf16 MMA of depth r per tile, instead of a second [M, N] product
-written, read back and added), the gated product (each tile multiplies its tokens with the gate's and
-the up weight's channels and stores ``silu(gate) · up``: a SwiGLU in-projection whose two halves never
-reach memory), or attention's inputs (a fused q|k|v projection's tiles stored as normalized, rotated
-heads). Launched by :func:`engine.int8.kernels.launcher.launch_scaled_mm`.
+written, read back and added; its first factor comes from :mod:`.low_rank`), the gated product (each
+tile multiplies its tokens with the gate's and the up weight's channels and stores ``silu(gate) · up``:
+a SwiGLU in-projection whose two halves never reach memory), or attention's inputs (a fused q|k|v
+projection's tiles stored as normalized, rotated heads). Launched by
+:func:`engine.int8.kernels.launcher.launch_scaled_mm`.
 """
 
 from __future__ import annotations
@@ -151,23 +152,25 @@ def _store_heads(
 @triton.jit(do_not_specialize=["M"])
 def _scaled_mm_kernel(
     a, b, c, a_scale, b_scale, bias, up, up_scale, up_bias, M, N, K, stride_am, stride_bn, stride_upn, stride_cm,
-    num_programs, lora_x, lora_up, lora_scale, R, stride_lx, stride_lu, norm_w, tables, tokens, eps,
+    num_programs, lora_x, lora_up, lora_scale, R, stride_lx, stride_lu, up_lora_x, up_lora_up, up_lora_scale, R_UP,
+    stride_ulx, stride_ulu, norm_w, tables, tokens, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    STACKED: tl.constexpr, UP_AFTER: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    HEADS: tl.constexpr,
+    STACKED: tl.constexpr, UP_AFTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_UP_LORA: tl.constexpr,
+    BLOCK_R: tl.constexpr, HEADS: tl.constexpr,
 ):
     """C = (A @ Bᵀ) · a_scale[:, None] · b_scale (+ bias) (+ low-rank term). A int8 [M, K], B int8 [N, K],
     both K-major. With ``HAS_LORA`` the epilogue adds ``(lora_x · lora_scale) @ lora_upᵀ`` (lora_x
-    [M, R] and lora_up [N, R] in one float dtype, lora_scale float32 [R]). With ``GATED`` (no low-rank
-    term) B is the gate's weight and C is ``silu(that) · ((A @ Uᵀ) · a_scale[:, None] · up_scale (+ up_bias))``
-    with U (``up``) the up weight, both products rounded to C's dtype first, as a SwiGLU after two separate
-    layers rounds them: each tile multiplies its A block with the same channels of B and U, so the two
-    halves of a gated MLP's in-projection never reach memory (U and B have one shape, and the same kind of
-    scale). ``STACKED`` (TMA only): ``b`` describes [2, N, K], B then U (U then B where not ``UP_AFTER``;
+    [M, R] and lora_up [N, R] in one float dtype, lora_scale float32 [R]). With ``GATED`` B is the gate's
+    weight and C is ``silu(that) · ((A @ Uᵀ) · a_scale[:, None] · up_scale (+ up_bias) (+ up low-rank
+    term))`` with U (``up``) the up weight and, with ``HAS_UP_LORA``, the up product's own low-rank term
+    (``up_lora_*``, rank R_UP); both products are rounded to C's dtype first, as a SwiGLU after two
+    separate layers rounds them. Each tile multiplies its A block with the same channels of B and U, so
+    the two halves of a gated MLP's in-projection never reach memory (U and B have one shape, and the
+    same kind of scale). ``STACKED`` (TMA only): ``b`` describes [2, N, K], B then U (U then B where not ``UP_AFTER``;
     see :func:`_tma_mainloop`). ``HEADS``
-    (BLOCK_N = the head size, no gate, no low-rank term): the GEMM is a fused q|k|v projection and its
+    (BLOCK_N = the head size, no gate): the GEMM is a fused q|k|v projection and its
     tiles go to ``c`` [3, batch, tokens, heads, BLOCK_N] as attention's inputs, queries and keys
     normalized and rotated (:func:`_store_heads`).
 
@@ -208,14 +211,17 @@ def _scaled_mm_kernel(
         n_ok = offs_n < N
         row_scale = tl.load(a_scale + offs_m, mask=m_ok, other=0.0)
         out = _dequantize(acc, row_scale, b_scale, bias, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
-        if GATED:
-            out_dtype = c.dtype if TMA_STORE else c.dtype.element_ty
-            up_out = _dequantize(acc_up, row_scale, up_scale, up_bias, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
-            out = swiglu(out.to(out_dtype).to(tl.float32), up_out.to(out_dtype).to(tl.float32))
         if HAS_LORA:
             out = _add_low_rank(
                 out, lora_x, lora_up, lora_scale, offs_m, offs_n, m_ok, n_ok, R, stride_lx, stride_lu, BLOCK_R
             )
+        if GATED:
+            out_dtype = c.dtype if TMA_STORE else c.dtype.element_ty
+            up_out = _dequantize(acc_up, row_scale, up_scale, up_bias, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
+            if HAS_UP_LORA:
+                up_out = _add_low_rank(up_out, up_lora_x, up_lora_up, up_lora_scale, offs_m, offs_n, m_ok, n_ok, R_UP,
+                                       stride_ulx, stride_ulu, BLOCK_R)  # fmt: skip
+            out = swiglu(out.to(out_dtype).to(tl.float32), up_out.to(out_dtype).to(tl.float32))
         if HEADS:
             out = out.to(c.dtype.element_ty).to(tl.float32)  # the projection's output, as a layer rounds it
             _store_heads(out, c, pid_n, offs_m, m_ok, M, N, norm_w, tables, tokens, eps, BLOCK_M, BLOCK_N)

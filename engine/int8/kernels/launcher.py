@@ -9,21 +9,24 @@ import triton
 from engine.int8.kernels.gemm import _scaled_mm_kernel
 from engine.int8.kernels.runtime import TensorDescriptor, cdiv, launch
 from engine.int8.kernels.tiles import TileConfig, stacked_halves
-from engine.int8.operands import Epilogue
+from engine.int8.operands import Epilogue, LowRank
 
 LORA_BLOCK_R = 32
 """Rank columns per MMA in the epilogue: any rank works, in steps of this."""
 
 
 def check_epilogue(config: TileConfig, w_scale: torch.Tensor, epilogue: Epilogue) -> None:
-    """Refuse what the kernel cannot compute (``ValueError``): attention's inputs with a gate or a low-rank
-    term or without a :func:`~engine.int8.kernels.tiles.heads_config`; a gated GEMM with a low-rank
-    term, weights of different scale or bias kinds, or a warp-specialized config."""
-    bias, lora, up, heads = epilogue
-    if heads is not None and (up is not None or lora is not None or config.block_n != heads.size or config.tma_store):
-        raise ValueError("attention's inputs take no gate nor low-rank term, and a heads_config")
-    if up is not None and (lora is not None or up.w_scale.numel() != w_scale.numel() or (up.bias is None) != (bias is None)):
-        raise ValueError("a gated GEMM takes no low-rank term, and its two weights the same kinds of scale and bias")
+    """Refuse what the kernel cannot compute (``ValueError``): attention's inputs with a gate or without a
+    :func:`~engine.int8.kernels.tiles.heads_config`; an up product's low-rank term
+    without a gate; a gated GEMM with weights of different scale or bias kinds, or a warp-specialized
+    config."""
+    bias, lora, up, heads, up_lora = epilogue
+    if heads is not None and (up is not None or config.block_n != heads.size or config.tma_store):
+        raise ValueError("attention's inputs take no gate, and a heads_config")
+    if up_lora is not None and up is None:
+        raise ValueError("an up product's low-rank term needs the gated product")
+    if up is not None and (up.w_scale.numel() != w_scale.numel() or (up.bias is None) != (bias is None)):
+        raise ValueError("a gated GEMM takes its two weights with the same kinds of scale and bias")
     if up is not None and config.warp_specialize:
         raise ValueError("a gated GEMM is not warp-specialized (see gated_config)")
 
@@ -42,16 +45,13 @@ def launch_scaled_mm(
     """Run the GEMM with one config (or only compile it) into ``out``. ``w_scale`` (and the up weight's
     scale) is float32 with 1 or N elements, contiguous. The kernel's epilogue constexprs are
     ``HAS_BIAS``, ``HAS_LORA``, ``GATED`` (``STACKED`` and ``UP_AFTER`` where the up weight follows
-    or precedes ``w`` in one descriptor: :func:`~engine.int8.kernels.tiles.stacked_halves`) and ``HEADS``."""
+    or precedes ``w`` in one descriptor: :func:`~engine.int8.kernels.tiles.stacked_halves`), ``HAS_UP_LORA``
+    and ``HEADS``."""
     M, K = q.shape
     N = w.shape[0]
-    bias, lora, up, heads = epilogue
-    if up is not None or heads is not None:
+    bias, lora, up, heads, up_lora = epilogue
+    if up is not None or heads is not None or up_lora is not None:
         check_epilogue(config, w_scale, epilogue)
-    if lora is not None:
-        lora_args = (lora.x, lora.up, lora.scale, lora.x.shape[1], lora.x.stride(0), lora.up.stride(0))
-    else:  # unused pointers: any tensor will do
-        lora_args = (x_scale, x_scale, x_scale, 0, 0, 0)
     tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = min(tiles, num_sms) if config.persistent else tiles
     up_w, up_scale, up_bias = up if up is not None else (w, w_scale, bias)
@@ -75,14 +75,24 @@ def launch_scaled_mm(
         _scaled_mm_kernel, (programs,),
         a, b, c, x_scale, w_scale, bias if bias is not None else x_scale, b_up, up_scale,
         up_bias if up_bias is not None else x_scale, M, N, K, q.stride(0), w.stride(0), up_w.stride(0), out.stride(0),
-        programs, *lora_args, norm, tables, heads.tokens if heads is not None else 1, eps,
+        programs, *_low_rank_args(lora, x_scale), *_low_rank_args(up_lora, x_scale), norm, tables,
+        heads.tokens if heads is not None else 1, eps,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, MASK_M=M < config.block_m, USE_TMA=config.tma,
         TMA_STORE=config.tma_store, FLATTEN=config.persistent and not config.warp_specialize,
         WARP_SPECIALIZE=config.warp_specialize, PER_CHANNEL=w_scale.numel() > 1, HAS_BIAS=bias is not None,
-        GATED=up is not None, STACKED=stacked, UP_AFTER=up_after, HAS_LORA=lora is not None, BLOCK_R=LORA_BLOCK_R,
+        GATED=up is not None, STACKED=stacked, UP_AFTER=up_after, HAS_LORA=lora is not None,
+        HAS_UP_LORA=up_lora is not None, BLOCK_R=LORA_BLOCK_R,
         HEADS=heads is not None, num_warps=config.num_warps, num_stages=config.num_stages, compile_only=compile_only,
     )
+
+
+def _low_rank_args(lora: LowRank | None, placeholder: torch.Tensor) -> tuple:
+    """A low-rank term's kernel arguments: x, up, scale, rank, x's and up's row strides (without one,
+    ``placeholder`` for the unused pointers)."""
+    if lora is None:
+        return placeholder, placeholder, placeholder, 0, 0, 0
+    return lora.x, lora.up, lora.scale, lora.x.shape[1], lora.x.stride(0), lora.up.stride(0)
 
 
 def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:

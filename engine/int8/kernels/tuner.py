@@ -36,15 +36,16 @@ def reference_output(
     ``dtype`` (a gated GEMM rounds both products to it; attention's inputs come in the projection's
     layout, :func:`projection_layout`). The weight is widened a block of channels at a time (at most
     2²⁴ values, 64 MB), never as a whole."""
-    bias, lora, up, heads = epilogue
+    bias, lora, up, heads, up_lora = epilogue
     if heads is not None:
         pe = rope_of(heads.tables)
         norm = QKNormRope(*heads.norm, heads.eps, pe[tokens % pe.shape[0]][:, None, None])
-        projected = reference_output(tokens, q, x_scale, w, w_scale, Epilogue(bias)).to(dtype)
+        projected = reference_output(tokens, q, x_scale, w, w_scale, Epilogue(bias, lora)).to(dtype)
         return torch.stack(attention_inputs(projected[:, None], norm), dim=1).flatten(1).float()
     if up is not None:
-        gate = reference_output(tokens, q, x_scale, w, w_scale, Epilogue(bias)).to(dtype).float()
-        product = reference_output(tokens, q, x_scale, up.w_int8, up.w_scale, Epilogue(up.bias)).to(dtype).float()
+        gate = reference_output(tokens, q, x_scale, w, w_scale, Epilogue(bias, lora)).to(dtype).float()
+        product = reference_output(tokens, q, x_scale, up.w_int8, up.w_scale, Epilogue(up.bias, up_lora))
+        product = product.to(dtype).float()
         return torch.nn.functional.silu(gate) * product
     x = q[tokens].float()
     block = max(1, 2**24 // w.shape[1])
@@ -90,12 +91,13 @@ def epilogue_kind(w: torch.Tensor, epilogue: Epilogue) -> str:
 
 
 def epilogue_key(w: torch.Tensor, epilogue: Epilogue) -> str:
-    """The epilogue's part of a tuning key: ``",lora<element size>"`` with a low-rank term (its factors'
-    tiles change how much shared memory a config needs), then ``",<kind>"`` (:func:`epilogue_kind`),
-    whose kernels differ; ``""`` for a plain GEMM (with or without a bias)."""
-    if epilogue.lora is None and epilogue.up is None and epilogue.heads is None:
+    """The epilogue's part of a tuning key: ``",lora<element size>"`` with a low-rank term on either
+    product (its factors' tiles change how much shared memory a config needs), then ``",<kind>"``
+    (:func:`epilogue_kind`), whose kernels differ; ``""`` for a plain GEMM (with or without a bias)."""
+    low_rank = epilogue.lora if epilogue.lora is not None else epilogue.up_lora
+    if low_rank is None and epilogue.up is None and epilogue.heads is None:
         return ""
-    lora = f",lora{epilogue.lora.up.element_size()}" if epilogue.lora is not None else ""
+    lora = f",lora{low_rank.up.element_size()}" if low_rank is not None else ""
     kind = epilogue_kind(w, epilogue)
     return lora + (f",{kind}" if kind else "")
 
@@ -180,7 +182,7 @@ class GemmTuner:
             return usable(found, q, w, out, epilogue.up)
         head = epilogue.heads.size if epilogue.heads is not None else 0
         configs = candidate_configs(arch_of(q.device), M, gated=epilogue.up is not None, head=head)
-        no_lora = epilogue.lora is None
+        no_lora = epilogue.lora is None and epilogue.up_lora is None
         candidates = [usable(c, q, w, out, epilogue.up) for c in configs if no_lora or not c.warp_specialize]
         candidates = list(dict.fromkeys(candidates))
         if torch.cuda.is_current_stream_capturing():
