@@ -8,12 +8,14 @@ before every call):
 * ``fp8``: ``torch._scaled_mm`` with row-wise scales on activations already in fp8 (GEMM only);
 * ``ours``: ``int8_linear`` — activation quantization + the Triton GEMM with the fused epilogue.
 
+``--gated`` and ``--lora`` time a SwiGLU in-projection and a dynamic LoRA's cost per layer instead.
+
 ``ours`` is also timed replayed from a CUDA graph (so is ``bf16``, for its ratio): GPU time without the
 host's launch costs, what a compiled model with CUDA graphs, or any model whose GPU queue stays full, sees.
 
 M = image tokens + 512 text tokens at 512², 1024² and 2048². Run on a GPU machine:
 
-    PYTHONPATH=. python3 benchmarks/gemm.py [--quick] [--sweep] [--small-m] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/gemm.py [--quick] [--sweep] [--small-m] [--gated] [--lora] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from engine.fusion import ActivatedInput
 from engine.int8 import kernels
-from engine.int8.operands import Epilogue, Int8Weight
+from engine.int8.operands import Epilogue, Int8Weight, LowRank
 from engine.int8.ops import LoraFactors, int8_linear
 from engine.int8.quantize import quantize_weight
 
@@ -280,6 +282,39 @@ def gated(resolution: str = "1024²") -> str:
     return "\n".join(lines)
 
 
+LORA_RANK = 32
+
+
+def lora_cost(resolution: str = "1024²") -> str:
+    """What a rank-32 dynamic LoRA adds to one int8 layer, GPU time (CUDA graphs), on each Klein 9B and
+    Z-Image shape: the plain layer, the layer with its LoRA as it runs (``x·downᵀ`` from the int8 tokens,
+    ``kernels.low_rank``), and as it ran before s18 (``x·downᵀ`` from the bf16 input, a cuBLAS GEMM),
+    each term added in the GEMM's epilogue. The two LoRA paths are checked against each other."""
+    m = IMAGE_TOKENS[resolution] + TEXT_TOKENS
+    lines = [f"| {resolution}, M = {m} | plain (µs) | LoRA from int8 tokens (µs) | LoRA from the bf16 input (µs) |",
+             "|---|---|---|---|"]
+    for model in ("Klein 9B", "Z-Image"):
+        for name, (n, k) in MODELS[model].items():
+            p = Problem(m, n, k)
+            down = torch.randn(LORA_RANK, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+            up = torch.randn(n, LORA_RANK, device="cuda", dtype=torch.bfloat16) / 10
+            scale = torch.full((LORA_RANK,), 0.5, device="cuda")
+            lora = LoraFactors(down, up, scale)
+
+            def from_input():
+                q, x_scale = kernels.quantize_tokens(p.x)
+                term = LowRank(p.x @ down.T, up, scale)
+                return kernels.scaled_mm(q, x_scale, p.w_int8, p.w_scale_flat, torch.bfloat16, Epilogue(lora=term))
+
+            ours = functools.partial(int8_linear, p.x, p.w_int8, p.w_scale, lora=lora)
+            differ = (ours().float() - from_input().float()).norm() / from_input().float().norm()
+            plain_us, ours_us, input_us = (bench_graph(fn) for fn in (p.ours, ours, from_input))
+            lines.append(f"| {model} {name} ({n}×{k}) | {plain_us:.1f} | {ours_us:.1f} ({ours_us / plain_us:.3f}×) | "
+                         f"{input_us:.1f} ({input_us / plain_us:.3f}×) | outputs {differ:.2%} apart |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 HOST_CONFIGS = {
     "pointer loads": kernels.TileConfig(128, 128, 128, 4, 3),
     "host TMA descriptors": kernels.TileConfig(128, 128, 128, 4, 3, tma=True),
@@ -363,6 +398,7 @@ def main() -> None:
     parser.add_argument("--small-m", action="store_true", help="also time M = 1 and 16")
     parser.add_argument("--host", action="store_true", help="host time per call only, with a cProfile breakdown")
     parser.add_argument("--gated", action="store_true", help="SwiGLU in-projections only: gated GEMM against two halves")
+    parser.add_argument("--lora", action="store_true", help="a rank-32 dynamic LoRA's cost per layer only")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for gemm.md and gemm.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -376,6 +412,9 @@ def main() -> None:
         return
     if args.gated:
         (args.out / "gated.md").write_text("\n\n".join([*report, *(gated(r) for r in IMAGE_TOKENS)]) + "\n")
+        return
+    if args.lora:
+        (args.out / "lora.md").write_text("\n\n".join([*report, lora_cost()]) + "\n")
         return
     if args.sweep:
         report.append(sweep())
