@@ -2,7 +2,8 @@
 
 Self-attention of bf16 q, k, v [1, 24 heads, tokens, 128] (Flux.2 / Z-Image: 4608 tokens at 1024², 16896
 at 2048²), each contestant timed with ``triton.testing.do_bench`` in the same run: our
-``int8_attention`` (its block quantization of q and k included), PyTorch SDPA with each backend it has
+``int8_attention`` (its block quantization of q and k included; on GPUs with fp8 MMA also with its ``P V``
+in float8, ``quantized_attention(fp8_pv=True)``, V's quantization included), PyTorch SDPA with each backend it has
 (flash, cuDNN, memory-efficient; the best one is the baseline), and where they import the
 ``sageattention`` package and FlashAttention (2, and 3 as ``flash_attn_interface``). Error: relative L2
 against SDPA's output.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.int8 import kernels
 from engine.int8.attention import int8_attention
 
 HEADS, HEAD_DIM = 24, 128
@@ -49,6 +52,9 @@ def contestants() -> dict[str, Attention]:
     """Every attention this machine has, ours first (SDPA's run under their backend, chosen by
     :func:`measure` outside the timed calls)."""
     found: dict[str, Attention] = {"int8 (ours)": int8_attention}
+    if torch.cuda.get_device_capability() >= (8, 9):
+        fp8_pv = functools.partial(kernels.quantized_attention, sm_scale=HEAD_DIM**-0.5, fp8_pv=True)
+        found["int8, fp8 PV (ours)"] = fp8_pv
     found |= dict.fromkeys(SDPA_BACKENDS, F.scaled_dot_product_attention)
     try:
         from sageattention import sageattn

@@ -81,7 +81,7 @@ def attention_reference(q, k, v, sm_scale: float, query_block: int, key_block: i
     return torch.softmax(scores, dim=-1) @ v.double().cpu()
 
 
-def attention_emulation(q, k, v, sm_scale: float, heads: int = 4, to_half=None) -> torch.Tensor:
+def attention_emulation(q, k, v, sm_scale: float, heads: int = 4, to_half=None, fp8_pv: bool = False) -> torch.Tensor:
     """``kernels.quantized_attention`` in PyTorch, rounding included, for float16 or bfloat16 q, k, v
     [batch, heads, tokens, head_dim] on the CPU: where the Triton interpreter is far too slow for the models'
     4–17k tokens. The kernel's steps in its float32 arithmetic: q and k quantized per block as it does
@@ -90,22 +90,33 @@ def attention_emulation(q, k, v, sm_scale: float, heads: int = 4, to_half=None) 
     the running maximum of that step, as the kernel's ``P V`` takes it), the output rounded to q's dtype.
     It departs from the GPU only in float32 summation order and ``exp2``'s last bits. ``heads`` heads at a
     time keep memory at a few hundred MB. ``to_half`` rounds float32 to q's dtype: by default to nearest, as
-    the GPU does (:func:`interpreter_bfloat16` is the Triton interpreter's way)."""
-    from engine.int8.kernels.attention import KEY_BLOCK, LOG2E, QUERY_BLOCK  # Triton: not on every platform
+    the GPU does (:func:`interpreter_bfloat16` is the Triton interpreter's way). ``fp8_pv``: ``P V`` in
+    float8 e4m3 as the kernel's option computes it (V quantized by ``quantize_values``, P · 448 rounded)."""
+    from engine.int8.kernels.attention import FP8_MAX, KEY_BLOCK, LOG2E, QUERY_BLOCK, quantize_values  # needs Triton
 
     out = torch.empty_like(q)
     to_half = to_half or (lambda t: t.to(q.dtype))
     q_factor = torch.tensor(sm_scale * LOG2E, dtype=torch.float32)  # the kernel's float32 scalar argument
+    v_factor = None
+    if fp8_pv:
+        v, v_factor = quantize_values(v)
+        v = v.float()
+
+    def p_round(p: torch.Tensor) -> torch.Tensor:
+        return (p * FP8_MAX).to(torch.float8_e4m3fn).float() if fp8_pv else to_half(p).float()
+
     for b in range(q.shape[0]):
         for h in range(0, q.shape[1], heads):
             part = slice(h, h + heads)
             qkv = (q[b, part], k[b, part], v[b, part])
-            out[b, part] = _emulated_heads(*qkv, q_factor, QUERY_BLOCK, KEY_BLOCK, to_half)
+            acc = _emulated_heads(*qkv, q_factor, QUERY_BLOCK, KEY_BLOCK, p_round)
+            out[b, part] = to_half(acc if v_factor is None else acc * v_factor[b, part, None, :])
     return out
 
 
-def _emulated_heads(q, k, v, q_factor, query_block: int, key_block: int, to_half) -> torch.Tensor:
-    """:func:`attention_emulation` of q, k, v [heads, tokens, head_dim]."""
+def _emulated_heads(q, k, v, q_factor, query_block: int, key_block: int, p_round) -> torch.Tensor:
+    """:func:`attention_emulation` of q, k, v [heads, tokens, head_dim], before V's factors and the
+    output's rounding; ``p_round`` rounds P as ``P V`` takes it."""
     q8, q_scale = (t[0].float() for t in quantize_blocks_reference(q[None], query_block))
     k8, k_scale = (t[0].float() for t in quantize_blocks_reference(k[None], key_block, smooth=True))
     q_scale = q_scale * q_factor
@@ -121,9 +132,9 @@ def _emulated_heads(q, k, v, q_factor, query_block: int, key_block: int, to_half
         alpha = torch.exp2(m - m_new)
         p = s.sub_(m_new[:, :, None]).exp2_()
         l.mul_(alpha).add_(p.sum(dim=2))
-        acc.mul_(alpha[:, :, None]).baddbmm_(to_half(p).float(), v[:, keys].float())
+        acc.mul_(alpha[:, :, None]).baddbmm_(p_round(p), v[:, keys].float())
         m = m_new
-    return to_half(acc.div_(l[:, :, None]))
+    return acc.div_(l[:, :, None])
 
 
 def interpreter_bfloat16(t: torch.Tensor) -> torch.Tensor:

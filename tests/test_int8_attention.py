@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from engine.int8 import kernels, ops
 from engine.int8.attention import int8_attention
-from engine.int8.kernels.attention import KEY_BLOCK, QUERY_BLOCK
+from engine.int8.kernels.attention import FP8_MAX, KEY_BLOCK, QUERY_BLOCK
 from engine.int8.operands import attention_output
 from tests.int8_reference import (
     DEVICES,
@@ -33,6 +33,10 @@ ERROR_BUDGET = 0.02
 """Relative L2 error of 8-bit attention against exact attention on random normal q, k, v (scores of unit
 variance): the int8 rounding of q and k moves each score by about 1 % of its spread, and the output by
 about as much; measured 1.1–1.4 % at head dims 64 and 128, float16 and bfloat16 alike."""
+FP8_PV_BUDGET = 0.05
+"""The same with ``P V`` in float8 e4m3 (``fp8_pv``): 3.3–3.7 % measured. Its 3-bit mantissa rounds each
+value of V and P by up to 6 %; on random inputs attention is nearly uniform, its output a mean of many
+values of V, as small as their rounding errors' mean (trained models' attention is peakier)."""
 OUTLIER_OFFSET = 20.0
 """Scale of the per-channel offset added to every key in the outlier test: what real models' keys show
 (a few channels far from zero in every token), and what smoothing takes away."""
@@ -81,17 +85,47 @@ def test_kernel_against_the_float64_reference_of_its_quantization(device, dtype,
 @NEEDS_INTERPRETER
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens, head_dim", [(37, 128), (130, 64), (259, 128)])
-def test_emulation_reproduces_the_kernels_rounding(dtype, tokens, head_dim, seed):
+@pytest.mark.parametrize("fp8_pv", [False, True])
+def test_emulation_reproduces_the_kernels_rounding(dtype, tokens, head_dim, fp8_pv, seed):
     """The emulation is the kernel up to float32 summation order: nearly every output bit for bit, 1e-4 off
     at most (the float64 reference, which skips P's rounding, is 3e-4 to 5e-3 off). In bfloat16 it rounds
     as the interpreter does (truncating; the GPU, like the emulation's default, rounds to nearest). Two
     heads at a time: the chunking is exercised on three."""
     q, k, v = qkv((2, 3, tokens, head_dim), dtype, "cpu", key_offset=5.0)
-    out = kernels.quantized_attention(q, k, v, head_dim**-0.5).double()
+    out = kernels.quantized_attention(q, k, v, head_dim**-0.5, fp8_pv=fp8_pv).double()
     to_half = interpreter_bfloat16 if dtype == torch.bfloat16 else None
-    emulated = attention_emulation(q, k, v, head_dim**-0.5, heads=2, to_half=to_half).double()
+    emulated = attention_emulation(q, k, v, head_dim**-0.5, heads=2, to_half=to_half, fp8_pv=fp8_pv).double()
     same = (emulated == out).double().mean().item()
     assert relative_error(emulated, out) < 1e-4 and same > 0.99, f"seed {seed}: {same:.2%} equal"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, head_dim", [(1, 64), (37, 128), (300, 128)])
+def test_fp8_pv_against_exact_attention_and_the_emulation(device, dtype, tokens, head_dim, seed):
+    """``P V`` in float8: within its budget of exact attention, and (on the GPU, whose fp8 cast the
+    interpreter replaces by arithmetic) the emulation's rounding up to summation order and exp2's bits."""
+    q, k, v = qkv((2, 3, tokens, head_dim), dtype, device, key_offset=5.0)
+    out = kernels.quantized_attention(q, k, v, head_dim**-0.5, fp8_pv=True)
+    assert out.shape == q.shape and out.dtype == dtype and out.transpose(1, 2).is_contiguous()
+    error = relative_error(out, exact_attention(q, k, v))
+    assert error < FP8_PV_BUDGET, f"seed {seed}: relative error {error:.4f} against exact attention"
+    to_half = interpreter_bfloat16 if dtype == torch.bfloat16 and device == "cpu" else None  # as it rounds
+    emulated = attention_emulation(*(t.cpu() for t in (q, k, v)), head_dim**-0.5, to_half=to_half, fp8_pv=True)
+    emulated = emulated.double()
+    assert relative_error(out, emulated) < (1e-4 if device == "cpu" else 2e-3), f"seed {seed}"
+
+
+def test_values_quantize_per_channel_to_float8():
+    v = torch.randn(2, 3, 50, 64, dtype=torch.bfloat16) * (torch.rand(1, 3, 1, 64, dtype=torch.bfloat16) + 0.1) * 10
+    v8, factor = kernels.quantize_values(v)
+    assert v8.dtype == torch.float8_e4m3fn and v8.shape == v.shape and v8.transpose(2, 3).is_contiguous()
+    assert factor.shape == (2, 3, 64) and factor.dtype == torch.float32
+    scale = factor * FP8_MAX  # each channel's absmax / 448
+    assert torch.equal(v8.float().abs().amax(dim=2), torch.full((2, 3, 64), FP8_MAX))
+    # each value within half a step of e4m3's 3-bit mantissa (or of its subnormals' spacing)
+    err = (v8.float() * scale[:, :, None] - v.float()).abs()
+    assert (err <= v.float().abs() * 2**-4 + scale[:, :, None] * 2**-10 + 1e-30).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

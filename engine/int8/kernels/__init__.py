@@ -49,13 +49,12 @@ from engine.int8.kernels.tuner import (
 )
 from engine.int8.kernels.entry import scaled_mm
 from engine.int8.kernels.low_rank import low_rank
-from engine.int8.kernels.attention import quantize_blocks, quantized_attention
+from engine.int8.kernels.attention import quantize_blocks, quantize_values, quantized_attention
 
 __all__ = [
     "ARCH_CONFIGS", "MIN_TRITON", "ROTATION_GROUP", "SINGLE_PASS_MAX_K", "TUNER", "AsyncCompileMode", "GemmTuner",
     "TileConfig", "agrees", "arch_of", "candidate_configs", "epilogue_key", "epilogue_kind", "gated_config",
     "heads_config", "launch", "launch_scaled_mm", "low_rank", "m_bucket", "precompile", "projection_layout",
-    "quantize_blocks",
-    "quantize_normed_tokens", "quantize_rotated_tokens", "quantize_tokens", "quantized_attention", "reference_output",
-    "scaled_mm", "stacked_halves", "triton_release", "usable",
+    "quantize_blocks", "quantize_normed_tokens", "quantize_rotated_tokens", "quantize_tokens", "quantize_values",
+    "quantized_attention", "reference_output", "scaled_mm", "stacked_halves", "triton_release", "usable",
 ]

@@ -14,6 +14,12 @@ Two steps, each a kernel:
    (FlashAttention's running maximum and sum), ``P V`` with P rounded to the inputs' half-precision dtype
    and float32 accumulation. Token counts need not be multiples of the blocks: the tail is masked.
 
+``fp8_pv`` runs ``P V`` in float8 e4m3 instead (SageAttention 2's recipe), where the GPU multiplies fp8
+at twice the half-precision rate (Ada, Hopper, Blackwell): V quantized per channel of a head beforehand
+(:func:`quantize_values`), P (at most 1) times 448 rounded to e4m3, the two scales applied after the
+loop. With int8 ``Q Kᵀ`` and half-precision ``P V`` attention can be at most 4/3 of half-precision
+attention's speed (``P V`` is half the work); with both in 8 bits, twice.
+
 The output is written tokens-major (:func:`~engine.int8.operands.attention_output`).
 """
 
@@ -27,6 +33,7 @@ import triton.language as tl
 
 from engine.int8.kernels.runtime import cdiv, launch
 from engine.int8.kernels.tokens import _MIN_ABSMAX, _round_half_even
+from engine.int8.quantize import MIN_ABSMAX
 from engine.int8.operands import attention_output
 
 QUERY_BLOCK = 128
@@ -34,6 +41,9 @@ QUERY_BLOCK = 128
 KEY_BLOCK = 64
 """Keys per step of a tile's loop, and so per key scale."""
 LOG2E = math.log2(math.e)
+FP8_MAX = 448.0
+"""float8 e4m3's largest finite value: P (at most 1) and each channel of V are scaled to it."""
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -79,13 +89,34 @@ def quantize_blocks(
     return q, scale
 
 
+def quantize_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values ``v`` [batch, heads, tokens, head_dim] as float8 e4m3 with one float32 scale per channel of a
+    head (its absmax over the tokens / 448): ``(v8, factor)``, factor [batch, heads, head_dim] being the
+    scale / 448, what ``P V`` of P scaled by 448 is multiplied by. v8 is stored keys-contiguous ([batch,
+    heads, head_dim, tokens] in memory, viewed as v's shape): Hopper's fp8 MMA takes its second operand
+    with the reduced dimension contiguous."""
+    scale = v.abs().amax(dim=2, keepdim=True).float().clamp(min=MIN_ABSMAX) / FP8_MAX
+    v8 = (v.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return v8.transpose(2, 3).contiguous().transpose(2, 3), (scale / FP8_MAX).squeeze(2)
+
+
+@triton.jit
+def _e4m3(x):
+    """Non-negative float32 ``x`` (at most 448) rounded to float8 e4m3's grid, to nearest even, in float32
+    arithmetic: the interpreter's own fp8 cast rounds some values wrongly (Triton 3.6)."""
+    step = tl.math.exp2(tl.maximum(tl.floor(tl.math.log2(x)), -6.0) - 3.0)  # 3 mantissa bits; subnormals
+    return _round_half_even(x / step) * step
+
+
 @triton.jit(do_not_specialize=["N"])
 def _attention_kernel(
-    q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, o_ptr, N, H, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_factor_ptr, o_ptr, N, H, stride_vb, stride_vh, stride_vn,
+    stride_vd, stride_ob, stride_oh, stride_on, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PV_FP8: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """One program per BLOCK_M queries of one head; q and k as :func:`quantize_blocks` writes them, the
-    queries' scales holding ``sm_scale · log2(e)``."""
+    queries' scales holding ``sm_scale · log2(e)``. ``PV_FP8``: v and its factors as
+    :func:`quantize_values` gives them (``INTERPRETED``: v widened to float32, P rounded by :func:`_e4m3`)."""
     block, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = batch.to(tl.int64) * H + head
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,37 +140,43 @@ def _attention_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_head + keys[:, None] * stride_vn + cols[None, :], mask=key_ok[:, None], other=0.0)
-        # P V in the output's half precision. Where fp8 PV would go (Hopper, Ada, Blackwell: twice the
-        # MMA rate): V quantized per channel to e4m3 beforehand, p · 448 cast to e4m3 here, the two scales
-        # applied to acc after the loop. The second cast is a no-op on the GPU; in the interpreter V comes
-        # as float32 (it multiplies bfloat16 tiles as if they were int16), so P is rounded, then widened.
-        p = p.to(o_ptr.dtype.element_ty).to(v.dtype)
+        v = tl.load(v_head + keys[:, None] * stride_vn + cols[None, :] * stride_vd, mask=key_ok[:, None], other=0.0)
+        # P rounded to V's precision. The second cast is a no-op on the GPU; in the interpreter V comes as
+        # float32 (it multiplies half-precision tiles as if they were integers), so P is rounded, then widened.
+        if PV_FP8:
+            p = p * _FP8_MAX
+            p = _e4m3(p) if INTERPRETED else p.to(tl.float8e4nv).to(v.dtype)
+        else:
+            p = p.to(o_ptr.dtype.element_ty).to(v.dtype)
         acc = tl.dot(p, v, acc * alpha[:, None])
         m_i = m_new
     out = acc / l_i[:, None]
+    if PV_FP8:
+        out *= tl.load(v_factor_ptr + bh * HEAD_DIM + cols)[None, :]
     o_rows = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + rows[:, None] * stride_on
     tl.store(o_rows + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=(rows < N)[:, None])
 
 
 def quantized_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, smooth_k: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, smooth_k: bool = True, fp8_pv: bool = False
 ) -> torch.Tensor:
     """``softmax(q kᵀ · sm_scale) v`` with int8 ``q kᵀ`` (module docstring) for float16 or bfloat16 q, k, v
     of one shape [batch, heads, tokens, head_dim], head_dim in
     :data:`~engine.int8.operands.ATTENTION_HEAD_DIMS`. ``smooth_k=False`` quantizes the keys as they are
-    (to measure what smoothing buys)."""
+    (to measure what smoothing buys); ``fp8_pv`` runs ``P V`` in float8 e4m3 (a GPU of compute capability
+    8.9 or newer)."""
     B, H, N, D = q.shape
     q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))  # the kernels read rows whole
     q8, q_scale = quantize_blocks(q, QUERY_BLOCK, sm_scale * LOG2E)
     k8, k_scale = quantize_blocks(k, KEY_BLOCK, smooth=smooth_k)
     out = attention_output(q)
+    v, v_factor = quantize_values(v) if fp8_pv else (v, q_scale)  # (unused without fp8)
     if not q.is_cuda:  # Triton's interpreter (see the kernel's PV step)
         v = v.float()
     launch(
         _attention_kernel, (cdiv(N, QUERY_BLOCK), H, B),
-        q8, q_scale, k8, k_scale, v, out, N, H, v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=QUERY_BLOCK, BLOCK_N=KEY_BLOCK, HEAD_DIM=D, num_warps=8 if D == 128 else 4, num_stages=3,
-    )
+        q8, q_scale, k8, k_scale, v, v_factor, out, N, H, *v.stride(), *out.stride()[:3],
+        BLOCK_M=QUERY_BLOCK, BLOCK_N=KEY_BLOCK, HEAD_DIM=D, PV_FP8=fp8_pv, INTERPRETED=not q.is_cuda,
+        num_warps=8 if D == 128 else 4, num_stages=3,
+    )  # fmt: skip
     return out
