@@ -8,7 +8,10 @@ in float8, ``quantized_attention(fp8_pv=True)``, V's quantization included), PyT
 ``sageattention`` package and FlashAttention (2, and 3 as ``flash_attn_interface``). Error: relative L2
 against SDPA's output.
 
-    PYTHONPATH=. python3 benchmarks/attention.py [--quick] [--tokens N ...]
+    PYTHONPATH=. python3 benchmarks/attention.py [--quick] [--tokens N ...] [--sweep]
+
+``--sweep`` times our kernel's launches (``AttentionTiles``: queries and keys per tile, warps, stages), each
+``P V`` precision, against the best SDPA of the same run, to choose the defaults from.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -24,6 +28,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.int8 import kernels
+from engine.int8.kernels.attention import AttentionTiles
 from engine.int8.attention import int8_attention
 
 HEADS, HEAD_DIM = 24, 128
@@ -94,13 +99,40 @@ def measure(tokens: int, rep: int) -> list[dict]:
     return rows
 
 
+def sweep(tokens: int, rep: int) -> list[str]:
+    """Our kernel with each :class:`AttentionTiles` and ``P V`` precision, fastest first."""
+    q, k, v = torch.randn(3, 1, HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    want = F.scaled_dot_product_attention(q, k, v).double()
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        sdpa_ms = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v), rep=rep)
+    fp8 = [False, True] if torch.cuda.get_device_capability() >= (8, 9) else [False]
+    rows = []
+    for fp8_pv, queries, keys, warps, stages in itertools.product(fp8, (64, 128), (64, 128), (4, 8), (2, 3, 4)):
+        tiles = AttentionTiles(queries, keys, warps, stages)
+        attend = functools.partial(kernels.quantized_attention, q, k, v, HEAD_DIM**-0.5, fp8_pv=fp8_pv, tiles=tiles)
+        try:
+            error = ((attend().double() - want).norm() / want.norm()).item()
+            ms = triton.testing.do_bench(attend, rep=rep)
+        except Exception as failed:  # noqa: BLE001 - out of shared memory or registers: reported, not ranked
+            print(f"  {tiles} fp8 PV {fp8_pv}: {str(failed).splitlines()[0][:80]}")
+            continue
+        rows.append((ms, f"{tokens:>6}  fp8 PV {fp8_pv!s:<5} {tiles}  {ms:7.3f} ms  {sdpa_ms / ms:5.2f}× SDPA  "
+                         f"error {error:.2%}"))
+    return [f"{tokens:>6}  best SDPA {sdpa_ms:.3f} ms"] + [line for _, line in sorted(rows)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="the first token count only, shorter timings")
+    parser.add_argument("--sweep", action="store_true", help="time our kernel's launches (module docstring)")
     args = parser.parse_args()
     tokens = args.tokens[:1] if args.quick else args.tokens
     print(f"Attention of bf16 [1, {HEADS}, tokens, {HEAD_DIM}] on {torch.cuda.get_device_name()}")
+    if args.sweep:
+        for n in tokens:
+            print("\n".join(sweep(n, rep=20 if args.quick else 50)), flush=True)
+        return
     for n in tokens:
         for row in measure(n, rep=20 if args.quick else 100):
             print(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from engine.int8 import kernels, ops
 from engine.int8.attention import int8_attention
-from engine.int8.kernels.attention import FP8_MAX, KEY_BLOCK, QUERY_BLOCK
+from engine.int8.kernels.attention import FP8_MAX, KEY_BLOCK, QUERY_BLOCK, AttentionTiles
 from engine.int8.operands import attention_output
 from tests.int8_reference import (
     DEVICES,
@@ -114,6 +114,19 @@ def test_fp8_pv_against_exact_attention_and_the_emulation(device, dtype, tokens,
     emulated = attention_emulation(*(t.cpu() for t in (q, k, v)), head_dim**-0.5, to_half=to_half, fp8_pv=True)
     emulated = emulated.double()
     assert relative_error(out, emulated) < (1e-4 if device == "cpu" else 2e-3), f"seed {seed}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8_pv", [False, True])
+def test_other_tiles_attend_within_the_budget(device, fp8_pv, seed):
+    """Launches ``benchmarks/attention.py --sweep`` times: other tile sizes quantize q and k in other blocks,
+    the error stays that of the default's."""
+    q, k, v = qkv((1, 2, 150, 64), torch.bfloat16, device, key_offset=5.0)
+    want = exact_attention(q, k, v)
+    budget = FP8_PV_BUDGET if fp8_pv else ERROR_BUDGET
+    for tiles in (AttentionTiles(64, 128, 4, 2), AttentionTiles(128, 128, 8, 3), AttentionTiles(64, 64, 4, 4)):
+        error = relative_error(kernels.quantized_attention(q, k, v, 64**-0.5, fp8_pv=fp8_pv, tiles=tiles), want)
+        assert error < budget, f"seed {seed}: {tiles} error {error:.4f}"
 
 
 def test_values_quantize_per_channel_to_float8():

@@ -26,6 +26,7 @@ The output is written tokens-major (:func:`~engine.int8.operands.attention_outpu
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,6 +45,17 @@ LOG2E = math.log2(math.e)
 FP8_MAX = 448.0
 """float8 e4m3's largest finite value: P (at most 1) and each channel of V are scaled to it."""
 _FP8_MAX = tl.constexpr(FP8_MAX)
+
+
+class AttentionTiles(NamedTuple):
+    """A launch of the attention kernel: queries per program (and per query scale), keys per step of its
+    loop (and per key scale), warps, pipeline stages. The default is :data:`QUERY_BLOCK` × :data:`KEY_BLOCK`
+    with 8 warps (4 for head dim 64) and 3 stages; ``benchmarks/attention.py --sweep`` times others."""
+
+    queries: int = QUERY_BLOCK
+    keys: int = KEY_BLOCK
+    warps: int = 8
+    stages: int = 3
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -158,25 +170,32 @@ def _attention_kernel(
 
 
 def quantized_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, smooth_k: bool = True, fp8_pv: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float,
+    smooth_k: bool = True,
+    fp8_pv: bool = False,
+    tiles: AttentionTiles | None = None,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · sm_scale) v`` with int8 ``q kᵀ`` (module docstring) for float16 or bfloat16 q, k, v
     of one shape [batch, heads, tokens, head_dim], head_dim in
     :data:`~engine.int8.operands.ATTENTION_HEAD_DIMS`. ``smooth_k=False`` quantizes the keys as they are
     (to measure what smoothing buys); ``fp8_pv`` runs ``P V`` in float8 e4m3 (a GPU of compute capability
-    8.9 or newer)."""
+    8.9 or newer); ``tiles`` overrides the launch (:class:`AttentionTiles`)."""
     B, H, N, D = q.shape
+    tiles = tiles or AttentionTiles(warps=8 if D == 128 else 4)
     q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))  # the kernels read rows whole
-    q8, q_scale = quantize_blocks(q, QUERY_BLOCK, sm_scale * LOG2E)
-    k8, k_scale = quantize_blocks(k, KEY_BLOCK, smooth=smooth_k)
+    q8, q_scale = quantize_blocks(q, tiles.queries, sm_scale * LOG2E)
+    k8, k_scale = quantize_blocks(k, tiles.keys, smooth=smooth_k)
     out = attention_output(q)
     v, v_factor = quantize_values(v) if fp8_pv else (v, q_scale)  # (unused without fp8)
     if not q.is_cuda:  # Triton's interpreter (see the kernel's PV step)
         v = v.float()
     launch(
-        _attention_kernel, (cdiv(N, QUERY_BLOCK), H, B),
+        _attention_kernel, (cdiv(N, tiles.queries), H, B),
         q8, q_scale, k8, k_scale, v, v_factor, out, N, H, *v.stride(), *out.stride()[:3],
-        BLOCK_M=QUERY_BLOCK, BLOCK_N=KEY_BLOCK, HEAD_DIM=D, PV_FP8=fp8_pv, INTERPRETED=not q.is_cuda,
-        num_warps=8 if D == 128 else 4, num_stages=3,
+        BLOCK_M=tiles.queries, BLOCK_N=tiles.keys, HEAD_DIM=D, PV_FP8=fp8_pv, INTERPRETED=not q.is_cuda,
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out
