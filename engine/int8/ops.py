@@ -296,11 +296,15 @@ def _swiglu_args(gate: Int8Weight, up: Int8Weight) -> tuple:
     return _flat_scale(gate.w_scale, n), gate_bias, up.w_int8, _flat_scale(up.w_scale, n), up_bias
 
 
-def _first_factor(q: torch.Tensor, x_scale: torch.Tensor, down: torch.Tensor | None) -> torch.Tensor | None:
-    """A LoRA term's ``x · downᵀ`` [M, r] from the quantized tokens (None without a LoRA)."""
+def _low_rank(q, x_scale, down, up, scale, first: torch.Tensor | None = None) -> LowRank | None:
+    """The epilogue's LoRA term for the factors ``down``, ``up``, ``scale`` (None without them): its
+    ``x · downᵀ`` [M, r] from the quantized tokens, or ``first`` where that is it already."""
     if down is None:
         return None
-    return kernels.low_rank(q, x_scale, down) if backend_for(q) == "triton" else low_rank_torch(q, x_scale, down)
+    if first is None:
+        triton = backend_for(q) == "triton"
+        first = kernels.low_rank(q, x_scale, down) if triton else low_rank_torch(q, x_scale, down)
+    return LowRank(first, up, scale)
 
 
 def _scaled_mm(
@@ -320,10 +324,9 @@ def _scaled_mm(
     up_lora_up: torch.Tensor | None = None,
     up_lora_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    first = _first_factor(q, x_scale, lora_down)
-    up_first = first if up_lora_down is lora_down else _first_factor(q, x_scale, up_lora_down)  # one layer's halves
-    lora = LowRank(first, lora_up, lora_scale) if first is not None else None
-    up_lora = LowRank(up_first, up_lora_up, up_lora_scale) if up_first is not None else None
+    lora = _low_rank(q, x_scale, lora_down, lora_up, lora_scale)
+    shared = lora.x if lora is not None and up_lora_down is lora_down else None  # the halves of one layer
+    up_lora = _low_rank(q, x_scale, up_lora_down, up_lora_up, up_lora_scale, shared)
     up = Int8Weight(up_w, up_scale, up_bias) if up_w is not None else None
     epilogue = Epilogue(bias, lora, up, None, up_lora)
     backend = backend_for(q)
@@ -349,16 +352,16 @@ rounded too), computed in float32. The op compiled graphs call; eager callers go
 
 
 def _scaled_mm_heads(
-    q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, norm, eps: float, tables, *lora
-) -> torch.Tensor:
+    q, x_scale, w_int8, w_scale, bias, out_dtype: torch.dtype, norm, eps: float, tables,
+    lora_down=None, lora_up=None, lora_scale=None,
+) -> torch.Tensor:  # fmt: skip
     """:data:`scaled_mm_heads`' body (tensors as its schema and docstring say)."""
     head = norm.shape[1]
     if backend_for(q) == "triton" and head >= 16 and head & (head - 1) == 0:  # a tile is one head wide
-        down, up, scale = lora or (None, None, None)
-        low_rank = LowRank(_first_factor(q, x_scale, down), up, scale) if down is not None else None
-        epilogue = Epilogue(bias, low_rank, heads=QKNormTables(norm, eps, tables))
+        lora = _low_rank(q, x_scale, lora_down, lora_up, lora_scale)
+        epilogue = Epilogue(bias, lora, heads=QKNormTables(norm, eps, tables))
         return kernels.scaled_mm(q, x_scale, w_int8, w_scale, out_dtype, epilogue)
-    projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, *(lora or (None, None, None)))
+    projected = _scaled_mm(q, x_scale, w_int8, w_scale, bias, out_dtype, lora_down, lora_up, lora_scale)
     qkv = projected.reshape(-1, tables.shape[1], w_int8.shape[0])
     return torch.stack([t.transpose(1, 2) for t in attention_inputs(qkv, QKNormRope(*norm, eps, rope_of(tables)))])
 
