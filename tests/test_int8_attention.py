@@ -42,6 +42,12 @@ OUTLIER_OFFSET = 20.0
 (a few channels far from zero in every token), and what smoothing takes away."""
 
 
+def needs_fp8_mma(device: str) -> None:
+    """Skip on a GPU without float8 MMA (before compute capability 8.9); the interpreter emulates it."""
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 P V needs a GPU of compute capability 8.9 or newer")
+
+
 @pytest.fixture
 def seed() -> int:
     seed = int(os.environ.get("ATTENTION_SEED", random.randrange(2**31)))
@@ -105,6 +111,7 @@ def test_emulation_reproduces_the_kernels_rounding(dtype, tokens, head_dim, fp8_
 def test_fp8_pv_against_exact_attention_and_the_emulation(device, dtype, tokens, head_dim, seed):
     """``P V`` in float8: within its budget of exact attention, and (on the GPU, whose fp8 cast the
     interpreter replaces by arithmetic) the emulation's rounding up to summation order and exp2's bits."""
+    needs_fp8_mma(device)
     q, k, v = qkv((2, 3, tokens, head_dim), dtype, device, key_offset=5.0)
     out = kernels.quantized_attention(q, k, v, head_dim**-0.5, fp8_pv=True)
     assert out.shape == q.shape and out.dtype == dtype and out.transpose(1, 2).is_contiguous()
@@ -121,6 +128,8 @@ def test_fp8_pv_against_exact_attention_and_the_emulation(device, dtype, tokens,
 def test_other_tiles_attend_within_the_budget(device, fp8_pv, seed):
     """Launches ``benchmarks/attention.py --sweep`` times: other tile sizes quantize q and k in other blocks,
     the error stays that of the default's."""
+    if fp8_pv:
+        needs_fp8_mma(device)
     q, k, v = qkv((1, 2, 150, 64), torch.bfloat16, device, key_offset=5.0)
     want = exact_attention(q, k, v)
     budget = FP8_PV_BUDGET if fp8_pv else ERROR_BUDGET
