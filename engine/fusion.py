@@ -142,13 +142,21 @@ class FusedLinear(nn.Module):
         """``silu(self(x)) · up(x)``, this layer being the gate (:func:`swiglu`)."""
         return None
 
+    def prepared_input(self, x: Input, *others: nn.Module) -> object | None:
+        """``x`` prepared once for this layer and ``others``, which all take it and accept what this
+        returns (an int8 layer quantizes it once), or None where they cannot share that
+        (:func:`shared_input`)."""
+        return None
+
 
 def shared_input(x: Input, *linears: nn.Module) -> Input:
-    """``x`` for layers that all take it: as it is where every one is a :class:`FusedLinear`, else
-    computed once for all of them."""
-    if isinstance(x, torch.Tensor) or all(isinstance(linear, FusedLinear) for linear in linears):
-        return x
-    return x.materialize()
+    """``x`` for layers that all take it: prepared once where every one is a :class:`FusedLinear` that
+    can share it (:meth:`FusedLinear.prepared_input`), as it is where each would take it its own way,
+    else computed once for all of them."""
+    if all(isinstance(linear, FusedLinear) for linear in linears):
+        prepared = linears[0].prepared_input(x, *linears[1:]) if len(linears) > 1 else None
+        return x if prepared is None else prepared
+    return x if isinstance(x, torch.Tensor) else x.materialize()
 
 
 def project(linear: nn.Module, x: Input) -> torch.Tensor:

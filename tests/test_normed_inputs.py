@@ -128,10 +128,18 @@ def test_non_finite_tokens_poison_only_their_output_row(backend, device):
 
 
 def test_layers_share_a_normed_input_only_where_all_of_them_are_int8():
+    """Int8 layers of one rotation quantize it once, for all of them, with the result each would get; a
+    float layer among them takes the input computed once."""
     x = make_input("layer", 1, 3, 32, torch.float32, "cpu")
-    int8 = Int8Linear.from_float(torch.nn.Linear(32, 8))
-    assert fusion.shared_input(x, int8, int8) is x
-    shared = fusion.shared_input(x, int8, torch.nn.Linear(32, 8))
+    int8, other = (Int8Linear.from_float(torch.nn.Linear(32, 8)) for _ in range(2))
+    shared = fusion.shared_input(x, int8, other)
+    assert isinstance(shared, ops.QuantizedInput) and torch.equal(other(shared), other(x))
+    assert fusion.shared_input(x, int8) is x  # one layer quantizes it itself
+    rotated = Int8Linear.from_float(torch.nn.Linear(32, 8), rotation=16)
+    assert fusion.shared_input(x, int8, rotated) is x  # quantized two ways: each its own
+    int8.use_float = True
+    assert fusion.shared_input(x, int8, other) is x
+    shared = fusion.shared_input(x, other, torch.nn.Linear(32, 8))
     assert torch.equal(shared, x.materialize())
     assert torch.equal(layers.modulate(x.x, x.shift, x.scale), layers.modulated(x.x, x.shift, x.scale).materialize())
 

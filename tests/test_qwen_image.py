@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from engine.bench import BenchRequest, run_bench
 from engine.checkpoint import CheckpointReader
 from engine.convert import ConvertRequest, run_convert
+from engine.int8 import linear, ops
+from engine.int8.apply import quantize_model
 from engine.int8.linear import Int8Linear
 from engine.models import REGISTRY, ModelLayoutError, detect
 from engine.models.build import random_model
@@ -86,6 +88,25 @@ def test_converted_file_runs_in_int8(tmp_path):
     reference = load(source.path)
     x = reference.random_inputs(2, 80, text=40, seed=seed())
     assert rel_error(run(model, x), run(reference, x)) < 0.06
+
+
+def test_each_streams_q_k_v_quantize_their_input_once(monkeypatch):
+    """Three projections of one normalized input: one quantization for the three (the same values each
+    would compute), not one each."""
+    model = random_model(QWEN, TINY, CPU, torch.float32, 0)
+    quantize_model(model, QWEN, "rowwise", "none")
+    x = model.random_inputs(1, 64, text=8, seed=seed())
+    quantized = []
+
+    def counting(*args, **kwargs):
+        quantized.append(args)
+        return ops.quantize_input(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "quantize_input", counting)
+    shared = run(model, x)
+    assert len(quantized) == 2 * TINY["layers"]  # q|k|v of each stream, each block
+    monkeypatch.setattr(Int8Linear, "prepared_input", lambda *args: None)
+    assert torch.equal(shared, run(model, x))
 
 
 def test_a_diffusers_file_alone_or_in_its_folder(tmp_path):

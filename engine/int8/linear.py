@@ -18,6 +18,7 @@ from engine.heads import QKNormRope
 from engine.int8.ops import (
     Int8Weight,
     LoraFactors,
+    QuantizedInput,
     int8_attention_inputs,
     int8_linear,
     int8_swiglu,
@@ -181,6 +182,17 @@ class Int8Linear(FusedLinear):
         if lora is None or not lora.down.shape[0]:
             return None
         return LoraFactors(lora.down, lora.up[start:stop], lora.scale)
+
+    def prepared_input(self, x: Input, *others: nn.Module) -> QuantizedInput | None:
+        """``x`` quantized once for this layer and ``others`` where all are int8 layers on the int8 path
+        with one rotation: several projections of one input (Qwen-Image's q, k and v) then run one
+        quantization, not one each."""
+        layers = (self, *others)
+        if not all(isinstance(layer, Int8Linear) and not layer.use_float for layer in layers):
+            return None
+        if any(layer.rotation != self.rotation for layer in layers):
+            return None
+        return quantize_input(x, self.rotation)
 
     def fused_heads(self, x: Input, norm: QKNormRope) -> Heads | None:
         weight = self.int8_weight()
