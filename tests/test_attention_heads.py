@@ -139,16 +139,17 @@ def test_attention_inputs_compile_without_graph_breaks():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=DEVICES[0].marks)])
 @pytest.mark.parametrize(
-    "arch_name, fused_projections",
+    "arch_name, fused_projections, rank",  # rank 4: every int8 layer with a dynamic LoRA, added in the epilogue
     [
-        ("flux2", lambda m: 2 * len(m.double_blocks) + len(m.single_blocks)),
-        ("chroma", lambda m: 2 * len(m.double_blocks)),  # GELU single blocks project q|k|v with their MLP
-        ("zimage", lambda m: len(m.layers)),  # the refiners stay bf16
-        ("flux1", lambda m: 2 * len(m.double_blocks)),  # as Chroma's
+        ("flux2", lambda m: 2 * len(m.double_blocks) + len(m.single_blocks), 0),
+        ("chroma", lambda m: 2 * len(m.double_blocks), 0),  # GELU single blocks project q|k|v with their MLP
+        ("zimage", lambda m: len(m.layers), 0),  # the refiners stay bf16
+        ("flux1", lambda m: 2 * len(m.double_blocks), 0),  # as Chroma's
+        ("flux2", lambda m: 2 * len(m.double_blocks) + len(m.single_blocks), 4),
+        ("zimage", lambda m: len(m.layers), 4),
     ],
 )
-@pytest.mark.parametrize("rank", [0, 4])  # 4: every int8 layer with a dynamic LoRA, added in the epilogue
-def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections, backend, rank, monkeypatch):
+def test_models_take_attention_inputs_from_the_gemm(arch_name, fused_projections, rank, backend, monkeypatch):
     """Each int8 q|k|v projection hands on attention's inputs; the model's output is that of the
     unfused chain (float32: the paths differ only in the norm's and rotation's float rounding)."""
     arch = REGISTRY[arch_name]

@@ -28,16 +28,17 @@ FUSED = {  # each double block's two MLPs (gate|up in one layer), each single bl
 
 
 @NEEDS_INTERPRETER
-@pytest.mark.parametrize("lora", [False, True])  # True: with INT8 LoRA (dynamic), which keeps every fusion
-def test_torch_compile_model_node_runs_our_flux2_fused(comfy, files, loras, lora):  # noqa: F811
-    """(Z-Image's shared quantization and gate: tests/test_graph_fusion.py's ForeignBlock has its layout.)"""
+def test_torch_compile_model_node_runs_our_flux2_fused(comfy, files, loras):  # noqa: F811
+    """With INT8 LoRA (dynamic) on it, which keeps every fusion (the same rewrites as without, which
+    tests/test_graph_fusion.py also checks on ComfyUI-like code). Z-Image's shared quantization and gate:
+    tests/test_graph_fusion.py's ForeignBlock has its layout."""
     from comfy.ldm.flux import math as flux_math
     from comfy.ldm.modules import attention
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
     model = load_ours(comfy, files["flux2", "rowwise"])
-    if lora:  # a LoRA changes this model's output by ~5%: a fusion that dropped its term would show
-        model = dynamic_node(model, loras["flux2"])
+    # the LoRA changes this model's output by ~5%: a fusion that dropped its term would show
+    model = dynamic_node(model, loras["flux2"])
     assert isinstance(torch._inductor.config.post_grad_custom_post_pass, Int8GraphFusion)  # the loader put it there
     compiled = TorchCompileModel.execute(model=model, backend="inductor").result[0]
     positive = [[torch.randn(1, TEXT_TOKENS, FLUX2["text_dim"], generator=torch.Generator().manual_seed(1)), {}]]
