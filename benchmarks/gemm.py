@@ -307,7 +307,8 @@ def lora_cost(resolution: str = "1024²") -> str:
                 return kernels.scaled_mm(q, x_scale, p.w_int8, p.w_scale_flat, torch.bfloat16, Epilogue(lora=term))
 
             ours = functools.partial(int8_linear, p.x, p.w_int8, p.w_scale, lora=lora)
-            differ = (ours().float() - from_input().float()).norm() / from_input().float().norm()
+            want = from_input().float()
+            differ = (ours().float() - want).norm() / want.norm()
             plain_us, ours_us, input_us = (bench_graph(fn) for fn in (p.ours, ours, from_input))
             lines.append(f"| {model} {name} ({n}×{k}) | {plain_us:.1f} | {ours_us:.1f} ({ours_us / plain_us:.3f}×) | "
                          f"{input_us:.1f} ({input_us / plain_us:.3f}×) | outputs {differ:.2%} apart |")
